@@ -1,0 +1,33 @@
+"""hmx_kernels: fused, linear-time HyperMixing for PyTorch.
+
+- `hyper_mixing(...)`: the functional op, dispatched to the best backend for the inputs.
+- `FusedHyperMixing`: drop-in layer for speechbrain's / idiap's HyperMixing (loads their checkpoints).
+- `hmx_kernels.reference`: the plain-PyTorch reference every backend is tested against.
+"""
+from . import reference
+from .dispatch import BackendNotSupportedError, backend_reasons, registered_backends, select_backend
+from .flops import hyper_mixing_flops
+from .functional import hyper_mixing
+from .layers import FusedHyperMixing
+from .reference import hyper_mixing_ref, positional_encoding
+from .reference import backend as _reference_backend  # noqa: F401  (registers "reference")
+from .validation import check_inputs
+from .variants import VARIANTS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "hyper_mixing",
+    "hyper_mixing_ref",
+    "positional_encoding",
+    "FusedHyperMixing",
+    "registered_backends",
+    "backend_reasons",
+    "select_backend",
+    "check_inputs",
+    "hyper_mixing_flops",
+    "BackendNotSupportedError",
+    "VARIANTS",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,47 @@
+"""FLOP counts, written once and shared by tests and benchmarks.
+
+A multiply-add counts as 2 FLOPs; elementwise work (GELU, masks, PE, LayerNorm) is not counted.
+
+HyperMixing forward, per batch element and head (d_h = d / H, k_h per-head hidden size):
+  hypernetwork fc1 + fc2 on each of N keys (W1) and M queries (W2): (N + M) * 2 * (d_h*d_h + d_h*k_h)
+  P = W1^T V  ([k_h, N] @ [N, d_h]):                                 2 * N * k_h * d_h
+  Y = W2 @ A  ([M, k_h] @ [k_h, d_h]):                               2 * M * k_h * d_h
+Backward: every matmul has two gradient matmuls, so 2x the forward (recomputation not counted).
+
+Attention core (scaled_dot_product_attention, FlashAttention's convention), per batch element:
+  forward 4 * M * N * d (QK^T and PV over all heads); backward 2.5x forward.
+"""
+from __future__ import annotations
+
+__all__ = ["hyper_mixing_flops", "attention_flops", "mha_layer_flops"]
+
+
+def hyper_mixing_flops(B: int, M: int, N: int, d: int, H: int, k_h: int, pass_: str = "fwd") -> int:
+    d_h = d // H
+    generators = (N + M) * 2 * (d_h * d_h + d_h * k_h)
+    mixing = 2 * N * k_h * d_h + 2 * M * k_h * d_h
+    fwd = B * H * (generators + mixing)
+    return _by_pass(fwd, 2 * fwd, pass_)
+
+
+def attention_flops(B: int, M: int, N: int, d: int, pass_: str = "fwd") -> int:
+    fwd = 4 * B * M * N * d
+    return _by_pass(fwd, int(2.5 * fwd), pass_)
+
+
+def mha_layer_flops(B: int, M: int, N: int, d: int, pass_: str = "fwd") -> int:
+    """nn.MultiheadAttention: q/k/v/out projections (2*d*d each per token) plus the attention core."""
+    proj = 2 * d * d * (2 * M + 2 * N)
+    fwd = B * proj + attention_flops(B, M, N, d, "fwd")
+    bwd = 2 * B * proj + attention_flops(B, M, N, d, "bwd")
+    return _by_pass(fwd, bwd, pass_)
+
+
+def _by_pass(fwd: int, bwd: int, pass_: str) -> int:
+    if pass_ == "fwd":
+        return int(fwd)
+    if pass_ == "bwd":
+        return int(bwd)
+    if pass_ in ("fwd_bwd", "fwd+bwd"):
+        return int(fwd + bwd)
+    raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd_bwd', got {pass_!r}")

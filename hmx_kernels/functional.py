@@ -1,0 +1,71 @@
+"""Functional HyperMixing: validate, pick a backend, run it."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from .dispatch import select_backend
+from .validation import check_inputs
+
+__all__ = ["hyper_mixing"]
+
+
+def hyper_mixing(
+    query: Tensor,
+    key: Optional[Tensor],
+    value: Optional[Tensor],
+    w1_fc1_weight: Tensor,
+    w1_fc1_bias: Optional[Tensor],
+    w1_fc2_weight: Tensor,
+    w1_fc2_bias: Optional[Tensor],
+    w2_fc1_weight: Optional[Tensor] = None,
+    w2_fc1_bias: Optional[Tensor] = None,
+    w2_fc2_weight: Optional[Tensor] = None,
+    w2_fc2_bias: Optional[Tensor] = None,
+    ln_weight: Optional[Tensor] = None,
+    ln_bias: Optional[Tensor] = None,
+    *,
+    variant: str = "speechbrain",
+    key_padding_mask: Optional[Tensor] = None,
+    query_padding_mask: Optional[Tensor] = None,
+    use_layer_norm: bool = True,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> Tensor:
+    """HyperMixing token mixing (docs/HYPERMIXING.md), differentiable in every tensor argument.
+
+    Shapes (B batch, M queries, N keys, d width, H heads, d_h = d / H, k_h hypernet size per head):
+        query [B, M, d]; key, value [B, N, d] (speechbrain variant: ignored, query is used; pass None)
+        w*_fc1_weight [H, d_h, d_h], w*_fc1_bias [H, d_h] or None,
+        w*_fc2_weight [H, k_h, d_h], w*_fc2_bias [H, k_h] or None
+        w2_* all None: tied (the w1 hypernetwork generates W2 too)
+        ln_weight, ln_bias [d] (needed when use_layer_norm)
+        key_padding_mask [B, N], query_padding_mask [B, M]: bool, True = padded (uint8: non-zero)
+          (speechbrain variant: one mask, passed as key_padding_mask)
+    Returns [B, M, d] in the dtype of query; computation is accumulated in fp32.
+
+    backend: "auto" (best available for the device), "reference", or a fast backend's name
+    (see `hmx_kernels.registered_backends()`).
+
+    Example:
+        >>> import torch, hmx_kernels
+        >>> H, d_h, k_h = 2, 4, 8
+        >>> x = torch.randn(2, 5, H * d_h)
+        >>> w = [torch.randn(H, d_h, d_h), torch.randn(H, d_h), torch.randn(H, k_h, d_h), torch.randn(H, k_h)]
+        >>> ln = [torch.ones(H * d_h), torch.zeros(H * d_h)]
+        >>> hmx_kernels.hyper_mixing(x, None, None, *w, *w, *ln).shape
+        torch.Size([2, 5, 8])
+    """
+    problem = check_inputs(
+        query, key, value,
+        w1_fc1_weight, w1_fc1_bias, w1_fc2_weight, w1_fc2_bias,
+        w2_fc1_weight, w2_fc1_bias, w2_fc2_weight, w2_fc2_bias,
+        ln_weight, ln_bias,
+        variant=variant,
+        key_padding_mask=key_padding_mask,
+        query_padding_mask=query_padding_mask,
+        use_layer_norm=use_layer_norm,
+        eps=eps,
+    )
+    return select_backend(backend, problem).forward(problem)

@@ -1,0 +1,289 @@
+"""FusedHyperMixing: a drop-in HyperMixing layer that dispatches to the fastest backend.
+
+Parameter and buffer names follow the public implementations, so that
+`layer.load_state_dict(speechbrain_module.state_dict(), strict=True)` works (and likewise for an
+idiap module built with the same options). The positional-encoding buffer is kept only for that
+compatibility: the encoding is recomputed for any sequence length (no max_length limit), and a
+checkpoint's `pe` buffer of any number of rows loads.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import hyper_mixing
+from ..reference.positional import positional_encoding
+from ..variants import get_variant
+
+__all__ = ["FusedHyperMixing", "GeneratorMLP", "HyperNetwork"]
+
+
+class GeneratorMLP(nn.Module):
+    """H parallel MLPs d_h -> d_h -> k_h (fc1 -> GELU -> fc2), one per head (weights only).
+
+    Named like speechbrain's `ParallelMLPs`: fc1_weights [H, d_h, d_h], fc1_biases [H, d_h],
+    fc2_weights [H, k_h, d_h], fc2_biases [H, k_h].
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, hidden_per_head: int, bias: bool) -> None:
+        super().__init__()
+        self.fc1_weights = nn.Parameter(torch.empty(num_heads, head_dim, head_dim))
+        self.fc2_weights = nn.Parameter(torch.empty(num_heads, hidden_per_head, head_dim))
+        if bias:
+            self.fc1_biases = nn.Parameter(torch.empty(num_heads, head_dim))
+            self.fc2_biases = nn.Parameter(torch.empty(num_heads, hidden_per_head))
+        else:
+            self.register_parameter("fc1_biases", None)
+            self.register_parameter("fc2_biases", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # as both public implementations: xavier_uniform_(gain=sqrt(2)) on each tensor as a whole
+        for p in (self.fc1_weights, self.fc1_biases, self.fc2_weights, self.fc2_biases):
+            if p is not None:
+                nn.init.xavier_uniform_(p, gain=math.sqrt(2.0))
+
+    def tensors(self) -> tuple:
+        return (self.fc1_weights, self.fc1_biases, self.fc2_weights, self.fc2_biases)
+
+
+class HyperNetwork(nn.Module):
+    """Holds w1_gen and w2_gen (the same module when tied, as in speechbrain)."""
+
+    def __init__(self, num_heads: int, head_dim: int, hidden_per_head: int, tied: bool, bias: bool) -> None:
+        super().__init__()
+        self.tied = tied
+        self.w1_gen = GeneratorMLP(num_heads, head_dim, hidden_per_head, bias)
+        self.w2_gen = self.w1_gen if tied else GeneratorMLP(num_heads, head_dim, hidden_per_head, bias)
+
+
+class _PositionalEncodingBuffer(nn.Module):
+    """Holds the `pe` buffer [1, max_length, d] of the public implementations (checkpoint names).
+
+    The buffer is not read by the forward pass (the encoding is computed for any length); a
+    checkpoint's buffer of any number of rows loads.
+    """
+
+    def __init__(self, variant, max_length: int, d: int) -> None:
+        super().__init__()
+        self.register_buffer("pe", positional_encoding(variant, max_length, d, start=0).unsqueeze(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "pe"
+        if key in state_dict:
+            t = state_dict[key]
+            if t.dim() == 3 and t.shape[0] == 1 and t.shape[2] == self.pe.shape[2] and t.shape[1] != self.pe.shape[1]:
+                self.pe = self.pe.new_empty(t.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class FusedHyperMixing(nn.Module):
+    """Multi-head HyperMixing, a linear-time replacement for self-attention.
+
+    Arguments (speechbrain's first, then the idiap options):
+        input_output_dim: d, the token width.
+        hypernet_size: k, the token-mixing MLP's hidden size (split over heads unless
+            fix_tm_hidden_size).
+        tied: one hypernetwork generates both W1 and W2.
+        num_heads: H; d must be divisible by H.
+        fix_tm_hidden_size: each head's hidden size is k instead of k / H.
+        max_length: rows of the `pe` buffer kept for checkpoint compatibility; not a length limit.
+        variant: "speechbrain" (default) or "idiap" (docs/HYPERMIXING.md: input scale, positional
+            encoding, cross-mixing).
+        use_layer_norm: final LayerNorm over d (speechbrain: always).
+        hypernetwork_bias: biases in the hypernetwork MLPs (default: speechbrain True, idiap False).
+        backend: "auto", "reference" or a fast backend's name; see `hmx_kernels.registered_backends()`.
+
+    forward, speechbrain style: `out, None = layer(x, x, x, attn_mask=None, key_padding_mask=mask)`;
+    key, value and pos_embs are ignored (query is used for all three), a non-None attn_mask raises.
+    forward, idiap style: `out = layer(query, key, value, query_padding_mask, key_padding_mask)`,
+    with M queries and N keys/values (M != N allowed).
+    Masks are bool [B, length] with True = padded (uint8: non-zero = padded).
+    """
+
+    def __init__(
+        self,
+        input_output_dim: int,
+        hypernet_size: int,
+        tied: bool = False,
+        num_heads: int = 1,
+        fix_tm_hidden_size: bool = False,
+        max_length: int = 3000,
+        *,
+        variant: str = "speechbrain",
+        use_layer_norm: bool = True,
+        hypernetwork_bias: Optional[bool] = None,
+        backend: str = "auto",
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        v = get_variant(variant)
+        d, k, H = int(input_output_dim), int(hypernet_size), int(num_heads)
+        if d <= 0 or k <= 0 or H <= 0:
+            raise ValueError(f"input_output_dim, hypernet_size and num_heads must be positive, got {d}, {k}, {H}")
+        if d % H != 0:
+            raise ValueError(f"input_output_dim ({d}) must be divisible by num_heads ({H})")
+        if not fix_tm_hidden_size and k % H != 0:
+            raise ValueError(
+                f"hypernet_size ({k}) must be divisible by num_heads ({H}) unless fix_tm_hidden_size=True"
+            )
+        if v.name == "speechbrain" and d % 2 != 0:
+            raise ValueError(
+                f"the speechbrain variant's sin/cos positional encoding needs an even input_output_dim, got {d}"
+            )
+        if v.name == "speechbrain" and not use_layer_norm:
+            warnings.warn("use_layer_norm=False departs from speechbrain's HyperMixing, which always has it")
+        if hypernetwork_bias is None:
+            hypernetwork_bias = v.default_hypernetwork_bias
+        self.variant = v.name
+        self.input_output_dim = d
+        self.hypernet_size = k
+        self.num_heads = H
+        self.head_dim = d // H
+        self.hidden_per_head = k if fix_tm_hidden_size else k // H
+        self.tied = bool(tied)
+        self.fix_tm_hidden_size = bool(fix_tm_hidden_size)
+        self.use_layer_norm = bool(use_layer_norm)
+        self.hypernetwork_bias = bool(hypernetwork_bias)
+        self.backend = backend
+        self.eps = eps
+        self.max_length = int(max_length)
+
+        self.hyper = HyperNetwork(H, self.head_dim, self.hidden_per_head, self.tied, self.hypernetwork_bias)
+        self.layer_norm = nn.LayerNorm(d, eps=eps) if self.use_layer_norm else None
+        # the public implementations' PE buffer, under their module name (checkpoint compatibility)
+        self.add_module(v.pe_module_name, _PositionalEncodingBuffer(v, self.max_length, d))
+        self._warned_key_value = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_output_dim={self.input_output_dim}, hypernet_size={self.hypernet_size}, "
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, hidden_per_head={self.hidden_per_head}, "
+            f"tied={self.tied}, variant={self.variant!r}, use_layer_norm={self.use_layer_norm}, "
+            f"hypernetwork_bias={self.hypernetwork_bias}, backend={self.backend!r}"
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
+        *args,
+        attn_mask: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        query_padding_mask: Optional[Tensor] = None,
+        return_attn_weights: Optional[bool] = True,
+        pos_embs: Optional[Tensor] = None,
+    ):
+        if self.variant == "speechbrain":
+            # positional order of speechbrain's forward: attn_mask, key_padding_mask, return_attn_weights, pos_embs
+            names = ("attn_mask", "key_padding_mask", "return_attn_weights", "pos_embs")
+            if len(args) > len(names):
+                raise TypeError(f"forward takes at most {3 + len(names)} positional arguments")
+            given = dict(zip(names, args))
+            attn_mask = given.get("attn_mask", attn_mask)
+            key_padding_mask = given.get("key_padding_mask", key_padding_mask)
+            if attn_mask is not None:
+                raise NotImplementedError(
+                    "FusedHyperMixing does not support attn_mask (causal or otherwise masked mixing) yet; "
+                    "only key_padding_mask. speechbrain's HyperMixing silently ignores attn_mask; this layer "
+                    "refuses it so that a causal model does not silently mix future tokens."
+                )
+            if query_padding_mask is not None:
+                raise ValueError(
+                    "the speechbrain variant uses one padding mask for all tokens: pass key_padding_mask"
+                )
+            if not self._warned_key_value and (
+                (key is not None and key is not query) or (value is not None and value is not query)
+            ):
+                warnings.warn(
+                    "speechbrain-variant HyperMixing ignores key and value and mixes the query with itself "
+                    "(self-mixing); use variant='idiap' for cross-mixing",
+                    stacklevel=2,
+                )
+                self._warned_key_value = True
+            out = self._mix(query, None, None, key_padding_mask, None)
+            return out, None
+
+        # idiap: forward(query, key, value, query_padding_mask=None, key_padding_mask=None)
+        names = ("query_padding_mask", "key_padding_mask")
+        if len(args) > len(names):
+            raise TypeError(f"forward takes at most {3 + len(names)} positional arguments")
+        given = dict(zip(names, args))
+        query_padding_mask = given.get("query_padding_mask", query_padding_mask)
+        key_padding_mask = given.get("key_padding_mask", key_padding_mask)
+        if attn_mask is not None:
+            raise NotImplementedError(
+                "FusedHyperMixing does not support attn_mask (causal or otherwise masked mixing) yet"
+            )
+        if key is None:
+            key = query
+        if value is None:
+            value = key
+        return self._mix(query, key, value, key_padding_mask, query_padding_mask)
+
+    def _mix(self, query, key, value, key_padding_mask, query_padding_mask) -> Tensor:
+        w1 = self.hyper.w1_gen.tensors()
+        w2 = (None, None, None, None) if self.tied else self.hyper.w2_gen.tensors()
+        ln = (self.layer_norm.weight, self.layer_norm.bias) if self.layer_norm is not None else (None, None)
+        return hyper_mixing(
+            query, key, value, *w1, *w2, *ln,
+            variant=self.variant,
+            key_padding_mask=key_padding_mask,
+            query_padding_mask=query_padding_mask,
+            use_layer_norm=self.use_layer_norm,
+            eps=self.eps,
+            backend=self.backend,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_speechbrain(cls, module: nn.Module, *, backend: str = "auto") -> "FusedHyperMixing":
+        """Build from a `speechbrain.nnet.hypermixing.HyperMixing` (duck-typed) with its weights."""
+        try:
+            w1 = module.hyper.w1_gen
+            d = module.input_output_dim
+            H = module.num_heads
+            pe = module.positional_encoding.pe
+        except AttributeError as e:
+            raise TypeError(f"not a speechbrain HyperMixing module: {e}") from None
+        tied = bool(getattr(module.hyper, "tied", module.hyper.w2_gen is w1))
+        k_h = w1.fc2_weights.shape[1]
+        k = int(getattr(w1, "original_out_size", k_h * H))  # speechbrain's hypernet_size
+        fix = H > 1 and k_h == k  # fix_tm_hidden_size: every head has k hidden units
+        layer = cls(
+            d, k, tied=tied, num_heads=H, fix_tm_hidden_size=fix,
+            max_length=pe.shape[1], variant="speechbrain", backend=backend,
+            eps=module.layer_norm.eps,
+        )
+        layer.load_state_dict(module.state_dict(), strict=True)
+        return layer.to(device=w1.fc1_weights.device, dtype=w1.fc1_weights.dtype)
+
+    @classmethod
+    def from_idiap(cls, module: nn.Module, *, backend: str = "auto") -> "FusedHyperMixing":
+        """Build from an idiap `hypermixing.HyperMixing` (duck-typed) with its weights."""
+        try:
+            w1 = module.hyper.w1_gen
+            d = module.input_output_dim
+            H = module.num_heads
+            use_ln = bool(module.use_layer_norm)
+            bias = bool(module.hypernetwork_bias)
+            pe = module.token_information.pe
+        except AttributeError as e:
+            raise TypeError(f"not an idiap HyperMixing module (custom token_information is not supported): {e}") from None
+        tied = bool(getattr(module.hyper, "tied", module.hyper.w2_gen is w1))
+        k_h = w1.fc2_weights.shape[1]
+        layer = cls(
+            d, k_h * H, tied=tied, num_heads=H, max_length=pe.shape[1], variant="idiap",
+            use_layer_norm=use_ln, hypernetwork_bias=bias, backend=backend,
+            eps=module.layer_norm.eps if use_ln else 1e-5,
+        )
+        layer.load_state_dict(module.state_dict(), strict=True)
+        return layer.to(device=w1.fc1_weights.device, dtype=w1.fc1_weights.dtype)

@@ -1,0 +1,127 @@
+"""Reference HyperMixing in plain PyTorch: the function every fast path is checked against.
+
+Computes exactly the function of docs/HYPERMIXING.md for both variants, with every option, in
+fp32 (half inputs are upcast; float64 stays float64 so gradcheck can use it) and returns the
+input dtype. It materialises W1 [B, H, N, k_h] and W2 [B, H, M, k_h] like the public
+implementations (O(N * k) memory, linear in N, no N x N tensor) and is written for clarity and
+for matching the public implementations' arithmetic, not for speed.
+
+Per batch element b and head h:
+    V   = value * m_k                                   # [N, d]
+    Zk  = s * (key * m_k) + PE(key positions)           # [N, d]
+    Zq  = s * (query * m_q) + PE(query positions)       # [M, d]
+    W1  = MLP1_h(Zk[:, h]) * m_k                        # [N, k_h]
+    W2  = MLP2_h(Zq[:, h]) * m_q                        # [M, k_h]
+    Y_h = W2 @ GELU(W1^T @ V[:, h])                     # [M, d_h]
+    out = LayerNorm(Y)                                  # optional (idiap)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..variants import get_variant
+from .positional import cached_positional_encoding
+
+__all__ = ["hyper_mixing_ref", "generator_mlp_ref"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def generator_mlp_ref(
+    z: Tensor,  # [B, L, d]
+    fc1_weight: Tensor,  # [H, d_h, d_h]
+    fc1_bias: Optional[Tensor],  # [H, d_h]
+    fc2_weight: Tensor,  # [H, k_h, d_h]
+    fc2_bias: Optional[Tensor],  # [H, k_h]
+) -> Tensor:  # [B, H, L, k_h]
+    """One hypernetwork: a per-head MLP d_h -> d_h -> k_h applied to each head's channels."""
+    B, L, d = z.shape
+    H, _, d_h = fc1_weight.shape
+    zh = z.reshape(B, L, H, d_h)
+    # [B, L, H, d_h] x [H, d_h(out), d_h(in)] -> [B, H, L, d_h]
+    hidden = torch.einsum("blmf,mhf->bmlh", zh, fc1_weight)
+    if fc1_bias is not None:
+        hidden = hidden + fc1_bias.unsqueeze(0).unsqueeze(2)
+    hidden = F.gelu(hidden)
+    # [B, H, L, d_h] x [H, k_h, d_h] -> [B, H, L, k_h]
+    w = torch.einsum("bmlh,mfh->bmlf", hidden, fc2_weight)
+    if fc2_bias is not None:
+        w = w + fc2_bias.unsqueeze(0).unsqueeze(2)
+    return w
+
+
+def hyper_mixing_ref(
+    query: Tensor,  # [B, M, d]
+    key: Tensor,  # [B, N, d]
+    value: Tensor,  # [B, N, d]
+    w1_fc1_weight: Tensor,  # [H, d_h, d_h]
+    w1_fc1_bias: Optional[Tensor],  # [H, d_h] or None
+    w1_fc2_weight: Tensor,  # [H, k_h, d_h]
+    w1_fc2_bias: Optional[Tensor],  # [H, k_h] or None
+    w2_fc1_weight: Tensor,  # [H, d_h, d_h]   (tied: the w1 tensors)
+    w2_fc1_bias: Optional[Tensor],
+    w2_fc2_weight: Tensor,  # [H, k_h, d_h]
+    w2_fc2_bias: Optional[Tensor],
+    ln_weight: Optional[Tensor] = None,  # [d]
+    ln_bias: Optional[Tensor] = None,  # [d]
+    *,
+    variant: str = "speechbrain",
+    key_padding_mask: Optional[Tensor] = None,  # [B, N] bool, True = padded
+    query_padding_mask: Optional[Tensor] = None,  # [B, M] bool, True = padded
+    use_layer_norm: bool = True,
+    eps: float = 1e-5,
+) -> Tensor:  # [B, M, d], dtype of query
+    """Reference HyperMixing (no input validation: use `hmx_kernels.hyper_mixing` for that).
+
+    For the speechbrain variant pass query for key and value (as its module does) and the same
+    mask for keys and queries; `hmx_kernels.hyper_mixing` does this for you.
+    """
+    v = get_variant(variant)
+    out_dtype = query.dtype
+    cdt = _compute_dtype(query.dtype)
+    B, M, d = query.shape
+    N = key.shape[1]
+    H, _, d_h = w1_fc1_weight.shape
+
+    def up(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.to(cdt)
+
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        q, k, val = up(query), up(key), up(value)
+        s = v.input_scale(d)
+        pe_k = cached_positional_encoding(v, N, d, query.device).to(cdt)  # [N, d]
+        pe_q = cached_positional_encoding(v, M, d, query.device).to(cdt)  # [M, d]
+
+        if key_padding_mask is not None:
+            m_k = torch.logical_not(key_padding_mask).to(cdt).unsqueeze(-1)  # [B, N, 1]
+            k = k * m_k
+            val = val * m_k
+        if query_padding_mask is not None:
+            m_q = torch.logical_not(query_padding_mask).to(cdt).unsqueeze(-1)  # [B, M, 1]
+            q = q * m_q
+
+        z_k = s * k + pe_k if s != 1.0 else k + pe_k
+        z_q = s * q + pe_q if s != 1.0 else q + pe_q
+
+        w1 = generator_mlp_ref(z_k, up(w1_fc1_weight), up(w1_fc1_bias), up(w1_fc2_weight), up(w1_fc2_bias))
+        w2 = generator_mlp_ref(z_q, up(w2_fc1_weight), up(w2_fc1_bias), up(w2_fc2_weight), up(w2_fc2_bias))
+        if key_padding_mask is not None:
+            w1 = w1 * m_k.unsqueeze(1)  # [B, H, N, k_h] * [B, 1, N, 1]
+        if query_padding_mask is not None:
+            w2 = w2 * m_q.unsqueeze(1)  # [B, H, M, k_h] * [B, 1, M, 1]
+
+        v_heads = val.transpose(1, 2).reshape(B * H, d_h, N)  # [B*H, d_h, N]
+        w1 = w1.reshape(B * H, N, -1)  # [B*H, N, k_h]
+        w2 = w2.reshape(B * H, M, -1)  # [B*H, M, k_h]
+        a = F.gelu(torch.bmm(v_heads, w1))  # [B*H, d_h, N] @ [B*H, N, k_h] -> [B*H, d_h, k_h] = A^T
+        y = torch.bmm(a, w2.transpose(1, 2))  # [B*H, d_h, k_h] @ [B*H, k_h, M] -> [B*H, d_h, M]
+        y = y.reshape(B, d, M).transpose(1, 2)  # [B, M, d]
+        if use_layer_norm:
+            y = F.layer_norm(y, (d,), up(ln_weight), up(ln_bias), eps)
+    return y.to(out_dtype)

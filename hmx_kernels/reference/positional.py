@@ -1,0 +1,113 @@
+"""Sinusoidal positional encodings of both HyperMixing variants, for any length.
+
+The public implementations precompute a table of `max_length` rows (3000 by default) and fail on
+longer inputs. The encoding is a fixed function, so here it is computed for whatever positions are
+asked for, with exactly the arithmetic of each implementation so that results match bit for bit
+on the CPU:
+
+- speechbrain: angle = float32(p) * float32(exp(float32(2i) * -(ln(10000) / d))), rounded to fp32,
+  then sin for channel 2i and cos for channel 2i+1 (fp32 throughout). Odd d is rejected.
+- idiap: channel c uses sin (c even) or cos (c odd) of p / 10000 ** (2c / d), in float64, stored
+  as fp32 (so channels 2i and 2i+1 use different frequencies). Odd d is allowed.
+
+`frequencies` gives the per-channel angular frequency vector that kernels use to compute the
+encoding on chip (speechbrain: the exact fp32 values; idiap: float64 values).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..variants import Variant, get_variant
+
+__all__ = ["positional_encoding", "frequencies", "PositionalEncodingCache"]
+
+
+def frequencies(variant: "str | Variant", d: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Angular frequency of each of the d channels: PE[p, c] = sin/cos(p * freq[c]).
+
+    speechbrain's frequencies are computed in fp32 as speechbrain does (returned in `dtype`,
+    exactly representable); idiap's in float64.
+    """
+    v = get_variant(variant)
+    if v.name == "speechbrain":
+        if d % 2 != 0:
+            raise ValueError(
+                f"the speechbrain variant's sin/cos positional encoding needs an even width, got d={d}"
+            )
+        half = torch.exp(
+            torch.arange(0, d, 2, dtype=torch.float32) * -(math.log(10000.0) / d)
+        )  # [d/2] fp32, as speechbrain computes it
+        return half.repeat_interleave(2).to(dtype)  # channel c uses frequency c // 2
+    channels = torch.arange(d, dtype=torch.float64)
+    return (1.0 / torch.pow(torch.tensor(10000.0, dtype=torch.float64), 2.0 * channels / d)).to(dtype)
+
+
+def positional_encoding(
+    variant: "str | Variant",
+    length: int,
+    d: int,
+    *,
+    start: int | None = None,
+    device: "torch.device | str | None" = None,
+) -> torch.Tensor:
+    """PE rows for positions start .. start + length - 1, as an fp32 tensor [length, d].
+
+    `start` defaults to the variant's first position (speechbrain 0, idiap 1), i.e. the rows that
+    the variant adds to a sequence of `length` tokens. The table is computed on the CPU (so that it
+    matches the public implementations bit for bit) and moved to `device`.
+    """
+    v = get_variant(variant)
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    if start is None:
+        start = v.first_position
+    if v.name == "speechbrain":
+        freq = frequencies(v, d, torch.float32)[0::2]  # [d/2] fp32
+        positions = torch.arange(start, start + length, dtype=torch.float32).unsqueeze(1)  # [L, 1]
+        angle = positions * freq  # [L, d/2] fp32 product, as in speechbrain
+        pe = torch.empty(length, d, dtype=torch.float32)
+        pe[:, 0::2] = torch.sin(angle)
+        pe[:, 1::2] = torch.cos(angle)
+    else:
+        channels = torch.arange(d, dtype=torch.float64)
+        denom = torch.pow(torch.tensor(10000.0, dtype=torch.float64), 2.0 * channels / d)  # [d]
+        angle = torch.arange(start, start + length, dtype=torch.float64).unsqueeze(1) / denom  # [L, d]
+        even = (torch.arange(d) % 2 == 0)
+        pe = torch.where(even, torch.sin(angle), torch.cos(angle)).to(torch.float32)
+    if device is not None:
+        pe = pe.to(device)
+    return pe
+
+
+class PositionalEncodingCache:
+    """Keeps one growing PE table per (variant, d, device) so repeated calls do not recompute it.
+
+    Memory is O(longest length seen * d), never more; the table grows by doubling.
+    """
+
+    def __init__(self) -> None:
+        self._tables: dict = {}
+
+    def get(self, variant: "str | Variant", length: int, d: int, device: torch.device) -> torch.Tensor:
+        v = get_variant(variant)
+        key = (v.name, d, str(device))
+        table = self._tables.get(key)
+        need = v.first_position + length
+        if table is None or table.shape[0] < need:
+            rows = max(need, 2 * (table.shape[0] if table is not None else 0), 1024)
+            table = positional_encoding(v, rows, d, start=0, device=device)
+            self._tables[key] = table
+        return table[v.first_position : v.first_position + length]
+
+    def clear(self) -> None:
+        self._tables.clear()
+
+
+_DEFAULT_CACHE = PositionalEncodingCache()
+
+
+def cached_positional_encoding(variant, length: int, d: int, device) -> torch.Tensor:
+    """The variant's PE rows for a sequence of `length` tokens, from a process-wide cache."""
+    return _DEFAULT_CACHE.get(variant, length, d, torch.device(device))
