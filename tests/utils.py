@@ -1,0 +1,170 @@
+"""Shared test helpers: random HyperMixing problems, forward+backward with one upstream gradient,
+and comparisons that report which output or gradient differs and by how much."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+import hmx_kernels
+
+WEIGHT_NAMES = (
+    "w1_fc1_weight", "w1_fc1_bias", "w1_fc2_weight", "w1_fc2_bias",
+    "w2_fc1_weight", "w2_fc1_bias", "w2_fc2_weight", "w2_fc2_bias",
+    "ln_weight", "ln_bias",
+)
+
+
+@dataclass
+class Case:
+    """One HyperMixing call: tensors (leaves that require grad) and options."""
+
+    tensors: Dict[str, Optional[torch.Tensor]]
+    variant: str
+    key_padding_mask: Optional[torch.Tensor]
+    query_padding_mask: Optional[torch.Tensor]
+    use_layer_norm: bool
+    tied: bool
+    extra: dict = field(default_factory=dict)
+
+    def kwargs(self) -> dict:
+        kw = dict(self.tensors)
+        kw.update(
+            variant=self.variant,
+            key_padding_mask=self.key_padding_mask,
+            query_padding_mask=self.query_padding_mask,
+            use_layer_norm=self.use_layer_norm,
+        )
+        return kw
+
+    def leaves(self) -> Dict[str, torch.Tensor]:
+        """Every distinct tensor that requires grad, by name (tied w2 names are left out)."""
+        out, seen = {}, set()
+        for name, t in self.tensors.items():
+            if t is not None and t.requires_grad and id(t) not in seen:
+                out[name] = t
+                seen.add(id(t))
+        return out
+
+    def cast(self, dtype: torch.dtype, device=None) -> "Case":
+        """A copy with the same values in another dtype/device (new leaves)."""
+        mapping, tensors = {}, {}
+        for name, t in self.tensors.items():
+            if t is None:
+                tensors[name] = None
+            elif id(t) in mapping:
+                tensors[name] = mapping[id(t)]
+            else:
+                c = t.detach().to(dtype=dtype, device=device).requires_grad_(t.requires_grad)
+                mapping[id(t)] = c
+                tensors[name] = c
+        mv = lambda m: None if m is None else m.to(device)  # noqa: E731
+        kpm = mv(self.key_padding_mask)
+        qpm = kpm if self.query_padding_mask is self.key_padding_mask else mv(self.query_padding_mask)
+        return Case(tensors, self.variant, kpm, qpm, self.use_layer_norm, self.tied, dict(self.extra))
+
+
+def make_case(
+    *,
+    variant: str = "speechbrain",
+    B: int = 2,
+    M: int = 7,
+    N: Optional[int] = None,
+    d: int = 8,
+    H: int = 2,
+    k_h: int = 6,
+    bias: bool = True,
+    tied: bool = False,
+    masks: bool = True,
+    all_padded_batch: bool = False,
+    use_layer_norm: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    seed: int = 0,
+    input_scale: float = 1.0,
+) -> Case:
+    """A random problem. speechbrain: self-mixing (N = M, one mask). idiap: N keys, M queries.
+
+    masks=True pads the tail of every batch element but the first (a different length each);
+    all_padded_batch=True pads the last batch element entirely.
+    """
+    g = torch.Generator().manual_seed(seed)
+    N = M if (N is None or variant == "speechbrain") else N
+    d_h = d // H
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device).requires_grad_(True)
+
+    t: Dict[str, Optional[torch.Tensor]] = {}
+    t["query"] = rnd(B, M, d, scale=input_scale)
+    if variant == "speechbrain":
+        t["key"] = t["value"] = None
+    else:
+        t["key"] = rnd(B, N, d, scale=input_scale)
+        t["value"] = rnd(B, N, d, scale=input_scale)
+    w_scale = 1.0 / d_h**0.5
+    for gen in ("w1", "w2"):
+        if gen == "w2" and tied:
+            for part in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
+                t[f"w2_{part}"] = None
+            continue
+        t[f"{gen}_fc1_weight"] = rnd(H, d_h, d_h, scale=w_scale)
+        t[f"{gen}_fc1_bias"] = rnd(H, d_h, scale=0.5) if bias else None
+        t[f"{gen}_fc2_weight"] = rnd(H, k_h, d_h, scale=w_scale)
+        t[f"{gen}_fc2_bias"] = rnd(H, k_h, scale=0.5) if bias else None
+    if use_layer_norm:
+        t["ln_weight"] = (1 + 0.1 * torch.randn(d, generator=g)).to(dtype=dtype, device=device).requires_grad_(True)
+        t["ln_bias"] = rnd(d, scale=0.1)
+    else:
+        t["ln_weight"] = t["ln_bias"] = None
+
+    def tail_mask(length):
+        m = torch.zeros(B, length, dtype=torch.bool)
+        if masks:
+            for b in range(1, B):
+                m[b, max(1, length - (b * length) // (B + 1)):] = True
+        if all_padded_batch:
+            m[-1] = True
+        return m.to(device)
+
+    kpm = tail_mask(N) if (masks or all_padded_batch) else None
+    if variant == "speechbrain":
+        qpm = kpm
+    else:
+        qpm = tail_mask(M) if (masks or all_padded_batch) else None
+    return Case(t, variant, kpm, qpm if variant != "speechbrain" else None, use_layer_norm, tied)
+
+
+def forward_backward(case: Case, backend: str, grad_out: Optional[torch.Tensor] = None, fn=None):
+    """Run the case through `fn` (default hmx_kernels.hyper_mixing with `backend`), backpropagate
+    `grad_out` (default: a fixed random tensor), and return (out, {leaf name: grad})."""
+    for leaf in case.leaves().values():
+        leaf.grad = None
+    if fn is None:
+        out = hmx_kernels.hyper_mixing(**case.kwargs(), backend=backend)
+    else:
+        out = fn(**case.kwargs())
+    if grad_out is None:
+        g = torch.Generator().manual_seed(1234)
+        grad_out = torch.randn(out.shape, generator=g).to(dtype=out.dtype, device=out.device)
+    leaves = case.leaves()
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out, allow_unused=True)
+    return out.detach(), {name: gr for name, gr in zip(leaves, grads)}
+
+
+def assert_close(name: str, actual: Optional[torch.Tensor], expected: Optional[torch.Tensor], rtol: float, atol_scale: float = None):
+    """|actual - expected| <= rtol * max|expected| elementwise (a scale-relative bound: gradients
+    and outputs are sums whose near-zero elements have no meaningful elementwise relative error).
+    Also fails on NaN/Inf and on shape/None mismatches."""
+    if expected is None or actual is None:
+        assert actual is None and expected is None, f"{name}: one gradient is None ({actual is None}, {expected is None})"
+        return
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{name}: non-finite values in the result"
+    scale = e.abs().max().item()
+    tol = rtol * max(scale, 1e-30) if atol_scale is None else atol_scale
+    err = (a - e).abs().max().item()
+    assert err <= tol, f"{name}: max |diff| {err:.3e} > {tol:.3e} (rtol {rtol:g} x max|ref| {scale:.3e})"
