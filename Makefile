@@ -16,12 +16,13 @@ TEST_ARGS ?=
 
 setup: $(STAMP)
 
+# speechbrain is installed without its dependencies for the equivalence tests: its HyperMixing needs
+# only torch, and its audio dependencies (torchaudio) have no release for the CPU torch used here.
 $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test,bench]"
-	# speechbrain (equivalence tests): its HyperMixing needs only torch; skip its heavy audio deps
 	$(PY) -m pip install -q --no-deps "$(SPEECHBRAIN_SPEC)"
 	$(PY) -m pip install -q tqdm hyperpyyaml joblib packaging scipy
 	touch $(STAMP)
