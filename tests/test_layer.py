@@ -159,3 +159,12 @@ def test_pip_install_into_new_venv_and_import_from_elsewhere(tmp_path):
     installed = set(eval(files_line))
     shipped = {str(p.relative_to(REPO / "csrc")) for p in (REPO / "csrc").rglob("*") if p.is_file()}
     assert shipped and shipped <= installed, f"missing from the installed package: {sorted(shipped - installed)}"
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import hmx_kernels.functional
+
+    result = doctest.testmod(hmx_kernels.functional, raise_on_error=False)
+    assert result.attempted > 0 and result.failed == 0
