@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-budget", type=float, default=None,
                    help="seconds per timed pass before repetitions are cut (3 at least)")
     p.add_argument("--compile-cap", type=float, default=300.0, help="seconds allowed for a torch.compile first call")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default, all cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads; 0 = torch's default (all cores). Default on CPU: 1")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls on GPU (off by default)")
@@ -110,8 +110,9 @@ def main(argv: Optional[List[str]] = None, extra_contenders=None) -> int:
         lengths = [2 ** i for i in range(lengths[0].bit_length() - 1, args.max_length.bit_length())
                    if 2 ** i <= args.max_length]
     modes = args.batch_mode.split(",") if args.batch_mode else list(opts["batch_modes"])
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = opts["threads"] if args.threads is None else args.threads
+    if threads:
+        torch.set_num_threads(threads)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32

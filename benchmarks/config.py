@@ -61,14 +61,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # Defaults per device type. CPU: fits `make bench` in a few minutes on 2 cores (fixed batch 1,
-# N 128..8192, the three shapes); GPU: the full sweep.
+# N 128..8192, the three shapes, one torch thread: single-core kernels compared, and timings that
+# stay stable when other processes share the cores; --threads 0 uses all of them); GPU: the full sweep.
 DEFAULTS = {
     "cpu": dict(shapes=["sb144", "sb256", "tf512"], lengths=[2 ** i for i in range(7, 14)],
                 batch_modes=["fixed"], batch=1, tokens=16384, dtype="float32", repeats=10,
-                warmup=1, time_cap=4.0, measure_budget=1.0),
+                warmup=1, time_cap=4.0, measure_budget=1.0, threads=1),
     "cuda": dict(shapes=["sb144", "sb256", "tf512"], lengths=[2 ** i for i in range(8, 18)],
                  batch_modes=["fixed", "tokens"], batch=4, tokens=65536, dtype="bfloat16",
-                 repeats=30, warmup=3, time_cap=10.0, measure_budget=2.0),
+                 repeats=30, warmup=3, time_cap=10.0, measure_budget=2.0, threads=0),
 }
 QUICK = {
     "cpu": dict(shapes=["sb144"], lengths=[128, 256, 512], repeats=3, time_cap=2.0, measure_budget=0.2),

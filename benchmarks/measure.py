@@ -15,7 +15,10 @@ just before it (inputs, weights and, for backward, the forward's saved tensors a
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -117,7 +120,7 @@ def peak_memory(case: Case, grad: torch.Tensor, device: torch.device) -> Dict[st
 def _cpu_peak_memory(case: Case, grad: torch.Tensor) -> Dict[str, float]:
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         y = case.forward()
         with record_function("benchmarks::backward"):
             y.backward(grad)
@@ -133,3 +136,21 @@ def _cpu_peak_memory(case: Case, grad: torch.Tensor) -> Dict[str, float]:
         if boundary is None or ts < boundary:
             peak_fwd = max(peak_fwd, cur)
     return {"fwd": float(peak_fwd), "fwd_bwd": float(peak)}
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler library's start/stop lines (written to file descriptor 2 from C++)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
