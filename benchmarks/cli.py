@@ -171,7 +171,7 @@ def main(argv: Optional[List[str]] = None, extra_contenders=None) -> int:
     written = [stem + ".csv", stem + ".json", stem + "-crossover.csv"]
     if not args.no_plots:
         title = (f"{dname}, {dtype_name(dtype)}, torch {torch.__version__}, "
-                 f"{torch.get_num_threads()} threads, git {meta['git_sha'][:10]}, {meta['date_utc'][:10]}")
+                 f"{torch.get_num_threads()} torch thread(s), git {meta['git_sha'][:10]}, {meta['date_utc'][:10]}")
         report.plot(rows, stem + "-time.png", stem + "-memory.png", title)
         written += [stem + "-time.png", stem + "-memory.png"]
 

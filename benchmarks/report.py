@@ -144,12 +144,21 @@ def tables(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _minor_label(v: float, _pos=None) -> str:
+    """Label the 2x and 5x minor ticks of a log axis, leave the others blank."""
+    if v <= 0:
+        return ""
+    mantissa = v / 10 ** math.floor(math.log10(v) + 1e-9)
+    return f"{v:g}" if round(mantissa, 6) in (2.0, 5.0) else ""
+
+
 # ---- plots ---------------------------------------------------------------------------------------
 def plot(rows: List[dict], time_path: str, memory_path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     modes = list(dict.fromkeys(r["batch_mode"] for r in rows))
@@ -158,11 +167,11 @@ def plot(rows: List[dict], time_path: str, memory_path: str, title: str) -> None
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     style = {"hypermixing": "-", "attention": "--", "layer": ":"}
     marker = {"hypermixing": "o", "attention": "s", "layer": "^"}
-    info = {(r["shape"], r["batch_mode"]): r for r in rows}
+    info = {(r["shape"], r["batch_mode"]): r for r in sorted(rows, key=lambda r: -r["N"])}  # smallest N last
 
     def panel_title(shape, mode):
         r = info[(shape, mode)]
-        batch = f"B={r['B']}" if mode == "fixed" else "B*N const"
+        batch = f"B={r['B']}" if mode == "fixed" else f"B*N={r['B'] * r['N']}"
         return f"{shape}: d={r['d']} k={r['k']} H={r['H']}, {batch}"
 
     def draw(path, panels, ylabel_of):
@@ -178,6 +187,13 @@ def plot(rows: List[dict], time_path: str, memory_path: str, title: str) -> None
                         ax.plot(*zip(*pts), style[fam[n]], marker=marker[fam[n]], ms=4, color=colors[n], label=n)
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
+                Ns = sorted({r["N"] for r in rows if r["shape"] == shape and r["batch_mode"] == mode})
+                ax.set_xticks(Ns)
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_formatter(NullFormatter())
+                ax.tick_params(axis="x", labelrotation=45 if len(Ns) > 7 else 0, labelsize=8)
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
                 ax.grid(True, which="both", alpha=0.3)
                 ax.set_title(f"{panel_title(shape, mode)}\n{label}", fontsize=9)
                 ax.set_xlabel("sequence length N")
@@ -186,8 +202,11 @@ def plot(rows: List[dict], time_path: str, memory_path: str, title: str) -> None
         for ax in axes.flat:
             for h, l in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(l, h)
-        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(6, len(handles)),
-                   fontsize=9, frameon=False)
+        if handles:
+            fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(6, len(handles)),
+                       fontsize=9, frameon=False)
+        else:
+            fig.text(0.5, 0.5, "no measured points", ha="center")
         fig.suptitle(title, fontsize=10)
         fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(handles) > 6), 1, 0.96))
         fig.savefig(path, dpi=110)
