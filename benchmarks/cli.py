@@ -146,6 +146,7 @@ def main(argv: Optional[List[str]] = None, extra_contenders=None) -> int:
         "device_name": dname,
         "cpu_model": device_name(torch.device("cpu")),
         "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "dtype": dtype_name(dtype),
         "tf32": cfg.tf32,

@@ -135,7 +135,7 @@ def library_versions() -> Dict[str, str]:
 
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "hmx_kernels": hmx_kernels.__version__}
-    for mod in ("triton", "flash_attn", "fla"):
+    for mod in ("triton", "flash_attn"):
         try:
             m = __import__(mod)
             out[mod] = getattr(m, "__version__", "installed")
