@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
+import sys
 import time
 
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # benchmarks/ is a folder of the repository, not an installed package
 
 import hmx_kernels
 from hmx_kernels import dispatch
