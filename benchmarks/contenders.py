@@ -55,7 +55,6 @@ class Contender:
     # why it cannot run this (shape, B, N, dtype, device); None = it can
     unsupported: Callable[[Shape, int, int, torch.dtype, torch.device], Optional[str]] = field(
         default=lambda *a: None)
-    compiles: bool = False  # its first call compiles (capped by the compile cap, not the time cap)
 
 
 def _hm_flops(shape: Shape, B: int, N: int, pass_: str) -> int:
@@ -150,7 +149,7 @@ def compiled_reference_contender() -> Contender:
                 return "torch.compile on CUDA needs triton"
         return None
 
-    return Contender("hmx-reference-compiled", "hypermixing", _hm_flops, build, unsupported, compiles=True)
+    return Contender("hmx-reference-compiled", "hypermixing", _hm_flops, build, unsupported)
 
 
 # ---- attention -----------------------------------------------------------------------------------

@@ -247,3 +247,20 @@ def test_registered_backends_join_and_their_reasons_are_honoured():
     finally:
         dispatch._REGISTRY.pop("benchfake", None)
     assert "hmx-benchfake" not in all_contenders(torch.device("cpu"))
+
+
+def test_first_call_of_a_series_may_compile_beyond_the_time_cap():
+    calls = []
+
+    def before(N):
+        calls.append(N)
+        if len(calls) == 1:
+            time.sleep(0.3)  # a JIT build on first use
+
+    rows = run_sweep(_cfg(time_cap=0.2, lengths=[8, 16]), [_reference_like("jit", before=before)], _quiet)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["series_first_call_s"] >= 0.3 and rows[1]["series_first_call_s"] is None
+    rows = run_sweep(_cfg(time_cap=0.2, compile_cap=0.1, lengths=[8, 16]),
+                     [_reference_like("jit", before=lambda N: time.sleep(0.3))], _quiet)
+    assert rows[0]["status"] == "timeout" and "compile" in rows[0]["note"]
+    assert rows[1]["status"] == "skipped"
