@@ -20,7 +20,6 @@ from . import report
 from .config import (DEFAULTS, DTYPES, QUICK, SHAPES, device_name, device_slug, dtype_name,
                      git_sha, library_versions, parse_shape, peak_tflops)
 from .contenders import all_contenders, default_contender_names
-from .measure import __doc__ as MEMORY_DOC  # noqa: F401  (kept for --help readers)
 from .sweep import SweepConfig, run_sweep
 
 HERE = os.path.dirname(os.path.abspath(__file__))

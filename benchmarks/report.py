@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 ATTENTION_FAMILIES = ("attention", "layer")
 # a baseline that could not finish (while HyperMixing did) is slower than HyperMixing there

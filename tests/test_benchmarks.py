@@ -15,7 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # benchmarks/ is a folder of the repository, not an installed package
 
-import hmx_kernels
 from hmx_kernels import dispatch
 from hmx_kernels.flops import attention_flops, hyper_mixing_flops, mha_layer_flops
 
