@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -193,17 +194,23 @@ def sdpa_contender(which: Optional[str] = None) -> Contender:
 
         return Case(lambda: call(q, k, v), [q, k, v], check)
 
+    probed: Dict[tuple, Optional[str]] = {}
+
     def unsupported(shape, B, N, dtype, device):
         if which is None:
             return None
-        if device.type != "cuda":
-            return f"SDPA backend {which} is a CUDA kernel"
-        q = torch.zeros(1, shape.H, 128, shape.d_h, dtype=dtype, device=device)
-        try:
-            call(q, q, q)
-        except RuntimeError as e:
-            return f"sdpa {which}: {str(e).splitlines()[0][:200]}"
-        return None
+        key = (shape.H, shape.d_h, dtype, str(device))
+        if key not in probed:  # one small call; PyTorch says why a kernel refuses in warnings
+            q = torch.zeros(1, shape.H, 128, shape.d_h, dtype=dtype, device=device, requires_grad=True)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    call(q, q, q).sum().backward()
+                    probed[key] = None
+                except RuntimeError as e:
+                    why = [str(w.message).splitlines()[0] for w in caught] or [str(e).splitlines()[0]]
+                    probed[key] = f"sdpa {which}: " + " | ".join(why)[:300]
+        return probed[key]
 
     return Contender("sdpa" if which is None else f"sdpa-{which}", "attention", _attn_flops, build,
                      unsupported)

@@ -263,3 +263,16 @@ def test_first_call_of_a_series_may_compile_beyond_the_time_cap():
                      [_reference_like("jit", before=lambda N: time.sleep(0.3))], _quiet)
     assert rows[0]["status"] == "timeout" and "compile" in rows[0]["note"]
     assert rows[1]["status"] == "skipped"
+
+
+def test_sdpa_backend_contenders_probe_their_kernel():
+    # the per-backend SDPA contenders of the GPU sweep; on CPU, "math" and "flash" (the CPU flash
+    # kernel) run and "efficient" refuses: recorded as unsupported with PyTorch's reason
+    from benchmarks.contenders import sdpa_contender
+
+    cpu = torch.device("cpu")
+    assert sdpa_contender("efficient").unsupported(TINY, 1, 8, torch.float32, cpu).startswith("sdpa efficient")
+    rows = run_sweep(_cfg(lengths=[8, 16]), [sdpa_contender("math"), sdpa_contender("efficient")], _quiet)
+    by = _by(rows)
+    assert by[("sdpa-math", 16)]["status"] == "ok" and by[("sdpa-math", 16)]["max_err"] < 1e-5
+    assert by[("sdpa-efficient", 16)]["status"] == "unsupported"
