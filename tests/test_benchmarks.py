@@ -94,6 +94,10 @@ def test_cli_quick_run_writes_results_with_metadata(tmp_path):
         assert float(r["fwd_bwd_tokens_per_s"]) == pytest.approx(B * N / (float(r["fwd_bwd_ms_p50"]) / 1e3), rel=1e-6)
     cross = list(csv.DictReader(open(out / (stem + "-crossover.csv"))))
     assert len(cross) == 2 * 2 * 2  # batch modes x passes x baselines (sdpa, mha)
+    from benchmarks.markdown import tables
+
+    md = tables(data)
+    assert "| N | B | hmx-reference | sdpa | mha |" in md and "| d16k32h2 | tokens | fwd_bwd |" in md
 
 
 def test_wrong_output_is_rejected_and_not_reported():
