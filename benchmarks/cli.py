@@ -140,7 +140,7 @@ def main(argv: Optional[List[str]] = None, extra_contenders=None) -> int:
     meta = {
         "date_utc": started.isoformat(timespec="seconds"),
         "git_sha": git_sha(),
-        "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks"] + list(argv if argv is not None else sys.argv[1:])),
         "device": str(dev),
         "device_name": dname,
         "cpu_model": device_name(torch.device("cpu")),
@@ -169,6 +169,11 @@ def main(argv: Optional[List[str]] = None, extra_contenders=None) -> int:
     report.write_csv(stem + "-crossover.csv", cross)
     report.write_json(stem + ".json", meta, rows, cross)
     written = [stem + ".csv", stem + ".json", stem + "-crossover.csv"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        args.no_plots = True
     if not args.no_plots:
         title = (f"{dname}, {dtype_name(dtype)}, torch {torch.__version__}, "
                  f"{torch.get_num_threads()} torch thread(s), git {meta['git_sha'][:10]}, {meta['date_utc'][:10]}")

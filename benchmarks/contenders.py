@@ -79,8 +79,8 @@ def _rel_err(actual: Tensor, expected: Tensor) -> float:
 
 
 def _tokens(B: int, N: int, d: int, dtype, device, seed: int = 0) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, N, d, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn on the device: fast at large N
+    return torch.randn(B, N, d, generator=g, device=device).to(dtype).requires_grad_(True)
 
 
 # ---- HyperMixing ---------------------------------------------------------------------------------

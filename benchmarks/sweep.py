@@ -166,7 +166,8 @@ def _run_point(cfg, c: Contender, shape, B, N, row, series, stop, last_ok, peak,
                 return
         t0 = time.perf_counter()
         y = case.forward()
-        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+        grad = torch.randn(y.shape, generator=torch.Generator(device=y.device).manual_seed(1),
+                           device=y.device).to(y.dtype)
         y.backward(grad)
         if cfg.device.type == "cuda":
             torch.cuda.synchronize(cfg.device)
