@@ -280,3 +280,12 @@ def test_sdpa_backend_contenders_probe_their_kernel():
     by = _by(rows)
     assert by[("sdpa-math", 16)]["status"] == "ok" and by[("sdpa-math", 16)]["max_err"] < 1e-5
     assert by[("sdpa-efficient", 16)]["status"] == "unsupported"
+
+
+def test_benchmark_cases_are_not_collected_by_the_test_suite(capsys):
+    # `pytest tests` / plain `pytest` must not run benchmarks/test_bench_cases.py
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        assert 'testpaths = ["tests"]' in f.read()
+    assert main(["--device", "cpu", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "hmx-reference " in listing and "hmx-reference-compiled" in listing and "opt-in" in listing
