@@ -40,6 +40,12 @@ __all__ = ["HyperMixingTritonFunction", "hyper_mixing_triton", "set_nan_poison"]
 MAX_CHUNKS = 64  # most programs per (b, h) along the sequence
 CHUNK_MIN = 128  # fewest tokens per chunk (keeps partial buffers below [L, k_h] for d_h < 128)
 
+# Positional encodings: by default both variants read the cached fp32 table (bitwise the values
+# the reference uses; the table is [L, d], shared by the batch). PE_ON_CHIP = True computes the
+# speechbrain sinusoid on chip from position x frequency instead (no table read; the GPU's sin/cos
+# may differ from torch's by a few ulp, more for angles in the thousands).
+PE_ON_CHIP = False
+
 _POISON = os.environ.get("HMX_TRITON_POISON", "0") == "1"
 
 
@@ -77,10 +83,10 @@ def _mask_args(mask: Optional[torch.Tensor], fallback: torch.Tensor):
 def _pe_args(meta, device):
     """(pe table or freq vector, pe_table flag, first position, scale)."""
     v = meta.variant
-    if v.name == "speechbrain":
+    if v.name == "speechbrain" and PE_ON_CHIP:
         freq = frequencies(v, meta.d, torch.float32).to(device)  # [d] exact fp32 frequencies
         return freq, False
-    # idiap: look the float64-computed, fp32-stored table up, rows 0.. = positions first_position..
+    # the variant's fp32 table (idiap: float64-computed), rows 0.. = positions first_position..
     return cached_positional_encoding(v, max(meta.M, meta.N), meta.d, device), True
 
 
