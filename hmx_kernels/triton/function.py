@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 
 from ..reference.positional import cached_positional_encoding, frequencies
 from .hyper_mixing_bwd import (
@@ -206,6 +207,7 @@ class HyperMixingTritonFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         meta = ctx.meta
         (query, key, value, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,

@@ -27,7 +27,7 @@ from .config import autotuned
 
 # arguments whose value changes with the sequence length: never specialised, so a new length
 # neither recompiles nor re-tunes
-_LEN_ARGS = ["L", "chunk_len", "sxb", "svb", "smb", "syb", "n_rows"]
+_LEN_ARGS = ["L", "chunk_len", "n_chunks", "sxb", "svb", "smb", "syb"]
 
 
 @triton.jit
