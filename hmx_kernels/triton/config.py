@@ -25,7 +25,7 @@ def _configs():
         return [triton.Config({"BLOCK_N": INTERPRET_BLOCK_N}, num_warps=4)]
     return [
         triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-        for bn, nw, ns in ((16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 3))
+        for bn, nw, ns in ((16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2))
     ]
 
 
