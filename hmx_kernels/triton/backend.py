@@ -4,6 +4,7 @@ or when support is checked."""
 from __future__ import annotations
 
 import os
+import sys
 from typing import List
 
 import torch
@@ -27,7 +28,10 @@ def _triton_import_error() -> str:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """TRITON_INTERPRET=1 now, and also when the kernels were created (if they already were)."""
+    now = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    config = sys.modules.get(__package__ + ".config")
+    return now and (config is None or config.INTERPRETED_KERNELS)
 
 
 def triton_not_supported_reasons(p: HyperMixingProblem) -> List[str]:

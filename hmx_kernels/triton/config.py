@@ -20,6 +20,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# triton decides interpreter vs compiler when a kernel is decorated: remember what this process
+# decorated ours with (this module is imported just before the kernel modules)
+INTERPRETED_KERNELS = interpreting()
+
+
 def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_N": INTERPRET_BLOCK_N}, num_warps=4)]
