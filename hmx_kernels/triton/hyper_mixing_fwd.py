@@ -11,7 +11,8 @@ Per (batch b, head h):
   saving mean and rstd per row.
 No [N, k_h] (W1, W2) or [N, d_h] hidden tensor reaches memory; the state kept between passes is
 [B*H, n_chunks, k_h, d_h] fp32. Trade-off: the hypernetworks are evaluated on chip per tile, so
-the backward recomputes them instead of reading them back (about 1.5x the forward FLOPs extra).
+the backward recomputes them instead of reading them back (MLP2 twice: for the LayerNorm's Y and
+in the query pass; MLP1 once), trading FLOPs for O(N * k) memory and traffic.
 
 Precision: every tile is upcast to fp32 on load and every tl.dot runs with
 input_precision="ieee" (true fp32, no TF32), so fp16/bf16 inputs get fp32 arithmetic and fp32
