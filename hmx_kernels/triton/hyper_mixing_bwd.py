@@ -1,0 +1,214 @@
+"""Triton backward kernels of HyperMixing, fused like the forward (linear time, no [N, k] tensors).
+
+Per (batch b, head h), with dY the gradient of Y (after the LayerNorm backward):
+- LayerNorm backward (`hmx_bwd_kernel_layer_norm`): rows of Y (recomputed by the forward mix
+  kernel into a transient [B, M, d] fp32 buffer) with the saved mean/rstd give dY, plus per-block
+  partial sums of the LayerNorm weight and bias gradients.
+- query pass (`hmx_bwd_kernel_query`, grid [B*H, n_chunks]): recomputes W2 per query tile
+  (MLP2 on chip), accumulates the chunk's partial dA = W2^T dY [k_h, d_h], forms
+  dW2 = dY A^T * m_q, back-propagates it through MLP2 (weight gradients accumulated per program)
+  and writes dquery = s * m_q * dZq.
+- key pass (`hmx_bwd_kernel_key`, grid [B*H, n_chunks]): with dP = dA * GELU'(P) (tiny, computed
+  by the launcher), recomputes W1 per key tile, writes dvalue = m_k * (W1 dP), forms
+  dW1 = m_k * (V dP^T), back-propagates it through MLP1 and writes dkey = s * m_k * dZk.
+Every reduction over tokens (dA and all weight gradients) is written as per-program fp32 partials
+that the launcher sums in a fixed order: no atomics, so two runs give bitwise equal gradients.
+Trade-off: W1/W2 and the hidden activations are recomputed (one extra hypernetwork evaluation per
+token and pass) instead of being stored (O(N * k) memory).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .config import autotuned
+from .hyper_mixing_fwd import _LEN_ARGS, _gelu, _gelu_grad, _load_hyper_input, _load_mlp, _mlp_fwd
+
+_BWD_LEN_ARGS = _LEN_ARGS + ["sgb", "sgn", "sdb"]
+
+
+@triton.jit
+def _mlp_bwd(b_dw, b_z, b_pre, b_hid, b_fc1w, b_fc2w):
+    """Back-propagate dW [BN, BK] (already row-masked) through fc2 -> GELU -> fc1 on one tile."""
+    # [BK, BN] @ [BN, BD] -> [BK, BD]
+    d_fc2w = tl.dot(tl.trans(b_dw), b_hid, input_precision="ieee")
+    d_fc2b = tl.sum(b_dw, axis=0)
+    # [BN, BK] @ [BK, BD] -> [BN, BD]
+    b_dhid = tl.dot(b_dw, b_fc2w, input_precision="ieee")
+    b_dpre = b_dhid * _gelu_grad(b_pre)
+    # [BD(out), BN] @ [BN, BD(in)] -> [BD(out), BD(in)]
+    d_fc1w = tl.dot(tl.trans(b_dpre), b_z, input_precision="ieee")
+    d_fc1b = tl.sum(b_dpre, axis=0)
+    # [BN, BD(out)] @ [BD(out), BD(in)] -> [BN, BD(in)]
+    b_dz = tl.dot(b_dpre, b_fc1w, input_precision="ieee")
+    return b_dz, d_fc1w, d_fc1b, d_fc2w, d_fc2b
+
+
+@triton.jit
+def _store_mlp_partials(dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr, i_part, d_h, k_h, o_c, o_k,
+                        acc_fc1w, acc_fc1b, acc_fc2w, acc_fc2b):
+    """Store one program's weight-gradient partials at slot i_part of the partial buffers."""
+    m_c = o_c < d_h
+    m_k = o_k < k_h
+    tl.store(dfc1w_ptr + i_part * d_h * d_h + o_c[:, None] * d_h + o_c[None, :], acc_fc1w,
+             mask=m_c[:, None] & m_c[None, :])
+    tl.store(dfc1b_ptr + i_part * d_h + o_c, acc_fc1b, mask=m_c)
+    tl.store(dfc2w_ptr + i_part * k_h * d_h + o_k[:, None] * d_h + o_c[None, :], acc_fc2w,
+             mask=m_k[:, None] & m_c[None, :])
+    tl.store(dfc2b_ptr + i_part * k_h + o_k, acc_fc2b, mask=m_k)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def hmx_bwd_kernel_layer_norm(
+    y_ptr,  # [n_rows, d] fp32 contiguous (recomputed Y)
+    g_ptr,  # [n_rows, d] contiguous upstream gradient (any float dtype)
+    w_ptr,  # [d] LayerNorm weight
+    mean_ptr, rstd_ptr,  # [n_rows] fp32
+    dy_ptr,  # out: [n_rows, d] fp32
+    dw_part_ptr, db_part_ptr,  # out: [n_programs, d] fp32 partial weight / bias gradients
+    n_rows, d,
+    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    i_p = tl.program_id(0)
+    o_r = i_p * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_f = tl.arange(0, BLOCK_F)
+    m_r = o_r < n_rows
+    m_f = o_f < d
+    m_rf = m_r[:, None] & m_f[None, :]
+    offs = o_r.to(tl.int64)[:, None] * d + o_f[None, :]
+    b_y = tl.load(y_ptr + offs, mask=m_rf, other=0.0)
+    b_g = tl.load(g_ptr + offs, mask=m_rf, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + o_r, mask=m_r, other=0.0)
+    rstd = tl.load(rstd_ptr + o_r, mask=m_r, other=0.0)
+    b_w = tl.load(w_ptr + o_f, mask=m_f, other=0.0).to(tl.float32)
+    b_xhat = tl.where(m_rf, (b_y - mean[:, None]) * rstd[:, None], 0.0)
+    b_wg = b_g * b_w[None, :]
+    c1 = tl.sum(b_wg, axis=1) / d
+    c2 = tl.sum(b_wg * b_xhat, axis=1) / d
+    b_dy = (b_wg - c1[:, None] - b_xhat * c2[:, None]) * rstd[:, None]
+    tl.store(dy_ptr + offs, b_dy, mask=m_rf)
+    tl.store(dw_part_ptr + i_p.to(tl.int64) * d + o_f, tl.sum(b_g * b_xhat, axis=0), mask=m_f)
+    tl.store(db_part_ptr + i_p.to(tl.int64) * d + o_f, tl.sum(b_g, axis=0), mask=m_f)
+
+
+@autotuned(key=["d_h", "k_h"], do_not_specialize=_BWD_LEN_ARGS)
+def hmx_bwd_kernel_query(
+    q_ptr, sxb, sxn, sxc,  # query [B, M, d]
+    mask_ptr, smb, smn,  # query padding mask [B, M] uint8
+    pe_ptr, freq_ptr,
+    fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr,  # MLP2
+    p_ptr,  # [B*H, k_h, d_h] fp32 state P
+    g_ptr, sgb, sgn,  # dY [B, M, d] (channel stride 1; any float dtype)
+    dx_ptr, sdb,  # out: dquery from the MLP2 path [B, M, d] fp32 contiguous (row stride d)
+    da_part_ptr,  # out: [B*H, n_chunks, k_h, d_h] fp32
+    dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr,  # out: [B*H*n_chunks, (d_h, d_h) | d_h | (k_h, d_h) | k_h]
+    L, chunk_len, n_chunks, H, d_h, k_h, d, scale, first_pos,
+    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_bh = tl.program_id(0)
+    i_chunk = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    o_c = tl.arange(0, BLOCK_D)
+    o_k = tl.arange(0, BLOCK_K)
+    m_c = o_c < d_h
+    m_kc = (o_k < k_h)[:, None] & m_c[None, :]
+    b_fc1w, b_fc1b, b_fc2w, b_fc2b = _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h,
+                                               o_c, o_k, HAS_BIAS)
+    b_a = _gelu(tl.load(p_ptr + i_bh.to(tl.int64) * k_h * d_h + o_k[:, None] * d_h + o_c[None, :],
+                        mask=m_kc, other=0.0))  # [BK, BD]
+    acc_da = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    acc_fc1b = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_fc2w = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    acc_fc2b = tl.zeros([BLOCK_K], dtype=tl.float32)
+    start = i_chunk * chunk_len
+    end = tl.minimum(start + chunk_len, L)
+    for t in range(start, end, BLOCK_N):
+        o_n = t + tl.arange(0, BLOCK_N)
+        o_n64 = o_n.to(tl.int64)
+        m_nc = (o_n < end)[:, None] & m_c[None, :]
+        b_z, b_x, b_keep = _load_hyper_input(q_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
+                                             pe_ptr, freq_ptr, o_n, o_c, i_h * d_h, end, d_h, d,
+                                             scale, first_pos, HAS_MASK, PE_TABLE)
+        b_pre, b_hid, b_w2 = _mlp_fwd(b_z, b_fc1w, b_fc1b, b_fc2w, b_fc2b)
+        b_w2 = b_w2 * b_keep[:, None]
+        b_dy = tl.load(g_ptr + i_b * sgb + o_n64[:, None] * sgn + (i_h * d_h + o_c)[None, :],
+                       mask=m_nc, other=0.0).to(tl.float32)
+        # [BK, BN] @ [BN, BD] -> [BK, BD]
+        acc_da += tl.dot(tl.trans(b_w2), b_dy, input_precision="ieee")
+        # [BN, BD] @ [BD, BK] -> [BN, BK]
+        b_dw2 = tl.dot(b_dy, tl.trans(b_a), input_precision="ieee") * b_keep[:, None]
+        b_dz, d_fc1w, d_fc1b, d_fc2w, d_fc2b = _mlp_bwd(b_dw2, b_z, b_pre, b_hid, b_fc1w, b_fc2w)
+        acc_fc1w += d_fc1w
+        acc_fc1b += d_fc1b
+        acc_fc2w += d_fc2w
+        acc_fc2b += d_fc2b
+        b_dx = b_dz * (scale * b_keep)[:, None]
+        tl.store(dx_ptr + i_b * sdb + o_n64[:, None] * d + (i_h * d_h + o_c)[None, :], b_dx, mask=m_nc)
+    i_part = i_bh.to(tl.int64) * n_chunks + i_chunk
+    tl.store(da_part_ptr + i_part * k_h * d_h + o_k[:, None] * d_h + o_c[None, :], acc_da, mask=m_kc)
+    _store_mlp_partials(dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr, i_part, d_h, k_h, o_c, o_k,
+                        acc_fc1w, acc_fc1b, acc_fc2w, acc_fc2b)
+
+
+@autotuned(key=["d_h", "k_h"], do_not_specialize=_BWD_LEN_ARGS)
+def hmx_bwd_kernel_key(
+    k_ptr, sxb, sxn, sxc,  # key [B, N, d]
+    v_ptr, svb, svn, svc,  # value [B, N, d]
+    mask_ptr, smb, smn,  # key padding mask [B, N] uint8
+    pe_ptr, freq_ptr,
+    fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr,  # MLP1
+    dp_ptr,  # [B*H, k_h, d_h] fp32 dP = dA * GELU'(P)
+    dk_ptr, dv_ptr, sdb,  # out: dkey, dvalue [B, N, d] fp32 contiguous (row stride d)
+    dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr,  # out: partials as in hmx_bwd_kernel_query
+    L, chunk_len, n_chunks, H, d_h, k_h, d, scale, first_pos,
+    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_bh = tl.program_id(0)
+    i_chunk = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    o_c = tl.arange(0, BLOCK_D)
+    o_k = tl.arange(0, BLOCK_K)
+    m_c = o_c < d_h
+    m_kc = (o_k < k_h)[:, None] & m_c[None, :]
+    b_fc1w, b_fc1b, b_fc2w, b_fc2b = _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h,
+                                               o_c, o_k, HAS_BIAS)
+    b_dp = tl.load(dp_ptr + i_bh.to(tl.int64) * k_h * d_h + o_k[:, None] * d_h + o_c[None, :],
+                   mask=m_kc, other=0.0)  # [BK, BD]
+    acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    acc_fc1b = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_fc2w = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    acc_fc2b = tl.zeros([BLOCK_K], dtype=tl.float32)
+    start = i_chunk * chunk_len
+    end = tl.minimum(start + chunk_len, L)
+    for t in range(start, end, BLOCK_N):
+        o_n = t + tl.arange(0, BLOCK_N)
+        o_n64 = o_n.to(tl.int64)
+        m_nc = (o_n < end)[:, None] & m_c[None, :]
+        b_z, b_x, b_keep = _load_hyper_input(k_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
+                                             pe_ptr, freq_ptr, o_n, o_c, i_h * d_h, end, d_h, d,
+                                             scale, first_pos, HAS_MASK, PE_TABLE)
+        b_pre, b_hid, b_w1 = _mlp_fwd(b_z, b_fc1w, b_fc1b, b_fc2w, b_fc2b)
+        b_w1 = b_w1 * b_keep[:, None]
+        b_v = tl.load(v_ptr + i_b * svb + o_n64[:, None] * svn + (i_h * d_h + o_c)[None, :] * svc,
+                      mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]
+        # dV = W1 dP: [BN, BK] @ [BK, BD] -> [BN, BD]
+        b_dv = tl.dot(b_w1, b_dp, input_precision="ieee") * b_keep[:, None]
+        # dW1 = V dP^T: [BN, BD] @ [BD, BK] -> [BN, BK]
+        b_dw1 = tl.dot(b_v, tl.trans(b_dp), input_precision="ieee") * b_keep[:, None]
+        b_dz, d_fc1w, d_fc1b, d_fc2w, d_fc2b = _mlp_bwd(b_dw1, b_z, b_pre, b_hid, b_fc1w, b_fc2w)
+        acc_fc1w += d_fc1w
+        acc_fc1b += d_fc1b
+        acc_fc2w += d_fc2w
+        acc_fc2b += d_fc2b
+        b_dk = b_dz * (scale * b_keep)[:, None]
+        o_out = i_b * sdb + o_n64[:, None] * d + (i_h * d_h + o_c)[None, :]
+        tl.store(dk_ptr + o_out, b_dk, mask=m_nc)
+        tl.store(dv_ptr + o_out, b_dv, mask=m_nc)
+    i_part = i_bh.to(tl.int64) * n_chunks + i_chunk
+    _store_mlp_partials(dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr, i_part, d_h, k_h, o_c, o_k,
+                        acc_fc1w, acc_fc1b, acc_fc2w, acc_fc2b)

@@ -1,0 +1,308 @@
+"""The Triton backend against the reference: output and every gradient, same upstream gradient.
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by conftest.py) in
+fp32, fp16 and bf16 (the interpreter's bf16 dot bug of KERNEL_NOTES does not apply: the kernels
+upcast every tile to fp32 before each dot). With a GPU the same cases run on CUDA in fp32, fp16
+and bf16. Every buffer the backend allocates is poisoned with NaN, so an element a
+kernel forgets to write fails the comparison.
+
+Tolerances are scale-relative (|diff| <= rtol * max|ref|, see utils.assert_close):
+- fp32: 2e-5 interpreter / 1e-4 GPU. Both sides compute in fp32 (the kernels use IEEE fp32 dots,
+  no TF32); only summation order differs (GPU: also exp/erf approximations a few ulp off).
+- fp16: 4e-3. Inputs are the same fp16 values on both sides and both compute in fp32; outputs and
+  gradients are rounded to fp16 at the end (ulp 1e-3 relative), which dominates.
+- bf16: 3e-2. Same, with bf16's 8-bit mantissa (ulp 8e-3 relative).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hmx_kernels
+from hmx_kernels import FusedHyperMixing
+from hmx_kernels.dispatch import BackendNotSupportedError
+from hmx_kernels.reference.positional import cached_positional_encoding
+from utils import assert_close, forward_backward, make_case
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+from hmx_kernels.triton import function as tfn  # noqa: E402  (after TRITON_INTERPRET is set)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+HAS_CUDA = torch.cuda.is_available()
+
+RTOL = {
+    ("cpu", torch.float32): 2e-5,
+    ("cpu", torch.float16): 4e-3,
+    ("cpu", torch.bfloat16): 3e-2,
+    ("cuda", torch.float32): 1e-4,
+    ("cuda", torch.float16): 4e-3,
+    ("cuda", torch.bfloat16): 3e-2,
+}
+
+_skip_cpu = pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)")
+_skip_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+DEVICE_DTYPES = [
+    pytest.param("cpu", torch.float32, marks=_skip_cpu, id="cpu-fp32"),
+    pytest.param("cpu", torch.float16, marks=_skip_cpu, id="cpu-fp16"),
+    pytest.param("cpu", torch.bfloat16, marks=_skip_cpu, id="cpu-bf16"),
+    pytest.param("cuda", torch.float32, marks=_skip_cuda, id="cuda-fp32"),
+    pytest.param("cuda", torch.float16, marks=_skip_cuda, id="cuda-fp16"),
+    pytest.param("cuda", torch.bfloat16, marks=_skip_cuda, id="cuda-bf16"),
+]
+FP32_ONLY = [DEVICE_DTYPES[0], DEVICE_DTYPES[3]]
+ANY_DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_device = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="no CUDA device and no Triton interpreter")
+
+
+@pytest.fixture(autouse=True)
+def nan_poison():
+    tfn.set_nan_poison(True)
+    yield
+    tfn.set_nan_poison(False)
+
+
+def check_against_reference(case, device, dtype, rtol=None):
+    """Forward + backward on `device`/`dtype` with Triton, compared with the reference on the same
+    (rounded) values in fp32 arithmetic, with the same upstream gradient."""
+    rtol = rtol or RTOL[(device, dtype)]
+    test_case = case.cast(dtype, device)
+    g = torch.Generator().manual_seed(7)
+    M, d = case.tensors["query"].shape[1:]
+    B = case.tensors["query"].shape[0]
+    grad_out = torch.randn(B, M, d, generator=g).to(dtype=dtype, device=device)
+    out, grads = forward_backward(test_case, "triton", grad_out)
+    ref_out, ref_grads = forward_backward(test_case, "reference", grad_out)
+    assert out.dtype == dtype and out.device.type == device
+    assert_close("out", out, ref_out, rtol)
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        assert grads[name] is not None, f"{name}: no gradient"
+        assert grads[name].dtype == ref_grads[name].dtype
+        assert_close(f"grad {name}", grads[name], ref_grads[name], rtol)
+
+
+CASES = {
+    # name: make_case keyword arguments
+    "sb_small": dict(variant="speechbrain", B=2, M=7, d=8, H=2, k_h=6),
+    "sb_dh18_kh72_tied_allpad": dict(variant="speechbrain", B=2, M=5, d=36, H=2, k_h=72, tied=True,
+                                     all_padded_batch=True),
+    "sb_N1": dict(variant="speechbrain", B=1, M=1, d=36, H=2, k_h=72, masks=False),
+    "sb_16_heads": dict(variant="speechbrain", B=1, M=5, d=32, H=16, k_h=3),
+    "idiap_cross_prime_N": dict(variant="idiap", B=2, M=5, N=13, d=8, H=2, k_h=6, bias=False,
+                                input_scale=0.3),
+    "idiap_odd_d_no_ln_allpad": dict(variant="idiap", B=2, M=6, N=2, d=9, H=3, k_h=5, bias=True,
+                                     use_layer_norm=False, all_padded_batch=True),
+    "idiap_tied_cross": dict(variant="idiap", B=3, M=4, N=4, d=8, H=4, k_h=3, tied=True, input_scale=0.3),
+    "idiap_1_head_no_mask": dict(variant="idiap", B=1, M=3, N=11, d=18, H=1, k_h=72, masks=False,
+                                 input_scale=0.3),
+}
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name, device, dtype):
+    check_against_reference(make_case(**CASES[name], seed=1), device, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", FP32_ONLY)
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_several_chunks_and_tiles(variant, device, dtype, monkeypatch):
+    """Chunks of 20 tokens, tiles of 16: partial sums over chunks, loops over tiles, ragged ends."""
+    monkeypatch.setattr(tfn, "CHUNK_MIN", 20)
+    case = make_case(variant=variant, B=2, M=37, N=53, d=12, H=2, k_h=10, seed=2,
+                     input_scale=0.3 if variant == "idiap" else 1.0)
+    check_against_reference(case, device, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", FP32_ONLY)
+def test_positional_encoding_on_chip(device, dtype, monkeypatch):
+    """speechbrain's sinusoid computed in the kernels from position x frequency."""
+    monkeypatch.setattr(tfn, "PE_ON_CHIP", True)
+    check_against_reference(make_case(variant="speechbrain", B=2, M=9, d=12, H=3, k_h=5, seed=4), device, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", FP32_ONLY)
+def test_long_sequence(device, dtype):
+    """N = 3001 (beyond the public implementations' 3000-row PE table), 24 chunks, tiny widths.
+    The state P sums 3001 tokens: fp32 sums in a different order, hence 1e-4."""
+    case = make_case(variant="speechbrain", B=1, M=3001, d=4, H=1, k_h=4, seed=5, input_scale=0.5)
+    check_against_reference(case, device, dtype, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,dtype", FP32_ONLY)
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_non_contiguous_inputs(variant, device, dtype):
+    case = make_case(variant=variant, B=2, M=6, N=7, d=8, H=2, k_h=5, seed=6,
+                     input_scale=0.3 if variant == "idiap" else 1.0).cast(dtype, device)
+    for name in ("query", "key", "value"):
+        t = case.tensors[name]
+        if t is None:
+            continue
+        B, L, d = t.shape
+        # every other channel of a wider tensor, stored batch-last: strides neither contiguous nor dense
+        wide = torch.zeros(L, 2 * d, B, dtype=dtype, device=device)
+        wide[:, ::2, :] = t.detach().permute(1, 2, 0)
+        nc = wide[:, ::2, :].permute(2, 0, 1).detach().requires_grad_(True)
+        assert not nc.is_contiguous() and torch.equal(nc, t.detach())
+        case.tensors[name] = nc
+    check_against_reference(case, device, dtype)
+
+
+@needs_device
+def test_backward_is_deterministic():
+    """Two backward passes give bitwise equal gradients (partials summed in a fixed order)."""
+    case = make_case(variant="idiap", B=2, M=21, N=45, d=12, H=2, k_h=10, seed=8, input_scale=0.3)
+    case = case.cast(torch.float32, ANY_DEVICE)
+    old = tfn.CHUNK_MIN
+    tfn.CHUNK_MIN = 16  # several chunks per (b, h)
+    try:
+        out1, g1 = forward_backward(case, "triton")
+        out2, g2 = forward_backward(case, "triton")
+    finally:
+        tfn.CHUNK_MIN = old
+    assert torch.equal(out1, out2)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+class _RecordAllocations(TorchDispatchMode):
+    """Sizes of the tensors that torch ops create. In-place and aliasing ops are left out (they
+    create no memory; the interpreter's host copies of whole storages are such ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        if schema.is_mutable or any(r.alias_info is not None for r in schema.returns):
+            return out
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.sizes.append((t.numel(), str(func)))
+        return out
+
+
+@pytest.mark.skipif(not INTERPRET, reason="records allocations of CPU tensors under the interpreter")
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_no_n_by_k_tensor_is_allocated(variant):
+    """Nothing of N * k_h elements (one W1 or W2 of one (b, h)) or larger than the inputs is
+    created by the forward or the backward: W1/W2 and hidden activations stay on chip."""
+    B, N, d, H, k_h = 1, 200, 8, 2, 40  # two chunks per (b, h)
+    case = make_case(variant=variant, B=B, M=N, N=N, d=d, H=H, k_h=k_h, seed=9)
+    leaves = case.leaves()
+    cached_positional_encoding(variant, N, d, "cpu")  # the process-wide PE table, outside the recording
+    largest_input = max(t.numel() for t in leaves.values())
+    g = torch.randn(B, N, d)
+    with _RecordAllocations() as rec:
+        out = hmx_kernels.hyper_mixing(**case.kwargs(), backend="triton")
+        torch.autograd.grad(out, list(leaves.values()), g)
+    assert rec.sizes, "nothing recorded"
+    biggest = max(rec.sizes)
+    assert biggest[0] < N * k_h, f"an [N, k_h]-sized tensor was created: {biggest}"
+    assert biggest[0] <= largest_input, f"a tensor larger than the inputs was created: {biggest}"
+
+
+@needs_device
+def test_layer_uses_triton_backend():
+    torch.manual_seed(0)
+    layer = FusedHyperMixing(36, 144, num_heads=2, backend="triton").to(ANY_DEVICE)
+    ref = FusedHyperMixing(36, 144, num_heads=2, backend="reference").to(ANY_DEVICE)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 9, 36, device=ANY_DEVICE, requires_grad=True)
+    mask = torch.zeros(2, 9, dtype=torch.bool, device=ANY_DEVICE)
+    mask[1, 6:] = True
+    out, _ = layer(x, x, x, key_padding_mask=mask)
+    ref_out, _ = ref(x, x, x, key_padding_mask=mask)
+    assert_close("layer out", out, ref_out, 1e-4)
+    r = torch.randn(out.shape, device=ANY_DEVICE)  # not out.square(): LayerNorm makes that ~constant
+    (gx,) = torch.autograd.grad((out * r).sum(), x)
+    (rgx,) = torch.autograd.grad((ref_out * r).sum(), x)
+    assert_close("layer grad x", gx, rgx, 1e-4)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="auto picks triton only for CUDA tensors")
+def test_auto_picks_triton_for_cuda():
+    case = make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4).cast(torch.float16, "cuda")
+    problem = hmx_kernels.check_inputs(**{k: v for k, v in case.kwargs().items()})
+    assert hmx_kernels.select_backend("auto", problem).name == "triton"
+
+
+def test_cpu_without_interpreter_is_refused_clearly(monkeypatch):
+    case = make_case(variant="speechbrain", B=1, M=3, d=8, H=2, k_h=4)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendNotSupportedError, match="TRITON_INTERPRET=1.*'cpu' or 'reference'"):
+        hmx_kernels.hyper_mixing(**case.kwargs(), backend="triton")
+    problem = hmx_kernels.check_inputs(**case.kwargs())
+    assert hmx_kernels.select_backend("auto", problem).name != "triton"
+
+
+def test_unsupported_dtype_and_sizes_are_refused_clearly():
+    case = make_case(variant="speechbrain", B=1, M=3, d=8, H=2, k_h=4, dtype=torch.float64)
+    with pytest.raises(BackendNotSupportedError, match="float64.*reference"):
+        hmx_kernels.hyper_mixing(**case.kwargs(), backend="triton")
+    case = make_case(variant="speechbrain", B=1, M=2, d=130, H=1, k_h=300, masks=False)
+    problem = hmx_kernels.check_inputs(**case.kwargs())
+    reasons = " ".join(hmx_kernels.backend_reasons(problem)["triton"])
+    assert "d/H = 130" in reasons and "k_h = 300" in reasons
+
+
+def test_import_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, hmx_kernels; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+_COMPILE_CHECK = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from hmx_kernels.triton import hyper_mixing_fwd as F, hyper_mixing_bwd as Bk
+
+def build(kernel, consts, dt):
+    jf = kernel.fn if hasattr(kernel, "configs") else kernel
+    sig = {}
+    for name in jf.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name == "mask_ptr":
+            sig[name] = "*u8"
+        elif name in ("k_ptr", "v_ptr", "q_ptr", "g_ptr", "fc1w_ptr", "fc2w_ptr", "w_ptr", "out_ptr"):
+            sig[name] = "*" + dt
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "fp32" if name in ("scale", "eps") else "i32"
+    src = triton.compiler.ASTSource(fn=jf, signature=sig, constexprs=consts)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+c = dict(HAS_MASK=True, PE_TABLE=False, HAS_BIAS=True, BLOCK_N=16, BLOCK_D=16, BLOCK_K=16)
+for k in (F.hmx_fwd_kernel_state, F.hmx_fwd_kernel_mix, Bk.hmx_bwd_kernel_query, Bk.hmx_bwd_kernel_key):
+    build(k, c, "bf16")
+build(Bk.hmx_bwd_kernel_key, dict(c, HAS_MASK=False, PE_TABLE=True, HAS_BIAS=False), "fp32")
+for k in (F.hmx_fwd_kernel_layer_norm, Bk.hmx_bwd_kernel_layer_norm):
+    build(k, dict(BLOCK_R=4, BLOCK_F=64), "bf16")
+print("compiled")
+'''
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CUDA tests run the kernels themselves")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Lower every kernel to a cubin for sm_90 (small blocks, bf16 and fp32 inputs): catches what
+    the interpreter does not check (layouts, dot shapes, types) on machines without a GPU."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    res = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, env=env)
+    if res.returncode != 0 and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
+        pytest.skip("triton's ptxas is not available: " + res.stderr[-300:])
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
