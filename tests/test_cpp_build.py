@@ -1,0 +1,97 @@
+"""Build and cache behaviour of the C++ extension, in fresh processes and a fresh cache folder.
+
+Two processes start building into an empty cache at the same time: exactly one compiles, the other
+waits on the lock and reuses its result; a third process and a copy of the package laid out like
+an installed (non-editable) one reuse the cache without compiling. This costs one build (about a
+minute on 2 cores).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+SCRIPT = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from hmx_kernels.cpp import build
+ext = build.load_extension(with_cuda=False)
+import hmx_kernels
+x = torch.randn(2, 5, 8)
+w = [torch.randn(2, 4, 4), torch.randn(2, 4), torch.randn(2, 6, 4), torch.randn(2, 6)]
+ln = [torch.ones(8), torch.zeros(8)]
+out = hmx_kernels.hyper_mixing(x, None, None, *w, *w, *ln, backend="cpu")
+ref = hmx_kernels.hyper_mixing(x, None, None, *w, *w, *ln, backend="reference")
+info = dict(build.LOAD_INFO, source=str(build.source_dir()), total=time.perf_counter() - t0,
+            max_err=(out - ref).abs().max().item())
+print("RESULT " + json.dumps(info))
+"""
+
+
+def _spawn(cache: Path, pythonpath: Path, cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, HMX_KERNELS_CACHE=str(cache), HMX_KERNELS_NO_CUDA="1", PYTHONPATH=str(pythonpath))
+    return subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, cwd=str(cwd),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen):
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, f"process failed:\n{out}\n{err}"
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):]), err
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+def test_fresh_cache_concurrent_builders_then_reuse(tmp_path):
+    cache = tmp_path / "cache"
+    # two builders racing on an empty cache
+    procs = [_spawn(cache, REPO, tmp_path) for _ in range(2)]
+    results = [_result(p) for p in procs]
+    infos = [r[0] for r in results]
+    built = [i["built"] for i in infos]
+    assert sorted(built) == [False, True], infos
+    for info, err in results:
+        assert info["max_err"] < 1e-4
+        assert ("compiling hmx_kernels C++ extension, first use only" in err) == info["built"], err
+    assert len({i["key"] for i in infos}) == 1
+    entries = sorted(p.name for p in cache.iterdir())
+    # one finished build folder plus its lock file; no temporary folder left behind
+    assert [e for e in entries if not e.endswith(".lock")] == [Path(infos[0]["path"]).name], entries
+    assert (Path(infos[0]["path"]) / "BUILD_INFO").is_file()
+
+    # a later process reuses the build: no compile message, loads quickly
+    t0 = time.perf_counter()
+    info, err = _result(_spawn(cache, REPO, tmp_path))
+    assert info["built"] is False and "compiling" not in err
+    assert info["seconds"] < 10, info  # importing a cached module, not compiling (a build takes ~1 min)
+    assert time.perf_counter() - t0 < 120
+
+    # a copy laid out like an installed package (sources in hmx_kernels/csrc, no repository around)
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "hmx_kernels", site / "hmx_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "csrc", site / "hmx_kernels" / "csrc")
+    info, err = _result(_spawn(cache, site, tmp_path))
+    assert Path(info["source"]) == site / "hmx_kernels" / "csrc"
+    assert info["built"] is False and "compiling" not in err  # same sources: same key, cache reused
+
+
+def test_missing_sources_give_a_clear_error(tmp_path):
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "hmx_kernels", site / "hmx_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    code = (
+        "from hmx_kernels.cpp import build\n"
+        "try:\n    build.source_dir()\nexcept build.ExtensionBuildError as e:\n    print('ERR', e)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(site))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path), capture_output=True,
+                         text=True, timeout=300)
+    assert "ERR hmx_kernels C++ sources not found" in out.stdout, out.stdout + out.stderr
