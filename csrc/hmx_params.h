@@ -19,6 +19,13 @@
 #pragma once
 #include <cstdint>
 
+// callable from host and device code when compiled by nvcc
+#ifdef __CUDACC__
+#define HMX_HD __host__ __device__
+#else
+#define HMX_HD
+#endif
+
 namespace hmx {
 
 struct GeneratorParams {
@@ -76,8 +83,8 @@ struct BackwardParams {
 constexpr int64_t kTokenTile = 64;
 constexpr int64_t kMaxChunks = 16;
 
-inline int64_t num_tiles(int64_t L, int64_t tile) { return (L + tile - 1) / tile; }
-inline int64_t num_chunks(int64_t L, int64_t tile) {
+HMX_HD inline int64_t num_tiles(int64_t L, int64_t tile) { return (L + tile - 1) / tile; }
+HMX_HD inline int64_t num_chunks(int64_t L, int64_t tile) {
   const int64_t t = num_tiles(L, tile);
   return t < kMaxChunks ? t : kMaxChunks;
 }
