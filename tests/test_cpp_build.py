@@ -95,3 +95,38 @@ def test_missing_sources_give_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path), capture_output=True,
                          text=True, timeout=300)
     assert "ERR hmx_kernels C++ sources not found" in out.stdout, out.stdout + out.stderr
+
+
+def test_import_compiles_nothing_and_missing_compiler_falls_back(tmp_path):
+    """`import hmx_kernels` builds nothing; with no C++ compiler, backend="auto" warns and uses the
+    reference, and backend="cpu" raises an error that says what is missing."""
+    cache = tmp_path / "cache"
+    code = r"""
+import warnings, torch
+import hmx_kernels
+from hmx_kernels.cpp import build
+from pathlib import Path
+import os
+assert not Path(os.environ["HMX_KERNELS_CACHE"]).exists(), "import created the cache"
+x = torch.randn(2, 5, 8)
+w = [torch.randn(2, 4, 4), torch.randn(2, 4), torch.randn(2, 6, 4), torch.randn(2, 6)]
+ln = [torch.ones(8), torch.zeros(8)]
+with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter("always")
+    out = hmx_kernels.hyper_mixing(x, None, None, *w, *w, *ln)
+ref = hmx_kernels.hyper_mixing(x, None, None, *w, *w, *ln, backend="reference")
+assert torch.equal(out, ref)
+print("WARN", [str(r.message) for r in rec])
+try:
+    hmx_kernels.hyper_mixing(x, None, None, *w, *w, *ln, backend="cpu")
+except hmx_kernels.BackendNotSupportedError as e:
+    print("ERR", e)
+"""
+    env = dict(os.environ, HMX_KERNELS_CACHE=str(cache), CXX="no-such-compiler-hmx", PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "no C++ compiler ('no-such-compiler-hmx' not on PATH)" in out.stdout
+    assert "falls back" in out.stdout
+    assert "ERR backend 'cpu' cannot run this call" in out.stdout
+    assert "compiling" not in out.stderr
