@@ -21,7 +21,9 @@
 // tiny (64 x 18..256), where per-call overhead of a library GEMM dominates.
 #include "hmx_cpu.h"
 
-#include <omp.h>
+#ifdef _OPENMP
+#include <omp.h>  // built without OpenMP (portable fallback build) the pragmas are ignored: serial
+#endif
 
 #include <algorithm>
 #include <cmath>

@@ -130,3 +130,27 @@ except hmx_kernels.BackendNotSupportedError as e:
     assert "falls back" in out.stdout
     assert "ERR backend 'cpu' cannot run this call" in out.stdout
     assert "compiling" not in out.stderr
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+def test_failed_fast_build_falls_back_to_portable_build(tmp_path):
+    """When the fast flavour does not compile (here: a flag the compiler rejects), the portable
+    flavour is built and used, and the failure is remembered so later processes skip it."""
+    cache = tmp_path / "cache"
+    code = SCRIPT.replace(
+        "from hmx_kernels.cpp import build\n",
+        "from hmx_kernels.cpp import build\n"
+        "build.FLAG_SETS[0] = ('native+openmp', build.CXX_FLAGS + ['-fno-such-flag-hmx'], ['-fopenmp'])\n",
+    )
+    env = dict(os.environ, HMX_KERNELS_CACHE=str(cache), HMX_KERNELS_NO_CUDA="1", PYTHONPATH=str(REPO))
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path), capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        info = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+        assert info["flavour"] == "portable" and info["max_err"] < 1e-4
+        assert len(list(cache.glob("*.failed"))) == 1
+        if attempt == 0:
+            assert info["built"] and "trying a more portable one" in proc.stderr
+        else:  # remembered: neither flavour is compiled again
+            assert not info["built"] and "compiling" not in proc.stderr

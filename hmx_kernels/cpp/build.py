@@ -6,6 +6,9 @@ is a hash of everything the binary depends on: the source contents, torch / Pyth
 compiler flags, the host CPU (the CPU twin is built with -march=native) and, for CUDA builds, the
 CUDA version and the GPU architectures. A later process finds that folder and only imports it.
 
+If the fast build (-O3 -march=native -fopenmp) fails, e.g. a compiler without OpenMP, a portable
+build (-O3, serial CPU twin) is tried; the failure is remembered in the cache (a `.failed` file).
+
 Concurrent builders: a lock file (fcntl) serialises builders of one key; the build runs in a
 temporary folder that is renamed into place atomically, so a reader never sees a half-written
 build and a killed build leaves only a stale temporary folder behind.
@@ -48,6 +51,11 @@ CPU_SOURCES = ["hmx_binding.cpp", "hmx_cpu.cpp"]
 CUDA_SOURCES = ["hmx_cuda_forward.cu", "hmx_cuda_backward.cu"]
 HEADERS = ["hmx_params.h", "hmx_cpu.h", "hmx_cuda.h", "hmx_cuda_common.cuh"]
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+# tried in order: the fast build, then one any C++17 compiler takes (no OpenMP: serial CPU twin)
+FLAG_SETS = [
+    ("native+openmp", CXX_FLAGS, ["-fopenmp"]),
+    ("portable", ["-O3", "-std=c++17"], []),
+]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
 
 # how the last load_extension() call got its module: {"key", "path", "built": bool, "seconds"}
@@ -120,7 +128,7 @@ def _cuda_arch_list() -> str:
     return ";".join(archs)
 
 
-def _build_key(with_cuda: bool, arch: str) -> str:
+def _build_key(with_cuda: bool, arch: str, cflags: List[str]) -> str:
     src = source_dir()
     h = hashlib.sha256()
     for name in CPU_SOURCES + HEADERS + (CUDA_SOURCES if with_cuda else []):
@@ -128,7 +136,7 @@ def _build_key(with_cuda: bool, arch: str) -> str:
         h.update(name.encode())
         h.update(path.read_bytes() if path.is_file() else b"<missing>")
     parts = [
-        torch.__version__, sys.version, platform.platform(), str(CXX_FLAGS), _cpu_fingerprint(),
+        torch.__version__, sys.version, platform.platform(), str(cflags), _cpu_fingerprint(),
         f"cuda={with_cuda}", str(torch.version.cuda), arch, str(NVCC_FLAGS) if with_cuda else "",
     ]
     h.update("\0".join(parts).encode())
@@ -162,12 +170,13 @@ def _import_from(folder: Path, module_name: str):
     return module
 
 
-def _compile(tmp: Path, module_name: str, with_cuda: bool, arch: str):
+def _compile(tmp: Path, module_name: str, with_cuda: bool, arch: str, cxx_flags: List[str],
+             ldflags: List[str]):
     from torch.utils import cpp_extension
 
     src = source_dir()
     sources = [str(src / s) for s in CPU_SOURCES]
-    cflags = list(CXX_FLAGS)
+    cflags = list(cxx_flags)
     kwargs = {}
     if with_cuda:
         sources += [str(src / s) for s in CUDA_SOURCES]
@@ -178,7 +187,7 @@ def _compile(tmp: Path, module_name: str, with_cuda: bool, arch: str):
         name=module_name,
         sources=sources,
         extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=list(ldflags),
         extra_include_paths=[str(src)],
         build_directory=str(tmp),
         verbose=os.environ.get("HMX_KERNELS_VERBOSE") == "1",
@@ -233,7 +242,32 @@ def _load_or_build(with_cuda: bool):
     if with_cuda and cuda_build_possible():
         raise ExtensionBuildError("cannot build the CUDA kernels: " + "; ".join(cuda_build_possible()))
     arch = _cuda_arch_list() if with_cuda else ""
-    key = _build_key(with_cuda, arch)
+    root = cache_dir()
+    errors = []
+    for flavour, cflags, ldflags in FLAG_SETS:
+        key = _build_key(with_cuda, arch, cflags)
+        failed_marker = root / f"{_NAME}_{key}.failed"
+        if failed_marker.is_file():  # this flavour failed to build on this machine before
+            errors.append(f"{flavour}: {failed_marker.read_text().strip()[:500]}")
+            continue
+        try:
+            return _load_or_build_key(with_cuda, arch, key, cflags, ldflags, flavour)
+        except ExtensionBuildError as e:
+            errors.append(f"{flavour}: {e}")
+            if flavour != FLAG_SETS[-1][0]:
+                with contextlib.suppress(OSError):
+                    failed_marker.write_text(str(e))
+                print(f"hmx_kernels: the {flavour} build failed, trying a more portable one "
+                      "(HMX_KERNELS_VERBOSE=1 shows the compiler output)", file=sys.stderr, flush=True)
+    raise ExtensionBuildError(
+        "building the hmx_kernels C++ extension failed. Needs a C++17 compiler, ninja and torch's "
+        "headers; set HMX_KERNELS_VERBOSE=1 to see the compiler output, HMX_KERNELS_CACHE to change "
+        f"the cache folder (now {root}). Attempts:\n  " + "\n  ".join(errors)
+    )
+
+
+def _load_or_build_key(with_cuda: bool, arch: str, key: str, cflags: List[str], ldflags: List[str],
+                       flavour: str):
     module_name = f"{_NAME}_{key}"
     root = cache_dir()
     final = root / module_name
@@ -244,12 +278,13 @@ def _load_or_build(with_cuda: bool):
             with _file_lock(root / f"{module_name}.lock"):
                 if not final.is_dir():  # nobody built it while we waited for the lock
                     print("compiling hmx_kernels C++ extension, first use only "
-                          f"({'CPU + CUDA' if with_cuda else 'CPU'}; cache {final})", file=sys.stderr, flush=True)
+                          f"({'CPU + CUDA' if with_cuda else 'CPU'}, {flavour}; cache {final})",
+                          file=sys.stderr, flush=True)
                     tmp = Path(tempfile.mkdtemp(prefix=f".{module_name}.", dir=root))
                     try:
-                        module = _compile(tmp, module_name, with_cuda, arch)
+                        module = _compile(tmp, module_name, with_cuda, arch, cflags, ldflags)
                         (tmp / "BUILD_INFO").write_text(
-                            f"torch {torch.__version__}\ncuda {with_cuda} {arch}\nkey {key}\n"
+                            f"torch {torch.__version__}\ncuda {with_cuda} {arch}\nflags {cflags}\nkey {key}\n"
                             f"seconds {time.perf_counter() - t0:.1f}\n"
                         )
                         os.rename(tmp, final)  # atomic: the folder appears complete or not at all
@@ -257,17 +292,14 @@ def _load_or_build(with_cuda: bool):
                         shutil.rmtree(tmp, ignore_errors=True)
                         raise
                     LOAD_INFO.clear()
-                    LOAD_INFO.update(key=key, path=str(final), built=True, seconds=time.perf_counter() - t0)
+                    LOAD_INFO.update(key=key, path=str(final), built=True, flavour=flavour,
+                                     seconds=time.perf_counter() - t0)
                     return module
         module = _import_from(final, module_name)
     except ExtensionBuildError:
         raise
     except Exception as e:  # noqa: BLE001 - compiler errors arrive as RuntimeError/OSError/ImportError
-        raise ExtensionBuildError(
-            f"building the hmx_kernels C++ extension failed ({type(e).__name__}: {e}). Needs a C++17 "
-            "compiler with OpenMP, ninja and torch's headers; set HMX_KERNELS_VERBOSE=1 to see the "
-            f"compiler output, HMX_KERNELS_CACHE to change the cache folder (now {root})"
-        ) from e
+        raise ExtensionBuildError(f"{type(e).__name__}: {e}") from e
     LOAD_INFO.clear()
-    LOAD_INFO.update(key=key, path=str(final), built=False, seconds=time.perf_counter() - t0)
+    LOAD_INFO.update(key=key, path=str(final), built=False, flavour=flavour, seconds=time.perf_counter() - t0)
     return module
