@@ -11,9 +11,9 @@ from .functional import hyper_mixing
 from .layers import FusedHyperMixing
 from .reference import hyper_mixing_ref, positional_encoding
 from .reference import backend as _reference_backend  # noqa: F401  (registers "reference")
-from .cpp import backend as _cpp_backend  # noqa: F401  (registers "cpu" and "cuda")
 from .validation import check_inputs
 from .variants import VARIANTS
+from .cpp import backend as _cpp_backend  # noqa: F401  (registers "cpu" and "cuda")
 
 __version__ = "0.1.0"
 
