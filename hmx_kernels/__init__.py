@@ -14,6 +14,7 @@ from .reference import backend as _reference_backend  # noqa: F401  (registers "
 from .triton import backend as _triton_backend  # noqa: F401  (registers "triton")
 from .validation import check_inputs
 from .variants import VARIANTS
+from .cpp import backend as _cpp_backend  # noqa: F401  (registers "cpu" and "cuda")
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,263 @@
+// Python binding of the fused HyperMixing passes: the only source that includes torch headers.
+// It checks every tensor (device, dtype, layout, shape), allocates outputs, fills the launcher
+// structs of hmx_params.h and dispatches to the CPU twin (CPU tensors) or, when compiled with
+// HMX_WITH_CUDA, to the CUDA kernels (CUDA tensors) on the current stream.
+//
+//   forward(q, k, v, pe_q, pe_k, m_q, m_k, w1 fc1_w, fc1_b, fc2_w, fc2_b, w2 (same 4), scale)
+//       -> (y [B, M, d] before LayerNorm, p [B, H, k_h, d_h] saved for the backward)
+//   backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, w1 x4, w2 x4, p, scale)
+//       -> [dq, dk, dv, dw1 fc1_w, fc1_b, fc2_w, fc2_b, dw2 (same 4)] (None for absent biases)
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+#include "hmx_cpu.h"
+#include "hmx_params.h"
+#ifdef HMX_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "hmx_cuda.h"
+#endif
+
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+void check_shape(const char* name, const at::Tensor& t, std::vector<int64_t> shape) {
+  TORCH_CHECK(t.sizes().vec() == shape, "hmx_kernels: ", name, " must have shape ", at::IntArrayRef(shape),
+              ", got ", shape_str(t));
+}
+
+void check_same(const char* name, const at::Tensor& t, const at::Tensor& ref, at::ScalarType dtype) {
+  TORCH_CHECK(t.device() == ref.device(), "hmx_kernels: ", name, " is on ", t.device(), " but query is on ",
+              ref.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "hmx_kernels: ", name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+}
+
+void check_contiguous(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), "hmx_kernels: ", name, " must be contiguous (call .contiguous())");
+}
+
+// [B, L, d] tokens: last dimension contiguous, any batch/row strides
+void check_tokens(const char* name, const at::Tensor& t, const at::Tensor& ref, int64_t B, int64_t L,
+                  int64_t d) {
+  check_same(name, t, ref, ref.scalar_type());
+  check_shape(name, t, {B, L, d});
+  TORCH_CHECK(t.stride(2) == 1, "hmx_kernels: ", name, " must have a contiguous last dimension, got strides ",
+              t.strides());
+}
+
+// Side inputs (PE rows, masks, saved P, weight gradients) are in the compute type: the input type on
+// the CPU (fp32/fp64), fp32 on CUDA.
+at::ScalarType compute_type(const at::Tensor& q) {
+  return q.is_cuda() ? at::kFloat : q.scalar_type();
+}
+
+struct Problem {
+  hmx::ProblemParams pb;
+  at::Tensor q, k, v;
+};
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pe_q,
+                     const at::Tensor& pe_k, const OptT& m_q, const OptT& m_k, const at::Tensor& w1_fc1_w,
+                     const OptT& w1_fc1_b, const at::Tensor& w1_fc2_w, const OptT& w1_fc2_b,
+                     const at::Tensor& w2_fc1_w, const OptT& w2_fc1_b, const at::Tensor& w2_fc2_w,
+                     const OptT& w2_fc2_b, double scale) {
+  TORCH_CHECK(q.dim() == 3, "hmx_kernels: query must be [B, M, d], got ", shape_str(q));
+  TORCH_CHECK(k.dim() == 3, "hmx_kernels: key must be [B, N, d], got ", shape_str(k));
+  TORCH_CHECK(w1_fc1_w.dim() == 3 && w1_fc2_w.dim() == 3,
+              "hmx_kernels: fc1 weights must be [H, d_h, d_h] and fc2 weights [H, k_h, d_h]");
+  const auto dtype = q.scalar_type();
+  const auto ctype = compute_type(q);
+  if (q.is_cuda()) {
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                "hmx_kernels cuda: supported dtypes are float32, float16 and bfloat16, got ", dtype);
+  } else {
+    TORCH_CHECK(q.device().is_cpu(), "hmx_kernels: unsupported device ", q.device());
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+                "hmx_kernels cpu: supported dtypes are float32 and float64, got ", dtype);
+  }
+  const int64_t B = q.size(0), M = q.size(1), d = q.size(2), N = k.size(1);
+  const int64_t H = w1_fc1_w.size(0), d_h = w1_fc1_w.size(2), k_h = w1_fc2_w.size(1);
+  TORCH_CHECK(B > 0 && M > 0 && N > 0 && d > 0 && k_h > 0, "hmx_kernels: empty input");
+  TORCH_CHECK(H * d_h == d, "hmx_kernels: H * d_h = ", H, " * ", d_h, " must equal d = ", d);
+  check_tokens("key", k, q, B, N, d);
+  check_tokens("value", v, q, B, N, d);
+  check_tokens("query", q, q, B, M, d);
+  check_same("pe_q", pe_q, q, ctype);
+  check_same("pe_k", pe_k, q, ctype);
+  check_shape("pe_q", pe_q, {M, d});
+  check_shape("pe_k", pe_k, {N, d});
+  check_contiguous("pe_q", pe_q);
+  check_contiguous("pe_k", pe_k);
+  if (m_q) {
+    check_same("m_q", *m_q, q, ctype);
+    check_shape("m_q", *m_q, {B, M});
+    check_contiguous("m_q", *m_q);
+  }
+  if (m_k) {
+    check_same("m_k", *m_k, q, ctype);
+    check_shape("m_k", *m_k, {B, N});
+    check_contiguous("m_k", *m_k);
+  }
+  const at::Tensor* ws[4] = {&w1_fc1_w, &w1_fc2_w, &w2_fc1_w, &w2_fc2_w};
+  const char* wn[4] = {"w1_fc1_weight", "w1_fc2_weight", "w2_fc1_weight", "w2_fc2_weight"};
+  for (int i = 0; i < 4; ++i) {
+    check_same(wn[i], *ws[i], q, dtype);
+    check_contiguous(wn[i], *ws[i]);
+    check_shape(wn[i], *ws[i], i % 2 == 0 ? std::vector<int64_t>{H, d_h, d_h} : std::vector<int64_t>{H, k_h, d_h});
+  }
+  const OptT* bs[4] = {&w1_fc1_b, &w1_fc2_b, &w2_fc1_b, &w2_fc2_b};
+  const char* bn[4] = {"w1_fc1_bias", "w1_fc2_bias", "w2_fc1_bias", "w2_fc2_bias"};
+  for (int i = 0; i < 4; ++i) {
+    if (!*bs[i]) continue;
+    check_same(bn[i], **bs[i], q, dtype);
+    check_contiguous(bn[i], **bs[i]);
+    check_shape(bn[i], **bs[i], i % 2 == 0 ? std::vector<int64_t>{H, d_h} : std::vector<int64_t>{H, k_h});
+  }
+  auto ptr = [](const OptT& t) -> const void* { return t ? t->data_ptr() : nullptr; };
+  Problem pr;
+  hmx::ProblemParams& pb = pr.pb;
+  pb.B = B; pb.M = M; pb.N = N; pb.d = d; pb.H = H; pb.d_h = d_h; pb.k_h = k_h;
+  pb.scale = scale;
+  pr.q = q; pr.k = k; pr.v = v;
+  pb.q = q.data_ptr(); pb.k = k.data_ptr(); pb.v = v.data_ptr();
+  pb.q_bstride = q.stride(0); pb.q_rstride = q.stride(1);
+  pb.k_bstride = k.stride(0); pb.k_rstride = k.stride(1);
+  pb.v_bstride = v.stride(0); pb.v_rstride = v.stride(1);
+  pb.pe_q = pe_q.data_ptr(); pb.pe_k = pe_k.data_ptr();
+  pb.m_q = ptr(m_q); pb.m_k = ptr(m_k);
+  pb.g1 = {w1_fc1_w.data_ptr(), ptr(w1_fc1_b), w1_fc2_w.data_ptr(), ptr(w1_fc2_b)};
+  pb.g2 = {w2_fc1_w.data_ptr(), ptr(w2_fc1_b), w2_fc2_w.data_ptr(), ptr(w2_fc2_b)};
+  return pr;
+}
+
+#ifdef HMX_WITH_CUDA
+hmx::cuda::DType cuda_dtype(at::ScalarType t) {
+  if (t == at::kHalf) return hmx::cuda::DType::kF16;
+  if (t == at::kBFloat16) return hmx::cuda::DType::kBF16;
+  return hmx::cuda::DType::kF32;
+}
+
+void check_cuda(int err, const char* what) {
+  TORCH_CHECK(err == 0, "hmx_kernels cuda: ", what, " failed: ", hmx::cuda::error_string(err));
+}
+#endif
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& pe_q, const at::Tensor& pe_k, const OptT& m_q, const OptT& m_k,
+                                const at::Tensor& w1_fc1_w, const OptT& w1_fc1_b, const at::Tensor& w1_fc2_w,
+                                const OptT& w1_fc2_b, const at::Tensor& w2_fc1_w, const OptT& w2_fc1_b,
+                                const at::Tensor& w2_fc2_w, const OptT& w2_fc2_b, double scale) {
+  Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
+                            w2_fc1_b, w2_fc2_w, w2_fc2_b, scale);
+  const auto& pb = pr.pb;
+  at::Tensor y = at::empty({pb.B, pb.M, pb.d}, q.options());
+  at::Tensor p = at::empty({pb.B, pb.H, pb.k_h, pb.d_h}, q.options().dtype(compute_type(q)));
+  hmx::ForwardParams fp{pb, y.data_ptr(), p.data_ptr()};
+  if (q.is_cuda()) {
+#ifdef HMX_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    const char* why = hmx::cuda::not_supported(pb);
+    TORCH_CHECK(why == nullptr, "hmx_kernels cuda: ", why ? why : "");
+    at::Tensor ws = at::empty({(int64_t)hmx::cuda::forward_workspace_bytes(pb)}, q.options().dtype(at::kByte));
+    check_cuda(hmx::cuda::forward(fp, cuda_dtype(q.scalar_type()), ws.data_ptr(),
+                                  c10::cuda::getCurrentCUDAStream().stream()),
+               "forward");
+#else
+    TORCH_CHECK(false, "hmx_kernels: this build of the extension has no CUDA kernels");
+#endif
+  } else {
+    const int nt = at::get_num_threads();
+    if (q.scalar_type() == at::kFloat) hmx::cpu::forward_f32(fp, nt);
+    else hmx::cpu::forward_f64(fp, nt);
+  }
+  return {y, p};
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& pe_q, const at::Tensor& pe_k,
+                                 const OptT& m_q, const OptT& m_k, const at::Tensor& w1_fc1_w,
+                                 const OptT& w1_fc1_b, const at::Tensor& w1_fc2_w, const OptT& w1_fc2_b,
+                                 const at::Tensor& w2_fc1_w, const OptT& w2_fc1_b, const at::Tensor& w2_fc2_w,
+                                 const OptT& w2_fc2_b, const at::Tensor& p, double scale) {
+  Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
+                            w2_fc1_b, w2_fc2_w, w2_fc2_b, scale);
+  const auto& pb = pr.pb;
+  const auto ctype = compute_type(q);
+  check_same("grad_out", dy, q, q.scalar_type());
+  check_shape("grad_out", dy, {pb.B, pb.M, pb.d});
+  check_contiguous("grad_out", dy);
+  check_same("p", p, q, ctype);
+  check_shape("p", p, {pb.B, pb.H, pb.k_h, pb.d_h});
+  check_contiguous("p", p);
+
+  at::Tensor dq = at::empty({pb.B, pb.M, pb.d}, q.options());
+  at::Tensor dk = at::empty({pb.B, pb.N, pb.d}, q.options());
+  at::Tensor dv = at::empty({pb.B, pb.N, pb.d}, q.options());
+  auto gopt = q.options().dtype(ctype);
+  auto make = [&](std::initializer_list<int64_t> shape, bool present) {
+    return present ? at::empty(shape, gopt) : at::Tensor();
+  };
+  std::vector<at::Tensor> g = {
+      make({pb.H, pb.d_h, pb.d_h}, true), make({pb.H, pb.d_h}, w1_fc1_b.has_value()),
+      make({pb.H, pb.k_h, pb.d_h}, true), make({pb.H, pb.k_h}, w1_fc2_b.has_value()),
+      make({pb.H, pb.d_h, pb.d_h}, true), make({pb.H, pb.d_h}, w2_fc1_b.has_value()),
+      make({pb.H, pb.k_h, pb.d_h}, true), make({pb.H, pb.k_h}, w2_fc2_b.has_value())};
+  auto gp = [](const at::Tensor& t) -> void* { return t.defined() ? t.data_ptr() : nullptr; };
+  hmx::BackwardParams bp;
+  bp.pb = pb;
+  bp.p = p.data_ptr();
+  bp.dy = dy.data_ptr();
+  bp.dq = dq.data_ptr();
+  bp.dk = dk.data_ptr();
+  bp.dv = dv.data_ptr();
+  bp.dg1 = {gp(g[0]), gp(g[1]), gp(g[2]), gp(g[3])};
+  bp.dg2 = {gp(g[4]), gp(g[5]), gp(g[6]), gp(g[7])};
+  if (q.is_cuda()) {
+#ifdef HMX_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    const char* why = hmx::cuda::not_supported(pb);
+    TORCH_CHECK(why == nullptr, "hmx_kernels cuda: ", why ? why : "");
+    at::Tensor ws = at::empty({(int64_t)hmx::cuda::backward_workspace_bytes(pb)}, q.options().dtype(at::kByte));
+    check_cuda(hmx::cuda::backward(bp, cuda_dtype(q.scalar_type()), ws.data_ptr(),
+                                   c10::cuda::getCurrentCUDAStream().stream()),
+               "backward");
+#else
+    TORCH_CHECK(false, "hmx_kernels: this build of the extension has no CUDA kernels");
+#endif
+  } else {
+    const int nt = at::get_num_threads();
+    if (q.scalar_type() == at::kFloat) hmx::cpu::backward_f32(bp, nt);
+    else hmx::cpu::backward_f64(bp, nt);
+  }
+  std::vector<at::Tensor> out = {dq, dk, dv};
+  out.insert(out.end(), g.begin(), g.end());
+  return out;
+}
+
+bool has_cuda() {
+#ifdef HMX_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hmx_kernels fused HyperMixing passes (CPU twin, and CUDA kernels when built with them)";
+  m.def("forward", &forward, "fused HyperMixing forward: (y before LayerNorm, P)");
+  m.def("backward", &backward, "fused HyperMixing backward: [dq, dk, dv, 4 generator-1 grads, 4 generator-2 grads]");
+  m.def("has_cuda", &has_cuda, "whether this build contains the CUDA kernels");
+}

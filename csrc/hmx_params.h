@@ -1,0 +1,92 @@
+// Launcher interface shared by the CPU twin (hmx_cpu.cpp) and the CUDA kernels (hmx_cuda_*.cu).
+//
+// Plain C++ only: no torch, no CUDA headers, so every .cu and .cpp can include it and plain nvcc
+// compiles the kernels on machines without torch's CUDA headers. Launchers take raw pointers,
+// sizes and strides; the binding (hmx_binding.cpp) fills these structs from checked tensors.
+//
+// Element types, by backend:
+//   CPU twin: every pointer is `scalar_t` (float or double), the compute type.
+//   CUDA:     tokens, weights, y, dy, dq/dk/dv are the input type T (float, half, bfloat16);
+//             pe_*, m_*, p and every weight-gradient output are float (fp32 accumulation).
+// Layouts (row-major, last dimension contiguous):
+//   q [B, M, d], k and v [B, N, d]: batch and row strides given, channel stride 1
+//   pe_q [M, d], pe_k [N, d]: positional-encoding rows already shifted to the variant's positions
+//   m_q [B, M], m_k [B, N]: 1 = token kept, 0 = padded; nullptr = no mask
+//   fc1_w [H, d_h(out), d_h(in)], fc1_b [H, d_h] (nullptr = none), fc2_w [H, k_h, d_h],
+//   fc2_b [H, k_h] (nullptr = none): generator 1 makes W1 from keys, generator 2 W2 from queries
+//   y, dy, dq [B, M, d], dk, dv [B, N, d]: contiguous
+//   p [B, H, k_h, d_h]: P = W1^T V per (batch, head), saved by the forward for the backward
+#pragma once
+#include <cstdint>
+
+// callable from host and device code when compiled by nvcc
+#ifdef __CUDACC__
+#define HMX_HD __host__ __device__
+#else
+#define HMX_HD
+#endif
+
+namespace hmx {
+
+struct GeneratorParams {
+  const void* fc1_w;  // [H, d_h, d_h]
+  const void* fc1_b;  // [H, d_h] or nullptr
+  const void* fc2_w;  // [H, k_h, d_h]
+  const void* fc2_b;  // [H, k_h] or nullptr
+};
+
+struct GeneratorGrads {
+  void* fc1_w;  // [H, d_h, d_h]
+  void* fc1_b;  // [H, d_h] or nullptr (not computed)
+  void* fc2_w;  // [H, k_h, d_h]
+  void* fc2_b;  // [H, k_h] or nullptr (not computed)
+};
+
+struct ProblemParams {
+  int64_t B, M, N, d, H, d_h, k_h;
+  double scale;  // input scale s of the hypernetwork input z = s * (x * m) + PE
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_bstride, q_rstride;
+  int64_t k_bstride, k_rstride;
+  int64_t v_bstride, v_rstride;
+  const void* pe_q;  // [M, d]
+  const void* pe_k;  // [N, d]
+  const void* m_q;   // [B, M] or nullptr
+  const void* m_k;   // [B, N] or nullptr
+  GeneratorParams g1;  // W1 = MLP1(z_k) * m_k
+  GeneratorParams g2;  // W2 = MLP2(z_q) * m_q
+};
+
+struct ForwardParams {
+  ProblemParams pb;
+  void* y;  // [B, M, d] output: Y = W2 GELU(P), before LayerNorm
+  void* p;  // [B, H, k_h, d_h] output: P = W1^T V
+};
+
+struct BackwardParams {
+  ProblemParams pb;
+  const void* p;   // [B, H, k_h, d_h] from the forward
+  const void* dy;  // [B, M, d]
+  void* dq;        // [B, M, d]
+  void* dk;        // [B, N, d]
+  void* dv;        // [B, N, d]
+  GeneratorGrads dg1;
+  GeneratorGrads dg2;
+};
+
+// Token tiles and the split of a sequence into a fixed number of chunks: chunk c of L tokens
+// covers tiles [c * tiles / C, (c + 1) * tiles / C). The split depends on L only (never on the
+// number of threads or SMs), so partial sums are added in the same order on every machine:
+// results are bitwise deterministic for a given build.
+constexpr int64_t kTokenTile = 64;
+constexpr int64_t kMaxChunks = 16;
+
+HMX_HD inline int64_t num_tiles(int64_t L, int64_t tile) { return (L + tile - 1) / tile; }
+HMX_HD inline int64_t num_chunks(int64_t L, int64_t tile) {
+  const int64_t t = num_tiles(L, tile);
+  return t < kMaxChunks ? t : kMaxChunks;
+}
+
+}  // namespace hmx
