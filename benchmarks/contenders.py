@@ -6,8 +6,9 @@ scale-relative error against a float64 reference on batch element 0.
 
 - hmx-<backend>: FusedHyperMixing (speechbrain variant, untied, LayerNorm) with that backend, for
   every backend in `hmx_kernels.registered_backends()` whose `not_supported_reasons` accept the
-  inputs; new backends join when they register. Triton is left out on CPU (the interpreter is a
-  correctness tool, not a speed one).
+  inputs; new backends join when they register. A backend that the dispatcher's AUTO_ORDER lists
+  only for other device types is left out (on CPU: cuda, and triton, whose CPU mode is the
+  interpreter, a correctness tool, not a speed one).
 - hmx-reference-compiled: the reference layer under torch.compile (dynamic shapes, one compile per
   shape and dtype). Default on GPU, opt-in on CPU (Inductor's C++ compile takes minutes on 2 cores).
 - sdpa[-flash|-efficient|-cudnn|-math]: scaled_dot_product_attention, the core attention op, on
@@ -269,12 +270,20 @@ def flash_attn_contender() -> Optional[Contender]:
 
 
 # ---- discovery -----------------------------------------------------------------------------------
+def _made_for_other_devices(backend: str, device: torch.device) -> bool:
+    """True for a backend that the dispatcher's auto order lists for other device types only."""
+    from hmx_kernels.dispatch import AUTO_ORDER
+
+    listed_for = {dev for dev, names in AUTO_ORDER.items() if backend in names}
+    return bool(listed_for) and device.type not in listed_for
+
+
 def all_contenders(device: torch.device) -> Dict[str, Contender]:
     """Every contender that can exist here, by name (applicability per shape/dtype is checked later)."""
     out: Dict[str, Contender] = {}
     for backend in hmx_kernels.registered_backends():
-        if device.type == "cpu" and backend == "triton":
-            continue  # interpreter only on CPU
+        if _made_for_other_devices(backend, device):
+            continue  # e.g. cuda/triton on CPU (triton there is the interpreter), cpu on a GPU
         out[f"hmx-{backend}"] = hypermixing_contender(backend)
     out["hmx-reference-compiled"] = compiled_reference_contender()
     if device.type == "cuda":

@@ -289,3 +289,11 @@ def test_benchmark_cases_are_not_collected_by_the_test_suite(capsys):
     assert main(["--device", "cpu", "--list"]) == 0
     listing = capsys.readouterr().out
     assert "hmx-reference " in listing and "hmx-reference-compiled" in listing and "opt-in" in listing
+
+
+def test_backends_made_for_other_devices_are_not_contenders():
+    cpu = all_contenders(torch.device("cpu"))
+    assert "hmx-reference" in cpu and "hmx-cpu" in cpu
+    assert "hmx-cuda" not in cpu and "hmx-triton" not in cpu
+    gpu = all_contenders(torch.device("cuda"))  # discovery only: nothing runs
+    assert {"hmx-triton", "hmx-cuda", "hmx-reference"} <= set(gpu) and "hmx-cpu" not in gpu
