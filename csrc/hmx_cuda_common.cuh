@@ -4,11 +4,20 @@
 // every small product element-wise (thread i owns outputs i, i + blockDim, ...), so each output
 // is summed by one thread in a fixed order: results do not depend on scheduling.
 // Trade-off: plain fp32 FMA (SIMT) products out of shared memory, simple and exact for any d_h /
-// k_h (18, 72, ...); tensor-core MMA for fp16/bf16 is not used yet.
+// k_h (18, 72, ...). Exception: for fp16/bf16 inputs on sm_80+ the generator's fc2 product
+// (Hd [T, d_h] @ fc2^T [d_h, k_h]) runs on tensor cores (nvcuda::wmma 16x16x16, fp32
+// accumulators) out of zero-padded shared-memory copies; Hd is rounded to the input type first
+// (fp16/bf16 rounding-level change). The host disables it with HMX_KERNELS_CUDA_NO_MMA=1, for
+// fp32, below sm_80 or when the staging area does not fit the GPU's shared memory.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "hmx_cuda.h"
 #include "hmx_params.h"
@@ -118,9 +127,146 @@ __device__ void load_rows(const T* __restrict__ x, int64_t rstride, int64_t dh, 
   }
 }
 
-// U = z fc1^T + b1, Hd = GELU(U), W = (Hd fc2^T + b2) * m   (tile.z must be loaded)
+// ---- tensor-core (MMA) staging for fc2, fp16/bf16 only -------------------------------------
+// Dynamic shared memory = fp32 tile buffers, then (when MMA is on) at a 128-byte aligned offset:
+//   b [khp, dhp] fc2 weights in the input type, zero-padded, staged once per block
+//   a [kCudaTile, dhp] Hd rounded to the input type, zero-padded
+//   c [kCudaTile, khp] fp32 result of the MMA
+// with dhp / khp = d_h / k_h rounded up to 16. Every part is a multiple of 512 bytes, so all
+// wmma pointers are 256-bit aligned; leading dimensions are multiples of 16 elements.
+constexpr int kMma = 16;  // wmma tile: 16 x 16 x 16
+static_assert(kCudaTile % kMma == 0, "the token tile must be a multiple of the MMA tile");
+static_assert(kThreads % 32 == 0, "blocks are whole warps");
+
+__host__ __device__ inline int64_t pad16(int64_t x) { return (x + kMma - 1) / kMma * kMma; }
+__host__ __device__ inline size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+// byte offset of the staging area after `fp32_floats` floats of tile buffers
+__host__ __device__ inline size_t mma_offset(size_t fp32_floats) { return align128(fp32_floats * sizeof(float)); }
+__host__ __device__ inline size_t mma_stage_bytes(int64_t dh, int64_t kh) {
+  const int64_t dhp = pad16(dh), khp = pad16(kh);
+  return (size_t)(khp * dhp + kCudaTile * dhp) * 2 + (size_t)kCudaTile * khp * sizeof(float);
+}
+// dynamic shared memory of a kernel whose fp32 buffers take `fp32_floats` floats
+__host__ __device__ inline size_t smem_bytes(size_t fp32_floats, int64_t dh, int64_t kh, bool mma) {
+  return mma ? mma_offset(fp32_floats) + mma_stage_bytes(dh, kh) : fp32_floats * sizeof(float);
+}
+
+// Host: whether the launch should take the MMA path (the kernel itself also requires sm_80+ code).
+inline bool mma_wanted(DType dtype) {
+  if (dtype == DType::kF32) return false;
+  const char* env = std::getenv("HMX_KERNELS_CUDA_NO_MMA");
+  if (env != nullptr && std::strcmp(env, "1") == 0) return false;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major >= 8;
+}
+// Host: opt-in shared memory per block of the current device (0 if unknown).
+inline size_t smem_optin() {
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+  return (size_t)optin;
+}
+// Host: 1 if a kernel with `fp32_floats` floats of tile buffers takes the MMA path: wanted and
+// the staging area fits the device's opt-in shared memory (else the FMA path, smaller).
+inline int pick_mma(bool wanted, size_t fp32_floats, int64_t dh, int64_t kh) {
+  return wanted && smem_bytes(fp32_floats, dh, kh, true) <= smem_optin() ? 1 : 0;
+}
+
+// Device: the MMA path runs for fp16/bf16 in code compiled for sm_80+ when the launch asked for it.
 template <typename T>
-__device__ void mlp_forward(const HeadW<T>& w, int64_t dh, int64_t kh, int64_t tn, Tile& tile) {
+__device__ __forceinline__ bool mma_active(int use_mma) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return use_mma != 0 && !std::is_same<T, float>::value;
+#else
+  (void)use_mma;
+  return false;
+#endif
+}
+
+template <typename T>
+struct MmaStage {
+  T* b = nullptr;  // [khp, dhp] fc2 weights (wmma matrix_b, col-major view of fc2^T); nullptr = off
+  T* a = nullptr;  // [kCudaTile, dhp] Hd
+  float* c = nullptr;  // [kCudaTile, khp]
+  int dhp = 0, khp = 0;
+};
+
+// Carves the staging area at smem + mma_offset(fp32_floats) and stages fc2 (ends with a barrier).
+// fp32 gets an empty stage (mma_stage_bytes counts 2-byte element types).
+template <typename T>
+__device__ MmaStage<T> stage_fc2(float* smem, size_t fp32_floats, const HeadW<T>& w, int64_t dh, int64_t kh) {
+  MmaStage<T> st;
+  if constexpr (sizeof(T) == 2) {
+    st.dhp = (int)pad16(dh);
+    st.khp = (int)pad16(kh);
+    char* base = reinterpret_cast<char*>(smem) + mma_offset(fp32_floats);
+    st.b = reinterpret_cast<T*>(base);
+    st.a = st.b + st.khp * st.dhp;
+    st.c = reinterpret_cast<float*>(st.a + kCudaTile * st.dhp);
+    for (int i = threadIdx.x; i < st.khp * st.dhp; i += blockDim.x) {
+      const int j = i / st.dhp, o = i % st.dhp;
+      st.b[i] = (j < kh && o < dh) ? w.fc2_w[j * dh + o] : from_f<T>(0.f);
+    }
+    __syncthreads();
+  } else {
+    (void)smem; (void)fp32_floats; (void)w; (void)dh; (void)kh;
+  }
+  return st;
+}
+
+// W = (Hd fc2^T + b2) * m on tensor cores; false (nothing done) where the MMA path is not
+// compiled in (fp32, code below sm_80) or not staged.
+template <typename T>
+__device__ bool fc2_mma(const HeadW<T>& w, int64_t dh, int64_t kh, int64_t tn, Tile& tile, const MmaStage<T>& st) {
+  bool done = false;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (!std::is_same<T, float>::value) {
+    if (st.b != nullptr) {
+      namespace wmma = nvcuda::wmma;
+      const int dhp = st.dhp, khp = st.khp;
+      // Hd rounded to T, zero rows t >= tn and columns o >= d_h
+      for (int i = threadIdx.x; i < kCudaTile * dhp; i += blockDim.x) {
+        const int t = i / dhp, o = i % dhp;
+        st.a[i] = (t < tn && o < dh) ? from_f<T>(tile.hd[t * dh + o]) : from_f<T>(0.f);
+      }
+      __syncthreads();
+      // [T, dhp] @ [dhp, khp] -> [T, khp]; warp w owns the 16x16 output blocks w, w + warps, ...
+      const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+      const int nb = khp / kMma, blocks = (kCudaTile / kMma) * nb;
+      for (int blk = warp; blk < blocks; blk += warps) {
+        const int mi = blk / nb, ni = blk % nb;
+        wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float> acc;
+        wmma::fill_fragment(acc, 0.f);
+        for (int kk = 0; kk < dhp; kk += kMma) {
+          wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, T, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, T, wmma::col_major> fb;
+          wmma::load_matrix_sync(fa, st.a + mi * kMma * dhp + kk, dhp);
+          wmma::load_matrix_sync(fb, st.b + ni * kMma * dhp + kk, dhp);
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(st.c + mi * kMma * khp + ni * kMma, acc, khp, wmma::mem_row_major);
+      }
+      __syncthreads();
+      for (int64_t i = threadIdx.x; i < tn * kh; i += blockDim.x) {
+        const int64_t t = i / kh, j = i % kh;
+        tile.w[i] = (st.c[t * khp + j] + (w.fc2_b ? to_f(w.fc2_b[j]) : 0.f)) * tile.m[t];
+      }
+      __syncthreads();
+      done = true;
+    }
+  }
+#endif
+  (void)w; (void)dh; (void)kh; (void)tn; (void)tile; (void)st;
+  return done;
+}
+
+// U = z fc1^T + b1, Hd = GELU(U), W = (Hd fc2^T + b2) * m   (tile.z must be loaded); fc2 on
+// tensor cores when `st` is staged (see fc2_mma)
+template <typename T>
+__device__ void mlp_forward(const HeadW<T>& w, int64_t dh, int64_t kh, int64_t tn, Tile& tile,
+                            const MmaStage<T>& st) {
   // [T, d_h] @ [d_h, d_h]^T -> [T, d_h]
   for (int64_t i = threadIdx.x; i < tn * dh; i += blockDim.x) {
     const int64_t t = i / dh, o = i % dh;
@@ -132,6 +278,7 @@ __device__ void mlp_forward(const HeadW<T>& w, int64_t dh, int64_t kh, int64_t t
     tile.hd[i] = gelu(acc);
   }
   __syncthreads();
+  if (fc2_mma<T>(w, dh, kh, tn, tile, st)) return;
   // [T, d_h] @ [k_h, d_h]^T -> [T, k_h]
   for (int64_t i = threadIdx.x; i < tn * kh; i += blockDim.x) {
     const int64_t t = i / kh, j = i % kh;
