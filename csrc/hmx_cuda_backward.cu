@@ -13,6 +13,8 @@
 //      and the MLP1 backward: generator-1 weight partials, dkey = s * m_k * dz.
 //   5. grad_reduce_kernel: weight gradients = sum over (b, chunk) of the partials, fixed order.
 // Every partial element is owned by one thread of one block: no atomics, deterministic.
+// Tensor cores: only the W1 / W2 recompute's fc2 product (fp16/bf16, sm_80+, see
+// hmx_cuda_common.cuh); the gradient products are SIMT fp32 FMA.
 // Workspace (floats): A, dP [B H k_h d_h]; dA partials [B H C_q k_h d_h]; generator partials
 // [B H C (d_h^2 + d_h + k_h d_h + k_h)] for both generators.
 #include <cuda_runtime.h>
@@ -63,7 +65,8 @@ __global__ void __launch_bounds__(kThreads) query_kernel(BackwardParams bp, Work
   const int64_t c = item % C, bh = item / C, h = bh % pb.H, b = bh / pb.H;
   Tile tile = carve_tile(smem, dh, kh);
   const HeadW<T> w = head_weights<T>(pb.g2, h, dh, kh);
-  const MmaStage<T> st = mma_active<T>(use_mma) ? stage_fc2<T>(smem, tile_floats(dh, kh), w, dh, kh) : MmaStage<T>();
+  const MmaStage<T> st =
+      mma_active<T>(use_mma) ? stage_fc2<T>(smem, tile_floats(dh, kh), w, dh, kh, MmaUse::kMlp) : MmaStage<T>();
   const T* qx = static_cast<const T*>(pb.q) + b * pb.q_bstride + h * dh;
   const T* dy = static_cast<const T*>(bp.dy) + b * M * d + h * dh;
   T* dq = static_cast<T*>(bp.dq) + b * M * d + h * dh;
@@ -123,7 +126,8 @@ __global__ void __launch_bounds__(kThreads) key_kernel(BackwardParams bp, Worksp
   const int64_t c = item % C, bh = item / C, h = bh % pb.H, b = bh / pb.H;
   Tile tile = carve_tile(smem, dh, kh);
   const HeadW<T> w = head_weights<T>(pb.g1, h, dh, kh);
-  const MmaStage<T> st = mma_active<T>(use_mma) ? stage_fc2<T>(smem, tile_floats(dh, kh), w, dh, kh) : MmaStage<T>();
+  const MmaStage<T> st =
+      mma_active<T>(use_mma) ? stage_fc2<T>(smem, tile_floats(dh, kh), w, dh, kh, MmaUse::kMlp) : MmaStage<T>();
   const T* kx = static_cast<const T*>(pb.k) + b * pb.k_bstride + h * dh;
   const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
   T* dk = static_cast<T*>(bp.dk) + b * N * d + h * dh;
@@ -190,8 +194,8 @@ int backward_t(const BackwardParams& bp, bool mma, void* workspace, cudaStream_t
   const int64_t Ck = num_chunks(pb.N, kCudaTile), Cq = num_chunks(pb.M, kCudaTile);
   size_t total = 0;
   Workspace ws = carve_workspace(pb, workspace, &total);
-  const int use_mma = pick_mma(mma, bwd_floats(pb), pb.d_h, pb.k_h);
-  const size_t smem = smem_bytes(bwd_floats(pb), pb.d_h, pb.k_h, use_mma != 0);
+  const int use_mma = pick_mma(mma, bwd_floats(pb), pb.d_h, pb.k_h, MmaUse::kMlp);
+  const size_t smem = smem_bytes(bwd_floats(pb), pb.d_h, pb.k_h, MmaUse::kMlp, use_mma != 0);
   cudaError_t err = cudaFuncSetAttribute(query_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return (int)err;
   err = cudaFuncSetAttribute(key_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
