@@ -10,6 +10,8 @@ MMA check: the generator kernels instantiated for __half / __nv_bfloat16 must co
 PATH, HMMA instructions in their sm_80 and sm_90 SASS; the fp32 instantiations must contain none.
 So a build that silently drops the MMA path (a wrong `#if`, a dead branch) fails here. Code for
 sm_75 must compile too, without MMA (the FMA fallback below sm_80).
+Every compile uses the flags of the real build: hmx_kernels/cpp/build.py's NVCC_FLAGS plus the
+defines torch.utils.cpp_extension adds for nvcc (no implicit half / bfloat16 conversions).
 Compiles run one at a time under `nice` (the CI machines are small and shared).
 """
 from __future__ import annotations
@@ -24,6 +26,19 @@ import pytest
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
 NVCC = shutil.which("nvcc")
+
+
+def _build_flags():
+    from hmx_kernels.cpp.build import NVCC_FLAGS
+
+    try:
+        from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+    except ImportError:  # pragma: no cover - older / newer torch: the defines it has used so far
+        COMMON_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                             "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+    return list(dict.fromkeys(list(NVCC_FLAGS) + list(COMMON_NVCC_FLAGS)))
+
+
 CUOBJDUMP = shutil.which("cuobjdump")
 NEEDS_NVCC = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 
@@ -35,7 +50,7 @@ KERNEL_RE = re.compile(r"\d+(" + "|".join(MLP_KERNELS) + r")(I6__halfE|I13__nv_b
 
 
 def _nvcc(args, what):
-    cmd = ["nice", "-n", "19", NVCC, "-std=c++17", "-O3", "-Werror", "all-warnings", f"-I{CSRC}", *args]
+    cmd = ["nice", "-n", "19", NVCC, *_build_flags(), "-Werror", "all-warnings", f"-I{CSRC}", *args]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert proc.returncode == 0, f"{what}: {' '.join(cmd)}\n{proc.stdout}"
     return proc.stdout
