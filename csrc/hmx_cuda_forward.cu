@@ -91,7 +91,8 @@ __device__ void p_partial_mma(const ProblemParams& pb, float* smem, Tile& tile, 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) p_partial_kernel(ProblemParams pb, float* __restrict__ p_part, int use_mma) {
+__global__ void __launch_bounds__(kThreads) p_partial_kernel(ProblemParams pb, float* __restrict__ p_part,
+                                                             int use_mma) {
   extern __shared__ __align__(128) float smem[];
   const int64_t dh = pb.d_h, kh = pb.k_h, d = pb.d;
   const int64_t C = num_chunks(pb.N, kCudaTile);
