@@ -13,6 +13,8 @@
 //      and the MLP1 backward: generator-1 weight partials, dkey = s * m_k * dz.
 //   5. grad_reduce_kernel: weight gradients = sum over (b, chunk) of the partials, fixed order.
 // Every partial element is owned by one thread of one block: no atomics, deterministic.
+// Tensor cores: only the W1 / W2 recompute's fc2 product (fp16/bf16, sm_80+, see
+// hmx_cuda_common.cuh); the gradient products are SIMT fp32 FMA.
 // Workspace (floats): A, dP [B H k_h d_h]; dA partials [B H C_q k_h d_h]; generator partials
 // [B H C (d_h^2 + d_h + k_h d_h + k_h)] for both generators.
 #include <cuda_runtime.h>
@@ -54,8 +56,8 @@ __global__ void gelu_kernel(int64_t n, const float* __restrict__ p, float* __res
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) query_kernel(BackwardParams bp, Workspace ws) {
-  extern __shared__ float smem[];
+__global__ void __launch_bounds__(kThreads) query_kernel(BackwardParams bp, Workspace ws, int use_mma) {
+  extern __shared__ __align__(128) float smem[];
   const ProblemParams& pb = bp.pb;
   const int64_t dh = pb.d_h, kh = pb.k_h, d = pb.d, M = pb.M, psz = kh * dh;
   const int64_t C = num_chunks(M, kCudaTile);
@@ -63,6 +65,8 @@ __global__ void __launch_bounds__(kThreads) query_kernel(BackwardParams bp, Work
   const int64_t c = item % C, bh = item / C, h = bh % pb.H, b = bh / pb.H;
   Tile tile = carve_tile(smem, dh, kh);
   const HeadW<T> w = head_weights<T>(pb.g2, h, dh, kh);
+  const MmaStage<T> st =
+      mma_active<T>(use_mma) ? stage_fc2<T>(smem, tile_floats(dh, kh), w, dh, kh, MmaUse::kMlp) : MmaStage<T>();
   const T* qx = static_cast<const T*>(pb.q) + b * pb.q_bstride + h * dh;
   const T* dy = static_cast<const T*>(bp.dy) + b * M * d + h * dh;
   T* dq = static_cast<T*>(bp.dq) + b * M * d + h * dh;
@@ -82,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) query_kernel(BackwardParams bp, Work
     const int64_t tn = (c1 - r0) < kCudaTile ? (c1 - r0) : kCudaTile;
     load_z<T>(qx, pb.q_rstride, pe, mask, d, dh, (float)pb.scale, r0, tn, tile);
     load_rows<T>(dy, d, dh, r0, tn, nullptr, tile.x2);  // dY tile
-    mlp_forward<T>(w, dh, kh, tn, tile);
+    mlp_forward<T>(w, dh, kh, tn, tile, st);
     // dA += W2^T dY: [k_h, T] @ [T, d_h] -> [k_h, d_h]
     for (int64_t i = threadIdx.x; i < psz; i += blockDim.x) {
       const int64_t j = i / dh, cc = i % dh;
@@ -113,8 +117,8 @@ __global__ void dp_kernel(int64_t C, int64_t psz, const float* __restrict__ da_p
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) key_kernel(BackwardParams bp, Workspace ws) {
-  extern __shared__ float smem[];
+__global__ void __launch_bounds__(kThreads) key_kernel(BackwardParams bp, Workspace ws, int use_mma) {
+  extern __shared__ __align__(128) float smem[];
   const ProblemParams& pb = bp.pb;
   const int64_t dh = pb.d_h, kh = pb.k_h, d = pb.d, N = pb.N, psz = kh * dh;
   const int64_t C = num_chunks(N, kCudaTile);
@@ -122,6 +126,8 @@ __global__ void __launch_bounds__(kThreads) key_kernel(BackwardParams bp, Worksp
   const int64_t c = item % C, bh = item / C, h = bh % pb.H, b = bh / pb.H;
   Tile tile = carve_tile(smem, dh, kh);
   const HeadW<T> w = head_weights<T>(pb.g1, h, dh, kh);
+  const MmaStage<T> st =
+      mma_active<T>(use_mma) ? stage_fc2<T>(smem, tile_floats(dh, kh), w, dh, kh, MmaUse::kMlp) : MmaStage<T>();
   const T* kx = static_cast<const T*>(pb.k) + b * pb.k_bstride + h * dh;
   const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
   T* dk = static_cast<T*>(bp.dk) + b * N * d + h * dh;
@@ -140,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) key_kernel(BackwardParams bp, Worksp
     const int64_t tn = (c1 - r0) < kCudaTile ? (c1 - r0) : kCudaTile;
     load_z<T>(kx, pb.k_rstride, pe, mask, d, dh, (float)pb.scale, r0, tn, tile);
     load_rows<T>(vx, pb.v_rstride, dh, r0, tn, tile.m, tile.x2);  // V tile
-    mlp_forward<T>(w, dh, kh, tn, tile);
+    mlp_forward<T>(w, dh, kh, tn, tile, st);
     // dW1 = (V dP^T) * m_k: [T, d_h] @ [d_h, k_h] -> [T, k_h]
     for (int64_t i = threadIdx.x; i < tn * kh; i += blockDim.x) {
       const int64_t t = i / kh, j = i % kh;
@@ -179,16 +185,17 @@ __global__ void grad_reduce_kernel(int64_t B, int64_t H, int64_t C, int64_t dh, 
   }
 }
 
-size_t bwd_smem(const ProblemParams& pb) { return tile_floats(pb.d_h, pb.k_h) * sizeof(float); }
+size_t bwd_floats(const ProblemParams& pb) { return tile_floats(pb.d_h, pb.k_h); }
 
 template <typename T>
-int backward_t(const BackwardParams& bp, void* workspace, cudaStream_t stream) {
+int backward_t(const BackwardParams& bp, bool mma, void* workspace, cudaStream_t stream) {
   const ProblemParams& pb = bp.pb;
   const int64_t BH = pb.B * pb.H, psz = pb.k_h * pb.d_h;
   const int64_t Ck = num_chunks(pb.N, kCudaTile), Cq = num_chunks(pb.M, kCudaTile);
   size_t total = 0;
   Workspace ws = carve_workspace(pb, workspace, &total);
-  const size_t smem = bwd_smem(pb);
+  const int use_mma = pick_mma(mma, bwd_floats(pb), pb.d_h, pb.k_h, MmaUse::kMlp);
+  const size_t smem = smem_bytes(bwd_floats(pb), pb.d_h, pb.k_h, MmaUse::kMlp, use_mma != 0);
   cudaError_t err = cudaFuncSetAttribute(query_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return (int)err;
   err = cudaFuncSetAttribute(key_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -196,9 +203,9 @@ int backward_t(const BackwardParams& bp, void* workspace, cudaStream_t stream) {
   const int64_t n = BH * psz;
   const unsigned gelu_blocks = (unsigned)((n + kThreads - 1) / kThreads < 65535 ? (n + kThreads - 1) / kThreads : 65535);
   gelu_kernel<<<gelu_blocks, kThreads, 0, stream>>>(n, static_cast<const float*>(bp.p), ws.a);
-  query_kernel<T><<<(unsigned)(BH * Cq), kThreads, smem, stream>>>(bp, ws);
+  query_kernel<T><<<(unsigned)(BH * Cq), kThreads, smem, stream>>>(bp, ws, use_mma);
   dp_kernel<<<(unsigned)BH, kThreads, 0, stream>>>(Cq, psz, ws.da_part, static_cast<const float*>(bp.p), ws.dp);
-  key_kernel<T><<<(unsigned)(BH * Ck), kThreads, smem, stream>>>(bp, ws);
+  key_kernel<T><<<(unsigned)(BH * Ck), kThreads, smem, stream>>>(bp, ws, use_mma);
   grad_reduce_kernel<<<(unsigned)pb.H, kThreads, 0, stream>>>(pb.B, pb.H, Cq, pb.d_h, pb.k_h, ws.g2_part, bp.dg2);
   grad_reduce_kernel<<<(unsigned)pb.H, kThreads, 0, stream>>>(pb.B, pb.H, Ck, pb.d_h, pb.k_h, ws.g1_part, bp.dg1);
   return (int)cudaGetLastError();
@@ -206,7 +213,7 @@ int backward_t(const BackwardParams& bp, void* workspace, cudaStream_t stream) {
 
 }  // namespace
 
-size_t max_smem_bytes(const ProblemParams& pb) { return bwd_smem(pb); }
+size_t max_smem_bytes(const ProblemParams& pb) { return bwd_floats(pb) * sizeof(float); }  // FMA path
 
 size_t backward_workspace_bytes(const ProblemParams& pb) {
   size_t total = 0;
@@ -216,9 +223,9 @@ size_t backward_workspace_bytes(const ProblemParams& pb) {
 
 int backward(const BackwardParams& bp, DType dtype, void* workspace, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kF16: return backward_t<__half>(bp, workspace, stream);
-    case DType::kBF16: return backward_t<__nv_bfloat16>(bp, workspace, stream);
-    default: return backward_t<float>(bp, workspace, stream);
+    case DType::kF16: return backward_t<__half>(bp, mma_wanted(dtype), workspace, stream);
+    case DType::kBF16: return backward_t<__nv_bfloat16>(bp, mma_wanted(dtype), workspace, stream);
+    default: return backward_t<float>(bp, false, workspace, stream);
   }
 }
 

@@ -4,11 +4,21 @@
 // every small product element-wise (thread i owns outputs i, i + blockDim, ...), so each output
 // is summed by one thread in a fixed order: results do not depend on scheduling.
 // Trade-off: plain fp32 FMA (SIMT) products out of shared memory, simple and exact for any d_h /
-// k_h (18, 72, ...); tensor-core MMA for fp16/bf16 is not used yet.
+// k_h (18, 72, ...). Exception: for fp16/bf16 inputs on sm_80+ the generator's fc2 product
+// (Hd [T, d_h] @ fc2^T [d_h, k_h]) runs on tensor cores (nvcuda::wmma 16x16x16, fp32
+// accumulators) out of zero-padded shared-memory copies; Hd is rounded to the input type first
+// (fp16/bf16 rounding-level change); the forward also uses them for P and Y (hmx_cuda_forward.cu).
+// The host keeps the FMA path for fp32, below sm_80, with HMX_KERNELS_CUDA_NO_MMA=1 and where the
+// staging area does not fit the GPU's opt-in shared memory; code compiled for < sm_80 has no MMA.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "hmx_cuda.h"
 #include "hmx_params.h"
@@ -118,9 +128,183 @@ __device__ void load_rows(const T* __restrict__ x, int64_t rstride, int64_t dh, 
   }
 }
 
-// U = z fc1^T + b1, Hd = GELU(U), W = (Hd fc2^T + b2) * m   (tile.z must be loaded)
+// ---- tensor-core (MMA) staging, fp16/bf16 only ----------------------------------------------
+// Dynamic shared memory = fp32 tile buffers, then (when MMA is on) at a 128-byte aligned offset,
+// with dhp / khp = d_h / k_h rounded up to 16 and every buffer zero-padded:
+//   b   [khp, dhp]        fc2 weights (input type T), staged once per block
+//   hd  [kCudaTile, dhp]  Hd rounded to T
+//   c   [kCudaTile, khp]  fp32 result of Hd fc2^T
+// and for the forward's P / Y products (MmaUse::kP, kY) also
+//   wh  [kCudaTile, khp]  W = (Hd fc2^T + b2) * m rounded to T
+//   scr [kWarps, 16, 16]  fp32, one 16 x 16 block per warp (fragment -> global memory)
+//   xh  [kCudaTile, dhp]  V tile in T                     (kP only)
+//   ah  [khp, dhp]        A = GELU(P) rounded to T        (kY only), staged once per block
+// Every buffer is a multiple of 512 bytes, so all wmma pointers are 256-bit aligned; leading
+// dimensions are multiples of 16 elements.
+constexpr int kMma = 16;  // wmma tile: 16 x 16 x 16
+constexpr int kWarps = kThreads / 32;
+constexpr int kPFrags = 8;  // P accumulator fragments per warp: P-MMA needs (khp/16)(dhp/16) <= kWarps * kPFrags
+static_assert(kCudaTile % kMma == 0, "the token tile must be a multiple of the MMA tile");
+static_assert(kThreads % 32 == 0, "blocks are whole warps");
+static_assert((kCudaTile / kMma) * (64 / kMma) <= kWarps, "Y-MMA: one 16 x 16 output block per warp at d_h <= 64");
+
+enum class MmaUse { kMlp, kP, kY };
+
+__host__ __device__ inline int64_t pad16(int64_t x) { return (x + kMma - 1) / kMma * kMma; }
+__host__ __device__ inline size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+// byte offset of the staging area after `fp32_floats` floats of tile buffers
+__host__ __device__ inline size_t mma_offset(size_t fp32_floats) { return align128(fp32_floats * sizeof(float)); }
+__host__ __device__ inline size_t mma_stage_bytes(int64_t dh, int64_t kh, MmaUse use) {
+  const int64_t dhp = pad16(dh), khp = pad16(kh), T = kCudaTile;
+  size_t n = (size_t)(khp * dhp + T * dhp) * 2 + (size_t)T * khp * sizeof(float);
+  if (use != MmaUse::kMlp) n += (size_t)T * khp * 2 + (size_t)kWarps * kMma * kMma * sizeof(float);
+  if (use == MmaUse::kP) n += (size_t)T * dhp * 2;
+  if (use == MmaUse::kY) n += (size_t)khp * dhp * 2;
+  return n;
+}
+// dynamic shared memory of a kernel whose fp32 buffers take `fp32_floats` floats
+__host__ __device__ inline size_t smem_bytes(size_t fp32_floats, int64_t dh, int64_t kh, MmaUse use, bool mma) {
+  return mma ? mma_offset(fp32_floats) + mma_stage_bytes(dh, kh, use) : fp32_floats * sizeof(float);
+}
+
+// Host: whether the launch should take the MMA path (the kernel itself also requires sm_80+ code).
+inline bool mma_wanted(DType dtype) {
+  if (dtype == DType::kF32) return false;
+  const char* env = std::getenv("HMX_KERNELS_CUDA_NO_MMA");
+  if (env != nullptr && std::strcmp(env, "1") == 0) return false;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major >= 8;
+}
+// Host: opt-in shared memory per block of the current device (0 if unknown).
+inline size_t smem_optin() {
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+  return (size_t)optin;
+}
+// Host: 1 if a kernel with `fp32_floats` floats of tile buffers takes the MMA path: wanted, the
+// sizes are within the MMA code's limits and the staging area fits the device's opt-in shared
+// memory (else 0: the FMA path, which needs less).
+inline int pick_mma(bool wanted, size_t fp32_floats, int64_t dh, int64_t kh, MmaUse use) {
+  if (!wanted || dh > 64 || kh > 256) return 0;
+  if (use == MmaUse::kP && (pad16(kh) / kMma) * (pad16(dh) / kMma) > kWarps * kPFrags) return 0;
+  return smem_bytes(fp32_floats, dh, kh, use, true) <= smem_optin() ? 1 : 0;
+}
+
+// Device: the MMA path runs for fp16/bf16 in code compiled for sm_80+ when the launch asked for it.
 template <typename T>
-__device__ void mlp_forward(const HeadW<T>& w, int64_t dh, int64_t kh, int64_t tn, Tile& tile) {
+__device__ __forceinline__ bool mma_active(int use_mma) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return use_mma != 0 && !std::is_same<T, float>::value;
+#else
+  (void)use_mma;
+  return false;
+#endif
+}
+
+template <typename T>
+struct MmaStage {
+  T* b = nullptr;  // [khp, dhp] fc2 weights (wmma matrix_b, col-major view of fc2^T); nullptr = off
+  T* hd = nullptr;      // [kCudaTile, dhp]
+  float* c = nullptr;   // [kCudaTile, khp]
+  T* wh = nullptr;      // [kCudaTile, khp] or nullptr (kMlp)
+  float* scr = nullptr; // [kWarps, 16, 16] or nullptr (kMlp)
+  T* xh = nullptr;      // [kCudaTile, dhp] (kP)
+  T* ah = nullptr;      // [khp, dhp] (kY), staged by the caller
+  int dhp = 0, khp = 0;
+};
+
+// Carves the staging area at smem + mma_offset(fp32_floats) and stages fc2 (ends with a barrier).
+// fp32 gets an empty stage (mma_stage_bytes counts 2-byte element types).
+template <typename T>
+__device__ MmaStage<T> stage_fc2(float* smem, size_t fp32_floats, const HeadW<T>& w, int64_t dh, int64_t kh,
+                                 MmaUse use) {
+  MmaStage<T> st;
+  if constexpr (sizeof(T) == 2) {
+    const int T_ = (int)kCudaTile;
+    st.dhp = (int)pad16(dh);
+    st.khp = (int)pad16(kh);
+    char* base = reinterpret_cast<char*>(smem) + mma_offset(fp32_floats);
+    st.b = reinterpret_cast<T*>(base);
+    st.hd = st.b + st.khp * st.dhp;
+    st.c = reinterpret_cast<float*>(st.hd + T_ * st.dhp);
+    if (use != MmaUse::kMlp) {
+      st.wh = reinterpret_cast<T*>(st.c + T_ * st.khp);
+      st.scr = reinterpret_cast<float*>(st.wh + T_ * st.khp);
+      T* next = reinterpret_cast<T*>(st.scr + kWarps * kMma * kMma);
+      if (use == MmaUse::kP) st.xh = next;
+      if (use == MmaUse::kY) st.ah = next;
+    }
+    for (int i = threadIdx.x; i < st.khp * st.dhp; i += blockDim.x) {
+      const int j = i / st.dhp, o = i % st.dhp;
+      st.b[i] = (j < kh && o < dh) ? w.fc2_w[j * dh + o] : from_f<T>(0.f);
+    }
+    __syncthreads();
+  } else {
+    (void)smem; (void)fp32_floats; (void)w; (void)dh; (void)kh; (void)use;
+  }
+  return st;
+}
+
+// W = (Hd fc2^T + b2) * m on tensor cores (also rounded to T into st.wh when staged); false
+// (nothing done) where the MMA path is not compiled in (fp32, code below sm_80) or not staged.
+template <typename T>
+__device__ bool fc2_mma(const HeadW<T>& w, int64_t dh, int64_t kh, int64_t tn, Tile& tile, const MmaStage<T>& st) {
+  bool done = false;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (!std::is_same<T, float>::value) {
+    if (st.b != nullptr) {
+      namespace wmma = nvcuda::wmma;
+      const int dhp = st.dhp, khp = st.khp;
+      // Hd rounded to T, zero rows t >= tn and columns o >= d_h
+      for (int i = threadIdx.x; i < kCudaTile * dhp; i += blockDim.x) {
+        const int t = i / dhp, o = i % dhp;
+        st.hd[i] = (t < tn && o < dh) ? from_f<T>(tile.hd[t * dh + o]) : from_f<T>(0.f);
+      }
+      __syncthreads();
+      // [T, dhp] @ [dhp, khp] -> [T, khp]; warp w owns the 16x16 output blocks w, w + kWarps, ...
+      const int warp = threadIdx.x / 32;
+      const int nb = khp / kMma, blocks = (kCudaTile / kMma) * nb;
+      for (int blk = warp; blk < blocks; blk += kWarps) {
+        const int mi = blk / nb, ni = blk % nb;
+        wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float> acc;
+        wmma::fill_fragment(acc, 0.f);
+        for (int kk = 0; kk < dhp; kk += kMma) {
+          wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, T, wmma::row_major> fa;  // Hd(t, o)
+          wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, T, wmma::col_major> fb;  // fc2^T(o, j) = b[j, o]
+          wmma::load_matrix_sync(fa, st.hd + mi * kMma * dhp + kk, dhp);
+          wmma::load_matrix_sync(fb, st.b + ni * kMma * dhp + kk, dhp);
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(st.c + mi * kMma * khp + ni * kMma, acc, khp, wmma::mem_row_major);
+      }
+      __syncthreads();
+      for (int i = threadIdx.x; i < kCudaTile * khp; i += blockDim.x) {
+        const int t = i / khp, j = i % khp;
+        if (t < tn && j < kh) {
+          const float v = (st.c[i] + (w.fc2_b ? to_f(w.fc2_b[j]) : 0.f)) * tile.m[t];
+          tile.w[t * kh + j] = v;
+          if (st.wh != nullptr) st.wh[i] = from_f<T>(v);
+        } else if (st.wh != nullptr) {
+          st.wh[i] = from_f<T>(0.f);
+        }
+      }
+      __syncthreads();
+      done = true;
+    }
+  }
+#endif
+  (void)w; (void)dh; (void)kh; (void)tn; (void)tile; (void)st;
+  return done;
+}
+
+// U = z fc1^T + b1, Hd = GELU(U), W = (Hd fc2^T + b2) * m   (tile.z must be loaded); fc2 on
+// tensor cores when `st` is staged (see fc2_mma)
+template <typename T>
+__device__ void mlp_forward(const HeadW<T>& w, int64_t dh, int64_t kh, int64_t tn, Tile& tile,
+                            const MmaStage<T>& st) {
   // [T, d_h] @ [d_h, d_h]^T -> [T, d_h]
   for (int64_t i = threadIdx.x; i < tn * dh; i += blockDim.x) {
     const int64_t t = i / dh, o = i % dh;
@@ -132,6 +316,7 @@ __device__ void mlp_forward(const HeadW<T>& w, int64_t dh, int64_t kh, int64_t t
     tile.hd[i] = gelu(acc);
   }
   __syncthreads();
+  if (fc2_mma<T>(w, dh, kh, tn, tile, st)) return;
   // [T, d_h] @ [k_h, d_h]^T -> [T, k_h]
   for (int64_t i = threadIdx.x; i < tn * kh; i += blockDim.x) {
     const int64_t t = i / kh, j = i % kh;

@@ -7,7 +7,14 @@ Tolerances (scale-relative, tests/utils.assert_close):
   (tests/conftest.py); only summation orders differ, over up to ~1000 tokens.
 - float16 / bfloat16: 2e-2 / 5e-2 for the output, 5e-2 / 1e-1 for gradients. Inputs and outputs
   are rounded to 11 / 8 significant bits; both sides accumulate in fp32, but the reference rounds
-  its intermediate W1/W2 differently and the LayerNorm backward amplifies rounding of Y.
+  its intermediate W1/W2 differently and the LayerNorm backward amplifies rounding of Y. On sm_80+
+  the tensor-core products (fp32 accumulation) also take their operands in fp16 / bf16: the
+  generators' hidden activations GELU(U) (forward and backward recompute) and, in the forward,
+  W1, W2 and A = GELU(P); each adds a relative error of at most 2^-11 / 2^-8 per element.
+  Emulating exactly these roundings on the reference (CPU, the CASES below, bench_shape with
+  M=128) gave errors of at most 0.12 (output) and 0.15 (gradients) of these tolerances, against
+  0.12 / 0.09 for the rounding of Y alone, so the tolerances stay as they were for the FMA path.
+- MMA vs FMA path (HMX_KERNELS_CUDA_NO_MMA=1): the same tolerances; only that rounding differs.
 """
 from __future__ import annotations
 
@@ -56,6 +63,39 @@ def test_deterministic():
                      use_layer_norm=False).cast(torch.float32, "cuda")
     out1, g1 = forward_backward(case, "cuda")
     out2, g2 = forward_backward(case, "cuda")
+    assert torch.equal(out1, out2)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_mma_path_matches_fma_path(dtype, monkeypatch):
+    """fc2 on tensor cores (default on sm_80+) against the FMA path (HMX_KERNELS_CUDA_NO_MMA=1).
+
+    On sm_80+ the two must differ somewhere (Hd is rounded to the input type only on the MMA path),
+    which proves the MMA path ran; both must agree to the fp16/bf16 tolerances.
+    """
+    cfg = dict(variant="idiap", B=2, M=45, N=77, d=36, H=2, k_h=72, input_scale=0.3)
+    monkeypatch.delenv("HMX_KERNELS_CUDA_NO_MMA", raising=False)
+    out_mma, g_mma = forward_backward(make_case(**cfg).cast(dtype, "cuda"), "cuda")
+    monkeypatch.setenv("HMX_KERNELS_CUDA_NO_MMA", "1")
+    out_fma, g_fma = forward_backward(make_case(**cfg).cast(dtype, "cuda"), "cuda")
+    tol_out, tol_grad = TOL[dtype]
+    assert_close("out", out_mma, out_fma, tol_out)
+    for n in g_fma:
+        assert_close(n, g_mma[n], g_fma[n], tol_grad)
+    if torch.cuda.get_device_capability()[0] >= 8:
+        same = torch.equal(out_mma, out_fma) and all(torch.equal(g_mma[n], g_fma[n]) for n in g_fma)
+        assert not same, "MMA and FMA paths gave bitwise equal results: the MMA path did not run"
+
+
+def test_fp32_ignores_mma_switch(monkeypatch):
+    """fp32 never takes the MMA path: bitwise equal with and without HMX_KERNELS_CUDA_NO_MMA=1."""
+    cfg = dict(variant="speechbrain", B=2, M=50, d=36, H=2, k_h=72)
+    monkeypatch.delenv("HMX_KERNELS_CUDA_NO_MMA", raising=False)
+    out1, g1 = forward_backward(make_case(**cfg).cast(torch.float32, "cuda"), "cuda")
+    monkeypatch.setenv("HMX_KERNELS_CUDA_NO_MMA", "1")
+    out2, g2 = forward_backward(make_case(**cfg).cast(torch.float32, "cuda"), "cuda")
     assert torch.equal(out1, out2)
     for n in g1:
         assert torch.equal(g1[n], g2[n]), n
