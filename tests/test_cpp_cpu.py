@@ -81,7 +81,8 @@ CASES = {
                                all_padded_batch=True),
     "sb_tied": dict(variant="speechbrain", B=2, M=23, d=16, H=2, k_h=12, tied=True),
     "sb_N1": dict(variant="speechbrain", B=2, M=1, d=8, H=2, k_h=6, masks=False),
-    "sb_long_N": dict(variant="speechbrain", B=2, M=1031, d=16, H=2, k_h=8, masks=True),
+    # 4500 tokens: 18 tiles of 256 in 16 chunks, so some chunks accumulate over 2 tiles
+    "sb_long_N": dict(variant="speechbrain", B=2, M=4500, d=16, H=2, k_h=8, masks=True),
     "idiap_cross_M_ne_N": dict(variant="idiap", B=3, M=11, N=53, d=36, H=2, k_h=72, bias=False,
                                input_scale=0.2, all_padded_batch=True),
     "idiap_bias_no_ln": dict(variant="idiap", B=2, M=29, N=17, d=16, H=4, k_h=10, bias=True,
@@ -145,6 +146,17 @@ def test_deterministic_across_thread_counts():
     assert torch.equal(out1, out2)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_loop_fallback_without_blas(extension, dtype):
+    """The tile products' plain-loop path (torch builds without an exported BLAS) against the reference."""
+    extension._set_cpu_blas(False)
+    try:
+        compare(make_case(**CASES["sb_dh18_kh72_masks"], seed=7), dtype)
+        compare(make_case(**CASES["idiap_cross_M_ne_N"], seed=8), dtype)
+    finally:
+        extension._set_cpu_blas(True)
 
 
 def test_no_grad_forward_and_layer():
