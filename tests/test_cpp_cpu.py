@@ -8,10 +8,12 @@ and untied generators, M != N, biases on/off, LayerNorm on/off and non-contiguou
 Tolerances (scale-relative, see tests/utils.assert_close):
 - float64: 1e-12. Both sides compute in float64; only the summation order differs (tiles and
   chunks here, BLAS blocking in the reference): measured <= 4e-15.
-- float32: 1e-5 for the output, 2e-5 for gradients. Both compute in fp32 with different
-  summation orders over up to ~1000 tokens (P, dA and the weight gradients are token sums; the
-  gradients pass through two of them): measured <= 1.1e-6 (output) and 2.1e-6 (gradients), so
-  the bounds leave ~10x headroom while an indexing or masking bug (errors of order 1) fails.
+- float32: 1e-5 for the output, 5e-5 for gradients. Both compute in fp32 with different
+  summation orders over up to 4500 tokens (P, dA and the weight gradients are token sums; the
+  gradients pass through two of them), and the twin's fp32 GELU uses a polynomial erf (absolute
+  error <= 1.5e-7): measured <= 1.6e-6 (output) and 6.1e-6 (gradients, sb_long_N), where against
+  float64 the fp32 reference itself is off by up to 6.2e-6 and the twin by 1.0e-6. An indexing or
+  masking bug (errors of order 1) still fails by orders of magnitude.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from hmx_kernels.cpp import build
 from hmx_kernels.dispatch import BackendNotSupportedError, select_backend
 from utils import assert_close, forward_backward, make_case
 
-TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 2e-5)}  # (output, gradients)
+TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 5e-5)}  # (output, gradients)
 
 
 @pytest.fixture(scope="module", autouse=True)
