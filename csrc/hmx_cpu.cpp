@@ -11,10 +11,13 @@
 //   partials in chunk order (deterministic for any thread count), A = GELU(P);
 //   pass 2, parallel over (b, h, query chunk): W2 tile likewise, Y_tile = W2 A -> [T, d_h].
 // Backward (the caller applies LayerNorm's backward first), recomputing every tile once:
-//   pass A over query tiles: dW2 = (dY A^T) * m_q, dA += W2^T dY, MLP2 backward -> generator-2
-//     weight partials and dquery = s * m_q * dz;  dP = dA * GELU'(P)
-//   pass B over key tiles: dW1 = (value dP^T) * m_k, dvalue = (W1 dP) * m_k, MLP1 backward ->
-//     generator-1 weight partials and dkey = s * m_k * dz.
+//   pass A over query tiles: dA += W2^T dY, MLP2 backward -> generator-2 weight partials and
+//     dquery = s * m_q * dz;  dP = dA * GELU'(P)
+//   pass B over key tiles: dvalue = (W1 dP) * m_k, MLP1 backward -> generator-1 weight partials
+//     and dkey = s * m_k * dz.
+//   dW2 = (dY A^T) * m_q and dW1 = (value dP^T) * m_k are never formed: the generator backward
+//   only needs dW fc2 and dW^T Hd, which reassociate into d_h x d_h products (see tile_fc2_sums),
+//   so each tile does two k_h-sized products in the backward (the W recompute and dA / dvalue).
 //   Weight-gradient partials live in per-(b, h, chunk) buffers summed in a fixed order.
 // Trade-off: every tile product is one call of the BLAS gemm passed in (hmx_cpu.h), on tiles of
 // kCpuTile = 256 tokens: large enough for the library's blocking to pay, while the thread-local
@@ -168,10 +171,10 @@ struct Stream {
 // Per-thread tile buffers.
 template <typename T>
 struct TileBuffers {
-  std::vector<T> z, u, hd, w, dw, dhd, du, dz;
+  std::vector<T> z, u, hd, w, dhd, du, dz, sm, sv;
   TileBuffers(int64_t dh, int64_t kh)
-      : z(kCpuTile * dh), u(kCpuTile * dh), hd(kCpuTile * dh), w(kCpuTile * kh), dw(kCpuTile * kh),
-        dhd(kCpuTile * dh), du(kCpuTile * dh), dz(kCpuTile * dh) {}
+      : z(kCpuTile * dh), u(kCpuTile * dh), hd(kCpuTile * dh), w(kCpuTile * kh), dhd(kCpuTile * dh),
+        du(kCpuTile * dh), dz(kCpuTile * dh), sm(dh * dh), sv(dh) {}
 };
 
 // z[t, c] = s * (x[r0 + t, c] * m[r0 + t]) + pe[r0 + t, c]
@@ -233,20 +236,70 @@ struct GradPartial {
       : fc1_w(base), fc1_b(base + dh * dh), fc2_w(base + dh * dh + dh), fc2_b(base + dh * dh + dh + kh * dh) {}
 };
 
-// Backward of W = (GELU(z fc1^T + b1) fc2^T + b2) * m given dW in buf.dw (already times m):
-// accumulates weight partials and leaves dz in buf.dz.
+// Generator backward on one tile without forming dW [T, k_h]. Both passes have dW of the form
+//   dW = m * (X R^T)      X [T, d_h] (dY for generator 2, value for generator 1),
+//                         R [k_h, d_h] (A = GELU(P) for generator 2, dP for generator 1),
+// so with G = R^T fc2 [d_h, d_h] (per batch and head):
+//   dHd  = dW fc2      = m * (X G)                      [T, d_h]
+//   dfc2 = dW^T Hd     = R (X^T (m * Hd))               [k_h, d_h]: S = X^T (m * Hd) [d_h, d_h]
+//   dfc2_b = sum_t dW  = R (X^T m)                      [k_h]:      sv = X^T m       [d_h]
+// S and sv are summed over the chunk's tiles (tile_fc2_sums) and multiplied by R once per chunk
+// (finish_fc2): the k_h-sized products per tile drop from five to two (the W recompute and
+// dA / dvalue).
+
+// Per chunk: S += X^T (m * Hd), sv += X^T m; scales buf.hd's rows by m. X rows have stride ldx.
 template <typename T>
-void mlp_backward(const Mm<T>& mm, const HeadWeights<T>& w, int64_t tn, int64_t dh, int64_t kh,
-                  TileBuffers<T>& buf, GradPartial<T>& gp) {
-  // dfc2 += dW^T Hd: [k_h, T] @ [T, d_h] -> [k_h, d_h]
-  mm(true, false, kh, dh, tn, buf.dw.data(), kh, buf.hd.data(), dh, gp.fc2_w, dh, true);
-  for (int64_t t = 0; t < tn; ++t) {
-    const T* dwt = buf.dw.data() + t * kh;
+void tile_fc2_sums(const Mm<T>& mm, const Stream<T>& st, int64_t r0, int64_t tn, int64_t dh, const T* x,
+                   int64_t ldx, TileBuffers<T>& buf, T* sm, T* sv, bool first) {
+  if (st.mask)
+    for (int64_t t = 0; t < tn; ++t) {
+      const T mr = st.m(r0 + t);
+      T* ht = buf.hd.data() + t * dh;
 #pragma omp simd
-    for (int64_t j = 0; j < kh; ++j) gp.fc2_b[j] += dwt[j];
+      for (int64_t c = 0; c < dh; ++c) ht[c] *= mr;
+    }
+  // S (+)= X^T (m * Hd): [d_h, T] @ [T, d_h] -> [d_h, d_h]
+  mm(true, false, dh, dh, tn, x, ldx, buf.hd.data(), dh, sm, dh, !first);
+  if (first) std::fill(sv, sv + dh, T(0));
+  for (int64_t t = 0; t < tn; ++t) {
+    const T mr = st.m(r0 + t);
+    const T* xt = x + t * ldx;
+#pragma omp simd
+    for (int64_t c = 0; c < dh; ++c) sv[c] += xt[c] * mr;
   }
-  // dHd = dW fc2: [T, k_h] @ [k_h, d_h] -> [T, d_h]
-  mm(false, false, tn, dh, kh, buf.dw.data(), kh, w.fc2_w, dh, buf.dhd.data(), dh, false);
+}
+
+// dHd = m * (X G): [T, d_h] @ [d_h, d_h] -> [T, d_h] into buf.dhd
+template <typename T>
+void tile_dhd(const Mm<T>& mm, const Stream<T>& st, int64_t r0, int64_t tn, int64_t dh, const T* x, int64_t ldx,
+              const T* g, TileBuffers<T>& buf) {
+  mm(false, false, tn, dh, dh, x, ldx, g, dh, buf.dhd.data(), dh, false);
+  if (st.mask)
+    for (int64_t t = 0; t < tn; ++t) {
+      const T mr = st.m(r0 + t);
+      T* dt = buf.dhd.data() + t * dh;
+#pragma omp simd
+      for (int64_t c = 0; c < dh; ++c) dt[c] *= mr;
+    }
+}
+
+// dfc2 = R S, dfc2_b = R sv for one chunk (the partial slots start at zero)
+template <typename T>
+void finish_fc2(const Mm<T>& mm, const T* r, int64_t dh, int64_t kh, const T* sm, const T* sv, GradPartial<T>& gp) {
+  // [k_h, d_h] @ [d_h, d_h] -> [k_h, d_h]
+  mm(false, false, kh, dh, dh, r, dh, sm, dh, gp.fc2_w, dh, false);
+  for (int64_t j = 0; j < kh; ++j) {
+    T acc = T(0);
+    for (int64_t c = 0; c < dh; ++c) acc += r[j * dh + c] * sv[c];
+    gp.fc2_b[j] = acc;
+  }
+}
+
+// The rest of the generator backward from dHd in buf.dhd: dU = dHd * GELU'(U), accumulates the
+// fc1 partials and leaves dz in buf.dz.
+template <typename T>
+void mlp_backward_fc1(const Mm<T>& mm, const HeadWeights<T>& w, int64_t tn, int64_t dh, TileBuffers<T>& buf,
+                      GradPartial<T>& gp) {
   for (int64_t t = 0; t < tn; ++t) {
     T* dut = buf.du.data() + t * dh;
     const T* dht = buf.dhd.data() + t * dh;
@@ -383,7 +436,7 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
   const int64_t B = pb.B, H = pb.H, M = pb.M, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d;
   const Mm<T> mm{gemm};
   const T* p = static_cast<const T*>(bp.p);
-  const int64_t psz = kh * dh;
+  const int64_t psz = kh * dh, gsq = dh * dh;
   std::vector<T> a(B * H * psz);  // A = GELU(P) per (b, h): [k_h, d_h]
 #pragma omp simd
   for (int64_t i = 0; i < B * H * psz; ++i) a[i] = gelu(p[i]);
@@ -394,6 +447,7 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
   std::vector<T> g2_part(B * H * Cq * gsz);
   std::vector<T> g1_part(B * H * Ck * gsz);
   std::vector<T> dp(B * H * psz);
+  std::vector<T> ga(B * H * gsq), gp1(B * H * gsq);  // A^T fc2_2 and dP^T fc2_1: [d_h, d_h]
   const T* dy = static_cast<const T*>(bp.dy);
   T* dq = static_cast<T*>(bp.dq);
   T* dk = static_cast<T*>(bp.dk);
@@ -403,15 +457,19 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(dh, kh);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const HeadWeights<T> w = head_weights<T>(pb.g2, bh % H, dh, kh);
+      // A^T fc2: [d_h, k_h] @ [k_h, d_h] -> [d_h, d_h]
+      mm(true, false, dh, dh, kh, a.data() + bh * psz, dh, w.fc2_w, dh, ga.data() + bh * gsq, dh, false);
+    }
     // ---- pass A: query tiles -> dA partials, generator-2 grads, dquery ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < B * H * Cq; ++item) {
       const int64_t c = item % Cq, bh = item / Cq, h = bh % H, b = bh / H;
       const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, M, b, h);
       const HeadWeights<T> w = head_weights<T>(pb.g2, h, dh, kh);
-      const T* ab = a.data() + bh * psz;
       T* dap = da_part.data() + item * psz;
-      std::fill(dap, dap + psz, T(0));
       T* gbase = g2_part.data() + item * gsz;
       std::fill(gbase, gbase + gsz, T(0));
       GradPartial<T> gp(gbase, dh, kh);
@@ -421,18 +479,12 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
         const int64_t tn = std::min(kCpuTile, c1 - r0);
         mlp_forward(mm, w, qs, r0, tn, dh, kh, buf);
         const T* dyt = dy + (b * M + r0) * d + h * dh;  // rows of stride d
-        // dA += W2^T dY: [k_h, T] @ [T, d_h] -> [k_h, d_h]
-        mm(true, false, kh, dh, tn, buf.w.data(), kh, dyt, d, dap, dh, true);
-        // dW2 = (dY A^T) * m_q: [T, d_h] @ [d_h, k_h] -> [T, k_h]
-        mm(false, true, tn, kh, dh, dyt, d, ab, dh, buf.dw.data(), kh, false);
-        if (qs.mask)
-          for (int64_t t = 0; t < tn; ++t) {
-            const T mr = qs.m(r0 + t);
-            T* dwt = buf.dw.data() + t * kh;
-#pragma omp simd
-            for (int64_t j = 0; j < kh; ++j) dwt[j] *= mr;
-          }
-        mlp_backward(mm, w, tn, dh, kh, buf, gp);
+        // dA (+)= W2^T dY: [k_h, T] @ [T, d_h] -> [k_h, d_h]
+        mm(true, false, kh, dh, tn, buf.w.data(), kh, dyt, d, dap, dh, r0 != c0);
+        // dW2 = m_q * (dY A^T), used only through dHd and the chunk sums
+        tile_dhd(mm, qs, r0, tn, dh, dyt, d, ga.data() + bh * gsq, buf);
+        tile_fc2_sums(mm, qs, r0, tn, dh, dyt, d, buf, buf.sm.data(), buf.sv.data(), r0 == c0);
+        mlp_backward_fc1(mm, w, tn, dh, buf, gp);
         for (int64_t t = 0; t < tn; ++t) {
           const T f = s * qs.m(r0 + t);
           T* out = dq + (b * M + r0 + t) * d + h * dh;
@@ -441,8 +493,9 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
           for (int64_t cc = 0; cc < dh; ++cc) out[cc] = f * dzt[cc];
         }
       }
+      finish_fc2(mm, a.data() + bh * psz, dh, kh, buf.sm.data(), buf.sv.data(), gp);
     }
-    // ---- dP = (sum of dA partials) * GELU'(P) ----
+    // ---- dP = (sum of dA partials) * GELU'(P); dP^T fc2_1 ----
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       T* dpb = dp.data() + bh * psz;
@@ -453,6 +506,9 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
       }
 #pragma omp simd
       for (int64_t i = 0; i < psz; ++i) dpb[i] *= gelu_grad(p[bh * psz + i]);
+      const HeadWeights<T> w = head_weights<T>(pb.g1, bh % H, dh, kh);
+      // dP^T fc2: [d_h, k_h] @ [k_h, d_h] -> [d_h, d_h]
+      mm(true, false, dh, dh, kh, dpb, dh, w.fc2_w, dh, gp1.data() + bh * gsq, dh, false);
     }
     // ---- pass B: key tiles -> generator-1 grads, dkey, dvalue ----
 #pragma omp for schedule(dynamic, 1)
@@ -470,22 +526,21 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
       for (int64_t r0 = c0; r0 < c1; r0 += kCpuTile) {
         const int64_t tn = std::min(kCpuTile, c1 - r0);
         mlp_forward(mm, w, ks, r0, tn, dh, kh, buf);
-        // dW1 = (value dP^T) * m_k: [T, d_h] @ [d_h, k_h] -> [T, k_h]
-        mm(false, true, tn, kh, dh, vx + r0 * pb.v_rstride, pb.v_rstride, dpb, dh, buf.dw.data(), kh, false);
+        const T* vt = vx + r0 * pb.v_rstride;
         // dvalue = (W1 dP) * m_k: [T, k_h] @ [k_h, d_h] -> [T, d_h], written into dv's rows
         T* dvt = dv + (b * N + r0) * d + h * dh;
         mm(false, false, tn, dh, kh, buf.w.data(), kh, dpb, dh, dvt, d, false);
         if (ks.mask)
           for (int64_t t = 0; t < tn; ++t) {
             const T mr = ks.m(r0 + t);
-            T* dwt = buf.dw.data() + t * kh;
-#pragma omp simd
-            for (int64_t j = 0; j < kh; ++j) dwt[j] *= mr;
             T* out = dvt + t * d;
 #pragma omp simd
             for (int64_t cc = 0; cc < dh; ++cc) out[cc] *= mr;
           }
-        mlp_backward(mm, w, tn, dh, kh, buf, gp);
+        // dW1 = m_k * (value dP^T), used only through dHd and the chunk sums
+        tile_dhd(mm, ks, r0, tn, dh, vt, pb.v_rstride, gp1.data() + bh * gsq, buf);
+        tile_fc2_sums(mm, ks, r0, tn, dh, vt, pb.v_rstride, buf, buf.sm.data(), buf.sv.data(), r0 == c0);
+        mlp_backward_fc1(mm, w, tn, dh, buf, gp);
         for (int64_t t = 0; t < tn; ++t) {
           const T f = s * ks.m(r0 + t);
           T* out = dk + (b * N + r0 + t) * d + h * dh;
@@ -494,6 +549,7 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
           for (int64_t cc = 0; cc < dh; ++cc) out[cc] = f * dzt[cc];
         }
       }
+      finish_fc2(mm, dpb, dh, kh, buf.sm.data(), buf.sv.data(), gp);
     }
   }
   reduce_generator_grads<T>(g2_part, B, H, Cq, dh, kh, bp.dg2, nthreads);
