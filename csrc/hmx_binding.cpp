@@ -9,7 +9,10 @@
 //       -> [dq, dk, dv, dw1 fc1_w, fc1_b, fc2_w, fc2_b, dw2 (same 4)] (None for absent biases)
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <climits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "hmx_cpu.h"
@@ -141,6 +144,45 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return pr;
 }
 
+// The CPU twin's tile products: the Fortran BLAS sgemm_ / dgemm_ that torch's CPU library exports
+// when it is built with MKL or OpenBLAS (LP64: int sizes), called directly (no tensor overhead).
+// Weak references: with a torch that lacks them they are null and the twin uses its own loops.
+// Called inside the twin's OpenMP region, where the BLAS runs single-threaded (no nesting).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+bool g_use_blas = true;  // tests switch it off to cover the loop fallback
+
+template <typename T>
+void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const int im = (int)m, in = (int)n, ik = (int)k, ilda = (int)lda, ildb = (int)ldb, ildc = (int)ldc;
+  if constexpr (std::is_same_v<T, float>)
+    sgemm_(&transa, &transb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+  else
+    dgemm_(&transa, &transb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+}
+
+// The gemm for the twin, or nullptr (loops) without a BLAS or when sizes exceed int range.
+template <typename T>
+hmx::cpu::GemmFn<T> cpu_gemm(const hmx::ProblemParams& pb) {
+  const bool have = std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+  const int64_t big = std::max({pb.d, pb.k_h, pb.q_rstride, pb.k_rstride, pb.v_rstride});
+  if (!g_use_blas || !have || big > INT32_MAX) return nullptr;
+  return &blas_gemm<T>;
+}
+
+bool set_cpu_blas(bool on) {
+  g_use_blas = on;
+  return sgemm_ != nullptr && dgemm_ != nullptr;
+}
+
 #ifdef HMX_WITH_CUDA
 hmx::cuda::DType cuda_dtype(at::ScalarType t) {
   if (t == at::kHalf) return hmx::cuda::DType::kF16;
@@ -178,8 +220,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 #endif
   } else {
     const int nt = at::get_num_threads();
-    if (q.scalar_type() == at::kFloat) hmx::cpu::forward_f32(fp, nt);
-    else hmx::cpu::forward_f64(fp, nt);
+    if (q.scalar_type() == at::kFloat) hmx::cpu::forward_f32(fp, cpu_gemm<float>(pb), nt);
+    else hmx::cpu::forward_f64(fp, cpu_gemm<double>(pb), nt);
   }
   return {y, p};
 }
@@ -237,8 +279,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
 #endif
   } else {
     const int nt = at::get_num_threads();
-    if (q.scalar_type() == at::kFloat) hmx::cpu::backward_f32(bp, nt);
-    else hmx::cpu::backward_f64(bp, nt);
+    if (q.scalar_type() == at::kFloat) hmx::cpu::backward_f32(bp, cpu_gemm<float>(pb), nt);
+    else hmx::cpu::backward_f64(bp, cpu_gemm<double>(pb), nt);
   }
   std::vector<at::Tensor> out = {dq, dk, dv};
   out.insert(out.end(), g.begin(), g.end());
@@ -259,5 +301,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hmx_kernels fused HyperMixing passes (CPU twin, and CUDA kernels when built with them)";
   m.def("forward", &forward, "fused HyperMixing forward: (y before LayerNorm, P)");
   m.def("backward", &backward, "fused HyperMixing backward: [dq, dk, dv, 4 generator-1 grads, 4 generator-2 grads]");
+  m.def("_set_cpu_blas", &set_cpu_blas,
+        "use the BLAS gemm for the CPU twin's tile products (default) or its plain loops; returns whether a BLAS "
+        "is available");
   m.def("has_cuda", &has_cuda, "whether this build contains the CUDA kernels");
 }

@@ -8,10 +8,12 @@ and untied generators, M != N, biases on/off, LayerNorm on/off and non-contiguou
 Tolerances (scale-relative, see tests/utils.assert_close):
 - float64: 1e-12. Both sides compute in float64; only the summation order differs (tiles and
   chunks here, BLAS blocking in the reference): measured <= 4e-15.
-- float32: 1e-5 for the output, 2e-5 for gradients. Both compute in fp32 with different
-  summation orders over up to ~1000 tokens (P, dA and the weight gradients are token sums; the
-  gradients pass through two of them): measured <= 1.1e-6 (output) and 2.1e-6 (gradients), so
-  the bounds leave ~10x headroom while an indexing or masking bug (errors of order 1) fails.
+- float32: 1e-5 for the output, 5e-5 for gradients. Both compute in fp32 with different
+  summation orders over up to 4500 tokens (P, dA and the weight gradients are token sums; the
+  gradients pass through two of them), and the twin's fp32 GELU uses a polynomial erf (absolute
+  error <= 1.5e-7): measured <= 1.6e-6 (output) and 6.1e-6 (gradients, sb_long_N), where against
+  float64 the fp32 reference itself is off by up to 6.2e-6 and the twin by 1.0e-6. An indexing or
+  masking bug (errors of order 1) still fails by orders of magnitude.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from hmx_kernels.cpp import build
 from hmx_kernels.dispatch import BackendNotSupportedError, select_backend
 from utils import assert_close, forward_backward, make_case
 
-TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 2e-5)}  # (output, gradients)
+TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 5e-5)}  # (output, gradients)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,7 +83,8 @@ CASES = {
                                all_padded_batch=True),
     "sb_tied": dict(variant="speechbrain", B=2, M=23, d=16, H=2, k_h=12, tied=True),
     "sb_N1": dict(variant="speechbrain", B=2, M=1, d=8, H=2, k_h=6, masks=False),
-    "sb_long_N": dict(variant="speechbrain", B=2, M=1031, d=16, H=2, k_h=8, masks=True),
+    # 4500 tokens: 18 tiles of 256 in 16 chunks, so some chunks accumulate over 2 tiles
+    "sb_long_N": dict(variant="speechbrain", B=2, M=4500, d=16, H=2, k_h=8, masks=True),
     "idiap_cross_M_ne_N": dict(variant="idiap", B=3, M=11, N=53, d=36, H=2, k_h=72, bias=False,
                                input_scale=0.2, all_padded_batch=True),
     "idiap_bias_no_ln": dict(variant="idiap", B=2, M=29, N=17, d=16, H=4, k_h=10, bias=True,
@@ -145,6 +148,17 @@ def test_deterministic_across_thread_counts():
     assert torch.equal(out1, out2)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_loop_fallback_without_blas(extension, dtype):
+    """The tile products' plain-loop path (torch builds without an exported BLAS) against the reference."""
+    extension._set_cpu_blas(False)
+    try:
+        compare(make_case(**CASES["sb_dh18_kh72_masks"], seed=7), dtype)
+        compare(make_case(**CASES["idiap_cross_M_ne_N"], seed=8), dtype)
+    finally:
+        extension._set_cpu_blas(True)
 
 
 def test_no_grad_forward_and_layer():
