@@ -11,7 +11,9 @@ just before it (inputs, weights and, for backward, the forward's saved tensors a
 - GPU: torch.cuda.max_memory_allocated() - memory_allocated() before, after reset_peak_memory_stats.
 - CPU: every allocation and free of PyTorch's CPU allocator during the pass, recorded by
   torch.profiler (profile_memory=True, the "[memory]" events, which include a C++ extension's
-  own at::empty scratch buffers), replayed in time order; the peak of the running sum.
+  own at::empty scratch buffers), replayed in time order; the peak of the running sum. malloc'd
+  memory outside PyTorch's allocator (the cpu backend's std::vector working buffers, which do not
+  grow with N beyond 16 chunks) is not seen: see benchmarks/README.md.
 """
 from __future__ import annotations
 
