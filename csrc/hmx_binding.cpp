@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -27,6 +29,26 @@
 namespace {
 
 using OptT = std::optional<at::Tensor>;
+
+// Outputs and workspaces are uninitialised (at::empty). With HMX_KERNELS_POISON=1 in the
+// environment (read on every call; tests set it) they are filled with NaN (workspaces with 0xFF
+// bytes, a NaN pattern too), so an element a kernel forgets to write shows up in a comparison.
+bool poison_requested() {
+  const char* v = std::getenv("HMX_KERNELS_POISON");
+  return v != nullptr && v[0] == '1';
+}
+
+at::Tensor new_buffer(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(shape, options);
+  if (poison_requested()) {
+    if (options.dtype() == at::kByte) {
+      t.fill_(255);
+    } else {
+      t.fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+  }
+  return t;
+}
 
 std::string shape_str(const at::Tensor& t) {
   std::ostringstream os;
@@ -203,15 +225,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
                             w2_fc1_b, w2_fc2_w, w2_fc2_b, scale);
   const auto& pb = pr.pb;
-  at::Tensor y = at::empty({pb.B, pb.M, pb.d}, q.options());
-  at::Tensor p = at::empty({pb.B, pb.H, pb.k_h, pb.d_h}, q.options().dtype(compute_type(q)));
+  at::Tensor y = new_buffer({pb.B, pb.M, pb.d}, q.options());
+  at::Tensor p = new_buffer({pb.B, pb.H, pb.k_h, pb.d_h}, q.options().dtype(compute_type(q)));
   hmx::ForwardParams fp{pb, y.data_ptr(), p.data_ptr()};
   if (q.is_cuda()) {
 #ifdef HMX_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
     const char* why = hmx::cuda::not_supported(pb);
     TORCH_CHECK(why == nullptr, "hmx_kernels cuda: ", why ? why : "");
-    at::Tensor ws = at::empty({(int64_t)hmx::cuda::forward_workspace_bytes(pb)}, q.options().dtype(at::kByte));
+    at::Tensor ws = new_buffer({(int64_t)hmx::cuda::forward_workspace_bytes(pb)}, q.options().dtype(at::kByte));
     check_cuda(hmx::cuda::forward(fp, cuda_dtype(q.scalar_type()), ws.data_ptr(),
                                   c10::cuda::getCurrentCUDAStream().stream()),
                "forward");
@@ -243,12 +265,12 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
   check_shape("p", p, {pb.B, pb.H, pb.k_h, pb.d_h});
   check_contiguous("p", p);
 
-  at::Tensor dq = at::empty({pb.B, pb.M, pb.d}, q.options());
-  at::Tensor dk = at::empty({pb.B, pb.N, pb.d}, q.options());
-  at::Tensor dv = at::empty({pb.B, pb.N, pb.d}, q.options());
+  at::Tensor dq = new_buffer({pb.B, pb.M, pb.d}, q.options());
+  at::Tensor dk = new_buffer({pb.B, pb.N, pb.d}, q.options());
+  at::Tensor dv = new_buffer({pb.B, pb.N, pb.d}, q.options());
   auto gopt = q.options().dtype(ctype);
   auto make = [&](std::initializer_list<int64_t> shape, bool present) {
-    return present ? at::empty(shape, gopt) : at::Tensor();
+    return present ? new_buffer(shape, gopt) : at::Tensor();
   };
   std::vector<at::Tensor> g = {
       make({pb.H, pb.d_h, pb.d_h}, true), make({pb.H, pb.d_h}, w1_fc1_b.has_value()),
@@ -270,7 +292,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
     const c10::cuda::CUDAGuard guard(q.device());
     const char* why = hmx::cuda::not_supported(pb);
     TORCH_CHECK(why == nullptr, "hmx_kernels cuda: ", why ? why : "");
-    at::Tensor ws = at::empty({(int64_t)hmx::cuda::backward_workspace_bytes(pb)}, q.options().dtype(at::kByte));
+    at::Tensor ws = new_buffer({(int64_t)hmx::cuda::backward_workspace_bytes(pb)}, q.options().dtype(at::kByte));
     check_cuda(hmx::cuda::backward(bp, cuda_dtype(q.scalar_type()), ws.data_ptr(),
                                    c10::cuda::getCurrentCUDAStream().stream()),
                "backward");
