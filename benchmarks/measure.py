@@ -29,12 +29,12 @@ import torch
 from .contenders import Case
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _clear_grads(leaves) -> None:
+def clear_grads(leaves) -> None:
     for t in leaves:
         t.grad = None
 
@@ -87,22 +87,22 @@ def time_passes(case: Case, grad: torch.Tensor, device: torch.device, repeats: i
         return d
 
     out["fwd"] = run(case.forward)
-    out["fwd_bwd"] = run(lambda: case.forward().backward(grad), lambda: _clear_grads(case.leaves))
+    out["fwd_bwd"] = run(lambda: case.forward().backward(grad), lambda: clear_grads(case.leaves))
     y = case.forward()
     try:
-        out["bwd"] = run(lambda: y.backward(grad, retain_graph=True), lambda: _clear_grads(case.leaves))
+        out["bwd"] = run(lambda: y.backward(grad, retain_graph=True), lambda: clear_grads(case.leaves))
     except RuntimeError:
         # a backward that cannot run twice on one graph: derive it from the other two
         out["bwd"] = {k: max(out["fwd_bwd"][k] - out["fwd"][k], 0.0) for k in ("p20", "p50", "p80")}
         out["bwd"]["reps"] = 0
     del y
-    _clear_grads(case.leaves)
+    clear_grads(case.leaves)
     return out
 
 
 def peak_memory(case: Case, grad: torch.Tensor, device: torch.device) -> Dict[str, float]:
     """Peak extra bytes of the forward (graph kept for backward) and of forward+backward."""
-    _clear_grads(case.leaves)
+    clear_grads(case.leaves)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -114,7 +114,7 @@ def peak_memory(case: Case, grad: torch.Tensor, device: torch.device) -> Dict[st
         torch.cuda.synchronize(device)
         both = torch.cuda.max_memory_allocated(device) - base
         del y
-        _clear_grads(case.leaves)
+        clear_grads(case.leaves)
         return {"fwd": float(fwd), "fwd_bwd": float(max(both, fwd))}
     return _cpu_peak_memory(case, grad)
 
@@ -127,7 +127,7 @@ def _cpu_peak_memory(case: Case, grad: torch.Tensor) -> Dict[str, float]:
         with record_function("benchmarks::backward"):
             y.backward(grad)
         del y
-    _clear_grads(case.leaves)
+    clear_grads(case.leaves)
     events = prof.profiler.kineto_results.events()
     boundary = min((e.start_ns() for e in events if e.name() == "benchmarks::backward"), default=None)
     mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")

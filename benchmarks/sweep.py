@@ -26,7 +26,7 @@ import torch
 
 from .config import Shape, dtype_name, peak_tflops
 from .contenders import Contender
-from .measure import peak_memory, time_passes
+from .measure import clear_grads, peak_memory, sync_device, time_passes
 
 # Largest scale-relative output error (max |out - ref| / max |ref|, ref in float64) accepted.
 TOLERANCE = {
@@ -158,8 +158,7 @@ def _run_point(cfg, c: Contender, shape, B, N, row, series, stop, last_ok, peak,
                 y = case.forward()
                 y.backward(torch.ones_like(y))
                 y = None
-            if cfg.device.type == "cuda":
-                torch.cuda.synchronize(cfg.device)
+            sync_device(cfg.device)
             spent = time.perf_counter() - t0
             row["series_first_call_s"] = spent
             if spent > cfg.compile_cap:
@@ -171,8 +170,7 @@ def _run_point(cfg, c: Contender, shape, B, N, row, series, stop, last_ok, peak,
         grad = torch.randn(y.shape, generator=torch.Generator(device=y.device).manual_seed(1),
                            device=y.device).to(y.dtype)
         y.backward(grad)
-        if cfg.device.type == "cuda":
-            torch.cuda.synchronize(cfg.device)
+        sync_device(cfg.device)
         first = time.perf_counter() - t0
         row["first_call_s"] = first
         if first > cfg.time_cap:
@@ -185,8 +183,7 @@ def _run_point(cfg, c: Contender, shape, B, N, row, series, stop, last_ok, peak,
             row.update(status="mismatch", note=f"output differs from the float64 reference: {err:.2e} > {row['tol']:g}")
             return
         for _ in range(cfg.warmup - 1):
-            for t in case.leaves:
-                t.grad = None
+            clear_grads(case.leaves)
             case.forward().backward(grad)
         times = time_passes(case, grad, cfg.device, cfg.repeats, cfg.measure_budget)
         mem = peak_memory(case, grad, cfg.device) if cfg.memory else None

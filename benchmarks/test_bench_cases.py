@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.config import SHAPES
 from benchmarks.contenders import all_contenders, default_contender_names
+from benchmarks.measure import clear_grads, sync_device
 from benchmarks.sweep import TOLERANCE
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -28,11 +29,6 @@ if DEVICE.type == "cpu":
 
 CONTENDERS = all_contenders(DEVICE)
 NAMES = default_contender_names(DEVICE)
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwd_bwd"])
@@ -52,17 +48,16 @@ def test_case(benchmark, name, shape, N, pass_):
     del y
 
     def clear():
-        for t in case.leaves:
-            t.grad = None
+        clear_grads(case.leaves)
 
     if pass_ == "fwd":
         def run():
             case.forward()
-            _sync()
+            sync_device(DEVICE)
     else:
         def run():
             case.forward().backward(grad)
-            _sync()
+            sync_device(DEVICE)
 
     benchmark.extra_info.update(contender=name, family=c.family, d=s.d, k=s.k, H=s.H, B=BATCH, N=N,
                                 dtype=str(DTYPE), flops=c.flops(s, BATCH, N, pass_), max_err=err)
