@@ -306,3 +306,10 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     if res.returncode != 0 and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
         pytest.skip("triton's ptxas is not available: " + res.stderr[-300:])
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+def test_poison_environment_switch(monkeypatch):
+    # HMX_KERNELS_POISON=1 (the switch the C++ binding reads too) NaN-fills every buffer
+    tfn.set_nan_poison(False)  # the autouse fixture turned the in-process switch on
+    monkeypatch.setenv("HMX_KERNELS_POISON", "1")
+    assert torch.isnan(tfn._empty((3, 5), torch.float32, "cpu")).all()

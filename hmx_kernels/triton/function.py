@@ -15,8 +15,9 @@ The sequence is split into n_chunks = min(64, ceil(L / CHUNK_MIN)) chunks, one p
 depends on L only (not on the tuned BLOCK_N), so partial buffers are config-independent and stay
 smaller than an [L, k_h] tensor per (b, h) while d_h < CHUNK_MIN.
 
-Debugging aid: with `set_nan_poison(True)` (or HMX_TRITON_POISON=1) every buffer this module
-allocates is filled with NaN first, so an element a kernel forgets to write shows up in tests.
+Debugging aid: with `set_nan_poison(True)` (or HMX_KERNELS_POISON=1 in the environment, the switch
+the C++ backends read too) every buffer this module allocates is filled with NaN first, so an
+element a kernel forgets to write shows up in tests.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ CHUNK_MIN = 128  # fewest tokens per chunk (keeps partial buffers below [L, k_h]
 # may differ from torch's by a few ulp, more for angles in the thousands).
 PE_ON_CHIP = False
 
-_POISON = os.environ.get("HMX_TRITON_POISON", "0") == "1"
+_POISON = False
 
 
 def set_nan_poison(enabled: bool) -> None:
@@ -58,7 +59,7 @@ def set_nan_poison(enabled: bool) -> None:
 
 def _empty(shape, dtype, device) -> torch.Tensor:
     t = torch.empty(shape, dtype=dtype, device=device)
-    if _POISON:
+    if _POISON or os.environ.get("HMX_KERNELS_POISON") == "1":  # read per call, as the C++ binding does
         t.fill_(float("nan"))
     return t
 
@@ -82,7 +83,7 @@ def _mask_args(mask: Optional[torch.Tensor], fallback: torch.Tensor):
 
 
 def _pe_args(meta, device):
-    """(pe table or freq vector, pe_table flag, first position, scale)."""
+    """(pe table [L, d] or frequency vector [d], pe_table flag)."""
     v = meta.variant
     if v.name == "speechbrain" and PE_ON_CHIP:
         freq = frequencies(v, meta.d, torch.float32).to(device)  # [d] exact fp32 frequencies
