@@ -30,12 +30,19 @@ namespace {
 
 using OptT = std::optional<at::Tensor>;
 
-// Outputs and workspaces are uninitialised (at::empty). With HMX_KERNELS_POISON=1 in the
-// environment (read on every call; tests set it) they are filled with NaN (workspaces with 0xFF
-// bytes, a NaN pattern too), so an element a kernel forgets to write shows up in a comparison.
-bool poison_requested() {
-  const char* v = std::getenv("HMX_KERNELS_POISON");
-  return v != nullptr && v[0] == '1';
+// Options set once from Python (hmx_kernels.config, via set_options): nothing here reads the
+// environment on a call.
+// - poison: outputs and workspaces (uninitialised, at::empty) are filled with NaN (workspaces with
+//   0xFF bytes, a NaN pattern too), so an element a kernel forgets to write shows up in a comparison.
+// - allow_mma: tensor-core products for half types in the CUDA kernels.
+bool g_poison = false;
+bool g_allow_mma = true;
+
+bool poison_requested() { return g_poison; }
+
+void set_options(bool poison, bool allow_mma) {
+  g_poison = poison;
+  g_allow_mma = allow_mma;
 }
 
 at::Tensor new_buffer(at::IntArrayRef shape, const at::TensorOptions& options) {
@@ -154,6 +161,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   hmx::ProblemParams& pb = pr.pb;
   pb.B = B; pb.M = M; pb.N = N; pb.d = d; pb.H = H; pb.d_h = d_h; pb.k_h = k_h;
   pb.scale = scale;
+  pb.allow_mma = g_allow_mma;
   pr.q = q; pr.k = k; pr.v = v;
   pb.q = q.data_ptr(); pb.k = k.data_ptr(); pb.v = v.data_ptr();
   pb.q_bstride = q.stride(0); pb.q_rstride = q.stride(1);
@@ -326,5 +334,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_cpu_blas", &set_cpu_blas,
         "use the BLAS gemm for the CPU twin's tile products (default) or its plain loops; returns whether a BLAS "
         "is available");
+  m.def("set_options", &set_options, "set_options(poison, allow_mma): NaN-fill outputs/workspaces; tensor cores");
   m.def("has_cuda", &has_cuda, "whether this build contains the CUDA kernels");
 }

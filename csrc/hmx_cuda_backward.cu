@@ -223,8 +223,8 @@ size_t backward_workspace_bytes(const ProblemParams& pb) {
 
 int backward(const BackwardParams& bp, DType dtype, void* workspace, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kF16: return backward_t<__half>(bp, mma_wanted(dtype), workspace, stream);
-    case DType::kBF16: return backward_t<__nv_bfloat16>(bp, mma_wanted(dtype), workspace, stream);
+    case DType::kF16: return backward_t<__half>(bp, mma_wanted(dtype, bp.pb.allow_mma), workspace, stream);
+    case DType::kBF16: return backward_t<__nv_bfloat16>(bp, mma_wanted(dtype, bp.pb.allow_mma), workspace, stream);
     default: return backward_t<float>(bp, false, workspace, stream);
   }
 }

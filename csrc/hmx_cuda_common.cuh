@@ -168,10 +168,9 @@ __host__ __device__ inline size_t smem_bytes(size_t fp32_floats, int64_t dh, int
 }
 
 // Host: whether the launch should take the MMA path (the kernel itself also requires sm_80+ code).
-inline bool mma_wanted(DType dtype) {
-  if (dtype == DType::kF32) return false;
-  const char* env = std::getenv("HMX_KERNELS_CUDA_NO_MMA");
-  if (env != nullptr && std::strcmp(env, "1") == 0) return false;
+// `allow` is ProblemParams::allow_mma (off with HMX_KERNELS_CUDA_NO_MMA=1, read once in Python).
+inline bool mma_wanted(DType dtype, bool allow) {
+  if (dtype == DType::kF32 || !allow) return false;
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;

@@ -280,8 +280,8 @@ size_t forward_workspace_bytes(const ProblemParams& pb) {
 
 int forward(const ForwardParams& fp, DType dtype, void* workspace, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kF16: return forward_t<__half>(fp, mma_wanted(dtype), workspace, stream);
-    case DType::kBF16: return forward_t<__nv_bfloat16>(fp, mma_wanted(dtype), workspace, stream);
+    case DType::kF16: return forward_t<__half>(fp, mma_wanted(dtype, fp.pb.allow_mma), workspace, stream);
+    case DType::kBF16: return forward_t<__nv_bfloat16>(fp, mma_wanted(dtype, fp.pb.allow_mma), workspace, stream);
     default: return forward_t<float>(fp, false, workspace, stream);
   }
 }

@@ -57,6 +57,7 @@ struct ProblemParams {
   const void* m_k;   // [B, N] or nullptr
   GeneratorParams g1;  // W1 = MLP1(z_k) * m_k
   GeneratorParams g2;  // W2 = MLP2(z_q) * m_q
+  bool allow_mma = true;  // CUDA: tensor-core products for half types where the device has them
 };
 
 struct ForwardParams {

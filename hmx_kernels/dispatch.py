@@ -1,35 +1,87 @@
 """The one place that knows which backend serves which call, and says why when none does.
 
-Each backend is registered with a name, a `not_supported_reasons(problem)` function (empty list =
-it can run this call) and a `forward(problem)` function. Heavy imports (triton, the C++ extension)
-happen inside those functions, so `import hmx_kernels` stays cheap.
+Each backend registers a `Backend`: a name, a `forward(problem) -> Tensor` and its
+`Capabilities` as data (device types, operand dtypes it takes natively, dtypes it takes by
+upcasting to float32, head-size limits, whether a generator may have one bias without the other)
+plus an optional availability probe (e.g. "the C++ extension builds"). `not_supported_reasons`
+is derived from that data, so every backend reads a problem the same way.
 
 `backend="auto"` tries, in order, the backends listed in AUTO_ORDER for the inputs' device type
 and takes the first that supports the call; an explicit name runs that backend or raises an error
-that lists its reasons. `available_backends(problem)` reports every backend and its reasons.
+that lists its reasons. `backend_reasons(problem)` reports every backend and its reasons.
+
+The availability probes run once per process and key (they may build the extension: a lock, the
+file system); they are marked with `constant_result` (= torch.compiler.assume_constant_result),
+so under torch.compile they run at trace time, outside the graph, and the call itself has no
+graph break.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
-from .validation import HyperMixingProblem
+from .validation import FLOAT_DTYPES, HyperMixingProblem
 
 __all__ = [
     "Backend",
+    "Capabilities",
     "register_backend",
     "registered_backends",
+    "get_backend",
     "select_backend",
     "backend_reasons",
+    "check_backend_name",
     "AUTO_ORDER",
     "BackendNotSupportedError",
+    "constant_result",
 ]
+
+
+def constant_result(fn):
+    """torch.compiler.assume_constant_result without importing torch._dynamo (which imports triton
+    and costs about a second at `import hmx_kernels`): it sets the same marker attribute, which
+    tests/test_ops.py checks against torch's own decorator."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 class BackendNotSupportedError(RuntimeError):
     """No backend (or not the requested one) can run this call; the message lists why."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend takes, as data. `available(device_type)` returns () or the reasons why the
+    backend cannot run at all here (missing compiler, triton, ...); it is consulted last."""
+
+    devices: Tuple[str, ...]  # device types; "*" = any
+    dtypes: Tuple[torch.dtype, ...]
+    upcast_dtypes: Tuple[torch.dtype, ...] = ()  # taken by computing in float32, result cast back
+    max_d_h: Optional[int] = None
+    max_k_h: Optional[int] = None
+    partial_biases: bool = True
+    device_note: str = ""  # appended to the device reason
+    available: Optional[Callable[[str], Tuple[str, ...]]] = None
+
+    def reasons(self, p: HyperMixingProblem) -> List[str]:
+        out = []
+        if "*" not in self.devices and p.device.type not in self.devices:
+            out.append(f"runs on {', '.join(self.devices)} tensors, got {p.device}{self.device_note}")
+        if p.dtype not in self.dtypes + self.upcast_dtypes:
+            names = ", ".join(str(t).replace("torch.", "") for t in self.dtypes + self.upcast_dtypes)
+            out.append(f"takes {names}, not {p.dtype}")
+        if self.max_d_h is not None and p.d_h > self.max_d_h:
+            out.append(f"head size d_h = d/H = {p.d_h} exceeds its limit {self.max_d_h} (use more heads)")
+        if self.max_k_h is not None and p.k_h > self.max_k_h:
+            out.append(f"hypernetwork size per head k_h = {p.k_h} exceeds its limit {self.max_k_h}")
+        if not self.partial_biases and p.partial_biases:
+            out.append("a generator with an fc1 bias but no fc2 bias (or the reverse) is not supported")
+        if not out and self.available is not None:
+            out.extend(self.available(p.device.type))
+        return out
 
 
 @dataclass
@@ -37,15 +89,23 @@ class Backend:
     name: str
     description: str
     forward: Callable[[HyperMixingProblem], Tensor]
-    not_supported_reasons: Callable[[HyperMixingProblem], List[str]] = field(default=lambda p: [])
+    capabilities: Capabilities = Capabilities(devices=("*",), dtypes=FLOAT_DTYPES)
+    # extra problem-dependent reasons beyond the capabilities (rarely needed)
+    extra_reasons: Callable[[HyperMixingProblem], List[str]] = field(default=lambda p: [])
+
+    def not_supported_reasons(self, p: HyperMixingProblem) -> List[str]:
+        reasons = self.capabilities.reasons(p)
+        return reasons if reasons else list(self.extra_reasons(p))
 
 
 _REGISTRY: Dict[str, Backend] = {}
 
-# auto preference per device type; names not registered are skipped
+# auto preference per device type; names not registered are skipped. "meta" runs the fused ops'
+# shape functions (no data, no extension needed).
 AUTO_ORDER: Dict[str, List[str]] = {
     "cuda": ["triton", "cuda", "reference"],
     "cpu": ["cpu", "reference"],
+    "meta": ["cpu", "reference"],
 }
 
 
@@ -57,24 +117,33 @@ def registered_backends() -> List[str]:
     return list(_REGISTRY)
 
 
+def get_backend(name: str) -> Backend:
+    check_backend_name(name)
+    return _REGISTRY[name]
+
+
+def check_backend_name(name) -> str:
+    """Raises a clear error for anything but "auto" or a registered backend's name."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; known backends: {['auto'] + registered_backends()}")
+    return name
+
+
 def backend_reasons(problem: HyperMixingProblem) -> Dict[str, List[str]]:
     """For every registered backend, why it cannot run `problem` (empty list: it can)."""
-    return {name: list(b.not_supported_reasons(problem)) for name, b in _REGISTRY.items()}
+    return {name: b.not_supported_reasons(problem) for name, b in _REGISTRY.items()}
 
 
 def _format_reasons(reasons: Dict[str, List[str]]) -> str:
-    lines = []
-    for name, rs in reasons.items():
-        lines.append(f"  {name}: " + ("; ".join(rs) if rs else "supported"))
-    return "\n".join(lines)
+    return "\n".join(f"  {name}: " + ("; ".join(rs) if rs else "supported") for name, rs in reasons.items())
 
 
 def select_backend(name: str, problem: HyperMixingProblem) -> Backend:
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    check_backend_name(name)
     if name == "auto":
-        order = AUTO_ORDER.get(problem.device.type, ["reference"])
-        for candidate in order:
+        for candidate in AUTO_ORDER.get(problem.device.type, ["reference"]):
             backend = _REGISTRY.get(candidate)
             if backend is not None and not backend.not_supported_reasons(problem):
                 return backend
@@ -82,11 +151,7 @@ def select_backend(name: str, problem: HyperMixingProblem) -> Backend:
             f"no HyperMixing backend supports inputs on {problem.device} with dtype {problem.dtype}:\n"
             + _format_reasons(backend_reasons(problem))
         )
-    backend = _REGISTRY.get(name)
-    if backend is None:
-        raise ValueError(
-            f"unknown backend {name!r}; known backends: {['auto'] + registered_backends()}"
-        )
+    backend = _REGISTRY[name]
     reasons = backend.not_supported_reasons(problem)
     if reasons:
         raise BackendNotSupportedError(

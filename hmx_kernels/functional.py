@@ -5,7 +5,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from .dispatch import select_backend
+from .dispatch import check_backend_name, select_backend
 from .validation import check_inputs
 
 __all__ = ["hyper_mixing"]
@@ -48,6 +48,11 @@ def hyper_mixing(
     backend: "auto" (best available for the device), "reference", or a fast backend's name
     (see `hmx_kernels.registered_backends()`).
 
+    Dtypes: parameters must have the tokens' dtype, except under torch.autocast, where tokens and
+    hypernetwork weights are cast to the autocast dtype and the result has that dtype (the rule
+    is in `hmx_kernels.validation`). Works under torch.compile (fullgraph, dynamic lengths) and
+    torch.export: the fused backends are torch.library ops (`torch.ops.hmx_kernels.*`).
+
     Example:
         >>> import torch, hmx_kernels
         >>> H, d_h, k_h = 2, 4, 8
@@ -57,6 +62,7 @@ def hyper_mixing(
         >>> hmx_kernels.hyper_mixing(x, None, None, *w, *w, *ln).shape
         torch.Size([2, 5, 8])
     """
+    check_backend_name(backend)
     problem = check_inputs(
         query, key, value,
         w1_fc1_weight, w1_fc1_bias, w1_fc2_weight, w1_fc2_bias,

@@ -1,47 +1,82 @@
-"""Input checking shared by every backend: one place that turns bad input into a clear error.
+"""The contract between the user-facing API and the backends: `check_inputs` -> `HyperMixingProblem`.
 
-`check_inputs` validates ranks, sizes, dtypes, devices and masks, fills in the variant's implied
-arguments (speechbrain: key = value = query, one mask for both) and returns a `HyperMixingProblem`
-that the backends consume. Backends may assume everything checked here.
+`check_inputs` validates ranks, sizes, dtypes, devices and masks, applies the dtype rule, fills in
+what the variant implies, and returns one frozen `HyperMixingProblem` that already holds
+everything a backend needs: the tokens and parameters in the operand dtype, the masks as keep
+vectors, the input scale and first PE position, which biases each generator has, the compute and
+output dtypes, and whether the LayerNorm is applied. Backends read only the problem; none of them
+re-interprets the raw arguments.
+
+The dtype rule (the same for every backend, applied here, before dispatch):
+- query, key and value share one dtype T.
+- Outside autocast every parameter (the eight hypernetwork tensors and the LayerNorm's two) must
+  have dtype T too; otherwise a TypeError names the tensor and both dtypes (as nn.Linear would).
+- Under `torch.autocast` on the tokens' device, with T one of float32/float16/bfloat16: the tokens
+  and the eight hypernetwork tensors are cast to the autocast dtype A (like the matmuls of an
+  nn.Linear), the LayerNorm runs in float32 with its own parameters (like autocast's layer_norm),
+  and the result has dtype A. float64 tokens are left alone, as autocast leaves float64.
+- Every backend accumulates in float32 (float64 for float64 operands): `compute_dtype`.
+
+Everything here is plain Python over tensor metadata, so torch.compile traces it without a graph
+break (the checks become guards on the shapes).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .variants import Variant, get_variant
 
-__all__ = ["HyperMixingProblem", "check_inputs", "FLOAT_DTYPES"]
+__all__ = [
+    "HyperMixingProblem",
+    "check_inputs",
+    "FLOAT_DTYPES",
+    "GENERATOR_PARTS",
+    "WEIGHT_NAMES",
+    "compute_dtype_of",
+]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# one generator MLP's tensors, in the order every backend takes them
+GENERATOR_PARTS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+# the ten parameter tensors of a HyperMixing call, in the order of every signature in the package
+WEIGHT_NAMES = tuple(f"{g}_{p}" for g in ("w1", "w2") for p in GENERATOR_PARTS) + ("ln_weight", "ln_bias")
 
 
-@dataclass
+def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for operands of `dtype`: float64 stays float64, the rest float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
 class HyperMixingProblem:
-    """Validated inputs of one HyperMixing call, with its sizes."""
+    """One validated HyperMixing call, resolved for the backends (see the module docstring)."""
 
-    query: Tensor  # [B, M, d]
-    key: Tensor  # [B, N, d]
+    query: Tensor  # [B, M, d] operand dtype
+    key: Tensor  # [B, N, d] (speechbrain: the query tensor itself)
     value: Tensor  # [B, N, d]
-    w1_fc1_weight: Tensor  # [H, d_h, d_h]
+    w1_fc1_weight: Tensor  # [H, d_h, d_h] operand dtype
     w1_fc1_bias: Optional[Tensor]  # [H, d_h]
     w1_fc2_weight: Tensor  # [H, k_h, d_h]
     w1_fc2_bias: Optional[Tensor]  # [H, k_h]
-    w2_fc1_weight: Tensor
+    w2_fc1_weight: Tensor  # tied: the w1 tensors themselves
     w2_fc1_bias: Optional[Tensor]
     w2_fc2_weight: Tensor
     w2_fc2_bias: Optional[Tensor]
-    ln_weight: Optional[Tensor]  # [d]
+    ln_weight: Optional[Tensor]  # [d] (None when use_layer_norm is False)
     ln_bias: Optional[Tensor]  # [d]
-    key_padding_mask: Optional[Tensor]  # [B, N] bool, True = padded
-    query_padding_mask: Optional[Tensor]  # [B, M] bool
+    key_keep: Optional[Tensor]  # [B, N] compute dtype, 1 = kept, 0 = padded; None = no padding
+    query_keep: Optional[Tensor]  # [B, M]; speechbrain: the key_keep tensor itself
     variant: Variant
     use_layer_norm: bool
     eps: float
-    tied: bool
+    tied: bool  # one generator makes W1 and W2
+    self_mixing: bool  # queries are the keys (same tensor, same mask): one PE table, one keep vector
+    scale: float  # hypernetwork input scale s (z = s * x * m + PE)
+    first_position: int  # position of the first token in the PE
     B: int
     M: int
     N: int
@@ -49,27 +84,39 @@ class HyperMixingProblem:
     H: int
     d_h: int
     k_h: int
+    dtype: torch.dtype  # operand dtype (the tokens' dtype after the dtype rule)
+    compute_dtype: torch.dtype  # accumulation dtype
+    out_dtype: torch.dtype  # dtype of the result
+    autocast: bool  # the autocast part of the dtype rule applied
 
     @property
     def device(self) -> torch.device:
         return self.query.device
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.query.dtype
+    def w1_biases(self) -> Tuple[bool, bool]:
+        """(fc1 bias present, fc2 bias present) of the W1 generator."""
+        return (self.w1_fc1_bias is not None, self.w1_fc2_bias is not None)
 
     @property
-    def self_mixing(self) -> bool:
-        """True when queries and keys are the same tokens (W2 = W1 when tied)."""
-        return self.query is self.key and self.query_padding_mask is self.key_padding_mask
+    def w2_biases(self) -> Tuple[bool, bool]:
+        return (self.w2_fc1_bias is not None, self.w2_fc2_bias is not None)
 
-    def weights(self) -> tuple:
-        """The 12 parameter tensors in the order every backend's autograd Function takes them."""
+    @property
+    def partial_biases(self) -> bool:
+        """Some generator has one of its two biases but not the other."""
+        return len(set(self.w1_biases)) > 1 or len(set(self.w2_biases)) > 1
+
+    def generator_weights(self) -> tuple:
+        """The 8 hypernetwork tensors (w1 fc1 w/b, fc2 w/b, then w2), the order of every op."""
         return (
             self.w1_fc1_weight, self.w1_fc1_bias, self.w1_fc2_weight, self.w1_fc2_bias,
             self.w2_fc1_weight, self.w2_fc1_bias, self.w2_fc2_weight, self.w2_fc2_bias,
-            self.ln_weight, self.ln_bias,
         )
+
+    def weights(self) -> tuple:
+        """The 10 parameter tensors in WEIGHT_NAMES order."""
+        return self.generator_weights() + (self.ln_weight, self.ln_bias)
 
 
 def _describe(t: Tensor) -> str:
@@ -88,6 +135,7 @@ def _check_tensor(name: str, t, ndim: int) -> None:
 
 
 def _check_mask(name: str, mask, batch: int, length: int, device: torch.device) -> Optional[Tensor]:
+    """The padding mask as a bool tensor (True = padded), or None."""
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
@@ -102,13 +150,50 @@ def _check_mask(name: str, mask, batch: int, length: int, device: torch.device) 
             f"{name} must have dtype torch.bool (True = padded) or torch.uint8 (non-zero = padded), "
             f"got {mask.dtype}"
         )
-    if tuple(mask.shape) != (batch, length):
+    if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] != length:
         raise ValueError(
             f"{name} must have shape [B, length] = {[batch, length]}, got {list(mask.shape)}"
         )
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}")
     return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _check_generator(gen: str, tensors, d: int, device: torch.device) -> Tuple[int, int, int]:
+    """Shapes and devices of one generator's four tensors; returns (H, d_h, k_h)."""
+    fc1_w, fc1_b, fc2_w, fc2_b = tensors
+    _check_tensor(f"{gen}_fc1_weight", fc1_w, 3)
+    _check_tensor(f"{gen}_fc2_weight", fc2_w, 3)
+    H, d_out, d_in = fc1_w.shape
+    if d_out != d_in:
+        raise ValueError(f"{gen}_fc1_weight must be [H, d_h, d_h], got {list(fc1_w.shape)}")
+    if fc2_w.shape[0] != H or fc2_w.shape[2] != d_in or fc2_w.shape[1] == 0:
+        raise ValueError(f"{gen}_fc2_weight must be [H, k_h, d_h] = [{H}, k_h, {d_in}], got {list(fc2_w.shape)}")
+    k_h = fc2_w.shape[1]
+    if fc1_b is not None:
+        _check_tensor(f"{gen}_fc1_bias", fc1_b, 2)
+        if tuple(fc1_b.shape) != (H, d_in):
+            raise ValueError(f"{gen}_fc1_bias must be [H, d_h] = {[H, d_in]}, got {list(fc1_b.shape)}")
+    if fc2_b is not None:
+        _check_tensor(f"{gen}_fc2_bias", fc2_b, 2)
+        if tuple(fc2_b.shape) != (H, k_h):
+            raise ValueError(f"{gen}_fc2_bias must be [H, k_h] = {[H, k_h]}, got {list(fc2_b.shape)}")
+    for part, t in zip(GENERATOR_PARTS, tensors):
+        if t is not None and t.device != device:
+            raise ValueError(f"{gen}_{part} is on {t.device} but the inputs are on {device}")
+    return H, d_in, k_h
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def _autocast_dtype(device: torch.device, token_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The autocast dtype that applies to this call, or None."""
+    if token_dtype == torch.float64 or device.type not in _AUTOCAST_DEVICES:
+        return None
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
 
 
 def check_inputs(
@@ -144,7 +229,6 @@ def check_inputs(
                 "key_padding_mask, not query_padding_mask"
             )
         key = value = query
-        query_padding_mask = key_padding_mask
     else:
         if key is None or value is None:
             raise ValueError(f"the {v.name} variant needs key and value tensors (pass query for self-mixing)")
@@ -164,7 +248,8 @@ def check_inputs(
         raise TypeError(
             f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
         )
-    if key.device != query.device or value.device != query.device:
+    device = query.device
+    if key.device != device or value.device != device:
         raise ValueError(
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
@@ -184,48 +269,24 @@ def check_inputs(
     elif w2_fc1_weight is None or w2_fc2_weight is None:
         raise ValueError("pass both w2_fc1_weight and w2_fc2_weight, or neither (tied)")
     else:
-        tied = w2_fc1_weight is w1_fc1_weight and w2_fc2_weight is w1_fc2_weight
-
-    for gen in ("w1", "w2"):
-        fc1_w, fc1_b, fc2_w, fc2_b = (
-            (w1_fc1_weight, w1_fc1_bias, w1_fc2_weight, w1_fc2_bias)
-            if gen == "w1"
-            else (w2_fc1_weight, w2_fc1_bias, w2_fc2_weight, w2_fc2_bias)
-        )
-        _check_tensor(f"{gen}_fc1_weight", fc1_w, 3)
-        _check_tensor(f"{gen}_fc2_weight", fc2_w, 3)
-        H, d_out, d_in = fc1_w.shape
-        if d_out != d_in:
-            raise ValueError(f"{gen}_fc1_weight must be [H, d_h, d_h], got {list(fc1_w.shape)}")
-        if H == 0 or d % H != 0 or d // H != d_in:
-            raise ValueError(
-                f"{gen}_fc1_weight has shape {list(fc1_w.shape)}, which does not split d={d} into "
-                f"heads: expected [H, d/H, d/H] with d divisible by H"
-            )
-        if fc2_w.shape[0] != H or fc2_w.shape[2] != d_in or fc2_w.shape[1] == 0:
-            raise ValueError(f"{gen}_fc2_weight must be [H, k_h, d_h] = [{H}, k_h, {d_in}], got {list(fc2_w.shape)}")
-        if fc1_b is not None:
-            _check_tensor(f"{gen}_fc1_bias", fc1_b, 2)
-            if tuple(fc1_b.shape) != (H, d_in):
-                raise ValueError(f"{gen}_fc1_bias must be [H, d_h] = {[H, d_in]}, got {list(fc1_b.shape)}")
-        if fc2_b is not None:
-            _check_tensor(f"{gen}_fc2_bias", fc2_b, 2)
-            if tuple(fc2_b.shape) != (H, fc2_w.shape[1]):
-                raise ValueError(
-                    f"{gen}_fc2_bias must be [H, k_h] = {[H, fc2_w.shape[1]]}, got {list(fc2_b.shape)}"
-                )
-        for name, t in (("fc1_weight", fc1_w), ("fc1_bias", fc1_b), ("fc2_weight", fc2_w), ("fc2_bias", fc2_b)):
-            if t is not None and t.device != query.device:
-                raise ValueError(f"{gen}_{name} is on {t.device} but the inputs are on {query.device}")
-    if w1_fc1_weight.shape != w2_fc1_weight.shape or w1_fc2_weight.shape != w2_fc2_weight.shape:
+        tied = (w2_fc1_weight is w1_fc1_weight and w2_fc2_weight is w1_fc2_weight
+                and w2_fc1_bias is w1_fc1_bias and w2_fc2_bias is w1_fc2_bias)
+    g1 = (w1_fc1_weight, w1_fc1_bias, w1_fc2_weight, w1_fc2_bias)
+    g2 = (w2_fc1_weight, w2_fc1_bias, w2_fc2_weight, w2_fc2_bias)
+    H, d_h, k_h = _check_generator("w1", g1, d, device)
+    H2, d_h2, k_h2 = _check_generator("w2", g2, d, device)
+    if (H, d_h, k_h) != (H2, d_h2, k_h2):
         raise ValueError(
             f"w1 and w2 hypernetworks must have the same shapes, got fc1 {list(w1_fc1_weight.shape)} vs "
             f"{list(w2_fc1_weight.shape)}, fc2 {list(w1_fc2_weight.shape)} vs {list(w2_fc2_weight.shape)}"
         )
-    if (w1_fc1_bias is None) != (w2_fc1_bias is None) or (w1_fc2_bias is None) != (w2_fc2_bias is None):
-        raise ValueError("w1 and w2 hypernetworks must both have biases or both have none")
-    H, d_h, _ = w1_fc1_weight.shape
-    k_h = w1_fc2_weight.shape[1]
+    if H * d_h != d:
+        # the tokens are the odd one out when the two generators agree with each other
+        raise ValueError(
+            f"the tokens' width d={d} does not match the hypernetwork: its weights have H={H} heads of "
+            f"d_h={d_h} channels (w1_fc1_weight {list(w1_fc1_weight.shape)}), so query, key and value "
+            f"must have last dimension H * d_h = {H * d_h}"
+        )
 
     if use_layer_norm:
         if ln_weight is None or ln_bias is None:
@@ -234,28 +295,68 @@ def check_inputs(
             _check_tensor(name, t, 1)
             if t.shape[0] != d:
                 raise ValueError(f"{name} must be [d] = [{d}], got {list(t.shape)}")
-            if t.device != query.device:
-                raise ValueError(f"{name} is on {t.device} but the inputs are on {query.device}")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but the inputs are on {device}")
     else:
         ln_weight = ln_bias = None
     if not (eps > 0):
         raise ValueError(f"eps must be > 0, got {eps}")
 
-    # ---- masks ---------------------------------------------------------------------------
-    key_padding_mask = _check_mask("key_padding_mask", key_padding_mask, B, N, query.device)
-    if v.self_mixing_only:
-        query_padding_mask = key_padding_mask
+    # ---- the dtype rule ------------------------------------------------------------------
+    token_dtype = query.dtype
+    cast_to = _autocast_dtype(device, token_dtype)
+    if cast_to is None:
+        named = [(f"w1_{p}", t) for p, t in zip(GENERATOR_PARTS, g1)]
+        if not tied:
+            named += [(f"w2_{p}", t) for p, t in zip(GENERATOR_PARTS, g2)]
+        named += [("ln_weight", ln_weight), ("ln_bias", ln_bias)]
+        for name, t in named:
+            if t is not None and t.dtype != token_dtype:
+                raise TypeError(
+                    f"{name} has dtype {t.dtype} but the tokens (query) have dtype {token_dtype}: "
+                    "HyperMixing takes parameters in the tokens' dtype; cast the module or the inputs "
+                    "(e.g. layer.to(dtype)), or run under torch.autocast"
+                )
+        dtype = token_dtype
     else:
-        query_padding_mask = _check_mask("query_padding_mask", query_padding_mask, B, M, query.device)
+        dtype = cast_to
+
+        def cast(t):
+            return None if t is None or t.dtype == dtype else t.to(dtype)
+
+        if v.self_mixing_only:
+            query = key = value = cast(query)
+        else:
+            same_kv = value is key
+            query, key = cast(query), cast(key)
+            value = key if same_kv else cast(value)
+        g1 = tuple(cast(t) for t in g1)
+        g2 = g1 if tied else tuple(cast(t) for t in g2)
+    cdt = compute_dtype_of(dtype)
+
+    # ---- masks as keep vectors -----------------------------------------------------------
+    key_pad = _check_mask("key_padding_mask", key_padding_mask, B, N, device)
+    key_keep = None if key_pad is None else torch.logical_not(key_pad).to(cdt)
+    if v.self_mixing_only:
+        query_keep = key_keep
+    else:
+        query_pad = _check_mask("query_padding_mask", query_padding_mask, B, M, device)
+        if query_pad is None:
+            query_keep = None
+        elif query_pad is key_pad:
+            query_keep = key_keep
+        else:
+            query_keep = torch.logical_not(query_pad).to(cdt)
+    self_mixing = query is key and query_keep is key_keep
 
     return HyperMixingProblem(
         query=query, key=key, value=value,
-        w1_fc1_weight=w1_fc1_weight, w1_fc1_bias=w1_fc1_bias,
-        w1_fc2_weight=w1_fc2_weight, w1_fc2_bias=w1_fc2_bias,
-        w2_fc1_weight=w2_fc1_weight, w2_fc1_bias=w2_fc1_bias,
-        w2_fc2_weight=w2_fc2_weight, w2_fc2_bias=w2_fc2_bias,
+        w1_fc1_weight=g1[0], w1_fc1_bias=g1[1], w1_fc2_weight=g1[2], w1_fc2_bias=g1[3],
+        w2_fc1_weight=g2[0], w2_fc1_bias=g2[1], w2_fc2_weight=g2[2], w2_fc2_bias=g2[3],
         ln_weight=ln_weight, ln_bias=ln_bias,
-        key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+        key_keep=key_keep, query_keep=query_keep,
         variant=v, use_layer_norm=bool(use_layer_norm), eps=float(eps), tied=tied,
+        self_mixing=self_mixing, scale=v.input_scale(d), first_position=v.first_position,
         B=B, M=M, N=N, d=d, H=H, d_h=d_h, k_h=k_h,
+        dtype=dtype, compute_dtype=cdt, out_dtype=dtype, autocast=cast_to is not None,
     )

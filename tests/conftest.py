@@ -6,6 +6,7 @@ in the environment wins).
 """
 import os
 
+import pytest
 import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
@@ -13,3 +14,15 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.fixture
+def poisoned():
+    """Every buffer the fused backends allocate is NaN-filled first (HMX_KERNELS_POISON=1)."""
+    from hmx_kernels import config
+
+    config.set_poison(True)
+    try:
+        yield
+    finally:
+        config.set_poison(False)

@@ -236,7 +236,7 @@ def test_reported_tflops_match_flops_over_median():
 # ---- discovery ---------------------------------------------------------------------------------
 def test_registered_backends_join_and_their_reasons_are_honoured():
     fake = dispatch.Backend("benchfake", "test backend", forward=lambda p: None,
-                            not_supported_reasons=lambda p: ["only on Tuesdays"] if p.N > 8 else [])
+                            extra_reasons=lambda p: ["only on Tuesdays"] if p.N > 8 else [])
     dispatch.register_backend(fake)
     try:
         available = all_contenders(torch.device("cpu"))

@@ -113,7 +113,7 @@ def test_registered_backends_and_clear_dispatch_errors():
     assert torch.equal(layer(x, x, x)[0], FusedHyperMixing.forward(layer, x, x, x)[0])
 
     refusing = Backend("refuses_everything", "test backend", forward=lambda p: None,
-                       not_supported_reasons=lambda p: ["never runs"])
+                       extra_reasons=lambda p: ["never runs"])
     register_backend(refusing)
     try:
         problem = hmx_kernels.check_inputs(x, None, None, *layer.hyper.w1_gen.tensors(), variant="speechbrain",

@@ -7,7 +7,7 @@ import torch
 import hmx_kernels
 from hmx_kernels.reference import frequencies, hyper_mixing_ref, positional_encoding
 from naive import naive_hyper_mixing, naive_pe
-from utils import assert_close, make_case
+from utils import WEIGHT_NAMES, assert_close, make_case
 
 CASES = [
     # variant, B, M, N, d, H, k_h, bias, tied, masks, all_padded, ln
@@ -147,13 +147,25 @@ def test_half_inputs_are_computed_in_fp32_and_returned_in_input_dtype(dtype):
     assert torch.equal(out_h, out_32.to(dtype))
 
 
-def test_autocast_does_not_lower_reference_precision():
+def test_autocast_rule_on_the_reference():
+    # the dtype rule (hmx_kernels.validation): under autocast the tokens and hypernetwork weights
+    # are cast to the autocast dtype, the computation stays fp32 and the result has that dtype;
+    # exactly the fp32 result for the bf16-rounded operands, rounded to bf16 once
     case = make_case(variant="speechbrain", B=2, M=9, d=8, H=2, k_h=4)
-    ref = hmx_kernels.hyper_mixing(**case.kwargs())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = hmx_kernels.hyper_mixing(**case.kwargs())
-    assert out.dtype == torch.float32
-    assert torch.equal(out, ref)
+        out = hmx_kernels.hyper_mixing(**case.kwargs(), backend="reference")
+    assert out.dtype == torch.bfloat16
+    rounded = {k: (None if t is None else (t.to(torch.bfloat16).float() if not k.startswith("ln") else t))
+               for k, t in case.tensors.items()}
+    kw = {**case.kwargs(), **rounded}
+    expected = hmx_kernels.hyper_mixing(**kw, backend="reference")
+    assert torch.equal(out, expected.to(torch.bfloat16))
+    # called directly, the reference itself keeps fp32 whatever the autocast state
+    t = case.tensors
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = hyper_mixing_ref(t["query"], t["query"], t["query"], *[t[k] for k in WEIGHT_NAMES],
+                                  key_padding_mask=case.key_padding_mask, query_padding_mask=case.key_padding_mask)
+    assert direct.dtype == torch.float32
 
 
 def test_long_sequence_has_no_length_cap():

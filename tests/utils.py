@@ -8,12 +8,7 @@ from typing import Dict, Optional
 import torch
 
 import hmx_kernels
-
-WEIGHT_NAMES = (
-    "w1_fc1_weight", "w1_fc1_bias", "w1_fc2_weight", "w1_fc2_bias",
-    "w2_fc1_weight", "w2_fc1_bias", "w2_fc2_weight", "w2_fc2_bias",
-    "ln_weight", "ln_bias",
-)
+from hmx_kernels.validation import WEIGHT_NAMES  # noqa: F401  (the one spelling of the ten names)
 
 
 @dataclass

@@ -1,14 +1,16 @@
-"""Autograd Function over the C++ extension and the "cpu" / "cuda" backends it registers.
+"""The C++ extension as torch.library ops (hmx_kernels::cpp_fwd / cpp_bwd) and the "cpu" and
+"cuda" backends that run them.
 
 The extension computes Y = W2 GELU(W1^T V) per head in fused tiled passes (no [N, k] tensor) and
-its backward; the final LayerNorm is applied here with torch (it is [B, M, d]-sized, like the
-output, and autograd differentiates it). Positional encodings come from
-`hmx_kernels.reference.positional.cached_positional_encoding`, so the twin adds exactly the rows
-the reference adds.
+its backward; `hmx_kernels.fused` gives the ops their schema, fake (meta) implementation and
+autograd, and applies the LayerNorm. The op implementations below resolve the extension once per
+process (first call: build or load from the cache) and then only call it: no lock, no environment
+read, no file-system access per call. They compute the positional-encoding rows themselves (from
+the process-wide cache of `hmx_kernels.reference.positional`, so the rows equal the reference's).
 
-- "cpu": CPU tensors, float32 and float64. float16 / bfloat16 are not taken: CPUs have no fast
-  half arithmetic, and upcasting the inputs would cost memory and time for no gain over the
-  reference, which upcasts too; "auto" then uses the reference.
+- "cpu": CPU tensors. float32 and float64 natively; float16 / bfloat16 (e.g. under autocast) are
+  computed in float32 (inputs upcast, result cast back), which is also what the reference does.
+  The meta device runs the ops' shape functions.
 - "cuda": CUDA tensors, float32 / float16 / bfloat16 (fp32 accumulation), where torch has CUDA
   and nvcc exists.
 If the extension cannot be built, both backends report why; "auto" falls back to the reference
@@ -17,147 +19,142 @@ and warns once.
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional
+from typing import Dict, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..dispatch import Backend, register_backend
+from ..config import SETTINGS, on_change
+from ..dispatch import Backend, Capabilities, constant_result, register_backend
+from ..fused import define_fused_ops, run_fused
 from ..reference.positional import cached_positional_encoding
 from ..validation import HyperMixingProblem
+from ..variants import get_variant
 from . import build
 
-__all__ = ["HyperMixingCppFunction", "cpp_forward"]
+__all__ = ["CPP_OPS", "cpp_forward", "extension"]
 
-CPU_DTYPES = (torch.float32, torch.float64)
-CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-_warned = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+_EXTENSIONS: Dict[bool, object] = {}  # with_cuda -> loaded module (resolved once)
+_REASONS: Dict[str, Tuple[str, ...]] = {}  # device type -> () or why the extension is unusable
 
 
-def _extension_reasons(with_cuda: bool) -> List[str]:
-    """Builds the extension if needed; [] when it loads, else why not (and warns once)."""
-    try:
-        build.load_extension(with_cuda=with_cuda)
-        return []
-    except build.ExtensionBuildError as e:
-        _warn_once(
-            f"build-{with_cuda}",
-            f"{e}\nhmx_kernels falls back to another backend (backend='auto' uses the reference).",
-        )
-        return [str(e)]
+def _apply_settings(settings) -> None:
+    for module in _EXTENSIONS.values():
+        module.set_options(settings.poison, settings.allow_mma)
 
 
-def _prepare_tokens(t: Tensor) -> Tensor:
-    # the kernels take any batch/row strides but need unit channel stride
-    return t if t.stride(-1) == 1 else t.contiguous()
+def extension(device_type: str):
+    """The extension module for tensors of `device_type` (built or loaded on first use)."""
+    with_cuda = device_type == "cuda"
+    module = _EXTENSIONS.get(with_cuda)
+    if module is None:
+        module = build.load_extension(with_cuda=with_cuda)
+        module.set_options(SETTINGS.poison, SETTINGS.allow_mma)
+        _EXTENSIONS[with_cuda] = module
+    return module
 
 
-def _c(t: Optional[Tensor]) -> Optional[Tensor]:
+on_change(_apply_settings)
+
+
+@constant_result
+def extension_reasons(device_type: str) -> Tuple[str, ...]:
+    """() when the extension for `device_type` tensors loads (building it if needed), else why
+    not (and a warning, once). Memoised; under torch.compile it runs at trace time."""
+    reasons = _REASONS.get(device_type)
+    if reasons is None:
+        reasons = ()
+        if device_type == "cuda":
+            why = build.cuda_build_possible()
+            if why:
+                reasons = ("CUDA kernels unavailable: " + "; ".join(why),)
+        if not reasons:
+            try:
+                extension(device_type)
+            except build.ExtensionBuildError as e:
+                warnings.warn(f"{e}\nhmx_kernels falls back to another backend (backend='auto' uses the reference).",
+                              RuntimeWarning, stacklevel=2)
+                reasons = (str(e),)
+        _REASONS[device_type] = reasons
+    return reasons
+
+
+def _tokens(t: Tensor) -> Tensor:
+    # the kernels take any batch/row strides with a unit channel stride, and row strides of at
+    # least d (BLAS leading dimensions); anything else (expand, unfold, transposes) is copied
+    if t.stride(-1) != 1 or t.stride(1) < t.shape[2]:
+        return t.contiguous()
+    return t
+
+
+def _c(t):
     return None if t is None else t.contiguous()
 
 
-class HyperMixingCppFunction(torch.autograd.Function):
-    """Y (before LayerNorm) = fused HyperMixing of (query, key, value) with both generators.
+def _pe_rows(variant: str, q: Tensor, k: Tensor, dtype: torch.dtype):
+    v = get_variant(variant)
+    M, N, d = q.shape[1], k.shape[1], q.shape[2]
+    pe_k = cached_positional_encoding(v, N, d, q.device).to(dtype).contiguous()  # [N, d]
+    pe_q = pe_k if M == N else cached_positional_encoding(v, M, d, q.device).to(dtype).contiguous()
+    return pe_q, pe_k, v.input_scale(d)
 
-    Inputs: query [B, M, d], key / value [B, N, d], 8 generator tensors (biases may be None),
-    pe_q [M, d], pe_k [N, d], m_q [B, M] / m_k [B, N] (1 = kept) or None, the input scale.
-    The same tensor may be passed several times (self-mixing, tied generators): autograd adds
-    the gradients of its uses.
-    """
 
-    @staticmethod
-    def forward(ctx, query, key, value, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
-                w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, pe_q, pe_k, m_q, m_k, scale, with_cuda):
-        ext = build.load_extension(with_cuda=with_cuda)
-        q, k, v = _prepare_tokens(query), _prepare_tokens(key), _prepare_tokens(value)
-        ws = [_c(w) for w in (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b)]
-        y, p = ext.forward(q, k, v, pe_q, pe_k, m_q, m_k, *ws, float(scale))
-        ctx.save_for_backward(q, k, v, pe_q, pe_k, m_q, m_k, p, *ws)
-        ctx.scale = float(scale)
-        ctx.with_cuda = with_cuda
-        return y
+def _ctype(q: Tensor) -> torch.dtype:
+    # the extension's side inputs and state: the input type on the CPU, fp32 on CUDA
+    return torch.float32 if q.is_cuda else q.dtype
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        q, k, v, pe_q, pe_k, m_q, m_k, p, *ws = ctx.saved_tensors
-        ext = build.load_extension(with_cuda=ctx.with_cuda)
-        grads = ext.backward(dy.contiguous(), q, k, v, pe_q, pe_k, m_q, m_k, *ws, p, ctx.scale)
-        dq, dk, dv = grads[:3]
-        wgrads = [None if g is None else g.to(w.dtype) for g, w in zip(grads[3:], ws)]
-        return (dq, dk, dv, *wgrads) + (None,) * 6
+
+def _cpp_fwd_impl(query, key, value, query_keep, key_keep, *rest):
+    *gen, variant = rest
+    ext = extension(query.device.type)
+    ctype = _ctype(query)
+    pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype)
+    q, k, v = _tokens(query), _tokens(key), _tokens(value)
+    y, state = ext.forward(q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep), *[_c(w) for w in gen], float(scale))
+    return y.to(ctype), state
+
+
+def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
+    *gen, state, variant = rest
+    ext = extension(query.device.type)
+    ctype = _ctype(query)
+    pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype)
+    q, k, v = _tokens(query), _tokens(key), _tokens(value)
+    grads = ext.backward(grad_y.to(query.dtype).contiguous(), q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep),
+                         *[_c(w) for w in gen], state.contiguous(), float(scale))
+    out = [g.to(ctype) for g in grads[:3]]
+    out += [query.new_empty((0,), dtype=ctype) if g is None else g for g in grads[3:]]
+    return out
+
+
+CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("cpu", "cuda"))
 
 
 def cpp_forward(p: HyperMixingProblem) -> Tensor:
     """Runs `p` through the extension (CPU twin or CUDA kernels, by the tensors' device)."""
-    on_cuda = p.device.type == "cuda"
-    # the side inputs are in the compute type: the input type on the CPU, fp32 on CUDA
-    ctype = torch.float32 if on_cuda else p.dtype
-    pe_k = cached_positional_encoding(p.variant, p.N, p.d, p.device).to(ctype).contiguous()  # [N, d]
-    pe_q = pe_k if p.self_mixing else cached_positional_encoding(p.variant, p.M, p.d, p.device).to(ctype).contiguous()
-    m_k = None if p.key_padding_mask is None else torch.logical_not(p.key_padding_mask).to(ctype).contiguous()
-    if p.query_padding_mask is p.key_padding_mask:
-        m_q = m_k
-    else:
-        m_q = None if p.query_padding_mask is None else torch.logical_not(p.query_padding_mask).to(ctype).contiguous()
-    scale = p.variant.input_scale(p.d)
-    y = HyperMixingCppFunction.apply(
-        p.query, p.key, p.value,
-        p.w1_fc1_weight, p.w1_fc1_bias, p.w1_fc2_weight, p.w1_fc2_bias,
-        p.w2_fc1_weight, p.w2_fc1_bias, p.w2_fc2_weight, p.w2_fc2_bias,
-        pe_q, pe_k, m_q, m_k, scale, on_cuda,
-    )  # [B, M, d] in the input dtype
-    if p.use_layer_norm:
-        if y.dtype in (torch.float16, torch.bfloat16):  # LayerNorm statistics in fp32, as the reference
-            y = F.layer_norm(y.float(), (p.d,), p.ln_weight.float(), p.ln_bias.float(), p.eps).to(p.dtype)
-        else:
-            y = F.layer_norm(y, (p.d,), p.ln_weight, p.ln_bias, p.eps)
-    return y
+    upcast = p.device.type != "cuda" and p.dtype in HALF_DTYPES
+    return run_fused(CPP_OPS, p, operand_dtype=torch.float32 if upcast else None)
 
 
-def cpu_reasons(p: HyperMixingProblem) -> List[str]:
-    if p.device.type != "cpu":
-        return [f"the cpu backend runs CPU tensors only (got {p.device})"]
-    if p.dtype not in CPU_DTYPES:
-        return [
-            f"the cpu backend takes float32 and float64, not {p.dtype}: CPUs lack fast half-precision "
-            "arithmetic and upcasting would only add memory traffic (use float32)"
-        ]
-    return _extension_reasons(with_cuda=False)
-
-
-def cuda_reasons(p: HyperMixingProblem) -> List[str]:
-    if p.device.type != "cuda":
-        return [f"the cuda backend runs CUDA tensors only (got {p.device})"]
-    reasons = []
-    if p.dtype not in CUDA_DTYPES:
-        reasons.append(f"the cuda backend takes float32, float16 and bfloat16, not {p.dtype}")
-    if p.d_h > 64:
-        reasons.append(f"the cuda kernels support d_h <= 64 (got {p.d_h})")
-    if p.k_h > 256:
-        reasons.append(f"the cuda kernels support k_h <= 256 (got {p.k_h})")
-    if reasons:
-        return reasons
-    why = build.cuda_build_possible()
-    if why:
-        return ["CUDA kernels unavailable: " + "; ".join(why)]
-    return _extension_reasons(with_cuda=True)
+def _cpu_available(device_type: str) -> Tuple[str, ...]:
+    return () if device_type == "meta" else extension_reasons(device_type)
 
 
 register_backend(
     Backend(
         name="cpu",
-        description="C++ CPU twin of the fused kernels (OpenMP, tiled, no [N, k] tensor); float32/float64",
+        description="C++ CPU twin of the fused kernels (OpenMP, tiled, no [N, k] tensor); "
+                    "float32/float64, float16/bfloat16 computed in float32",
         forward=cpp_forward,
-        not_supported_reasons=cpu_reasons,
+        capabilities=Capabilities(
+            devices=("cpu", "meta"),
+            dtypes=(torch.float32, torch.float64),
+            upcast_dtypes=HALF_DTYPES,
+            device_note=" (use backend='cuda' or 'triton' for CUDA tensors)",
+            available=_cpu_available,
+        ),
     )
 )
 register_backend(
@@ -165,6 +162,12 @@ register_backend(
         name="cuda",
         description="CUDA C++ fused kernels (tiles in shared memory, fp32 accumulation); float32/float16/bfloat16",
         forward=cpp_forward,
-        not_supported_reasons=cuda_reasons,
+        capabilities=Capabilities(
+            devices=("cuda",),
+            dtypes=(torch.float32, torch.float16, torch.bfloat16),
+            max_d_h=64,
+            max_k_h=256,
+            available=extension_reasons,
+        ),
     )
 )

@@ -13,10 +13,11 @@ Concurrent builders: a lock file (fcntl) serialises builders of one key; the bui
 temporary folder that is renamed into place atomically, so a reader never sees a half-written
 build and a killed build leaves only a stale temporary folder behind.
 
-Environment variables:
+Settings (environment variables read once by hmx_kernels.config; README table):
   HMX_KERNELS_CACHE       cache folder (default ~/.cache/hmx_kernels)
   HMX_KERNELS_NO_CUDA=1   build the CPU twin only, even where CUDA and nvcc are available
-  HMX_KERNELS_CUDA_ARCH   e.g. "8.0;9.0" (default: the visible GPUs' architectures)
+  HMX_KERNELS_CUDA_ARCH   e.g. "8.0;9.0" (default: the visible GPUs' architectures), passed to
+                          nvcc as -gencode flags (the process environment is never modified)
   HMX_KERNELS_VERBOSE=1   show the compiler output
 """
 from __future__ import annotations
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+
+from ..config import SETTINGS
 
 __all__ = [
     "ExtensionBuildError",
@@ -85,8 +88,7 @@ def source_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("HMX_KERNELS_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "hmx_kernels"
+    return SETTINGS.cache_dir
 
 
 def _cpu_fingerprint() -> str:
@@ -102,7 +104,7 @@ def _cpu_fingerprint() -> str:
 
 
 def _nvcc() -> Optional[str]:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    home = SETTINGS.cuda_home
     if home and (Path(home) / "bin" / "nvcc").is_file():
         return str(Path(home) / "bin" / "nvcc")
     return shutil.which("nvcc")
@@ -111,7 +113,7 @@ def _nvcc() -> Optional[str]:
 def cuda_build_possible() -> List[str]:
     """Why the CUDA kernels cannot be built here (empty list: they can)."""
     reasons = []
-    if os.environ.get("HMX_KERNELS_NO_CUDA") == "1":
+    if SETTINGS.no_cuda:
         reasons.append("HMX_KERNELS_NO_CUDA=1 is set")
     if torch.version.cuda is None:
         reasons.append(f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build of torch")
@@ -123,11 +125,25 @@ def cuda_build_possible() -> List[str]:
 
 
 def _cuda_arch_list() -> str:
-    env = os.environ.get("HMX_KERNELS_CUDA_ARCH")
-    if env:
-        return env
+    if SETTINGS.cuda_arch:
+        return SETTINGS.cuda_arch
     archs = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
     return ";".join(archs)
+
+
+def gencode_flags(arch: str) -> List[str]:
+    """nvcc -gencode flags for an arch list like "8.0;9.0" (or "9.0a", "8.6+PTX")."""
+    flags = []
+    for item in arch.replace(",", ";").replace(" ", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        num = item.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
 
 
 def _build_key(with_cuda: bool, arch: str, cflags: List[str]) -> str:
@@ -183,8 +199,9 @@ def _compile(tmp: Path, module_name: str, with_cuda: bool, arch: str, cxx_flags:
     if with_cuda:
         sources += [str(src / s) for s in CUDA_SOURCES]
         cflags.append("-DHMX_WITH_CUDA")
-        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-        kwargs["extra_cuda_cflags"] = list(NVCC_FLAGS)
+        # explicit -gencode flags: cpp_extension then adds no arch flags of its own (it would read
+        # TORCH_CUDA_ARCH_LIST from the environment, which this package never sets)
+        kwargs["extra_cuda_cflags"] = list(NVCC_FLAGS) + gencode_flags(arch)
     return cpp_extension.load(
         name=module_name,
         sources=sources,
@@ -192,7 +209,7 @@ def _compile(tmp: Path, module_name: str, with_cuda: bool, arch: str, cxx_flags:
         extra_ldflags=list(ldflags),
         extra_include_paths=[str(src)],
         build_directory=str(tmp),
-        verbose=os.environ.get("HMX_KERNELS_VERBOSE") == "1",
+        verbose=SETTINGS.verbose,
         with_cuda=with_cuda,
         **kwargs,
     )
@@ -200,7 +217,7 @@ def _compile(tmp: Path, module_name: str, with_cuda: bool, arch: str, cxx_flags:
 
 def _missing_toolchain() -> List[str]:
     missing = []
-    cxx = os.environ.get("CXX", "c++")
+    cxx = SETTINGS.cxx
     if shutil.which(cxx) is None:
         missing.append(f"no C++ compiler ({cxx!r} not on PATH): install g++ (e.g. apt-get install g++) or set CXX")
     try:

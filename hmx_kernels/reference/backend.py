@@ -3,26 +3,35 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..dispatch import Backend, register_backend
-from ..validation import HyperMixingProblem
+from ..dispatch import Backend, Capabilities, register_backend
+from ..validation import FLOAT_DTYPES, HyperMixingProblem
 from .hyper_mixing import hyper_mixing_ref
 
 
+def _padding(keep):
+    return None if keep is None else keep == 0
+
+
 def reference_forward(p: HyperMixingProblem) -> Tensor:
-    return hyper_mixing_ref(
-        p.query, p.key, p.value, *p.weights(),
+    key_pad = _padding(p.key_keep)
+    query_pad = key_pad if p.query_keep is p.key_keep else _padding(p.query_keep)
+    y = hyper_mixing_ref(
+        p.query, p.key, p.value, *p.generator_weights(), p.ln_weight, p.ln_bias,
         variant=p.variant.name,
-        key_padding_mask=p.key_padding_mask,
-        query_padding_mask=p.query_padding_mask,
+        key_padding_mask=key_pad,
+        query_padding_mask=query_pad,
         use_layer_norm=p.use_layer_norm,
         eps=p.eps,
     )
+    return y if y.dtype == p.out_dtype else y.to(p.out_dtype)
 
 
 register_backend(
     Backend(
         name="reference",
-        description="plain PyTorch (fp32 compute, materialises W1/W2: O(N*k) memory); any device",
+        description="plain PyTorch (fp32 compute, materialises W1/W2: O(N*k) memory); any device; "
+                    "the only backend with double backward",
         forward=reference_forward,
+        capabilities=Capabilities(devices=("*",), dtypes=FLOAT_DTYPES),
     )
 )

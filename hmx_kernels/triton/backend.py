@@ -1,24 +1,27 @@
 """Registers the fused Triton kernels as the `triton` backend (CUDA tensors; CPU tensors under
-TRITON_INTERPRET=1). Importing this module is cheap: triton is imported only when a call runs
-or when support is checked."""
+TRITON_INTERPRET=1). Importing this module is cheap: triton and the kernels are imported on the
+first call (or support check) and then kept."""
 from __future__ import annotations
 
-import os
 import sys
-from typing import List
+from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
 
-from ..dispatch import Backend, register_backend
+from ..config import SETTINGS
+from ..dispatch import Backend, Capabilities, constant_result, register_backend
 from ..validation import HyperMixingProblem
 
 MAX_HEAD_DIM = 64  # d_h: one [BLOCK_D, BLOCK_D] fc1 block and [BLOCK_K, BLOCK_D] states per program
 MAX_HYPERNET_PER_HEAD = 256  # k_h
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+_AVAILABLE: Dict[str, Tuple[str, ...]] = {}
+_function = None  # hmx_kernels.triton.function, once imported
 
-def _triton_import_error() -> str:
+
+def _import_error() -> str:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -28,40 +31,33 @@ def _triton_import_error() -> str:
 
 
 def _interpreting() -> bool:
-    """TRITON_INTERPRET=1 now, and also when the kernels were created (if they already were)."""
-    now = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """TRITON_INTERPRET=1 at import, and the kernels (if already created) were created under it."""
     config = sys.modules.get(__package__ + ".config")
-    return now and (config is None or config.INTERPRETED_KERNELS)
+    return SETTINGS.triton_interpret and (config is None or config.INTERPRETED_KERNELS)
 
 
-def triton_not_supported_reasons(p: HyperMixingProblem) -> List[str]:
-    reasons = []
-    dev = p.device.type
-    if dev == "cpu":
-        if not _interpreting():
-            reasons.append(
-                "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before triton is "
-                "imported; slow, for testing); use backend='cpu' or 'reference' for CPU tensors"
-            )
-    elif dev != "cuda":
-        reasons.append(f"runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device {p.device}")
-    if p.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype {p.dtype} is not supported (float32, float16, bfloat16); use backend='reference' for float64")
-    if p.d_h > MAX_HEAD_DIM:
-        reasons.append(f"head size d/H = {p.d_h} exceeds the limit {MAX_HEAD_DIM} (use more heads, or another backend)")
-    if p.k_h > MAX_HYPERNET_PER_HEAD:
-        reasons.append(f"hypernetwork size per head k_h = {p.k_h} exceeds the limit {MAX_HYPERNET_PER_HEAD}")
-    if not reasons:
-        err = _triton_import_error()
-        if err:
-            reasons.append(err)
+@constant_result
+def triton_available(device_type: str) -> Tuple[str, ...]:
+    """() when the Triton kernels can run on `device_type` tensors here, else why not (memoised)."""
+    reasons = _AVAILABLE.get(device_type)
+    if reasons is None:
+        if device_type == "cpu" and not _interpreting():
+            reasons = ("CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before triton is "
+                       "imported; slow, for testing); use backend='cpu' or 'reference' for CPU tensors",)
+        else:
+            err = _import_error()
+            reasons = (err,) if err else ()
+        _AVAILABLE[device_type] = reasons
     return reasons
 
 
 def triton_forward(p: HyperMixingProblem) -> Tensor:
-    from .function import hyper_mixing_triton
+    global _function
+    if _function is None:
+        from . import function
 
-    return hyper_mixing_triton(p)
+        _function = function
+    return _function.triton_forward(p)
 
 
 register_backend(
@@ -69,6 +65,12 @@ register_backend(
         name="triton",
         description="fused Triton kernels, linear time, O(B*H*k_h*d_h) state, fused backward; CUDA",
         forward=triton_forward,
-        not_supported_reasons=triton_not_supported_reasons,
+        capabilities=Capabilities(
+            devices=("cuda", "cpu"),
+            dtypes=SUPPORTED_DTYPES,
+            max_d_h=MAX_HEAD_DIM,
+            max_k_h=MAX_HYPERNET_PER_HEAD,
+            available=triton_available,
+        ),
     )
 )

@@ -1,9 +1,7 @@
 """Triton backward kernels of HyperMixing, fused like the forward (linear time, no [N, k] tensors).
 
-Per (batch b, head h), with dY the gradient of Y (after the LayerNorm backward):
-- LayerNorm backward (`hmx_bwd_kernel_layer_norm`): rows of Y (recomputed by the forward mix
-  kernel into a transient [B, M, d] fp32 buffer) with the saved mean/rstd give dY, plus per-block
-  partial sums of the LayerNorm weight and bias gradients.
+Per (batch b, head h), with dY the gradient of Y (the LayerNorm, applied by torch outside these
+kernels, has already been differentiated by autograd):
 - query pass (`hmx_bwd_kernel_query`, grid [B*H, n_chunks]): recomputes W2 per query tile
   (MLP2 on chip), accumulates the chunk's partial dA = W2^T dY [k_h, d_h], forms
   dW2 = dY A^T * m_q, back-propagates it through MLP2 (weight gradients accumulated per program)
@@ -58,43 +56,10 @@ def _store_mlp_partials(dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr, i_part, d_h,
     tl.store(dfc2b_ptr + i_part * k_h + o_k, acc_fc2b, mask=m_k)
 
 
-@triton.jit(do_not_specialize=["n_rows"])
-def hmx_bwd_kernel_layer_norm(
-    y_ptr,  # [n_rows, d] fp32 contiguous (recomputed Y)
-    g_ptr,  # [n_rows, d] contiguous upstream gradient (any float dtype)
-    w_ptr,  # [d] LayerNorm weight
-    mean_ptr, rstd_ptr,  # [n_rows] fp32
-    dy_ptr,  # out: [n_rows, d] fp32
-    dw_part_ptr, db_part_ptr,  # out: [n_programs, d] fp32 partial weight / bias gradients
-    n_rows, d,
-    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
-):
-    i_p = tl.program_id(0)
-    o_r = i_p * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_f = tl.arange(0, BLOCK_F)
-    m_r = o_r < n_rows
-    m_f = o_f < d
-    m_rf = m_r[:, None] & m_f[None, :]
-    offs = o_r.to(tl.int64)[:, None] * d + o_f[None, :]
-    b_y = tl.load(y_ptr + offs, mask=m_rf, other=0.0)
-    b_g = tl.load(g_ptr + offs, mask=m_rf, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + o_r, mask=m_r, other=0.0)
-    rstd = tl.load(rstd_ptr + o_r, mask=m_r, other=0.0)
-    b_w = tl.load(w_ptr + o_f, mask=m_f, other=0.0).to(tl.float32)
-    b_xhat = tl.where(m_rf, (b_y - mean[:, None]) * rstd[:, None], 0.0)
-    b_wg = b_g * b_w[None, :]
-    c1 = tl.sum(b_wg, axis=1) / d
-    c2 = tl.sum(b_wg * b_xhat, axis=1) / d
-    b_dy = (b_wg - c1[:, None] - b_xhat * c2[:, None]) * rstd[:, None]
-    tl.store(dy_ptr + offs, b_dy, mask=m_rf)
-    tl.store(dw_part_ptr + i_p.to(tl.int64) * d + o_f, tl.sum(b_g * b_xhat, axis=0), mask=m_f)
-    tl.store(db_part_ptr + i_p.to(tl.int64) * d + o_f, tl.sum(b_g, axis=0), mask=m_f)
-
-
 @autotuned(key=["d_h", "k_h"], do_not_specialize=_BWD_LEN_ARGS)
 def hmx_bwd_kernel_query(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
-    mask_ptr, smb, smn,  # query padding mask [B, M] uint8
+    mask_ptr, smb, smn,  # query keep vector [B, M] fp32 (1 kept, 0 padded)
     pe_ptr, freq_ptr,
     fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr,  # MLP2
     p_ptr,  # [B*H, k_h, d_h] fp32 state P
@@ -103,7 +68,7 @@ def hmx_bwd_kernel_query(
     da_part_ptr,  # out: [B*H, n_chunks, k_h, d_h] fp32
     dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr,  # out: [B*H*n_chunks, (d_h, d_h) | d_h | (k_h, d_h) | k_h]
     L, chunk_len, n_chunks, H, d_h, k_h, d, scale, first_pos,
-    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr, HAS_FC2_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
@@ -115,7 +80,7 @@ def hmx_bwd_kernel_query(
     m_c = o_c < d_h
     m_kc = (o_k < k_h)[:, None] & m_c[None, :]
     b_fc1w, b_fc1b, b_fc2w, b_fc2b = _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h,
-                                               o_c, o_k, HAS_BIAS)
+                                               o_c, o_k, HAS_FC1_BIAS, HAS_FC2_BIAS)
     b_a = _gelu(tl.load(p_ptr + i_bh.to(tl.int64) * k_h * d_h + o_k[:, None] * d_h + o_c[None, :],
                         mask=m_kc, other=0.0))  # [BK, BD]
     acc_da = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
@@ -157,14 +122,14 @@ def hmx_bwd_kernel_query(
 def hmx_bwd_kernel_key(
     k_ptr, sxb, sxn, sxc,  # key [B, N, d]
     v_ptr, svb, svn, svc,  # value [B, N, d]
-    mask_ptr, smb, smn,  # key padding mask [B, N] uint8
+    mask_ptr, smb, smn,  # key keep vector [B, N] fp32 (1 kept, 0 padded)
     pe_ptr, freq_ptr,
     fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr,  # MLP1
     dp_ptr,  # [B*H, k_h, d_h] fp32 dP = dA * GELU'(P)
     dk_ptr, dv_ptr, sdb,  # out: dkey, dvalue [B, N, d] fp32 contiguous (row stride d)
     dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr,  # out: partials as in hmx_bwd_kernel_query
     L, chunk_len, n_chunks, H, d_h, k_h, d, scale, first_pos,
-    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr, HAS_FC2_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
@@ -176,7 +141,7 @@ def hmx_bwd_kernel_key(
     m_c = o_c < d_h
     m_kc = (o_k < k_h)[:, None] & m_c[None, :]
     b_fc1w, b_fc1b, b_fc2w, b_fc2b = _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h,
-                                               o_c, o_k, HAS_BIAS)
+                                               o_c, o_k, HAS_FC1_BIAS, HAS_FC2_BIAS)
     b_dp = tl.load(dp_ptr + i_bh.to(tl.int64) * k_h * d_h + o_k[:, None] * d_h + o_c[None, :],
                    mask=m_kc, other=0.0)  # [BK, BD]
     acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)

@@ -1,4 +1,4 @@
-"""Triton forward kernels of HyperMixing: two linear-time passes over the sequence plus a LayerNorm.
+"""Triton forward kernels of HyperMixing: two linear-time passes over the sequence.
 
 Per (batch b, head h):
 - state pass (`hmx_fwd_kernel_state`, grid [B*H, n_chunks]): each program streams the key tiles of
@@ -7,12 +7,12 @@ Per (batch b, head h):
   [k_h, d_h] block. The launcher sums the <= 64 chunk partials in a fixed order (deterministic).
 - mix pass (`hmx_fwd_kernel_mix`, grid [B*H, n_chunks]): streams query tiles, builds W2 rows on
   chip from Zq with MLP2 and writes Y = W2 @ GELU(P) for the head's d_h channels.
-- LayerNorm (`hmx_fwd_kernel_layer_norm`): one program per block of rows over all d channels,
-  saving mean and rstd per row.
+The LayerNorm is not part of these kernels: every fused backend applies it the same way
+(hmx_kernels.fused: torch's LayerNorm in fp32 on the [B, M, d] output of the mix pass).
 No [N, k_h] (W1, W2) or [N, d_h] hidden tensor reaches memory; the state kept between passes is
 [B*H, n_chunks, k_h, d_h] fp32. Trade-off: the hypernetworks are evaluated on chip per tile, so
-the backward recomputes them instead of reading them back (MLP2 twice: for the LayerNorm's Y and
-in the query pass; MLP1 once), trading FLOPs for O(N * k) memory and traffic.
+the backward recomputes them instead of reading them back (MLP2 in the query pass, MLP1 in the
+key pass), trading FLOPs for O(N * k) memory and traffic.
 
 Precision: every tile is upcast to fp32 on load and every tl.dot runs with
 input_precision="ieee" (true fp32, no TF32), so fp16/bf16 inputs get fp32 arithmetic and fp32
@@ -47,7 +47,7 @@ def _gelu_grad(x):
 def _load_hyper_input(
     x_ptr,  # tokens of batch b: [L, d] with strides (sxn, sxc)
     sxn, sxc,
-    mask_ptr,  # padding mask of batch b: [L] uint8 (non-zero = padded), stride smn
+    mask_ptr,  # keep vector of batch b: [L] fp32 (1 = kept, 0 = padded), stride smn
     smn,
     pe_ptr,  # PE table [>= L, d] fp32 contiguous (PE_TABLE) ...
     freq_ptr,  # ... or per-channel angular frequency [d] fp32 (sin even / cos odd channels)
@@ -64,8 +64,7 @@ def _load_hyper_input(
     o_n64 = o_n.to(tl.int64)
     b_x = tl.load(x_ptr + o_n64[:, None] * sxn + (ch0 + o_c)[None, :] * sxc, mask=m_nc, other=0.0).to(tl.float32)
     if HAS_MASK:
-        pad = tl.load(mask_ptr + o_n64 * smn, mask=m_n, other=1)
-        b_keep = tl.where(m_n & (pad == 0), 1.0, 0.0)
+        b_keep = tl.load(mask_ptr + o_n64 * smn, mask=m_n, other=0.0).to(tl.float32)
     else:
         b_keep = tl.where(m_n, 1.0, 0.0)
     b_x = b_x * b_keep[:, None]
@@ -81,7 +80,8 @@ def _load_hyper_input(
 
 
 @triton.jit
-def _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h, o_c, o_k, HAS_BIAS: tl.constexpr):
+def _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h, o_c, o_k,
+              HAS_FC1_BIAS: tl.constexpr, HAS_FC2_BIAS: tl.constexpr):
     """One head's generator MLP as zero-padded fp32 blocks: fc1 [BD(out), BD(in)], fc2 [BK, BD]."""
     m_c = o_c < d_h
     m_k = o_k < k_h
@@ -90,11 +90,13 @@ def _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h, o_c, o_k, H
                      mask=m_c[:, None] & m_c[None, :], other=0.0).to(tl.float32)
     b_fc2w = tl.load(fc2w_ptr + i_h64 * k_h * d_h + o_k[:, None] * d_h + o_c[None, :],
                      mask=m_k[:, None] & m_c[None, :], other=0.0).to(tl.float32)
-    if HAS_BIAS:
+    if HAS_FC1_BIAS:
         b_fc1b = tl.load(fc1b_ptr + i_h64 * d_h + o_c, mask=m_c, other=0.0).to(tl.float32)
-        b_fc2b = tl.load(fc2b_ptr + i_h64 * k_h + o_k, mask=m_k, other=0.0).to(tl.float32)
     else:
         b_fc1b = tl.zeros([o_c.shape[0]], dtype=tl.float32)
+    if HAS_FC2_BIAS:
+        b_fc2b = tl.load(fc2b_ptr + i_h64 * k_h + o_k, mask=m_k, other=0.0).to(tl.float32)
+    else:
         b_fc2b = tl.zeros([o_k.shape[0]], dtype=tl.float32)
     return b_fc1w, b_fc1b, b_fc2w, b_fc2b
 
@@ -114,12 +116,12 @@ def _mlp_fwd(b_z, b_fc1w, b_fc1b, b_fc2w, b_fc2b):
 def hmx_fwd_kernel_state(
     k_ptr, sxb, sxn, sxc,  # key [B, N, d]
     v_ptr, svb, svn, svc,  # value [B, N, d]
-    mask_ptr, smb, smn,  # key padding mask [B, N] uint8
+    mask_ptr, smb, smn,  # key keep vector [B, N] fp32 (1 kept, 0 padded)
     pe_ptr, freq_ptr,
     fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr,  # MLP1: [H, d_h, d_h], [H, d_h], [H, k_h, d_h], [H, k_h]
     p_part_ptr,  # out: [B*H, n_chunks, k_h, d_h] fp32 partial P per chunk
     L, chunk_len, n_chunks, H, d_h, k_h, d, scale, first_pos,
-    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr, HAS_FC2_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
@@ -130,7 +132,7 @@ def hmx_fwd_kernel_state(
     o_k = tl.arange(0, BLOCK_K)
     m_c = o_c < d_h
     b_fc1w, b_fc1b, b_fc2w, b_fc2b = _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h,
-                                               o_c, o_k, HAS_BIAS)
+                                               o_c, o_k, HAS_FC1_BIAS, HAS_FC2_BIAS)
     start = i_chunk * chunk_len
     end = tl.minimum(start + chunk_len, L)
     b_p = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
@@ -153,13 +155,13 @@ def hmx_fwd_kernel_state(
 @autotuned(key=["d_h", "k_h"], do_not_specialize=_LEN_ARGS)
 def hmx_fwd_kernel_mix(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
-    mask_ptr, smb, smn,  # query padding mask [B, M] uint8
+    mask_ptr, smb, smn,  # query keep vector [B, M] fp32 (1 kept, 0 padded)
     pe_ptr, freq_ptr,
     fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr,  # MLP2
     p_ptr,  # [B*H, k_h, d_h] fp32 summed state P
     y_ptr, syb, syn,  # out: Y [B, M, d] (channel stride 1)
     L, chunk_len, n_chunks, H, d_h, k_h, d, scale, first_pos,
-    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr, HAS_FC2_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
@@ -170,7 +172,7 @@ def hmx_fwd_kernel_mix(
     o_k = tl.arange(0, BLOCK_K)
     m_c = o_c < d_h
     b_fc1w, b_fc1b, b_fc2w, b_fc2b = _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h,
-                                               o_c, o_k, HAS_BIAS)
+                                               o_c, o_k, HAS_FC1_BIAS, HAS_FC2_BIAS)
     b_a = _gelu(tl.load(p_ptr + i_bh.to(tl.int64) * k_h * d_h + o_k[:, None] * d_h + o_c[None, :],
                         mask=(o_k < k_h)[:, None] & m_c[None, :], other=0.0))  # [BK, BD]
     start = i_chunk * chunk_len
@@ -187,31 +189,3 @@ def hmx_fwd_kernel_mix(
         m_nc = (o_n < end)[:, None] & m_c[None, :]
         tl.store(y_ptr + i_b * syb + o_n.to(tl.int64)[:, None] * syn + (i_h * d_h + o_c)[None, :],
                  b_y.to(y_ptr.dtype.element_ty), mask=m_nc)
-
-
-@triton.jit(do_not_specialize=["n_rows"])
-def hmx_fwd_kernel_layer_norm(
-    y_ptr,  # [n_rows, d] fp32 contiguous
-    w_ptr, b_ptr,  # [d]
-    out_ptr,  # [n_rows, d] contiguous, output dtype
-    mean_ptr, rstd_ptr,  # out: [n_rows] fp32
-    n_rows, d, eps,
-    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
-):
-    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_f = tl.arange(0, BLOCK_F)
-    m_r = o_r < n_rows
-    m_f = o_f < d
-    m_rf = m_r[:, None] & m_f[None, :]
-    offs = o_r.to(tl.int64)[:, None] * d + o_f[None, :]
-    b_y = tl.load(y_ptr + offs, mask=m_rf, other=0.0)
-    mean = tl.sum(b_y, axis=1) / d
-    b_c = tl.where(m_rf, b_y - mean[:, None], 0.0)
-    var = tl.sum(b_c * b_c, axis=1) / d
-    rstd = 1.0 / tl.sqrt(var + eps)
-    b_w = tl.load(w_ptr + o_f, mask=m_f, other=0.0).to(tl.float32)
-    b_b = tl.load(b_ptr + o_f, mask=m_f, other=0.0).to(tl.float32)
-    b_out = b_c * rstd[:, None] * b_w[None, :] + b_b[None, :]
-    tl.store(out_ptr + offs, b_out.to(out_ptr.dtype.element_ty), mask=m_rf)
-    tl.store(mean_ptr + o_r, mean, mask=m_r)
-    tl.store(rstd_ptr + o_r, rstd, mask=m_r)

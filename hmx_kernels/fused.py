@@ -1,0 +1,170 @@
+"""The fused-op contract: every fast backend is a pair of `torch.library` ops with one schema.
+
+    hmx_kernels::<backend>_fwd(query, key, value, query_keep?, key_keep?, 8 generator tensors,
+                               variant) -> (y, state)
+        y      [B, M, d]       Y = W2 GELU(W1^T V) per head, before the LayerNorm, compute dtype
+        state  [B, H, k_h, d_h] P = sum_t m_t W1_t^T V_t (fp32 / fp64), saved for the backward
+    hmx_kernels::<backend>_bwd(grad_y, query, key, value, query_keep?, key_keep?, 8 generator
+                               tensors, state, variant) -> 11 tensors
+        dquery, dkey, dvalue (compute dtype) and the 8 generator gradients (compute dtype; an
+        absent bias gets an empty tensor)
+
+Shapes and dtypes of both are given by one fake implementation (`fwd_fake`, `bwd_fake`), which
+also serves the meta device; autograd is registered on the forward op (its backward calls the
+backward op), and the backward op's own autograd raises a clear error: double backward is not
+supported by the fused backends (use backend="reference"). The op implementations compute the
+positional encoding from `variant` themselves, so no length-dependent table crosses the graph.
+
+`run_fused(op, problem)` is what a backend's `forward` calls: the op, then one epilogue for all
+fused backends (LayerNorm in fp32 with torch, cast to the problem's output dtype), so the
+LayerNorm is applied in exactly one way.
+
+This module avoids `from __future__ import annotations`: torch.library reads the signatures'
+annotations to infer the schemas.
+"""
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .validation import HyperMixingProblem, compute_dtype_of
+
+__all__ = ["define_fused_ops", "run_fused", "FusedOps", "DOUBLE_BACKWARD_ERROR"]
+
+NAMESPACE = "hmx_kernels"
+DOUBLE_BACKWARD_ERROR = (
+    "hmx_kernels: the fused HyperMixing backends do not support double backward (a gradient of a "
+    "gradient, e.g. create_graph=True for a gradient penalty); use backend='reference' for that call"
+)
+
+
+def _sizes(query: Tensor, key: Tensor, fc2_w: Tensor):
+    B, M, d = query.shape
+    N = key.shape[1]
+    H, k_h, d_h = fc2_w.shape
+    return B, M, N, d, H, d_h, k_h
+
+
+def fwd_fake(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
+             w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant):
+    B, M, N, d, H, d_h, k_h = _sizes(query, key, w1_fc2_w)
+    cdt = compute_dtype_of(query.dtype)
+    return query.new_empty((B, M, d), dtype=cdt), query.new_empty((B, H, k_h, d_h), dtype=cdt)
+
+
+def bwd_fake(grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
+             w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant):
+    cdt = compute_dtype_of(query.dtype)
+    out = [query.new_empty(query.shape, dtype=cdt), key.new_empty(key.shape, dtype=cdt),
+           value.new_empty(value.shape, dtype=cdt)]
+    for w in (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b):
+        out.append(query.new_empty((0,), dtype=cdt) if w is None else w.new_empty(w.shape, dtype=cdt))
+    return out
+
+
+class FusedOps:
+    """The forward and backward op of one fused backend."""
+
+    def __init__(self, fwd, bwd):
+        self.fwd = fwd
+        self.bwd = bwd
+
+
+def define_fused_ops(
+    backend: str,
+    fwd_impl: Callable,
+    bwd_impl: Callable,
+    *,
+    device_types: Sequence[str] = ("cpu", "cuda"),
+    triton: bool = False,
+) -> FusedOps:
+    """Define hmx_kernels::<backend>_fwd / _bwd over `fwd_impl` / `bwd_impl` (same signatures as
+    `fwd_fake` / `bwd_fake`), with the shared fake implementations and autograd.
+
+    triton=True: `torch.library.triton_op` (the impls launch kernels through `wrap_triton`, and
+    torch.compile can see into them); the impls then double as their own fake implementations
+    and must run on fake tensors."""
+
+    def fwd(query: Tensor, key: Tensor, value: Tensor, query_keep: Optional[Tensor], key_keep: Optional[Tensor],
+            w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor, w1_fc2_b: Optional[Tensor],
+            w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor, w2_fc2_b: Optional[Tensor],
+            variant: str) -> Tuple[Tensor, Tensor]:
+        return fwd_impl(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
+                        w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant)
+
+    def bwd(grad_y: Tensor, query: Tensor, key: Tensor, value: Tensor, query_keep: Optional[Tensor],
+            key_keep: Optional[Tensor], w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor,
+            w1_fc2_b: Optional[Tensor], w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor,
+            w2_fc2_b: Optional[Tensor], state: Tensor, variant: str) -> List[Tensor]:
+        return bwd_impl(grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w,
+                        w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant)
+
+    fwd_name, bwd_name = f"{NAMESPACE}::{backend}_fwd", f"{NAMESPACE}::{backend}_bwd"
+    if triton:
+        fwd_op = torch.library.triton_op(fwd_name, fwd, mutates_args=())
+        bwd_op = torch.library.triton_op(bwd_name, bwd, mutates_args=())
+    else:
+        fwd_op = torch.library.custom_op(fwd_name, fwd, mutates_args=(), device_types=tuple(device_types))
+        bwd_op = torch.library.custom_op(bwd_name, bwd, mutates_args=(), device_types=tuple(device_types))
+        fwd_op.register_fake(fwd_fake)
+        bwd_op.register_fake(bwd_fake)
+
+    n_tensors = 13  # query, key, value, 2 keeps, 8 generator tensors
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors], output[1])
+        ctx.variant = inputs[n_tensors]
+        ctx.dtypes = [None if t is None else t.dtype for t in inputs[:n_tensors]]
+
+    def backward(ctx, grad_y, grad_state):
+        saved = ctx.saved_tensors
+        tensors, state = saved[:n_tensors], saved[n_tensors]
+        grads = bwd_op(grad_y.contiguous(), *tensors, state, ctx.variant)
+        dq, dk, dv = grads[:3]
+        gen = [None if t is None else g for g, t in zip(grads[3:], tensors[5:])]
+        out = [dq, dk, dv, None, None] + gen
+        out = [None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes)]
+        return (*out, None)
+
+    def bwd_setup_context(ctx, inputs, output):
+        pass
+
+    def bwd_backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    bwd_op.register_autograd(bwd_backward, setup_context=bwd_setup_context)
+    return FusedOps(fwd_op, bwd_op)
+
+
+def layer_norm_epilogue(y: Tensor, p: HyperMixingProblem) -> Tensor:
+    """The common epilogue of the fused backends: LayerNorm over d in fp32 (fp64 for fp64), then
+    the problem's output dtype. y is the fused op's [B, M, d] output in the compute dtype."""
+    if p.use_layer_norm:
+        y = F.layer_norm(y, (p.d,), p.ln_weight.to(y.dtype), p.ln_bias.to(y.dtype), p.eps)
+    return y.to(p.out_dtype)
+
+
+def run_fused(ops: FusedOps, p: HyperMixingProblem, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Run problem `p` through a fused backend's ops, then the common epilogue.
+
+    operand_dtype: cast tokens and generator tensors to this dtype first (a backend that takes
+    half inputs by upcasting passes torch.float32); the cast is differentiable, so gradients come
+    back in the caller's dtypes."""
+    tokens = (p.query, p.key, p.value)
+    gen = p.generator_weights()
+    if operand_dtype is not None and operand_dtype != p.dtype:
+        def cast(t):
+            return None if t is None else t.to(operand_dtype)
+        cq = cast(p.query)
+        ck = cq if p.key is p.query else cast(p.key)
+        cv = ck if p.value is p.key else (cq if p.value is p.query else cast(p.value))
+        tokens = (cq, ck, cv)
+        g1 = tuple(cast(t) for t in gen[:4])
+        gen = g1 + (g1 if p.tied else tuple(cast(t) for t in gen[4:]))
+    # The keep vectors are already in the compute dtype, which upcasting does not change. No
+    # autocast context is needed: autocast does not touch custom ops, and it runs layer_norm in
+    # fp32, as the epilogue does anyway.
+    y, _state = ops.fwd(*tokens, p.query_keep, p.key_keep, *gen, p.variant.name)
+    return layer_norm_epilogue(y, p)
