@@ -1,9 +1,11 @@
 """Shared test helpers: random HyperMixing problems, forward+backward with one upstream gradient,
-and comparisons that report which output or gradient differs and by how much."""
+comparisons that report which output or gradient differs and by how much, non-contiguous copies
+of a problem, and `check_against_reference` (one backend against the reference, output and every
+gradient), which tests/test_conformance.py and the backend-specific tests share."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -163,3 +165,111 @@ def assert_close(name: str, actual: Optional[torch.Tensor], expected: Optional[t
     tol = rtol * max(scale, 1e-30) if atol_scale is None else atol_scale
     err = (a - e).abs().max().item()
     assert err <= tol, f"{name}: max |diff| {err:.3e} > {tol:.3e} (rtol {rtol:g} x max|ref| {scale:.3e})"
+
+
+def make_noncontiguous(case: Case, layout: str = "channels") -> Case:
+    """Same values, stored as strided views.
+
+    layout="channels": every token tensor is every other channel of a wider tensor stored
+    batch-last (non-unit channel stride: neither contiguous nor dense); weights are stored with
+    their last two dims swapped (transposed views); 1-D tensors are every other element.
+    layout="rows": token tensors keep a unit channel stride but sit in a tensor twice as wide (row
+    stride 2d, which the C++ twin takes without a copy); weights and 1-D tensors as above.
+    """
+    tensors, seen = {}, {}
+    for name, t in case.tensors.items():
+        if t is None:
+            tensors[name] = None
+            continue
+        if id(t) in seen:
+            tensors[name] = seen[id(t)]
+            continue
+        x = t.detach()
+        if name in ("query", "key", "value"):
+            B, L, d = x.shape
+            if layout == "channels":
+                wide = torch.zeros(L, 2 * d, B, dtype=x.dtype, device=x.device)
+                wide[:, ::2, :] = x.permute(1, 2, 0)
+                v = wide[:, ::2, :].permute(2, 0, 1)
+            elif layout == "rows":
+                wide = torch.zeros(B, L, 2 * d, dtype=x.dtype, device=x.device)
+                wide[:, :, d:] = x
+                v = wide[:, :, d:]
+            else:
+                raise ValueError(f"unknown layout {layout!r}")
+        elif x.dim() >= 2:
+            v = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        else:
+            v = x.repeat_interleave(2)[::2]
+        assert torch.equal(v, x) and (v.numel() <= 1 or not v.is_contiguous()), name
+        v = v.detach().requires_grad_(t.requires_grad)
+        seen[id(t)] = v
+        tensors[name] = v
+    return Case(tensors, case.variant, case.key_padding_mask, case.query_padding_mask,
+                case.use_layer_norm, case.tied, dict(case.extra))
+
+
+def _tolerance_pair(tol) -> Tuple[float, float]:
+    """(output, gradient) rtol from a hmx_kernels.dispatch.Tolerance, a float or a pair."""
+    if hasattr(tol, "out") and hasattr(tol, "grad"):
+        return float(tol.out), float(tol.grad)
+    if isinstance(tol, (tuple, list)):
+        return float(tol[0]), float(tol[1])
+    return float(tol), float(tol)
+
+
+def check_against_reference(case: Case, backend: str, device: Union[str, torch.device], dtype: torch.dtype,
+                            tol, *, layout: Optional[str] = None, grad_seed: int = 7):
+    """`backend` against the reference on `case` cast to `dtype` on `device` (the same rounded
+    values on both sides), forward and backward with the same upstream gradient.
+
+    Asserts: the output has dtype `dtype` on `device`; the backend returns a gradient for exactly
+    the leaves the reference does, each in its leaf's dtype; output and every gradient within
+    `tol` (a Tolerance, a float, or an (output, gradient) pair; scale-relative, see assert_close;
+    NaN or Inf fails). layout: run the backend on a make_noncontiguous copy with that layout (the
+    reference runs on the contiguous one). Returns the backend's (out, grads)."""
+    tol_out, tol_grad = _tolerance_pair(tol)
+    ref_case = case.cast(dtype, device)
+    test_case = ref_case if layout is None else make_noncontiguous(ref_case, layout)
+    query = ref_case.tensors["query"]
+    g = torch.Generator().manual_seed(grad_seed)
+    grad_out = torch.randn(query.shape, generator=g).to(dtype=dtype, device=query.device)
+    out, grads = forward_backward(test_case, backend, grad_out)
+    ref_out, ref_grads = forward_backward(ref_case, "reference", grad_out)
+    assert out.dtype == dtype, f"output dtype {out.dtype} != input dtype {dtype}"
+    assert out.device.type == torch.device(device).type, f"output on {out.device}, inputs on {device}"
+    assert_close("out", out, ref_out, tol_out)
+    assert set(grads) == set(ref_grads), f"gradients for {sorted(grads)} vs reference {sorted(ref_grads)}"
+    leaves = test_case.leaves()
+    for name, ref_grad in ref_grads.items():
+        grad = grads[name]
+        if ref_grad is not None:
+            assert grad is not None, f"grad {name}: the backend returned no gradient"
+        if grad is not None:
+            assert grad.dtype == leaves[name].dtype, f"grad {name}: dtype {grad.dtype} != leaf dtype {leaves[name].dtype}"
+        assert_close(f"grad {name}", grad, ref_grad, tol_grad)
+    return out, grads
+
+
+def import_speechbrain(module: str):
+    """Import a speechbrain module. speechbrain's package import pulls torchaudio, which has no
+    release for the CPU torch used in development and which its HyperMixing and Conformer encoder
+    never call: when it cannot be imported, an empty stand-in module is registered first. Skips
+    when speechbrain is missing, except in CI (where `make test` installs it)."""
+    import importlib
+    import os
+    import sys
+    import types
+
+    import pytest
+
+    try:
+        import torchaudio  # noqa: F401
+    except Exception:
+        sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"speechbrain is not installed ({e}); `make test` installs it")

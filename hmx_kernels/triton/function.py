@@ -17,7 +17,8 @@ smaller than an [L, k_h] tensor per (b, h) while d_h < CHUNK_MIN.
 
 The launchers are written for `torch.library.triton_op`: kernels are launched through
 `wrap_triton`, and the functions run on fake tensors too (torch.compile traces them to see the
-kernels), which is why the positional-encoding table bypasses its cache under tracing.
+kernels), which is why the positional-encoding table bypasses its cache under tracing. Under
+TRITON_INTERPRET=1 the same functions are registered as opaque custom ops instead (see TRITON_OPS).
 
 Debugging aid: with `hmx_kernels.config.set_poison(True)` (or HMX_KERNELS_POISON=1 at import)
 every buffer allocated here is filled with NaN first, so an element a kernel forgets to write
@@ -34,6 +35,7 @@ from ..fused import define_fused_ops, run_fused
 from ..reference.positional import cached_positional_encoding, frequencies, positional_encoding
 from ..validation import HyperMixingProblem
 from ..variants import get_variant
+from .config import INTERPRETED_KERNELS
 from .hyper_mixing_bwd import hmx_bwd_kernel_key, hmx_bwd_kernel_query
 from .hyper_mixing_fwd import hmx_fwd_kernel_mix, hmx_fwd_kernel_state
 
@@ -63,8 +65,15 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return t
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+def _is_fake(t: torch.Tensor) -> bool:
+    """A fake (or functional-over-fake) tensor: torch.compile/export are tracing the op."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def _chunking(length):
@@ -84,11 +93,11 @@ def _keep_args(keep, fallback: torch.Tensor):
     return keep, keep.stride(0), keep.stride(1), True
 
 
-def _pe_args(v, length, d, device):
+def _pe_args(v, length, d, device, tracing: bool):
     """(pe table [L, d] or frequency vector [d], pe_table flag)."""
     if v.name == "speechbrain" and PE_ON_CHIP:
         return frequencies(v, d, torch.float32).to(device), False  # [d] exact fp32 frequencies
-    if _tracing():  # fake tensors: no cache (a cached fake table would poison later eager calls)
+    if tracing:  # fake tensors: no cache (a cached fake table would poison later eager calls)
         return positional_encoding(v, length, d, device=device), True
     # the variant's fp32 table (idiap: float64-computed), rows 0.. = positions first_position..
     return cached_positional_encoding(v, length, d, device), True
@@ -119,7 +128,7 @@ def _state(s, key, value, key_keep, w1, pe, pe_table):
     (fc1w, fc1b, fc2w, fc2b), flags = w1
     keep, smb, smn, has_mask = _keep_args(key_keep, key)
     p_part = _empty((s.B * s.H, n_chunks, s.k_h, s.d_h), torch.float32, key.device)
-    wrap_triton(hmx_fwd_kernel_state)[(s.B * s.H, n_chunks)](
+    _launch(hmx_fwd_kernel_state, (s.B * s.H, n_chunks),
         key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2),
         keep, smb, smn, pe, pe,
@@ -136,7 +145,7 @@ def _mix(s, query, query_keep, w2, p, pe, pe_table, y):
     n_chunks, chunk_len = _chunking(s.M)
     (fc1w, fc1b, fc2w, fc2b), flags = w2
     keep, smb, smn, has_mask = _keep_args(query_keep, query)
-    wrap_triton(hmx_fwd_kernel_mix)[(s.B * s.H, n_chunks)](
+    _launch(hmx_fwd_kernel_mix, (s.B * s.H, n_chunks),
         query, query.stride(0), query.stride(1), query.stride(2),
         keep, smb, smn, pe, pe,
         fc1w, fc1b, fc2w, fc2b, p,
@@ -178,7 +187,7 @@ def _triton_fwd_impl(query, key, value, query_keep, key_keep, *rest):
     *gen, variant = rest
     s = _Sizes(query, key, gen[2], variant)
     device = query.device
-    pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device)
+    pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device, _is_fake(query))
     w1 = _generator_args(*gen[:4])
     w2 = _generator_args(*gen[4:])
     p = _state(s, key, value, key_keep, w1, pe, pe_table)  # [B*H, k_h, d_h] fp32
@@ -191,7 +200,7 @@ def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     *gen, state, variant = rest
     s = _Sizes(query, key, gen[2], variant)
     device = query.device
-    pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device)
+    pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device, _is_fake(query))
     w1 = _generator_args(*gen[:4])
     w2 = _generator_args(*gen[4:])
     p = state.reshape(s.B * s.H, s.k_h, s.d_h).contiguous()
@@ -204,7 +213,7 @@ def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     dq = _empty((s.B, s.M, s.d), torch.float32, device)
     da_part = _empty((s.B * s.H, n_chunks_q, s.k_h, s.d_h), torch.float32, device)
     parts2 = _mlp_partials(s, n_chunks_q, device)
-    wrap_triton(hmx_bwd_kernel_query)[(s.B * s.H, n_chunks_q)](
+    _launch(hmx_bwd_kernel_query, (s.B * s.H, n_chunks_q),
         query, query.stride(0), query.stride(1), query.stride(2),
         keep, smb, smn, pe, pe,
         fc1w, fc1b, fc2w, fc2b, p,
@@ -229,7 +238,7 @@ def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     dk = _empty((s.B, s.N, s.d), torch.float32, device)
     dv = _empty((s.B, s.N, s.d), torch.float32, device)
     parts1 = _mlp_partials(s, n_chunks_k, device)
-    wrap_triton(hmx_bwd_kernel_key)[(s.B * s.H, n_chunks_k)](
+    _launch(hmx_bwd_kernel_key, (s.B * s.H, n_chunks_k),
         key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2),
         keep, smb, smn, pe, pe,
@@ -244,7 +253,12 @@ def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     return [dq, dk, dv, *g1, *g2]
 
 
-TRITON_OPS = define_fused_ops("triton", _triton_fwd_impl, _triton_bwd_impl, triton=True)
+# Compiled kernels: a triton_op, which torch.compile traces into (wrap_triton turns each launch
+# into a graph node that Inductor schedules). Under Triton's interpreter wrap_triton hands back the
+# plain Python kernel, which cannot run on the fake tensors of a trace, so there the ops are opaque
+# custom ops with the shared fake implementation (still compile- and export-safe, like the C++ ops).
+TRITON_OPS = define_fused_ops("triton", _triton_fwd_impl, _triton_bwd_impl, device_types=("cuda", "cpu"),
+                              triton=not INTERPRETED_KERNELS)
 
 
 def triton_forward(p: HyperMixingProblem) -> torch.Tensor:
