@@ -21,7 +21,7 @@ PY=${PY:-python3}
 cat "$OUT/env.txt"
 
 # GPU tests: the backends' own files (the speechbrain equivalence tests need speechbrain, absent there)
-timeout 330 $PY -m pytest -q -x -ra tests/test_triton.py tests/test_cuda_backend.py tests/test_cpp_cpu.py \
+timeout 330 $PY -m pytest -q -x -ra tests/test_conformance.py tests/test_ops.py tests/test_triton.py tests/test_cuda_backend.py tests/test_cpp_cpu.py \
   tests/test_reference.py --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
 
 # the issue's timing points first (d 512, k 2048, H 8; N 1024 / 4096 / 16384), then what time allows

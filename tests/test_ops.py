@@ -29,20 +29,25 @@ from hmx_kernels.fused import DOUBLE_BACKWARD_ERROR
 from utils import assert_close, forward_backward, import_speechbrain, make_case
 
 INTERPRET = config.SETTINGS.triton_interpret
+HAS_CUDA = torch.cuda.is_available()
 FUSED_CPU_BACKENDS = ["cpu"] + (["triton"] if INTERPRET else [])
+_no_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (runs in .ci/gpu_run.sh)")
+# (backend, device) of every fused op this machine can run: CPU in CI, CUDA on a GPU machine
+FUSED_ON_DEVICES = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in FUSED_CPU_BACKENDS] + [
+    pytest.param(b, "cuda", id=f"{b}-cuda", marks=_no_cuda) for b in ("cuda", "triton")]
 # fp32 on both sides; compiled and eager run the same kernels (the graph adds only the LayerNorm,
 # which Inductor may fuse and reorder): differences are fp32 rounding of a few ulp
 COMPILE_RTOL = 1e-5
 
 
-def _op_args(case, dtype=torch.float32):
+def _op_args(case, dtype=torch.float32, device="cpu"):
     """The fused ops' positional arguments for a case (the problem's resolved tensors)."""
-    p = hmx_kernels.check_inputs(**case.cast(dtype).kwargs())
+    p = hmx_kernels.check_inputs(**case.cast(dtype, device).kwargs())
     return (p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(), p.variant.name), p
 
 
 def _ops(backend):
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         return cpp_backend.CPP_OPS
     from hmx_kernels.triton import function
 
@@ -50,14 +55,14 @@ def _ops(backend):
 
 
 # ---- torch.library ----------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+@pytest.mark.parametrize("backend,device", FUSED_ON_DEVICES)
 @pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
-def test_opcheck(backend, variant):
+def test_opcheck(backend, device, variant):
     case = make_case(variant=variant, B=2, M=5, N=7, d=12, H=2, k_h=10, input_scale=0.3)
     if variant == "idiap":  # a partial bias: fc1 bias without fc2 bias
         case.tensors["w1_fc2_bias"] = None
         case.tensors["w2_fc2_bias"] = None
-    args, p = _op_args(case)
+    args, p = _op_args(case, device=device)
     ops = _ops(backend)
     # fresh leaves; the keep vectors (positions 3 and 4) take no gradient
     args = tuple(a.detach().requires_grad_(i not in (3, 4)) if isinstance(a, torch.Tensor) else a

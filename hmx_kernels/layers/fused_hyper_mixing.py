@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..dispatch import check_backend_name
 from ..functional import hyper_mixing
 from ..reference.positional import positional_encoding
 from ..variants import get_variant
@@ -124,6 +125,7 @@ class FusedHyperMixing(nn.Module):
     ) -> None:
         super().__init__()
         v = get_variant(variant)
+        check_backend_name(backend)  # a misspelled backend fails here, not at the first forward
         d, k, H = int(input_output_dim), int(hypernet_size), int(num_heads)
         if d <= 0 or k <= 0 or H <= 0:
             raise ValueError(f"input_output_dim, hypernet_size and num_heads must be positive, got {d}, {k}, {H}")
