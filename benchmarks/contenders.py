@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hmx_kernels
+from hmx_kernels.config import SETTINGS
 from hmx_kernels.dispatch import backend_reasons
 from hmx_kernels.flops import attention_flops, hyper_mixing_flops, mha_layer_flops
 
@@ -303,6 +303,6 @@ def default_contender_names(device: torch.device) -> List[str]:
     names = list(all_contenders(device))
     if device.type == "cpu":
         names.remove("hmx-reference-compiled")  # opt-in on CPU: see the module docstring
-    if os.environ.get("TRITON_INTERPRET") == "1" and "hmx-triton" in names:
+    if SETTINGS.triton_interpret and "hmx-triton" in names:
         names.remove("hmx-triton")  # interpreter: never benchmarked
     return names

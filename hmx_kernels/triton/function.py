@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from ..config import SETTINGS
@@ -67,8 +68,6 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 def _is_fake(t: torch.Tensor) -> bool:
     """A fake (or functional-over-fake) tensor: torch.compile/export are tracing the op."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return is_fake(t)
 
 
@@ -196,60 +195,69 @@ def _triton_fwd_impl(query, key, value, query_keep, key_keep, *rest):
     return y, p.view(s.B, s.H, s.k_h, s.d_h)
 
 
-def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
-    *gen, state, variant = rest
-    s = _Sizes(query, key, gen[2], variant)
+def _query_pass(s, query, query_keep, w2, p, dy, pe, pe_table):
+    """dquery [B, M, d] fp32, dA [B*H, k_h, d_h] fp32 and the MLP2 gradients (recomputes W2)."""
     device = query.device
-    pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device, _is_fake(query))
-    w1 = _generator_args(*gen[:4])
-    w2 = _generator_args(*gen[4:])
-    p = state.reshape(s.B * s.H, s.k_h, s.d_h).contiguous()
-    dy = grad_y.contiguous()
-
-    # ---- query pass: dA, MLP2 gradients, dquery ---------------------------------------
-    n_chunks_q, chunk_len_q = _chunking(s.M)
+    n_chunks, chunk_len = _chunking(s.M)
     (fc1w, fc1b, fc2w, fc2b), flags = w2
     keep, smb, smn, has_mask = _keep_args(query_keep, query)
     dq = _empty((s.B, s.M, s.d), torch.float32, device)
-    da_part = _empty((s.B * s.H, n_chunks_q, s.k_h, s.d_h), torch.float32, device)
-    parts2 = _mlp_partials(s, n_chunks_q, device)
-    _launch(hmx_bwd_kernel_query, (s.B * s.H, n_chunks_q),
+    da_part = _empty((s.B * s.H, n_chunks, s.k_h, s.d_h), torch.float32, device)
+    parts = _mlp_partials(s, n_chunks, device)
+    _launch(hmx_bwd_kernel_query, (s.B * s.H, n_chunks),
         query, query.stride(0), query.stride(1), query.stride(2),
         keep, smb, smn, pe, pe,
         fc1w, fc1b, fc2w, fc2b, p,
         dy, dy.stride(0), dy.stride(1),
         dq, dq.stride(0),
-        da_part, *parts2,
-        s.M, chunk_len_q, n_chunks_q, s.H, s.d_h, s.k_h, s.d, s.scale, s.first_pos,
+        da_part, *parts,
+        s.M, chunk_len, n_chunks, s.H, s.d_h, s.k_h, s.d, s.scale, s.first_pos,
         HAS_MASK=has_mask, PE_TABLE=pe_table, **flags,
         BLOCK_D=_block(s.d_h), BLOCK_K=_block(s.k_h),
     )
-    g2 = _mlp_grads(parts2, s, n_chunks_q, (gen[5] is not None, gen[7] is not None))
-    d_a = da_part.sum(dim=1)  # [B*H, k_h, d_h], fixed order over the chunks
-    # dP = dA * GELU'(P)  (tiny [B*H, k_h, d_h] tensors)
+    grads = _mlp_grads(parts, s, n_chunks, (flags["HAS_FC1_BIAS"], flags["HAS_FC2_BIAS"]))
+    return dq, da_part.sum(dim=1), grads  # dA: fixed-order sum over the chunks
+
+
+def _gelu_backward(d_a, p):
+    """dP = dA * GELU'(P) on the tiny [B*H, k_h, d_h] state."""
     cdf = 0.5 * (1.0 + torch.erf(p * 0.7071067811865476))
     pdf = torch.exp(-0.5 * p * p) * 0.3989422804014327
-    d_p = (d_a * (cdf + p * pdf)).contiguous()
+    return (d_a * (cdf + p * pdf)).contiguous()
 
-    # ---- key pass: dvalue, MLP1 gradients, dkey ---------------------------------------
-    n_chunks_k, chunk_len_k = _chunking(s.N)
+
+def _key_pass(s, key, value, key_keep, w1, d_p, pe, pe_table):
+    """dkey, dvalue [B, N, d] fp32 and the MLP1 gradients (recomputes W1)."""
+    device = key.device
+    n_chunks, chunk_len = _chunking(s.N)
     (fc1w, fc1b, fc2w, fc2b), flags = w1
     keep, smb, smn, has_mask = _keep_args(key_keep, key)
     dk = _empty((s.B, s.N, s.d), torch.float32, device)
     dv = _empty((s.B, s.N, s.d), torch.float32, device)
-    parts1 = _mlp_partials(s, n_chunks_k, device)
-    _launch(hmx_bwd_kernel_key, (s.B * s.H, n_chunks_k),
+    parts = _mlp_partials(s, n_chunks, device)
+    _launch(hmx_bwd_kernel_key, (s.B * s.H, n_chunks),
         key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2),
         keep, smb, smn, pe, pe,
         fc1w, fc1b, fc2w, fc2b, d_p,
         dk, dv, dk.stride(0),
-        *parts1,
-        s.N, chunk_len_k, n_chunks_k, s.H, s.d_h, s.k_h, s.d, s.scale, s.first_pos,
+        *parts,
+        s.N, chunk_len, n_chunks, s.H, s.d_h, s.k_h, s.d, s.scale, s.first_pos,
         HAS_MASK=has_mask, PE_TABLE=pe_table, **flags,
         BLOCK_D=_block(s.d_h), BLOCK_K=_block(s.k_h),
     )
-    g1 = _mlp_grads(parts1, s, n_chunks_k, (gen[1] is not None, gen[3] is not None))
+    return dk, dv, _mlp_grads(parts, s, n_chunks, (flags["HAS_FC1_BIAS"], flags["HAS_FC2_BIAS"]))
+
+
+def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
+    *gen, state, variant = rest
+    s = _Sizes(query, key, gen[2], variant)
+    pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, query.device, _is_fake(query))
+    w1 = _generator_args(*gen[:4])
+    w2 = _generator_args(*gen[4:])
+    p = state.reshape(s.B * s.H, s.k_h, s.d_h).contiguous()
+    dq, d_a, g2 = _query_pass(s, query, query_keep, w2, p, grad_y.contiguous(), pe, pe_table)
+    dk, dv, g1 = _key_pass(s, key, value, key_keep, w1, _gelu_backward(d_a, p), pe, pe_table)
     return [dq, dk, dv, *g1, *g2]
 
 
