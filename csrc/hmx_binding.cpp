@@ -79,14 +79,22 @@ void check_contiguous(const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_contiguous(), "hmx_kernels: ", name, " must be contiguous (call .contiguous())");
 }
 
-// [B, L, d] tokens: last dimension contiguous, any batch/row strides
+// [B, L, d] tokens: last dimension contiguous, any batch stride, rows at least d apart (the row
+// stride is the leading dimension of the CPU twin's BLAS calls, which reject anything smaller and
+// then compute nothing). Overlapping or broadcast rows must be copied by the caller.
 void check_tokens(const char* name, const at::Tensor& t, const at::Tensor& ref, int64_t B, int64_t L,
                   int64_t d) {
   check_same(name, t, ref, ref.scalar_type());
   check_shape(name, t, {B, L, d});
   TORCH_CHECK(t.stride(2) == 1, "hmx_kernels: ", name, " must have a contiguous last dimension, got strides ",
               t.strides());
+  TORCH_CHECK(L == 1 || t.stride(1) >= d, "hmx_kernels: ", name, " rows must be at least d = ", d,
+              " elements apart (no overlapping or broadcast rows), got strides ", t.strides(), "; pass a copy");
 }
+
+// The row stride handed to the kernels: with one row it is never stepped, but it is still a BLAS
+// leading dimension, so it is at least d (a [B, 1, d] view may carry any stride there).
+int64_t row_stride(const at::Tensor& t, int64_t d) { return t.size(1) == 1 ? std::max(t.stride(1), d) : t.stride(1); }
 
 // Side inputs (PE rows, masks, saved P, weight gradients) are in the compute type: the input type on
 // the CPU (fp32/fp64), fp32 on CUDA.
@@ -164,9 +172,9 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   pb.allow_mma = g_allow_mma;
   pr.q = q; pr.k = k; pr.v = v;
   pb.q = q.data_ptr(); pb.k = k.data_ptr(); pb.v = v.data_ptr();
-  pb.q_bstride = q.stride(0); pb.q_rstride = q.stride(1);
-  pb.k_bstride = k.stride(0); pb.k_rstride = k.stride(1);
-  pb.v_bstride = v.stride(0); pb.v_rstride = v.stride(1);
+  pb.q_bstride = q.stride(0); pb.q_rstride = row_stride(q, d);
+  pb.k_bstride = k.stride(0); pb.k_rstride = row_stride(k, d);
+  pb.v_bstride = v.stride(0); pb.v_rstride = row_stride(v, d);
   pb.pe_q = pe_q.data_ptr(); pb.pe_k = pe_k.data_ptr();
   pb.m_q = ptr(m_q); pb.m_k = ptr(m_k);
   pb.g1 = {w1_fc1_w.data_ptr(), ptr(w1_fc1_b), w1_fc2_w.data_ptr(), ptr(w1_fc2_b)};

@@ -18,6 +18,13 @@ from .cpp import backend as _cpp_backend  # noqa: F401  (registers "cpu" and "cu
 
 __version__ = "0.1.0"
 
+
+def clear_caches() -> None:
+    """Drop the positional-encoding tables kept by `hmx_kernels.reference.positional` (every device)."""
+    from .reference.positional import positional_encoding_cache
+
+    positional_encoding_cache().clear()
+
 __all__ = [
     "hyper_mixing",
     "hyper_mixing_ref",
@@ -31,5 +38,6 @@ __all__ = [
     "BackendNotSupportedError",
     "VARIANTS",
     "reference",
+    "clear_caches",
     "__version__",
 ]

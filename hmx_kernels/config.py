@@ -12,6 +12,7 @@ environment. The README's "Environment variables" table lists the same variables
 | HMX_KERNELS_VERBOSE       | 0                       | 1: show the compiler's output while building            |
 | HMX_KERNELS_POISON        | 0                       | 1: fill every buffer a fused backend allocates with NaN (tests) |
 | HMX_KERNELS_CUDA_NO_MMA   | 0                       | 1: CUDA kernels use FMA instead of tensor cores for fp16/bf16 |
+| HMX_KERNELS_PE_CACHE_MB   | 64                      | most MiB of positional-encoding tables kept per device (0: none) |
 | TRITON_INTERPRET          | 0                       | 1: Triton kernels run on CPU tensors in Triton's interpreter (must be set before triton is imported; read by triton) |
 | CXX, CUDA_HOME/CUDA_PATH  | c++, PATH               | the compilers used for the first-use build             |
 """
@@ -40,6 +41,7 @@ class Settings:
     triton_interpret: bool
     cxx: str
     cuda_home: Optional[str]
+    pe_cache_bytes: int
     _listeners: List[Callable[["Settings"], None]] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -55,6 +57,7 @@ class Settings:
             triton_interpret=_flag("TRITON_INTERPRET"),
             cxx=os.environ.get("CXX", "c++"),
             cuda_home=os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or None,
+            pe_cache_bytes=int(float(os.environ.get("HMX_KERNELS_PE_CACHE_MB", "64")) * 2**20),
         )
 
     def _changed(self) -> None:

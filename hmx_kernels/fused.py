@@ -46,6 +46,58 @@ def _sizes(query: Tensor, key: Tensor, fc2_w: Tensor):
     return B, M, N, d, H, d_h, k_h
 
 
+def check_op_args(query, key, value, query_keep, key_keep, gen, state=None, grad_y=None) -> None:
+    """The ops' own input check (they are public: torch.ops.hmx_kernels.*), so that no call, even
+    one that bypasses `check_inputs`, makes a kernel read or write out of bounds. Raises
+    ValueError / TypeError naming the argument."""
+    def fail(msg, kind=ValueError):
+        raise kind(f"hmx_kernels op: {msg}")
+
+    if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+        fail(f"query, key and value must be [B, L, d], got {list(query.shape)}, {list(key.shape)}, {list(value.shape)}")
+    B, M, d = query.shape
+    N = key.shape[1]
+    if tuple(key.shape) != (B, N, d) or tuple(value.shape) != (B, N, d):
+        fail(f"key and value must be [B, N, d] = [{B}, N, {d}], got {list(key.shape)} and {list(value.shape)}")
+    fc1_w = gen[0]
+    if fc1_w.dim() != 3 or gen[2].dim() != 3:
+        fail("fc1 weights must be [H, d_h, d_h] and fc2 weights [H, k_h, d_h]")
+    H, d_h, k_h = fc1_w.shape[0], fc1_w.shape[2], gen[2].shape[1]
+    if H * d_h != d:
+        fail(f"H * d_h = {H} * {d_h} must equal the tokens' width d = {d}")
+    shapes = [(H, d_h, d_h), (H, d_h), (H, k_h, d_h), (H, k_h)] * 2
+    names = ("w1_fc1_weight", "w1_fc1_bias", "w1_fc2_weight", "w1_fc2_bias",
+             "w2_fc1_weight", "w2_fc1_bias", "w2_fc2_weight", "w2_fc2_bias")
+    tensors = [("query", query), ("key", key), ("value", value)]
+    for name, t, shape in zip(names, gen, shapes):
+        if t is None:
+            if name.endswith("weight"):
+                fail(f"{name} is required")
+            continue
+        if tuple(t.shape) != shape:
+            fail(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+        tensors.append((name, t))
+    cdt = compute_dtype_of(query.dtype)
+    for name, keep, length in (("query_keep", query_keep, M), ("key_keep", key_keep, N)):
+        if keep is None:
+            continue
+        if tuple(keep.shape) != (B, length):
+            fail(f"{name} must have shape [{B}, {length}], got {list(keep.shape)}")
+        if keep.dtype != cdt:
+            fail(f"{name} must have dtype {cdt} (1 = kept, 0 = padded), got {keep.dtype}", TypeError)
+        if keep.device != query.device:
+            fail(f"{name} is on {keep.device} but query is on {query.device}")
+    if state is not None and tuple(state.shape) != (B, H, k_h, d_h):
+        fail(f"state must have shape [{B}, {H}, {k_h}, {d_h}], got {list(state.shape)}")
+    if grad_y is not None and tuple(grad_y.shape) != (B, M, d):
+        fail(f"grad_y must have shape [{B}, {M}, {d}], got {list(grad_y.shape)}")
+    for name, t in tensors:
+        if t.dtype != query.dtype:
+            fail(f"{name} has dtype {t.dtype}, query has {query.dtype}", TypeError)
+        if t.device != query.device:
+            fail(f"{name} is on {t.device} but query is on {query.device}")
+
+
 def fwd_fake(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
              w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant):
     B, M, N, d, H, d_h, k_h = _sizes(query, key, w1_fc2_w)
@@ -90,6 +142,8 @@ def define_fused_ops(
             w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor, w1_fc2_b: Optional[Tensor],
             w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor, w2_fc2_b: Optional[Tensor],
             variant: str) -> Tuple[Tensor, Tensor]:
+        check_op_args(query, key, value, query_keep, key_keep,
+                      (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b))
         return fwd_impl(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
                         w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant)
 
@@ -97,6 +151,9 @@ def define_fused_ops(
             key_keep: Optional[Tensor], w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor,
             w1_fc2_b: Optional[Tensor], w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor,
             w2_fc2_b: Optional[Tensor], state: Tensor, variant: str) -> List[Tensor]:
+        check_op_args(query, key, value, query_keep, key_keep,
+                      (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b),
+                      state=state, grad_y=grad_y)
         return bwd_impl(grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w,
                         w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant)
 

@@ -9,6 +9,7 @@ checkpoint's `pe` buffer of any number of rows loads.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Optional
 
@@ -21,6 +22,24 @@ from ..reference.positional import positional_encoding
 from ..variants import get_variant
 
 __all__ = ["FusedHyperMixing", "GeneratorMLP", "HyperNetwork"]
+
+
+def _size(name: str, value) -> int:
+    """An integer size argument; 16.9 or "16" are errors, not silently 16."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _positional(names, args, **keywords) -> dict:
+    """Map extra positional arguments onto `names`; an argument given both ways is an error."""
+    if len(args) > len(names):
+        raise TypeError(f"forward takes at most {3 + len(names)} positional arguments")
+    given = dict(zip(names, args))
+    for name in given:
+        if keywords.get(name) is not None:
+            raise TypeError(f"{name} was given both positionally and by keyword; pass it once")
+    return given
 
 
 class GeneratorMLP(nn.Module):
@@ -126,7 +145,9 @@ class FusedHyperMixing(nn.Module):
         super().__init__()
         v = get_variant(variant)
         check_backend_name(backend)  # a misspelled backend fails here, not at the first forward
-        d, k, H = int(input_output_dim), int(hypernet_size), int(num_heads)
+        d, k, H = (_size(n, v) for n, v in (("input_output_dim", input_output_dim),
+                                             ("hypernet_size", hypernet_size), ("num_heads", num_heads)))
+        max_length = _size("max_length", max_length)
         if d <= 0 or k <= 0 or H <= 0:
             raise ValueError(f"input_output_dim, hypernet_size and num_heads must be positive, got {d}, {k}, {H}")
         if d % H != 0:
@@ -187,9 +208,7 @@ class FusedHyperMixing(nn.Module):
         if self.variant == "speechbrain":
             # positional order of speechbrain's forward: attn_mask, key_padding_mask, return_attn_weights, pos_embs
             names = ("attn_mask", "key_padding_mask", "return_attn_weights", "pos_embs")
-            if len(args) > len(names):
-                raise TypeError(f"forward takes at most {3 + len(names)} positional arguments")
-            given = dict(zip(names, args))
+            given = _positional(names, args, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
             attn_mask = given.get("attn_mask", attn_mask)
             key_padding_mask = given.get("key_padding_mask", key_padding_mask)
             if attn_mask is not None:
@@ -216,9 +235,7 @@ class FusedHyperMixing(nn.Module):
 
         # idiap: forward(query, key, value, query_padding_mask=None, key_padding_mask=None)
         names = ("query_padding_mask", "key_padding_mask")
-        if len(args) > len(names):
-            raise TypeError(f"forward takes at most {3 + len(names)} positional arguments")
-        given = dict(zip(names, args))
+        given = _positional(names, args, query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask)
         query_padding_mask = given.get("query_padding_mask", query_padding_mask)
         key_padding_mask = given.get("key_padding_mask", key_padding_mask)
         if attn_mask is not None:

@@ -16,12 +16,15 @@ encoding on chip (speechbrain: the exact fp32 values; idiap: float64 values).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from typing import Optional
 
 import torch
 
 from ..variants import Variant, get_variant
 
-__all__ = ["positional_encoding", "frequencies", "PositionalEncodingCache"]
+__all__ = ["positional_encoding", "frequencies", "PositionalEncodingCache", "cached_positional_encoding",
+           "positional_encoding_cache"]
 
 
 def frequencies(variant: "str | Variant", d: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -82,24 +85,63 @@ def positional_encoding(
 
 
 class PositionalEncodingCache:
-    """Keeps one growing PE table per (variant, d, device) so repeated calls do not recompute it.
+    """One growing PE table per (variant, d, device), so repeated calls do not recompute it.
 
-    Memory is O(longest length seen * d), never more; the table grows by doubling.
+    Bounded: each device holds at most `max_bytes` of tables (default from
+    HMX_KERNELS_PE_CACHE_MB, 64 MiB; 0 disables caching). A request whose table would not fit is
+    computed for that call only and not kept, so one very long input cannot pin memory (GPU memory,
+    on CUDA) for the life of the process; when a table of another (variant, d) does not fit next to
+    the others, the least recently used ones on that device are dropped. Tables grow by doubling up
+    to the bound. `clear()` (or `hmx_kernels.clear_caches()`) empties it.
     """
 
-    def __init__(self) -> None:
-        self._tables: dict = {}
+    def __init__(self, max_bytes: Optional[int] = None) -> None:
+        self._tables: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self._max_bytes = max_bytes
+
+    @property
+    def max_bytes(self) -> int:
+        if self._max_bytes is not None:
+            return self._max_bytes
+        from ..config import SETTINGS
+
+        return SETTINGS.pe_cache_bytes
+
+    def set_max_bytes(self, max_bytes: Optional[int]) -> None:
+        """Set the per-device bound (None: the configured default) and drop what no longer fits."""
+        self._max_bytes = None if max_bytes is None else int(max_bytes)
+        for device in {k[2] for k in self._tables}:
+            self._evict(device, 0)
+
+    def bytes_used(self, device: "torch.device | str | None" = None) -> int:
+        return sum(t.numel() * t.element_size() for k, t in self._tables.items()
+                   if device is None or k[2] == str(torch.device(device)))
+
+    def _evict(self, device: str, incoming: int) -> None:
+        for key in [k for k in self._tables if k[2] == device]:
+            if self.bytes_used(device) + incoming <= self.max_bytes:
+                break
+            del self._tables[key]  # least recently used first
 
     def get(self, variant: "str | Variant", length: int, d: int, device: torch.device) -> torch.Tensor:
         v = get_variant(variant)
+        device = torch.device(device)
         key = (v.name, d, str(device))
-        table = self._tables.get(key)
         need = v.first_position + length
-        if table is None or table.shape[0] < need:
-            rows = max(need, 2 * (table.shape[0] if table is not None else 0), 1024)
-            table = positional_encoding(v, rows, d, start=0, device=device)
-            self._tables[key] = table
-        return table[v.first_position : v.first_position + length]
+        table = self._tables.get(key)
+        if table is not None and table.shape[0] >= need:
+            self._tables.move_to_end(key)
+            return table[v.first_position : need]
+        row_bytes = 4 * d  # fp32
+        if need * row_bytes > self.max_bytes:  # too large to keep: this call only
+            return positional_encoding(v, length, d, device=device)
+        rows = max(need, min(2 * (table.shape[0] if table is not None else 0), self.max_bytes // row_bytes), 1024)
+        rows = min(rows, max(need, self.max_bytes // row_bytes))
+        self._tables.pop(key, None)
+        self._evict(str(device), rows * row_bytes)
+        table = positional_encoding(v, rows, d, start=0, device=device)
+        self._tables[key] = table
+        return table[v.first_position : need]
 
     def clear(self) -> None:
         self._tables.clear()
@@ -109,5 +151,10 @@ _DEFAULT_CACHE = PositionalEncodingCache()
 
 
 def cached_positional_encoding(variant, length: int, d: int, device) -> torch.Tensor:
-    """The variant's PE rows for a sequence of `length` tokens, from a process-wide cache."""
+    """The variant's PE rows for a sequence of `length` tokens, from the process-wide bounded cache."""
     return _DEFAULT_CACHE.get(variant, length, d, torch.device(device))
+
+
+def positional_encoding_cache() -> PositionalEncodingCache:
+    """The process-wide cache behind `cached_positional_encoding` (to bound, inspect or clear it)."""
+    return _DEFAULT_CACHE
