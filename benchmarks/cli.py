@@ -18,7 +18,8 @@ import torch
 
 from . import report
 from .config import (DEFAULTS, DTYPES, QUICK, SHAPES, device_name, device_slug, dtype_name,
-                     git_sha, library_versions, parse_shape, peak_tflops)
+                     git_sha, library_versions, measured_cpu_peak_tflops, parse_shape,
+                     peak_tflops)
 from .contenders import all_contenders, default_contender_names
 from .sweep import SweepConfig, run_sweep
 
@@ -149,7 +150,10 @@ def main(argv: Optional[List[str]] = None, extra_contenders=None) -> int:
         "torch_threads": torch.get_num_threads(),
         "dtype": dtype_name(dtype),
         "tf32": cfg.tf32,
-        "peak_tflops": peak_tflops(dname, dtype, cfg.tf32) if dev.type == "cuda" else None,
+        "peak_tflops": (peak_tflops(dname, dtype, cfg.tf32) if dev.type == "cuda"
+                        else measured_cpu_peak_tflops(dtype, torch.get_num_threads())),
+        "peak_tflops_source": ("vendor data sheet (config.PEAK_TFLOPS)" if dev.type == "cuda"
+                               else "measured: best torch.mm 1024^3 at the sweep's thread count"),
         "versions": library_versions(),
         "contenders": names,
         "shapes": [vars(s) for s in shapes],

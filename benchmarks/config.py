@@ -95,6 +95,33 @@ def peak_tflops(device_name: str, dtype: torch.dtype, tf32: bool) -> Optional[fl
     return None
 
 
+def measured_cpu_peak_tflops(dtype: torch.dtype, threads: Optional[int] = None) -> Optional[float]:
+    """The CPU's practical matrix-multiply peak at the sweep's thread count, measured: the best of
+    7 torch.mm of 1024 x 1024 x 1024 in `dtype` (float32/float64) with `threads` torch threads.
+    That is the BLAS (MKL / OpenBLAS) sgemm/dgemm rate, close to the cores' FMA peak (2 FMA units x
+    vector width x 2 FLOP x clock x cores on current x86), and the fraction the `cpu` backend reaches
+    of it is reported as {pass}_peak_share. None for half types (no fast CPU path to compare with)."""
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    import time
+
+    old = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        a = torch.randn(1024, 1024, dtype=dtype)
+        b = torch.randn(1024, 1024, dtype=dtype)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(7):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return 2 * 1024 ** 3 / best / 1e12
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

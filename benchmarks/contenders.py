@@ -9,6 +9,9 @@ scale-relative error against a float64 reference on batch element 0.
   inputs; new backends join when they register. A backend that the dispatcher's AUTO_ORDER lists
   only for other device types is left out (on CPU: cuda, and triton, whose CPU mode is the
   interpreter, a correctness tool, not a speed one).
+- speechbrain: speechbrain's own HyperMixing layer (what its users run today), where speechbrain
+  is installed; built with max_length = max(3000, N), and it allocates the [B, N, N] tensor it
+  returns, which its peak memory shows.
 - hmx-reference-compiled: the reference layer under torch.compile (dynamic shapes, one compile per
   shape and dtype). Default on GPU, opt-in on CPU (Inductor's C++ compile takes minutes on 2 cores).
 - sdpa[-flash|-efficient|-cudnn|-math]: scaled_dot_product_attention, the core attention op, on
@@ -154,6 +157,48 @@ def compiled_reference_contender() -> Contender:
     return Contender("hmx-reference-compiled", "hypermixing", _hm_flops, build, unsupported)
 
 
+def speechbrain_contender() -> Optional[Contender]:
+    """speechbrain's own HyperMixing layer (what its users run today), where speechbrain is
+    installed. Built with max_length = max(3000, N) (its positional table stops at max_length), and
+    it allocates the [B, N, N] zero tensor it returns as attention weights: the sweep's peak memory
+    shows that honestly. Checked against this package's float64 reference with the same weights."""
+    try:
+        import sys
+        import types
+
+        try:
+            import torchaudio  # noqa: F401
+        except Exception:  # noqa: BLE001 - speechbrain's package import pulls torchaudio, which
+            # its HyperMixing never calls; an empty stand-in lets the import through
+            sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
+        from speechbrain.nnet.hypermixing import HyperMixing
+    except Exception:  # noqa: BLE001 - not installed or broken: leave it out
+        return None
+
+    _mods: Dict[tuple, nn.Module] = {}
+
+    def build(shape, B, N, dtype, device):
+        max_length = max(3000, N)
+        key = (shape, max_length, dtype, str(device))
+        if key not in _mods:
+            torch.manual_seed(0)
+            _mods.clear()  # one at a time: the PE table is [max_length, d]
+            _mods[key] = HyperMixing(shape.d, shape.k, tied=False, num_heads=shape.H,
+                                     max_length=max_length).to(device=device, dtype=dtype)
+        sb = _mods[key]
+        x = _tokens(B, N, shape.d, dtype, device)
+
+        def check(out):
+            ref = hmx_kernels.FusedHyperMixing.from_speechbrain(sb, backend="reference").to(torch.float64)
+            with torch.no_grad():
+                expected = ref(x[:1].detach().double())[0]
+            return _rel_err(out[:1], expected)
+
+        return Case(lambda: sb(x, x, x)[0], [x] + list(sb.parameters()), check)
+
+    return Contender("speechbrain", "hypermixing", _hm_flops, build)
+
+
 # ---- attention -----------------------------------------------------------------------------------
 def _rows(N: int) -> Tensor:
     return torch.linspace(0, N - 1, min(N, CHECK_ROWS)).round().long().unique()
@@ -286,6 +331,9 @@ def all_contenders(device: torch.device) -> Dict[str, Contender]:
             continue  # e.g. cuda/triton on CPU (triton there is the interpreter), cpu on a GPU
         out[f"hmx-{backend}"] = hypermixing_contender(backend)
     out["hmx-reference-compiled"] = compiled_reference_contender()
+    sb = speechbrain_contender()
+    if sb is not None:
+        out[sb.name] = sb
     if device.type == "cuda":
         for which in ("flash", "efficient", "cudnn", "math"):
             c = sdpa_contender(which)

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .config import Shape, dtype_name, peak_tflops
+from .config import Shape, dtype_name, measured_cpu_peak_tflops, peak_tflops
 from .contenders import Contender
 from .measure import clear_grads, peak_memory, sync_device, time_passes
 
@@ -104,7 +104,10 @@ def _free(device: torch.device) -> None:
 def run_sweep(cfg: SweepConfig, contenders: List[Contender],
               progress: Optional[Callable[[str], None]] = None) -> List[dict]:
     progress = progress or (lambda s: print(s, file=sys.stderr, flush=True))
-    peak = peak_tflops(cfg.device_name, cfg.dtype, cfg.tf32) if cfg.device.type == "cuda" else None
+    if cfg.device.type == "cuda":
+        peak = peak_tflops(cfg.device_name, cfg.dtype, cfg.tf32)
+    else:  # measured BLAS matmul rate at the sweep's thread count (see config.measured_cpu_peak_tflops)
+        peak = measured_cpu_peak_tflops(cfg.dtype, torch.get_num_threads())
     points = [(s, m, N) for s in cfg.shapes for m in cfg.batch_modes for N in sorted(cfg.lengths)]
     total = len(points) * len(contenders)
     rows: List[dict] = []

@@ -230,7 +230,8 @@ def test_reported_tflops_match_flops_over_median():
     for p in ("fwd", "fwd_bwd"):
         assert r[f"{p}_flops"] == hyper_mixing_flops(2, 16, 16, 16, 2, 16, p)
         assert r[f"{p}_tflops"] == pytest.approx(r[f"{p}_flops"] / (r[f"{p}_ms_p50"] / 1e3) / 1e12)
-    assert r["fwd_peak_share"] is None  # CPU: no peak table
+    # CPU: one measured peak (config.measured_cpu_peak_tflops) for both passes
+    assert r["fwd_peak_share"] / r["fwd_tflops"] == pytest.approx(r["fwd_bwd_peak_share"] / r["fwd_bwd_tflops"])
 
 
 # ---- discovery ---------------------------------------------------------------------------------
@@ -297,3 +298,24 @@ def test_backends_made_for_other_devices_are_not_contenders():
     assert "hmx-cuda" not in cpu and "hmx-triton" not in cpu
     gpu = all_contenders(torch.device("cuda"))  # discovery only: nothing runs
     assert {"hmx-triton", "hmx-cuda", "hmx-reference"} <= set(gpu) and "hmx-cpu" not in gpu
+
+
+def test_speechbrain_layer_is_a_contender_and_its_memory_is_reported():
+    from utils import import_speechbrain
+
+    import_speechbrain("speechbrain.nnet.hypermixing")  # skips (outside CI) without speechbrain
+    available = all_contenders(torch.device("cpu"))
+    assert "speechbrain" in available
+    rows = run_sweep(_cfg(lengths=[16, 64], memory=True), [available["speechbrain"], hypermixing_contender("cpu")], _quiet)
+    by = {(r["contender"], r["N"]): r for r in rows}
+    for N in (16, 64):
+        assert by[("speechbrain", N)]["status"] == "ok", by[("speechbrain", N)]
+        assert by[("speechbrain", N)]["max_err"] < 1e-4
+    # its [B, N, N] attention-weights tensor: memory grows at least quadratically from 16 to 64
+    assert by[("speechbrain", 64)]["mem_fwd_mib"] > by[("speechbrain", 16)]["mem_fwd_mib"]
+
+
+def test_cpu_peak_share_is_reported_against_a_measured_peak():
+    rows = run_sweep(_cfg(lengths=[32]), [hypermixing_contender("cpu")], _quiet)
+    r = rows[0]
+    assert r["status"] == "ok" and 0 < r["fwd_bwd_peak_share"] < 1.5
