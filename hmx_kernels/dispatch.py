@@ -28,6 +28,7 @@ from .validation import FLOAT_DTYPES, HyperMixingProblem
 __all__ = [
     "Backend",
     "Capabilities",
+    "Tolerance",
     "register_backend",
     "registered_backends",
     "get_backend",
@@ -84,6 +85,17 @@ class Capabilities:
         return out
 
 
+@dataclass(frozen=True)
+class Tolerance:
+    """How close a backend's results must be to the reference's on the same inputs, scale-relative:
+    max |backend - reference| <= out (or grad) * max |reference|, per output / per gradient.
+    `why` says what both sides compute, what differs and what was measured."""
+
+    out: float
+    grad: float
+    why: str
+
+
 @dataclass
 class Backend:
     name: str
@@ -92,6 +104,8 @@ class Backend:
     capabilities: Capabilities = Capabilities(devices=("*",), dtypes=FLOAT_DTYPES)
     # extra problem-dependent reasons beyond the capabilities (rarely needed)
     extra_reasons: Callable[[HyperMixingProblem], List[str]] = field(default=lambda p: [])
+    # (device type, operand dtype) -> the tolerance the conformance suite checks against the reference
+    tolerances: Dict[Tuple[str, torch.dtype], Tolerance] = field(default_factory=dict)
 
     def not_supported_reasons(self, p: HyperMixingProblem) -> List[str]:
         reasons = self.capabilities.reasons(p)
