@@ -82,9 +82,10 @@ def extension_reasons(device_type: str) -> Tuple[str, ...]:
 
 
 def _tokens(t: Tensor) -> Tensor:
-    # the kernels take any batch/row strides with a unit channel stride, and row strides of at
-    # least d (BLAS leading dimensions); anything else (expand, unfold, transposes) is copied
-    if t.stride(-1) != 1 or t.stride(1) < t.shape[2]:
+    # the kernels take any batch stride, a unit channel stride and rows at least d apart (BLAS
+    # leading dimensions; the binding checks it and fixes a single row's stride); anything else
+    # (expand, unfold windows, transposed views) is copied
+    if t.stride(-1) != 1 or (t.shape[1] > 1 and t.stride(1) < t.shape[2]):
         return t.contiguous()
     return t
 
