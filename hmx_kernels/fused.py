@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .validation import HyperMixingProblem, compute_dtype_of
+from .validation import WEIGHT_NAMES, HyperMixingProblem, compute_dtype_of
 
 __all__ = ["define_fused_ops", "run_fused", "FusedOps", "DOUBLE_BACKWARD_ERROR"]
 
@@ -66,8 +66,7 @@ def check_op_args(query, key, value, query_keep, key_keep, gen, state=None, grad
     if H * d_h != d:
         fail(f"H * d_h = {H} * {d_h} must equal the tokens' width d = {d}")
     shapes = [(H, d_h, d_h), (H, d_h), (H, k_h, d_h), (H, k_h)] * 2
-    names = ("w1_fc1_weight", "w1_fc1_bias", "w1_fc2_weight", "w1_fc2_bias",
-             "w2_fc1_weight", "w2_fc1_bias", "w2_fc2_weight", "w2_fc2_bias")
+    names = WEIGHT_NAMES[:8]
     tensors = [("query", query), ("key", key), ("value", value)]
     for name, t, shape in zip(names, gen, shapes):
         if t is None:

@@ -26,7 +26,7 @@ from hmx_kernels import FusedHyperMixing, config
 from hmx_kernels.cpp import backend as cpp_backend
 from hmx_kernels.dispatch import constant_result, select_backend
 from hmx_kernels.fused import DOUBLE_BACKWARD_ERROR
-from utils import assert_close, forward_backward, import_speechbrain, make_case
+from utils import WEIGHT_NAMES, assert_close, forward_backward, import_speechbrain, make_case
 
 INTERPRET = config.SETTINGS.triton_interpret
 HAS_CUDA = torch.cuda.is_available()
@@ -196,9 +196,7 @@ def test_compile_functional_op_fullgraph():
     torch._dynamo.reset()
     case = make_case(variant="idiap", B=2, M=7, N=11, d=12, H=3, k_h=8, input_scale=0.3)
     t = case.tensors
-    weights = [t[k] for k in ("w1_fc1_weight", "w1_fc1_bias", "w1_fc2_weight", "w1_fc2_bias",
-                              "w2_fc1_weight", "w2_fc1_bias", "w2_fc2_weight", "w2_fc2_bias",
-                              "ln_weight", "ln_bias")]
+    weights = [t[k] for k in WEIGHT_NAMES]
 
     def fn(q, k, v):
         return hmx_kernels.hyper_mixing(q, k, v, *weights, variant="idiap", backend="cpu")

@@ -180,9 +180,7 @@ def test_reference_is_importable_and_matches_functional():
     t = case.tensors
     direct = hyper_mixing_ref(
         t["query"], t["query"], t["query"],
-        t["w1_fc1_weight"], t["w1_fc1_bias"], t["w1_fc2_weight"], t["w1_fc2_bias"],
-        t["w2_fc1_weight"], t["w2_fc1_bias"], t["w2_fc2_weight"], t["w2_fc2_bias"],
-        t["ln_weight"], t["ln_bias"],
+        *[t[k] for k in WEIGHT_NAMES],
         variant="speechbrain", key_padding_mask=kw["key_padding_mask"], query_padding_mask=kw["key_padding_mask"],
     )
     assert torch.equal(direct, hmx_kernels.hyper_mixing(**kw, backend="reference"))
