@@ -64,6 +64,7 @@ class Capabilities:
     max_d_h: Optional[int] = None
     max_k_h: Optional[int] = None
     partial_biases: bool = True
+    causal: bool = False  # implements the causal / chunk-causal modes (hmx_kernels.causal)
     device_note: str = ""  # appended to the device reason
     available: Optional[Callable[[str], Tuple[str, ...]]] = None
 
@@ -78,6 +79,8 @@ class Capabilities:
             out.append(f"head size d_h = d/H = {p.d_h} exceeds its limit {self.max_d_h} (use more heads)")
         if self.max_k_h is not None and p.k_h > self.max_k_h:
             out.append(f"hypernetwork size per head k_h = {p.k_h} exceeds its limit {self.max_k_h}")
+        if not self.causal and p.mode is not None:
+            out.append(f"{p.mode.describe()} mixing is not implemented by this backend yet (backend='reference' has it)")
         if not self.partial_biases and p.partial_biases:
             out.append("a generator with an fc1 bias but no fc2 bias (or the reverse) is not supported")
         if not out and self.available is not None:

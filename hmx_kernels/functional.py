@@ -32,6 +32,9 @@ def hyper_mixing(
     use_layer_norm: bool = True,
     eps: float = 1e-5,
     backend: str = "auto",
+    causal: bool = False,
+    chunk_size: Optional[int] = None,
+    left_context_chunks: Optional[int] = None,
 ) -> Tensor:
     """HyperMixing token mixing (docs/HYPERMIXING.md), differentiable in every tensor argument.
 
@@ -47,6 +50,11 @@ def hyper_mixing(
 
     backend: "auto" (best available for the device), "reference", or a fast backend's name
     (see `hmx_kernels.registered_backends()`).
+
+    causal=True: token-causal mixing (query t mixes keys s <= t); chunk_size=C (with optional
+    left_context_chunks=L): chunk-causal mixing, a token in chunk c mixes the keys of chunks
+    max(0, c - L) .. c (speechbrain's Dynamic Chunk Training). Both need M == N; see
+    hmx_kernels.causal. Backends that do not implement a mode say so (the reference does).
 
     Dtypes: parameters must have the tokens' dtype, except under torch.autocast, where tokens and
     hypernetwork weights are cast to the autocast dtype and the result has that dtype (the rule
@@ -73,5 +81,8 @@ def hyper_mixing(
         query_padding_mask=query_padding_mask,
         use_layer_norm=use_layer_norm,
         eps=eps,
+        causal=causal,
+        chunk_size=chunk_size,
+        left_context_chunks=left_context_chunks,
     )
     return select_backend(backend, problem).forward(problem)

@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .causal import MixingMode, resolve_mode
 from .variants import Variant, get_variant
 
 __all__ = [
@@ -88,6 +89,7 @@ class HyperMixingProblem:
     compute_dtype: torch.dtype  # accumulation dtype
     out_dtype: torch.dtype  # dtype of the result
     autocast: bool  # the autocast part of the dtype rule applied
+    mode: Optional[MixingMode] = None  # causal / chunk-causal mixing (hmx_kernels.causal); None: all tokens
 
     @property
     def device(self) -> torch.device:
@@ -216,8 +218,12 @@ def check_inputs(
     query_padding_mask=None,
     use_layer_norm: bool = True,
     eps: float = 1e-5,
+    causal: bool = False,
+    chunk_size: Optional[int] = None,
+    left_context_chunks: Optional[int] = None,
 ) -> HyperMixingProblem:
     v = get_variant(variant)
+    mode = resolve_mode(causal, chunk_size, left_context_chunks)
 
     # ---- tokens --------------------------------------------------------------------------
     _check_tensor("query", query, 3)
@@ -256,6 +262,11 @@ def check_inputs(
     if B == 0 or M == 0 or N == 0 or d == 0:
         raise ValueError(
             f"empty input: HyperMixing needs B, M, N, d >= 1, got B={B}, M={M}, N={N}, d={d}"
+        )
+    if mode is not None and M != N:
+        raise ValueError(
+            f"{mode.describe()} mixing needs as many queries as keys (query t mixes keys up to its own "
+            f"position), got M={M} queries and N={N} keys"
         )
 
     # ---- parameters ----------------------------------------------------------------------
@@ -358,5 +369,5 @@ def check_inputs(
         variant=v, use_layer_norm=bool(use_layer_norm), eps=float(eps), tied=tied,
         self_mixing=self_mixing, scale=v.input_scale(d), first_position=v.first_position,
         B=B, M=M, N=N, d=d, H=H, d_h=d_h, k_h=k_h,
-        dtype=dtype, compute_dtype=cdt, out_dtype=dtype, autocast=cast_to is not None,
+        dtype=dtype, compute_dtype=cdt, out_dtype=dtype, autocast=cast_to is not None, mode=mode,
     )

@@ -92,3 +92,38 @@ def naive_hyper_mixing(
                 var = ((row - mean) ** 2).mean()
                 out[b, t] = (row - mean) / math.sqrt(var + eps) * f64(ln_weight) + f64(ln_bias)
     return out
+
+
+def masked_hyper_mixing(query, key, value, w1, w2, ln, *, variant, allowed, key_padding_mask=None,
+                        query_padding_mask=None, use_layer_norm=True, eps=1e-5):
+    """HyperMixing with an explicit [M, N] bool matrix `allowed[t, s]` (query t mixes key s):
+    P_t = sum_s allowed[t, s] m_s W1_s^T V_s per token, Y_t = W2_t GELU(P_t). O(M N k d_h):
+    the direct definition of the causal modes, differentiable, for tiny sizes. w1, w2: the four
+    generator tensors each (w2 = w1 when tied); ln: (weight, bias)."""
+    import torch.nn.functional as F
+
+    from hmx_kernels.reference import generator_mlp_ref, positional_encoding
+
+    if variant == "speechbrain":
+        key = value = query
+        query_padding_mask = key_padding_mask
+        scale, first = 1.0, 0
+    else:
+        scale, first = math.sqrt(query.shape[-1]), 1
+    B, M, d = query.shape
+    N = key.shape[1]
+    H, _, d_h = w1[0].shape
+    m_k = torch.ones(B, N, 1, dtype=query.dtype) if key_padding_mask is None else (~key_padding_mask).to(query.dtype)[..., None]
+    m_q = torch.ones(B, M, 1, dtype=query.dtype) if query_padding_mask is None else (~query_padding_mask).to(query.dtype)[..., None]
+    pe_k = positional_encoding(variant, N, d, start=first).to(query.dtype)
+    pe_q = positional_encoding(variant, M, d, start=first).to(query.dtype)
+    W1 = generator_mlp_ref(scale * key * m_k + pe_k, *w1) * m_k[:, None]  # [B, H, N, k_h]
+    W2 = generator_mlp_ref(scale * query * m_q + pe_q, *w2) * m_q[:, None]  # [B, H, M, k_h]
+    V = (value * m_k).reshape(B, N, H, d_h).transpose(1, 2)  # [B, H, N, d_h]
+    # P_t = sum_s allowed[t, s] W1_s (x) V_s: [B, H, M, k_h, d_h]
+    P = torch.einsum("ts,bhsk,bhsd->bhtkd", allowed.to(query.dtype), W1, V)
+    Y = torch.einsum("bhtk,bhtkd->bhtd", W2, F.gelu(P))  # [B, H, M, d_h]
+    Y = Y.transpose(1, 2).reshape(B, M, d)
+    if use_layer_norm:
+        Y = F.layer_norm(Y, (d,), ln[0], ln[1], eps)
+    return Y

@@ -113,12 +113,12 @@ def test_layer_rejects_attn_mask_clearly():
     layer = FusedHyperMixing(8, 8, num_heads=2)
     x = torch.randn(1, 4, 8)
     causal = torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)
-    with pytest.raises(NotImplementedError, match="does not support attn_mask"):
+    with pytest.raises(NotImplementedError, match="attn_mask_policy"):
         layer(x, x, x, attn_mask=causal)
-    with pytest.raises(NotImplementedError, match="does not support attn_mask"):
+    with pytest.raises(NotImplementedError, match="attn_mask_policy"):
         layer(x, x, x, causal)  # speechbrain's positional order
     idiap = FusedHyperMixing(8, 8, num_heads=2, variant="idiap")
-    with pytest.raises(NotImplementedError, match="does not support attn_mask"):
+    with pytest.raises(NotImplementedError, match="attn_mask_policy"):
         idiap(x, x, x, attn_mask=causal)
     with pytest.raises(TypeError, match="positional arguments"):
         idiap(x, x, x, None, None, None)

@@ -16,12 +16,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..causal import MixingMode, mode_from_attn_mask, resolve_mode
 from ..dispatch import check_backend_name
 from ..functional import hyper_mixing
 from ..reference.positional import positional_encoding
 from ..variants import get_variant
 
-__all__ = ["FusedHyperMixing", "GeneratorMLP", "HyperNetwork"]
+__all__ = ["FusedHyperMixing", "GeneratorMLP", "HyperNetwork", "ATTN_MASK_POLICIES"]
+
+ATTN_MASK_POLICIES = ("raise", "ignore", "honour")
 
 
 def _size(name: str, value) -> int:
@@ -119,9 +122,17 @@ class FusedHyperMixing(nn.Module):
         use_layer_norm: final LayerNorm over d (speechbrain: always).
         hypernetwork_bias: biases in the hypernetwork MLPs (default: speechbrain True, idiap False).
         backend: "auto", "reference" or a fast backend's name; see `hmx_kernels.registered_backends()`.
+        causal, chunk_size, left_context_chunks: causal (token-causal) or chunk-causal mixing
+            (hmx_kernels.causal); default: every token mixes every token.
+        attn_mask_policy: what a non-None `attn_mask` does. "raise" (default for a layer built
+            directly): NotImplementedError, so a causal model never silently mixes future tokens.
+            "ignore" (default of `from_speechbrain`): ignore it, exactly as speechbrain's HyperMixing
+            does (warns once). "honour": recognise speechbrain's causal mask (get_lookahead_mask)
+            or Dynamic Chunk Training mask (make_transformer_src_mask) and mix in that mode; any
+            other mask raises.
 
     forward, speechbrain style: `out, None = layer(x, x, x, attn_mask=None, key_padding_mask=mask)`;
-    key, value and pos_embs are ignored (query is used for all three), a non-None attn_mask raises.
+    key, value and pos_embs are ignored (query is used for all three); attn_mask per attn_mask_policy.
     forward, idiap style: `out = layer(query, key, value, query_padding_mask, key_padding_mask)`,
     with M queries and N keys/values (M != N allowed).
     Masks are bool [B, length] with True = padded (uint8: non-zero = padded).
@@ -141,6 +152,10 @@ class FusedHyperMixing(nn.Module):
         hypernetwork_bias: Optional[bool] = None,
         backend: str = "auto",
         eps: float = 1e-5,
+        causal: bool = False,
+        chunk_size: Optional[int] = None,
+        left_context_chunks: Optional[int] = None,
+        attn_mask_policy: str = "raise",
     ) -> None:
         super().__init__()
         v = get_variant(variant)
@@ -175,6 +190,11 @@ class FusedHyperMixing(nn.Module):
         self.use_layer_norm = bool(use_layer_norm)
         self.hypernetwork_bias = bool(hypernetwork_bias)
         self.backend = backend
+        self.mode = resolve_mode(causal, chunk_size, left_context_chunks)
+        if attn_mask_policy not in ATTN_MASK_POLICIES:
+            raise ValueError(f"attn_mask_policy must be one of {ATTN_MASK_POLICIES}, got {attn_mask_policy!r}")
+        self.attn_mask_policy = attn_mask_policy
+        self._warned_ignored_mask = False
         self.eps = eps
         self.max_length = int(max_length)
 
@@ -211,12 +231,7 @@ class FusedHyperMixing(nn.Module):
             given = _positional(names, args, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
             attn_mask = given.get("attn_mask", attn_mask)
             key_padding_mask = given.get("key_padding_mask", key_padding_mask)
-            if attn_mask is not None:
-                raise NotImplementedError(
-                    "FusedHyperMixing does not support attn_mask (causal or otherwise masked mixing) yet; "
-                    "only key_padding_mask. speechbrain's HyperMixing silently ignores attn_mask; this layer "
-                    "refuses it so that a causal model does not silently mix future tokens."
-                )
+            mode = self._mode_for(attn_mask)
             if query_padding_mask is not None:
                 raise ValueError(
                     "the speechbrain variant uses one padding mask for all tokens: pass key_padding_mask"
@@ -230,7 +245,7 @@ class FusedHyperMixing(nn.Module):
                     stacklevel=2,
                 )
                 self._warned_key_value = True
-            out = self._mix(query, None, None, key_padding_mask, None)
+            out = self._mix(query, None, None, key_padding_mask, None, mode)
             return out, None
 
         # idiap: forward(query, key, value, query_padding_mask=None, key_padding_mask=None)
@@ -238,17 +253,44 @@ class FusedHyperMixing(nn.Module):
         given = _positional(names, args, query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask)
         query_padding_mask = given.get("query_padding_mask", query_padding_mask)
         key_padding_mask = given.get("key_padding_mask", key_padding_mask)
-        if attn_mask is not None:
-            raise NotImplementedError(
-                "FusedHyperMixing does not support attn_mask (causal or otherwise masked mixing) yet"
-            )
+        mode = self._mode_for(attn_mask)
         if key is None:
             key = query
         if value is None:
             value = key
-        return self._mix(query, key, value, key_padding_mask, query_padding_mask)
+        return self._mix(query, key, value, key_padding_mask, query_padding_mask, mode)
 
-    def _mix(self, query, key, value, key_padding_mask, query_padding_mask) -> Tensor:
+    def _mode_for(self, attn_mask: Optional[Tensor]) -> Optional[MixingMode]:
+        """The mixing mode of this call: the layer's own, or the one `attn_mask` describes."""
+        if attn_mask is None:
+            return self.mode
+        if self.attn_mask_policy == "raise":
+            raise NotImplementedError(
+                "FusedHyperMixing got an attn_mask, which a layer built directly refuses (attn_mask_policy="
+                "'raise'), so that a causal model never silently mixes future tokens. speechbrain's HyperMixing "
+                "ignores attn_mask: attn_mask_policy='ignore' does the same; attn_mask_policy='honour' runs the "
+                "causal or chunk-causal mixing that speechbrain's causal / Dynamic Chunk Training masks describe; "
+                "or build the layer with causal=True / chunk_size=..."
+            )
+        if self.attn_mask_policy == "ignore":
+            if not self._warned_ignored_mask:
+                warnings.warn(
+                    "FusedHyperMixing ignores attn_mask, exactly as speechbrain's HyperMixing does (so a model "
+                    "trained with a causal or chunked mask was in fact trained non-causally); set "
+                    "layer.attn_mask_policy = 'honour' for real causal / chunk-causal mixing",
+                    stacklevel=3,
+                )
+                self._warned_ignored_mask = True
+            return self.mode
+        mode = mode_from_attn_mask(attn_mask)
+        if self.mode is not None and mode != self.mode:
+            raise ValueError(
+                f"attn_mask describes {mode.describe() if mode else 'non-causal'} mixing but the layer was built "
+                f"for {self.mode.describe()} mixing"
+            )
+        return mode
+
+    def _mix(self, query, key, value, key_padding_mask, query_padding_mask, mode=None) -> Tensor:
         w1 = self.hyper.w1_gen.tensors()
         w2 = (None, None, None, None) if self.tied else self.hyper.w2_gen.tensors()
         ln = (self.layer_norm.weight, self.layer_norm.bias) if self.layer_norm is not None else (None, None)
@@ -260,12 +302,19 @@ class FusedHyperMixing(nn.Module):
             use_layer_norm=self.use_layer_norm,
             eps=self.eps,
             backend=self.backend,
+            causal=mode is not None and mode.token_causal,
+            chunk_size=None if mode is None or mode.token_causal else mode.chunk_size,
+            left_context_chunks=None if mode is None or mode.token_causal else mode.left_context_chunks,
         )
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def from_speechbrain(cls, module: nn.Module, *, backend: str = "auto") -> "FusedHyperMixing":
-        """Build from a `speechbrain.nnet.hypermixing.HyperMixing` (duck-typed) with its weights."""
+    def from_speechbrain(cls, module: nn.Module, *, backend: str = "auto",
+                         attn_mask_policy: str = "ignore") -> "FusedHyperMixing":
+        """Build from a `speechbrain.nnet.hypermixing.HyperMixing` (duck-typed) with its weights.
+
+        attn_mask_policy="ignore" (default) reproduces speechbrain exactly, which ignores attn_mask;
+        "honour" mixes causally / chunk-causally as the mask says (see the class docstring)."""
         try:
             w1 = module.hyper.w1_gen
             d = module.input_output_dim
@@ -280,7 +329,7 @@ class FusedHyperMixing(nn.Module):
         layer = cls(
             d, k, tied=tied, num_heads=H, fix_tm_hidden_size=fix,
             max_length=pe.shape[1], variant="speechbrain", backend=backend,
-            eps=module.layer_norm.eps,
+            eps=module.layer_norm.eps, attn_mask_policy=attn_mask_policy,
         )
         layer.load_state_dict(module.state_dict(), strict=True)
         return layer.to(device=w1.fc1_weights.device, dtype=w1.fc1_weights.dtype)

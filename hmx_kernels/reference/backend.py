@@ -22,6 +22,7 @@ def reference_forward(p: HyperMixingProblem) -> Tensor:
         query_padding_mask=query_pad,
         use_layer_norm=p.use_layer_norm,
         eps=p.eps,
+        mode=p.mode,
     )
     return y if y.dtype == p.out_dtype else y.to(p.out_dtype)
 
@@ -32,6 +33,6 @@ register_backend(
         description="plain PyTorch (fp32 compute, materialises W1/W2: O(N*k) memory); any device; "
                     "the only backend with double backward",
         forward=reference_forward,
-        capabilities=Capabilities(devices=("*",), dtypes=FLOAT_DTYPES),
+        capabilities=Capabilities(devices=("*",), dtypes=FLOAT_DTYPES, causal=True),
     )
 )

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..causal import MixingMode
 from ..variants import get_variant
 from .positional import cached_positional_encoding
 
@@ -56,6 +57,39 @@ def generator_mlp_ref(
     return w
 
 
+def _chunk_causal_mix(w1: Tensor, w2: Tensor, v: Tensor, mode: MixingMode) -> Tensor:
+    """Y for a causal / chunk-causal mode. w1, w2 [B, H, N, k_h] (masked), v [B, H, N, d_h].
+
+    Per chunk j of C tokens the partial state Q_j = sum_{s in chunk j} W1_s^T V_s; the chunk's
+    state P_c = sum of Q_j over j = max(0, c - L) .. c (all j <= c when L is None); then
+    Y_t = W2_t GELU(P_{c(t)}). Memory O(N / C * k_h * d_h) per (b, h): written for clarity (the
+    token-causal mode, C = 1, keeps a [k_h, d_h] state per token)."""
+    B, H, N, k_h = w1.shape
+    d_h = v.shape[-1]
+    C = mode.chunk_size
+    n_chunks = -(-N // C)
+    pad = n_chunks * C - N
+    if pad:
+        w1 = F.pad(w1, (0, 0, 0, pad))
+        w2 = F.pad(w2, (0, 0, 0, pad))
+        v = F.pad(v, (0, 0, 0, pad))
+    w1c = w1.reshape(B, H, n_chunks, C, k_h)
+    vc = v.reshape(B, H, n_chunks, C, d_h)
+    # [B, H, n, C, k_h] x [B, H, n, C, d_h] -> [B, H, n, k_h, d_h]: each chunk's partial state
+    q = torch.einsum("bhjsk,bhjsd->bhjkd", w1c, vc)
+    if mode.left_context_chunks is None:
+        p = torch.cumsum(q, dim=2)
+    else:  # window of the own chunk and L before it, summed explicitly (no cumsum differences)
+        p = q.clone()
+        for shift in range(1, min(mode.left_context_chunks, n_chunks - 1) + 1):
+            p[:, :, shift:] = p[:, :, shift:] + q[:, :, :-shift]
+    a = F.gelu(p)  # [B, H, n, k_h, d_h]
+    w2c = w2.reshape(B, H, n_chunks, C, k_h)
+    # [B, H, n, C, k_h] x [B, H, n, k_h, d_h] -> [B, H, n, C, d_h]
+    y = torch.einsum("bhjtk,bhjkd->bhjtd", w2c, a).reshape(B, H, n_chunks * C, d_h)[:, :, :N]
+    return y.transpose(1, 2).reshape(B, N, H * d_h)  # [B, N, d]
+
+
 def hyper_mixing_ref(
     query: Tensor,  # [B, M, d]
     key: Tensor,  # [B, N, d]
@@ -76,11 +110,15 @@ def hyper_mixing_ref(
     query_padding_mask: Optional[Tensor] = None,  # [B, M] bool, True = padded
     use_layer_norm: bool = True,
     eps: float = 1e-5,
+    mode: Optional[MixingMode] = None,
 ) -> Tensor:  # [B, M, d], dtype of query
     """Reference HyperMixing (no input validation: use `hmx_kernels.hyper_mixing` for that).
 
     For the speechbrain variant pass query for key and value (as its module does) and the same
     mask for keys and queries; `hmx_kernels.hyper_mixing` does this for you.
+
+    mode: None (every query mixes every key) or a `hmx_kernels.causal.MixingMode` (M == N): query
+    t in chunk c uses the state summed over the keys of chunks max(0, c - L) .. c.
     """
     v = get_variant(variant)
     out_dtype = query.dtype
@@ -116,12 +154,15 @@ def hyper_mixing_ref(
         if query_padding_mask is not None:
             w2 = w2 * m_q.unsqueeze(1)  # [B, H, M, k_h] * [B, 1, M, 1]
 
-        v_heads = val.transpose(1, 2).reshape(B * H, d_h, N)  # [B*H, d_h, N]
-        w1 = w1.reshape(B * H, N, -1)  # [B*H, N, k_h]
-        w2 = w2.reshape(B * H, M, -1)  # [B*H, M, k_h]
-        a = F.gelu(torch.bmm(v_heads, w1))  # [B*H, d_h, N] @ [B*H, N, k_h] -> [B*H, d_h, k_h] = A^T
-        y = torch.bmm(a, w2.transpose(1, 2))  # [B*H, d_h, k_h] @ [B*H, k_h, M] -> [B*H, d_h, M]
-        y = y.reshape(B, d, M).transpose(1, 2)  # [B, M, d]
+        if mode is None:
+            v_heads = val.transpose(1, 2).reshape(B * H, d_h, N)  # [B*H, d_h, N]
+            w1 = w1.reshape(B * H, N, -1)  # [B*H, N, k_h]
+            w2 = w2.reshape(B * H, M, -1)  # [B*H, M, k_h]
+            a = F.gelu(torch.bmm(v_heads, w1))  # [B*H, d_h, N] @ [B*H, N, k_h] -> [B*H, d_h, k_h] = A^T
+            y = torch.bmm(a, w2.transpose(1, 2))  # [B*H, d_h, k_h] @ [B*H, k_h, M] -> [B*H, d_h, M]
+            y = y.reshape(B, d, M).transpose(1, 2)  # [B, M, d]
+        else:
+            y = _chunk_causal_mix(w1, w2, val.reshape(B, N, H, d_h).transpose(1, 2), mode)
         if use_layer_norm:
             y = F.layer_norm(y, (d,), up(ln_weight), up(ln_bias), eps)
     return y.to(out_dtype)

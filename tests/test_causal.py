@@ -1,0 +1,169 @@
+"""Causal and chunk-causal mixing (hmx_kernels.causal): the reference against the explicit
+O(N^2) masked formulation (tests/naive.py masked_hyper_mixing) on outputs and every gradient,
+speechbrain's masks recognised, and the attn_mask policies of a converted speechbrain layer.
+
+The fused backends do not implement these modes yet: they decline with a reason, and auto runs
+the reference. Tolerance: float64 on both sides, the same generator arithmetic, sums in other
+orders: 1e-12 of the largest magnitude.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hmx_kernels
+from hmx_kernels import FusedHyperMixing
+from hmx_kernels.causal import MixingMode, allowed_matrix, mode_from_attn_mask
+from naive import masked_hyper_mixing
+from utils import WEIGHT_NAMES, assert_close, forward_backward, import_speechbrain, make_case
+
+RTOL = 1e-12
+MODES = {
+    "token": dict(causal=True),
+    "chunk3": dict(chunk_size=3),  # 3 does not divide N = 11
+    "chunk4_L0": dict(chunk_size=4, left_context_chunks=0),
+    "chunk2_L1": dict(chunk_size=2, left_context_chunks=1),
+    "chunk_ge_N": dict(chunk_size=64),  # one chunk: the non-causal result
+}
+
+
+def _mode(kw):
+    return hmx_kernels.causal.resolve_mode(**kw)
+
+
+def _masked(case, mode):
+    t = case.tensors
+    N = t["query"].shape[1]
+    w1 = [t[k] for k in WEIGHT_NAMES[:4]]
+    w2 = w1 if case.tied else [t[k] for k in WEIGHT_NAMES[4:8]]
+
+    def fn(**kw):
+        return masked_hyper_mixing(kw["query"], kw.get("key"), kw.get("value"), w1, w2,
+                                   (t["ln_weight"], t["ln_bias"]), variant=case.variant,
+                                   allowed=allowed_matrix(mode, N), key_padding_mask=case.key_padding_mask,
+                                   query_padding_mask=case.query_padding_mask,
+                                   use_layer_norm=case.use_layer_norm)
+    return fn
+
+
+@pytest.mark.parametrize("mode_name", list(MODES))
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_reference_matches_the_masked_formulation(variant, mode_name):
+    kw = MODES[mode_name]
+    case = make_case(variant=variant, B=3, M=11, N=11, d=12, H=2, k_h=5, dtype=torch.float64,
+                     all_padded_batch=True, input_scale=0.5, tied=(mode_name == "chunk3"))
+    g = torch.Generator().manual_seed(5)
+    grad_out = torch.randn(3, 11, 12, generator=g, dtype=torch.float64)
+
+    def ref(**k):
+        return hmx_kernels.hyper_mixing(**k, backend="reference", **kw)
+
+    out, grads = forward_backward(case, "reference", grad_out, fn=ref)
+    exp, exp_grads = forward_backward(case, "reference", grad_out, fn=_masked(case, _mode(kw)))
+    assert_close("out", out, exp, RTOL)
+    for name in exp_grads:
+        assert_close(name, grads[name], exp_grads[name], RTOL)
+    if mode_name == "chunk_ge_N":  # one chunk is ordinary mixing
+        plain, _ = forward_backward(case, "reference", grad_out)
+        assert_close("non-causal", out, plain, RTOL)
+
+
+def test_causal_output_does_not_depend_on_the_future():
+    case = make_case(variant="speechbrain", B=1, M=9, d=8, H=2, k_h=4, masks=False, dtype=torch.float64)
+    x = case.tensors["query"].detach().clone()
+    kw = {**case.kwargs(), "query": x}
+    a = hmx_kernels.hyper_mixing(**kw, causal=True)
+    x2 = x.clone()
+    x2[:, 6:] += 1.0  # change the future of token 5
+    b = hmx_kernels.hyper_mixing(**{**kw, "query": x2}, causal=True)
+    assert torch.equal(a[:, :6], b[:, :6]) and not torch.equal(a[:, 6:], b[:, 6:])
+
+
+def test_fused_backends_decline_and_auto_runs_the_reference():
+    case = make_case(variant="speechbrain", B=1, M=6, d=8, H=2, k_h=4)
+    p = hmx_kernels.check_inputs(**case.kwargs(), chunk_size=2)
+    reasons = hmx_kernels.backend_reasons(p)
+    assert reasons["reference"] == []
+    for name in ("cpu", "triton", "cuda"):
+        assert any("chunk-causal" in r and "not implemented" in r for r in reasons[name]), reasons[name]
+    assert hmx_kernels.select_backend("auto", p).name == "reference"
+
+
+def test_bad_mode_arguments():
+    case = make_case(variant="idiap", B=1, M=4, N=6, d=8, H=2, k_h=4)
+    with pytest.raises(ValueError, match="needs as many queries as keys"):
+        hmx_kernels.hyper_mixing(**case.kwargs(), causal=True)
+    sb = make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4).kwargs()
+    with pytest.raises(ValueError, match="left_context_chunks needs chunk_size"):
+        hmx_kernels.hyper_mixing(**sb, left_context_chunks=1)
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        hmx_kernels.hyper_mixing(**sb, chunk_size=0)
+    with pytest.raises(ValueError, match="causal=True means token-causal"):
+        hmx_kernels.hyper_mixing(**sb, causal=True, chunk_size=4)
+
+
+# ---- speechbrain's masks ----------------------------------------------------------------------
+def _sb_masks():
+    T = import_speechbrain("speechbrain.lobes.models.transformer.TransformerASR")
+    from speechbrain.utils.dynamic_chunk_training import DynChunkTrainConfig
+
+    return T, DynChunkTrainConfig
+
+
+@pytest.mark.parametrize("N", [1, 7, 16])
+def test_speechbrain_masks_are_recognised(N):
+    T, DCT = _sb_masks()
+    src = torch.zeros(2, N, 4)
+    causal = T.make_transformer_src_mask(src, causal=True)
+    assert mode_from_attn_mask(causal) == (MixingMode(1) if N > 1 else None)
+    for C in (1, 2, 3, 5):
+        for L in (None, 0, 1, 2):
+            mask = T.make_transformer_src_mask(src, dynchunktrain_config=DCT(chunk_size=C, left_context_size=L))
+            mode = mode_from_attn_mask(mask)
+            # the recognised mode allows exactly what the mask allows
+            assert torch.equal(allowed_matrix(mode, N), ~mask), (C, L, mode)
+
+
+def test_other_masks_are_refused():
+    m = torch.zeros(5, 5)
+    m[2, 0] = float("-inf")  # a hole that no chunk pattern has
+    with pytest.raises(ValueError, match="not a causal or chunk-causal mask"):
+        mode_from_attn_mask(m)
+    with pytest.raises(ValueError, match="only 0 \\(allowed\\) and -inf"):
+        mode_from_attn_mask(torch.full((3, 3), -1.0))
+    future_only = torch.tril(torch.ones(4, 4, dtype=torch.bool), -1)  # anti-causal
+    with pytest.raises(ValueError, match="not a causal or chunk-causal mask"):
+        mode_from_attn_mask(future_only)
+
+
+@pytest.mark.parametrize("config", ["causal", "dct"])
+def test_converted_speechbrain_layer_attn_mask_policies(config):
+    T, DCT = _sb_masks()
+    HyperMixing = import_speechbrain("speechbrain.nnet.hypermixing").HyperMixing
+    torch.manual_seed(0)
+    sb = HyperMixing(16, 32, num_heads=2).double()
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 7:] = True
+    mask = (T.make_transformer_src_mask(x, causal=True) if config == "causal" else
+            T.make_transformer_src_mask(x, dynchunktrain_config=DCT(chunk_size=3, left_context_size=1)))
+    # ignore (the default of from_speechbrain): what speechbrain computes, which ignores the mask
+    layer = FusedHyperMixing.from_speechbrain(sb, backend="reference")
+    with pytest.warns(UserWarning, match="ignores attn_mask"):
+        out = layer(x, x, x, attn_mask=mask, key_padding_mask=pad)[0]
+    assert torch.equal(out, sb(x, x, x, attn_mask=mask, key_padding_mask=pad)[0])  # bit-compatible
+    layer.backend = "auto"  # the fused cpu backend ignores it the same way
+    assert_close("ignored, cpu", layer(x, x, x, attn_mask=mask, key_padding_mask=pad)[0], out, RTOL)
+    # honour: the masked formulation of the mode the mask describes
+    layer.attn_mask_policy = "honour"
+    got = layer(x, x, x, attn_mask=mask, key_padding_mask=pad)[0]
+    w1 = layer.hyper.w1_gen.tensors()
+    w2 = layer.hyper.w2_gen.tensors()
+    exp = masked_hyper_mixing(x, None, None, w1, w2, (layer.layer_norm.weight, layer.layer_norm.bias),
+                              variant="speechbrain", allowed=~mask if mask.dtype == torch.bool else mask == 0,
+                              key_padding_mask=pad)
+    assert_close("honoured", got, exp, RTOL)
+    # a layer built directly still refuses a mask, pointing at the policies
+    direct = FusedHyperMixing(16, 32, num_heads=2)
+    with pytest.raises(NotImplementedError, match="attn_mask_policy"):
+        direct(x.float(), x.float(), x.float(), attn_mask=mask)
