@@ -8,6 +8,7 @@ from . import reference
 from .dispatch import BackendNotSupportedError, backend_reasons, registered_backends, select_backend
 from .flops import hyper_mixing_flops
 from .functional import hyper_mixing
+from .parallel import sequence_parallel_offset
 from .layers import FusedHyperMixing
 from .reference import hyper_mixing_ref, positional_encoding
 from .reference import backend as _reference_backend  # noqa: F401  (registers "reference")
@@ -39,5 +40,6 @@ __all__ = [
     "VARIANTS",
     "reference",
     "clear_caches",
+    "sequence_parallel_offset",
     "__version__",
 ]

@@ -65,6 +65,7 @@ class Capabilities:
     max_k_h: Optional[int] = None
     partial_biases: bool = True
     causal: bool = False  # implements the causal / chunk-causal modes (hmx_kernels.causal)
+    sequence_parallel: bool = False  # takes a position offset and a sequence-parallel group
     device_note: str = ""  # appended to the device reason
     available: Optional[Callable[[str], Tuple[str, ...]]] = None
 
@@ -81,6 +82,9 @@ class Capabilities:
             out.append(f"hypernetwork size per head k_h = {p.k_h} exceeds its limit {self.max_k_h}")
         if not self.causal and p.mode is not None:
             out.append(f"{p.mode.describe()} mixing is not implemented by this backend yet (backend='reference' has it)")
+        if not self.sequence_parallel and (p.position_offset or p.sequence_parallel_group is not None):
+            out.append("position offsets and sequence parallelism are not implemented by this backend yet "
+                       "(backend='reference' has them)")
         if not self.partial_biases and p.partial_biases:
             out.append("a generator with an fc1 bias but no fc2 bias (or the reverse) is not supported")
         if not out and self.available is not None:

@@ -35,6 +35,8 @@ def hyper_mixing(
     causal: bool = False,
     chunk_size: Optional[int] = None,
     left_context_chunks: Optional[int] = None,
+    position_offset: int = 0,
+    sequence_parallel_group=None,
 ) -> Tensor:
     """HyperMixing token mixing (docs/HYPERMIXING.md), differentiable in every tensor argument.
 
@@ -55,6 +57,12 @@ def hyper_mixing(
     left_context_chunks=L): chunk-causal mixing, a token in chunk c mixes the keys of chunks
     max(0, c - L) .. c (speechbrain's Dynamic Chunk Training). Both need M == N; see
     hmx_kernels.causal. Backends that do not implement a mode say so (the reference does).
+
+    position_offset: global position of the first token, for a slice of a longer sequence.
+    sequence_parallel_group: a torch.distributed group whose ranks each hold one contiguous slice
+    of every sequence (non-causal): the state is all-reduced over it (forward and backward: one
+    [B, H, k_h, d_h] fp32 all-reduce each), and each rank gets its slice of the unsplit result;
+    pass each rank's own position_offset (`hmx_kernels.sequence_parallel_offset` computes it).
 
     Dtypes: parameters must have the tokens' dtype, except under torch.autocast, where tokens and
     hypernetwork weights are cast to the autocast dtype and the result has that dtype (the rule
@@ -84,5 +92,7 @@ def hyper_mixing(
         causal=causal,
         chunk_size=chunk_size,
         left_context_chunks=left_context_chunks,
+        position_offset=position_offset,
+        sequence_parallel_group=sequence_parallel_group,
     )
     return select_backend(backend, problem).forward(problem)

@@ -90,6 +90,8 @@ class HyperMixingProblem:
     out_dtype: torch.dtype  # dtype of the result
     autocast: bool  # the autocast part of the dtype rule applied
     mode: Optional[MixingMode] = None  # causal / chunk-causal mixing (hmx_kernels.causal); None: all tokens
+    position_offset: int = 0  # global position of the first token (a slice of a longer sequence)
+    sequence_parallel_group: object = None  # torch.distributed group holding the other slices, or None
 
     @property
     def device(self) -> torch.device:
@@ -221,9 +223,16 @@ def check_inputs(
     causal: bool = False,
     chunk_size: Optional[int] = None,
     left_context_chunks: Optional[int] = None,
+    position_offset: int = 0,
+    sequence_parallel_group=None,
 ) -> HyperMixingProblem:
     v = get_variant(variant)
     mode = resolve_mode(causal, chunk_size, left_context_chunks)
+    if isinstance(position_offset, bool) or not isinstance(position_offset, int) or position_offset < 0:
+        raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")
+    if sequence_parallel_group is not None:
+        if mode is not None:
+            raise ValueError("sequence parallelism is implemented for non-causal mixing only")
 
     # ---- tokens --------------------------------------------------------------------------
     _check_tensor("query", query, 3)
@@ -370,4 +379,5 @@ def check_inputs(
         self_mixing=self_mixing, scale=v.input_scale(d), first_position=v.first_position,
         B=B, M=M, N=N, d=d, H=H, d_h=d_h, k_h=k_h,
         dtype=dtype, compute_dtype=cdt, out_dtype=dtype, autocast=cast_to is not None, mode=mode,
+        position_offset=position_offset, sequence_parallel_group=sequence_parallel_group,
     )

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..causal import MixingMode, mode_from_attn_mask, resolve_mode
 from ..dispatch import check_backend_name
 from ..functional import hyper_mixing
+from ..parallel import sequence_parallel_offset
 from ..reference.positional import positional_encoding
 from ..variants import get_variant
 
@@ -130,6 +131,10 @@ class FusedHyperMixing(nn.Module):
             does (warns once). "honour": recognise speechbrain's causal mask (get_lookahead_mask)
             or Dynamic Chunk Training mask (make_transformer_src_mask) and mix in that mode; any
             other mask raises.
+        sequence_parallel_group: a torch.distributed group whose ranks each hold one contiguous
+            slice of every sequence (hmx_kernels.parallel): the state is all-reduced over it and each
+            rank gets its slice of the unsplit result; the slice's position offset is computed by
+            one all-gather per call unless forward gets `position_offset=`.
 
     forward, speechbrain style: `out, None = layer(x, x, x, attn_mask=None, key_padding_mask=mask)`;
     key, value and pos_embs are ignored (query is used for all three); attn_mask per attn_mask_policy.
@@ -156,6 +161,7 @@ class FusedHyperMixing(nn.Module):
         chunk_size: Optional[int] = None,
         left_context_chunks: Optional[int] = None,
         attn_mask_policy: str = "raise",
+        sequence_parallel_group=None,
     ) -> None:
         super().__init__()
         v = get_variant(variant)
@@ -195,6 +201,7 @@ class FusedHyperMixing(nn.Module):
             raise ValueError(f"attn_mask_policy must be one of {ATTN_MASK_POLICIES}, got {attn_mask_policy!r}")
         self.attn_mask_policy = attn_mask_policy
         self._warned_ignored_mask = False
+        self.sequence_parallel_group = sequence_parallel_group
         self.eps = eps
         self.max_length = int(max_length)
 
@@ -224,6 +231,7 @@ class FusedHyperMixing(nn.Module):
         query_padding_mask: Optional[Tensor] = None,
         return_attn_weights: Optional[bool] = True,
         pos_embs: Optional[Tensor] = None,
+        position_offset: Optional[int] = None,
     ):
         if self.variant == "speechbrain":
             # positional order of speechbrain's forward: attn_mask, key_padding_mask, return_attn_weights, pos_embs
@@ -245,7 +253,7 @@ class FusedHyperMixing(nn.Module):
                     stacklevel=2,
                 )
                 self._warned_key_value = True
-            out = self._mix(query, None, None, key_padding_mask, None, mode)
+            out = self._mix(query, None, None, key_padding_mask, None, mode, position_offset)
             return out, None
 
         # idiap: forward(query, key, value, query_padding_mask=None, key_padding_mask=None)
@@ -258,7 +266,7 @@ class FusedHyperMixing(nn.Module):
             key = query
         if value is None:
             value = key
-        return self._mix(query, key, value, key_padding_mask, query_padding_mask, mode)
+        return self._mix(query, key, value, key_padding_mask, query_padding_mask, mode, position_offset)
 
     def _mode_for(self, attn_mask: Optional[Tensor]) -> Optional[MixingMode]:
         """The mixing mode of this call: the layer's own, or the one `attn_mask` describes."""
@@ -290,7 +298,14 @@ class FusedHyperMixing(nn.Module):
             )
         return mode
 
-    def _mix(self, query, key, value, key_padding_mask, query_padding_mask, mode=None) -> Tensor:
+    def _mix(self, query, key, value, key_padding_mask, query_padding_mask, mode=None,
+             position_offset: Optional[int] = None) -> Tensor:
+        group = self.sequence_parallel_group
+        if position_offset is None:
+            position_offset = 0
+            if group is not None:
+                position_offset = sequence_parallel_offset((key if key is not None else query).shape[1], group,
+                                                           device=query.device if query.is_cuda else None)
         w1 = self.hyper.w1_gen.tensors()
         w2 = (None, None, None, None) if self.tied else self.hyper.w2_gen.tensors()
         ln = (self.layer_norm.weight, self.layer_norm.bias) if self.layer_norm is not None else (None, None)
@@ -305,6 +320,8 @@ class FusedHyperMixing(nn.Module):
             causal=mode is not None and mode.token_causal,
             chunk_size=None if mode is None or mode.token_causal else mode.chunk_size,
             left_context_chunks=None if mode is None or mode.token_causal else mode.left_context_chunks,
+            position_offset=position_offset,
+            sequence_parallel_group=group,
         )
 
     # ------------------------------------------------------------------------------------------

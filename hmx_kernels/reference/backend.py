@@ -23,6 +23,8 @@ def reference_forward(p: HyperMixingProblem) -> Tensor:
         use_layer_norm=p.use_layer_norm,
         eps=p.eps,
         mode=p.mode,
+        position_offset=p.position_offset,
+        sequence_parallel_group=p.sequence_parallel_group,
     )
     return y if y.dtype == p.out_dtype else y.to(p.out_dtype)
 
@@ -33,6 +35,7 @@ register_backend(
         description="plain PyTorch (fp32 compute, materialises W1/W2: O(N*k) memory); any device; "
                     "the only backend with double backward",
         forward=reference_forward,
-        capabilities=Capabilities(devices=("*",), dtypes=FLOAT_DTYPES, causal=True),
+        capabilities=Capabilities(devices=("*",), dtypes=FLOAT_DTYPES, causal=True,
+                                  sequence_parallel=True),
     )
 )

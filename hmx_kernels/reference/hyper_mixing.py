@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..causal import MixingMode
 from ..variants import get_variant
-from .positional import cached_positional_encoding
+from .positional import cached_positional_encoding, positional_encoding
 
 __all__ = ["hyper_mixing_ref", "generator_mlp_ref"]
 
@@ -111,6 +111,8 @@ def hyper_mixing_ref(
     use_layer_norm: bool = True,
     eps: float = 1e-5,
     mode: Optional[MixingMode] = None,
+    position_offset: int = 0,
+    sequence_parallel_group=None,
 ) -> Tensor:  # [B, M, d], dtype of query
     """Reference HyperMixing (no input validation: use `hmx_kernels.hyper_mixing` for that).
 
@@ -119,6 +121,12 @@ def hyper_mixing_ref(
 
     mode: None (every query mixes every key) or a `hmx_kernels.causal.MixingMode` (M == N): query
     t in chunk c uses the state summed over the keys of chunks max(0, c - L) .. c.
+
+    position_offset: global position of the first token (a slice of a longer sequence: its
+    positional encoding continues from there). sequence_parallel_group: a torch.distributed group
+    whose ranks each hold one contiguous slice of every sequence (self-mixing, non-causal): the
+    state P is summed over the group (a differentiable all-reduce, so the backward sums dP the same
+    way), and every rank gets its slice of the unsplit result. Pass each rank's own offset.
     """
     v = get_variant(variant)
     out_dtype = query.dtype
@@ -133,8 +141,13 @@ def hyper_mixing_ref(
     with torch.autocast(device_type=query.device.type, enabled=False):
         q, k, val = up(query), up(key), up(value)
         s = v.input_scale(d)
-        pe_k = cached_positional_encoding(v, N, d, query.device).to(cdt)  # [N, d]
-        pe_q = cached_positional_encoding(v, M, d, query.device).to(cdt)  # [M, d]
+        if position_offset:
+            first = v.first_position + position_offset
+            pe_k = positional_encoding(v, N, d, start=first, device=query.device).to(cdt)  # [N, d]
+            pe_q = positional_encoding(v, M, d, start=first, device=query.device).to(cdt)  # [M, d]
+        else:
+            pe_k = cached_positional_encoding(v, N, d, query.device).to(cdt)  # [N, d]
+            pe_q = cached_positional_encoding(v, M, d, query.device).to(cdt)  # [M, d]
 
         if key_padding_mask is not None:
             m_k = torch.logical_not(key_padding_mask).to(cdt).unsqueeze(-1)  # [B, N, 1]
@@ -158,7 +171,12 @@ def hyper_mixing_ref(
             v_heads = val.transpose(1, 2).reshape(B * H, d_h, N)  # [B*H, d_h, N]
             w1 = w1.reshape(B * H, N, -1)  # [B*H, N, k_h]
             w2 = w2.reshape(B * H, M, -1)  # [B*H, M, k_h]
-            a = F.gelu(torch.bmm(v_heads, w1))  # [B*H, d_h, N] @ [B*H, N, k_h] -> [B*H, d_h, k_h] = A^T
+            p_t = torch.bmm(v_heads, w1)  # [B*H, d_h, N] @ [B*H, N, k_h] -> [B*H, d_h, k_h] = P^T
+            if sequence_parallel_group is not None:  # every rank's keys enter the state
+                from torch.distributed.nn.functional import all_reduce
+
+                p_t = all_reduce(p_t, group=sequence_parallel_group)
+            a = F.gelu(p_t)  # A^T
             y = torch.bmm(a, w2.transpose(1, 2))  # [B*H, d_h, k_h] @ [B*H, k_h, M] -> [B*H, d_h, M]
             y = y.reshape(B, d, M).transpose(1, 2)  # [B, M, d]
         else:

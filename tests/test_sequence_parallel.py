@@ -1,0 +1,84 @@
+"""Sequence parallelism over torch.distributed (gloo, CPU): 2 and 4 processes each hold an uneven
+contiguous slice of every sequence (with padding masks); the all-reduced state gives each rank its
+slice of the single-process result, outputs and input gradients, and the parameter gradients
+summed over ranks equal the single-process ones. float64; tolerance 1e-12 of the largest magnitude
+(the same arithmetic, the state summed in another order). Only the reference backend takes the
+group so far (the fused backends decline with a reason)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hmx_kernels
+from hmx_kernels import FusedHyperMixing
+
+SPLITS = {2: [9, 14], 4: [3, 7, 5, 8]}  # N = 23
+
+
+def _worker(rank, world, init_file, variant):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from utils import assert_close
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        layer = FusedHyperMixing(12, 24, num_heads=2, variant=variant, backend="reference").double()
+        B, N = 2, sum(SPLITS[world])
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(B, N, 12, generator=g, dtype=torch.float64)
+        grad = torch.randn(B, N, 12, generator=g, dtype=torch.float64)
+        pad = torch.zeros(B, N, dtype=torch.bool)
+        pad[1, 17:] = True  # the padding falls on the last ranks' slices
+
+        def run(layer, x, pad, **kw):
+            x = x.clone().requires_grad_(True)
+            out = layer(x, x, x, key_padding_mask=pad, **kw) if variant == "speechbrain" else \
+                layer(x, x, x, None, pad, **kw)
+            out = out[0] if isinstance(out, tuple) else out
+            return out, x
+
+        full, xf = run(layer, x, pad)
+        full_grads = torch.autograd.grad(full, [xf, *layer.parameters()], grad)
+
+        lo = sum(SPLITS[world][:rank])
+        hi = lo + SPLITS[world][rank]
+        layer.sequence_parallel_group = dist.group.WORLD
+        local, xl = run(layer, x[:, lo:hi], pad[:, lo:hi])
+        local_grads = list(torch.autograd.grad(local, [xl, *layer.parameters()], grad[:, lo:hi]))
+        assert hmx_kernels.sequence_parallel_offset(hi - lo) == lo
+        assert_close("out slice", local, full[:, lo:hi], 1e-12)
+        assert_close("input grad slice", local_grads[0], full_grads[0][:, lo:hi], 1e-12)
+        for i, (lg, fg) in enumerate(zip(local_grads[1:], full_grads[1:])):
+            dist.all_reduce(lg)  # data-parallel style: parameter gradients summed over ranks
+            assert_close(f"param grad {i}", lg, fg, 1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_sequence_parallel_matches_single_process(tmp_path, world, variant):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), variant), nprocs=world, join=True)
+
+
+def test_fused_backends_decline_sequence_parallel_arguments():
+    x = torch.randn(1, 5, 8)
+    layer = FusedHyperMixing(8, 8, num_heads=2)
+    p = hmx_kernels.check_inputs(x, None, None, *layer.hyper.w1_gen.tensors(), *layer.hyper.w2_gen.tensors(),
+                                 layer.layer_norm.weight, layer.layer_norm.bias, position_offset=7)
+    reasons = hmx_kernels.backend_reasons(p)
+    assert reasons["reference"] == [] and any("position offsets" in r for r in reasons["cpu"])
+    # the reference continues the positional encoding from the offset
+    layer.backend = "reference"
+    tail = long = torch.randn(1, 5, 8)
+    with_offset = layer(tail, position_offset=7)[0]
+    assert torch.equal(layer(long, position_offset=0)[0], layer(long)[0])
+    assert not torch.allclose(with_offset, layer(tail)[0])
