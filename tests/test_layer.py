@@ -165,6 +165,8 @@ def test_docstring_examples_run():
     import doctest
 
     import hmx_kernels.functional
+    import hmx_kernels.streaming
 
-    result = doctest.testmod(hmx_kernels.functional, raise_on_error=False)
-    assert result.attempted > 0 and result.failed == 0
+    for module in (hmx_kernels.functional, hmx_kernels.streaming):
+        result = doctest.testmod(module, raise_on_error=False)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -57,13 +57,17 @@ def generator_mlp_ref(
     return w
 
 
-def _chunk_causal_mix(w1: Tensor, w2: Tensor, v: Tensor, mode: MixingMode) -> Tensor:
+def _chunk_causal_mix(w1: Tensor, w2: Tensor, v: Tensor, mode: MixingMode, past=None):
     """Y for a causal / chunk-causal mode. w1, w2 [B, H, N, k_h] (masked), v [B, H, N, d_h].
 
     Per chunk j of C tokens the partial state Q_j = sum_{s in chunk j} W1_s^T V_s; the chunk's
     state P_c = sum of Q_j over j = max(0, c - L) .. c (all j <= c when L is None); then
     Y_t = W2_t GELU(P_{c(t)}). Memory O(N / C * k_h * d_h) per (b, h): written for clarity (the
-    token-causal mode, C = 1, keeps a [k_h, d_h] state per token)."""
+    token-causal mode, C = 1, keeps a [k_h, d_h] state per token).
+
+    past: what earlier pieces of the same sequence left (streaming, hmx_kernels.streaming): L None:
+    the sum of every earlier chunk's Q [B, H, k_h, d_h]; L given: the last <= L chunks' Q
+    [B, H, r, k_h, d_h]. Returns (Y [B, N, d], the same for the chunks seen so far)."""
     B, H, N, k_h = w1.shape
     d_h = v.shape[-1]
     C = mode.chunk_size
@@ -77,17 +81,25 @@ def _chunk_causal_mix(w1: Tensor, w2: Tensor, v: Tensor, mode: MixingMode) -> Te
     vc = v.reshape(B, H, n_chunks, C, d_h)
     # [B, H, n, C, k_h] x [B, H, n, C, d_h] -> [B, H, n, k_h, d_h]: each chunk's partial state
     q = torch.einsum("bhjsk,bhjsd->bhjkd", w1c, vc)
-    if mode.left_context_chunks is None:
+    L = mode.left_context_chunks
+    if L is None:
         p = torch.cumsum(q, dim=2)
+        if past is not None:
+            p = p + past[:, :, None]
+        carry = q.sum(dim=2) if past is None else past + q.sum(dim=2)
     else:  # window of the own chunk and L before it, summed explicitly (no cumsum differences)
-        p = q.clone()
-        for shift in range(1, min(mode.left_context_chunks, n_chunks - 1) + 1):
-            p[:, :, shift:] = p[:, :, shift:] + q[:, :, :-shift]
+        r = 0 if past is None else past.shape[2]
+        q_ext = q if past is None else torch.cat([past, q], dim=2)  # [B, H, r + n, k_h, d_h]
+        p = q_ext.clone()
+        for shift in range(1, min(L, r + n_chunks - 1) + 1):
+            p[:, :, shift:] = p[:, :, shift:] + q_ext[:, :, :-shift]
+        p = p[:, :, r:]
+        carry = q_ext[:, :, q_ext.shape[2] - min(L, q_ext.shape[2]):]
     a = F.gelu(p)  # [B, H, n, k_h, d_h]
     w2c = w2.reshape(B, H, n_chunks, C, k_h)
     # [B, H, n, C, k_h] x [B, H, n, k_h, d_h] -> [B, H, n, C, d_h]
     y = torch.einsum("bhjtk,bhjkd->bhjtd", w2c, a).reshape(B, H, n_chunks * C, d_h)[:, :, :N]
-    return y.transpose(1, 2).reshape(B, N, H * d_h)  # [B, N, d]
+    return y.transpose(1, 2).reshape(B, N, H * d_h), carry  # [B, N, d]
 
 
 def hyper_mixing_ref(
@@ -113,6 +125,7 @@ def hyper_mixing_ref(
     mode: Optional[MixingMode] = None,
     position_offset: int = 0,
     sequence_parallel_group=None,
+    _stream_past=None,
 ) -> Tensor:  # [B, M, d], dtype of query
     """Reference HyperMixing (no input validation: use `hmx_kernels.hyper_mixing` for that).
 
@@ -180,7 +193,10 @@ def hyper_mixing_ref(
             y = torch.bmm(a, w2.transpose(1, 2))  # [B*H, d_h, k_h] @ [B*H, k_h, M] -> [B*H, d_h, M]
             y = y.reshape(B, d, M).transpose(1, 2)  # [B, M, d]
         else:
-            y = _chunk_causal_mix(w1, w2, val.reshape(B, N, H, d_h).transpose(1, 2), mode)
+            y, carry = _chunk_causal_mix(w1, w2, val.reshape(B, N, H, d_h).transpose(1, 2), mode,
+                                         None if _stream_past is None else _stream_past[0])
+            if _stream_past is not None:
+                _stream_past[1] = carry  # what the next piece of this sequence starts from
         if use_layer_norm:
             y = F.layer_norm(y, (d,), up(ln_weight), up(ln_bias), eps)
     return y.to(out_dtype)
