@@ -40,6 +40,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except build.ExtensionBuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # e.g. --into-package where the installation is not writable
+        print(f"error: cannot write the build there ({type(e).__name__}: {e})", file=sys.stderr)
+        return 1
     return 0
 
 

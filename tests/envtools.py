@@ -78,3 +78,15 @@ def clean_env(**settings) -> Dict[str, str]:
            if k != "PYTHONPATH" and k != "CXX" and not k.startswith("HMX_KERNELS_")}
     env.update({k: str(v) for k, v in settings.items()})
     return env
+
+
+def package_copy(dest: Path, installed: bool = False) -> Path:
+    """This repository's package copied into `dest`, without __pycache__ and without any
+    hmx_kernels/_prebuilt builds (an editable install with HMX_KERNELS_BUILD_EXT=1 leaves one in
+    the source tree), so that only the tests' own builds are found: csrc/ beside the package as in
+    the repository, or inside it as hmx_kernels/csrc as in an installed package. Returns `dest`,
+    for PYTHONPATH."""
+    shutil.copytree(REPO / "hmx_kernels", dest / "hmx_kernels",
+                    ignore=shutil.ignore_patterns("__pycache__", "_prebuilt"))
+    shutil.copytree(REPO / "csrc", dest / "hmx_kernels" / "csrc" if installed else dest / "csrc")
+    return dest

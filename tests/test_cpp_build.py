@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from envtools import clean_env, make_venv, path_without, run_json
+from envtools import clean_env, make_venv, package_copy, path_without, run_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,10 +59,10 @@ def _result(proc: subprocess.Popen):
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
-def test_fresh_cache_concurrent_builders_then_reuse(tmp_path):
+def test_fresh_cache_concurrent_builders_then_reuse(tmp_path, repo_copy):
     cache = tmp_path / "cache"
     # two builders racing on an empty cache
-    procs = [_spawn(cache, REPO, tmp_path) for _ in range(2)]
+    procs = [_spawn(cache, repo_copy, tmp_path) for _ in range(2)]
     results = [_result(p) for p in procs]
     infos = [r[0] for r in results]
     built = [i["built"] for i in infos]
@@ -78,15 +78,13 @@ def test_fresh_cache_concurrent_builders_then_reuse(tmp_path):
 
     # a later process reuses the build: no compile message, loads quickly
     t0 = time.perf_counter()
-    info, err = _result(_spawn(cache, REPO, tmp_path))
+    info, err = _result(_spawn(cache, repo_copy, tmp_path))
     assert info["built"] is False and "compiling" not in err
     assert info["seconds"] < 10, info  # importing a cached module, not compiling (a build takes ~1 min)
     assert time.perf_counter() - t0 < 120
 
     # a copy laid out like an installed package (sources in hmx_kernels/csrc, no repository around)
-    site = tmp_path / "site"
-    shutil.copytree(REPO / "hmx_kernels", site / "hmx_kernels", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "csrc", site / "hmx_kernels" / "csrc")
+    site = package_copy(tmp_path / "site", installed=True)
     info, err = _result(_spawn(cache, site, tmp_path))
     assert Path(info["source"]) == site / "hmx_kernels" / "csrc"
     assert info["built"] is False and "compiling" not in err  # same sources: same key, cache reused
@@ -105,7 +103,7 @@ def test_missing_sources_give_a_clear_error(tmp_path):
     assert "ERR hmx_kernels C++ sources not found" in out.stdout, out.stdout + out.stderr
 
 
-def test_import_compiles_nothing_and_missing_compiler_falls_back(tmp_path):
+def test_import_compiles_nothing_and_missing_compiler_falls_back(tmp_path, repo_copy):
     """`import hmx_kernels` builds nothing; with no C++ compiler, backend="auto" warns and uses the
     reference, and backend="cpu" raises an error that says what is missing."""
     cache = tmp_path / "cache"
@@ -130,7 +128,7 @@ try:
 except hmx_kernels.BackendNotSupportedError as e:
     print("ERR", e)
 """
-    env = dict(os.environ, HMX_KERNELS_CACHE=str(cache), CXX="no-such-compiler-hmx", PYTHONPATH=str(REPO))
+    env = dict(os.environ, HMX_KERNELS_CACHE=str(cache), CXX="no-such-compiler-hmx", PYTHONPATH=str(repo_copy))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -141,7 +139,7 @@ except hmx_kernels.BackendNotSupportedError as e:
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
-def test_failed_fast_build_falls_back_to_portable_build(tmp_path):
+def test_failed_fast_build_falls_back_to_portable_build(tmp_path, repo_copy):
     """When the fast flavour does not compile (here: a flag the compiler rejects), the portable
     flavour is built and used, and the failure is remembered so later processes skip it: the
     record names the compiler's error, each process warns once that it uses the slower build and
@@ -152,7 +150,7 @@ def test_failed_fast_build_falls_back_to_portable_build(tmp_path):
         "from hmx_kernels.cpp import build\n"
         "build.FLAG_SETS[0] = ('native+openmp', build.CXX_FLAGS + ['-fno-such-flag-hmx'], ['-fopenmp'])\n",
     ) + "build._loaded.clear()\nbuild.load_extension(with_cuda=False)  # a second load warns no more\n"
-    env = dict(os.environ, HMX_KERNELS_CACHE=str(cache), HMX_KERNELS_NO_CUDA="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, HMX_KERNELS_CACHE=str(cache), HMX_KERNELS_NO_CUDA="1", PYTHONPATH=str(repo_copy))
     for attempt in range(2):
         proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path), capture_output=True,
                               text=True, timeout=900)
@@ -178,7 +176,7 @@ def test_failed_fast_build_falls_back_to_portable_build(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
-def test_build_errors_start_with_their_cause(tmp_path):
+def test_build_errors_start_with_their_cause(tmp_path, repo_copy):
     """When every flavour fails to compile, the error's first line carries the compiler's error for
     each, and nothing is recorded as failed (a failure all flavours share is not the fast flags'; a
     record an older version wrote, without a reason, is retried and dropped). A cache that cannot
@@ -199,7 +197,7 @@ try:
 except build.ExtensionBuildError as e:
     print("RESULT " + json.dumps(str(e)))
 """
-    env = clean_env(HMX_KERNELS_CACHE=cache, HMX_KERNELS_NO_CUDA="1", PYTHONPATH=REPO)
+    env = clean_env(HMX_KERNELS_CACHE=cache, HMX_KERNELS_NO_CUDA="1", PYTHONPATH=repo_copy)
     error, _ = run_json(sys.executable, code, env, tmp_path)
     first = error.splitlines()[0]
     assert first.startswith("building the hmx_kernels C++ extension failed: native+openmp: "), error
@@ -209,7 +207,7 @@ except build.ExtensionBuildError as e:
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    env = clean_env(HMX_KERNELS_CACHE=blocker / "cache", HMX_KERNELS_NO_CUDA="1", PYTHONPATH=REPO)
+    env = clean_env(HMX_KERNELS_CACHE=blocker / "cache", HMX_KERNELS_NO_CUDA="1", PYTHONPATH=repo_copy)
     real_flags = "\n".join(ln for ln in code.splitlines() if not ln.startswith("build.FLAG_SETS"))
     error, _ = run_json(sys.executable, real_flags, env, tmp_path)
     assert error.startswith(f"cannot write the hmx_kernels build cache {blocker / 'cache'}"), error
@@ -245,15 +243,12 @@ def _check_loaded_without_tools(info, source, folder):
 
 
 @pytest.mark.slow
-def test_finished_build_loads_without_compiler_or_ninja(prebuilt_cache, tmp_path):
+def test_finished_build_loads_without_compiler_or_ninja(prebuilt_cache, tmp_path, repo_copy):
     """A build made ahead of time, in the package (`python -m hmx_kernels.build --into-package`) or
     in the cache, is used by a process that has no compiler and no ninja: PATH is an empty folder
     and the interpreter is a venv's without ninja. backend="cpu" and "auto" run the extension."""
     folder = prebuilt_cache["folder"]
-    site = tmp_path / "site"  # laid out like an installed package
-    shutil.copytree(REPO / "hmx_kernels", site / "hmx_kernels",
-                    ignore=shutil.ignore_patterns("__pycache__", "_prebuilt"))
-    shutil.copytree(REPO / "csrc", site / "hmx_kernels" / "csrc")
+    site = package_copy(tmp_path / "site", installed=True)
     proc = subprocess.run([sys.executable, "-m", "hmx_kernels.build", "--into-package"], cwd=str(tmp_path),
                           env=clean_env(HMX_KERNELS_CACHE=prebuilt_cache["cache"], HMX_KERNELS_NO_CUDA="1",
                                         PYTHONPATH=site),
@@ -275,7 +270,7 @@ def test_finished_build_loads_without_compiler_or_ninja(prebuilt_cache, tmp_path
     # the cache (a copy of the one `python -m hmx_kernels.build` filled), no prebuilt folder
     cache = tmp_path / "cache"
     shutil.copytree(prebuilt_cache["cache"], cache)
-    info, _ = run_json(py, NO_TOOLS, clean_env(PATH=empty, HMX_KERNELS_CACHE=cache, PYTHONPATH=REPO), tmp_path)
+    info, _ = run_json(py, NO_TOOLS, clean_env(PATH=empty, HMX_KERNELS_CACHE=cache, PYTHONPATH=repo_copy), tmp_path)
     _check_loaded_without_tools(info, "cache", cache / folder.name)
 
 
@@ -289,7 +284,7 @@ def test_build_command_compiled_with_ninja_next_to_the_interpreter_only(prebuilt
     assert not list(prebuilt_cache["cache"].glob("*.failed"))
 
 
-def test_ninja_next_to_the_interpreter_is_found(tmp_path):
+def test_ninja_next_to_the_interpreter_is_found(tmp_path, repo_copy):
     """ninja in the venv's bin/ but not on PATH (a Jupyter kernel, a script started by the venv's
     interpreter path) counts as present, and the build sees it (PATH restored afterwards); without
     it, the hint names this interpreter's pip."""
@@ -306,12 +301,12 @@ print("RESULT " + json.dumps(dict(missing=build._missing_toolchain(), found=buil
 """
     path = path_without(tmp_path / "path", {"ninja"})
     with_ninja = make_venv(tmp_path / "with", ninja=True)
-    info, _ = run_json(with_ninja, code, clean_env(PATH=path, PYTHONPATH=REPO), tmp_path)
+    info, _ = run_json(with_ninja, code, clean_env(PATH=path, PYTHONPATH=repo_copy), tmp_path)
     assert info["missing"] == [] and info["found"] == str(with_ninja.parent / "ninja"), info
     assert not info["outside"] and info["inside"] and info["restored"], info
 
     without = make_venv(tmp_path / "without")
-    info, _ = run_json(without, code, clean_env(PATH=path, PYTHONPATH=REPO), tmp_path)
+    info, _ = run_json(without, code, clean_env(PATH=path, PYTHONPATH=repo_copy), tmp_path)
     assert info["found"] is None and len(info["missing"]) == 1, info
     assert info["missing"][0].startswith("ninja not found")
     assert info["missing"][0].endswith(f"{info['exe']} -m pip install ninja")
@@ -328,10 +323,7 @@ def test_damaged_builds_are_rebuilt_not_marked_failed(prebuilt_cache, tmp_path):
 
     folder = prebuilt_cache["folder"]
     name = folder.name
-    site = tmp_path / "site"  # laid out like an installed package, with a prebuilt folder
-    shutil.copytree(REPO / "hmx_kernels", site / "hmx_kernels",
-                    ignore=shutil.ignore_patterns("__pycache__", "_prebuilt"))
-    shutil.copytree(REPO / "csrc", site / "hmx_kernels" / "csrc")
+    site = package_copy(tmp_path / "site", installed=True)  # laid out like an installed package
     prebuilt = site / "hmx_kernels" / "_prebuilt" / name
     build._copy_build(folder, prebuilt.parent)
     so = next(prebuilt.glob(name + "*.so"))

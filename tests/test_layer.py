@@ -1,5 +1,6 @@
 """FusedHyperMixing as a layer: call styles, return values, dtypes, checkpoints, dispatch, install."""
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -180,13 +181,17 @@ def test_pip_install_into_new_venv_and_import_from_elsewhere(tmp_path, prebuilt_
     """
     from envtools import clean_env, make_venv, run_json
 
+    # the source tree as a clean checkout has it: no build/ folder, no _prebuilt builds, no venv
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "_prebuilt", ".pytest_cache", ".benchmarks"))
     py = make_venv(tmp_path / "venv", exclude=("triton",), with_pip=True)
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     empty = tmp_path / "empty_path"
     empty.mkdir()
     name = prebuilt_cache["folder"].name
-    pip = [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--force-reinstall", str(REPO)]
+    pip = [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--force-reinstall", str(src)]
 
     res = subprocess.run(pip, capture_output=True, text=True, cwd=tmp_path, env=clean_env(
         HMX_KERNELS_BUILD_EXT="1", HMX_KERNELS_CACHE=prebuilt_cache["cache"], HMX_KERNELS_NO_CUDA="1"))
