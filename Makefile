@@ -2,7 +2,8 @@
 #   make bench   - set up .venv, run the benchmark suite (the main job)
 #   make test    - set up .venv, run the test suite
 # Set-up: a virtual environment with the CPU build of torch pinned for development (a range in
-# setup.py for users), triton, the package in editable mode, and the test/benchmark extras.
+# setup.py for users), the package in editable mode, and the test/benchmark extras (the test extra
+# brings triton, which a plain `pip install .` leaves out, for the Triton interpreter tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -1,14 +1,62 @@
 """hmx_kernels: fused, linear-time HyperMixing for PyTorch.
 
-`pip install .` compiles nothing: Triton kernels are JIT-compiled by Triton, and the C++/CUDA
-sources in csrc/ are shipped inside the package (as `hmx_kernels/csrc`) and compiled on first use
-with torch.utils.cpp_extension + ninja, then cached.
+`pip install .` compiles nothing: the C++/CUDA sources in csrc/ are shipped inside the package (as
+`hmx_kernels/csrc`) and compiled on first use with torch.utils.cpp_extension + ninja, then cached;
+Triton kernels (the optional `triton` extra) are JIT-compiled by Triton.
+
+`HMX_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .` also compiles the C++ extension during
+the build (against the torch already installed, hence no build isolation) into the package's
+`hmx_kernels/_prebuilt/` folder, which the installed package loads without a compiler or ninja.
+It is the same build as `python -m hmx_kernels.build --into-package`.
 """
+import os
+import shutil
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent
+
+
+class build_py(_build_py):
+    """build_py that, with HMX_KERNELS_BUILD_EXT=1, also compiles the C++ extension into the
+    package's _prebuilt/ folder (hmx_kernels.cpp.build.build_ahead); without it, nothing is compiled."""
+
+    def run(self):
+        super().run()
+        if os.environ.get("HMX_KERNELS_BUILD_EXT", "0") not in ("", "0"):
+            self._build_extension()
+        elif not getattr(self, "editable_mode", False):
+            # build/ outlives a build: drop what an earlier HMX_KERNELS_BUILD_EXT=1 build left there
+            shutil.rmtree(Path(self.build_lib) / "hmx_kernels" / "_prebuilt", ignore_errors=True)
+
+    def _build_extension(self):
+        try:
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(
+                f"HMX_KERNELS_BUILD_EXT=1: the C++ extension is compiled against the installed torch, which the "
+                f"build cannot import ({e}); install torch first and run "
+                f"`HMX_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .`"
+            )
+        sys.path.insert(0, str(ROOT))  # this source tree's hmx_kernels, not an installed one
+        from hmx_kernels.cpp import build as ext_build
+
+        if ROOT not in Path(ext_build.__file__).resolve().parents:
+            raise SystemExit(f"HMX_KERNELS_BUILD_EXT=1: imported hmx_kernels from {ext_build.__file__}, "
+                             f"not from the source tree {ROOT}")
+        if getattr(self, "editable_mode", False):  # pip install -e: the package is the source tree
+            into = ROOT / "hmx_kernels" / "_prebuilt"
+        else:
+            into = Path(self.build_lib) / "hmx_kernels" / "_prebuilt"
+        try:
+            ext_build.build_ahead(into=into, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        except ext_build.ExtensionBuildError as e:
+            raise SystemExit(f"HMX_KERNELS_BUILD_EXT=1: {e}")
+
+TRITON = "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"
 version = {}
 for line in (ROOT / "hmx_kernels" / "__init__.py").read_text().splitlines():
     if line.startswith("__version__"):
@@ -28,16 +76,20 @@ setup(
     package_data={"hmx_kernels.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h", "*.hpp", "*.md", "**/*"]},
     include_package_data=False,
     zip_safe=False,
+    # no triton here: it is about 1 GB and a CPU-only machine has no use for it (CUDA builds of
+    # torch on Linux bring their own); the `triton` extra installs it, and the tests need it for
+    # the Triton interpreter
     install_requires=[
         "torch>=2.1,<3",
         "numpy",
-        "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "ninja",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis", "pytest-benchmark"],
+        "triton": [TRITON],
+        "test": ["pytest>=7", "hypothesis", "pytest-benchmark", TRITON],
         "bench": ["matplotlib", "pytest-benchmark", "tabulate"],
     },
+    cmdclass={"build_py": build_py},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

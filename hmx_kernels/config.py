@@ -1,8 +1,11 @@
 """Every environment variable hmx_kernels reads, read once, when the package is imported.
 
-Nothing else in the package reads or writes `os.environ`: the per-call path sees only the
-`SETTINGS` object below, and tests change a setting through the setters here, not the
-environment. The README's "Environment variables" table lists the same variables.
+Nothing else in the package reads `os.environ`, and nothing writes it except the extension build,
+which prepends the interpreter's folder to PATH while compiling when ninja is found only there
+(torch's build runs `ninja` by name; `hmx_kernels/cpp/build.py`, `_ninja_on_path`). The per-call
+path sees only the `SETTINGS` object below, and tests change a setting through the setters here,
+not the environment. The README's "Environment variables" table lists the same variables
+(HMX_KERNELS_BUILD_EXT, read by setup.py at installation, is not read here).
 
 | variable                  | default                 | effect                                                  |
 |---------------------------|-------------------------|---------------------------------------------------------|

@@ -1,5 +1,6 @@
 """FusedHyperMixing as a layer: call styles, return values, dtypes, checkpoints, dispatch, install."""
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -126,39 +127,96 @@ def test_registered_backends_and_clear_dispatch_errors():
         _REGISTRY.pop("refuses_everything")
 
 
-@pytest.mark.slow
-def test_pip_install_into_new_venv_and_import_from_elsewhere(tmp_path):
-    """`pip install .` (not editable) into a fresh venv; torch is borrowed from this environment
-    through a .pth file (its .pth files, including our editable install, are not processed)."""
-    env_dir = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
-    py = env_dir / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    torch_site = str(Path(torch.__file__).resolve().parents[1])
-    Path(site, "borrowed_torch.pth").write_text(torch_site + "\n")
-    res = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(REPO)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    script = textwrap.dedent("""
-        import pathlib, torch, hmx_kernels
-        from hmx_kernels import FusedHyperMixing
-        pkg = pathlib.Path(hmx_kernels.__file__).parent
-        print(pkg)
-        layer = FusedHyperMixing(16, 32, num_heads=2)
-        x = torch.randn(2, 5, 16)
+INSTALLED = textwrap.dedent(r"""
+    import importlib.metadata as md, json, os, pathlib, warnings
+    import torch, hmx_kernels
+    from hmx_kernels import FusedHyperMixing
+    from hmx_kernels.cpp import build
+    pkg = pathlib.Path(hmx_kernels.__file__).parent
+    try:
+        md.distribution("triton")
+        triton_installed = True
+    except md.PackageNotFoundError:
+        triton_installed = False
+    layer = FusedHyperMixing(16, 32, num_heads=2)
+    x = torch.randn(2, 5, 16)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
         out, attn = layer(x, x, x)
         assert out.shape == (2, 5, 16) and attn is None
-        print(sorted(str(p.relative_to(pkg / "csrc")) for p in (pkg / "csrc").rglob("*") if p.is_file() and "__pycache__" not in str(p)))
-    """)
-    run = subprocess.run([str(py), "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    assert run.returncode == 0, run.stderr
-    pkg_line, files_line = run.stdout.strip().splitlines()[-2:]
-    assert pkg_line.startswith(site), f"imported from {pkg_line}, not the new venv {site}"
-    installed = set(eval(files_line))
+        w = [torch.randn(2, 4, 4), torch.randn(2, 4), torch.randn(2, 6, 4), torch.randn(2, 6)]
+        ln = [torch.ones(8), torch.zeros(8)]
+        x = torch.randn(2, 5, 8)
+        cpu = hmx_kernels.hyper_mixing(x, None, None, *w, *w, *ln, backend="cpu")
+    ref = hmx_kernels.hyper_mixing(x, None, None, *w, *w, *ln, backend="reference")
+    try:
+        hmx_kernels.hyper_mixing(x, None, None, *w, *w, *ln, backend="triton")
+        triton_error = None
+    except hmx_kernels.BackendNotSupportedError as e:
+        triton_error = str(e)
+    print("RESULT " + json.dumps(dict(
+        build.LOAD_INFO, pkg=str(pkg), missing=build._missing_toolchain(), triton_installed=triton_installed,
+        triton_error=triton_error, requires=md.distribution("hmx_kernels").requires or [],
+        max_err=(cpu - ref).abs().max().item(), warnings=[str(r.message) for r in rec],
+        prebuilt=sorted(str(p.relative_to(pkg)) for p in (pkg / "_prebuilt").rglob("*")),
+        csrc=sorted(str(p.relative_to(pkg / "csrc")) for p in (pkg / "csrc").rglob("*")
+                    if p.is_file() and "__pycache__" not in str(p)))))
+""")
+
+
+@pytest.mark.slow
+def test_pip_install_into_new_venv_and_import_from_elsewhere(tmp_path, prebuilt_cache):
+    """`pip install .` (not editable) into a fresh venv that borrows torch and the rest from this
+    environment, but not triton, through a .pth file (its .pth files, including our editable
+    install, are not processed). Checked where no compiler and no ninja exist (PATH is an empty
+    folder, the venv has no ninja), each install run from another folder:
+
+    1. `HMX_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .` ships the extension in
+       hmx_kernels/_prebuilt (taken from the cache `prebuilt_cache` filled: same key, so the
+       ahead-of-time build reuses it instead of compiling), and the installed package runs the
+       "cpu" backend from there with an empty cache.
+    2. `pip install .` afterwards (no variable) ships no prebuilt build (nothing stale from 1), asks
+       for triton only in extras, and works without triton: the "triton" backend says "triton is
+       not installed", the "cpu" backend runs from a cache.
+    """
+    from envtools import clean_env, make_venv, run_json
+
+    # the source tree as a clean checkout has it: no build/ folder, no _prebuilt builds, no venv
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "_prebuilt", ".pytest_cache", ".benchmarks"))
+    py = make_venv(tmp_path / "venv", exclude=("triton",), with_pip=True)
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    empty = tmp_path / "empty_path"
+    empty.mkdir()
+    name = prebuilt_cache["folder"].name
+    pip = [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--force-reinstall", str(src)]
+
+    res = subprocess.run(pip, capture_output=True, text=True, cwd=tmp_path, env=clean_env(
+        HMX_KERNELS_BUILD_EXT="1", HMX_KERNELS_CACHE=prebuilt_cache["cache"], HMX_KERNELS_NO_CUDA="1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    shipped_info = Path(site, "hmx_kernels", "_prebuilt", name, "BUILD_INFO").read_text()
+    assert shipped_info == (prebuilt_cache["folder"] / "BUILD_INFO").read_text()  # copied, not compiled again
+    info, _ = run_json(py, INSTALLED, clean_env(PATH=empty, HMX_KERNELS_CACHE=tmp_path / "no_cache"), tmp_path)
+    assert info["pkg"].startswith(site), f"imported from {info['pkg']}, not the new venv {site}"
+    assert len(info["missing"]) == 2, info  # no compiler, no ninja
+    assert info["source"] == "prebuilt" and info["path"] == str(Path(info["pkg"], "_prebuilt", name)), info
+    assert info["max_err"] < 1e-4 and not info["warnings"], info
+    assert not (tmp_path / "no_cache").exists()
+
+    res = subprocess.run(pip, capture_output=True, text=True, cwd=tmp_path, env=clean_env())
+    assert res.returncode == 0, res.stdout + res.stderr
+    info, _ = run_json(py, INSTALLED, clean_env(PATH=empty, HMX_KERNELS_CACHE=prebuilt_cache["cache"],
+                                                TRITON_INTERPRET="1"), tmp_path)
+    assert info["prebuilt"] == [], info["prebuilt"]  # install compiles and ships nothing by default
+    assert not info["triton_installed"], "triton got into the fresh environment"
+    triton_reqs = [r for r in info["requires"] if r.startswith("triton")]
+    assert triton_reqs and all("extra ==" in r for r in triton_reqs), info["requires"]
+    assert "backend 'triton' cannot run this call: triton is not installed" in info["triton_error"], info
+    assert info["source"] == "cache" and info["max_err"] < 1e-4 and not info["warnings"], info
     shipped = {str(p.relative_to(REPO / "csrc")) for p in (REPO / "csrc").rglob("*") if p.is_file()}
-    assert shipped and shipped <= installed, f"missing from the installed package: {sorted(shipped - installed)}"
+    assert shipped and shipped <= set(info["csrc"]), f"missing from the installed package: {shipped - set(info['csrc'])}"
 
 
 def test_docstring_examples_run():

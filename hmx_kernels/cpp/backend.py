@@ -12,9 +12,9 @@ the process-wide cache of `hmx_kernels.reference.positional`, so the rows equal 
   computed in float32 (inputs upcast, result cast back), which is also what the reference does.
   The meta device runs the ops' shape functions.
 - "cuda": CUDA tensors, float32 / float16 / bfloat16 (fp32 accumulation), where torch has CUDA
-  and nvcc exists.
-If the extension cannot be built, both backends report why; "auto" falls back to the reference
-and warns once.
+  (and nvcc exists, unless a finished build is found).
+The extension is found prebuilt or in the cache (no compiler needed), else built; if neither
+works, both backends report why; "auto" falls back to the reference and warns once.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def extension_reasons(device_type: str) -> Tuple[str, ...]:
     if reasons is None:
         reasons = ()
         if device_type == "cuda":
-            why = build.cuda_build_possible()
+            why = build.cuda_run_possible()  # nvcc is needed only if no finished build exists
             if why:
                 reasons = ("CUDA kernels unavailable: " + "; ".join(why),)
         if not reasons:

@@ -25,8 +25,13 @@ def _import_error() -> str:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError or a broken installation
-        return f"triton is not installed or cannot be imported ({type(exc).__name__}: {exc}); pip install triton"
+    except ModuleNotFoundError as exc:
+        if exc.name == "triton":  # not a dependency of `pip install hmx_kernels`: the `triton` extra
+            return (f"triton is not installed: {sys.executable} -m pip install triton "
+                    "(or the extra: pip install 'hmx_kernels[triton]')")
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # a broken installation
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
     return ""
 
 
