@@ -19,7 +19,7 @@ and warns once.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor
@@ -139,6 +139,30 @@ def cpp_forward(p: HyperMixingProblem) -> Tensor:
     return run_fused(CPP_OPS, p, operand_dtype=torch.float32 if upcast else None)
 
 
+# Shared memory per block of the largest CUDA kernel (query / key) when fp32 kernels run at
+# 64 < d_h <= 128 (float32 inputs, or fp16 / bf16 with tensor cores off): more than an A100's
+# 163 KB, within an H100's 227 KB. fp16 / bf16 on tensor cores need at most 131 KB (fit sm_80).
+# The value is the kernels' own smem-size function (benchmarks/results/kernels_cuda.csv; a test
+# checks the two agree); csrc's hmx::cuda::not_supported gives the same verdict on the device.
+CUDA_WIDE_FP32_SMEM_BYTES = 170112
+
+
+def _cuda_extra_reasons(p: HyperMixingProblem) -> List[str]:
+    if p.device.type != "cuda" or p.d_h <= 64:
+        return []
+    if p.dtype in HALF_DTYPES and SETTINGS.allow_mma:
+        return []
+    props = torch.cuda.get_device_properties(p.device)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:  # older torch: sm_90 allows 227 KB, sm_80 163 KB, others less
+        optin = 232448 if props.major >= 9 else 166912 if (props.major, props.minor) == (8, 0) else 101376
+    if optin >= CUDA_WIDE_FP32_SMEM_BYTES:
+        return []
+    return [f"d_h = {p.d_h} > 64 with fp32 kernels (float32, or tensor cores off) needs "
+            f"{CUDA_WIDE_FP32_SMEM_BYTES} bytes of shared memory per block, this GPU allows {optin} "
+            "(an sm_90-class GPU has enough; fp16 / bf16 with tensor cores fit)"]
+
+
 def _cpu_available(device_type: str) -> Tuple[str, ...]:
     return () if device_type == "meta" else extension_reasons(device_type)
 
@@ -189,15 +213,16 @@ register_backend(
 register_backend(
     Backend(
         name="cuda",
-        description="CUDA C++ fused kernels (tiles in shared memory, fp32 accumulation); float32/float16/bfloat16",
+        description="CUDA C++ fused kernels (reassociated form, tiles in shared memory, tensor cores for "
+                    "float16/bfloat16, fp32 accumulation); float32/float16/bfloat16",
         forward=cpp_forward,
         capabilities=Capabilities(
             devices=("cuda",),
             dtypes=(torch.float32, torch.float16, torch.bfloat16),
-            max_d_h=64,
-            max_k_h=256,
+            max_d_h=128,
             available=extension_reasons,
         ),
+        extra_reasons=_cuda_extra_reasons,
         tolerances={
             ("cuda", torch.float32): Tolerance(
                 1e-4, 1e-4,
