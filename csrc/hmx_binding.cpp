@@ -34,7 +34,8 @@ using OptT = std::optional<at::Tensor>;
 // environment on a call.
 // - poison: outputs and workspaces (uninitialised, at::empty) are filled with NaN (workspaces with
 //   0xFF bytes, a NaN pattern too), so an element a kernel forgets to write shows up in a comparison.
-// - allow_mma: tensor-core products for half types in the CUDA kernels.
+// - allow_mma: tensor-core products for half types in the CUDA kernels; off, fp16 / bf16 problems
+//   run through the fp32 kernels on fp32 copies (cuda_fma_fallback).
 bool g_poison = false;
 bool g_allow_mma = true;
 
@@ -231,6 +232,14 @@ hmx::cuda::DType cuda_dtype(at::ScalarType t) {
 void check_cuda(int err, const char* what) {
   TORCH_CHECK(err == 0, "hmx_kernels cuda: ", what, " failed: ", hmx::cuda::error_string(err));
 }
+
+// fp16 / bf16 with tensor cores switched off (set_options allow_mma = false): the fp32 kernels
+// (SIMT FMA) run on fp32 copies and the results are cast back to the input type
+bool cuda_fma_fallback(const at::Tensor& q) {
+  return !g_allow_mma && (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16);
+}
+at::Tensor up(const at::Tensor& t) { return t.to(at::kFloat); }
+OptT up(const OptT& t) { return t ? OptT(t->to(at::kFloat)) : OptT(); }
 #endif
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -241,18 +250,25 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
                             w2_fc1_b, w2_fc2_w, w2_fc2_b, scale);
   const auto& pb = pr.pb;
+#ifdef HMX_WITH_CUDA
+  if (q.is_cuda() && cuda_fma_fallback(q)) {
+    std::vector<at::Tensor> r = forward(up(q), up(k), up(v), pe_q, pe_k, m_q, m_k, up(w1_fc1_w), up(w1_fc1_b),
+                                        up(w1_fc2_w), up(w1_fc2_b), up(w2_fc1_w), up(w2_fc1_b), up(w2_fc2_w),
+                                        up(w2_fc2_b), scale);
+    return {r[0].to(q.scalar_type()), r[1]};
+  }
+#endif
   at::Tensor y = new_buffer({pb.B, pb.M, pb.d}, q.options());
   at::Tensor p = new_buffer({pb.B, pb.H, pb.k_h, pb.d_h}, q.options().dtype(compute_type(q)));
   hmx::ForwardParams fp{pb, y.data_ptr(), p.data_ptr()};
   if (q.is_cuda()) {
 #ifdef HMX_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
-    const char* why = hmx::cuda::not_supported(pb);
+    const hmx::cuda::DType dt = cuda_dtype(q.scalar_type());
+    const char* why = hmx::cuda::not_supported(pb, dt);
     TORCH_CHECK(why == nullptr, "hmx_kernels cuda: ", why ? why : "");
-    at::Tensor ws = new_buffer({(int64_t)hmx::cuda::forward_workspace_bytes(pb)}, q.options().dtype(at::kByte));
-    check_cuda(hmx::cuda::forward(fp, cuda_dtype(q.scalar_type()), ws.data_ptr(),
-                                  c10::cuda::getCurrentCUDAStream().stream()),
-               "forward");
+    at::Tensor ws = new_buffer({(int64_t)hmx::cuda::forward_workspace_bytes(pb, dt)}, q.options().dtype(at::kByte));
+    check_cuda(hmx::cuda::forward(fp, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()), "forward");
 #else
     TORCH_CHECK(false, "hmx_kernels: this build of the extension has no CUDA kernels");
 #endif
@@ -280,6 +296,15 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
   check_same("p", p, q, ctype);
   check_shape("p", p, {pb.B, pb.H, pb.k_h, pb.d_h});
   check_contiguous("p", p);
+#ifdef HMX_WITH_CUDA
+  if (q.is_cuda() && cuda_fma_fallback(q)) {
+    std::vector<at::Tensor> r =
+        backward(up(dy), up(q), up(k), up(v), pe_q, pe_k, m_q, m_k, up(w1_fc1_w), up(w1_fc1_b), up(w1_fc2_w),
+                 up(w1_fc2_b), up(w2_fc1_w), up(w2_fc1_b), up(w2_fc2_w), up(w2_fc2_b), p, scale);
+    for (int i = 0; i < 3; ++i) r[i] = r[i].to(q.scalar_type());
+    return r;
+  }
+#endif
 
   at::Tensor dq = new_buffer({pb.B, pb.M, pb.d}, q.options());
   at::Tensor dk = new_buffer({pb.B, pb.N, pb.d}, q.options());
@@ -306,12 +331,11 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
   if (q.is_cuda()) {
 #ifdef HMX_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
-    const char* why = hmx::cuda::not_supported(pb);
+    const hmx::cuda::DType dt = cuda_dtype(q.scalar_type());
+    const char* why = hmx::cuda::not_supported(pb, dt);
     TORCH_CHECK(why == nullptr, "hmx_kernels cuda: ", why ? why : "");
-    at::Tensor ws = new_buffer({(int64_t)hmx::cuda::backward_workspace_bytes(pb)}, q.options().dtype(at::kByte));
-    check_cuda(hmx::cuda::backward(bp, cuda_dtype(q.scalar_type()), ws.data_ptr(),
-                                   c10::cuda::getCurrentCUDAStream().stream()),
-               "backward");
+    at::Tensor ws = new_buffer({(int64_t)hmx::cuda::backward_workspace_bytes(pb, dt)}, q.options().dtype(at::kByte));
+    check_cuda(hmx::cuda::backward(bp, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()), "backward");
 #else
     TORCH_CHECK(false, "hmx_kernels: this build of the extension has no CUDA kernels");
 #endif

@@ -1,32 +1,52 @@
-// Device helpers shared by the CUDA forward and backward kernels: type conversion, exact GELU,
-// loading a token tile of the hypernetwork input into shared memory and running one generator
-// MLP on it. One thread block works on one (batch, head, token chunk); the block's threads split
-// every small product element-wise (thread i owns outputs i, i + blockDim, ...), so each output
-// is summed by one thread in a fixed order: results do not depend on scheduling.
-// Trade-off: plain fp32 FMA (SIMT) products out of shared memory, simple and exact for any d_h /
-// k_h (18, 72, ...). Exception: for fp16/bf16 inputs on sm_80+ the generator's fc2 product
-// (Hd [T, d_h] @ fc2^T [d_h, k_h]) runs on tensor cores (nvcuda::wmma 16x16x16, fp32
-// accumulators) out of zero-padded shared-memory copies; Hd is rounded to the input type first
-// (fp16/bf16 rounding-level change); the forward also uses them for P and Y (hmx_cuda_forward.cu).
-// The host keeps the FMA path for fp32, below sm_80, with HMX_KERNELS_CUDA_NO_MMA=1 and where the
-// staging area does not fit the GPU's opt-in shared memory; code compiled for < sm_80 has no MMA.
+// Device building blocks of the CUDA forward and backward (reassociated form, docs/HYPERMIXING.md).
+//
+// Because fc2 is linear, k_h never enters a token loop: per (batch, head) the token passes reduce
+// d_h x d_h states (S = sum m hid^T V, T = sum m hid2^T dY and the fc1 gradients) and apply
+// d_h x d_h matrices (C = fc2_2^T A, R = fc2^T dP); every k_h-sized product is in a small
+// "finalize" pass per (batch, head) that walks k_h in blocks of J rows. d_h is padded to a block
+// D in {32, 64, 128} (a template parameter), k_h is a runtime size (zero-padded blocks of J rows).
+//
+// Products: every matrix product is a block product out of shared memory, split over the 8 warps
+// of a block in 16 x 16 output tiles (block_gemm), with fp32 accumulators:
+// - fp16 / bf16 operands, code for sm_80+: tensor cores (nvcuda::wmma 16x16x16, HMMA in SASS);
+//   the accumulator goes through a 1 KB per-warp fp32 scratch tile to its epilogue;
+// - fp32 operands (and 2-byte operands in code for older GPUs): SIMT FMA, each lane owns a 4 x 2
+//   piece of the 16 x 16 tile and reads its operands as float4 / float2 from shared memory
+//   (0.25 shared loads per FMA for fp32).
+// Token passes keep their operands in the input type T (fp16/bf16: z, hid, dU and the staged C / R
+// are rounded to T, the tensor-core operands); the finalize passes multiply fp32 states (S, T, A,
+// dP), so for fp16/bf16 they split every operand into bf16 hi + lo planes and add three products
+// (hi hi + hi lo + lo hi: about 16 significant bits, fp32 range), on tensor cores too.
+// Determinism: every output element and every partial sum has one owner and a fixed summation
+// order; partials of token chunks and K-splits go to the workspace and are summed in a fixed order
+// by the next pass (no atomics). The number of token chunks depends on the device's SM count, so
+// results are bitwise reproducible on a given GPU model (not across models).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
-#include <cstdlib>
-#include <cstring>
+#include <cstdint>
 #include <type_traits>
 
 #include "hmx_cuda.h"
 #include "hmx_params.h"
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define HMX_TENSOR_CORES 1
+#else
+#define HMX_TENSOR_CORES 0
+#endif
+
 namespace hmx {
 namespace cuda {
 namespace dev {
 
+constexpr int kWarps = kThreads / 32;
+static_assert(kThreads % 32 == 0 && kWarps == 8, "the tiling below assumes 8 warps per block");
+
+// ---- scalars --------------------------------------------------------------------------------
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -46,355 +66,800 @@ __device__ __forceinline__ float gelu_grad(float x) {
   return cdf + x * expf(-0.5f * x * x) * 0.39894228040143267f;
 }
 
-// One generator's weights for head h (input type T, read through the caches).
-template <typename T>
-struct HeadW {
-  const T* __restrict__ fc1_w;  // [d_h(out), d_h(in)]
-  const T* __restrict__ fc1_b;  // [d_h] or nullptr
-  const T* __restrict__ fc2_w;  // [k_h, d_h]
-  const T* __restrict__ fc2_b;  // [k_h] or nullptr
+// x stored as PL planes of E: PL = 1: E(x); PL = 2 (bf16): hi = bf16(x) and, `plane` elements
+// further, lo = bf16(x - hi)
+template <int PL, typename E>
+__device__ __forceinline__ void put(E* p, size_t plane, float x) {
+  const E hi = from_f<E>(x);
+  p[0] = hi;
+  if constexpr (PL == 2) p[plane] = from_f<E>(x - to_f(hi));
+  (void)plane;
+}
+
+__host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- configurations ---------------------------------------------------------------------------
+// Token passes, operand type E (the input type), head block D: tile of TT tokens; shared-memory
+// rows padded by 16 bytes (LD elements of E, LDF floats); a D x D accumulator has NB 16 x 16
+// blocks, one per warp or several; with fewer blocks than warps (D = 32) the warps split the
+// tile's tokens KS ways and keep KS partial states; column sums (sum of V, dY, dU over tokens)
+// use G row groups of D threads.
+template <typename E, int D>
+struct TokCfg {
+  static_assert(D == 32 || D == 64 || D == 128, "head blocks are 32, 64 or 128");
+  static constexpr bool kF32 = sizeof(E) == 4;
+  static constexpr int TT = D == 128 ? (kF32 ? 16 : 32) : (D == 64 && kF32 ? 32 : 64);
+  static constexpr int LD = D + 16 / (int)sizeof(E);
+  static constexpr int LDF = D + 4;
+  static constexpr int NB = (D / 16) * (D / 16);
+  static constexpr int KS = NB >= kWarps ? 1 : kWarps / NB;
+  static constexpr int G = kThreads / D;
+  static_assert(TT % (16 * KS) == 0 && (TT / 16) * (D / 16) >= kWarps, "token tile too small");
+  static_assert(!kF32 || LD == LDF, "fp32 dU shares the U buffer");
 };
 
-template <typename T>
-__device__ __forceinline__ HeadW<T> head_weights(const GeneratorParams& g, int64_t h, int64_t dh, int64_t kh) {
-  HeadW<T> w;
-  w.fc1_w = static_cast<const T*>(g.fc1_w) + h * dh * dh;
-  w.fc1_b = g.fc1_b ? static_cast<const T*>(g.fc1_b) + h * dh : nullptr;
-  w.fc2_w = static_cast<const T*>(g.fc2_w) + h * kh * dh;
-  w.fc2_b = g.fc2_b ? static_cast<const T*>(g.fc2_b) + h * kh : nullptr;
-  return w;
-}
+// Blocks per SM the token kernels are compiled for (__launch_bounds__): two at D <= 64 (at most
+// 128 registers per thread), one at D = 128; the grid has about two blocks per SM.
+template <int D>
+constexpr int kTokMinBlocks = D <= 64 ? 2 : 1;
 
-// Shared-memory tile buffers (fp32). Sizes: z, u, hd, x2, du: [kCudaTile, d_h];
-// w, dw: [kCudaTile, k_h]; m: [kCudaTile].
-struct Tile {
-  float* z;
-  float* u;
-  float* hd;
-  float* x2;  // V tile (key passes) or dY tile (query pass)
-  float* du;
-  float* w;
-  float* dw;
-  float* m;
+// Finalize passes: operand type FE (fp32, or bf16 hi/lo planes for fp16/bf16 inputs), blocks of
+// J rows of k_h.
+template <typename T>
+struct FinType {
+  using type = __nv_bfloat16;
+  static constexpr int PL = 2;
+};
+template <>
+struct FinType<float> {
+  using type = float;
+  static constexpr int PL = 1;
 };
 
-__host__ __device__ inline size_t tile_floats(int64_t dh, int64_t kh) {
-  return (size_t)kCudaTile * (5 * dh + 2 * kh + 1);
+template <typename T, int D>
+struct FinCfg {
+  using FE = typename FinType<T>::type;
+  static constexpr int PL = FinType<T>::PL;
+  static constexpr int J = D == 128 ? 16 : 32;
+  static constexpr int LD = D + 16 / (int)sizeof(FE);
+  static constexpr int LDF = D + 4;
+  static constexpr int G = kThreads / D;
+};
+
+// ---- shared memory --------------------------------------------------------------------------
+// The same carving runs on the host (base = nullptr: only the size) and on the device, so the
+// launch size and the kernel's layout cannot disagree. Every buffer starts 128-byte aligned.
+struct Carver {
+  char* base;
+  size_t off;
+  template <typename X>
+  __host__ __device__ X* take(size_t n) {
+    off = (off + 127) / 128 * 128;
+    X* p = base != nullptr ? reinterpret_cast<X*>(base + off) : nullptr;
+    off += n * sizeof(X);
+    return p;
+  }
+};
+
+__device__ __forceinline__ char* dyn_smem() {
+  extern __shared__ __align__(128) char hmx_dyn_smem[];
+  return hmx_dyn_smem;
 }
 
-__device__ inline Tile carve_tile(float* smem, int64_t dh, int64_t kh) {
-  Tile t;
-  const int64_t T = kCudaTile;
-  t.z = smem;
-  t.u = t.z + T * dh;
-  t.hd = t.u + T * dh;
-  t.x2 = t.hd + T * dh;
-  t.du = t.x2 + T * dh;
-  t.w = t.du + T * dh;
-  t.dw = t.w + T * kh;
-  t.m = t.dw + T * kh;
-  return t;
+enum class Pass { kState, kMix, kQuery, kKey };
+
+template <typename E, int D, Pass P>
+struct TokSmem {
+  E* w1;      // fc1 [D][LD] ([out][in], zero-padded)
+  E* w2;      // C (mix, query) or R (key) [D][LD]
+  E* z;       // hypernetwork input tile [TT][LD]
+  E* h;       // hid = GELU(U) [TT][LD]
+  E* x;       // V m^2 (state, key) or m dY (query) [TT][LD]
+  float* u;   // U, then dU in fp32 (query, key) [TT][LDF]
+  E* du;      // dU (query, key) [TT][LD]; fp32: the same buffer as u
+  float* m;   // keep mask of the tile's rows (0 past the end) [TT]
+  float* b1;  // fc1 bias [D]
+  float* vec; // c0 (mix) or r0 (key) [D]
+  float* scr; // per-warp fp32 16 x 16 tiles (tensor-core epilogues) [kWarps][256]
+  __host__ __device__ static size_t carve(char* base, TokSmem* s) {
+    using C = TokCfg<E, D>;
+    constexpr bool kBwd = P == Pass::kQuery || P == Pass::kKey;
+    Carver cv{base, 0};
+    s->w1 = cv.take<E>((size_t)D * C::LD);
+    s->w2 = P != Pass::kState ? cv.take<E>((size_t)D * C::LD) : nullptr;
+    s->z = cv.take<E>((size_t)C::TT * C::LD);
+    s->h = cv.take<E>((size_t)C::TT * C::LD);
+    s->x = P != Pass::kMix ? cv.take<E>((size_t)C::TT * C::LD) : nullptr;
+    s->u = kBwd ? cv.take<float>((size_t)C::TT * C::LDF) : nullptr;
+    // fp32: dU in the operand type is the fp32 dU itself (LD == LDF)
+    s->du = !kBwd ? nullptr : sizeof(E) == 4 ? reinterpret_cast<E*>(s->u) : cv.take<E>((size_t)C::TT * C::LD);
+    s->m = cv.take<float>(C::TT);
+    s->b1 = cv.take<float>(D);
+    s->vec = cv.take<float>(D);
+    s->scr = sizeof(E) == 2 ? cv.take<float>((size_t)kWarps * 256) : nullptr;
+    return cv.off;
+  }
+};
+
+enum class Fin { kFwd, kPrep, kMid, kFinal };
+
+template <typename T, int D, Fin F>
+struct FinSmem {
+  using C = FinCfg<T, D>;
+  using FE = typename C::FE;
+  FE* smat;    // S (fwd, final) or T (mid) [PL][D][LD]
+  float* sv;   // sum of V m^2 (fwd, final) or of m dY (mid) [D]
+  FE* f2;      // generator-1 fc2 rows (fwd, mid) [PL][J][LD]
+  FE* g2;      // generator-2 fc2 rows (fwd, prep, mid) [PL][J][LD]
+  FE* ab;      // A = GELU(P) rows (fwd, prep, mid) [PL][J][LD]
+  FE* dpb;     // dP rows (mid, final) [PL][J][LD]
+  float* af;   // A rows in fp32 (fwd, prep) [J][LDF]
+  float* pf;   // P rows in fp32 (mid) [J][LDF]
+  float* dpf;  // dP rows in fp32 (mid, final) [J][LDF]
+  float* b2;   // generator-1 fc2 bias rows [J]
+  float* b22;  // generator-2 fc2 bias rows [J]
+  float* red;  // column-sum groups [G][D]
+  float* scr;  // per-warp fp32 16 x 16 tiles [kWarps][256]
+  __host__ __device__ static size_t carve(char* base, FinSmem* s) {
+    constexpr int PL = C::PL, J = C::J, LD = C::LD, LDF = C::LDF;
+    Carver cv{base, 0};
+    const bool sum = F != Fin::kPrep, hasf2 = F == Fin::kFwd || F == Fin::kMid, hasg2 = F != Fin::kFinal;
+    const bool hasdp = F == Fin::kMid || F == Fin::kFinal;
+    s->smat = sum ? cv.take<FE>((size_t)PL * D * LD) : nullptr;
+    s->sv = sum ? cv.take<float>(D) : nullptr;
+    s->f2 = hasf2 ? cv.take<FE>((size_t)PL * J * LD) : nullptr;
+    s->g2 = hasg2 ? cv.take<FE>((size_t)PL * J * LD) : nullptr;
+    s->ab = hasg2 ? cv.take<FE>((size_t)PL * J * LD) : nullptr;
+    s->dpb = hasdp ? cv.take<FE>((size_t)PL * J * LD) : nullptr;
+    s->af = F == Fin::kFwd || F == Fin::kPrep ? cv.take<float>((size_t)J * LDF) : nullptr;
+    s->pf = F == Fin::kMid ? cv.take<float>((size_t)J * LDF) : nullptr;
+    s->dpf = hasdp ? cv.take<float>((size_t)J * LDF) : nullptr;
+    s->b2 = hasf2 ? cv.take<float>(J) : nullptr;
+    s->b22 = hasg2 ? cv.take<float>(J) : nullptr;
+    s->red = F != Fin::kFinal ? cv.take<float>((size_t)C::G * D) : nullptr;
+    s->scr = sizeof(FE) == 2 ? cv.take<float>((size_t)kWarps * 256) : nullptr;
+    return cv.off;
+  }
+};
+
+// ---- 16 x 16 warp tiles -----------------------------------------------------------------------
+// acc(16 x 16) += A(16 x K) B(K x 16), operands in shared memory. AR: A row-major (element (m, k)
+// at A[m * lda + k]), else column-major (A[k * lda + m]); BR: B row-major (B[k * ldb + n]), else
+// column-major (B[n * ldb + k]). A and B point at the tile's first row / column. visit() calls
+// f(row, col, value) once for every element, on the lane that owns it.
+
+// SIMT: lane l owns rows 4 (l / 8) .. +3 and columns 2 (l % 8) .. +1.
+template <typename E>
+struct SimtAcc {
+  float v[8];
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = 0.f;
+  }
+  template <bool AR, bool BR, int K>
+  __device__ __forceinline__ void mma(const E* __restrict__ A, int lda, const E* __restrict__ B, int ldb) {
+    static_assert(K % 4 == 0, "K must be a multiple of 4");
+    const int lane = threadIdx.x & 31, r = (lane >> 3) * 4, c = (lane & 7) * 2;
+#pragma unroll 1
+    for (int k = 0; k < K; k += 4) {
+      float a[4][4], b[4][2];  // a[i][kk] = A(r + i, k + kk), b[kk][j] = B(k + kk, c + j)
+      if constexpr (std::is_same<E, float>::value) {
+        if constexpr (AR) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float4 t = *reinterpret_cast<const float4*>(A + (r + i) * lda + k);
+            a[i][0] = t.x; a[i][1] = t.y; a[i][2] = t.z; a[i][3] = t.w;
+          }
+        } else {
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            const float4 t = *reinterpret_cast<const float4*>(A + (k + kk) * lda + r);
+            a[0][kk] = t.x; a[1][kk] = t.y; a[2][kk] = t.z; a[3][kk] = t.w;
+          }
+        }
+        if constexpr (BR) {
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            const float2 t = *reinterpret_cast<const float2*>(B + (k + kk) * ldb + c);
+            b[kk][0] = t.x; b[kk][1] = t.y;
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float4 t = *reinterpret_cast<const float4*>(B + (c + j) * ldb + k);
+            b[0][j] = t.x; b[1][j] = t.y; b[2][j] = t.z; b[3][j] = t.w;
+          }
+        }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[i][kk] = to_f(AR ? A[(r + i) * lda + k + kk] : A[(k + kk) * lda + r + i]);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) b[kk][j] = to_f(BR ? B[(k + kk) * ldb + c + j] : B[(c + j) * ldb + k + kk]);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) v[i * 2 + j] = fmaf(a[i][kk], b[kk][j], v[i * 2 + j]);
+    }
+  }
+  template <class Fn>
+  __device__ __forceinline__ void visit(float* /*scr*/, Fn&& f) const {
+    const int lane = threadIdx.x & 31, r = (lane >> 3) * 4, c = (lane & 7) * 2;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) f(r + i, c + j, v[i * 2 + j]);
+  }
+};
+
+#if HMX_TENSOR_CORES
+// Tensor cores: wmma 16x16x16 with an fp32 accumulator fragment; visit() goes through the warp's
+// 16 x 16 fp32 scratch tile `scr` (the fragment's element order is not specified).
+template <typename E>
+struct TcAcc {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f;
+  __device__ __forceinline__ void zero() { nvcuda::wmma::fill_fragment(f, 0.f); }
+  template <bool AR, bool BR, int K>
+  __device__ __forceinline__ void mma(const E* A, int lda, const E* B, int ldb) {
+    namespace wmma = nvcuda::wmma;
+    static_assert(K % 16 == 0, "K must be a multiple of 16");
+    using LA = typename std::conditional<AR, wmma::row_major, wmma::col_major>::type;
+    using LB = typename std::conditional<BR, wmma::row_major, wmma::col_major>::type;
+#pragma unroll 2
+    for (int k = 0; k < K; k += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, LA> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, LB> b;
+      wmma::load_matrix_sync(a, AR ? A + k : A + (size_t)k * lda, lda);
+      wmma::load_matrix_sync(b, BR ? B + (size_t)k * ldb : B + k, ldb);
+      wmma::mma_sync(f, a, b, f);
+    }
+  }
+  // f += A_hi B_hi + A_hi B_lo + A_lo B_hi, the lo planes `ap` / `bp` elements after the hi ones
+  template <bool AR, bool BR, int K>
+  __device__ __forceinline__ void mma3(const E* A, int lda, size_t ap, const E* B, int ldb, size_t bp) {
+    namespace wmma = nvcuda::wmma;
+    static_assert(K % 16 == 0, "K must be a multiple of 16");
+    using LA = typename std::conditional<AR, wmma::row_major, wmma::col_major>::type;
+    using LB = typename std::conditional<BR, wmma::row_major, wmma::col_major>::type;
+#pragma unroll 1
+    for (int k = 0; k < K; k += 16) {
+      const E* pa = AR ? A + k : A + (size_t)k * lda;
+      const E* pb = BR ? B + (size_t)k * ldb : B + k;
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, LA> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, LB> b;
+      wmma::load_matrix_sync(a, pa, lda);
+      wmma::load_matrix_sync(b, pb + bp, ldb);
+      wmma::mma_sync(f, a, b, f);  // hi lo
+      wmma::load_matrix_sync(b, pb, ldb);
+      wmma::mma_sync(f, a, b, f);  // hi hi
+      wmma::load_matrix_sync(a, pa + ap, lda);
+      wmma::mma_sync(f, a, b, f);  // lo hi
+    }
+  }
+  template <class Fn>
+  __device__ __forceinline__ void visit(float* scr, Fn&& fn) const {
+    nvcuda::wmma::store_matrix_sync(scr, f, 16, nvcuda::wmma::mem_row_major);
+    __syncwarp();
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int e = lane; e < 256; e += 32) fn(e >> 4, e & 15, scr[e]);
+    __syncwarp();
+  }
+};
+#endif
+
+template <typename E>
+struct AccSel {
+  using type = SimtAcc<E>;
+};
+#if HMX_TENSOR_CORES
+template <>
+struct AccSel<__half> {
+  using type = TcAcc<__half>;
+};
+template <>
+struct AccSel<__nv_bfloat16> {
+  using type = TcAcc<__nv_bfloat16>;
+};
+#endif
+template <typename E>
+using Acc = typename AccSel<E>::type;
+
+// acc += A B over PL planes: A B (PL = 1) or A_hi B_hi + A_hi B_lo + A_lo B_hi (PL = 2, the lo
+// planes `ap` / `bp` elements after the hi ones)
+template <int PL, bool AR, bool BR, int K, typename AccT, typename E>
+__device__ __forceinline__ void mma_planes(AccT& acc, const E* A, int lda, size_t ap, const E* B, int ldb,
+                                           size_t bp) {
+  if constexpr (PL == 2) {
+#if HMX_TENSOR_CORES
+    acc.template mma3<AR, BR, K>(A, lda, ap, B, ldb, bp);
+#else
+    acc.template mma<AR, BR, K>(A, lda, B + bp, ldb);
+    acc.template mma<AR, BR, K>(A, lda, B, ldb);
+    acc.template mma<AR, BR, K>(A + ap, lda, B, ldb);
+#endif
+  } else {
+    acc.template mma<AR, BR, K>(A, lda, B, ldb);
+  }
+  (void)ap; (void)bp;
 }
 
-// chunk c of L tokens covers tiles [c * tiles / C, (c + 1) * tiles / C) of kCudaTile tokens
-__device__ __forceinline__ void chunk_rows(int64_t L, int64_t C, int64_t c, int64_t* r0, int64_t* r1) {
-  const int64_t tiles = num_tiles(L, kCudaTile);
-  *r0 = (c * tiles / C) * kCudaTile;
-  const int64_t e = ((c + 1) * tiles / C) * kCudaTile;
+// out(M x N) = A(M x K) B(K x N): warp w computes the 16 x 16 tiles w, w + 8, ... (row-major tile
+// order) and hands every element to f(row, col, value). scr: the warp's scratch tile.
+template <typename E, int M, int N, int K, bool AR, bool BR, int PL = 1, class Fn>
+__device__ __forceinline__ void block_gemm(const E* A, int lda, size_t ap, const E* B, int ldb, size_t bp,
+                                           float* scr, Fn&& f) {
+  static_assert(M % 16 == 0 && N % 16 == 0, "16 x 16 tiles");
+  constexpr int NBN = N / 16, NB = (M / 16) * NBN;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll 1
+  for (int blk = warp; blk < NB; blk += kWarps) {
+    const int m0 = blk / NBN * 16, n0 = blk % NBN * 16;
+    Acc<E> acc;
+    acc.zero();
+    mma_planes<PL, AR, BR, K>(acc, AR ? A + m0 * lda : A + m0, lda, ap, BR ? B + n0 : B + n0 * ldb, ldb, bp);
+    acc.visit(scr, [&](int r, int c, float v) { f(m0 + r, n0 + c, v); });
+  }
+}
+
+// A D x D fp32 accumulator held in registers across K steps: state += A^T B for A, B given
+// row-major with K rows (token-major tiles: A^T is the column-major view). With SPLIT and fewer
+// 16 x 16 tiles than warps, warp w owns tile w % NB over the K rows of slice w / NB (KS slices,
+// KS partial states); else warp w owns tiles w, w + 8, ... (warps past the last tile idle).
+template <typename E, int D, int K, bool SPLIT>
+struct StateAcc {
+  static constexpr int NB = (D / 16) * (D / 16);
+  static constexpr int KS = SPLIT && NB < kWarps ? kWarps / NB : 1;
+  static constexpr int F = KS > 1 ? 1 : (NB + kWarps - 1) / kWarps;
+  static constexpr int KL = K / KS;
+  static_assert(KS == 1 || kWarps % NB == 0, "K split needs whole groups of warps");
+  static_assert(KL % 16 == 0, "K slices are whole 16-row steps");
+  Acc<E> a[F];
+  __device__ __forceinline__ int slice() const { return KS > 1 ? (int)(threadIdx.x >> 5) / NB : 0; }
+  __device__ __forceinline__ int tile(int f) const {
+    const int warp = threadIdx.x >> 5;
+    return KS > 1 ? warp % NB : warp + f * kWarps;
+  }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int f = 0; f < F; ++f) a[f].zero();
+  }
+  template <int PL = 1>
+  __device__ __forceinline__ void add_tn(const E* A, int lda, size_t ap, const E* B, int ldb, size_t bp) {
+    const int ks = slice();
+#pragma unroll
+    for (int f = 0; f < F; ++f) {
+      const int t = tile(f);
+      if (t < NB) {
+        const int m0 = t / (D / 16) * 16, n0 = t % (D / 16) * 16;
+        mma_planes<PL, false, true, KL>(a[f], A + (size_t)ks * KL * lda + m0, lda, ap, B + (size_t)ks * KL * ldb + n0,
+                                        ldb, bp);
+      }
+    }
+  }
+  // dst [KS][D * D] row-major: every element written once
+  __device__ __forceinline__ void store(float* __restrict__ dst, float* scr) const {
+    const int ks = slice();
+#pragma unroll
+    for (int f = 0; f < F; ++f) {
+      const int t = tile(f);
+      if (t < NB) {
+        const int m0 = t / (D / 16) * 16, n0 = t % (D / 16) * 16;
+        a[f].visit(scr, [&](int r, int c, float v) { dst[(size_t)ks * D * D + (m0 + r) * D + n0 + c] = v; });
+      }
+    }
+  }
+};
+
+// chunk c of C over L tokens: tiles [c tiles / C, (c + 1) tiles / C) of `tile` tokens
+__device__ __forceinline__ void chunk_rows(int64_t L, int tile, int64_t C, int64_t c, int64_t* r0, int64_t* r1) {
+  const int64_t tiles = cdiv(L, tile);
+  *r0 = (c * tiles / C) * tile;
+  const int64_t e = ((c + 1) * tiles / C) * tile;
   *r1 = e < L ? e : L;
 }
 
-// z[t, c] = s * (x[r0 + t, c] * m) + pe[r0 + t, c] for head h's channels; also the row masks.
-template <typename T>
-__device__ void load_z(const T* __restrict__ x, int64_t rstride, const float* __restrict__ pe,
-                       const float* __restrict__ mask, int64_t d, int64_t dh, float s, int64_t r0, int64_t tn,
-                       Tile& tile) {
-  for (int64_t i = threadIdx.x; i < tn; i += blockDim.x) tile.m[i] = mask ? mask[r0 + i] : 1.f;
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < tn * dh; i += blockDim.x) {
-    const int64_t t = i / dh, c = i % dh;
-    tile.z[i] = s * (to_f(x[(r0 + t) * rstride + c]) * tile.m[t]) + pe[(r0 + t) * d + c];
-  }
-  __syncthreads();
-}
-
-// out[t, c] = x[r0 + t, c] * m_t (V tile) or dy rows (mask nullptr -> scale 1)
-template <typename T>
-__device__ void load_rows(const T* __restrict__ x, int64_t rstride, int64_t dh, int64_t r0, int64_t tn,
-                          const float* m, float* out) {
-  for (int64_t i = threadIdx.x; i < tn * dh; i += blockDim.x) {
-    const int64_t t = i / dh, c = i % dh;
-    out[i] = to_f(x[(r0 + t) * rstride + c]) * (m ? m[t] : 1.f);
-  }
-}
-
-// ---- tensor-core (MMA) staging, fp16/bf16 only ----------------------------------------------
-// Dynamic shared memory = fp32 tile buffers, then (when MMA is on) at a 128-byte aligned offset,
-// with dhp / khp = d_h / k_h rounded up to 16 and every buffer zero-padded:
-//   b   [khp, dhp]        fc2 weights (input type T), staged once per block
-//   hd  [kCudaTile, dhp]  Hd rounded to T
-//   c   [kCudaTile, khp]  fp32 result of Hd fc2^T
-// and for the forward's P / Y products (MmaUse::kP, kY) also
-//   wh  [kCudaTile, khp]  W = (Hd fc2^T + b2) * m rounded to T
-//   scr [kWarps, 16, 16]  fp32, one 16 x 16 block per warp (fragment -> global memory)
-//   xh  [kCudaTile, dhp]  V tile in T                     (kP only)
-//   ah  [khp, dhp]        A = GELU(P) rounded to T        (kY only), staged once per block
-// Every buffer is a multiple of 512 bytes, so all wmma pointers are 256-bit aligned; leading
-// dimensions are multiples of 16 elements.
-constexpr int kMma = 16;  // wmma tile: 16 x 16 x 16
-constexpr int kWarps = kThreads / 32;
-constexpr int kPFrags = 8;  // P accumulator fragments per warp: P-MMA needs (khp/16)(dhp/16) <= kWarps * kPFrags
-static_assert(kCudaTile % kMma == 0, "the token tile must be a multiple of the MMA tile");
-static_assert(kThreads % 32 == 0, "blocks are whole warps");
-static_assert((kCudaTile / kMma) * (64 / kMma) <= kWarps, "Y-MMA: one 16 x 16 output block per warp at d_h <= 64");
-
-enum class MmaUse { kMlp, kP, kY };
-
-__host__ __device__ inline int64_t pad16(int64_t x) { return (x + kMma - 1) / kMma * kMma; }
-__host__ __device__ inline size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
-// byte offset of the staging area after `fp32_floats` floats of tile buffers
-__host__ __device__ inline size_t mma_offset(size_t fp32_floats) { return align128(fp32_floats * sizeof(float)); }
-__host__ __device__ inline size_t mma_stage_bytes(int64_t dh, int64_t kh, MmaUse use) {
-  const int64_t dhp = pad16(dh), khp = pad16(kh), T = kCudaTile;
-  size_t n = (size_t)(khp * dhp + T * dhp) * 2 + (size_t)T * khp * sizeof(float);
-  if (use != MmaUse::kMlp) n += (size_t)T * khp * 2 + (size_t)kWarps * kMma * kMma * sizeof(float);
-  if (use == MmaUse::kP) n += (size_t)T * dhp * 2;
-  if (use == MmaUse::kY) n += (size_t)khp * dhp * 2;
-  return n;
-}
-// dynamic shared memory of a kernel whose fp32 buffers take `fp32_floats` floats
-__host__ __device__ inline size_t smem_bytes(size_t fp32_floats, int64_t dh, int64_t kh, MmaUse use, bool mma) {
-  return mma ? mma_offset(fp32_floats) + mma_stage_bytes(dh, kh, use) : fp32_floats * sizeof(float);
-}
-
-// Host: whether the launch should take the MMA path (the kernel itself also requires sm_80+ code).
-// `allow` is ProblemParams::allow_mma (off with HMX_KERNELS_CUDA_NO_MMA=1, read once in Python).
-inline bool mma_wanted(DType dtype, bool allow) {
-  if (dtype == DType::kF32 || !allow) return false;
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  return major >= 8;
-}
-// Host: opt-in shared memory per block of the current device (0 if unknown).
-inline size_t smem_optin() {
-  int dev = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
-  return (size_t)optin;
-}
-// Host: 1 if a kernel with `fp32_floats` floats of tile buffers takes the MMA path: wanted, the
-// sizes are within the MMA code's limits and the staging area fits the device's opt-in shared
-// memory (else 0: the FMA path, which needs less).
-inline int pick_mma(bool wanted, size_t fp32_floats, int64_t dh, int64_t kh, MmaUse use) {
-  if (!wanted || dh > 64 || kh > 256) return 0;
-  if (use == MmaUse::kP && (pad16(kh) / kMma) * (pad16(dh) / kMma) > kWarps * kPFrags) return 0;
-  return smem_bytes(fp32_floats, dh, kh, use, true) <= smem_optin() ? 1 : 0;
-}
-
-// Device: the MMA path runs for fp16/bf16 in code compiled for sm_80+ when the launch asked for it.
-template <typename T>
-__device__ __forceinline__ bool mma_active(int use_mma) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return use_mma != 0 && !std::is_same<T, float>::value;
-#else
-  (void)use_mma;
-  return false;
-#endif
-}
-
-template <typename T>
-struct MmaStage {
-  T* b = nullptr;  // [khp, dhp] fc2 weights (wmma matrix_b, col-major view of fc2^T); nullptr = off
-  T* hd = nullptr;      // [kCudaTile, dhp]
-  float* c = nullptr;   // [kCudaTile, khp]
-  T* wh = nullptr;      // [kCudaTile, khp] or nullptr (kMlp)
-  float* scr = nullptr; // [kWarps, 16, 16] or nullptr (kMlp)
-  T* xh = nullptr;      // [kCudaTile, dhp] (kP)
-  T* ah = nullptr;      // [khp, dhp] (kY), staged by the caller
-  int dhp = 0, khp = 0;
+// ---- token passes ---------------------------------------------------------------------------
+// One block per (b h, token chunk): blockIdx.x = b * H + h, blockIdx.y = chunk.
+struct TokArgs {
+  ProblemParams pb;
+  int64_t C;               // token chunks
+  const float* wmat;       // C (mix, query) or R (key) [BH][D * D]
+  const float* wvec;       // c0 (mix) or r0 (key) [BH][D]
+  const void* dy;          // query: dY [B, M, d]
+  void* out1;              // mix: y, query: dq, key: dk [B, L, d]
+  void* out2;              // key: dv [B, N, d]
+  float* acc_part;         // S (state, key) or T (query) partials [BH][C][KS][D * D]
+  float* vec_part;         // sum V m^2 or sum m dY partials [BH][C][G][D]
+  float* g_part;           // fc1 weight-gradient partials (query, key) [BH][C][KS][D * D]
+  float* gb_part;          // fc1 bias-gradient partials (query, key) [BH][C][G][D]
 };
 
-// Carves the staging area at smem + mma_offset(fp32_floats) and stages fc2 (ends with a barrier).
-// fp32 gets an empty stage (mma_stage_bytes counts 2-byte element types).
-template <typename T>
-__device__ MmaStage<T> stage_fc2(float* smem, size_t fp32_floats, const HeadW<T>& w, int64_t dh, int64_t kh,
-                                 MmaUse use) {
-  MmaStage<T> st;
-  if constexpr (sizeof(T) == 2) {
-    const int T_ = (int)kCudaTile;
-    st.dhp = (int)pad16(dh);
-    st.khp = (int)pad16(kh);
-    char* base = reinterpret_cast<char*>(smem) + mma_offset(fp32_floats);
-    st.b = reinterpret_cast<T*>(base);
-    st.hd = st.b + st.khp * st.dhp;
-    st.c = reinterpret_cast<float*>(st.hd + T_ * st.dhp);
-    if (use != MmaUse::kMlp) {
-      st.wh = reinterpret_cast<T*>(st.c + T_ * st.khp);
-      st.scr = reinterpret_cast<float*>(st.wh + T_ * st.khp);
-      T* next = reinterpret_cast<T*>(st.scr + kWarps * kMma * kMma);
-      if (use == MmaUse::kP) st.xh = next;
-      if (use == MmaUse::kY) st.ah = next;
-    }
-    for (int i = threadIdx.x; i < st.khp * st.dhp; i += blockDim.x) {
-      const int j = i / st.dhp, o = i % st.dhp;
-      st.b[i] = (j < kh && o < dh) ? w.fc2_w[j * dh + o] : from_f<T>(0.f);
+// state: hid = GELU(z fc1^T + b1); S += hid^T (V m^2); sv += sum V m^2           (generator 1)
+// mix:   hid2 = GELU(z fc1_2^T + b1_2); Y = m (hid2 C + c0)                      (generator 2)
+// query: hid2; T += hid2^T (m dY); sdy += sum m dY; dU = (m dY) C^T * GELU'(U);
+//        dfc1_2 += dU^T z, db1_2 += sum dU, dquery = s m (dU fc1_2)
+// key:   hid; S += hid^T (V m^2), sv; dvalue = m^2 (hid R + r0); dU = (V m^2) R^T * GELU'(U);
+//        dfc1 += dU^T z, db1 += sum dU, dkey = s m (dU fc1)
+template <typename T, int D, Pass P>
+__device__ __forceinline__ void token_pass(const TokArgs& a) {
+  using E = T;
+  using Cfg = TokCfg<E, D>;
+  constexpr int TT = Cfg::TT, LD = Cfg::LD, LDF = Cfg::LDF, G = Cfg::G;
+  constexpr bool kKeySide = P == Pass::kState || P == Pass::kKey;
+  constexpr bool kBwd = P == Pass::kQuery || P == Pass::kKey;
+  using SAcc = StateAcc<E, D, TT, true>;
+  static_assert(SAcc::KS == Cfg::KS, "K split");
+
+  TokSmem<E, D, P> s;
+  TokSmem<E, D, P>::carve(dyn_smem(), &s);
+  const ProblemParams& pb = a.pb;
+  const int dh = (int)pb.d_h;
+  const int64_t d = pb.d;
+  const int64_t bh = blockIdx.x, chunk = blockIdx.y;
+  const int64_t h = bh % pb.H, b = bh / pb.H;
+  const int64_t L = kKeySide ? pb.N : pb.M;
+  const GeneratorParams& gp = kKeySide ? pb.g1 : pb.g2;
+  const T* __restrict__ x = static_cast<const T*>(kKeySide ? pb.k : pb.q) +
+                            b * (kKeySide ? pb.k_bstride : pb.q_bstride) + h * dh;
+  const int64_t xrs = kKeySide ? pb.k_rstride : pb.q_rstride;
+  const float* __restrict__ pe = static_cast<const float*>(kKeySide ? pb.pe_k : pb.pe_q) + h * dh;
+  const float* __restrict__ mask =
+      (kKeySide ? pb.m_k : pb.m_q) ? static_cast<const float*>(kKeySide ? pb.m_k : pb.m_q) + b * L : nullptr;
+  const float sc = (float)pb.scale;
+  const int tid = threadIdx.x, warp = tid >> 5;
+  float* scr = s.scr != nullptr ? s.scr + warp * 256 : nullptr;
+
+  // weights of this head (zero-padded to D)
+  const T* __restrict__ fc1 = static_cast<const T*>(gp.fc1_w) + h * dh * dh;
+  const T* __restrict__ fb1 = gp.fc1_b ? static_cast<const T*>(gp.fc1_b) + h * dh : nullptr;
+  for (int i = tid; i < D * D; i += kThreads) {
+    const int o = i / D, c = i % D;
+    s.w1[o * LD + c] = (o < dh && c < dh) ? fc1[o * dh + c] : from_f<E>(0.f);
+    if constexpr (P != Pass::kState)
+      s.w2[o * LD + c] = from_f<E>((o < dh && c < dh) ? a.wmat[bh * D * D + i] : 0.f);
+  }
+  if (tid < D) {
+    s.b1[tid] = (fb1 != nullptr && tid < dh) ? to_f(fb1[tid]) : 0.f;
+    s.vec[tid] = (P == Pass::kMix || P == Pass::kKey) && tid < dh ? a.wvec[bh * D + tid] : 0.f;
+  }
+
+  SAcc acc1, acc2;  // S or T; fc1 gradient
+  acc1.zero();
+  acc2.zero();
+  const int cc = tid % D, gi = tid / D;  // column-sum owner: column cc, rows gi, gi + G, ...
+  float cs1 = 0.f, cs2 = 0.f;
+
+  int64_t r0, r1;
+  chunk_rows(L, TT, a.C, chunk, &r0, &r1);
+  for (; r0 < r1; r0 += TT) {
+    const int tn = (int)((r1 - r0) < TT ? (r1 - r0) : TT);
+    __syncthreads();  // the previous tile's readers are done (first tile: weights staged)
+    for (int i = tid; i < TT * D; i += kThreads) {
+      const int t = i / D, c = i % D;
+      const int64_t row = r0 + t;
+      const float mt = t < tn ? (mask != nullptr ? mask[row] : 1.f) : 0.f;
+      const bool ok = t < tn && c < dh;
+      s.z[t * LD + c] = from_f<E>(ok ? sc * (to_f(x[row * xrs + c]) * mt) + pe[row * d + c] : 0.f);
+      if constexpr (kKeySide) {
+        const T* __restrict__ v = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
+        s.x[t * LD + c] = from_f<E>(ok ? to_f(v[row * pb.v_rstride + c]) * (mt * mt) : 0.f);
+      }
+      if constexpr (P == Pass::kQuery) {
+        const T* __restrict__ dy = static_cast<const T*>(a.dy) + b * pb.M * d + h * dh;
+        s.x[t * LD + c] = from_f<E>(ok ? to_f(dy[row * d + c]) * mt : 0.f);
+      }
+      if (c == 0) s.m[t] = mt;
     }
     __syncthreads();
-  } else {
-    (void)smem; (void)fp32_floats; (void)w; (void)dh; (void)kh; (void)use;
-  }
-  return st;
-}
-
-// W = (Hd fc2^T + b2) * m on tensor cores (also rounded to T into st.wh when staged); false
-// (nothing done) where the MMA path is not compiled in (fp32, code below sm_80) or not staged.
-template <typename T>
-__device__ bool fc2_mma(const HeadW<T>& w, int64_t dh, int64_t kh, int64_t tn, Tile& tile, const MmaStage<T>& st) {
-  bool done = false;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (!std::is_same<T, float>::value) {
-    if (st.b != nullptr) {
-      namespace wmma = nvcuda::wmma;
-      const int dhp = st.dhp, khp = st.khp;
-      // Hd rounded to T, zero rows t >= tn and columns o >= d_h
-      for (int i = threadIdx.x; i < kCudaTile * dhp; i += blockDim.x) {
-        const int t = i / dhp, o = i % dhp;
-        st.hd[i] = (t < tn && o < dh) ? from_f<T>(tile.hd[t * dh + o]) : from_f<T>(0.f);
-      }
+    // U = z fc1^T + b1 ([TT, D] @ [D, D]^T), hid = GELU(U)
+    block_gemm<E, TT, D, D, true, false>(s.z, LD, 0, s.w1, LD, 0, scr, [&](int t, int o, float v) {
+      const float u = v + s.b1[o];
+      if constexpr (kBwd) s.u[t * LDF + o] = u;
+      s.h[t * LD + o] = from_f<E>(o < dh ? gelu(u) : 0.f);
+    });
+    __syncthreads();
+    if constexpr (P != Pass::kMix) {
+      acc1.add_tn(s.h, LD, 0, s.x, LD, 0);  // S or T += hid^T X
+#pragma unroll 4
+      for (int t = gi; t < TT; t += G) cs1 += to_f(s.x[t * LD + cc]);
+    }
+    if constexpr (P == Pass::kMix) {  // Y = m (hid2 C + c0)
+      T* __restrict__ y = static_cast<T*>(a.out1) + b * pb.M * d + h * dh;
+      block_gemm<E, TT, D, D, true, true>(s.h, LD, 0, s.w2, LD, 0, scr, [&](int t, int c, float v) {
+        if (t < tn && c < dh) y[(r0 + t) * d + c] = from_f<T>(s.m[t] * (v + s.vec[c]));
+      });
+    }
+    if constexpr (P == Pass::kKey) {  // dvalue = m^2 (hid R + r0)
+      T* __restrict__ dv = static_cast<T*>(a.out2) + b * pb.N * d + h * dh;
+      block_gemm<E, TT, D, D, true, true>(s.h, LD, 0, s.w2, LD, 0, scr, [&](int t, int c, float v) {
+        if (t < tn && c < dh) dv[(r0 + t) * d + c] = from_f<T>(s.m[t] * s.m[t] * (v + s.vec[c]));
+      });
+    }
+    if constexpr (kBwd) {
+      // dhid = X W2^T (key: (V m^2) R^T; query: (m dY) C^T), dU = dhid * GELU'(U)
+      block_gemm<E, TT, D, D, true, false>(s.x, LD, 0, s.w2, LD, 0, scr, [&](int t, int o, float v) {
+        const float du = v * gelu_grad(s.u[t * LDF + o]);
+        s.u[t * LDF + o] = du;
+        s.du[t * LD + o] = from_f<E>(du);
+      });
       __syncthreads();
-      // [T, dhp] @ [dhp, khp] -> [T, khp]; warp w owns the 16x16 output blocks w, w + kWarps, ...
-      const int warp = threadIdx.x / 32;
-      const int nb = khp / kMma, blocks = (kCudaTile / kMma) * nb;
-      for (int blk = warp; blk < blocks; blk += kWarps) {
-        const int mi = blk / nb, ni = blk % nb;
-        wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float> acc;
-        wmma::fill_fragment(acc, 0.f);
-        for (int kk = 0; kk < dhp; kk += kMma) {
-          wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, T, wmma::row_major> fa;  // Hd(t, o)
-          wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, T, wmma::col_major> fb;  // fc2^T(o, j) = b[j, o]
-          wmma::load_matrix_sync(fa, st.hd + mi * kMma * dhp + kk, dhp);
-          wmma::load_matrix_sync(fb, st.b + ni * kMma * dhp + kk, dhp);
-          wmma::mma_sync(acc, fa, fb, acc);
-        }
-        wmma::store_matrix_sync(st.c + mi * kMma * khp + ni * kMma, acc, khp, wmma::mem_row_major);
-      }
-      __syncthreads();
-      for (int i = threadIdx.x; i < kCudaTile * khp; i += blockDim.x) {
-        const int t = i / khp, j = i % khp;
-        if (t < tn && j < kh) {
-          const float v = (st.c[i] + (w.fc2_b ? to_f(w.fc2_b[j]) : 0.f)) * tile.m[t];
-          tile.w[t * kh + j] = v;
-          if (st.wh != nullptr) st.wh[i] = from_f<T>(v);
-        } else if (st.wh != nullptr) {
-          st.wh[i] = from_f<T>(0.f);
-        }
-      }
-      __syncthreads();
-      done = true;
+      acc2.add_tn(s.du, LD, 0, s.z, LD, 0);  // dfc1 += dU^T z
+#pragma unroll 4
+      for (int t = gi; t < TT; t += G) cs2 += s.u[t * LDF + cc];
+      // dz = dU fc1 ([TT, D] @ [D, D]); dx = s m dz
+      T* __restrict__ dx = static_cast<T*>(a.out1) + b * L * d + h * dh;
+      block_gemm<E, TT, D, D, true, true>(s.du, LD, 0, s.w1, LD, 0, scr, [&](int t, int c, float v) {
+        if (t < tn && c < dh) dx[(r0 + t) * d + c] = from_f<T>(sc * s.m[t] * v);
+      });
     }
   }
-#endif
-  (void)w; (void)dh; (void)kh; (void)tn; (void)tile; (void)st;
-  return done;
+  // chunk partials
+  const int64_t item = bh * a.C + chunk;
+  if constexpr (P != Pass::kMix) {
+    acc1.store(a.acc_part + item * Cfg::KS * D * D, scr);
+    a.vec_part[(item * G + gi) * D + cc] = cs1;
+  }
+  if constexpr (kBwd) {
+    acc2.store(a.g_part + item * Cfg::KS * D * D, scr);
+    a.gb_part[(item * G + gi) * D + cc] = cs2;
+  }
 }
 
-// U = z fc1^T + b1, Hd = GELU(U), W = (Hd fc2^T + b2) * m   (tile.z must be loaded); fc2 on
-// tensor cores when `st` is staged (see fc2_mma)
-template <typename T>
-__device__ void mlp_forward(const HeadW<T>& w, int64_t dh, int64_t kh, int64_t tn, Tile& tile,
-                            const MmaStage<T>& st) {
-  // [T, d_h] @ [d_h, d_h]^T -> [T, d_h]
-  for (int64_t i = threadIdx.x; i < tn * dh; i += blockDim.x) {
-    const int64_t t = i / dh, o = i % dh;
-    float acc = w.fc1_b ? to_f(w.fc1_b[o]) : 0.f;
-    const float* zt = tile.z + t * dh;
-    const T* wr = w.fc1_w + o * dh;
-    for (int64_t c = 0; c < dh; ++c) acc = fmaf(zt[c], to_f(wr[c]), acc);
-    tile.u[i] = acc;
-    tile.hd[i] = gelu(acc);
-  }
-  __syncthreads();
-  if (fc2_mma<T>(w, dh, kh, tn, tile, st)) return;
-  // [T, d_h] @ [k_h, d_h]^T -> [T, k_h]
-  for (int64_t i = threadIdx.x; i < tn * kh; i += blockDim.x) {
-    const int64_t t = i / kh, j = i % kh;
-    float acc = w.fc2_b ? to_f(w.fc2_b[j]) : 0.f;
-    const float* ht = tile.hd + t * dh;
-    const T* wr = w.fc2_w + j * dh;
-    for (int64_t o = 0; o < dh; ++o) acc = fmaf(ht[o], to_f(wr[o]), acc);
-    tile.w[i] = acc * tile.m[t];
-  }
-  __syncthreads();
-}
-
-// Weight-gradient partial of one generator for one block, in the weights' layouts (fp32):
-// fc1_w [d_h, d_h], fc1_b [d_h], fc2_w [k_h, d_h], fc2_b [k_h].
-struct GradPart {
-  float* fc1_w;
-  float* fc1_b;
-  float* fc2_w;
-  float* fc2_b;
+// ---- finalize passes ------------------------------------------------------------------------
+// One block per (b, h), walking k_h in blocks of J rows.
+struct FinArgs {
+  ProblemParams pb;
+  int64_t n_mat_parts;     // partials per (b, h) of the D x D state: chunks * KS
+  int64_t n_vec_parts;     // partials per (b, h) of its column sum: chunks * G
+  const float* mat_part;   // S (fwd, final) or T (mid) partials [BH][n_mat_parts][D * D]
+  const float* vec_part;   // sv or sdy partials [BH][n_vec_parts][D]
+  const float* p_in;       // saved P [BH][k_h][d_h] (prep, mid)
+  float* p_out;            // P (fwd) [BH][k_h][d_h]
+  float* mat_out;          // C (fwd, prep) or R (mid) [BH][D * D]
+  float* vec_out;          // c0 (fwd, prep) or r0 (mid) [BH][D]
+  float* dp;               // dP [BH][k_h][D]: written by mid, read by final
+  float* gw;               // fc2 weight-gradient partial per (b, h) [BH][k_h][d_h] (mid: gen 2, final: gen 1)
+  float* gb;               // fc2 bias-gradient partial per (b, h) [BH][k_h]
 };
 
-__host__ __device__ inline int64_t grad_part_floats(int64_t dh, int64_t kh) { return dh * dh + dh + kh * dh + kh; }
+// fwd:   S, sv = sums of the state pass's partials; per row block: P = fc2 S + b2 sv^T (written),
+//        A = GELU(P); C += fc2_2^T A, c0 += b2_2^T A
+// prep:  A = GELU(P) from the saved P; C, c0 as in fwd
+// mid:   T, sdy = sums of the query pass's partials; per row block: dA = fc2_2 T + b2_2 sdy^T,
+//        dP = dA * GELU'(P) (written), dfc2_2 = A T^T, db2_2 = A sdy (written);
+//        R += fc2^T dP, r0 += b2^T dP
+// final: S, sv = sums of the key pass's partials; per row block: dfc2 = dP S^T, db2 = dP sv
+template <typename T, int D, Fin F>
+__device__ __forceinline__ void fin_pass(const FinArgs& a) {
+  using Cfg = FinCfg<T, D>;
+  using FE = typename Cfg::FE;
+  constexpr int PL = Cfg::PL, J = Cfg::J, LD = Cfg::LD, LDF = Cfg::LDF, G = Cfg::G;
+  constexpr size_t kPlM = (size_t)D * LD, kPlB = (size_t)J * LD;  // plane strides
+  using SAcc = StateAcc<FE, D, J, false>;
 
-__device__ inline GradPart carve_grad(float* base, int64_t dh, int64_t kh) {
-  GradPart g;
-  g.fc1_w = base;
-  g.fc1_b = g.fc1_w + dh * dh;
-  g.fc2_w = g.fc1_b + dh;
-  g.fc2_b = g.fc2_w + kh * dh;
-  return g;
-}
+  FinSmem<T, D, F> s;
+  FinSmem<T, D, F>::carve(dyn_smem(), &s);
+  const ProblemParams& pb = a.pb;
+  const int dh = (int)pb.d_h, kh = (int)pb.k_h;
+  const int64_t bh = blockIdx.x, h = bh % pb.H;
+  const int tid = threadIdx.x, warp = tid >> 5;
+  float* scr = s.scr != nullptr ? s.scr + warp * 256 : nullptr;
+  const int cc = tid % D, gi = tid / D;
 
-// MLP backward for a tile given tile.dw (= dL/dW, already times m): accumulates into the block's
-// gradient partial `g` and writes dx = s * m * dz (type T) to rows r0.. of `dx` (row stride d).
-template <typename T>
-__device__ void mlp_backward(const HeadW<T>& w, int64_t dh, int64_t kh, int64_t tn, float s, Tile& tile,
-                             GradPart& g, T* __restrict__ dx, int64_t d) {
-  // dfc2 += dW^T Hd: [k_h, T] @ [T, d_h] -> [k_h, d_h]
-  for (int64_t i = threadIdx.x; i < kh * dh; i += blockDim.x) {
-    const int64_t j = i / dh, o = i % dh;
-    float acc = 0.f;
-    for (int64_t t = 0; t < tn; ++t) acc = fmaf(tile.dw[t * kh + j], tile.hd[t * dh + o], acc);
-    g.fc2_w[i] += acc;
+  // the D x D state and its column sum: partials added in a fixed order
+  if constexpr (F != Fin::kPrep) {
+    for (int i = tid; i < D * D; i += kThreads) {
+      const float* p = a.mat_part + bh * a.n_mat_parts * D * D + i;
+      float acc = 0.f;
+      for (int64_t q = 0; q < a.n_mat_parts; ++q) acc += p[q * D * D];
+      put<PL>(s.smat + (i / D) * LD + i % D, kPlM, acc);
+    }
+    if (tid < D) {
+      const float* p = a.vec_part + bh * a.n_vec_parts * D + tid;
+      float acc = 0.f;
+      for (int64_t q = 0; q < a.n_vec_parts; ++q) acc += p[q * D];
+      s.sv[tid] = acc;
+    }
   }
-  for (int64_t j = threadIdx.x; j < kh; j += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t t = 0; t < tn; ++t) acc += tile.dw[t * kh + j];
-    g.fc2_b[j] += acc;
+  const T* __restrict__ fc2_1 = static_cast<const T*>(pb.g1.fc2_w) + h * kh * dh;
+  const T* __restrict__ fb2_1 = pb.g1.fc2_b ? static_cast<const T*>(pb.g1.fc2_b) + h * kh : nullptr;
+  const T* __restrict__ fc2_2 = static_cast<const T*>(pb.g2.fc2_w) + h * kh * dh;
+  const T* __restrict__ fb2_2 = pb.g2.fc2_b ? static_cast<const T*>(pb.g2.fc2_b) + h * kh : nullptr;
+  constexpr bool kHasF2 = F == Fin::kFwd || F == Fin::kMid, kHasG2 = F != Fin::kFinal;
+
+  SAcc acc;  // C or R
+  acc.zero();
+  float vp = 0.f;  // c0 or r0 partial: column cc, rows gi, gi + G, ...
+
+#pragma unroll 1
+  for (int jb = 0; jb < kh; jb += J) {
+    __syncthreads();  // previous block's readers done (first block: the state is staged)
+    for (int i = tid; i < J * D; i += kThreads) {
+      const int j = i / D, o = i % D;
+      const bool ok = jb + j < kh && o < dh;
+      const int64_t src = (int64_t)(jb + j) * dh + o;
+      if constexpr (kHasF2) put<PL>(s.f2 + j * LD + o, kPlB, ok ? to_f(fc2_1[src]) : 0.f);
+      if constexpr (kHasG2) put<PL>(s.g2 + j * LD + o, kPlB, ok ? to_f(fc2_2[src]) : 0.f);
+      if constexpr (F == Fin::kPrep || F == Fin::kMid) {
+        const float pv = ok ? a.p_in[bh * kh * dh + src] : 0.f;
+        const float av = ok ? gelu(pv) : 0.f;
+        put<PL>(s.ab + j * LD + o, kPlB, av);
+        if constexpr (F == Fin::kPrep) s.af[j * LDF + o] = av;
+        if constexpr (F == Fin::kMid) s.pf[j * LDF + o] = pv;
+      }
+      if constexpr (F == Fin::kFinal) {
+        const float dpv = jb + j < kh ? a.dp[(bh * kh + jb + j) * D + o] : 0.f;
+        put<PL>(s.dpb + j * LD + o, kPlB, dpv);
+        s.dpf[j * LDF + o] = dpv;
+      }
+    }
+    if (tid < J) {
+      const bool ok = jb + tid < kh;
+      if constexpr (kHasF2) s.b2[tid] = ok && fb2_1 != nullptr ? to_f(fb2_1[jb + tid]) : 0.f;
+      if constexpr (kHasG2) s.b22[tid] = ok && fb2_2 != nullptr ? to_f(fb2_2[jb + tid]) : 0.f;
+    }
+    __syncthreads();
+    if constexpr (F == Fin::kFwd) {
+      // P = fc2 S + b2 sv^T ([J, D] @ [D, D]), A = GELU(P)
+      block_gemm<FE, J, D, D, true, true, PL>(s.f2, LD, kPlB, s.smat, LD, kPlM, scr, [&](int j, int c, float v) {
+        const bool ok = jb + j < kh && c < dh;
+        const float pv = v + s.b2[j] * s.sv[c];
+        if (ok) a.p_out[(bh * kh + jb + j) * dh + c] = pv;
+        const float av = ok ? gelu(pv) : 0.f;
+        put<PL>(s.ab + j * LD + c, kPlB, av);
+        s.af[j * LDF + c] = av;
+      });
+      __syncthreads();
+    }
+    if constexpr (F == Fin::kFwd || F == Fin::kPrep) {
+      acc.template add_tn<PL>(s.g2, LD, kPlB, s.ab, LD, kPlB);  // C += fc2_2^T A
+      for (int j = gi; j < J; j += G) vp += s.b22[j] * s.af[j * LDF + cc];  // c0 += b2_2^T A
+    }
+    if constexpr (F == Fin::kMid) {
+      // dA = fc2_2 T + b2_2 sdy^T ([J, D] @ [D, D]); dP = dA * GELU'(P)
+      block_gemm<FE, J, D, D, true, true, PL>(s.g2, LD, kPlB, s.smat, LD, kPlM, scr, [&](int j, int c, float v) {
+        const bool ok = jb + j < kh && c < dh;
+        const float dpv = ok ? (v + s.b22[j] * s.sv[c]) * gelu_grad(s.pf[j * LDF + c]) : 0.f;
+        if (jb + j < kh) a.dp[(bh * kh + jb + j) * D + c] = dpv;
+        put<PL>(s.dpb + j * LD + c, kPlB, dpv);
+        s.dpf[j * LDF + c] = dpv;
+      });
+      // dfc2_2 = A T^T ([J, D] @ [D, D]^T)
+      block_gemm<FE, J, D, D, true, false, PL>(s.ab, LD, kPlB, s.smat, LD, kPlM, scr, [&](int j, int o, float v) {
+        if (jb + j < kh && o < dh) a.gw[(bh * kh + jb + j) * dh + o] = v;
+      });
+      if (tid < J && jb + tid < kh) {  // db2_2 = A sdy
+        float acc_b = 0.f;
+        for (int c = 0; c < dh; ++c) acc_b += gelu(s.pf[tid * LDF + c]) * s.sv[c];
+        a.gb[bh * kh + jb + tid] = acc_b;
+      }
+      __syncthreads();
+      acc.template add_tn<PL>(s.f2, LD, kPlB, s.dpb, LD, kPlB);  // R += fc2^T dP
+      for (int j = gi; j < J; j += G) vp += s.b2[j] * s.dpf[j * LDF + cc];  // r0 += b2^T dP
+    }
+    if constexpr (F == Fin::kFinal) {
+      // dfc2 = dP S^T ([J, D] @ [D, D]^T), db2 = dP sv
+      block_gemm<FE, J, D, D, true, false, PL>(s.dpb, LD, kPlB, s.smat, LD, kPlM, scr, [&](int j, int o, float v) {
+        if (jb + j < kh && o < dh) a.gw[(bh * kh + jb + j) * dh + o] = v;
+      });
+      if (tid < J && jb + tid < kh) {
+        float acc_b = 0.f;
+        for (int c = 0; c < dh; ++c) acc_b += s.dpf[tid * LDF + c] * s.sv[c];
+        a.gb[bh * kh + jb + tid] = acc_b;
+      }
+    }
   }
-  // dU = (dW fc2) * GELU'(U): [T, k_h] @ [k_h, d_h] -> [T, d_h]
-  for (int64_t i = threadIdx.x; i < tn * dh; i += blockDim.x) {
-    const int64_t t = i / dh, o = i % dh;
-    float acc = 0.f;
-    for (int64_t j = 0; j < kh; ++j) acc = fmaf(tile.dw[t * kh + j], to_f(w.fc2_w[j * dh + o]), acc);
-    tile.du[i] = acc * gelu_grad(tile.u[i]);
+  if constexpr (F != Fin::kFinal) {
+    acc.store(a.mat_out + bh * D * D, scr);
+    s.red[gi * D + cc] = vp;
+    __syncthreads();
+    if (tid < D) {
+      float v = 0.f;
+      for (int g = 0; g < G; ++g) v += s.red[g * D + tid];
+      a.vec_out[bh * D + tid] = v;
+    }
   }
-  __syncthreads();
-  // dfc1 += dU^T z: [d_h(out), T] @ [T, d_h(in)] -> [d_h, d_h]
-  for (int64_t i = threadIdx.x; i < dh * dh; i += blockDim.x) {
-    const int64_t o = i / dh, c = i % dh;
-    float acc = 0.f;
-    for (int64_t t = 0; t < tn; ++t) acc = fmaf(tile.du[t * dh + o], tile.z[t * dh + c], acc);
-    g.fc1_w[i] += acc;
-  }
-  for (int64_t o = threadIdx.x; o < dh; o += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t t = 0; t < tn; ++t) acc += tile.du[t * dh + o];
-    g.fc1_b[o] += acc;
-  }
-  // dz = dU fc1: [T, d_h(out)] @ [d_h(out), d_h(in)] -> [T, d_h];  dx = s * m * dz
-  for (int64_t i = threadIdx.x; i < tn * dh; i += blockDim.x) {
-    const int64_t t = i / dh, c = i % dh;
-    float acc = 0.f;
-    for (int64_t o = 0; o < dh; ++o) acc = fmaf(tile.du[t * dh + o], to_f(w.fc1_w[o * dh + c]), acc);
-    dx[t * d + c] = from_f<T>(s * tile.m[t] * acc);
-  }
-  __syncthreads();
 }
 
 }  // namespace dev
+
+// ---- host: plans and launch sizes -----------------------------------------------------------
+// head block for d_h (0: too large)
+inline int head_block(int64_t dh) { return dh <= 32 ? 32 : dh <= 64 ? 64 : dh <= 128 ? 128 : 0; }
+
+// the current device's SM count and opt-in shared memory per block (0 if unknown)
+inline int device_sms() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 1;
+  return n > 0 ? n : 1;
+}
+inline size_t device_smem_optin() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+  return (size_t)n;
+}
+
+// Token chunks of a pass over L tokens: about two blocks per SM over all (b, h), at least one tile
+// per chunk: clamp(ceil(2 SMs / BH), 1, ceil(L / tile)).
+inline int64_t token_chunks(int64_t L, int64_t BH, int tile, int sms) {
+  int64_t c = dev::cdiv(2 * (int64_t)sms, BH);
+  const int64_t tiles = dev::cdiv(L, tile);
+  if (c > tiles) c = tiles;
+  if (c > 65535) c = 65535;
+  return c < 1 ? 1 : c;
+}
+
+// Per kernel of one configuration (element type T, head block D): its name, tile (token tile or
+// k_h rows), dynamic shared memory. Used by the launchers, not_supported and the resource report.
+struct KernelSize {
+  const char* name;
+  int tile;
+  size_t smem;
+};
+
+template <typename T, int D>
+struct Sizes {
+  using TC = dev::TokCfg<T, D>;
+  using FC = dev::FinCfg<T, D>;
+  template <dev::Pass P>
+  static size_t tok() {
+    dev::TokSmem<T, D, P> s;
+    return dev::TokSmem<T, D, P>::carve(nullptr, &s);
+  }
+  template <dev::Fin F>
+  static size_t fin() {
+    dev::FinSmem<T, D, F> s;
+    return dev::FinSmem<T, D, F>::carve(nullptr, &s);
+  }
+  // forward: state, fwd_finalize, mix; backward: bwd_prep, query, bwd_mid, key, bwd_final
+  static int table(KernelSize* out) {
+    const KernelSize t[] = {
+        {"state", TC::TT, tok<dev::Pass::kState>()},     {"fwd_finalize", FC::J, fin<dev::Fin::kFwd>()},
+        {"mix", TC::TT, tok<dev::Pass::kMix>()},         {"bwd_prep", FC::J, fin<dev::Fin::kPrep>()},
+        {"query", TC::TT, tok<dev::Pass::kQuery>()},     {"bwd_mid", FC::J, fin<dev::Fin::kMid>()},
+        {"key", TC::TT, tok<dev::Pass::kKey>()},         {"bwd_final", FC::J, fin<dev::Fin::kFinal>()},
+    };
+    for (int i = 0; i < 8; ++i) out[i] = t[i];
+    return 8;
+  }
+};
+
+// f.template operator()<T, D>() for the problem's dtype and head block (D must be 32, 64 or 128)
+template <class Fn>
+auto with_config(DType dtype, int D, Fn&& f) {
+  switch (dtype) {
+    case DType::kF16:
+      return D == 32 ? f.template operator()<__half, 32>() : D == 64 ? f.template operator()<__half, 64>()
+                                                                      : f.template operator()<__half, 128>();
+    case DType::kBF16:
+      return D == 32 ? f.template operator()<__nv_bfloat16, 32>()
+                     : D == 64 ? f.template operator()<__nv_bfloat16, 64>()
+                               : f.template operator()<__nv_bfloat16, 128>();
+    default:
+      return D == 32 ? f.template operator()<float, 32>() : D == 64 ? f.template operator()<float, 64>()
+                                                                     : f.template operator()<float, 128>();
+  }
+}
+
+struct KernelTableFn {
+  KernelSize* out;
+  template <typename T, int D>
+  int operator()() const { return Sizes<T, D>::table(out); }
+};
+
+// Kernel table of (dtype, d_h): number of entries written to out[0..8), 0 if d_h is too large
+inline int kernel_table(DType dtype, int64_t dh, KernelSize* out) {
+  const int D = head_block(dh);
+  return D == 0 ? 0 : with_config(dtype, D, KernelTableFn{out});
+}
+
 }  // namespace cuda
 }  // namespace hmx

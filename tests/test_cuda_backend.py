@@ -3,22 +3,29 @@
 Skipped (with the reason) where torch has no CUDA device or the kernels cannot be built. The
 generic comparison with the reference (every case in fp32 / fp16 / bf16) is in
 tests/test_conformance.py; the tolerances and their reasons (including the emulation of the
-tensor-core roundings that justifies the fp16 / bf16 ones) are declared with the backend in
-hmx_kernels/cpp/backend.py. Here: bitwise determinism, the tensor-core (MMA) path against the FMA
-path (the same tolerances: only the rounding of the MMA operands differs), and fp32 ignoring the
-MMA switch.
+kernels' rounding points, tests/test_cuda_math.py) are declared with the backend in
+hmx_kernels/cpp/backend.py. Here: bitwise determinism, every head block (d_h up to 128, k_h up to
+512) and many token chunks against the reference, the tensor-core path against the FMA path
+(tensor cores off: the fp32 kernels on upcast copies; the same tolerances), fp32 ignoring the
+switch, and the shared-memory decline of fp32 kernels at d_h > 64 on GPUs with less than
+CUDA_WIDE_FP32_SMEM_BYTES per block.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+import hmx_kernels
 from hmx_kernels import config
 from hmx_kernels.cpp import build
+from hmx_kernels.cpp.backend import CUDA_WIDE_FP32_SMEM_BYTES
 from hmx_kernels.dispatch import get_backend
-from utils import assert_close, forward_backward, make_case
+from utils import assert_close, check_against_reference, forward_backward, make_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (CUDA kernels are compile-checked only)")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 
 @pytest.fixture
@@ -38,7 +45,19 @@ def extension():
     return build.load_extension(with_cuda=True)
 
 
+@pytest.fixture(autouse=True)
+def _poison(poisoned):
+    """NaN poisoning on: an output or workspace element a kernel forgets to write fails."""
+    yield
+
+
+def _reasons(case, dtype):
+    problem = hmx_kernels.check_inputs(**case.cast(dtype, "cuda").kwargs())
+    return hmx_kernels.backend_reasons(problem)["cuda"]
+
+
 def test_deterministic():
+    """Bitwise equal results on one GPU (the token chunks depend on its SM count only)."""
     case = make_case(variant="idiap", B=2, M=300, N=900, d=64, H=2, k_h=48, input_scale=0.3,
                      use_layer_norm=False).cast(torch.float32, "cuda")
     out1, g1 = forward_backward(case, "cuda")
@@ -48,12 +67,39 @@ def test_deterministic():
         assert torch.equal(g1[n], g2[n]), n
 
 
+@pytest.mark.parametrize("d_h,k_h", [(18, 72), (32, 128), (64, 256), (128, 512), (40, 100)],
+                         ids=["18x72", "32x128", "64x256", "128x512", "40x100"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_head_blocks_match_reference(d_h, k_h, dtype):
+    """Every head block (32, 64, 128; d_h padded up to it, k_h walked in row blocks), with masks
+    and biases; fp32 at d_h > 64 runs where the GPU has the shared memory, else it is declined."""
+    case = make_case(variant="idiap", B=2, M=130, N=211, d=2 * d_h, H=2, k_h=k_h, input_scale=0.3)
+    reasons = _reasons(case, dtype)
+    if dtype == torch.float32 and d_h > 64 and reasons:
+        assert "shared memory" in " ".join(reasons)
+        pytest.skip("declined on this GPU: " + "; ".join(reasons))
+    assert not reasons, reasons
+    check_against_reference(case, "cuda", "cuda", dtype, get_backend("cuda").tolerances[("cuda", dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_many_chunks_one_batch(dtype):
+    """B = 1: the grid splits the tokens into about 2 SMs / H chunks whose partial states are
+    summed in order; a padded tail crosses chunk boundaries."""
+    case = make_case(variant="speechbrain", B=1, M=5000, d=64, H=2, k_h=64, masks=False)
+    case.key_padding_mask = torch.zeros(1, 5000, dtype=torch.bool)
+    case.key_padding_mask[0, 4321:] = True
+    check_against_reference(case, "cuda", "cuda", dtype, get_backend("cuda").tolerances[("cuda", dtype)])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_mma_path_matches_fma_path(dtype, allow_mma):
-    """fc2 on tensor cores (default on sm_80+) against the FMA path (HMX_KERNELS_CUDA_NO_MMA=1).
+    """Tensor cores (default on sm_80+) against the FMA path (HMX_KERNELS_CUDA_NO_MMA=1: the fp32
+    kernels on fp32 copies, results cast back).
 
-    On sm_80+ the two must differ somewhere (Hd is rounded to the input type only on the MMA path),
-    which proves the MMA path ran; both must agree to the fp16/bf16 tolerances.
+    On sm_80+ the two must differ somewhere (the tensor-core kernels round z, hid, dU and C / R to
+    the input type), which proves the tensor-core kernels ran; both must agree to the fp16/bf16
+    tolerances.
     """
     cfg = dict(variant="idiap", B=2, M=45, N=77, d=36, H=2, k_h=72, input_scale=0.3)
     allow_mma(True)
@@ -80,3 +126,15 @@ def test_fp32_ignores_mma_switch(allow_mma):
     assert torch.equal(out1, out2)
     for n in g1:
         assert torch.equal(g1[n], g2[n]), n
+
+
+def test_wide_fp32_decline_matches_the_device():
+    """fp32 kernels at d_h > 64 are declined exactly where the GPU's opt-in shared memory per block
+    is below CUDA_WIDE_FP32_SMEM_BYTES (A100: 163 KB), with that reason."""
+    case = make_case(variant="idiap", B=1, M=20, N=20, d=256, H=2, k_h=16)
+    props = torch.cuda.get_device_properties(0)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    reasons = _reasons(case, torch.float32)
+    if optin is not None:
+        assert bool(reasons) == (optin < CUDA_WIDE_FP32_SMEM_BYTES), (optin, reasons)
+    assert not _reasons(case, torch.bfloat16)
