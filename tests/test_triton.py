@@ -199,6 +199,7 @@ from hmx_kernels.triton import hyper_mixing_fwd as F, hyper_mixing_bwd as Bk
 
 def build(kernel, consts, dt):
     jf = kernel.fn if hasattr(kernel, "configs") else kernel
+    consts = {k: v for k, v in consts.items() if k in jf.arg_names}
     sig = {}
     for name in jf.arg_names:
         if name in consts:
@@ -212,10 +213,12 @@ def build(kernel, consts, dt):
     src = triton.compiler.ASTSource(fn=jf, signature=sig, constexprs=consts)
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
-c = dict(HAS_MASK=True, PE_TABLE=False, HAS_FC1_BIAS=True, HAS_FC2_BIAS=True, BLOCK_N=16, BLOCK_D=16, BLOCK_K=16)
+c = dict(HAS_MASK=True, PE_TABLE=False, HAS_FC1_BIAS=True, HAS_FC2_BIAS=True, BLOCK_N=16, BLOCK_D=16, BLOCK_K=16,
+         D_H=12, OPERAND_FP32=False, DOT_PREC="ieee")
 for k in (F.hmx_fwd_kernel_state, F.hmx_fwd_kernel_mix, Bk.hmx_bwd_kernel_query, Bk.hmx_bwd_kernel_key):
     build(k, c, "bf16")
-build(Bk.hmx_bwd_kernel_key, dict(c, HAS_MASK=False, PE_TABLE=True, HAS_FC1_BIAS=False, HAS_FC2_BIAS=False), "fp32")
+build(Bk.hmx_bwd_kernel_key, dict(c, HAS_MASK=False, PE_TABLE=True, HAS_FC1_BIAS=False, HAS_FC2_BIAS=False,
+                                  OPERAND_FP32=True), "fp32")
 build(F.hmx_fwd_kernel_state, dict(c, HAS_FC1_BIAS=True, HAS_FC2_BIAS=False), "fp16")
 print("compiled")
 '''

@@ -1,9 +1,11 @@
 """Launchers of the Triton HyperMixing backend, registered as torch.library triton ops
 (hmx_kernels::triton_fwd / triton_bwd, schema and autograd in `hmx_kernels.fused`).
 
-Forward (`triton_fwd`): state pass over key chunks -> P = sum of the chunk partials (fixed order)
--> mix pass over query chunks, writing Y [B, M, d] fp32 (the LayerNorm is applied by the common
-epilogue). The op returns P [B, H, k_h, d_h] fp32, which autograd saves: nothing of size [N, k_h].
+Forward (`triton_fwd`), reassociated (see hyper_mixing_fwd.py): state pass over key chunks ->
+S, sv = sums of the chunk partials (fixed order) -> finalize with torch on [B, H, ...] tensors:
+P = fc2 S + b2 sv^T, A = GELU(P), C = fc2_2^T A, c0 = b2_2^T A -> mix pass over query chunks,
+writing Y [B, M, d] fp32 (the LayerNorm is applied by the common epilogue). The op returns
+P [B, H, k_h, d_h] fp32, which autograd saves: nothing of size [N, k_h].
 Backward (`triton_bwd`): the query pass (dA partials, MLP2 gradients, dquery) and the key pass
 (dvalue, MLP1 gradients, dkey). All token reductions are per-program fp32 partials summed here with
 torch.sum in a fixed order (deterministic, no atomics). Tied hypernetworks and self-mixing
@@ -27,6 +29,7 @@ shows up in tests.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
@@ -50,6 +53,9 @@ CHUNK_MIN = 128  # fewest tokens per chunk (keeps partial buffers below [L, k_h]
 # speechbrain sinusoid on chip from position x frequency instead (no table read; the GPU's sin/cos
 # may differ from torch's by a few ulp, more for angles in the thousands).
 PE_ON_CHIP = False
+
+# torch.get_float32_matmul_precision() -> tl.dot input_precision for fp32 inputs
+_FP32_DOT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 
 
 def set_nan_poison(enabled: bool) -> None:
@@ -102,6 +108,14 @@ def _pe_args(v, length, d, device, tracing: bool):
     return cached_positional_encoding(v, length, d, device), True
 
 
+def _fc1_args(fc1w, fc1b):
+    """fc1 weight and bias, contiguous (a missing bias is replaced by a dummy pointer), and the
+    bias flag."""
+    flags = dict(HAS_FC1_BIAS=fc1b is not None)
+    fc1w = fc1w.contiguous()
+    return fc1w, (fc1b.contiguous() if fc1b is not None else fc1w), flags
+
+
 def _generator_args(fc1w, fc1b, fc2w, fc2b):
     """Contiguous tensors (a missing bias is replaced by a dummy pointer) and the bias flags."""
     fc1w, fc2w = fc1w.contiguous(), fc2w.contiguous()
@@ -121,37 +135,77 @@ class _Sizes:
         self.first_pos = self.variant.first_position
 
 
-def _state(s, key, value, key_keep, w1, pe, pe_table):
-    """P = sum over chunks of W1^T V: [B*H, k_h, d_h] fp32."""
+def _precision(dtype: torch.dtype):
+    """(OPERAND_FP32, DOT_PREC) for inputs of `dtype`: half inputs multiply half operands on tensor
+    cores (bf16 upcast under the interpreter, whose bf16 tl.dot is broken); fp32 inputs follow
+    torch.get_float32_matmul_precision(): highest -> IEEE fp32, high -> 3xTF32, medium -> TF32."""
+    if dtype == torch.float32:
+        return True, _FP32_DOT_PRECISION[torch.get_float32_matmul_precision()]
+    return dtype == torch.bfloat16 and INTERPRETED_KERNELS, "ieee"  # DOT_PREC: unused by half dots
+
+
+def _pow2_scale(x: torch.Tensor, dims):
+    """x divided by a power of two per leading index (the exponent of max |x| over `dims`), and
+    that power: exact in fp32, and the quotient fits fp16's range as a dot operand."""
+    _, exponent = torch.frexp(x.abs().amax(dim=dims, keepdim=True))
+    scale = torch.ldexp(torch.ones_like(x[..., :1, :1]), exponent)
+    return (x / scale).contiguous(), scale.reshape(-1).contiguous()
+
+
+def _state(s, key, value, key_keep, w1, pe, pe_table, precision):
+    """S [B*H, d_h, d_h] and sv [B*H, d_h] (fp32): fixed-order sums of the state pass's chunk
+    partials of S = sum_t m_t hid_t^T V_t and sv = sum_t m_t V_t."""
     n_chunks, chunk_len = _chunking(s.N)
-    (fc1w, fc1b, fc2w, fc2b), flags = w1
+    fc1w, fc1b, flags = w1
     keep, smb, smn, has_mask = _keep_args(key_keep, key)
-    p_part = _empty((s.B * s.H, n_chunks, s.k_h, s.d_h), torch.float32, key.device)
+    s_part = _empty((s.B * s.H, n_chunks, s.d_h, s.d_h), torch.float32, key.device)
+    sv_part = _empty((s.B * s.H, n_chunks, s.d_h), torch.float32, key.device)
     _launch(hmx_fwd_kernel_state, (s.B * s.H, n_chunks),
         key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2),
         keep, smb, smn, pe, pe,
-        fc1w, fc1b, fc2w, fc2b, p_part,
-        s.N, chunk_len, n_chunks, s.H, s.d_h, s.k_h, s.d, s.scale, s.first_pos,
-        HAS_MASK=has_mask, PE_TABLE=pe_table, **flags,
-        BLOCK_D=_block(s.d_h), BLOCK_K=_block(s.k_h),
+        fc1w, fc1b, s_part, sv_part,
+        s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
+        D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
+        OPERAND_FP32=precision[0], DOT_PREC=precision[1], BLOCK_D=_block(s.d_h),
     )
-    return p_part.sum(dim=1)  # fixed-order sum over the chunks
+    return s_part.sum(dim=1), sv_part.sum(dim=1)  # fixed-order sums over the chunks
 
 
-def _mix(s, query, query_keep, w2, p, pe, pe_table, y):
-    """y[b, :, head h] = W2 GELU(P) for every query token."""
+def _state_to_p(s, S, sv, fc2w, fc2b):
+    """Finalize: P = fc2 S + b2 sv^T, [B, H, k_h, d_h] fp32 (the op's saved state)."""
+    P = torch.matmul(fc2w.float(), S.view(s.B, s.H, s.d_h, s.d_h))  # [H, k_h, d_h] @ [B, H, d_h, d_h]
+    if fc2b is not None:
+        P = P + fc2b.float()[None, :, :, None] * sv.view(s.B, s.H, 1, s.d_h)
+    return P
+
+
+def _mix_operands(s, A, fc2w, fc2b):
+    """Finalize: C = fc2_2^T A [B*H, d_h, d_h] (divided by its power-of-two scale [B*H]) and
+    c0 = b2_2^T A [B*H, d_h] (None without an fc2 bias), from A = GELU(P) [B, H, k_h, d_h]."""
+    C = torch.matmul(fc2w.float().transpose(-1, -2), A)  # [H, d_h, k_h] @ [B, H, k_h, d_h]
+    C, c_scale = _pow2_scale(C.reshape(s.B * s.H, s.d_h, s.d_h), dims=(-2, -1))
+    c0 = None
+    if fc2b is not None:
+        c0 = torch.matmul(fc2b.float()[None, :, None, :], A).reshape(s.B * s.H, s.d_h).contiguous()
+    return C, c_scale, c0
+
+
+def _mix(s, query, query_keep, w2, mix_ops, pe, pe_table, precision, y):
+    """y[b, :, head h] = m (hid2 C + c0) for every query token."""
     n_chunks, chunk_len = _chunking(s.M)
-    (fc1w, fc1b, fc2w, fc2b), flags = w2
+    fc1w, fc1b, flags = w2
+    C, c_scale, c0 = mix_ops
     keep, smb, smn, has_mask = _keep_args(query_keep, query)
     _launch(hmx_fwd_kernel_mix, (s.B * s.H, n_chunks),
         query, query.stride(0), query.stride(1), query.stride(2),
         keep, smb, smn, pe, pe,
-        fc1w, fc1b, fc2w, fc2b, p,
+        fc1w, fc1b, C, C if c0 is None else c0, c_scale,
         y, y.stride(0), y.stride(1),
-        s.M, chunk_len, n_chunks, s.H, s.d_h, s.k_h, s.d, s.scale, s.first_pos,
-        HAS_MASK=has_mask, PE_TABLE=pe_table, **flags,
-        BLOCK_D=_block(s.d_h), BLOCK_K=_block(s.k_h),
+        s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
+        D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
+        HAS_FC2_BIAS=c0 is not None, OPERAND_FP32=precision[0], DOT_PREC=precision[1],
+        BLOCK_D=_block(s.d_h),
     )
 
 
@@ -186,13 +240,14 @@ def _triton_fwd_impl(query, key, value, query_keep, key_keep, *rest):
     *gen, variant = rest
     s = _Sizes(query, key, gen[2], variant)
     device = query.device
+    precision = _precision(query.dtype)
     pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device, _is_fake(query))
-    w1 = _generator_args(*gen[:4])
-    w2 = _generator_args(*gen[4:])
-    p = _state(s, key, value, key_keep, w1, pe, pe_table)  # [B*H, k_h, d_h] fp32
+    S, sv = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table, precision)
+    P = _state_to_p(s, S, sv, gen[2], gen[3])  # [B, H, k_h, d_h] fp32
+    mix_ops = _mix_operands(s, F.gelu(P), gen[6], gen[7])
     y = _empty((s.B, s.M, s.d), torch.float32, device)
-    _mix(s, query, query_keep, w2, p, pe, pe_table, y)
-    return y, p.view(s.B, s.H, s.k_h, s.d_h)
+    _mix(s, query, query_keep, _fc1_args(gen[4], gen[5]), mix_ops, pe, pe_table, precision, y)
+    return y, P
 
 
 def _query_pass(s, query, query_keep, w2, p, dy, pe, pe_table):

@@ -20,9 +20,78 @@ import triton
 import triton.language as tl
 
 from .config import autotuned
-from .hyper_mixing_fwd import _LEN_ARGS, _gelu, _gelu_grad, _load_hyper_input, _load_mlp, _mlp_fwd
+from .hyper_mixing_fwd import _LEN_ARGS, _gelu, _gelu_grad
 
 _BWD_LEN_ARGS = _LEN_ARGS + ["sgb", "sgn", "sdb"]
+
+
+@triton.jit
+def _load_hyper_input(
+    x_ptr,  # tokens of batch b: [L, d] with strides (sxn, sxc)
+    sxn, sxc,
+    mask_ptr,  # keep vector of batch b: [L] fp32 (1 = kept, 0 = padded), stride smn
+    smn,
+    pe_ptr,  # PE table [>= L, d] fp32 contiguous (PE_TABLE) ...
+    freq_ptr,  # ... or per-channel angular frequency [d] fp32 (sin even / cos odd channels)
+    o_n,  # [BLOCK_N] token indices
+    o_c,  # [BLOCK_D] channel indices inside the head
+    ch0,  # first channel of the head
+    L, d_h, d, scale, first_pos,
+    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr,
+):
+    """Zk/Zq tile = scale * x * m + PE, the masked token tile x * m, and the row mask m (fp32)."""
+    m_n = o_n < L
+    m_c = o_c < d_h
+    m_nc = m_n[:, None] & m_c[None, :]
+    o_n64 = o_n.to(tl.int64)
+    b_x = tl.load(x_ptr + o_n64[:, None] * sxn + (ch0 + o_c)[None, :] * sxc, mask=m_nc, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        b_keep = tl.load(mask_ptr + o_n64 * smn, mask=m_n, other=0.0).to(tl.float32)
+    else:
+        b_keep = tl.where(m_n, 1.0, 0.0)
+    b_x = b_x * b_keep[:, None]
+    if PE_TABLE:
+        b_pe = tl.load(pe_ptr + o_n64[:, None] * d + (ch0 + o_c)[None, :], mask=m_nc, other=0.0)
+    else:
+        b_freq = tl.load(freq_ptr + ch0 + o_c, mask=m_c, other=0.0)
+        b_ang = (o_n + first_pos).to(tl.float32)[:, None] * b_freq[None, :]  # fp32 product, as the table
+        even = ((ch0 + o_c) % 2) == 0
+        b_pe = tl.where(even[None, :], tl.sin(b_ang), tl.cos(b_ang))
+    b_z = tl.where(m_nc, scale * b_x + b_pe, 0.0)
+    return b_z, b_x, b_keep
+
+
+@triton.jit
+def _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h, o_c, o_k,
+              HAS_FC1_BIAS: tl.constexpr, HAS_FC2_BIAS: tl.constexpr):
+    """One head's generator MLP as zero-padded fp32 blocks: fc1 [BD(out), BD(in)], fc2 [BK, BD]."""
+    m_c = o_c < d_h
+    m_k = o_k < k_h
+    i_h64 = i_h.to(tl.int64)
+    b_fc1w = tl.load(fc1w_ptr + i_h64 * d_h * d_h + o_c[:, None] * d_h + o_c[None, :],
+                     mask=m_c[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+    b_fc2w = tl.load(fc2w_ptr + i_h64 * k_h * d_h + o_k[:, None] * d_h + o_c[None, :],
+                     mask=m_k[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+    if HAS_FC1_BIAS:
+        b_fc1b = tl.load(fc1b_ptr + i_h64 * d_h + o_c, mask=m_c, other=0.0).to(tl.float32)
+    else:
+        b_fc1b = tl.zeros([o_c.shape[0]], dtype=tl.float32)
+    if HAS_FC2_BIAS:
+        b_fc2b = tl.load(fc2b_ptr + i_h64 * k_h + o_k, mask=m_k, other=0.0).to(tl.float32)
+    else:
+        b_fc2b = tl.zeros([o_k.shape[0]], dtype=tl.float32)
+    return b_fc1w, b_fc1b, b_fc2w, b_fc2b
+
+
+@triton.jit
+def _mlp_fwd(b_z, b_fc1w, b_fc1b, b_fc2w, b_fc2b):
+    """Generator MLP on a tile: pre = z fc1^T + b1, hid = GELU(pre), w = hid fc2^T + b2."""
+    # [BN, BD] @ [BD(in), BD(out)] -> [BN, BD]
+    b_pre = tl.dot(b_z, tl.trans(b_fc1w), input_precision="ieee") + b_fc1b[None, :]
+    b_hid = _gelu(b_pre)
+    # [BN, BD] @ [BD, BK] -> [BN, BK]
+    b_w = tl.dot(b_hid, tl.trans(b_fc2w), input_precision="ieee") + b_fc2b[None, :]
+    return b_pre, b_hid, b_w
 
 
 @triton.jit
