@@ -214,11 +214,11 @@ def build(kernel, consts, dt):
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 c = dict(HAS_MASK=True, PE_TABLE=False, HAS_FC1_BIAS=True, HAS_FC2_BIAS=True, BLOCK_N=16, BLOCK_D=16, BLOCK_K=16,
-         D_H=12, OPERAND_FP32=False, DOT_PREC="ieee")
+         D_H=12, OPERAND="half", DOT_PREC="ieee")
 for k in (F.hmx_fwd_kernel_state, F.hmx_fwd_kernel_mix, Bk.hmx_bwd_kernel_query, Bk.hmx_bwd_kernel_key):
     build(k, c, "bf16")
 build(Bk.hmx_bwd_kernel_key, dict(c, HAS_MASK=False, PE_TABLE=True, HAS_FC1_BIAS=False, HAS_FC2_BIAS=False,
-                                  OPERAND_FP32=True), "fp32")
+                                  OPERAND="fp32"), "fp32")
 build(F.hmx_fwd_kernel_state, dict(c, HAS_FC1_BIAS=True, HAS_FC2_BIAS=False), "fp16")
 print("compiled")
 '''

@@ -116,15 +116,6 @@ def _fc1_args(fc1w, fc1b):
     return fc1w, (fc1b.contiguous() if fc1b is not None else fc1w), flags
 
 
-def _generator_args(fc1w, fc1b, fc2w, fc2b):
-    """Contiguous tensors (a missing bias is replaced by a dummy pointer) and the bias flags."""
-    fc1w, fc2w = fc1w.contiguous(), fc2w.contiguous()
-    flags = dict(HAS_FC1_BIAS=fc1b is not None, HAS_FC2_BIAS=fc2b is not None)
-    fc1b = fc1b.contiguous() if fc1b is not None else fc1w
-    fc2b = fc2b.contiguous() if fc2b is not None else fc2w
-    return (fc1w, fc1b, fc2w, fc2b), flags
-
-
 class _Sizes:
     def __init__(self, query, key, fc2w, variant):
         self.B, self.M, self.d = query.shape
@@ -136,12 +127,15 @@ class _Sizes:
 
 
 def _precision(dtype: torch.dtype):
-    """(OPERAND_FP32, DOT_PREC) for inputs of `dtype`: half inputs multiply half operands on tensor
-    cores (bf16 upcast under the interpreter, whose bf16 tl.dot is broken); fp32 inputs follow
+    """(OPERAND, DOT_PREC) constexprs for inputs of `dtype` (see hyper_mixing_fwd._op): fp16 /
+    bf16 inputs multiply half operands on tensor cores ("half"; bf16 rounded and held in fp32
+    under the interpreter, whose bf16 tl.dot is broken); fp32 inputs follow
     torch.get_float32_matmul_precision(): highest -> IEEE fp32, high -> 3xTF32, medium -> TF32."""
     if dtype == torch.float32:
-        return True, _FP32_DOT_PRECISION[torch.get_float32_matmul_precision()]
-    return dtype == torch.bfloat16 and INTERPRETED_KERNELS, "ieee"  # DOT_PREC: unused by half dots
+        return "fp32", _FP32_DOT_PRECISION[torch.get_float32_matmul_precision()]
+    if dtype == torch.bfloat16 and INTERPRETED_KERNELS:
+        return "bf16-as-fp32", "ieee"
+    return "half", "ieee"  # DOT_PREC: unused by half dots
 
 
 def _pow2_scale(x: torch.Tensor, dims):
@@ -167,7 +161,7 @@ def _state(s, key, value, key_keep, w1, pe, pe_table, precision):
         fc1w, fc1b, s_part, sv_part,
         s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
-        OPERAND_FP32=precision[0], DOT_PREC=precision[1], BLOCK_D=_block(s.d_h),
+        OPERAND=precision[0], DOT_PREC=precision[1], BLOCK_D=_block(s.d_h),
     )
     return s_part.sum(dim=1), sv_part.sum(dim=1)  # fixed-order sums over the chunks
 
@@ -204,36 +198,24 @@ def _mix(s, query, query_keep, w2, mix_ops, pe, pe_table, precision, y):
         y, y.stride(0), y.stride(1),
         s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
-        HAS_FC2_BIAS=c0 is not None, OPERAND_FP32=precision[0], DOT_PREC=precision[1],
+        HAS_FC2_BIAS=c0 is not None, OPERAND=precision[0], DOT_PREC=precision[1],
         BLOCK_D=_block(s.d_h),
     )
 
 
-def _mlp_partials(s, n_chunks, device):
-    n = s.B * s.H * n_chunks
-    return (
-        _empty((n, s.d_h, s.d_h), torch.float32, device),
-        _empty((n, s.d_h), torch.float32, device),
-        _empty((n, s.k_h, s.d_h), torch.float32, device),
-        _empty((n, s.k_h), torch.float32, device),
-    )
+def _square_partials(s, n_chunks, device):
+    """A [B*H, n_chunks, d_h, d_h] and a [B*H, n_chunks, d_h] fp32 partial buffer."""
+    return (_empty((s.B * s.H, n_chunks, s.d_h, s.d_h), torch.float32, device),
+            _empty((s.B * s.H, n_chunks, s.d_h), torch.float32, device))
 
 
-def _mlp_grads(parts, s, n_chunks, biases):
-    """Sum one generator's per-program weight-gradient partials (fixed order); an absent bias
-    gets an empty tensor (the fused-op contract)."""
-    B, H, d_h, k_h = s.B, s.H, s.d_h, s.k_h
-    dfc1w, dfc1b, dfc2w, dfc2b = parts
-    g = [
-        dfc1w.view(B, H, n_chunks, d_h, d_h).sum(dim=(0, 2)),
-        dfc1b.view(B, H, n_chunks, d_h).sum(dim=(0, 2)),
-        dfc2w.view(B, H, n_chunks, k_h, d_h).sum(dim=(0, 2)),
-        dfc2b.view(B, H, n_chunks, k_h).sum(dim=(0, 2)),
-    ]
-    for i, present in ((1, biases[0]), (3, biases[1])):
-        if not present:
-            g[i] = dfc1w.new_empty((0,))
-    return g
+def _fc1_grads(s, parts, has_bias):
+    """Sum one generator's fc1 gradient partials over batch and chunks (fixed order): dfc1
+    [H, d_h, d_h], db1 [H, d_h] (an empty tensor without the bias: the fused-op contract)."""
+    dw, db = parts
+    dw = dw.view(s.B, s.H, -1, s.d_h, s.d_h).sum(dim=(0, 2))
+    db = db.view(s.B, s.H, -1, s.d_h).sum(dim=(0, 2)) if has_bias else dw.new_empty((0,))
+    return dw, db
 
 
 def _triton_fwd_impl(query, key, value, query_keep, key_keep, *rest):
@@ -250,70 +232,109 @@ def _triton_fwd_impl(query, key, value, query_keep, key_keep, *rest):
     return y, P
 
 
-def _query_pass(s, query, query_keep, w2, p, dy, pe, pe_table):
-    """dquery [B, M, d] fp32, dA [B*H, k_h, d_h] fp32 and the MLP2 gradients (recomputes W2)."""
+def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table, precision):
+    """dquery [B, M, d] fp32, T [B, H, d_h, d_h], sdy [B, H, d_h] and the MLP2 fc1 gradients."""
     device = query.device
     n_chunks, chunk_len = _chunking(s.M)
-    (fc1w, fc1b, fc2w, fc2b), flags = w2
+    fc1w, fc1b, flags = w2
+    C, c_scale, _ = mix_ops
     keep, smb, smn, has_mask = _keep_args(query_keep, query)
     dq = _empty((s.B, s.M, s.d), torch.float32, device)
-    da_part = _empty((s.B * s.H, n_chunks, s.k_h, s.d_h), torch.float32, device)
-    parts = _mlp_partials(s, n_chunks, device)
+    t_part, sdy_part = _square_partials(s, n_chunks, device)
+    fc1_parts = _square_partials(s, n_chunks, device)
     _launch(hmx_bwd_kernel_query, (s.B * s.H, n_chunks),
         query, query.stride(0), query.stride(1), query.stride(2),
         keep, smb, smn, pe, pe,
-        fc1w, fc1b, fc2w, fc2b, p,
+        fc1w, fc1b, C, c_scale,
         dy, dy.stride(0), dy.stride(1),
         dq, dq.stride(0),
-        da_part, *parts,
-        s.M, chunk_len, n_chunks, s.H, s.d_h, s.k_h, s.d, s.scale, s.first_pos,
-        HAS_MASK=has_mask, PE_TABLE=pe_table, **flags,
-        BLOCK_D=_block(s.d_h), BLOCK_K=_block(s.k_h),
+        t_part, sdy_part, *fc1_parts,
+        s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
+        D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
+        SCALE_TILES=query.dtype == torch.float16, OPERAND=precision[0], DOT_PREC=precision[1],
+        BLOCK_D=_block(s.d_h),
     )
-    grads = _mlp_grads(parts, s, n_chunks, (flags["HAS_FC1_BIAS"], flags["HAS_FC2_BIAS"]))
-    return dq, da_part.sum(dim=1), grads  # dA: fixed-order sum over the chunks
+    T = t_part.sum(dim=1).view(s.B, s.H, s.d_h, s.d_h)  # fixed-order sums over the chunks
+    sdy = sdy_part.sum(dim=1).view(s.B, s.H, s.d_h)
+    return dq, T, sdy, _fc1_grads(s, fc1_parts, flags["HAS_FC1_BIAS"])
 
 
-def _gelu_backward(d_a, p):
-    """dP = dA * GELU'(P) on the tiny [B*H, k_h, d_h] state."""
-    cdf = 0.5 * (1.0 + torch.erf(p * 0.7071067811865476))
-    pdf = torch.exp(-0.5 * p * p) * 0.3989422804014327
-    return (d_a * (cdf + p * pdf)).contiguous()
+def _gelu_grad(x):
+    cdf = 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
+    pdf = torch.exp(-0.5 * x * x) * 0.3989422804014327
+    return cdf + x * pdf
 
 
-def _key_pass(s, key, value, key_keep, w1, d_p, pe, pe_table):
-    """dkey, dvalue [B, N, d] fp32 and the MLP1 gradients (recomputes W1)."""
+def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table, precision):
+    """dkey, dvalue [B, N, d] fp32, S [B, H, d_h, d_h], sv [B, H, d_h] and the MLP1 fc1
+    gradients."""
     device = key.device
     n_chunks, chunk_len = _chunking(s.N)
-    (fc1w, fc1b, fc2w, fc2b), flags = w1
+    fc1w, fc1b, flags = w1
+    R, r_scale, r0 = key_ops
     keep, smb, smn, has_mask = _keep_args(key_keep, key)
     dk = _empty((s.B, s.N, s.d), torch.float32, device)
     dv = _empty((s.B, s.N, s.d), torch.float32, device)
-    parts = _mlp_partials(s, n_chunks, device)
+    s_part, sv_part = _square_partials(s, n_chunks, device)
+    fc1_parts = _square_partials(s, n_chunks, device)
     _launch(hmx_bwd_kernel_key, (s.B * s.H, n_chunks),
         key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2),
         keep, smb, smn, pe, pe,
-        fc1w, fc1b, fc2w, fc2b, d_p,
+        fc1w, fc1b, R, R if r0 is None else r0, r_scale,
         dk, dv, dk.stride(0),
-        *parts,
-        s.N, chunk_len, n_chunks, s.H, s.d_h, s.k_h, s.d, s.scale, s.first_pos,
-        HAS_MASK=has_mask, PE_TABLE=pe_table, **flags,
-        BLOCK_D=_block(s.d_h), BLOCK_K=_block(s.k_h),
+        s_part, sv_part, *fc1_parts,
+        s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
+        D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
+        HAS_FC2_BIAS=r0 is not None, OPERAND=precision[0], DOT_PREC=precision[1],
+        BLOCK_D=_block(s.d_h),
     )
-    return dk, dv, _mlp_grads(parts, s, n_chunks, (flags["HAS_FC1_BIAS"], flags["HAS_FC2_BIAS"]))
+    S = s_part.sum(dim=1).view(s.B, s.H, s.d_h, s.d_h)  # fixed-order sums over the chunks
+    sv = sv_part.sum(dim=1).view(s.B, s.H, s.d_h)
+    return dk, dv, S, sv, _fc1_grads(s, fc1_parts, flags["HAS_FC1_BIAS"])
+
+
+def _fc2_grads(A, T, sdy, has_bias):
+    """A generator's fc2 gradients from [B, H, k_h, d_h] A and its token sums T [B, H, d_h, d_h],
+    sdy [B, H, d_h], summed over the batch: A T^T [H, k_h, d_h] and A sdy [H, k_h] (empty
+    without the bias). Generator 2: (A, T, sdy); generator 1: (dP, S, sv)."""
+    dw = torch.matmul(A, T.transpose(-1, -2)).sum(dim=0)
+    db = torch.matmul(A, sdy.unsqueeze(-1)).squeeze(-1).sum(dim=0) if has_bias else A.new_empty((0,))
+    return dw, db
+
+
+def _key_operands(s, dP, fc2w, fc2b):
+    """Finalize: R = fc2^T dP [B*H, d_h, d_h] (divided by its power-of-two scale [B*H]) and
+    r0 = b2^T dP [B*H, d_h] (None without an fc2 bias)."""
+    R = torch.matmul(fc2w.float().transpose(-1, -2), dP)  # [H, d_h, k_h] @ [B, H, k_h, d_h]
+    R, r_scale = _pow2_scale(R.reshape(s.B * s.H, s.d_h, s.d_h), dims=(-2, -1))
+    r0 = None
+    if fc2b is not None:
+        r0 = torch.matmul(fc2b.float()[None, :, None, :], dP).reshape(s.B * s.H, s.d_h).contiguous()
+    return R, r_scale, r0
 
 
 def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     *gen, state, variant = rest
     s = _Sizes(query, key, gen[2], variant)
+    precision = _precision(query.dtype)
     pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, query.device, _is_fake(query))
-    w1 = _generator_args(*gen[:4])
-    w2 = _generator_args(*gen[4:])
-    p = state.reshape(s.B * s.H, s.k_h, s.d_h).contiguous()
-    dq, d_a, g2 = _query_pass(s, query, query_keep, w2, p, grad_y.contiguous(), pe, pe_table)
-    dk, dv, g1 = _key_pass(s, key, value, key_keep, w1, _gelu_backward(d_a, p), pe, pe_table)
-    return [dq, dk, dv, *g1, *g2]
+    P = state.float()  # [B, H, k_h, d_h]
+    A = F.gelu(P)
+    fc2w2, fc2b2 = gen[6], gen[7]
+    dq, T, sdy, (dfc1w2, dfc1b2) = _query_pass(s, query, query_keep, _fc1_args(gen[4], gen[5]),
+                                               _mix_operands(s, A, fc2w2, fc2b2), grad_y.contiguous(),
+                                               pe, pe_table, precision)
+    dA = torch.matmul(fc2w2.float(), T)  # [H, k_h, d_h] @ [B, H, d_h, d_h]
+    if fc2b2 is not None:
+        dA = dA + fc2b2.float()[None, :, :, None] * sdy.unsqueeze(-2)
+    dfc2w2, dfc2b2 = _fc2_grads(A, T, sdy, fc2b2 is not None)
+    dP = dA * _gelu_grad(P)
+    fc2w1, fc2b1 = gen[2], gen[3]
+    dk, dv, S, sv, (dfc1w1, dfc1b1) = _key_pass(s, key, value, key_keep, _fc1_args(gen[0], gen[1]),
+                                                _key_operands(s, dP, fc2w1, fc2b1), pe, pe_table, precision)
+    dfc2w1, dfc2b1 = _fc2_grads(dP, S, sv, fc2b1 is not None)
+    return [dq, dk, dv, dfc1w1, dfc1b1, dfc2w1, dfc2b1, dfc1w2, dfc1b2, dfc2w2, dfc2b2]
 
 
 # Compiled kernels: a triton_op, which torch.compile traces into (wrap_triton turns each launch

@@ -27,7 +27,7 @@ Precision (constexprs chosen by the launcher, function._precision):
 - fp16 / bf16 inputs: every tl.dot takes fp16 / bf16 operands (tokens and weights as given; z,
   hid and C rounded to the input dtype) and accumulates in fp32: tensor cores (HMMA on sm_80,
   HGMMA / HMMA on sm_90). C is passed pre-divided by a power of two (its scale, per (b, h), applied
-  back in fp32) so it fits fp16's range however large A grows with N. OPERAND_FP32 upcasts the
+  back in fp32) so it fits fp16's range however large A grows with N. OPERAND upcasts the
   operands instead: fp32 inputs, and bf16 under the interpreter, whose bf16 x bf16 tl.dot is broken.
 - fp32 inputs: DOT_PREC follows torch.get_float32_matmul_precision() ("ieee", "tf32x3" or "tf32").
 Block sizes are powers of two >= 16 (tl.dot's minimum); d_h (the constexpr D_H) is padded to
@@ -58,12 +58,17 @@ def _gelu_grad(x):
 
 
 @triton.jit
-def _op(x, like_ptr, OPERAND_FP32: tl.constexpr):
-    """x as a tl.dot operand: fp32, or the element type of `like_ptr` (the inputs' half dtype)."""
-    if OPERAND_FP32:
-        return x.to(tl.float32)
-    else:
+def _op(x, like_ptr, OPERAND: tl.constexpr):
+    """x as a tl.dot operand. OPERAND "half": the element type of `like_ptr` (the inputs' fp16 /
+    bf16; tensor cores); "fp32": fp32 (fp32 inputs, DOT_PREC applies); "bf16-as-fp32": rounded
+    to bf16 and held in fp32, the interpreter's stand-in for bf16 operands (its bf16 x bf16
+    tl.dot is broken; the exact fp32 products of bf16 values are what tensor cores form)."""
+    if OPERAND == "half":
         return x.to(like_ptr.dtype.element_ty)
+    elif OPERAND == "bf16-as-fp32":
+        return x.to(tl.bfloat16).to(tl.float32)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
@@ -104,13 +109,13 @@ def _load_hyper_input(
 
 @triton.jit
 def _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
-              OPERAND_FP32: tl.constexpr):
+              OPERAND: tl.constexpr):
     """One head's fc1 as a zero-padded [BD(out), BD(in)] dot operand and its bias [BD] fp32."""
     m_c = o_c < D_H
     i_h64 = i_h.to(tl.int64)
     b_fc1w = tl.load(fc1w_ptr + i_h64 * D_H * D_H + o_c[:, None] * D_H + o_c[None, :],
                      mask=m_c[:, None] & m_c[None, :], other=0.0)
-    b_fc1w = _op(b_fc1w, fc1w_ptr, OPERAND_FP32)
+    b_fc1w = _op(b_fc1w, fc1w_ptr, OPERAND)
     if HAS_FC1_BIAS:
         b_fc1b = tl.load(fc1b_ptr + i_h64 * D_H + o_c, mask=m_c, other=0.0).to(tl.float32)
     else:
@@ -119,9 +124,9 @@ def _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H: tl.constexpr, HAS_FC1_BIAS: tl.
 
 
 @triton.jit
-def _hidden(b_z, b_fc1w, b_fc1b, like_ptr, OPERAND_FP32: tl.constexpr, DOT_PREC: tl.constexpr):
+def _hidden(b_z, b_fc1w, b_fc1b, like_ptr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr):
     """fc1 on a tile: z as a dot operand, pre = z fc1^T + b1 and hid = GELU(pre) (fp32)."""
-    b_zo = _op(b_z, like_ptr, OPERAND_FP32)
+    b_zo = _op(b_z, like_ptr, OPERAND)
     # [BN, BD(in)] @ [BD(in), BD(out)] -> [BN, BD]
     b_pre = tl.dot(b_zo, tl.trans(b_fc1w), input_precision=DOT_PREC) + b_fc1b[None, :]
     return b_zo, b_pre, _gelu(b_pre)
@@ -140,7 +145,7 @@ def _store_square(ptr, b_x, o_c, D_H: tl.constexpr):
     tl.store(ptr + o_c[:, None] * D_H + o_c[None, :], b_x, mask=m_c[:, None] & m_c[None, :])
 
 
-@autotuned(key=["D_H", "OPERAND_FP32", "DOT_PREC"], do_not_specialize=_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_LEN_ARGS)
 def hmx_fwd_kernel_state(
     k_ptr, sxb, sxn, sxc,  # key [B, N, d]
     v_ptr, svb, svn, svc,  # value [B, N, d]
@@ -151,7 +156,7 @@ def hmx_fwd_kernel_state(
     sv_part_ptr,  # out: [B*H, n_chunks, d_h] fp32, sv per chunk
     L, chunk_len, n_chunks, H, d, scale, first_pos,
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
-    OPERAND_FP32: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_chunk = tl.program_id(1)
@@ -159,7 +164,7 @@ def hmx_fwd_kernel_state(
     i_h = i_bh % H
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
-    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND_FP32)
+    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
     start = i_chunk * chunk_len
     end = tl.minimum(start + chunk_len, L)
     acc_s = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
@@ -169,20 +174,20 @@ def hmx_fwd_kernel_state(
         b_z, b_keep = _load_hyper_input(k_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
                                         pe_ptr, freq_ptr, o_n, o_c, i_h * D_H, end, d, scale,
                                         first_pos, D_H, HAS_MASK, PE_TABLE)
-        _, _, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND_FP32, DOT_PREC)
+        _, _, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND, DOT_PREC)
         m_nc = (o_n < end)[:, None] & m_c[None, :]
         b_v = tl.load(v_ptr + i_b * svb + o_n.to(tl.int64)[:, None] * svn + (i_h * D_H + o_c)[None, :] * svc,
                       mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]  # V = v m
-        b_hm = _op(b_hid * b_keep[:, None], fc1w_ptr, OPERAND_FP32)
+        b_hm = _op(b_hid * b_keep[:, None], fc1w_ptr, OPERAND)
         # S += (m hid)^T V: [BD, BN] @ [BN, BD] -> [BD, BD]
-        acc_s += tl.dot(tl.trans(b_hm), _op(b_v, fc1w_ptr, OPERAND_FP32), input_precision=DOT_PREC)
+        acc_s += tl.dot(tl.trans(b_hm), _op(b_v, fc1w_ptr, OPERAND), input_precision=DOT_PREC)
         acc_sv += tl.sum(b_v * b_keep[:, None], axis=0)
     i_part = i_bh.to(tl.int64) * n_chunks + i_chunk
     _store_square(s_part_ptr + i_part * D_H * D_H, acc_s, o_c, D_H)
     tl.store(sv_part_ptr + i_part * D_H + o_c, acc_sv, mask=m_c)
 
 
-@autotuned(key=["D_H", "OPERAND_FP32", "DOT_PREC"], do_not_specialize=_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_LEN_ARGS)
 def hmx_fwd_kernel_mix(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
     mask_ptr, smb, smn,  # query keep vector [B, M] fp32 (1 kept, 0 padded)
@@ -194,7 +199,7 @@ def hmx_fwd_kernel_mix(
     y_ptr, syb, syn,  # out: Y [B, M, d] (channel stride 1)
     L, chunk_len, n_chunks, H, d, scale, first_pos,
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
-    HAS_FC2_BIAS: tl.constexpr, OPERAND_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_FC2_BIAS: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
@@ -204,8 +209,8 @@ def hmx_fwd_kernel_mix(
     i_bh64 = i_bh.to(tl.int64)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
-    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND_FP32)
-    b_c = _op(_load_square(c_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND_FP32)
+    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
+    b_c = _op(_load_square(c_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
     c_scale = tl.load(cscale_ptr + i_bh64)
     if HAS_FC2_BIAS:
         b_c0 = tl.load(c0_ptr + i_bh64 * D_H + o_c, mask=m_c, other=0.0)
@@ -218,9 +223,9 @@ def hmx_fwd_kernel_mix(
         b_z, b_keep = _load_hyper_input(q_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
                                         pe_ptr, freq_ptr, o_n, o_c, i_h * D_H, end, d, scale,
                                         first_pos, D_H, HAS_MASK, PE_TABLE)
-        _, _, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND_FP32, DOT_PREC)
+        _, _, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND, DOT_PREC)
         # Y = m (hid2 C + c0): [BN, BD] @ [BD, BD] -> [BN, BD]
-        b_y = tl.dot(_op(b_hid, fc1w_ptr, OPERAND_FP32), b_c, input_precision=DOT_PREC) * c_scale
+        b_y = tl.dot(_op(b_hid, fc1w_ptr, OPERAND), b_c, input_precision=DOT_PREC) * c_scale
         b_y = (b_y + b_c0[None, :]) * b_keep[:, None]
         m_nc = (o_n < end)[:, None] & m_c[None, :]
         tl.store(y_ptr + i_b * syb + o_n.to(tl.int64)[:, None] * syn + (i_h * D_H + o_c)[None, :],
