@@ -6,16 +6,25 @@ S, sv = sums of the chunk partials (fixed order) -> finalize with torch on [B, H
 P = fc2 S + b2 sv^T, A = GELU(P), C = fc2_2^T A, c0 = b2_2^T A -> mix pass over query chunks,
 writing Y [B, M, d] fp32 (the LayerNorm is applied by the common epilogue). The op returns
 P [B, H, k_h, d_h] fp32, which autograd saves: nothing of size [N, k_h].
-Backward (`triton_bwd`): the query pass (dA partials, MLP2 gradients, dquery) and the key pass
-(dvalue, MLP1 gradients, dkey). All token reductions are per-program fp32 partials summed here with
-torch.sum in a fixed order (deterministic, no atomics). Tied hypernetworks and self-mixing
-(speechbrain: query = key = value) need no special case: the same tensor appears in several
-argument slots and autograd adds the gradients of those slots.
+Backward (`triton_bwd`), reassociated (see hyper_mixing_bwd.py): A, C from the saved P; the query
+pass (T, sdy, MLP2's fc1 gradients, dquery) -> finalize: dA, MLP2's fc2 gradients, dP = dA * GELU'(P),
+R, r0 -> the key pass (S, sv, MLP1's fc1 gradients, dkey, dvalue) -> finalize: MLP1's fc2
+gradients. All token reductions are per-program fp32 partials ([D, D] and [D] per chunk) summed
+here with torch.sum in a fixed order (deterministic, no atomics); the finalize products are torch
+matmuls on [B, H, k_h, d_h] tensors (they follow torch's float32 matmul precision, like the
+kernels). Tied hypernetworks and self-mixing (speechbrain: query = key = value) need no special
+case: the same tensor appears in several argument slots and autograd adds the gradients of those
+slots.
+
+Precision and tensor cores: config.dot_precision (fp16 / bf16 operands, or fp32 in the dot
+precision torch.get_float32_matmul_precision() asks for); C and R are passed divided by a power
+of two per (b, h) (`_pow2_scale`), so that fp16 operands stay in range.
 
 The sequence is split into n_chunks = min(64, ceil(L / CHUNK_MIN)) chunks, one program per
 (batch, head, chunk); each program loops over its chunk in tiles of BLOCK_N tokens. The chunking
-depends on L only (not on the tuned BLOCK_N), so partial buffers are config-independent and stay
-smaller than an [L, k_h] tensor per (b, h) while d_h < CHUNK_MIN.
+depends on L only (not on the tuned BLOCK_N), so partial buffers are config-independent; a chunk's
+partials (d_h^2 + d_h numbers per product) are smaller than its slice of an [L, k_h] tensor while
+d_h^2 < CHUNK_MIN * k_h (at the limits d_h 128, k_h 512: 16K against 64K).
 
 The launchers are written for `torch.library.triton_op`: kernels are launched through
 `wrap_triton`, and the functions run on fake tensors too (torch.compile traces them to see the
@@ -39,7 +48,7 @@ from ..fused import define_fused_ops, run_fused
 from ..reference.positional import cached_positional_encoding, frequencies, positional_encoding
 from ..validation import HyperMixingProblem
 from ..variants import get_variant
-from .config import INTERPRETED_KERNELS
+from .config import INTERPRETED_KERNELS, block_d, dot_precision
 from .hyper_mixing_bwd import hmx_bwd_kernel_key, hmx_bwd_kernel_query
 from .hyper_mixing_fwd import hmx_fwd_kernel_mix, hmx_fwd_kernel_state
 
@@ -54,8 +63,6 @@ CHUNK_MIN = 128  # fewest tokens per chunk (keeps partial buffers below [L, k_h]
 # may differ from torch's by a few ulp, more for angles in the thousands).
 PE_ON_CHIP = False
 
-# torch.get_float32_matmul_precision() -> tl.dot input_precision for fp32 inputs
-_FP32_DOT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 
 
 def set_nan_poison(enabled: bool) -> None:
@@ -85,10 +92,6 @@ def _chunking(length):
     n = max(1, min(MAX_CHUNKS, triton.cdiv(length, CHUNK_MIN)))
     chunk_len = triton.cdiv(length, n)
     return triton.cdiv(length, chunk_len), chunk_len
-
-
-def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
 
 
 def _keep_args(keep, fallback: torch.Tensor):
@@ -126,16 +129,10 @@ class _Sizes:
         self.first_pos = self.variant.first_position
 
 
-def _precision(dtype: torch.dtype):
-    """(OPERAND, DOT_PREC) constexprs for inputs of `dtype` (see hyper_mixing_fwd._op): fp16 /
-    bf16 inputs multiply half operands on tensor cores ("half"; bf16 rounded and held in fp32
-    under the interpreter, whose bf16 tl.dot is broken); fp32 inputs follow
-    torch.get_float32_matmul_precision(): highest -> IEEE fp32, high -> 3xTF32, medium -> TF32."""
-    if dtype == torch.float32:
-        return "fp32", _FP32_DOT_PRECISION[torch.get_float32_matmul_precision()]
-    if dtype == torch.bfloat16 and INTERPRETED_KERNELS:
-        return "bf16-as-fp32", "ieee"
-    return "half", "ieee"  # DOT_PREC: unused by half dots
+def _precision(dtype: torch.dtype, d_h: int, kernel: str):
+    """(OPERAND, DOT_PREC) of `kernel` for this call: config.dot_precision under the current
+    torch.get_float32_matmul_precision()."""
+    return dot_precision(dtype, d_h, torch.get_float32_matmul_precision(), kernel)
 
 
 def _pow2_scale(x: torch.Tensor, dims):
@@ -146,11 +143,12 @@ def _pow2_scale(x: torch.Tensor, dims):
     return (x / scale).contiguous(), scale.reshape(-1).contiguous()
 
 
-def _state(s, key, value, key_keep, w1, pe, pe_table, precision):
+def _state(s, key, value, key_keep, w1, pe, pe_table):
     """S [B*H, d_h, d_h] and sv [B*H, d_h] (fp32): fixed-order sums of the state pass's chunk
     partials of S = sum_t m_t hid_t^T V_t and sv = sum_t m_t V_t."""
     n_chunks, chunk_len = _chunking(s.N)
     fc1w, fc1b, flags = w1
+    precision = _precision(key.dtype, s.d_h, "hmx_fwd_kernel_state")
     keep, smb, smn, has_mask = _keep_args(key_keep, key)
     s_part = _empty((s.B * s.H, n_chunks, s.d_h, s.d_h), torch.float32, key.device)
     sv_part = _empty((s.B * s.H, n_chunks, s.d_h), torch.float32, key.device)
@@ -161,7 +159,7 @@ def _state(s, key, value, key_keep, w1, pe, pe_table, precision):
         fc1w, fc1b, s_part, sv_part,
         s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
-        OPERAND=precision[0], DOT_PREC=precision[1], BLOCK_D=_block(s.d_h),
+        OPERAND=precision[0], DOT_PREC=precision[1], BLOCK_D=block_d(s.d_h),
     )
     return s_part.sum(dim=1), sv_part.sum(dim=1)  # fixed-order sums over the chunks
 
@@ -185,11 +183,12 @@ def _mix_operands(s, A, fc2w, fc2b):
     return C, c_scale, c0
 
 
-def _mix(s, query, query_keep, w2, mix_ops, pe, pe_table, precision, y):
+def _mix(s, query, query_keep, w2, mix_ops, pe, pe_table, y):
     """y[b, :, head h] = m (hid2 C + c0) for every query token."""
     n_chunks, chunk_len = _chunking(s.M)
     fc1w, fc1b, flags = w2
     C, c_scale, c0 = mix_ops
+    precision = _precision(query.dtype, s.d_h, "hmx_fwd_kernel_mix")
     keep, smb, smn, has_mask = _keep_args(query_keep, query)
     _launch(hmx_fwd_kernel_mix, (s.B * s.H, n_chunks),
         query, query.stride(0), query.stride(1), query.stride(2),
@@ -199,7 +198,7 @@ def _mix(s, query, query_keep, w2, mix_ops, pe, pe_table, precision, y):
         s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
         HAS_FC2_BIAS=c0 is not None, OPERAND=precision[0], DOT_PREC=precision[1],
-        BLOCK_D=_block(s.d_h),
+        BLOCK_D=block_d(s.d_h),
     )
 
 
@@ -222,22 +221,22 @@ def _triton_fwd_impl(query, key, value, query_keep, key_keep, *rest):
     *gen, variant = rest
     s = _Sizes(query, key, gen[2], variant)
     device = query.device
-    precision = _precision(query.dtype)
     pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device, _is_fake(query))
-    S, sv = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table, precision)
+    S, sv = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table)
     P = _state_to_p(s, S, sv, gen[2], gen[3])  # [B, H, k_h, d_h] fp32
     mix_ops = _mix_operands(s, F.gelu(P), gen[6], gen[7])
     y = _empty((s.B, s.M, s.d), torch.float32, device)
-    _mix(s, query, query_keep, _fc1_args(gen[4], gen[5]), mix_ops, pe, pe_table, precision, y)
+    _mix(s, query, query_keep, _fc1_args(gen[4], gen[5]), mix_ops, pe, pe_table, y)
     return y, P
 
 
-def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table, precision):
+def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table):
     """dquery [B, M, d] fp32, T [B, H, d_h, d_h], sdy [B, H, d_h] and the MLP2 fc1 gradients."""
     device = query.device
     n_chunks, chunk_len = _chunking(s.M)
     fc1w, fc1b, flags = w2
     C, c_scale, _ = mix_ops
+    precision = _precision(query.dtype, s.d_h, "hmx_bwd_kernel_query")
     keep, smb, smn, has_mask = _keep_args(query_keep, query)
     dq = _empty((s.B, s.M, s.d), torch.float32, device)
     t_part, sdy_part = _square_partials(s, n_chunks, device)
@@ -252,7 +251,7 @@ def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table, precision):
         s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
         SCALE_TILES=query.dtype == torch.float16, OPERAND=precision[0], DOT_PREC=precision[1],
-        BLOCK_D=_block(s.d_h),
+        BLOCK_D=block_d(s.d_h),
     )
     T = t_part.sum(dim=1).view(s.B, s.H, s.d_h, s.d_h)  # fixed-order sums over the chunks
     sdy = sdy_part.sum(dim=1).view(s.B, s.H, s.d_h)
@@ -265,13 +264,14 @@ def _gelu_grad(x):
     return cdf + x * pdf
 
 
-def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table, precision):
+def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table):
     """dkey, dvalue [B, N, d] fp32, S [B, H, d_h, d_h], sv [B, H, d_h] and the MLP1 fc1
     gradients."""
     device = key.device
     n_chunks, chunk_len = _chunking(s.N)
     fc1w, fc1b, flags = w1
     R, r_scale, r0 = key_ops
+    precision = _precision(key.dtype, s.d_h, "hmx_bwd_kernel_key")
     keep, smb, smn, has_mask = _keep_args(key_keep, key)
     dk = _empty((s.B, s.N, s.d), torch.float32, device)
     dv = _empty((s.B, s.N, s.d), torch.float32, device)
@@ -287,7 +287,7 @@ def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table, precision):
         s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
         HAS_FC2_BIAS=r0 is not None, OPERAND=precision[0], DOT_PREC=precision[1],
-        BLOCK_D=_block(s.d_h),
+        BLOCK_D=block_d(s.d_h),
     )
     S = s_part.sum(dim=1).view(s.B, s.H, s.d_h, s.d_h)  # fixed-order sums over the chunks
     sv = sv_part.sum(dim=1).view(s.B, s.H, s.d_h)
@@ -317,14 +317,13 @@ def _key_operands(s, dP, fc2w, fc2b):
 def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     *gen, state, variant = rest
     s = _Sizes(query, key, gen[2], variant)
-    precision = _precision(query.dtype)
     pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, query.device, _is_fake(query))
     P = state.float()  # [B, H, k_h, d_h]
     A = F.gelu(P)
     fc2w2, fc2b2 = gen[6], gen[7]
     dq, T, sdy, (dfc1w2, dfc1b2) = _query_pass(s, query, query_keep, _fc1_args(gen[4], gen[5]),
                                                _mix_operands(s, A, fc2w2, fc2b2), grad_y.contiguous(),
-                                               pe, pe_table, precision)
+                                               pe, pe_table)
     dA = torch.matmul(fc2w2.float(), T)  # [H, k_h, d_h] @ [B, H, d_h, d_h]
     if fc2b2 is not None:
         dA = dA + fc2b2.float()[None, :, :, None] * sdy.unsqueeze(-2)
@@ -332,7 +331,7 @@ def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     dP = dA * _gelu_grad(P)
     fc2w1, fc2b1 = gen[2], gen[3]
     dk, dv, S, sv, (dfc1w1, dfc1b1) = _key_pass(s, key, value, key_keep, _fc1_args(gen[0], gen[1]),
-                                                _key_operands(s, dP, fc2w1, fc2b1), pe, pe_table, precision)
+                                                _key_operands(s, dP, fc2w1, fc2b1), pe, pe_table)
     dfc2w1, dfc2b1 = _fc2_grads(dP, S, sv, fc2b1 is not None)
     return [dq, dk, dv, dfc1w1, dfc1b1, dfc2w1, dfc2b1, dfc1w2, dfc1b2, dfc2w2, dfc2b2]
 

@@ -16,20 +16,23 @@ and hid_t = GELU(z_t fc1^T + b1) ([d_h]) of each generator:
 The LayerNorm is not part of these kernels: every fused backend applies it the same way
 (hmx_kernels.fused: torch's LayerNorm in fp32 on the [B, M, d] output of the mix pass).
 
-Trade-off: per token the kernels do 2 * (d_h^2 + d_h^2) multiply-adds per pass instead of
-2 * (d_h^2 + 2 d_h k_h) (4.9x fewer backward+forward FLOPs at k_h = 4 d_h), and a program holds
-only [D, D] accumulators instead of [k_h, d_h] ones, so the kernels fit in registers at d_h 128.
+Trade-off: per token and head a forward pass does 2 d_h^2 multiply-adds instead of
+d_h^2 + 2 d_h k_h (forward + backward: 15 d_h^2 instead of 73 d_h^2 at k_h = 4 d_h, 4.9x fewer),
+and a program holds [D, D] accumulators instead of [k_h, d_h] ones, so the kernels compile without
+register spills at the recipe head sizes (benchmarks/results/kernels.md).
 The price is the finalize step (a few per-(b, h) [k_h, d_h] products, negligible against N tokens)
 and that P is formed from the sums S and sv, not token by token: in fp32 the result equals the
 direct form up to summation order.
 
-Precision (constexprs chosen by the launcher, function._precision):
-- fp16 / bf16 inputs: every tl.dot takes fp16 / bf16 operands (tokens and weights as given; z,
-  hid and C rounded to the input dtype) and accumulates in fp32: tensor cores (HMMA on sm_80,
-  HGMMA / HMMA on sm_90). C is passed pre-divided by a power of two (its scale, per (b, h), applied
-  back in fp32) so it fits fp16's range however large A grows with N. OPERAND upcasts the
-  operands instead: fp32 inputs, and bf16 under the interpreter, whose bf16 x bf16 tl.dot is broken.
-- fp32 inputs: DOT_PREC follows torch.get_float32_matmul_precision() ("ieee", "tf32x3" or "tf32").
+Precision (constexprs chosen by the launcher: config.dot_precision):
+- fp16 / bf16 inputs (OPERAND "half"): every tl.dot takes fp16 / bf16 operands (tokens and weights
+  as given; z, hid and C rounded to the input dtype) and accumulates in fp32: tensor cores (HMMA
+  on sm_80, HGMMA / HMMA on sm_90). C is passed pre-divided by a power of two (its scale, per
+  (b, h), applied back in fp32) so it fits fp16's range however large A grows with N. Under the
+  interpreter, whose bf16 x bf16 tl.dot is broken, bf16 operands are rounded to bf16 and held in
+  fp32 ("bf16-as-fp32": the same products); fp16 runs the "half" path itself.
+- fp32 inputs (OPERAND "fp32"): DOT_PREC follows torch.get_float32_matmul_precision(): "ieee"
+  (FMA; "highest" at padded d_h <= 32), "tf32x3" ("highest" above, "high"), "tf32" ("medium").
 Block sizes are powers of two >= 16 (tl.dot's minimum); d_h (the constexpr D_H) is padded to
 BLOCK_D and masked, so d_h 18 runs as 32.
 """
