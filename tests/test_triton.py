@@ -119,7 +119,9 @@ class _RecordAllocations(TorchDispatchMode):
 @pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
 def test_no_n_by_k_tensor_is_allocated(variant):
     """Nothing of N * k_h elements (one W1 or W2 of one (b, h)) or larger than the inputs is
-    created by the forward or the backward: W1/W2 and hidden activations stay on chip."""
+    created by the forward or the backward: the hidden activations stay on chip, W1 / W2 are never
+    formed (k_h appears only in the [B, H, k_h, d_h] finalize products), and the chunk partials
+    are [B*H, n_chunks, d_h, d_h]."""
     B, N, d, H, k_h = 1, 200, 8, 2, 40  # two chunks per (b, h)
     case = make_case(variant=variant, B=B, M=N, N=N, d=d, H=H, k_h=k_h, seed=9)
     leaves = case.leaves()
@@ -261,6 +263,26 @@ def test_unsupported_dtype_and_sizes_are_refused_clearly():
     problem = hmx_kernels.check_inputs(**case.kwargs())
     reasons = " ".join(hmx_kernels.backend_reasons(problem)["triton"])
     assert "d_h = d/H = 130" in reasons and "k_h = 600" in reasons
+
+
+def test_shapes_that_cannot_fit_are_refused_with_a_reason():
+    """No call fails inside the autotuner: fp32 at d_h > 64 on a GPU, and shapes whose every
+    candidate of some kernel needs more shared memory than the device gives (here a 99 KB sm_89
+    and the 163 KB sm_80), are refused before launch with a reason naming the kernel and sizes."""
+    from types import SimpleNamespace
+
+    from hmx_kernels.triton.backend import fit_reasons
+    from hmx_kernels.triton.config import unfit_reason
+
+    (why,) = fit_reasons(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32, d_h=96))
+    assert "d_h = 96 > 64" in why and "bfloat16" in why
+    assert fit_reasons(SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, d_h=128)) == []
+    consumer, a100 = (101376, 89), (166912, 80)
+    assert unfit_reason(torch.bfloat16, 64, "highest", *consumer) is None
+    assert unfit_reason(torch.bfloat16, 128, "highest", *a100) is None
+    why = unfit_reason(torch.bfloat16, 128, "highest", *consumer)
+    assert "d_h = 128" in why and "this GPU gives 99 KB" in why, why
+    assert "needs about" in unfit_reason(torch.float32, 64, "highest", *consumer)
 
 
 def test_import_does_not_import_triton():
