@@ -430,14 +430,24 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], meta: di
         cells = [f"{min(r['spill_bytes'] for r in sel if r['arch'] == a)} B" for a in ("sm_80", "sm_90")]
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {cells[0]} | {cells[1]} |")
     if limit_rows:
+        half = [r for r in limit_rows if r["dtype"] != "fp32"]
+        fp32 = [r for r in limit_rows if r["dtype"] == "fp32"]
         out += ["", "## The limit shape: d_h 128 (kernels-limit.csv; not a recipe shape)", "",
-                "fp32 inputs are refused at d_h > 64 (their [128, 128] fp32 operands need more shared "
-                "memory than either GPU gives a block); fp16 / bf16 run with the candidates below. "
-                "Small spills remain in some kernels at this size (a row split of S or a split of the "
-                "backward kernels by role would remove them; not done).", "",
-                "| arch | dtype | kernel | config | registers | spill B | smem KB | TC instr | kept |",
+                "fp16 / bf16 run there with the candidates marked kept. Every candidate of the state, query "
+                "and key kernels spills at this size; the one with the fewest spill bytes stays (a row split "
+                "of S or a split of the backward kernels by role would remove the spills; not done). "
+                "fp32 inputs are refused at d_h > 64 (hmx_kernels/triton/backend.py): the backward kernels' "
+                "fp32 operands need more shared memory than a block gets:"]
+        for arch in ("sm_80", "sm_90"):
+            for kernel in ("hmx_bwd_kernel_query", "hmx_bwd_kernel_key"):
+                sel = [r for r in fp32 if r["arch"] == arch and r["kernel"] == kernel]
+                if sel:
+                    out.append(f"- {arch} {kernel}: at least {min(r['smem_bytes'] for r in sel) / 1024:.0f} KB "
+                               f"(TF32 / 3xTF32, every candidate; the limit is "
+                               f"{163 if arch == 'sm_80' else 227} KB)")
+        out += ["", "| arch | dtype | kernel | config | registers | spill B | smem KB | TC instr | kept |",
                 "|---|---|---|---|---|---|---|---|---|"]
-        for r in limit_rows:
+        for r in half:
             out.append(f"| {r['arch']} | {r['dtype']} | {r['kernel']} | {r['config']} | {r['registers']} | "
                        f"{r['spill_bytes']} | {r['smem_bytes'] / 1024:.1f} | {r['tensor_core_instructions']} | "
                        f"{'yes' if r['kept'] else 'no'} |")

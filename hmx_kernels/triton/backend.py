@@ -78,9 +78,9 @@ def fit_reasons(p: HyperMixingProblem):
     if p.device.type != "cuda":
         return []
     if p.dtype == torch.float32 and p.d_h > MAX_FP32_HEAD_DIM:
-        return [f"float32 inputs with head size d_h = {p.d_h} > {MAX_FP32_HEAD_DIM}: the kernels' [128, 128] fp32 "
-                "dot operands need 240 to 320 KB of shared memory per block in TF32 / 3xTF32 (227 KB on H100) "
-                "and IEEE dots spill; use bfloat16 / float16 inputs or more heads"]
+        return [f"float32 inputs with head size d_h = {p.d_h} > {MAX_FP32_HEAD_DIM}: the backward kernels' "
+                "[128, 128] fp32 dot operands need 240 KB or more of shared memory per block (H100 gives "
+                "227 KB, A100 163 KB); use bfloat16 / float16 inputs or more heads"]
     from .config import device_limits, unfit_reason
 
     why = unfit_reason(p.dtype, p.d_h, torch.get_float32_matmul_precision(), *device_limits(p.device.index or 0))
