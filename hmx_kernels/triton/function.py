@@ -55,14 +55,13 @@ from .hyper_mixing_fwd import hmx_fwd_kernel_mix, hmx_fwd_kernel_state
 __all__ = ["TRITON_OPS", "triton_forward", "set_nan_poison"]
 
 MAX_CHUNKS = 64  # most programs per (b, h) along the sequence
-CHUNK_MIN = 128  # fewest tokens per chunk (keeps partial buffers below [L, k_h] for d_h < 128)
+CHUNK_MIN = 128  # fewest tokens per chunk (a chunk's d_h x d_h partials stay below its [L_c, k_h] slice)
 
 # Positional encodings: by default both variants read the fp32 table (bitwise the values the
 # reference uses; the table is [L, d], shared by the batch). PE_ON_CHIP = True computes the
 # speechbrain sinusoid on chip from position x frequency instead (no table read; the GPU's sin/cos
 # may differ from torch's by a few ulp, more for angles in the thousands).
 PE_ON_CHIP = False
-
 
 
 def set_nan_poison(enabled: bool) -> None:
