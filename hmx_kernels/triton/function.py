@@ -11,10 +11,10 @@ pass (T, sdy, MLP2's fc1 gradients, dquery) -> finalize: dA, MLP2's fc2 gradient
 R, r0 -> the key pass (S, sv, MLP1's fc1 gradients, dkey, dvalue) -> finalize: MLP1's fc2
 gradients. All token reductions are per-program fp32 partials ([D, D] and [D] per chunk) summed
 here with torch.sum in a fixed order (deterministic, no atomics); the finalize products are torch
-matmuls on [B, H, k_h, d_h] tensors (they follow torch's float32 matmul precision, like the
-kernels). Tied hypernetworks and self-mixing (speechbrain: query = key = value) need no special
-case: the same tensor appears in several argument slots and autograd adds the gradients of those
-slots.
+matmuls on [B, H, k_h, d_h] tensors (`_matmul`: fp32 as torch's float32 matmul precision allows,
+fp64 in "high"). Tied hypernetworks and self-mixing (speechbrain: query = key = value) need no
+special case: the same tensor appears in several argument slots and autograd adds the gradients
+of those slots.
 
 Precision and tensor cores: config.dot_precision (fp16 / bf16 operands, or fp32 in the dot
 precision torch.get_float32_matmul_precision() asks for); C and R are passed divided by a power
@@ -134,6 +134,15 @@ def _precision(dtype: torch.dtype, d_h: int, kernel: str):
     return dot_precision(dtype, d_h, torch.get_float32_matmul_precision(), kernel)
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.matmul for the per-(b, h) finalize products: fp32 as torch's float32 matmul precision
+    allows, except in "high", where cuBLAS would take TF32, less precise than the 3xTF32 the
+    kernels then use: there in fp64 (a few [k_h, d_h] x [d_h, d_h] products per (b, h))."""
+    if torch.get_float32_matmul_precision() == "high":
+        return torch.matmul(a.double(), b.double()).float()
+    return torch.matmul(a, b)
+
+
 def _pow2_scale(x: torch.Tensor, dims):
     """x divided by a power of two per leading index (the exponent of max |x| over `dims`), and
     that power: exact in fp32, and the quotient fits fp16's range as a dot operand."""
@@ -165,7 +174,7 @@ def _state(s, key, value, key_keep, w1, pe, pe_table):
 
 def _state_to_p(s, S, sv, fc2w, fc2b):
     """Finalize: P = fc2 S + b2 sv^T, [B, H, k_h, d_h] fp32 (the op's saved state)."""
-    P = torch.matmul(fc2w.float(), S.view(s.B, s.H, s.d_h, s.d_h))  # [H, k_h, d_h] @ [B, H, d_h, d_h]
+    P = _matmul(fc2w.float(), S.view(s.B, s.H, s.d_h, s.d_h))  # [H, k_h, d_h] @ [B, H, d_h, d_h]
     if fc2b is not None:
         P = P + fc2b.float()[None, :, :, None] * sv.view(s.B, s.H, 1, s.d_h)
     return P
@@ -174,11 +183,11 @@ def _state_to_p(s, S, sv, fc2w, fc2b):
 def _mix_operands(s, A, fc2w, fc2b):
     """Finalize: C = fc2_2^T A [B*H, d_h, d_h] (divided by its power-of-two scale [B*H]) and
     c0 = b2_2^T A [B*H, d_h] (None without an fc2 bias), from A = GELU(P) [B, H, k_h, d_h]."""
-    C = torch.matmul(fc2w.float().transpose(-1, -2), A)  # [H, d_h, k_h] @ [B, H, k_h, d_h]
+    C = _matmul(fc2w.float().transpose(-1, -2), A)  # [H, d_h, k_h] @ [B, H, k_h, d_h]
     C, c_scale = _pow2_scale(C.reshape(s.B * s.H, s.d_h, s.d_h), dims=(-2, -1))
     c0 = None
     if fc2b is not None:
-        c0 = torch.matmul(fc2b.float()[None, :, None, :], A).reshape(s.B * s.H, s.d_h).contiguous()
+        c0 = _matmul(fc2b.float()[None, :, None, :], A).reshape(s.B * s.H, s.d_h).contiguous()
     return C, c_scale, c0
 
 
@@ -297,19 +306,19 @@ def _fc2_grads(A, T, sdy, has_bias):
     """A generator's fc2 gradients from [B, H, k_h, d_h] A and its token sums T [B, H, d_h, d_h],
     sdy [B, H, d_h], summed over the batch: A T^T [H, k_h, d_h] and A sdy [H, k_h] (empty
     without the bias). Generator 2: (A, T, sdy); generator 1: (dP, S, sv)."""
-    dw = torch.matmul(A, T.transpose(-1, -2)).sum(dim=0)
-    db = torch.matmul(A, sdy.unsqueeze(-1)).squeeze(-1).sum(dim=0) if has_bias else A.new_empty((0,))
+    dw = _matmul(A, T.transpose(-1, -2)).sum(dim=0)
+    db = _matmul(A, sdy.unsqueeze(-1)).squeeze(-1).sum(dim=0) if has_bias else A.new_empty((0,))
     return dw, db
 
 
 def _key_operands(s, dP, fc2w, fc2b):
     """Finalize: R = fc2^T dP [B*H, d_h, d_h] (divided by its power-of-two scale [B*H]) and
     r0 = b2^T dP [B*H, d_h] (None without an fc2 bias)."""
-    R = torch.matmul(fc2w.float().transpose(-1, -2), dP)  # [H, d_h, k_h] @ [B, H, k_h, d_h]
+    R = _matmul(fc2w.float().transpose(-1, -2), dP)  # [H, d_h, k_h] @ [B, H, k_h, d_h]
     R, r_scale = _pow2_scale(R.reshape(s.B * s.H, s.d_h, s.d_h), dims=(-2, -1))
     r0 = None
     if fc2b is not None:
-        r0 = torch.matmul(fc2b.float()[None, :, None, :], dP).reshape(s.B * s.H, s.d_h).contiguous()
+        r0 = _matmul(fc2b.float()[None, :, None, :], dP).reshape(s.B * s.H, s.d_h).contiguous()
     return R, r_scale, r0
 
 
@@ -323,7 +332,7 @@ def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     dq, T, sdy, (dfc1w2, dfc1b2) = _query_pass(s, query, query_keep, _fc1_args(gen[4], gen[5]),
                                                _mix_operands(s, A, fc2w2, fc2b2), grad_y.contiguous(),
                                                pe, pe_table)
-    dA = torch.matmul(fc2w2.float(), T)  # [H, k_h, d_h] @ [B, H, d_h, d_h]
+    dA = _matmul(fc2w2.float(), T)  # [H, k_h, d_h] @ [B, H, d_h, d_h]
     if fc2b2 is not None:
         dA = dA + fc2b2.float()[None, :, :, None] * sdy.unsqueeze(-2)
     dfc2w2, dfc2b2 = _fc2_grads(A, T, sdy, fc2b2 is not None)
