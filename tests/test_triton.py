@@ -27,6 +27,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 from hmx_kernels.triton import function as tfn  # noqa: E402  (after TRITON_INTERPRET is set)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
 
 _skip_cpu = pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)")
@@ -118,7 +119,9 @@ class _RecordAllocations(TorchDispatchMode):
 @pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
 def test_no_n_by_k_tensor_is_allocated(variant):
     """Nothing of N * k_h elements (one W1 or W2 of one (b, h)) or larger than the inputs is
-    created by the forward or the backward: W1/W2 and hidden activations stay on chip."""
+    created by the forward or the backward: the hidden activations stay on chip, W1 / W2 are never
+    formed (k_h appears only in the [B, H, k_h, d_h] finalize products), and the chunk partials
+    are [B*H, n_chunks, d_h, d_h]."""
     B, N, d, H, k_h = 1, 200, 8, 2, 40  # two chunks per (b, h)
     case = make_case(variant=variant, B=B, M=N, N=N, d=d, H=H, k_h=k_h, seed=9)
     leaves = case.leaves()
@@ -132,6 +135,86 @@ def test_no_n_by_k_tensor_is_allocated(variant):
     biggest = max(rec.sizes)
     assert biggest[0] < N * k_h, f"an [N, k_h]-sized tensor was created: {biggest}"
     assert biggest[0] <= largest_input, f"a tensor larger than the inputs was created: {biggest}"
+
+
+def test_fp32_matmul_precision_picks_the_dot_precision():
+    """fp32 inputs follow torch.get_float32_matmul_precision() (highest: IEEE, high: 3xTF32,
+    medium: TF32) except where every autotune candidate of that precision spills at the head size
+    (config.SPILLING): then the fallback (IEEE's query pass at d_h 64 -> 3xTF32, the 3xTF32 state
+    pass at d_h 64 -> IEEE); half inputs take half operands (bf16 held in fp32 under the
+    interpreter)."""
+    from hmx_kernels.triton.config import KERNEL_CANDIDATES, SPILLING, block_d, dot_precision
+
+    for d_h in (8, 18, 32, 64, 128):
+        for mode, asked in (("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")):
+            for kernel, candidates in KERNEL_CANDIDATES.items():
+                operand, prec = dot_precision(torch.float32, d_h, mode, kernel)
+                assert operand == "fp32"
+                spills_all = set(candidates) <= SPILLING.get((kernel, block_d(d_h), asked), frozenset())
+                assert (prec == asked) != spills_all, (d_h, mode, kernel, prec)
+                assert set(candidates) - SPILLING.get((kernel, block_d(d_h), prec), frozenset()), (d_h, mode, kernel)
+    assert dot_precision(torch.float32, 18, "highest", "hmx_bwd_kernel_key") == ("fp32", "ieee")
+    assert dot_precision(torch.float32, 64, "highest", "hmx_bwd_kernel_query") == ("fp32", "tf32x3")
+    assert dot_precision(torch.float16, 64, "medium", "hmx_bwd_kernel_key")[0] == "half"
+    expected = "bf16-as-fp32" if INTERPRET else "half"
+    assert dot_precision(torch.bfloat16, 64, "highest", "hmx_fwd_kernel_mix")[0] == expected
+
+
+@pytest.mark.parametrize("device,dtype", FP32_ONLY)
+@pytest.mark.parametrize("mode", ["high", "medium"])
+def test_fp32_matmul_precision_modes(mode, device, dtype, monkeypatch):
+    """The kernels in 3xTF32 / TF32 mode against the reference in full fp32. On a GPU through
+    torch.set_float32_matmul_precision, with the mode's tolerance (backend.FP32_MODE_TOLERANCES).
+    On CPU tensors the interpreter computes every dot exactly, so the fp32 tolerance applies; there
+    "medium" is given to the kernels alone (torch's CPU matmuls, which the launcher's per-(b, h)
+    products follow, take bf16 in "medium")."""
+    from hmx_kernels.triton.backend import FP32_MODE_TOLERANCES
+    from hmx_kernels.triton.config import dot_precision
+
+    case = make_case(variant="idiap", B=2, M=9, N=21, d=24, H=2, k_h=20, seed=11, input_scale=0.3).cast(dtype, device)
+    ref_out, ref_grads = forward_backward(case, "reference")
+    old = torch.get_float32_matmul_precision()
+    if device == "cpu":
+        tol = get_backend("triton").tolerances[(device, dtype)]
+        monkeypatch.setattr(tfn, "_precision", lambda dt, d_h, kernel: dot_precision(dt, d_h, mode, kernel))
+    else:
+        tol = FP32_MODE_TOLERANCES[mode]
+        torch.set_float32_matmul_precision(mode)
+    try:
+        out, grads = forward_backward(case, "triton")
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert_close("out", out, ref_out, tol.out)
+    for name, g in ref_grads.items():
+        assert_close(f"grad {name}", grads[name], g, tol.grad)
+
+
+@needs_device
+def test_fp16_range_large_state_and_small_gradients():
+    """fp16 dot operands stay in range: with large values and fc2 weights, C = fc2_2^T GELU(P)
+    and the pre-LayerNorm output exceed fp16's 65504 (C is passed divided by a power of two), and
+    the LayerNorm then scales the gradient of Y below fp16's normal range (each dY tile is divided
+    by a power of two before it is rounded). Output and every gradient within the fp16 tolerance."""
+    dtype = torch.float16
+    base = make_case(variant="idiap", B=1, M=9, N=40, d=16, H=2, k_h=12, seed=12, input_scale=0.3)
+    with torch.no_grad():
+        base.tensors["value"].mul_(64)
+        base.tensors["w2_fc2_weight"].mul_(256)
+    plain = base.cast(torch.float32)
+    plain.use_layer_norm = False
+    y = hmx_kernels.hyper_mixing(**plain.kwargs(), backend="reference")
+    assert y.abs().max() > 65504, "the case should overflow fp16 if C were not scaled"
+    g = (torch.randn(y.shape, generator=torch.Generator().manual_seed(1)) * 2.0 ** -10).to(dtype)
+    y = y.detach().requires_grad_(True)  # the gradient the kernels receive: through the LayerNorm
+    ln = torch.nn.functional.layer_norm(y, (y.shape[-1],), plain.tensors["ln_weight"], plain.tensors["ln_bias"])
+    (dy,) = torch.autograd.grad(ln, y, g.float())
+    assert dy.abs().max() < 2.0 ** -14, "the gradient of Y should be below fp16's normal range"
+    tol = get_backend("triton").tolerances[(ANY_DEVICE, dtype)]
+    out, grads = forward_backward(base.cast(dtype, ANY_DEVICE), "triton", g.to(ANY_DEVICE))
+    ref_out, ref_grads = forward_backward(base.cast(dtype, ANY_DEVICE), "reference", g.to(ANY_DEVICE))
+    assert_close("out", out, ref_out, tol.out)
+    for name, rg in ref_grads.items():
+        assert_close(f"grad {name}", grads[name], rg, tol.grad)
 
 
 @needs_device
@@ -176,10 +259,30 @@ def test_unsupported_dtype_and_sizes_are_refused_clearly():
     case = make_case(variant="speechbrain", B=1, M=3, d=8, H=2, k_h=4, dtype=torch.float64)
     with pytest.raises(BackendNotSupportedError, match=r"(?s)triton.*not torch.float64.*reference: supported"):
         hmx_kernels.hyper_mixing(**case.kwargs(), backend="triton")
-    case = make_case(variant="speechbrain", B=1, M=2, d=130, H=1, k_h=300, masks=False)
+    case = make_case(variant="speechbrain", B=1, M=2, d=130, H=1, k_h=600, masks=False)
     problem = hmx_kernels.check_inputs(**case.kwargs())
     reasons = " ".join(hmx_kernels.backend_reasons(problem)["triton"])
-    assert "d_h = d/H = 130" in reasons and "k_h = 300" in reasons
+    assert "d_h = d/H = 130" in reasons and "k_h = 600" in reasons
+
+
+def test_shapes_that_cannot_fit_are_refused_with_a_reason():
+    """No call fails inside the autotuner: fp32 at d_h > 64 on a GPU, and shapes whose every
+    candidate of some kernel needs more shared memory than the device gives (here a 99 KB sm_89
+    and the 163 KB sm_80), are refused before launch with a reason naming the kernel and sizes."""
+    from types import SimpleNamespace
+
+    from hmx_kernels.triton.backend import fit_reasons
+    from hmx_kernels.triton.config import unfit_reason
+
+    (why,) = fit_reasons(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32, d_h=96))
+    assert "d_h = 96 > 64" in why and "bfloat16" in why
+    assert fit_reasons(SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, d_h=128)) == []
+    consumer, a100 = (101376, 89), (166912, 80)
+    assert unfit_reason(torch.bfloat16, 64, "highest", *consumer) is None
+    assert unfit_reason(torch.bfloat16, 128, "highest", *a100) is None
+    why = unfit_reason(torch.bfloat16, 128, "highest", *consumer)
+    assert "d_h = 128" in why and "this GPU gives 99 KB" in why, why
+    assert "needs about" in unfit_reason(torch.float32, 64, "highest", *consumer)
 
 
 def test_import_does_not_import_triton():
@@ -193,43 +296,28 @@ def test_import_does_not_import_triton():
 
 
 _COMPILE_CHECK = r'''
-import triton
-from triton.backends.compiler import GPUTarget
-from hmx_kernels.triton import hyper_mixing_fwd as F, hyper_mixing_bwd as Bk
+from benchmarks.kernels import capture_launches, compile_launch
 
-def build(kernel, consts, dt):
-    jf = kernel.fn if hasattr(kernel, "configs") else kernel
-    sig = {}
-    for name in jf.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("k_ptr", "v_ptr", "q_ptr", "g_ptr", "fc1w_ptr", "fc2w_ptr", "w_ptr", "out_ptr"):
-            sig[name] = "*" + dt
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        else:
-            sig[name] = "fp32" if name in ("scale", "eps") else "i32"
-    src = triton.compiler.ASTSource(fn=jf, signature=sig, constexprs=consts)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-
-c = dict(HAS_MASK=True, PE_TABLE=False, HAS_FC1_BIAS=True, HAS_FC2_BIAS=True, BLOCK_N=16, BLOCK_D=16, BLOCK_K=16)
-for k in (F.hmx_fwd_kernel_state, F.hmx_fwd_kernel_mix, Bk.hmx_bwd_kernel_query, Bk.hmx_bwd_kernel_key):
-    build(k, c, "bf16")
-build(Bk.hmx_bwd_kernel_key, dict(c, HAS_MASK=False, PE_TABLE=True, HAS_FC1_BIAS=False, HAS_FC2_BIAS=False), "fp32")
-build(F.hmx_fwd_kernel_state, dict(c, HAS_FC1_BIAS=True, HAS_FC2_BIAS=False), "fp16")
+# the launches of a small forward + backward (d_h 12, k_h 20), one candidate each, for sm_90
+for dtype, mode in (("bf16", "highest"), ("fp16", "highest"), ("fp32", "highest"), ("fp32", "medium")):
+    for launch in capture_launches(12, 20, dtype, mode):
+        res = compile_launch(launch, (16, 4, 2), 90)
+        assert res["spill_bytes"] == 0, (launch.kernel, dtype, res)
+        assert dtype == "fp32" and mode == "highest" or res["tensor_core_instructions"] > 0, (launch.kernel, dtype, res)
 print("compiled")
 '''
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CUDA tests run the kernels themselves")
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """Lower every kernel to a cubin for sm_90 (small blocks, bf16 and fp32 inputs): catches what
-    the interpreter does not check (layouts, dot shapes, types) on machines without a GPU."""
+    """Lower every kernel, as the launcher launches it at d_h 12, to a cubin for sm_90 (bf16,
+    fp16, fp32 IEEE and TF32): catches what the interpreter does not check (layouts, dot shapes,
+    types) on machines without a GPU. The full resource check is tests/test_kernel_resources.py."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + sys.path)
     res = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, env=env)
     if res.returncode != 0 and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
         pytest.skip("triton's ptxas is not available: " + res.stderr[-300:])

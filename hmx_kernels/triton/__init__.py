@@ -1,11 +1,22 @@
-"""Fused Triton HyperMixing (forward and backward). Kernels live in hyper_mixing_fwd.py /
-hyper_mixing_bwd.py, the autograd Function in function.py, registration in backend.py.
+"""Fused Triton HyperMixing (forward and backward), reassociated so that the hypernetworks' k_h
+never enters a token loop: per-token kernels with [D, D] accumulators (d_h padded to D), tensor
+cores for fp16 / bf16 (and TF32 / 3xTF32 for fp32 as torch.get_float32_matmul_precision() asks),
+k_h only in small per-(b, h) torch products.
+
+- hyper_mixing_fwd.py / hyper_mixing_bwd.py: the four token kernels (state, mix; query, key) and
+  the algorithm, with a shape comment on every dot;
+- function.py: the launchers and finalize steps, registered as torch.library ops;
+- config.py: autotune candidates, the dot precision per dtype and mode, pruning by measured
+  register spills and by the device's shared memory;
+- backend.py: registration as backend "triton" (limits, reasons, tolerances with their derivation).
+Compile-level evidence (registers, spills, shared memory, tensor-core instructions for sm_80 and
+sm_90): `python -m benchmarks.kernels` -> benchmarks/results/kernels.md.
 Nothing here imports triton at package import time."""
 
 
 def hyper_mixing_triton(problem):
     """Run a validated `HyperMixingProblem` (see `hmx_kernels.check_inputs`) with the Triton kernels."""
-    from .function import hyper_mixing_triton as _run
+    from .function import triton_forward as _run
 
     return _run(problem)
 

@@ -1,19 +1,85 @@
-"""Autotuning set-up shared by the Triton kernels.
+"""Autotuning set-up shared by the Triton kernels: candidate configurations and their pruning.
 
-The per-token kernels are tuned over a small set of (BLOCK_N, num_warps) configurations keyed on
-the head sizes (d_h, k_h) only: the grid and the chunking of the sequence do not depend on the
-configuration, and every sequence-length argument is excluded from specialisation, so a new
-length neither recompiles nor re-tunes. Under TRITON_INTERPRET=1 (CPU tensors) one configuration
-is used (tuning would only multiply the interpreter's run time).
+The per-token kernels are tuned over (BLOCK_N, num_warps, num_stages) candidates keyed on the
+head size and the dot precision (D_H, OPERAND, DOT_PREC; the autotuner adds the tensors' dtypes):
+the grid and the chunking of the sequence do not depend on the configuration, and every
+sequence-length argument is excluded from specialisation, so a new length neither recompiles nor
+re-tunes. Under TRITON_INTERPRET=1 (CPU tensors) one configuration is used (tuning would only
+multiply the interpreter's run time).
+
+Before tuning, `early_config_prune` drops the candidates that
+- spill registers on sm_80 or sm_90 (SPILLING: measured by compiling every candidate for both,
+  `python -m benchmarks.kernels`; benchmarks/results/kernels.md lists the bytes), or
+- need more shared memory than the device gives one block (`smem_bound`: an upper bound fitted
+  to the same measurements, checked against every one of them by tests/test_kernel_resources.py),
+so no call fails inside the autotuner. `unfit_reason` says when no candidate of a kernel is left
+for a shape and device; the backend reports that as a reason before any kernel is launched.
 """
 from __future__ import annotations
 
 import os
+from functools import lru_cache
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import triton
 
 # tile length (tokens) used under the interpreter
 INTERPRET_BLOCK_N = 16
+
+# (BLOCK_N, num_warps, num_stages) candidates of the forward (2 tile products per token) and the
+# backward kernels (5 and 6 tile products, two [D, D] accumulators)
+FWD_CANDIDATES = ((16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2))
+BWD_CANDIDATES = ((16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2))
+KERNEL_CANDIDATES = {
+    "hmx_fwd_kernel_state": FWD_CANDIDATES,
+    "hmx_fwd_kernel_mix": FWD_CANDIDATES,
+    "hmx_bwd_kernel_query": BWD_CANDIDATES,
+    "hmx_bwd_kernel_key": BWD_CANDIDATES,
+}
+
+# (kernel, BLOCK_D, precision) -> candidates that spill registers on sm_80 or sm_90, measured by
+# compiling all of them at the recipe head sizes (d_h 18, 32 -> D 32; 64 -> D 64) and at the limit
+# d_h 128 in fp16 / bf16 (see the module docstring; `python -m benchmarks.kernels` prints this
+# table when it no longer matches); precision: "half" (fp16 / bf16 operands) or the fp32 dot
+# precision. Where every fp16 / bf16 candidate spills (D 128: state, query, key), the one with the
+# fewest spill bytes stays (BN16 w8: 56 to 204 bytes); where every candidate of an fp32 dot
+# precision spills, dot_precision falls back to another. D 16 was not measured.
+SPILLING: Dict[Tuple[str, int, str], FrozenSet[Tuple[int, int, int]]] = {
+    ("hmx_bwd_kernel_key", 32, "ieee"): frozenset({(32, 4, 2)}),
+    ("hmx_bwd_kernel_key", 32, "tf32"): frozenset({(32, 4, 2), (32, 8, 2)}),
+    ("hmx_bwd_kernel_key", 32, "tf32x3"): frozenset({(32, 4, 2), (32, 8, 2)}),
+    ("hmx_bwd_kernel_key", 64, "half"): frozenset({(32, 4, 2)}),
+    ("hmx_bwd_kernel_key", 64, "ieee"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+    ("hmx_bwd_kernel_key", 64, "tf32"): frozenset({(32, 4, 2)}),
+    ("hmx_bwd_kernel_key", 64, "tf32x3"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+    ("hmx_bwd_kernel_key", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+    ("hmx_bwd_kernel_query", 32, "ieee"): frozenset({(32, 4, 2)}),
+    ("hmx_bwd_kernel_query", 32, "tf32"): frozenset({(32, 4, 2)}),
+    ("hmx_bwd_kernel_query", 32, "tf32x3"): frozenset({(32, 4, 2), (32, 8, 2)}),
+    ("hmx_bwd_kernel_query", 64, "half"): frozenset({(32, 4, 2)}),
+    ("hmx_bwd_kernel_query", 64, "ieee"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2)}),
+    ("hmx_bwd_kernel_query", 64, "tf32x3"): frozenset({(16, 4, 2), (32, 4, 2)}),
+    ("hmx_bwd_kernel_query", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+    ("hmx_fwd_kernel_mix", 64, "ieee"): frozenset({(32, 4, 2), (64, 8, 2)}),
+    ("hmx_fwd_kernel_mix", 64, "tf32x3"): frozenset({(64, 8, 2)}),
+    ("hmx_fwd_kernel_mix", 128, "half"): frozenset({(32, 4, 2), (64, 8, 2)}),
+    ("hmx_fwd_kernel_state", 32, "tf32x3"): frozenset({(64, 8, 2)}),
+    ("hmx_fwd_kernel_state", 64, "ieee"): frozenset({(32, 4, 2), (64, 8, 2)}),
+    ("hmx_fwd_kernel_state", 64, "tf32"): frozenset({(64, 8, 2)}),
+    ("hmx_fwd_kernel_state", 64, "tf32x3"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)}),
+    ("hmx_fwd_kernel_state", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)}),
+}
+
+
+SMEM_LIMIT = {80: 166912, 90: 232448}  # bytes per block (opt-in): 163 KB (A100), 227 KB (H100)
+
+# torch.get_float32_matmul_precision() -> the tl.dot input_precision asked for fp32 inputs, and the
+# order in which a kernel falls back when every candidate of the asked one spills (SPILLING). At
+# D = 64 the IEEE (FMA) query pass spills in every candidate (ptxas even falls back to 32 registers
+# and kilobytes of spills) and takes 3xTF32, which meets the fp32 tolerance; the 3xTF32 state pass
+# spills on sm_80 in every candidate and takes IEEE.
+FP32_DOT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+FP32_FALLBACK = {"ieee": ("ieee", "tf32x3"), "tf32x3": ("tf32x3", "ieee"), "tf32": ("tf32", "tf32x3", "ieee")}
 
 
 def interpreting() -> bool:
@@ -25,20 +91,133 @@ def interpreting() -> bool:
 INTERPRETED_KERNELS = interpreting()
 
 
-def _configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_N": INTERPRET_BLOCK_N}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-        for bn, nw, ns in ((16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2))
-    ]
+def dot_precision(dtype, d_h: int, matmul_precision: str, kernel: str) -> Tuple[str, str]:
+    """(OPERAND, DOT_PREC) constexprs of `kernel` (hyper_mixing_fwd._op) for inputs of torch
+    `dtype`: fp16 / bf16 inputs multiply half operands on tensor cores ("half"; bf16 rounded and
+    held in fp32 under the interpreter, whose bf16 x bf16 tl.dot is broken); fp32 inputs follow
+    `matmul_precision` (torch.get_float32_matmul_precision()) through FP32_DOT_PRECISION, falling
+    back along FP32_FALLBACK where every candidate of that precision spills at this head size."""
+    import torch
+
+    if dtype == torch.float32:
+        asked = FP32_DOT_PRECISION[matmul_precision]
+        for prec in FP32_FALLBACK[asked]:
+            if kept_candidates(kernel, d_h, prec, None):
+                return "fp32", prec
+        return "fp32", asked
+    if dtype == torch.bfloat16 and INTERPRETED_KERNELS:
+        return "bf16-as-fp32", "ieee"
+    return "half", "ieee"  # DOT_PREC: unused by half dots
+
+
+def precision_name(operand: str, dot_prec: str) -> str:
+    """The precision a kernel was built for: "half" for fp16 / bf16 operands, else DOT_PREC."""
+    return dot_prec if operand == "fp32" else "half"
+
+
+def block_d(d_h: int) -> int:
+    """The padded head size: a power of two >= 16 (tl.dot's smallest dimension)."""
+    return max(16, triton.next_power_of_2(d_h))
+
+
+def smem_bound(kernel: str, block_n: int, block_d_: int, num_stages: int, precision: str,
+               arch: Optional[int] = None) -> int:
+    """An upper bound of the shared memory (bytes) one block of `kernel` uses on sm_<arch>:
+    `squares` [D, D] operands (the weights and C / R staged for the dots) plus `tiles` [BN, D]
+    tiles per pipeline stage (operands and layout conversions), in the operand width (2 bytes for
+    fp16 / bf16, 4 for fp32), + 1 KB. The counts are fitted per arch to every compiled kernel of the
+    resource report (D 32 to 128; on average 1.01x to 1.2x the measured size) and checked against
+    all of them by tests/test_kernel_resources.py. sm_8x takes sm_80's fit (mma.sync like it),
+    sm_9x sm_90's, any other arch the larger of the two."""
+    models = _SMEM_MODEL[(kernel, precision)]
+    family = 80 if arch is not None and 80 <= arch < 90 else 90 if arch is not None and 90 <= arch < 100 else None
+    width = 2 if precision == "half" else 4
+    return max(int(width * (sq * block_d_ * block_d_ + ti * block_n * block_d_ * num_stages)) + 1024
+               for fam, (sq, ti) in models.items() if family is None or fam == family)
+
+
+# (kernel, precision) -> {arch: (squares, tiles)} of smem_bound
+_SMEM_MODEL = {
+    ("hmx_fwd_kernel_state", "half"): {80: (1.75, 1.25), 90: (1.75, 1.25)},
+    ("hmx_fwd_kernel_state", "ieee"): {80: (1.0, 2.25), 90: (1.0, 2.25)},
+    ("hmx_fwd_kernel_state", "tf32"): {80: (1.0, 2.0), 90: (1.0, 2.5)},
+    ("hmx_fwd_kernel_state", "tf32x3"): {80: (2.0, 2.5), 90: (3.25, 2.25)},
+    ("hmx_fwd_kernel_mix", "half"): {80: (2.0, 2.0), 90: (2.25, 1.75)},
+    ("hmx_fwd_kernel_mix", "ieee"): {80: (2.0, 1.5), 90: (2.0, 1.5)},
+    ("hmx_fwd_kernel_mix", "tf32"): {80: (2.0, 1.5), 90: (2.0, 1.5)},
+    ("hmx_fwd_kernel_mix", "tf32x3"): {80: (4.0, 2.0), 90: (4.0, 2.0)},
+    ("hmx_bwd_kernel_query", "half"): {80: (3.0, 3.5), 90: (3.0, 4.0)},
+    ("hmx_bwd_kernel_query", "ieee"): {80: (2.0, 2.5), 90: (2.0, 2.5)},
+    ("hmx_bwd_kernel_query", "tf32"): {80: (3.0, 3.0), 90: (3.0, 3.0)},
+    ("hmx_bwd_kernel_query", "tf32x3"): {80: (6.0, 3.5), 90: (6.0, 4.5)},
+    ("hmx_bwd_kernel_key", "half"): {80: (4.0, 2.5), 90: (4.0, 3.0)},
+    ("hmx_bwd_kernel_key", "ieee"): {80: (2.25, 3.0), 90: (2.25, 3.0)},
+    ("hmx_bwd_kernel_key", "tf32"): {80: (4.0, 3.0), 90: (4.0, 3.5)},
+    ("hmx_bwd_kernel_key", "tf32x3"): {80: (8.0, 3.5), 90: (8.0, 4.5)},
+}
+
+
+@lru_cache(maxsize=None)
+def device_limits(index: int) -> Tuple[int, int]:
+    """(shared memory per block in bytes (opt-in), arch as 10 * major + minor) of a CUDA device."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    return int(props.shared_memory_per_block_optin), 10 * props.major + props.minor
+
+
+def kept_candidates(kernel: str, d_h: int, precision: str, smem_limit: Optional[int] = None,
+                    arch: Optional[int] = None) -> List[Tuple[int, int, int]]:
+    """The candidates of `kernel` the autotuner may run for head size d_h and `precision` on an
+    sm_<arch> device giving `smem_limit` bytes of shared memory per block (None: no limit)."""
+    bd = block_d(d_h)
+    spilling = SPILLING.get((kernel, bd, precision), frozenset())
+    return [c for c in KERNEL_CANDIDATES[kernel] if c not in spilling
+            and (smem_limit is None or smem_bound(kernel, c[0], bd, c[2], precision, arch) <= smem_limit)]
+
+
+def unfit_reason(dtype, d_h: int, matmul_precision: str, smem_limit: Optional[int],
+                 arch: Optional[int] = None) -> Optional[str]:
+    """Why no candidate of some kernel fits (dtype, d_h) on an sm_<arch> device, or None."""
+    bd = block_d(d_h)
+    for kernel, candidates in KERNEL_CANDIDATES.items():
+        precision = precision_name(*dot_precision(dtype, d_h, matmul_precision, kernel))
+        if not kept_candidates(kernel, d_h, precision, smem_limit, arch):
+            need = min(smem_bound(kernel, c[0], bd, c[2], precision, arch) for c in candidates)
+            return (f"{kernel} at d_h = {d_h} (padded to {bd}) with {precision} dot operands needs about "
+                    f"{need // 1024} KB of shared memory per block, this GPU gives {(smem_limit or 0) // 1024} KB")
+    return None
+
+
+def _pruner(kernel: str):
+    def early_config_prune(configs, named_args, **kwargs):
+        import torch
+
+        precision = precision_name(kwargs["OPERAND"], kwargs["DOT_PREC"])
+        device = next(v.device for v in named_args.values() if isinstance(v, torch.Tensor))
+        limit, arch = device_limits(device.index or 0) if device.type == "cuda" else (None, None)
+        keep = set(kept_candidates(kernel, kwargs["D_H"], precision, limit, arch))
+        kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+        if not kept:  # the backend refuses such shapes first (unfit_reason)
+            raise RuntimeError(f"hmx_kernels: no autotune candidate of {kernel} fits d_h = {kwargs['D_H']} "
+                               f"with {precision} dot operands on this device")
+        return kept
+
+    return early_config_prune
 
 
 def autotuned(key, do_not_specialize):
-    """triton.jit (length arguments unspecialised) + triton.autotune keyed on `key`."""
+    """triton.jit (length arguments unspecialised) + triton.autotune keyed on `key`, over the
+    kernel's candidates (pruned per call shape and device, see the module docstring)."""
 
     def wrap(fn):
-        return triton.autotune(configs=_configs(), key=list(key))(
+        if interpreting():
+            configs = [triton.Config({"BLOCK_N": INTERPRET_BLOCK_N}, num_warps=4)]
+        else:
+            configs = [triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+                       for bn, nw, ns in KERNEL_CANDIDATES[fn.__name__]]
+        return triton.autotune(configs=configs, key=list(key),
+                               prune_configs_by={"early_config_prune": _pruner(fn.__name__)})(
             triton.jit(do_not_specialize=list(do_not_specialize))(fn)
         )
 

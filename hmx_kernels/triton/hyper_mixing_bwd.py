@@ -1,18 +1,34 @@
-"""Triton backward kernels of HyperMixing, fused like the forward (linear time, no [N, k] tensors).
+"""Triton backward kernels of HyperMixing, reassociated like the forward (k_h stays out of the
+token loops; see hyper_mixing_fwd.py for S, sv, C, c0).
 
 Per (batch b, head h), with dY the gradient of Y (the LayerNorm, applied by torch outside these
-kernels, has already been differentiated by autograd):
-- query pass (`hmx_bwd_kernel_query`, grid [B*H, n_chunks]): recomputes W2 per query tile
-  (MLP2 on chip), accumulates the chunk's partial dA = W2^T dY [k_h, d_h], forms
-  dW2 = dY A^T * m_q, back-propagates it through MLP2 (weight gradients accumulated per program)
-  and writes dquery = s * m_q * dZq.
-- key pass (`hmx_bwd_kernel_key`, grid [B*H, n_chunks]): with dP = dA * GELU'(P) (tiny, computed
-  by the launcher), recomputes W1 per key tile, writes dvalue = m_k * (W1 dP), forms
-  dW1 = m_k * (V dP^T), back-propagates it through MLP1 and writes dkey = s * m_k * dZk.
-Every reduction over tokens (dA and all weight gradients) is written as per-program fp32 partials
-that the launcher sums in a fixed order: no atomics, so two runs give bitwise equal gradients.
-Trade-off: W1/W2 and the hidden activations are recomputed (one extra hypernetwork evaluation per
-token and pass) instead of being stored (O(N * k) memory).
+kernels, has already been differentiated by autograd), m the keep masks and V_t = v_t m_t:
+    T = sum_t m_t hid2_t^T dY_t [d_h, d_h],  sdy = sum_t m_t dY_t
+    dA = fc2_2 T + b2_2 sdy^T,  dfc2_2 = A T^T,  db2_2 = A sdy          (finalize, [k_h, d_h])
+    dhid2_t = m_t dY_t C^T                                               (query pass, per token)
+    dP = dA * GELU'(P),  R = fc2^T dP [d_h, d_h],  r0 = b2^T dP          (finalize)
+    dV_t = m_t (m_t hid_t R + m_t r0),  dhid_t = m_t V_t R^T             (key pass, per token)
+    dfc2 = dP S^T,  db2 = dP sv                                          (finalize, S re-accumulated)
+and per generator the fc1/GELU chain on each tile: dpre = dhid * GELU'(pre), dfc1 = sum dpre^T z,
+db1 = sum dpre, dz = dpre fc1, dx = s m dz.
+- query pass (`hmx_bwd_kernel_query`, grid [B*H, n_chunks]): recomputes hid2 per query tile,
+  accumulates T, sdy and the fc1 gradients of MLP2, writes dquery. Five tile products:
+  z fc1^T, hid2^T dY, dY C^T, dpre^T z, dpre fc1.
+- key pass (`hmx_bwd_kernel_key`, grid [B*H, n_chunks]): recomputes hid per key tile, accumulates
+  S, sv (for dfc2, db2: the op saves only P) and the fc1 gradients of MLP1, writes dvalue and
+  dkey. Six tile products: z fc1^T, hid^T V, hid R, V R^T, dpre^T z, dpre fc1.
+- finalize (torch in the launcher, function.py): the [k_h, d_h] products above, on the chunk
+  partials summed in a fixed order.
+Every reduction over tokens is written as per-program fp32 partials [D, D] / [D] that the launcher
+sums in a fixed order: no atomics, so two runs give bitwise equal gradients.
+Trade-off: hid and hid2 are recomputed (fc1 + GELU per token and pass) instead of being stored, and
+the key pass re-accumulates S (one [D, BN] @ [BN, D] product per tile) instead of the forward
+saving it, so that the op's saved state stays P.
+
+Precision as in the forward. Half operands stay in fp16's range: C and R arrive divided by a power
+of two per (b, h) (C_SCALE, R_SCALE applied back in fp32; everything downstream of them is linear
+in them), and with SCALE_TILES (fp16 inputs) each dY tile is divided by the power of two of its
+largest element before it is rounded, so small gradients do not flush to fp16 zero.
 """
 from __future__ import annotations
 
@@ -20,160 +36,156 @@ import triton
 import triton.language as tl
 
 from .config import autotuned
-from .hyper_mixing_fwd import _LEN_ARGS, _gelu, _gelu_grad, _load_hyper_input, _load_mlp, _mlp_fwd
+from .hyper_mixing_fwd import (_LEN_ARGS, _gelu_grad, _hidden, _load_fc1, _load_hyper_input,
+                               _load_square, _op, _store_square)
 
-_BWD_LEN_ARGS = _LEN_ARGS + ["sgb", "sgn", "sdb"]
-
-
-@triton.jit
-def _mlp_bwd(b_dw, b_z, b_pre, b_hid, b_fc1w, b_fc2w):
-    """Back-propagate dW [BN, BK] (already row-masked) through fc2 -> GELU -> fc1 on one tile."""
-    # [BK, BN] @ [BN, BD] -> [BK, BD]
-    d_fc2w = tl.dot(tl.trans(b_dw), b_hid, input_precision="ieee")
-    d_fc2b = tl.sum(b_dw, axis=0)
-    # [BN, BK] @ [BK, BD] -> [BN, BD]
-    b_dhid = tl.dot(b_dw, b_fc2w, input_precision="ieee")
-    b_dpre = b_dhid * _gelu_grad(b_pre)
-    # [BD(out), BN] @ [BN, BD(in)] -> [BD(out), BD(in)]
-    d_fc1w = tl.dot(tl.trans(b_dpre), b_z, input_precision="ieee")
-    d_fc1b = tl.sum(b_dpre, axis=0)
-    # [BN, BD(out)] @ [BD(out), BD(in)] -> [BN, BD(in)]
-    b_dz = tl.dot(b_dpre, b_fc1w, input_precision="ieee")
-    return b_dz, d_fc1w, d_fc1b, d_fc2w, d_fc2b
+_BWD_LEN_ARGS = _LEN_ARGS + ["sgb", "sdb"]
 
 
 @triton.jit
-def _store_mlp_partials(dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr, i_part, d_h, k_h, o_c, o_k,
-                        acc_fc1w, acc_fc1b, acc_fc2w, acc_fc2b):
-    """Store one program's weight-gradient partials at slot i_part of the partial buffers."""
-    m_c = o_c < d_h
-    m_k = o_k < k_h
-    tl.store(dfc1w_ptr + i_part * d_h * d_h + o_c[:, None] * d_h + o_c[None, :], acc_fc1w,
-             mask=m_c[:, None] & m_c[None, :])
-    tl.store(dfc1b_ptr + i_part * d_h + o_c, acc_fc1b, mask=m_c)
-    tl.store(dfc2w_ptr + i_part * k_h * d_h + o_k[:, None] * d_h + o_c[None, :], acc_fc2w,
-             mask=m_k[:, None] & m_c[None, :])
-    tl.store(dfc2b_ptr + i_part * k_h + o_k, acc_fc2b, mask=m_k)
+def _pow2_of_max(b_x):
+    """The power of two of max |x| over a tile (its exponent bits; 1 for an all-zero tile)."""
+    amax = tl.max(tl.max(tl.abs(b_x), axis=1), axis=0)
+    p2 = (amax.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(p2 > 0.0, p2, 1.0)
 
 
-@autotuned(key=["d_h", "k_h"], do_not_specialize=_BWD_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_BWD_LEN_ARGS)
 def hmx_bwd_kernel_query(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
     mask_ptr, smb, smn,  # query keep vector [B, M] fp32 (1 kept, 0 padded)
-    pe_ptr, freq_ptr,
-    fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr,  # MLP2
-    p_ptr,  # [B*H, k_h, d_h] fp32 state P
-    g_ptr, sgb, sgn,  # dY [B, M, d] (channel stride 1; any float dtype)
-    dx_ptr, sdb,  # out: dquery from the MLP2 path [B, M, d] fp32 contiguous (row stride d)
-    da_part_ptr,  # out: [B*H, n_chunks, k_h, d_h] fp32
-    dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr,  # out: [B*H*n_chunks, (d_h, d_h) | d_h | (k_h, d_h) | k_h]
-    L, chunk_len, n_chunks, H, d_h, k_h, d, scale, first_pos,
-    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr, HAS_FC2_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    pe_ptr, freq_ptr,  # PE table [>= M, d] fp32, or frequencies [d] fp32
+    fc1w_ptr, fc1b_ptr,  # MLP2 fc1: [H, d_h, d_h], [H, d_h]
+    c_ptr, cscale_ptr,  # [B*H, d_h, d_h] fp32 C / c_scale, C = fc2_2^T A; [B*H] fp32 c_scale
+    g_ptr, sgb, sgn,  # dY [B, M, d] fp32 (channel stride 1)
+    dx_ptr, sdb,  # out: dquery [B, M, d] fp32 contiguous (row stride d)
+    t_part_ptr, sdy_part_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: T, sdy
+    dfc1w_ptr, dfc1b_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: MLP2 fc1 grads
+    L, chunk_len, n_chunks, H, d, scale, first_pos,
+    D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
+    SCALE_TILES: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_chunk = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
+    i_bh64 = i_bh.to(tl.int64)
     o_c = tl.arange(0, BLOCK_D)
-    o_k = tl.arange(0, BLOCK_K)
-    m_c = o_c < d_h
-    m_kc = (o_k < k_h)[:, None] & m_c[None, :]
-    b_fc1w, b_fc1b, b_fc2w, b_fc2b = _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h,
-                                               o_c, o_k, HAS_FC1_BIAS, HAS_FC2_BIAS)
-    b_a = _gelu(tl.load(p_ptr + i_bh.to(tl.int64) * k_h * d_h + o_k[:, None] * d_h + o_c[None, :],
-                        mask=m_kc, other=0.0))  # [BK, BD]
-    acc_da = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-    acc_fc1b = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_fc2w = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    acc_fc2b = tl.zeros([BLOCK_K], dtype=tl.float32)
+    m_c = o_c < D_H
+    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
+    b_c = _op(_load_square(c_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
+    c_scale = tl.load(cscale_ptr + i_bh64)
+    acc_t = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    acc_sdy = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # in units of c_scale
+    acc_fc1b = tl.zeros([BLOCK_D], dtype=tl.float32)  # in units of c_scale
     start = i_chunk * chunk_len
     end = tl.minimum(start + chunk_len, L)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
         o_n64 = o_n.to(tl.int64)
         m_nc = (o_n < end)[:, None] & m_c[None, :]
-        b_z, b_x, b_keep = _load_hyper_input(q_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
-                                             pe_ptr, freq_ptr, o_n, o_c, i_h * d_h, end, d_h, d,
-                                             scale, first_pos, HAS_MASK, PE_TABLE)
-        b_pre, b_hid, b_w2 = _mlp_fwd(b_z, b_fc1w, b_fc1b, b_fc2w, b_fc2b)
-        b_w2 = b_w2 * b_keep[:, None]
-        b_dy = tl.load(g_ptr + i_b * sgb + o_n64[:, None] * sgn + (i_h * d_h + o_c)[None, :],
-                       mask=m_nc, other=0.0).to(tl.float32)
-        # [BK, BN] @ [BN, BD] -> [BK, BD]
-        acc_da += tl.dot(tl.trans(b_w2), b_dy, input_precision="ieee")
-        # [BN, BD] @ [BD, BK] -> [BN, BK]
-        b_dw2 = tl.dot(b_dy, tl.trans(b_a), input_precision="ieee") * b_keep[:, None]
-        b_dz, d_fc1w, d_fc1b, d_fc2w, d_fc2b = _mlp_bwd(b_dw2, b_z, b_pre, b_hid, b_fc1w, b_fc2w)
-        acc_fc1w += d_fc1w
-        acc_fc1b += d_fc1b
-        acc_fc2w += d_fc2w
-        acc_fc2b += d_fc2b
-        b_dx = b_dz * (scale * b_keep)[:, None]
-        tl.store(dx_ptr + i_b * sdb + o_n64[:, None] * d + (i_h * d_h + o_c)[None, :], b_dx, mask=m_nc)
-    i_part = i_bh.to(tl.int64) * n_chunks + i_chunk
-    tl.store(da_part_ptr + i_part * k_h * d_h + o_k[:, None] * d_h + o_c[None, :], acc_da, mask=m_kc)
-    _store_mlp_partials(dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr, i_part, d_h, k_h, o_c, o_k,
-                        acc_fc1w, acc_fc1b, acc_fc2w, acc_fc2b)
+        b_z, b_keep = _load_hyper_input(q_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
+                                        pe_ptr, freq_ptr, o_n, o_c, i_h * D_H, end, d, scale,
+                                        first_pos, D_H, HAS_MASK, PE_TABLE)
+        b_zo, b_pre, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND, DOT_PREC)
+        b_dy = tl.load(g_ptr + i_b * sgb + o_n64[:, None] * sgn + (i_h * D_H + o_c)[None, :],
+                       mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]  # m dY
+        if SCALE_TILES:
+            g_scale = _pow2_of_max(b_dy)
+        else:
+            g_scale = 1.0
+        b_dyo = _op(b_dy / g_scale, fc1w_ptr, OPERAND)
+        # T += hid2^T (m dY): [BD, BN] @ [BN, BD] -> [BD, BD]
+        acc_t += tl.dot(tl.trans(_op(b_hid, fc1w_ptr, OPERAND)), b_dyo, input_precision=DOT_PREC) * g_scale
+        acc_sdy += tl.sum(b_dy, axis=0)
+        # dhid2 = m dY C^T (units g_scale * c_scale): [BN, BD] @ [BD, BD] -> [BN, BD]
+        b_dpre = tl.dot(b_dyo, tl.trans(b_c), input_precision=DOT_PREC) * _gelu_grad(b_pre)
+        b_dpreo = _op(b_dpre, fc1w_ptr, OPERAND)
+        # dfc1 += dpre^T z: [BD(out), BN] @ [BN, BD(in)] -> [BD(out), BD(in)]
+        acc_fc1w += tl.dot(tl.trans(b_dpreo), b_zo, input_precision=DOT_PREC) * g_scale
+        acc_fc1b += tl.sum(b_dpre, axis=0) * g_scale
+        # dz = dpre fc1: [BN, BD(out)] @ [BD(out), BD(in)] -> [BN, BD(in)]
+        b_dz = tl.dot(b_dpreo, b_fc1w, input_precision=DOT_PREC)
+        b_dx = b_dz * ((g_scale * c_scale * scale) * b_keep)[:, None]
+        tl.store(dx_ptr + i_b * sdb + o_n64[:, None] * d + (i_h * D_H + o_c)[None, :], b_dx, mask=m_nc)
+    i_part = i_bh64 * n_chunks + i_chunk
+    _store_square(t_part_ptr + i_part * D_H * D_H, acc_t, o_c, D_H)
+    tl.store(sdy_part_ptr + i_part * D_H + o_c, acc_sdy, mask=m_c)
+    _store_square(dfc1w_ptr + i_part * D_H * D_H, acc_fc1w * c_scale, o_c, D_H)
+    tl.store(dfc1b_ptr + i_part * D_H + o_c, acc_fc1b * c_scale, mask=m_c)
 
 
-@autotuned(key=["d_h", "k_h"], do_not_specialize=_BWD_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_BWD_LEN_ARGS)
 def hmx_bwd_kernel_key(
     k_ptr, sxb, sxn, sxc,  # key [B, N, d]
     v_ptr, svb, svn, svc,  # value [B, N, d]
     mask_ptr, smb, smn,  # key keep vector [B, N] fp32 (1 kept, 0 padded)
     pe_ptr, freq_ptr,
-    fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr,  # MLP1
-    dp_ptr,  # [B*H, k_h, d_h] fp32 dP = dA * GELU'(P)
+    fc1w_ptr, fc1b_ptr,  # MLP1 fc1: [H, d_h, d_h], [H, d_h]
+    r_ptr, r0_ptr, rscale_ptr,  # [B*H, d_h, d_h] fp32 R / r_scale, R = fc2^T dP; [B*H, d_h] r0 = b2^T dP
+                                # (read if HAS_FC2_BIAS); [B*H] fp32 r_scale
     dk_ptr, dv_ptr, sdb,  # out: dkey, dvalue [B, N, d] fp32 contiguous (row stride d)
-    dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr,  # out: partials as in hmx_bwd_kernel_query
-    L, chunk_len, n_chunks, H, d_h, k_h, d, scale, first_pos,
-    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr, HAS_FC2_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    s_part_ptr, sv_part_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: S, sv
+    dfc1w_ptr, dfc1b_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: MLP1 fc1 grads
+    L, chunk_len, n_chunks, H, d, scale, first_pos,
+    D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
+    HAS_FC2_BIAS: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_chunk = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
+    i_bh64 = i_bh.to(tl.int64)
     o_c = tl.arange(0, BLOCK_D)
-    o_k = tl.arange(0, BLOCK_K)
-    m_c = o_c < d_h
-    m_kc = (o_k < k_h)[:, None] & m_c[None, :]
-    b_fc1w, b_fc1b, b_fc2w, b_fc2b = _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h,
-                                               o_c, o_k, HAS_FC1_BIAS, HAS_FC2_BIAS)
-    b_dp = tl.load(dp_ptr + i_bh.to(tl.int64) * k_h * d_h + o_k[:, None] * d_h + o_c[None, :],
-                   mask=m_kc, other=0.0)  # [BK, BD]
-    acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-    acc_fc1b = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_fc2w = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    acc_fc2b = tl.zeros([BLOCK_K], dtype=tl.float32)
+    m_c = o_c < D_H
+    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
+    b_r = _op(_load_square(r_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
+    r_scale = tl.load(rscale_ptr + i_bh64)
+    if HAS_FC2_BIAS:
+        b_r0 = tl.load(r0_ptr + i_bh64 * D_H + o_c, mask=m_c, other=0.0)
+    else:
+        b_r0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    acc_sv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # in units of r_scale
+    acc_fc1b = tl.zeros([BLOCK_D], dtype=tl.float32)  # in units of r_scale
     start = i_chunk * chunk_len
     end = tl.minimum(start + chunk_len, L)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
         o_n64 = o_n.to(tl.int64)
         m_nc = (o_n < end)[:, None] & m_c[None, :]
-        b_z, b_x, b_keep = _load_hyper_input(k_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
-                                             pe_ptr, freq_ptr, o_n, o_c, i_h * d_h, end, d_h, d,
-                                             scale, first_pos, HAS_MASK, PE_TABLE)
-        b_pre, b_hid, b_w1 = _mlp_fwd(b_z, b_fc1w, b_fc1b, b_fc2w, b_fc2b)
-        b_w1 = b_w1 * b_keep[:, None]
-        b_v = tl.load(v_ptr + i_b * svb + o_n64[:, None] * svn + (i_h * d_h + o_c)[None, :] * svc,
-                      mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]
-        # dV = W1 dP: [BN, BK] @ [BK, BD] -> [BN, BD]
-        b_dv = tl.dot(b_w1, b_dp, input_precision="ieee") * b_keep[:, None]
-        # dW1 = V dP^T: [BN, BD] @ [BD, BK] -> [BN, BK]
-        b_dw1 = tl.dot(b_v, tl.trans(b_dp), input_precision="ieee") * b_keep[:, None]
-        b_dz, d_fc1w, d_fc1b, d_fc2w, d_fc2b = _mlp_bwd(b_dw1, b_z, b_pre, b_hid, b_fc1w, b_fc2w)
-        acc_fc1w += d_fc1w
-        acc_fc1b += d_fc1b
-        acc_fc2w += d_fc2w
-        acc_fc2b += d_fc2b
-        b_dk = b_dz * (scale * b_keep)[:, None]
-        o_out = i_b * sdb + o_n64[:, None] * d + (i_h * d_h + o_c)[None, :]
+        b_z, b_keep = _load_hyper_input(k_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
+                                        pe_ptr, freq_ptr, o_n, o_c, i_h * D_H, end, d, scale,
+                                        first_pos, D_H, HAS_MASK, PE_TABLE)
+        b_zo, b_pre, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND, DOT_PREC)
+        b_v = tl.load(v_ptr + i_b * svb + o_n64[:, None] * svn + (i_h * D_H + o_c)[None, :] * svc,
+                      mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]  # V = v m
+        b_vo = _op(b_v, fc1w_ptr, OPERAND)
+        b_hmo = _op(b_hid * b_keep[:, None], fc1w_ptr, OPERAND)
+        # S += (m hid)^T V: [BD, BN] @ [BN, BD] -> [BD, BD]
+        acc_s += tl.dot(tl.trans(b_hmo), b_vo, input_precision=DOT_PREC)
+        acc_sv += tl.sum(b_v * b_keep[:, None], axis=0)
+        # dV = m (m hid R + m r0): [BN, BD] @ [BD, BD] -> [BN, BD]
+        b_dv = tl.dot(b_hmo, b_r, input_precision=DOT_PREC) * r_scale + b_keep[:, None] * b_r0[None, :]
+        b_dv = b_dv * b_keep[:, None]
+        # dhid = m V R^T (units r_scale): [BN, BD] @ [BD, BD] -> [BN, BD]
+        b_dpre = tl.dot(b_vo, tl.trans(b_r), input_precision=DOT_PREC) * (b_keep[:, None] * _gelu_grad(b_pre))
+        b_dpreo = _op(b_dpre, fc1w_ptr, OPERAND)
+        # dfc1 += dpre^T z: [BD(out), BN] @ [BN, BD(in)] -> [BD(out), BD(in)]
+        acc_fc1w += tl.dot(tl.trans(b_dpreo), b_zo, input_precision=DOT_PREC)
+        acc_fc1b += tl.sum(b_dpre, axis=0)
+        # dz = dpre fc1: [BN, BD(out)] @ [BD(out), BD(in)] -> [BN, BD(in)]
+        b_dz = tl.dot(b_dpreo, b_fc1w, input_precision=DOT_PREC)
+        b_dk = b_dz * ((r_scale * scale) * b_keep)[:, None]
+        o_out = i_b * sdb + o_n64[:, None] * d + (i_h * D_H + o_c)[None, :]
         tl.store(dk_ptr + o_out, b_dk, mask=m_nc)
         tl.store(dv_ptr + o_out, b_dv, mask=m_nc)
-    i_part = i_bh.to(tl.int64) * n_chunks + i_chunk
-    _store_mlp_partials(dfc1w_ptr, dfc1b_ptr, dfc2w_ptr, dfc2b_ptr, i_part, d_h, k_h, o_c, o_k,
-                        acc_fc1w, acc_fc1b, acc_fc2w, acc_fc2b)
+    i_part = i_bh64 * n_chunks + i_chunk
+    _store_square(s_part_ptr + i_part * D_H * D_H, acc_s, o_c, D_H)
+    tl.store(sv_part_ptr + i_part * D_H + o_c, acc_sv, mask=m_c)
+    _store_square(dfc1w_ptr + i_part * D_H * D_H, acc_fc1w * r_scale, o_c, D_H)
+    tl.store(dfc1b_ptr + i_part * D_H + o_c, acc_fc1b * r_scale, mask=m_c)

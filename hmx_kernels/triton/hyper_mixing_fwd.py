@@ -1,23 +1,40 @@
-"""Triton forward kernels of HyperMixing: two linear-time passes over the sequence.
+"""Triton forward kernels of HyperMixing, reassociated so that k_h never enters a token loop.
 
-Per (batch b, head h):
+Per (batch b, head h), with the keep mask m_t, z_t the hypernetwork input (s * x_t * m_t + PE_t)
+and hid_t = GELU(z_t fc1^T + b1) ([d_h]) of each generator:
+    W1_t = (hid_t fc2^T + b2) m_t  is linear in hid_t, so
+    P = sum_t W1_t^T V_t = fc2 S + b2 sv^T,   S = sum_t m_t hid_t^T V_t  [d_h, d_h],  sv = sum_t m_t V_t
+    Y_t = m_t W2_t A = m_t (hid2_t C + c0),   A = GELU(P),  C = fc2_2^T A  [d_h, d_h],  c0 = b2_2^T A
 - state pass (`hmx_fwd_kernel_state`, grid [B*H, n_chunks]): each program streams the key tiles of
-  one chunk of the sequence, builds the hypernetwork input Zk = s * key * m_k + PE on chip, runs
-  MLP1 (fc1 -> GELU -> fc2) on the tile, masks the rows and accumulates P_c = W1^T V into an fp32
-  [k_h, d_h] block. The launcher sums the <= 64 chunk partials in a fixed order (deterministic).
-- mix pass (`hmx_fwd_kernel_mix`, grid [B*H, n_chunks]): streams query tiles, builds W2 rows on
-  chip from Zq with MLP2 and writes Y = W2 @ GELU(P) for the head's d_h channels.
+  one chunk of the sequence, builds z on chip, runs fc1 -> GELU and accumulates the chunk's S and
+  sv (fp32, [D, D] and [D]). Two tile products: z fc1^T and hid^T V.
+- finalize (torch, in the launcher, on [B*H, ...] tensors): S, sv = fixed-order sums of the chunk
+  partials; P = fc2 S + b2 sv^T [k_h, d_h]; A = GELU(P); C = fc2_2^T A; c0 = b2_2^T A. k_h (72,
+  128, 256, ... any size, no padding) appears only here.
+- mix pass (`hmx_fwd_kernel_mix`, grid [B*H, n_chunks]): streams query tiles and writes
+  Y = m (hid2 C + c0) for the head's d_h channels. Two tile products: z fc1^T and hid2 C.
 The LayerNorm is not part of these kernels: every fused backend applies it the same way
 (hmx_kernels.fused: torch's LayerNorm in fp32 on the [B, M, d] output of the mix pass).
-No [N, k_h] (W1, W2) or [N, d_h] hidden tensor reaches memory; the state kept between passes is
-[B*H, n_chunks, k_h, d_h] fp32. Trade-off: the hypernetworks are evaluated on chip per tile, so
-the backward recomputes them instead of reading them back (MLP2 in the query pass, MLP1 in the
-key pass), trading FLOPs for O(N * k) memory and traffic.
 
-Precision: every tile is upcast to fp32 on load and every tl.dot runs with
-input_precision="ieee" (true fp32, no TF32), so fp16/bf16 inputs get fp32 arithmetic and fp32
-inputs match the reference to ~1e-6 relative. This also sidesteps the interpreter's bf16 dot bug.
-Block sizes are powers of two >= 16 (tl.dot's minimum); d_h and k_h are padded and masked.
+Trade-off: per token and head a forward pass does 2 d_h^2 multiply-adds instead of
+d_h^2 + 2 d_h k_h (forward + backward: 15 d_h^2 instead of 73 d_h^2 at k_h = 4 d_h, 4.9x fewer),
+and a program holds [D, D] accumulators instead of [k_h, d_h] ones, so the kernels compile without
+register spills at the recipe head sizes (benchmarks/results/kernels.md).
+The price is the finalize step (a few per-(b, h) [k_h, d_h] products, negligible against N tokens)
+and that P is formed from the sums S and sv, not token by token: in fp32 the result equals the
+direct form up to summation order.
+
+Precision (constexprs chosen by the launcher: config.dot_precision):
+- fp16 / bf16 inputs (OPERAND "half"): every tl.dot takes fp16 / bf16 operands (tokens and weights
+  as given; z, hid and C rounded to the input dtype) and accumulates in fp32: tensor cores (HMMA
+  on sm_80, HGMMA / HMMA on sm_90). C is passed pre-divided by a power of two (its scale, per
+  (b, h), applied back in fp32) so it fits fp16's range however large A grows with N. Under the
+  interpreter, whose bf16 x bf16 tl.dot is broken, bf16 operands are rounded to bf16 and held in
+  fp32 ("bf16-as-fp32": the same products); fp16 runs the "half" path itself.
+- fp32 inputs (OPERAND "fp32"): DOT_PREC follows torch.get_float32_matmul_precision(): "ieee"
+  (FMA; "highest" at padded d_h <= 32), "tf32x3" ("highest" above, "high"), "tf32" ("medium").
+Block sizes are powers of two >= 16 (tl.dot's minimum); d_h (the constexpr D_H) is padded to
+BLOCK_D and masked, so d_h 18 runs as 32.
 """
 from __future__ import annotations
 
@@ -44,6 +61,20 @@ def _gelu_grad(x):
 
 
 @triton.jit
+def _op(x, like_ptr, OPERAND: tl.constexpr):
+    """x as a tl.dot operand. OPERAND "half": the element type of `like_ptr` (the inputs' fp16 /
+    bf16; tensor cores); "fp32": fp32 (fp32 inputs, DOT_PREC applies); "bf16-as-fp32": rounded
+    to bf16 and held in fp32, the interpreter's stand-in for bf16 operands (its bf16 x bf16
+    tl.dot is broken; the exact fp32 products of bf16 values are what tensor cores form)."""
+    if OPERAND == "half":
+        return x.to(like_ptr.dtype.element_ty)
+    elif OPERAND == "bf16-as-fp32":
+        return x.to(tl.bfloat16).to(tl.float32)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _load_hyper_input(
     x_ptr,  # tokens of batch b: [L, d] with strides (sxn, sxc)
     sxn, sxc,
@@ -54,12 +85,13 @@ def _load_hyper_input(
     o_n,  # [BLOCK_N] token indices
     o_c,  # [BLOCK_D] channel indices inside the head
     ch0,  # first channel of the head
-    L, d_h, d, scale, first_pos,
-    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr,
+    L, d, scale, first_pos,
+    D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr,
 ):
-    """Zk/Zq tile = scale * x * m + PE, the masked token tile x * m, and the row mask m (fp32)."""
+    """The hypernetwork input z = scale * x * m + PE [BN, BD] fp32 (0 outside the tile's valid
+    rows / channels) and the keep mask m [BN] fp32 (0 for rows past L)."""
     m_n = o_n < L
-    m_c = o_c < d_h
+    m_c = o_c < D_H
     m_nc = m_n[:, None] & m_c[None, :]
     o_n64 = o_n.to(tl.int64)
     b_x = tl.load(x_ptr + o_n64[:, None] * sxn + (ch0 + o_c)[None, :] * sxc, mask=m_nc, other=0.0).to(tl.float32)
@@ -67,7 +99,6 @@ def _load_hyper_input(
         b_keep = tl.load(mask_ptr + o_n64 * smn, mask=m_n, other=0.0).to(tl.float32)
     else:
         b_keep = tl.where(m_n, 1.0, 0.0)
-    b_x = b_x * b_keep[:, None]
     if PE_TABLE:
         b_pe = tl.load(pe_ptr + o_n64[:, None] * d + (ch0 + o_c)[None, :], mask=m_nc, other=0.0)
     else:
@@ -75,117 +106,130 @@ def _load_hyper_input(
         b_ang = (o_n + first_pos).to(tl.float32)[:, None] * b_freq[None, :]  # fp32 product, as the table
         even = ((ch0 + o_c) % 2) == 0
         b_pe = tl.where(even[None, :], tl.sin(b_ang), tl.cos(b_ang))
-    b_z = tl.where(m_nc, scale * b_x + b_pe, 0.0)
-    return b_z, b_x, b_keep
+    b_z = tl.where(m_nc, scale * (b_x * b_keep[:, None]) + b_pe, 0.0)
+    return b_z, b_keep
 
 
 @triton.jit
-def _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h, o_c, o_k,
-              HAS_FC1_BIAS: tl.constexpr, HAS_FC2_BIAS: tl.constexpr):
-    """One head's generator MLP as zero-padded fp32 blocks: fc1 [BD(out), BD(in)], fc2 [BK, BD]."""
-    m_c = o_c < d_h
-    m_k = o_k < k_h
+def _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
+              OPERAND: tl.constexpr):
+    """One head's fc1 as a zero-padded [BD(out), BD(in)] dot operand and its bias [BD] fp32."""
+    m_c = o_c < D_H
     i_h64 = i_h.to(tl.int64)
-    b_fc1w = tl.load(fc1w_ptr + i_h64 * d_h * d_h + o_c[:, None] * d_h + o_c[None, :],
-                     mask=m_c[:, None] & m_c[None, :], other=0.0).to(tl.float32)
-    b_fc2w = tl.load(fc2w_ptr + i_h64 * k_h * d_h + o_k[:, None] * d_h + o_c[None, :],
-                     mask=m_k[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+    b_fc1w = tl.load(fc1w_ptr + i_h64 * D_H * D_H + o_c[:, None] * D_H + o_c[None, :],
+                     mask=m_c[:, None] & m_c[None, :], other=0.0)
+    b_fc1w = _op(b_fc1w, fc1w_ptr, OPERAND)
     if HAS_FC1_BIAS:
-        b_fc1b = tl.load(fc1b_ptr + i_h64 * d_h + o_c, mask=m_c, other=0.0).to(tl.float32)
+        b_fc1b = tl.load(fc1b_ptr + i_h64 * D_H + o_c, mask=m_c, other=0.0).to(tl.float32)
     else:
         b_fc1b = tl.zeros([o_c.shape[0]], dtype=tl.float32)
-    if HAS_FC2_BIAS:
-        b_fc2b = tl.load(fc2b_ptr + i_h64 * k_h + o_k, mask=m_k, other=0.0).to(tl.float32)
-    else:
-        b_fc2b = tl.zeros([o_k.shape[0]], dtype=tl.float32)
-    return b_fc1w, b_fc1b, b_fc2w, b_fc2b
+    return b_fc1w, b_fc1b
 
 
 @triton.jit
-def _mlp_fwd(b_z, b_fc1w, b_fc1b, b_fc2w, b_fc2b):
-    """Generator MLP on a tile: pre = z fc1^T + b1, hid = GELU(pre), w = hid fc2^T + b2."""
-    # [BN, BD] @ [BD(in), BD(out)] -> [BN, BD]
-    b_pre = tl.dot(b_z, tl.trans(b_fc1w), input_precision="ieee") + b_fc1b[None, :]
-    b_hid = _gelu(b_pre)
-    # [BN, BD] @ [BD, BK] -> [BN, BK]
-    b_w = tl.dot(b_hid, tl.trans(b_fc2w), input_precision="ieee") + b_fc2b[None, :]
-    return b_pre, b_hid, b_w
+def _hidden(b_z, b_fc1w, b_fc1b, like_ptr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr):
+    """fc1 on a tile: z as a dot operand, pre = z fc1^T + b1 and hid = GELU(pre) (fp32)."""
+    b_zo = _op(b_z, like_ptr, OPERAND)
+    # [BN, BD(in)] @ [BD(in), BD(out)] -> [BN, BD]
+    b_pre = tl.dot(b_zo, tl.trans(b_fc1w), input_precision=DOT_PREC) + b_fc1b[None, :]
+    return b_zo, b_pre, _gelu(b_pre)
 
 
-@autotuned(key=["d_h", "k_h"], do_not_specialize=_LEN_ARGS)
+@triton.jit
+def _load_square(ptr, o_c, D_H: tl.constexpr):
+    """A [D_H, D_H] fp32 matrix (row-major) as a zero-padded [BD, BD] block."""
+    m_c = o_c < D_H
+    return tl.load(ptr + o_c[:, None] * D_H + o_c[None, :], mask=m_c[:, None] & m_c[None, :], other=0.0)
+
+
+@triton.jit
+def _store_square(ptr, b_x, o_c, D_H: tl.constexpr):
+    m_c = o_c < D_H
+    tl.store(ptr + o_c[:, None] * D_H + o_c[None, :], b_x, mask=m_c[:, None] & m_c[None, :])
+
+
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_LEN_ARGS)
 def hmx_fwd_kernel_state(
     k_ptr, sxb, sxn, sxc,  # key [B, N, d]
     v_ptr, svb, svn, svc,  # value [B, N, d]
     mask_ptr, smb, smn,  # key keep vector [B, N] fp32 (1 kept, 0 padded)
-    pe_ptr, freq_ptr,
-    fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr,  # MLP1: [H, d_h, d_h], [H, d_h], [H, k_h, d_h], [H, k_h]
-    p_part_ptr,  # out: [B*H, n_chunks, k_h, d_h] fp32 partial P per chunk
-    L, chunk_len, n_chunks, H, d_h, k_h, d, scale, first_pos,
-    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr, HAS_FC2_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    pe_ptr, freq_ptr,  # PE table [>= N, d] fp32, or frequencies [d] fp32
+    fc1w_ptr, fc1b_ptr,  # MLP1 fc1: [H, d_h, d_h], [H, d_h]
+    s_part_ptr,  # out: [B*H, n_chunks, d_h, d_h] fp32, S per chunk
+    sv_part_ptr,  # out: [B*H, n_chunks, d_h] fp32, sv per chunk
+    L, chunk_len, n_chunks, H, d, scale, first_pos,
+    D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
+    OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_chunk = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     o_c = tl.arange(0, BLOCK_D)
-    o_k = tl.arange(0, BLOCK_K)
-    m_c = o_c < d_h
-    b_fc1w, b_fc1b, b_fc2w, b_fc2b = _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h,
-                                               o_c, o_k, HAS_FC1_BIAS, HAS_FC2_BIAS)
+    m_c = o_c < D_H
+    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
     start = i_chunk * chunk_len
     end = tl.minimum(start + chunk_len, L)
-    b_p = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    acc_sv = tl.zeros([BLOCK_D], dtype=tl.float32)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
-        b_z, b_x, b_keep = _load_hyper_input(k_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
-                                             pe_ptr, freq_ptr, o_n, o_c, i_h * d_h, end, d_h, d,
-                                             scale, first_pos, HAS_MASK, PE_TABLE)
-        _, _, b_w1 = _mlp_fwd(b_z, b_fc1w, b_fc1b, b_fc2w, b_fc2b)
-        b_w1 = b_w1 * b_keep[:, None]
+        b_z, b_keep = _load_hyper_input(k_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
+                                        pe_ptr, freq_ptr, o_n, o_c, i_h * D_H, end, d, scale,
+                                        first_pos, D_H, HAS_MASK, PE_TABLE)
+        _, _, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND, DOT_PREC)
         m_nc = (o_n < end)[:, None] & m_c[None, :]
-        b_v = tl.load(v_ptr + i_b * svb + o_n.to(tl.int64)[:, None] * svn + (i_h * d_h + o_c)[None, :] * svc,
-                      mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]
-        # [BK, BN] @ [BN, BD] -> [BK, BD]
-        b_p += tl.dot(tl.trans(b_w1), b_v, input_precision="ieee")
-    p_base = p_part_ptr + (i_bh.to(tl.int64) * n_chunks + i_chunk) * k_h * d_h
-    tl.store(p_base + o_k[:, None] * d_h + o_c[None, :], b_p, mask=(o_k < k_h)[:, None] & m_c[None, :])
+        b_v = tl.load(v_ptr + i_b * svb + o_n.to(tl.int64)[:, None] * svn + (i_h * D_H + o_c)[None, :] * svc,
+                      mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]  # V = v m
+        b_hm = _op(b_hid * b_keep[:, None], fc1w_ptr, OPERAND)
+        # S += (m hid)^T V: [BD, BN] @ [BN, BD] -> [BD, BD]
+        acc_s += tl.dot(tl.trans(b_hm), _op(b_v, fc1w_ptr, OPERAND), input_precision=DOT_PREC)
+        acc_sv += tl.sum(b_v * b_keep[:, None], axis=0)
+    i_part = i_bh.to(tl.int64) * n_chunks + i_chunk
+    _store_square(s_part_ptr + i_part * D_H * D_H, acc_s, o_c, D_H)
+    tl.store(sv_part_ptr + i_part * D_H + o_c, acc_sv, mask=m_c)
 
 
-@autotuned(key=["d_h", "k_h"], do_not_specialize=_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_LEN_ARGS)
 def hmx_fwd_kernel_mix(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
     mask_ptr, smb, smn,  # query keep vector [B, M] fp32 (1 kept, 0 padded)
     pe_ptr, freq_ptr,
-    fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr,  # MLP2
-    p_ptr,  # [B*H, k_h, d_h] fp32 summed state P
+    fc1w_ptr, fc1b_ptr,  # MLP2 fc1: [H, d_h, d_h], [H, d_h]
+    c_ptr,  # [B*H, d_h, d_h] fp32: C / c_scale, C = fc2_2^T A
+    c0_ptr,  # [B*H, d_h] fp32: c0 = b2_2^T A (read if HAS_FC2_BIAS)
+    cscale_ptr,  # [B*H] fp32: the power of two C was divided by
     y_ptr, syb, syn,  # out: Y [B, M, d] (channel stride 1)
-    L, chunk_len, n_chunks, H, d_h, k_h, d, scale, first_pos,
-    HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr, HAS_FC2_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    L, chunk_len, n_chunks, H, d, scale, first_pos,
+    D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
+    HAS_FC2_BIAS: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_chunk = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
+    i_bh64 = i_bh.to(tl.int64)
     o_c = tl.arange(0, BLOCK_D)
-    o_k = tl.arange(0, BLOCK_K)
-    m_c = o_c < d_h
-    b_fc1w, b_fc1b, b_fc2w, b_fc2b = _load_mlp(fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, i_h, d_h, k_h,
-                                               o_c, o_k, HAS_FC1_BIAS, HAS_FC2_BIAS)
-    b_a = _gelu(tl.load(p_ptr + i_bh.to(tl.int64) * k_h * d_h + o_k[:, None] * d_h + o_c[None, :],
-                        mask=(o_k < k_h)[:, None] & m_c[None, :], other=0.0))  # [BK, BD]
+    m_c = o_c < D_H
+    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
+    b_c = _op(_load_square(c_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
+    c_scale = tl.load(cscale_ptr + i_bh64)
+    if HAS_FC2_BIAS:
+        b_c0 = tl.load(c0_ptr + i_bh64 * D_H + o_c, mask=m_c, other=0.0)
+    else:
+        b_c0 = tl.zeros([BLOCK_D], dtype=tl.float32)
     start = i_chunk * chunk_len
     end = tl.minimum(start + chunk_len, L)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
-        b_z, b_x, b_keep = _load_hyper_input(q_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
-                                             pe_ptr, freq_ptr, o_n, o_c, i_h * d_h, end, d_h, d,
-                                             scale, first_pos, HAS_MASK, PE_TABLE)
-        _, _, b_w2 = _mlp_fwd(b_z, b_fc1w, b_fc1b, b_fc2w, b_fc2b)
-        b_w2 = b_w2 * b_keep[:, None]
-        # [BN, BK] @ [BK, BD] -> [BN, BD]
-        b_y = tl.dot(b_w2, b_a, input_precision="ieee")
+        b_z, b_keep = _load_hyper_input(q_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
+                                        pe_ptr, freq_ptr, o_n, o_c, i_h * D_H, end, d, scale,
+                                        first_pos, D_H, HAS_MASK, PE_TABLE)
+        _, _, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND, DOT_PREC)
+        # Y = m (hid2 C + c0): [BN, BD] @ [BD, BD] -> [BN, BD]
+        b_y = tl.dot(_op(b_hid, fc1w_ptr, OPERAND), b_c, input_precision=DOT_PREC) * c_scale
+        b_y = (b_y + b_c0[None, :]) * b_keep[:, None]
         m_nc = (o_n < end)[:, None] & m_c[None, :]
-        tl.store(y_ptr + i_b * syb + o_n.to(tl.int64)[:, None] * syn + (i_h * d_h + o_c)[None, :],
+        tl.store(y_ptr + i_b * syb + o_n.to(tl.int64)[:, None] * syn + (i_h * D_H + o_c)[None, :],
                  b_y.to(y_ptr.dtype.element_ty), mask=m_nc)

@@ -1,0 +1,553 @@
+"""Kernel resource report: compile every fused kernel for sm_80 and sm_90 without a GPU and read
+what the compiler gives each one.
+
+    python -m benchmarks.kernels [--jobs 2] [--out benchmarks/results]
+
+For each architecture (sm_80, sm_90), recipe shape (d_h, k_h) in SHAPES, input dtype (fp32 in each
+dot precision the launcher can pick for it, fp16, bf16), kernel and autotune candidate, the
+Triton kernel is compiled (fresh, no cache) with exactly the arguments, constexprs and
+specialisations the launcher passes for B = 4, N = 16384, H = 8 (the launch is captured by running
+the launcher on meta tensors), and
+- registers, spill bytes (stores + loads): ptxas -v, as run by triton;
+- smem_bytes: the compiled kernel's shared memory (metadata.shared);
+- tensor_core_instructions: HGMMA + HMMA instructions in `cuobjdump -sass` of the cubin.
+Rows: benchmarks/results/kernels.csv, for the candidates the autotuner may run there
+(hmx_kernels.triton.config.kept_candidates); candidates it prunes are listed, with the measured
+reason, in kernels.md, next to a roofline estimate per shape. The limit shape LIMIT_SHAPES
+(d_h 128: fp16 / bf16 run there, fp32 is refused, its TF32 kernels compiled to show why) goes to
+kernels-limit.csv.
+
+Other backends add rows through ROW_SOURCES (backend column): a function (arch, shape, dtype) ->
+rows with the same columns; CUDA C++ kernels are meant to join there ("cuda"), from nvcc -Xptxas -v
+and the same cuobjdump count.
+
+This module must run without TRITON_INTERPRET (kernels decorated for the interpreter do not
+compile); it refuses otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+COLUMNS = ["arch", "shape", "dtype", "backend", "kernel", "config", "registers", "spill_bytes",
+           "smem_bytes", "tensor_core_instructions"]
+ARCHS = (80, 90)
+SHAPES = ((18, 72), (32, 128), (64, 256))  # (d_h, k_h) of the speechbrain recipes / a transformer layer
+LIMIT_SHAPES = ((128, 512),)  # the backend's limit: fp16 / bf16 run there, fp32 is refused
+LIMIT_FP32_PRECISIONS = ("tf32x3", "tf32")  # compiled there to show why (IEEE FMA dots: not compiled)
+DTYPES = ("fp32", "fp16", "bf16")
+FP32_MODES = ("highest", "high", "medium")  # torch.get_float32_matmul_precision() values
+ROOFLINE = dict(B=4, N=16384, H=8)
+HBM_TBPS = {"H100": 3.35, "H200": 4.8}
+
+# backend name -> function(arch, (d_h, k_h), dtype) -> list of row dicts (COLUMNS); "triton"
+# below, CUDA C++ kernels to be added as "cuda"
+ROW_SOURCES: Dict[str, Callable[[int, Tuple[int, int], str], List[dict]]] = {}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the launcher makes it: kernel name, positional arguments (tensors
+    replaced by their dtype name), constexpr keywords."""
+
+    kernel: str
+    args: tuple
+    kwargs: tuple  # sorted (name, value) pairs
+
+
+def _check_not_interpreting() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("benchmarks.kernels compiles for GPUs: run it without TRITON_INTERPRET=1")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+@lru_cache(maxsize=None)
+def capture_launches(d_h: int, k_h: int, dtype: str, mode: str = "highest") -> Tuple[Launch, ...]:
+    """The launches of one forward + backward (speechbrain, masks, biases) at d_h, k_h, B = 4,
+    N = 16384, H = 8, under torch.set_float32_matmul_precision(mode): the launchers of
+    hmx_kernels.triton.function run on meta tensors with the launch recorded instead of made."""
+    import torch
+
+    from hmx_kernels.triton import function as fn
+
+    recorded: List[Launch] = []
+
+    def record(kernel, grid, *args, **kwargs):
+        args = tuple(("tensor", str(a.dtype).replace("torch.", "")) if isinstance(a, torch.Tensor) else a
+                     for a in args)
+        recorded.append(Launch(kernel.fn.__name__, args, tuple(sorted(kwargs.items()))))
+
+    B, N, H = ROOFLINE["B"], ROOFLINE["N"], ROOFLINE["H"]
+    dt = _torch_dtype(dtype)
+
+    def meta(*shape, dtype=dt):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    q, keep = meta(B, N, H * d_h), meta(B, N, dtype=torch.float32)
+    gen = [meta(H, d_h, d_h), meta(H, d_h), meta(H, k_h, d_h), meta(H, k_h)] * 2
+    old_mode = torch.get_float32_matmul_precision()
+    saved = fn._launch, fn._is_fake
+    fn._launch, fn._is_fake = record, (lambda t: True)  # meta tensors: no PE cache
+    try:
+        torch.set_float32_matmul_precision(mode)
+        _, state = fn._triton_fwd_impl(q, q, q, keep, keep, *gen, "speechbrain")
+        fn._triton_bwd_impl(meta(B, N, H * d_h, dtype=torch.float32), q, q, q, keep, keep, *gen, state,
+                            "speechbrain")
+    finally:
+        fn._launch, fn._is_fake = saved
+        torch.set_float32_matmul_precision(old_mode)
+    return tuple(recorded)
+
+
+def _kernel(name: str):
+    from hmx_kernels.triton import hyper_mixing_bwd, hyper_mixing_fwd
+
+    return getattr(hyper_mixing_fwd, name, None) or getattr(hyper_mixing_bwd, name)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_launch(launch: Launch, config: Tuple[int, int, int], arch: int) -> dict:
+    """Compile one launch with one (BLOCK_N, num_warps, num_stages) for sm_<arch>, fresh; returns
+    registers, spill_bytes, smem_bytes, tensor_core_instructions."""
+    import torch
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import MockTensor, native_specialize_impl
+
+    jf = _kernel(launch.kernel).fn
+    block_n, num_warps, num_stages = config
+    kwargs = dict(launch.kwargs, BLOCK_N=block_n)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(jf.params):
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", kwargs[p.name]
+            continue
+        v = launch.args[i]
+        if isinstance(v, tuple) and v[0] == "tensor":
+            v = MockTensor(getattr(torch, {"bf16": "bfloat16"}.get(v[1], v[1])))  # a 16-byte aligned pointer
+        ty, key = native_specialize_impl(CUDABackend, v, False, not p.do_not_specialize, True)
+        if ty == "constexpr":  # an integer 1 (a unit stride)
+            signature[p.name], constexprs[p.name] = "constexpr", key
+        else:
+            signature[p.name] = ty
+            if key == "D":
+                attrs[(i,)] = CUDABackend.parse_attr("D")
+    src = triton.compiler.ASTSource(fn=jf, signature=signature, constexprs=constexprs, attrs=attrs)
+    log = io.StringIO()
+    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
+    text = log.getvalue()
+    regs = re.search(r"Used (\d+) registers", text)
+    if regs is None:
+        raise RuntimeError(f"no ptxas report for {launch.kernel}: {text[-500:]}")
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    tensor_core = sum(1 for line in sass.splitlines() if re.search(r"\b(HGMMA|HMMA)\b", line))
+    return dict(registers=int(regs.group(1)), spill_bytes=spills, smem_bytes=int(compiled.metadata.shared),
+                tensor_core_instructions=tensor_core)
+
+
+def config_name(config: Tuple[int, int, int], precision: str) -> str:
+    """BLOCK_N, warps, stages and, for fp32 operands, the dot precision: e.g. BN32-w8-s2-tf32x3."""
+    name = f"BN{config[0]}-w{config[1]}-s{config[2]}"
+    return name if precision == "half" else f"{name}-{precision}"
+
+
+@dataclass(frozen=True)
+class Job:
+    arch: int
+    shape: Tuple[int, int]
+    dtype: str
+    kernel: str
+    precision: str  # "half", or the fp32 dot precision compiled
+    config: Tuple[int, int, int]
+
+
+FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def jobs(shapes: Iterable[Tuple[int, int]], dtypes: Iterable[str], archs: Iterable[int] = ARCHS,
+         candidates: Optional[Callable[[str], Iterable[Tuple[int, int, int]]]] = None,
+         kernels: Optional[Iterable[str]] = None, precisions: Iterable[str] = FP32_PRECISIONS) -> List[Job]:
+    """Every (arch, shape, dtype, kernel, precision, candidate) to compile: fp32 in each dot
+    precision of `precisions` (the ones the launcher does not pick are compiled too: their spills
+    are what config.SPILLING and the fallback of config.dot_precision rest on)."""
+    from hmx_kernels.triton.config import KERNEL_CANDIDATES
+
+    out = []
+    for shape in shapes:
+        for dtype in dtypes:
+            for launch in capture_launches(shape[0], shape[1], dtype):
+                if kernels is not None and launch.kernel not in kernels:
+                    continue
+                for prec in (precisions if dtype == "fp32" else ("half",)):
+                    for config in (candidates or KERNEL_CANDIDATES.get)(launch.kernel):
+                        for arch in archs:
+                            out.append(Job(arch, shape, dtype, launch.kernel, prec, tuple(config)))
+    return out
+
+
+def _precision_of(launch: Launch) -> str:
+    from hmx_kernels.triton.config import precision_name
+
+    kw = dict(launch.kwargs)
+    return precision_name(kw["OPERAND"], kw["DOT_PREC"])
+
+
+def chosen_precisions(shape: Tuple[int, int], dtype: str, kernel: str) -> List[str]:
+    """The precisions the launcher picks for `kernel` under the three float32 matmul modes."""
+    modes = FP32_MODES if dtype == "fp32" else ("highest",)
+    return list(dict.fromkeys(_precision_of(lc) for m in modes for lc in capture_launches(*shape, dtype, m)
+                              if lc.kernel == kernel))
+
+
+def run_job(job: Job) -> dict:
+    """Compile one job; the row plus `precision`, `candidate`, `chosen` (the launcher picks this
+    precision for some float32 matmul mode) and `kept` (chosen, and the autotuner may run the
+    candidate there)."""
+    launch = next(lc for lc in capture_launches(job.shape[0], job.shape[1], job.dtype) if lc.kernel == job.kernel)
+    if job.precision != "half":
+        launch = Launch(launch.kernel, launch.args,
+                        tuple(sorted(dict(launch.kwargs, OPERAND="fp32", DOT_PREC=job.precision).items())))
+    res = compile_launch(launch, job.config, job.arch)
+    row = dict(arch=f"sm_{job.arch}", shape=f"{job.shape[0]},{job.shape[1]}", dtype=job.dtype, backend="triton",
+               kernel=job.kernel, config=config_name(job.config, job.precision), **res,
+               precision=job.precision, candidate=list(job.config))
+    return classify(row)
+
+
+def classify(row: dict) -> dict:
+    """Set row["chosen"] and row["kept"] from the current hmx_kernels.triton.config."""
+    from hmx_kernels.triton.config import SMEM_LIMIT, kept_candidates
+
+    shape = tuple(int(x) for x in row["shape"].split(","))
+    arch = int(row["arch"].removeprefix("sm_"))
+    row["chosen"] = row["precision"] in chosen_precisions(shape, row["dtype"], row["kernel"])
+    row["kept"] = row["chosen"] and tuple(row["candidate"]) in kept_candidates(
+        row["kernel"], shape[0], row["precision"], SMEM_LIMIT[arch], arch)
+    return row
+
+
+def run_jobs(job_list: List[Job], n_jobs: int = 1, progress: bool = True) -> List[dict]:
+    t0 = time.time()
+    if n_jobs <= 1:
+        rows = []
+        for i, job in enumerate(job_list):
+            rows.append(run_job(job))
+            if progress:
+                print(f"[{i + 1}/{len(job_list)} {time.time() - t0:.0f}s] {_describe(rows[-1])}", flush=True)
+        return rows
+    import multiprocessing
+
+    with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = []
+        for i, row in enumerate(pool.map(run_job, job_list, chunksize=4)):
+            rows.append(row)
+            if progress:
+                print(f"[{i + 1}/{len(job_list)} {time.time() - t0:.0f}s] {_describe(row)}", flush=True)
+    return rows
+
+
+def _describe(r: dict) -> str:
+    return (f"{r['arch']} ({r['shape']}) {r['dtype']} {r['kernel']} {r['config']}: {r['registers']} regs, "
+            f"{r['spill_bytes']} B spilled, {r['smem_bytes']} B smem, {r['tensor_core_instructions']} TC"
+            + ("" if r["kept"] else " (pruned)" if r["chosen"] else " (precision not picked)"))
+
+
+def write_csv(path: str, rows: List[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def read_csv(path: str) -> List[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- roofline (estimates)
+
+def token_flops(d_h: int) -> Dict[str, int]:
+    """FLOPs per token, head and pass of the reassociated kernels at padded head size D (a
+    multiply-add is 2): the tile products of each pass are [*, D] @ [D, D]."""
+    from hmx_kernels.triton.config import block_d
+
+    D = block_d(d_h)
+    products = {"fwd state": 2, "fwd mix": 2, "bwd query": 5, "bwd key": 6}
+    return {k: 2 * n * D * D for k, n in products.items()}
+
+
+def finalize_flops(d_h: int, k_h: int) -> int:
+    """Per (b, h): P = fc2 S, C = fc2_2^T A (forward); C again, dA, dfc2_2, R, dfc2 (backward)."""
+    return 7 * 2 * k_h * d_h * d_h
+
+
+def token_bytes(d_h: int, H: int, elem: int) -> Dict[str, float]:
+    """HBM bytes per token (all heads) and pass: token tensors in the input dtype (elem bytes),
+    dY read and dQ / dK / dV / Y written in fp32, the keep mask (4 B); the fp32 PE table [N, d] is
+    shared by the batch and counted once per batch of ROOFLINE["B"] tokens."""
+    d = H * d_h
+    pe = 4 * d / ROOFLINE["B"]
+    return {"fwd state": 2 * d * elem + 4 + pe, "fwd mix": d * elem + 4 * d + 4 + pe,
+            "bwd query": d * elem + 8 * d + 4 + pe, "bwd key": 2 * d * elem + 8 * d + 4 + pe}
+
+
+def roofline(d_h: int, k_h: int, dtype: str, precision: str, gpu: str) -> dict:
+    from .config import PEAK_TFLOPS
+
+    B, N, H = ROOFLINE["B"], ROOFLINE["N"], ROOFLINE["H"]
+    elem = 4 if dtype == "fp32" else 2
+    flops = B * H * (N * sum(token_flops(d_h).values()) + finalize_flops(d_h, k_h))
+    nbytes = B * N * sum(token_bytes(d_h, H, elem).values())
+    peaks = PEAK_TFLOPS[gpu]
+    peak = {"half": peaks["bfloat16"], "tf32": peaks["tf32"], "tf32x3": peaks["tf32"] / 3,
+            "ieee": peaks["float32"]}[precision]
+    t_compute = flops / (peak * 1e12)
+    t_memory = nbytes / (HBM_TBPS[gpu] * 1e12)
+    return dict(flops=flops, bytes=nbytes, intensity=flops / nbytes, ridge=peak * 1e12 / (HBM_TBPS[gpu] * 1e12),
+                t_compute_us=t_compute * 1e6, t_memory_us=t_memory * 1e6, bound_us=max(t_compute, t_memory) * 1e6,
+                limit="memory" if t_memory >= t_compute else "compute")
+
+
+def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], meta: dict) -> None:
+    kept = [r for r in rows if r["kept"]]
+    pruned = [r for r in rows if r["chosen"] and not r["kept"]]
+    unpicked = [r for r in rows if not r["chosen"]]
+    out = ["# Triton kernel resources (compiled for sm_80 and sm_90, no GPU)", "",
+           f"`python -m benchmarks.kernels`: triton {meta['triton']}, ptxas {meta['ptxas']}, git {meta['git'][:10]}, "
+           f"{meta['date']}, {meta['wall_s']:.0f} s. Every kernel x autotune candidate x recipe shape (d_h, k_h) x "
+           "input dtype (fp32 in each dot precision the launcher picks for some "
+           "torch.get_float32_matmul_precision(): hmx_kernels.triton.config.dot_precision) x arch, compiled with the launcher's own arguments for B = 4, N = 16384, H = 8. "
+           "Registers and spills from ptxas -v, shared memory from the compiled kernel, tensor-core instructions "
+           "= HGMMA + HMMA in cuobjdump -sass. kernels.csv holds the candidates the autotuner may run "
+           "(hmx_kernels.triton.config.kept_candidates); the pruned ones are listed below with the reason. "
+           "Nothing here ran on a GPU.", ""]
+    out += ["## Invariants of kernels.csv", ""]
+    for arch in sorted({r["arch"] for r in kept}):
+        sel = [r for r in kept if r["arch"] == arch]
+        half_tc = [r for r in sel if r["dtype"] != "fp32" or "ieee" not in r["config"]]
+        out.append(f"- {arch}: {len(sel)} rows, registers <= {max(r['registers'] for r in sel)}, "
+                   f"spill bytes max {max(r['spill_bytes'] for r in sel)}, shared memory max "
+                   f"{max(r['smem_bytes'] for r in sel) / 1024:.1f} KB, tensor-core instructions "
+                   f"{min(r['tensor_core_instructions'] for r in half_tc)}..{max(r['tensor_core_instructions'] for r in half_tc)} "
+                   f"per kernel outside IEEE fp32 (IEEE rows: FFMA only, "
+                   f"{max((r['tensor_core_instructions'] for r in sel if 'ieee' in r['config']), default=0)} TC)")
+    out += ["", "## Per shape: best kept candidate per kernel (fewest registers), and a roofline bound", "",
+            "Roofline = max(FLOPs / peak, bytes / HBM bandwidth) for one forward + backward at "
+            "B = 4, N = 16384, H = 8: an **estimate** from the algorithm's counts, not a measurement. "
+            "FLOPs: the tile products of the four token passes at the padded head size D "
+            "(2 + 2 + 5 + 6 products of [*, D] @ [D, D] per token and head) plus the per-(b, h) "
+            "finalize products; GELU, masks and the LayerNorm epilogue are not counted. Bytes: token tensors "
+            "read in the input dtype, dY read and Y / dQ / dK / dV written in fp32, keep masks, the PE table "
+            "once per batch; the LayerNorm epilogue and the casts around the op are not counted. "
+            "Peaks: benchmarks/config.py PEAK_TFLOPS (dense; 3xTF32 at a third of TF32), HBM 3.35 TB/s "
+            "(H100), 4.8 TB/s (H200).", ""]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        d_h, k_h = map(int, shape.split(","))
+        out += [f"### (d_h, k_h) = ({d_h}, {k_h})", ""]
+        out += ["| dtype / precision | GPU | GFLOP | GB | FLOP/B | ridge | bound (us) | limited by |",
+                "|---|---|---|---|---|---|---|---|"]
+        for dtype in DTYPES:
+            for prec in dict.fromkeys(r["precision"] for r in rows if r["shape"] == shape and r["dtype"] == dtype):
+                for gpu in ("H100", "H200"):
+                    rf = roofline(d_h, k_h, dtype, prec, gpu)
+                    out.append(f"| {dtype}{' ' + prec if dtype == 'fp32' else ''} | {gpu} | {rf['flops'] / 1e9:.1f} | "
+                               f"{rf['bytes'] / 1e9:.2f} | {rf['intensity']:.0f} | {rf['ridge']:.0f} | "
+                               f"{rf['bound_us']:.0f} | {rf['limit']} |")
+        out += ["", "| arch | dtype | kernel | config | registers | spill B | smem KB | TC instr |",
+                "|---|---|---|---|---|---|---|---|"]
+        for arch in sorted({r["arch"] for r in kept}):
+            for dtype in DTYPES:
+                for prec in dict.fromkeys(r["precision"] for r in kept if r["shape"] == shape and r["dtype"] == dtype):
+                    for kernel in dict.fromkeys(r["kernel"] for r in kept):
+                        sel = [r for r in kept if (r["arch"], r["shape"], r["dtype"], r["precision"], r["kernel"])
+                               == (arch, shape, dtype, prec, kernel)]
+                        if sel:
+                            b = min(sel, key=lambda r: r["registers"])
+                            out.append(f"| {arch} | {dtype} | {kernel} | {b['config']} | {b['registers']} | "
+                                       f"{b['spill_bytes']} | {b['smem_bytes'] / 1024:.1f} | "
+                                       f"{b['tensor_core_instructions']} |")
+        out.append("")
+    out += ["## Pruned candidates (the autotuner never runs them)", ""]
+    if pruned:
+        from hmx_kernels.triton.config import SPILLING, block_d
+
+        out += ["| arch | shape | dtype | kernel | config | registers | spill B | smem KB | why |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in pruned:
+            key = (r["kernel"], block_d(int(r["shape"].split(",")[0])), r["precision"])
+            why = "spills (here or on the other arch)" if tuple(r["candidate"]) in SPILLING.get(key, ()) \
+                else "shared memory bound above the arch's limit"
+            out.append(f"| {r['arch']} | {r['shape']} | {r['dtype']} | {r['kernel']} | {r['config']} | "
+                       f"{r['registers']} | {r['spill_bytes']} | {r['smem_bytes'] / 1024:.1f} | {why} |")
+    else:
+        out.append("None.")
+    out += ["", "A candidate is pruned for every arch when it spills on either (config.SPILLING), and per "
+            "device when its shared-memory bound exceeds what the device gives a block (config.smem_bound).",
+            "", "## fp32 dot precisions the launcher does not pick (compiled for config.SPILLING)", "",
+            "config.dot_precision falls back to the next more precise dot precision where every "
+            "candidate of the asked one spills. Fewest spill bytes over the candidates, per arch:", "",
+            "| shape | kernel | precision | sm_80 | sm_90 |", "|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["shape"], r["kernel"], r["precision"]) for r in unpicked):
+        sel = [r for r in unpicked if (r["shape"], r["kernel"], r["precision"]) == key]
+        cells = [f"{min(r['spill_bytes'] for r in sel if r['arch'] == a)} B" for a in ("sm_80", "sm_90")]
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {cells[0]} | {cells[1]} |")
+    if limit_rows:
+        half = [r for r in limit_rows if r["dtype"] != "fp32"]
+        fp32 = [r for r in limit_rows if r["dtype"] == "fp32"]
+        out += ["", "## The limit shape: d_h 128 (kernels-limit.csv; not a recipe shape)", "",
+                "fp16 / bf16 run there with the candidates marked kept. Every candidate of the state, query "
+                "and key kernels spills at this size; the one with the fewest spill bytes stays (a row split "
+                "of S or a split of the backward kernels by role would remove the spills; not done). "
+                "fp32 inputs are refused at d_h > 64 (hmx_kernels/triton/backend.py): the backward kernels' "
+                "fp32 operands need more shared memory than a block gets:"]
+        for arch in ("sm_80", "sm_90"):
+            for kernel in ("hmx_bwd_kernel_query", "hmx_bwd_kernel_key"):
+                sel = [r for r in fp32 if r["arch"] == arch and r["kernel"] == kernel]
+                if sel:
+                    out.append(f"- {arch} {kernel}: at least {min(r['smem_bytes'] for r in sel) / 1024:.0f} KB "
+                               f"(TF32 / 3xTF32, every candidate; the limit is "
+                               f"{163 if arch == 'sm_80' else 227} KB)")
+        out += ["", "| arch | dtype | kernel | config | registers | spill B | smem KB | TC instr | kept |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in half:
+            out.append(f"| {r['arch']} | {r['dtype']} | {r['kernel']} | {r['config']} | {r['registers']} | "
+                       f"{r['spill_bytes']} | {r['smem_bytes'] / 1024:.1f} | {r['tensor_core_instructions']} | "
+                       f"{'yes' if r['kept'] else 'no'} |")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def measured_spilling(rows: List[dict]) -> dict:
+    """(kernel, BLOCK_D, precision) -> candidates that spill on some arch, from compiled rows
+    (recipe shapes and the limit shape's fp16 / bf16). Where every fp16 / bf16 candidate spills,
+    the one with the fewest spill bytes (on its worse arch) is left out, so that one stays
+    runnable; fp32 kernels fall back to another dot precision instead (config.dot_precision)."""
+    from hmx_kernels.triton.config import KERNEL_CANDIDATES, block_d
+
+    worst: Dict[tuple, Dict[tuple, int]] = {}
+    for r in rows:
+        key = (r["kernel"], block_d(int(r["shape"].split(",")[0])), r["precision"])
+        c = tuple(r["candidate"])
+        worst.setdefault(key, {})[c] = max(worst.get(key, {}).get(c, 0), r["spill_bytes"])
+    out = {}
+    for key, by_candidate in sorted(worst.items()):
+        spilling = {c for c, b in by_candidate.items() if b}
+        if key[2] == "half" and spilling and spilling >= set(KERNEL_CANDIDATES[key[0]]):
+            spilling.discard(min(by_candidate, key=by_candidate.get))
+        if spilling:
+            out[key] = frozenset(spilling)
+    return out
+
+
+def format_spilling(spilling: dict) -> str:
+    lines = ["SPILLING = {"]
+    for (kernel, bd, prec), v in spilling.items():
+        lines.append(f'    ("{kernel}", {bd}, "{prec}"): frozenset({{{", ".join(map(str, sorted(v)))}}}),')
+    return "\n".join(lines + ["}"])
+
+
+def _meta(wall_s: float) -> dict:
+    import datetime
+
+    import triton
+
+    from .config import git_sha
+
+    ptxas = subprocess.run([_tool("ptxas-blackwell") if os.path.exists(_tool("ptxas-blackwell")) else _tool("ptxas"),
+                            "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return dict(triton=triton.__version__, ptxas=ptxas, git=git_sha(), wall_s=wall_s,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
+
+
+def triton_rows(arch: int, shape: Tuple[int, int], dtype: str) -> List[dict]:
+    """The kept rows of one (arch, shape, dtype), compiled in this process (ROW_SOURCES hook)."""
+    return [r for r in run_jobs(jobs([shape], [dtype], [arch]), progress=False) if r["kept"]]
+
+
+ROW_SOURCES["triton"] = triton_rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    _check_not_interpreting()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiler processes")
+    p.add_argument("--out", default=RESULTS, help="folder for kernels.csv, kernels-limit.csv, kernels.md")
+    p.add_argument("--no-limit", action="store_true", help="leave out the limit shape (d_h 128)")
+    p.add_argument("--save-json", default=None, help="also write every compiled row (pruned ones too) here")
+    p.add_argument("--from-json", default=None,
+                   help="rewrite the reports from rows saved by --save-json (no compiling), classified "
+                        "by the current config (after editing config.SPILLING, say)")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    if a.from_json:
+        with open(a.from_json) as f:
+            saved = json.load(f)
+        main_rows = [classify(r) for r in saved["main"]]
+        limit_rows = [classify(r) for r in saved["limit"]]
+        t0 -= saved["wall_s"]
+    else:
+        job_list = jobs(SHAPES, DTYPES)
+        limit_jobs = [] if a.no_limit else jobs(LIMIT_SHAPES, DTYPES, precisions=LIMIT_FP32_PRECISIONS)
+        rows = run_jobs(job_list + limit_jobs, a.jobs)
+        main_rows, limit_rows = rows[:len(job_list)], rows[len(job_list):]
+        if a.save_json:
+            with open(a.save_json, "w") as f:
+                json.dump(dict(main=main_rows, limit=limit_rows, wall_s=time.time() - t0), f)
+    os.makedirs(a.out, exist_ok=True)
+    write_csv(os.path.join(a.out, "kernels.csv"), [r for r in main_rows if r["kept"]])
+    if limit_rows:
+        write_csv(os.path.join(a.out, "kernels-limit.csv"), limit_rows)
+    write_markdown(os.path.join(a.out, "kernels.md"), main_rows, limit_rows, _meta(time.time() - t0))
+    bad = [r for r in main_rows if r["kept"] and r["spill_bytes"]]
+    for r in bad:
+        print("SPILLS (add to config.SPILLING or fix the kernel): " + _describe(r), file=sys.stderr)
+    spilling = measured_spilling(main_rows + [r for r in limit_rows if r["precision"] == "half"])
+    from hmx_kernels.triton.config import SPILLING
+
+    if spilling != SPILLING:
+        print("config.SPILLING differs from these measurements; measured:\n" + format_spilling(spilling),
+              file=sys.stderr)
+    print(f"wrote {a.out}/kernels.csv ({sum(r['kept'] for r in main_rows)} rows), kernels.md in {time.time() - t0:.0f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
