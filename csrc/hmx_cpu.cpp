@@ -34,7 +34,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <new>
 #include <vector>
+
+// The element-wise loops (GELU above all) run on 16 fp32 lanes where the CPU has AVX-512: GCC
+// otherwise prefers 256-bit vectors for Intel targets. The BLAS calls are unaffected.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
 
 namespace hmx {
 namespace cpu {
@@ -179,27 +186,25 @@ HeadWeights<T> head_weights(const GeneratorParams& g, int64_t h, int64_t dh, int
   return w;
 }
 
-// One token stream (keys or queries) of one (batch, head).
+// One token stream (keys or queries) of one batch element.
 template <typename T>
 struct Stream {
-  const T* x;     // tokens of batch b, head h's first channel
+  const T* x;     // tokens of batch b: row r at x + r * rstride
   int64_t rstride;
-  const T* pe;    // PE rows, head h's first channel, row stride d
+  const T* pe;    // PE rows, row stride d
   const T* mask;  // [L] of batch b or nullptr
-  int64_t d;
   T scale;
   T m(int64_t r) const { return mask ? mask[r] : T(1); }
 };
 
 template <typename T>
-Stream<T> make_stream(const ProblemParams& pb, const void* x, int64_t bstride, int64_t rstride,
-                      const void* pe, const void* mask, int64_t L, int64_t b, int64_t h) {
+Stream<T> make_stream(const ProblemParams& pb, const void* x, int64_t bstride, int64_t rstride, const void* pe,
+                      const void* mask, int64_t L, int64_t b) {
   Stream<T> s;
-  s.x = static_cast<const T*>(x) + b * bstride + h * pb.d_h;
+  s.x = static_cast<const T*>(x) + b * bstride;
   s.rstride = rstride;
-  s.pe = static_cast<const T*>(pe) + h * pb.d_h;
+  s.pe = static_cast<const T*>(pe);
   s.mask = mask ? static_cast<const T*>(mask) + b * L : nullptr;
-  s.d = pb.d;
   s.scale = static_cast<T>(pb.scale);
   return s;
 }
@@ -210,38 +215,81 @@ inline void chunk_range(int64_t L, int64_t C, int64_t c, int64_t* r0, int64_t* r
   *r1 = std::min(L, ((c + 1) * tiles / C) * kCpuTile);
 }
 
-// Per-thread tile buffers, [kCpuTile, d_h] each.
-template <typename T>
-struct TileBuffers {
-  std::vector<T> z, hd, gd, dhd, du;
-  explicit TileBuffers(int64_t dh)
-      : z(kCpuTile * dh), hd(kCpuTile * dh), gd(kCpuTile * dh), dhd(kCpuTile * dh), du(kCpuTile * dh) {}
+// Work items of a token pass: (batch b, chunk c, head group g), g fastest. A group is a run of
+// consecutive heads [g H / G, (g + 1) H / G); its tile of tokens is read once, in contiguous
+// row segments, for all of its heads (per head, rows are d_h of d channels: read head by head,
+// the loads were a stride the hardware prefetchers follow poorly). G is the fewest groups that
+// give every thread about four items; every head's arithmetic is the same for any G (each head
+// keeps its own partials and its own column offset in the tile buffer), so results do not depend
+// on G, hence on the thread count.
+struct PassItems {
+  int64_t C, G;
+  int64_t count(int64_t B) const { return B * C * G; }
+  void decode(int64_t item, int64_t H, int64_t* b, int64_t* c, int64_t* h0, int64_t* h1) const {
+    const int64_t g = item % G, bc = item / G;
+    *c = bc % C;
+    *b = bc / C;
+    *h0 = g * H / G;
+    *h1 = (g + 1) * H / G;
+  }
 };
 
-// z[t, c] = s * (x[r0 + t, c] * m[r0 + t]) + pe[r0 + t, c]
+inline PassItems pass_items(int64_t B, int64_t L, int64_t H, int nthreads) {
+  PassItems p;
+  p.C = num_chunks(L, kCpuTile);
+  p.G = 1;
+  while (p.G < H && B * p.C * p.G < 4 * static_cast<int64_t>(nthreads)) ++p.G;
+  return p;
+}
+
+// 64-byte aligned buffer (equal alignment on every thread and call: the BLAS kernels it is passed
+// to may take alignment-dependent paths).
 template <typename T>
-void load_z(const Stream<T>& st, int64_t r0, int64_t tn, int64_t dh, T* z) {
+class Buffer {
+ public:
+  explicit Buffer(int64_t n) : p_(static_cast<T*>(::operator new[](sizeof(T) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {}
+  ~Buffer() { ::operator delete[](p_, std::align_val_t(64)); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* data() const { return p_; }
+
+ private:
+  T* p_;
+};
+
+// Per-thread tile buffers: z [kCpuTile, d] (each head's d_h columns at the head's own offset),
+// the rest [kCpuTile, d_h] for the head being worked on.
+template <typename T>
+struct TileBuffers {
+  Buffer<T> z, hd, gd, dhd, du;
+  TileBuffers(int64_t d, int64_t dh)
+      : z(kCpuTile * d), hd(kCpuTile * dh), gd(kCpuTile * dh), dhd(kCpuTile * dh), du(kCpuTile * dh) {}
+};
+
+// z[t, c] = s * (x[r0 + t, c] * m[r0 + t]) + pe[r0 + t, c] for the channels c in [c0, c1), into
+// rows of stride d.
+template <typename T>
+void load_z(const Stream<T>& st, int64_t r0, int64_t tn, int64_t c0, int64_t c1, int64_t d, T* z) {
   for (int64_t t = 0; t < tn; ++t) {
     const int64_t r = r0 + t;
     const T* xr = st.x + r * st.rstride;
-    const T* per = st.pe + r * st.d;
+    const T* per = st.pe + r * d;
     const T mr = st.m(r);
-    T* zt = z + t * dh;
+    T* zt = z + t * d;
 #pragma omp simd
-    for (int64_t c = 0; c < dh; ++c) zt[c] = st.scale * (xr[c] * mr) + per[c];
+    for (int64_t c = c0; c < c1; ++c) zt[c] = st.scale * (xr[c] * mr) + per[c];
   }
 }
 
 // The generator's hidden layer on one tile, masked: buf.hd = m * GELU(U), U = z fc1^T + b1
-// [T, d_h]; with `grad` also buf.gd = m * GELU'(U) (backward). The mask is 0 or 1, so
-// multiplying by it is exact, and m^2 = m lets every later per-token product use these rows
-// without masking again.
+// [T, d_h] (z: the head's columns, row stride ldz); with `grad` also buf.gd = m * GELU'(U)
+// (backward). The mask is 0 or 1, so multiplying by it is exact, and m^2 = m lets every later
+// per-token product use these rows without masking again.
 template <typename T>
 void hidden(const Mm<T>& mm, const HeadWeights<T>& w, const Stream<T>& st, int64_t r0, int64_t tn, int64_t dh,
-            TileBuffers<T>& buf, bool grad) {
-  load_z(st, r0, tn, dh, buf.z.data());
+            const T* z, int64_t ldz, TileBuffers<T>& buf, bool grad) {
   // U = z fc1^T: [T, d_h(in)] @ [d_h(in), d_h(out)] -> [T, d_h], into hd (then replaced in place)
-  mm(false, true, tn, dh, dh, buf.z.data(), dh, w.fc1_w, dh, buf.hd.data(), dh, false);
+  mm(false, true, tn, dh, dh, z, ldz, w.fc1_w, dh, buf.hd.data(), dh, false);
   for (int64_t t = 0; t < tn; ++t) {
     T* ht = buf.hd.data() + t * dh;
     T* gt = buf.gd.data() + t * dh;
@@ -296,7 +344,7 @@ void mix_rows(const Mm<T>& mm, const Stream<T>& st, int64_t r0, int64_t tn, int6
   }
 }
 
-// Per-chunk partial of one generator's fc1 gradients, and the chunk's sums S / T and sv / sdy.
+// Per (b, h, chunk): the chunk's sums S / T and sv / sdy, and one generator's fc1 gradients.
 template <typename T>
 struct ChunkPartial {
   T* s;      // [d_h, d_h]
@@ -309,11 +357,11 @@ struct ChunkPartial {
 };
 
 // The generator backward below the hidden layer, from dHd in buf.dhd (not yet masked):
-// dU = dHd * m GELU'(U); db1 += sum_t dU_t; dfc1 += dU^T z; dx rows (stride d) = s * dU fc1
+// dU = dHd * m GELU'(U); db1 += sum_t dU_t; dfc1 += dU^T z; dx rows (stride ldx) = s * dU fc1
 // (masked rows get dU = 0, hence 0).
 template <typename T>
-void fc1_backward(const Mm<T>& mm, const HeadWeights<T>& w, int64_t tn, int64_t dh, T s, TileBuffers<T>& buf,
-                  ChunkPartial<T>& cp, T* dx, int64_t d) {
+void fc1_backward(const Mm<T>& mm, const HeadWeights<T>& w, int64_t tn, int64_t dh, T s, const T* z, int64_t ldz,
+                  TileBuffers<T>& buf, ChunkPartial<T>& cp, T* dx, int64_t ldx) {
   for (int64_t t = 0; t < tn; ++t) {
     T* dut = buf.du.data() + t * dh;
     const T* dht = buf.dhd.data() + t * dh;
@@ -325,12 +373,12 @@ void fc1_backward(const Mm<T>& mm, const HeadWeights<T>& w, int64_t tn, int64_t 
     }
   }
   // dfc1 += dU^T z: [d_h(out), T] @ [T, d_h(in)] -> [d_h(out), d_h(in)]
-  mm(true, false, dh, dh, tn, buf.du.data(), dh, buf.z.data(), dh, cp.fc1_w, dh, true);
+  mm(true, false, dh, dh, tn, buf.du.data(), dh, z, ldz, cp.fc1_w, dh, true);
   // dx = s * dU fc1: [T, d_h(out)] @ [d_h(out), d_h(in)] -> [T, d_h], into dx's rows
-  mm(false, false, tn, dh, dh, buf.du.data(), dh, w.fc1_w, dh, dx, d, false, s);
+  mm(false, false, tn, dh, dh, buf.du.data(), dh, w.fc1_w, dh, dx, ldx, false, s);
 }
 
-// S, sv of (b, h) = the chunk partials [C] summed in chunk order into out ([d_h, d_h] then [d_h]).
+// S, sv of (b, h) = its chunk partials [C] summed in chunk order, into out ([d_h, d_h] then [d_h]).
 template <typename T>
 void sum_state(const T* part, int64_t C, int64_t dh, T* out) {
   const int64_t psz = ChunkPartial<T>::size(dh), n = dh * dh + dh;
@@ -341,9 +389,9 @@ void sum_state(const T* part, int64_t C, int64_t dh, T* out) {
   }
 }
 
-// Per (b, h): the fc2 gradients of a generator from its k_h-side factor F [k_h, d_h] and the
-// token sums X = [S; sv^T] ([d_h(x), ...]): dfc2 = F S^T... see the callers; written as
-//   dfc2 [k_h, d_h(hid)] = F @ S^T,  dfc2_b [k_h] = F @ sv,  S [d_h(hid), d_h(x)], F [k_h, d_h(x)].
+// A generator's fc2 gradients for one (b, h) from the k_h-side factor F [k_h, d_h(x)] and the
+// token sums S [d_h(hid), d_h(x)], sv [d_h(x)]: dfc2 = F S^T [k_h, d_h(hid)], dfc2_b = F sv [k_h].
+// Generator 2: F = A, (S, sv) = (T, sdy); generator 1: F = dP, (S, sv).
 template <typename T>
 void fc2_grads(const Mm<T>& mm, const T* f, const T* s, const T* sv, int64_t dh, int64_t kh, T* dfc2, T* dfc2_b) {
   mm(false, true, kh, dh, dh, f, dh, s, dh, dfc2, dh, false);
@@ -354,20 +402,36 @@ void fc2_grads(const Mm<T>& mm, const T* f, const T* s, const T* sv, int64_t dh,
   }
 }
 
+// G = fc2^T F [d_h, d_h] and, with a bias, g0 = F^T b2 [d_h] (else g0 is left untouched).
+// C, c0 from F = A (generator 2); R, r0 from F = dP (generator 1).
+template <typename T>
+void fold_fc2(const Mm<T>& mm, const HeadWeights<T>& w, const T* f, int64_t dh, int64_t kh, T* g, T* g0) {
+  // [d_h, k_h] @ [k_h, d_h] -> [d_h, d_h]
+  mm(true, false, dh, dh, kh, w.fc2_w, dh, f, dh, g, dh, false);
+  if (!w.fc2_b) return;
+  std::fill(g0, g0 + dh, T(0));
+  for (int64_t j = 0; j < kh; ++j) {
+    const T bj = w.fc2_b[j];
+    const T* fj = f + j * dh;
+#pragma omp simd
+    for (int64_t c = 0; c < dh; ++c) g0[c] += bj * fj[c];
+  }
+}
+
 // Per head, in fixed order: fc1 gradients = sum over (b, c) of the chunk partials [B][H][C],
 // fc2 gradients = sum over b of the per-(b, h) ones [B][H][k_h * d_h + k_h]; written in the
 // weights' own layouts.
 template <typename T>
 void reduce_generator_grads(const std::vector<T>& chunk_part, const std::vector<T>& fc2_part, int64_t B,
                             int64_t H, int64_t C, int64_t dh, int64_t kh, const GeneratorGrads& out, int nthreads) {
-  const int64_t csz = ChunkPartial<T>::size(dh), fsz = kh * dh + kh;
+  const int64_t csz = ChunkPartial<T>::size(dh), fsz = kh * dh + kh, n1 = dh * dh + dh;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t h = 0; h < H; ++h) {
-    std::vector<T> a1(dh * dh + dh, T(0)), a2(fsz, T(0));
+    std::vector<T> a1(n1, T(0)), a2(fsz, T(0));
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t c = 0; c < C; ++c) {
-        const T* src = chunk_part.data() + ((b * H + h) * C + c) * csz + dh * dh + dh;  // fc1_w, fc1_b
-        for (int64_t i = 0; i < dh * dh + dh; ++i) a1[i] += src[i];
+        const T* src = chunk_part.data() + ((b * H + h) * C + c) * csz + n1;  // fc1_w, fc1_b
+        for (int64_t i = 0; i < n1; ++i) a1[i] += src[i];
       }
       const T* src = fc2_part.data() + (b * H + h) * fsz;
       for (int64_t i = 0; i < fsz; ++i) a2[i] += src[i];
@@ -379,50 +443,39 @@ void reduce_generator_grads(const std::vector<T>& chunk_part, const std::vector<
   }
 }
 
-// C = fc2^T A [d_h, d_h] and, with a bias, c0 = A^T b2 [d_h] (else c0 is left untouched).
+// Key pass, one work item: per tile and head, S, sv into the chunk partials (b, h, c) of `part`;
+// in the backward (r != nullptr: R and r0 per (b, h), r0 nullptr without b2) also dvalue and
+// dHd = value R^T -> the fc1 chain -> generator-1 fc1 partials and dkey. Backward partials must
+// start at zero (fc1 parts accumulate); S, sv are overwritten at the chunk's first tile.
 template <typename T>
-void fold_fc2(const Mm<T>& mm, const HeadWeights<T>& w, const T* a, int64_t dh, int64_t kh, T* cm, T* c0) {
-  // [d_h, k_h] @ [k_h, d_h] -> [d_h, d_h]
-  mm(true, false, dh, dh, kh, w.fc2_w, dh, a, dh, cm, dh, false);
-  if (!w.fc2_b) return;
-  std::fill(c0, c0 + dh, T(0));
-  for (int64_t j = 0; j < kh; ++j) {
-    const T bj = w.fc2_b[j];
-    const T* aj = a + j * dh;
-#pragma omp simd
-    for (int64_t c = 0; c < dh; ++c) c0[c] += bj * aj[c];
-  }
-}
-
-// The key pass shared by forward and backward, one work item (b, h, chunk c): S, sv into the
-// chunk partial; with dp_side (backward) also dvalue, dhid -> the fc1 chain and dkey.
-template <typename T>
-struct KeyPassBackward {
-  const T* r;   // R [d_h, d_h]
-  const T* r0;  // [d_h] or nullptr
-};
-
-template <typename T>
-void key_item(const ProblemParams& pb, const Mm<T>& mm, int64_t item, int64_t C, TileBuffers<T>& buf,
-              ChunkPartial<T> cp, const KeyPassBackward<T>* bwd, T* dk, T* dv) {
-  const int64_t H = pb.H, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d;
-  const int64_t c = item % C, bh = item / C, h = bh % H, b = bh / H;
-  const Stream<T> ks = make_stream<T>(pb, pb.k, pb.k_bstride, pb.k_rstride, pb.pe_k, pb.m_k, N, b, h);
-  const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
-  const HeadWeights<T> w = head_weights<T>(pb.g1, h, dh, kh);
-  int64_t c0, c1;
+void key_item(const ProblemParams& pb, const Mm<T>& mm, const PassItems& items, int64_t item, TileBuffers<T>& buf,
+              T* part, const T* r, const T* r0v, T* dk, T* dv) {
+  const int64_t H = pb.H, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d, C = items.C;
+  const int64_t csz = ChunkPartial<T>::size(dh), gsq = dh * dh;
+  int64_t b, c, h0, h1, c0, c1;
+  items.decode(item, H, &b, &c, &h0, &h1);
   chunk_range(N, C, c, &c0, &c1);
-  for (int64_t r0 = c0; r0 < c1; r0 += kCpuTile) {
-    const int64_t tn = std::min(kCpuTile, c1 - r0);
-    const T* vt = vx + r0 * pb.v_rstride;
-    hidden(mm, w, ks, r0, tn, dh, buf, bwd != nullptr);
-    accumulate_state(mm, ks, r0, tn, dh, vt, pb.v_rstride, buf, cp.s, cp.sv, r0 == c0);
-    if (!bwd) continue;
-    // dvalue = hid R + m r0, into dv's rows
-    mix_rows(mm, ks, r0, tn, dh, buf, bwd->r, bwd->r0, dv + (b * N + r0) * d + h * dh, d);
-    // dHd = value R^T: [T, d_h(v)] @ [d_h(v), d_h(hid)] -> [T, d_h]
-    mm(false, true, tn, dh, dh, vt, pb.v_rstride, bwd->r, dh, buf.dhd.data(), dh, false);
-    fc1_backward(mm, w, tn, dh, ks.scale, buf, cp, dk + (b * N + r0) * d + h * dh, d);
+  const Stream<T> ks = make_stream<T>(pb, pb.k, pb.k_bstride, pb.k_rstride, pb.pe_k, pb.m_k, N, b);
+  const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride;
+  for (int64_t t0 = c0; t0 < c1; t0 += kCpuTile) {
+    const int64_t tn = std::min(kCpuTile, c1 - t0);
+    load_z(ks, t0, tn, h0 * dh, h1 * dh, d, buf.z.data());
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t bh = b * H + h;
+      const HeadWeights<T> w = head_weights<T>(pb.g1, h, dh, kh);
+      ChunkPartial<T> cp(part + (bh * C + c) * csz, dh);
+      const T* z = buf.z.data() + h * dh;
+      const T* vt = vx + t0 * pb.v_rstride + h * dh;
+      hidden(mm, w, ks, t0, tn, dh, z, d, buf, r != nullptr);
+      accumulate_state(mm, ks, t0, tn, dh, vt, pb.v_rstride, buf, cp.s, cp.sv, t0 == c0);
+      if (!r) continue;
+      const T* rb = r + bh * gsq;
+      // dvalue = hid R + m r0, into dv's rows
+      mix_rows(mm, ks, t0, tn, dh, buf, rb, r0v ? r0v + bh * dh : nullptr, dv + (b * N + t0) * d + h * dh, d);
+      // dHd = value R^T: [T, d_h(v)] @ [d_h(v), d_h(hid)] -> [T, d_h]
+      mm(false, true, tn, dh, dh, vt, pb.v_rstride, rb, dh, buf.dhd.data(), dh, false);
+      fc1_backward(mm, w, tn, dh, ks.scale, z, d, buf, cp, dk + (b * N + t0) * d + h * dh, d);
+    }
   }
 }
 
@@ -433,18 +486,19 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
   const Mm<T> mm{gemm};
   T* p = static_cast<T*>(fp.p);
   T* y = static_cast<T*>(fp.y);
-  const int64_t Ck = num_chunks(N, kCpuTile), Cq = num_chunks(M, kCpuTile);
+  const PassItems kitems = pass_items(B, N, H, nthreads), qitems = pass_items(B, M, H, nthreads);
+  const int64_t Ck = kitems.C;
   const int64_t csz = ChunkPartial<T>::size(dh), gsq = dh * dh;
   std::vector<T> part(B * H * Ck * csz);
   std::vector<T> cm(B * H * gsq), c0(B * H * dh);  // C = fc2_2^T A, c0 = A^T b2_2 per (b, h)
 #pragma omp parallel num_threads(nthreads)
   {
-    TileBuffers<T> buf(dh);
+    TileBuffers<T> buf(d, dh);
     std::vector<T> state(gsq + dh), a(kh * dh);
     // key pass: S, sv chunk partials
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < B * H * Ck; ++item)
-      key_item<T>(pb, mm, item, Ck, buf, ChunkPartial<T>(part.data() + item * csz, dh), nullptr, nullptr, nullptr);
+    for (int64_t item = 0; item < kitems.count(B); ++item)
+      key_item<T>(pb, mm, kitems, item, buf, part.data(), nullptr, nullptr, nullptr, nullptr);
     // per (b, h): P = fc2 S + b2 sv^T, A = GELU(P), C, c0
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -453,32 +507,36 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
       const T* s = state.data();
       const T* sv = s + gsq;
       const HeadWeights<T> w1 = head_weights<T>(pb.g1, h, dh, kh);
-      T* pb_ = p + bh * kh * dh;
+      T* pbh = p + bh * kh * dh;
       // [k_h, d_h] @ [d_h, d_h] -> [k_h, d_h]
-      mm(false, false, kh, dh, dh, w1.fc2_w, dh, s, dh, pb_, dh, false);
+      mm(false, false, kh, dh, dh, w1.fc2_w, dh, s, dh, pbh, dh, false);
       if (w1.fc2_b)
         for (int64_t j = 0; j < kh; ++j) {
           const T bj = w1.fc2_b[j];
 #pragma omp simd
-          for (int64_t c = 0; c < dh; ++c) pb_[j * dh + c] += bj * sv[c];
+          for (int64_t c = 0; c < dh; ++c) pbh[j * dh + c] += bj * sv[c];
         }
 #pragma omp simd
-      for (int64_t i = 0; i < kh * dh; ++i) a[i] = gelu(pb_[i]);
+      for (int64_t i = 0; i < kh * dh; ++i) a[i] = gelu(pbh[i]);
       fold_fc2(mm, head_weights<T>(pb.g2, h, dh, kh), a.data(), dh, kh, cm.data() + bh * gsq, c0.data() + bh * dh);
     }
     // query pass: Y = hid2 C + m c0
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < B * H * Cq; ++item) {
-      const int64_t c = item % Cq, bh = item / Cq, h = bh % H, b = bh / H;
-      const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, M, b, h);
-      const HeadWeights<T> w = head_weights<T>(pb.g2, h, dh, kh);
-      const T* bias = w.fc2_b ? c0.data() + bh * dh : nullptr;
-      int64_t r0, r1;
-      chunk_range(M, Cq, c, &r0, &r1);
+    for (int64_t item = 0; item < qitems.count(B); ++item) {
+      int64_t b, c, h0, h1, r0, r1;
+      qitems.decode(item, H, &b, &c, &h0, &h1);
+      chunk_range(M, qitems.C, c, &r0, &r1);
+      const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, M, b);
       for (int64_t t0 = r0; t0 < r1; t0 += kCpuTile) {
         const int64_t tn = std::min(kCpuTile, r1 - t0);
-        hidden(mm, w, qs, t0, tn, dh, buf, false);
-        mix_rows(mm, qs, t0, tn, dh, buf, cm.data() + bh * gsq, bias, y + (b * M + t0) * d + h * dh, d);
+        load_z(qs, t0, tn, h0 * dh, h1 * dh, d, buf.z.data());
+        for (int64_t h = h0; h < h1; ++h) {
+          const int64_t bh = b * H + h;
+          const HeadWeights<T> w = head_weights<T>(pb.g2, h, dh, kh);
+          hidden(mm, w, qs, t0, tn, dh, buf.z.data() + h * dh, d, buf, false);
+          mix_rows(mm, qs, t0, tn, dh, buf, cm.data() + bh * gsq, w.fc2_b ? c0.data() + bh * dh : nullptr,
+                   y + (b * M + t0) * d + h * dh, d);
+        }
       }
     }
   }
@@ -492,11 +550,13 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
   const T* p = static_cast<const T*>(bp.p);
   const int64_t psz = kh * dh, gsq = dh * dh, fsz = kh * dh + kh;
   const int64_t csz = ChunkPartial<T>::size(dh);
-  const int64_t Cq = num_chunks(M, kCpuTile), Ck = num_chunks(N, kCpuTile);
-  std::vector<T> a(B * H * psz), dp(B * H * psz);      // A = GELU(P), dP per (b, h): [k_h, d_h]
-  std::vector<T> cm(B * H * gsq), rm(B * H * gsq);     // C = fc2_2^T A, R = fc2^T dP: [d_h, d_h]
-  std::vector<T> r0v(B * H * dh);                      // r0 = dP^T b2
-  std::vector<T> q_part(B * H * Cq * csz), k_part(B * H * Ck * csz);
+  const PassItems kitems = pass_items(B, N, H, nthreads), qitems = pass_items(B, M, H, nthreads);
+  const int64_t Cq = qitems.C, Ck = kitems.C;
+  std::vector<T> a(B * H * psz), dp(B * H * psz);  // A = GELU(P), dP per (b, h): [k_h, d_h]
+  std::vector<T> cm(B * H * gsq), rm(B * H * gsq);  // C = fc2_2^T A, R = fc2^T dP: [d_h, d_h]
+  std::vector<T> r0v(B * H * dh);                   // r0 = dP^T b2
+  // chunk partials start at zero: the fc1 parts accumulate over the chunk's tiles
+  std::vector<T> q_part(B * H * Cq * csz, T(0)), k_part(B * H * Ck * csz, T(0));
   std::vector<T> g2_fc2(B * H * fsz), g1_fc2(B * H * fsz);
   const T* dy = static_cast<const T*>(bp.dy);
   T* dq = static_cast<T*>(bp.dq);
@@ -506,8 +566,8 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
 
 #pragma omp parallel num_threads(nthreads)
   {
-    TileBuffers<T> buf(dh);
-    std::vector<T> state(gsq + dh), scratch(gsq + dh);
+    TileBuffers<T> buf(d, dh);
+    std::vector<T> state(gsq + dh), unused(dh);
     // ---- per (b, h): A = GELU(P), C = fc2_2^T A ----
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -517,27 +577,30 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
       for (int64_t i = 0; i < psz; ++i) ab[i] = gelu(pp[i]);
       HeadWeights<T> w2 = head_weights<T>(pb.g2, bh % H, dh, kh);
       w2.fc2_b = nullptr;  // c0 is not needed by the backward
-      fold_fc2(mm, w2, ab, dh, kh, cm.data() + bh * gsq, scratch.data());
+      fold_fc2(mm, w2, ab, dh, kh, cm.data() + bh * gsq, unused.data());
     }
     // ---- query pass: T, sdy partials, generator-2 fc1 partials, dquery ----
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < B * H * Cq; ++item) {
-      const int64_t c = item % Cq, bh = item / Cq, h = bh % H, b = bh / H;
-      const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, M, b, h);
-      const HeadWeights<T> w = head_weights<T>(pb.g2, h, dh, kh);
-      T* base = q_part.data() + item * csz;
-      std::fill(base, base + csz, T(0));
-      ChunkPartial<T> cp(base, dh);
-      int64_t r0, r1;
+    for (int64_t item = 0; item < qitems.count(B); ++item) {
+      int64_t b, c, h0, h1, r0, r1;
+      qitems.decode(item, H, &b, &c, &h0, &h1);
       chunk_range(M, Cq, c, &r0, &r1);
+      const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, M, b);
       for (int64_t t0 = r0; t0 < r1; t0 += kCpuTile) {
         const int64_t tn = std::min(kCpuTile, r1 - t0);
-        const T* dyt = dy + (b * M + t0) * d + h * dh;  // rows of stride d
-        hidden(mm, w, qs, t0, tn, dh, buf, true);
-        accumulate_state(mm, qs, t0, tn, dh, dyt, d, buf, cp.s, cp.sv, t0 == r0);
-        // dHd2 = dY C^T: [T, d_h(y)] @ [d_h(y), d_h(hid)] -> [T, d_h]
-        mm(false, true, tn, dh, dh, dyt, d, cm.data() + bh * gsq, dh, buf.dhd.data(), dh, false);
-        fc1_backward(mm, w, tn, dh, qs.scale, buf, cp, dq + (b * M + t0) * d + h * dh, d);
+        load_z(qs, t0, tn, h0 * dh, h1 * dh, d, buf.z.data());
+        for (int64_t h = h0; h < h1; ++h) {
+          const int64_t bh = b * H + h;
+          const HeadWeights<T> w = head_weights<T>(pb.g2, h, dh, kh);
+          ChunkPartial<T> cp(q_part.data() + (bh * Cq + c) * csz, dh);
+          const T* z = buf.z.data() + h * dh;
+          const T* dyt = dy + (b * M + t0) * d + h * dh;  // rows of stride d
+          hidden(mm, w, qs, t0, tn, dh, z, d, buf, true);
+          accumulate_state(mm, qs, t0, tn, dh, dyt, d, buf, cp.s, cp.sv, t0 == r0);
+          // dHd2 = dY C^T: [T, d_h(y)] @ [d_h(y), d_h(hid)] -> [T, d_h]
+          mm(false, true, tn, dh, dh, dyt, d, cm.data() + bh * gsq, dh, buf.dhd.data(), dh, false);
+          fc1_backward(mm, w, tn, dh, qs.scale, z, d, buf, cp, dq + (b * M + t0) * d + h * dh, d);
+        }
       }
     }
     // ---- per (b, h): dA, generator-2 fc2 grads, dP, R, r0 ----
@@ -571,13 +634,8 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
     }
     // ---- key pass: S, sv partials, generator-1 fc1 partials, dkey, dvalue ----
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < B * H * Ck; ++item) {
-      const int64_t bh = item / Ck;
-      T* base = k_part.data() + item * csz;
-      std::fill(base, base + csz, T(0));
-      const KeyPassBackward<T> kb{rm.data() + bh * gsq, b2_1 ? r0v.data() + bh * dh : nullptr};
-      key_item<T>(pb, mm, item, Ck, buf, ChunkPartial<T>(base, dh), &kb, dk, dv);
-    }
+    for (int64_t item = 0; item < kitems.count(B); ++item)
+      key_item<T>(pb, mm, kitems, item, buf, k_part.data(), rm.data(), b2_1 ? r0v.data() : nullptr, dk, dv);
     // ---- per (b, h): generator-1 fc2 grads dfc2 = dP S^T, db2 = dP sv ----
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
