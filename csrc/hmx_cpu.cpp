@@ -3,14 +3,16 @@
 // so the twin never does: per (batch b, head h), with hid_t = GELU(z_t fc1^T + b1) [d_h] and the
 // keep mask m_t, only d_h x d_h products run per token and k_h appears in per-(b, h) products.
 //
+// Work is parallel over (b, h, token chunk): OpenMP work items are (b, chunk, group of heads),
+// see PassItems; every (b, h, chunk) keeps its own partial sums.
 // Forward:
-//   key pass, parallel over (b, h, key chunk), per tile of kCpuTile keys:
+//   key pass, per (b, h, key chunk), per tile of kCpuTile keys:
 //     z = s * (x * m_k) + PE, hid = m * GELU(z fc1^T + b1)            [T, d_h]
 //     S += hid^T value [d_h, d_h],  sv += sum_t m_t value_t [d_h]      (chunk partials)
 //   per (b, h): S, sv = sum of the chunk partials in chunk order (deterministic for any thread
 //     count); P = fc2 S + b2 sv^T [k_h, d_h] (written to p), A = GELU(P),
 //     C = fc2_2^T A [d_h, d_h], c0 = A^T b2_2 [d_h]
-//   query pass, parallel over (b, h, query chunk): hid2 likewise, Y = hid2 C + m c0 -> [T, d_h].
+//   query pass, per (b, h, query chunk): hid2 likewise, Y = hid2 C + m c0 -> [T, d_h].
 // Backward (the caller applies LayerNorm's backward first), recomputing hid / hid2 per tile:
 //   per (b, h): A = GELU(P), C
 //   query pass: T += hid2^T dY, sdy += sum_t m_t dY_t; dhid2 = dY C^T; the fc1 chain
@@ -21,10 +23,11 @@
 //     chain -> generator-1 fc1 partials and dkey
 //   per (b, h): dfc2 = dP S^T, db2 = dP sv
 //   weight gradients summed over (b, chunk) in a fixed order.
-// Per token that is 15 d_h x d_h multiply-adds in forward + backward (forward 2 per key and 2 per
-// query, backward 5 per query and 6 per key), against the direct form's 4 k_h d_h + 2 d_h^2 per
-// token and pass. Every tile product is one call of the BLAS gemm passed in (hmx_cpu.h), on tiles
-// of kCpuTile tokens; element-wise work (mask, bias, GELU) runs between the calls.
+// Per token and head that is 15 [1, d_h] x [d_h, d_h] products in forward + backward (forward 2
+// per key and 2 per query, backward 5 per query and 6 per key; hmx_kernels/flops.py). Every tile
+// product is one call of the BLAS gemm passed in (hmx_cpu.h), on tiles of kCpuTile tokens;
+// element-wise work (mask, bias, GELU) runs between the calls. The keep masks hold only 0 and 1
+// (the op contract), which the folding of masks below relies on (m^2 = m).
 #include "hmx_cpu.h"
 
 #ifdef _OPENMP

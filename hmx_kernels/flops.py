@@ -7,8 +7,8 @@ HyperMixing forward, per batch element and head (d_h = d / H, k_h per-head hidde
   P = W1^T V  ([k_h, N] @ [N, d_h]):                                 2 * N * k_h * d_h
   Y = W2 @ A  ([M, k_h] @ [k_h, d_h]):                               2 * M * k_h * d_h
 Backward: every matmul has two gradient matmuls, so 2x the forward (recomputation not counted).
-This is the direct form's count: what the reference (and the CUDA / Triton kernels) execute, and the
-yardstick every backend's throughput is quoted against (`hyper_mixing_flops`).
+This is the direct form's count: what the reference executes, and the yardstick every backend's
+throughput is quoted against (`hyper_mixing_flops`).
 
 Reassociated form (the `cpu` backend, docs/HYPERMIXING.md "Reassociated form"), counted as executed,
 recomputation included (`hyper_mixing_flops_reassociated`), per batch element and head:
