@@ -293,25 +293,30 @@ void hidden(const Mm<T>& mm, const HeadWeights<T>& w, const Stream<T>& st, int64
             const T* z, int64_t ldz, TileBuffers<T>& buf, bool grad) {
   // U = z fc1^T: [T, d_h(in)] @ [d_h(in), d_h(out)] -> [T, d_h], into hd (then replaced in place)
   mm(false, true, tn, dh, dh, z, ldz, w.fc1_w, dh, buf.hd.data(), dh, false);
-  for (int64_t t = 0; t < tn; ++t) {
-    T* ht = buf.hd.data() + t * dh;
-    T* gt = buf.gd.data() + t * dh;
-    const T mr = st.m(r0 + t);
-    if (w.fc1_b) {
+  T* __restrict__ hd = buf.hd.data();
+  T* __restrict__ gd = buf.gd.data();
+  if (w.fc1_b)
+    for (int64_t t = 0; t < tn; ++t) {
 #pragma omp simd
-      for (int64_t c = 0; c < dh; ++c) ht[c] += w.fc1_b[c];
+      for (int64_t c = 0; c < dh; ++c) hd[t * dh + c] += w.fc1_b[c];
     }
-    if (grad) {
+  // GELU over the whole tile in one loop (rows of d_h are too short a loop to keep the vector
+  // units busy), then the mask row by row
+  const int64_t n = tn * dh;
+  if (grad) {
 #pragma omp simd
-      for (int64_t c = 0; c < dh; ++c) {
-        T g, gp;
-        gelu_both(ht[c], &g, &gp);
-        ht[c] = mr * g;
-        gt[c] = mr * gp;
-      }
-    } else {
+    for (int64_t i = 0; i < n; ++i) gelu_both(hd[i], &hd[i], &gd[i]);
+  } else {
 #pragma omp simd
-      for (int64_t c = 0; c < dh; ++c) ht[c] = mr * gelu(ht[c]);
+    for (int64_t i = 0; i < n; ++i) hd[i] = gelu(hd[i]);
+  }
+  if (!st.mask) return;
+  for (int64_t t = 0; t < tn; ++t) {
+    const T mr = st.m(r0 + t);
+#pragma omp simd
+    for (int64_t c = 0; c < dh; ++c) {
+      hd[t * dh + c] *= mr;
+      if (grad) gd[t * dh + c] *= mr;
     }
   }
 }
