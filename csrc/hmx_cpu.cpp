@@ -337,12 +337,14 @@ void accumulate_state(const Mm<T>& mm, const Stream<T>& st, int64_t r0, int64_t 
   }
 }
 
-// out rows (stride ldo) = hid G + m g0: [T, d_h] @ [d_h, d_h]; g0 [d_h] or nullptr. Y (G = C,
-// g0 = c0) and dvalue (G = R, g0 = r0).
+// out rows (stride ldo) = hid G + m g0: [T, d_h] @ [d_h, d_h], from gt = G^T; g0 [d_h] or nullptr.
+// Y (G = C, g0 = c0) and dvalue (G = R, g0 = r0). Products [T, d_h] x [d_h, d_h] take the right
+// operand transposed throughout (the BLAS's kernel for that layout ran these sizes about twice as
+// fast), so C, R and fc1 are transposed once per call.
 template <typename T>
 void mix_rows(const Mm<T>& mm, const Stream<T>& st, int64_t r0, int64_t tn, int64_t dh, const TileBuffers<T>& buf,
-              const T* g, const T* g0, T* out, int64_t ldo) {
-  mm(false, false, tn, dh, dh, buf.hd.data(), dh, g, dh, out, ldo, false);
+              const T* gt, const T* g0, T* out, int64_t ldo) {
+  mm(false, true, tn, dh, dh, buf.hd.data(), dh, gt, dh, out, ldo, false);
   if (!g0) return;
   for (int64_t t = 0; t < tn; ++t) {
     const T mr = st.m(r0 + t);
@@ -368,7 +370,7 @@ struct ChunkPartial {
 // dU = dHd * m GELU'(U); db1 += sum_t dU_t; dfc1 += dU^T z; dx rows (stride ldx) = s * dU fc1
 // (masked rows get dU = 0, hence 0).
 template <typename T>
-void fc1_backward(const Mm<T>& mm, const HeadWeights<T>& w, int64_t tn, int64_t dh, T s, const T* z, int64_t ldz,
+void fc1_backward(const Mm<T>& mm, const T* fc1_t, int64_t tn, int64_t dh, T s, const T* z, int64_t ldz,
                   TileBuffers<T>& buf, ChunkPartial<T>& cp, T* dx, int64_t ldx) {
   for (int64_t t = 0; t < tn; ++t) {
     T* dut = buf.du.data() + t * dh;
@@ -382,8 +384,8 @@ void fc1_backward(const Mm<T>& mm, const HeadWeights<T>& w, int64_t tn, int64_t 
   }
   // dfc1 += dU^T z: [d_h(out), T] @ [T, d_h(in)] -> [d_h(out), d_h(in)]
   mm(true, false, dh, dh, tn, buf.du.data(), dh, z, ldz, cp.fc1_w, dh, true);
-  // dx = s * dU fc1: [T, d_h(out)] @ [d_h(out), d_h(in)] -> [T, d_h], into dx's rows
-  mm(false, false, tn, dh, dh, buf.du.data(), dh, w.fc1_w, dh, dx, ldx, false, s);
+  // dx = s * dU fc1: [T, d_h(out)] @ [d_h(out), d_h(in)] -> [T, d_h], into dx's rows (fc1_t = fc1^T)
+  mm(false, true, tn, dh, dh, buf.du.data(), dh, fc1_t, dh, dx, ldx, false, s);
 }
 
 // S, sv of (b, h) = its chunk partials [C] summed in chunk order, into out ([d_h, d_h] then [d_h]).
@@ -408,6 +410,21 @@ void fc2_grads(const Mm<T>& mm, const T* f, const T* s, const T* sv, int64_t dh,
     for (int64_t c = 0; c < dh; ++c) acc += f[j * dh + c] * sv[c];
     dfc2_b[j] = acc;
   }
+}
+
+// out [n, n] = in^T
+template <typename T>
+void transpose(const T* in, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) out[j * n + i] = in[i * n + j];
+}
+
+// fc1^T of every head of a generator: [H][d_h(in), d_h(out)]
+template <typename T>
+std::vector<T> fc1_transposed(const GeneratorParams& g, int64_t H, int64_t dh) {
+  std::vector<T> out(H * dh * dh);
+  for (int64_t h = 0; h < H; ++h) transpose(static_cast<const T*>(g.fc1_w) + h * dh * dh, dh, out.data() + h * dh * dh);
+  return out;
 }
 
 // G = fc2^T F [d_h, d_h] and, with a bias, g0 = F^T b2 [d_h] (else g0 is left untouched).
@@ -457,7 +474,7 @@ void reduce_generator_grads(const std::vector<T>& chunk_part, const std::vector<
 // start at zero (fc1 parts accumulate); S, sv are overwritten at the chunk's first tile.
 template <typename T>
 void key_item(const ProblemParams& pb, const Mm<T>& mm, const PassItems& items, int64_t item, TileBuffers<T>& buf,
-              T* part, const T* r, const T* r0v, T* dk, T* dv) {
+              T* part, const T* r, const T* rt, const T* r0v, const T* fc1_t, T* dk, T* dv) {
   const int64_t H = pb.H, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d, C = items.C;
   const int64_t csz = ChunkPartial<T>::size(dh), gsq = dh * dh;
   int64_t b, c, h0, h1, c0, c1;
@@ -479,10 +496,11 @@ void key_item(const ProblemParams& pb, const Mm<T>& mm, const PassItems& items, 
       if (!r) continue;
       const T* rb = r + bh * gsq;
       // dvalue = hid R + m r0, into dv's rows
-      mix_rows(mm, ks, t0, tn, dh, buf, rb, r0v ? r0v + bh * dh : nullptr, dv + (b * N + t0) * d + h * dh, d);
+      mix_rows(mm, ks, t0, tn, dh, buf, rt + bh * gsq, r0v ? r0v + bh * dh : nullptr, dv + (b * N + t0) * d + h * dh,
+               d);
       // dHd = value R^T: [T, d_h(v)] @ [d_h(v), d_h(hid)] -> [T, d_h]
       mm(false, true, tn, dh, dh, vt, pb.v_rstride, rb, dh, buf.dhd.data(), dh, false);
-      fc1_backward(mm, w, tn, dh, ks.scale, z, d, buf, cp, dk + (b * N + t0) * d + h * dh, d);
+      fc1_backward(mm, fc1_t + h * gsq, tn, dh, ks.scale, z, d, buf, cp, dk + (b * N + t0) * d + h * dh, d);
     }
   }
 }
@@ -498,15 +516,15 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
   const int64_t Ck = kitems.C;
   const int64_t csz = ChunkPartial<T>::size(dh), gsq = dh * dh;
   std::vector<T> part(B * H * Ck * csz);
-  std::vector<T> cm(B * H * gsq), c0(B * H * dh);  // C = fc2_2^T A, c0 = A^T b2_2 per (b, h)
+  std::vector<T> cmt(B * H * gsq), c0(B * H * dh);  // C^T (C = fc2_2^T A), c0 = A^T b2_2 per (b, h)
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(d, dh);
-    std::vector<T> state(gsq + dh), a(kh * dh);
+    std::vector<T> state(gsq + dh), a(kh * dh), cm(gsq);
     // key pass: S, sv chunk partials
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < kitems.count(B); ++item)
-      key_item<T>(pb, mm, kitems, item, buf, part.data(), nullptr, nullptr, nullptr, nullptr);
+      key_item<T>(pb, mm, kitems, item, buf, part.data(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
     // per (b, h): P = fc2 S + b2 sv^T, A = GELU(P), C, c0
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -526,7 +544,8 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
         }
 #pragma omp simd
       for (int64_t i = 0; i < kh * dh; ++i) a[i] = gelu(pbh[i]);
-      fold_fc2(mm, head_weights<T>(pb.g2, h, dh, kh), a.data(), dh, kh, cm.data() + bh * gsq, c0.data() + bh * dh);
+      fold_fc2(mm, head_weights<T>(pb.g2, h, dh, kh), a.data(), dh, kh, cm.data(), c0.data() + bh * dh);
+      transpose(cm.data(), dh, cmt.data() + bh * gsq);
     }
     // query pass: Y = hid2 C + m c0
 #pragma omp for schedule(dynamic, 1)
@@ -542,7 +561,7 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
           const int64_t bh = b * H + h;
           const HeadWeights<T> w = head_weights<T>(pb.g2, h, dh, kh);
           hidden(mm, w, qs, t0, tn, dh, buf.z.data() + h * dh, d, buf, false);
-          mix_rows(mm, qs, t0, tn, dh, buf, cm.data() + bh * gsq, w.fc2_b ? c0.data() + bh * dh : nullptr,
+          mix_rows(mm, qs, t0, tn, dh, buf, cmt.data() + bh * gsq, w.fc2_b ? c0.data() + bh * dh : nullptr,
                    y + (b * M + t0) * d + h * dh, d);
         }
       }
@@ -561,7 +580,7 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
   const PassItems kitems = pass_items(B, N, H, nthreads), qitems = pass_items(B, M, H, nthreads);
   const int64_t Cq = qitems.C, Ck = kitems.C;
   std::vector<T> a(B * H * psz), dp(B * H * psz);  // A = GELU(P), dP per (b, h): [k_h, d_h]
-  std::vector<T> cm(B * H * gsq), rm(B * H * gsq);  // C = fc2_2^T A, R = fc2^T dP: [d_h, d_h]
+  std::vector<T> cm(B * H * gsq), rm(B * H * gsq), rmt(B * H * gsq);  // C = fc2_2^T A, R = fc2^T dP, R^T
   std::vector<T> r0v(B * H * dh);                   // r0 = dP^T b2
   // chunk partials start at zero: the fc1 parts accumulate over the chunk's tiles
   std::vector<T> q_part(B * H * Cq * csz, T(0)), k_part(B * H * Ck * csz, T(0));
@@ -571,6 +590,7 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
   T* dk = static_cast<T*>(bp.dk);
   T* dv = static_cast<T*>(bp.dv);
   const bool b2_1 = pb.g1.fc2_b != nullptr;
+  const std::vector<T> fc1t_1 = fc1_transposed<T>(pb.g1, H, dh), fc1t_2 = fc1_transposed<T>(pb.g2, H, dh);
 
 #pragma omp parallel num_threads(nthreads)
   {
@@ -607,7 +627,7 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
           accumulate_state(mm, qs, t0, tn, dh, dyt, d, buf, cp.s, cp.sv, t0 == r0);
           // dHd2 = dY C^T: [T, d_h(y)] @ [d_h(y), d_h(hid)] -> [T, d_h]
           mm(false, true, tn, dh, dh, dyt, d, cm.data() + bh * gsq, dh, buf.dhd.data(), dh, false);
-          fc1_backward(mm, w, tn, dh, qs.scale, z, d, buf, cp, dq + (b * M + t0) * d + h * dh, d);
+          fc1_backward(mm, fc1t_2.data() + h * gsq, tn, dh, qs.scale, z, d, buf, cp, dq + (b * M + t0) * d + h * dh, d);
         }
       }
     }
@@ -639,11 +659,13 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
       for (int64_t i = 0; i < psz; ++i) dpb[i] *= gelu_grad(pp[i]);
       // R = fc2^T dP, r0 = dP^T b2
       fold_fc2(mm, w1, dpb, dh, kh, rm.data() + bh * gsq, r0v.data() + bh * dh);
+      transpose(rm.data() + bh * gsq, dh, rmt.data() + bh * gsq);
     }
     // ---- key pass: S, sv partials, generator-1 fc1 partials, dkey, dvalue ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < kitems.count(B); ++item)
-      key_item<T>(pb, mm, kitems, item, buf, k_part.data(), rm.data(), b2_1 ? r0v.data() : nullptr, dk, dv);
+      key_item<T>(pb, mm, kitems, item, buf, k_part.data(), rm.data(), rmt.data(), b2_1 ? r0v.data() : nullptr,
+                  fc1t_1.data(), dk, dv);
     // ---- per (b, h): generator-1 fc2 grads dfc2 = dP S^T, db2 = dP sv ----
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
