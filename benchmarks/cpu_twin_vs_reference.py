@@ -12,6 +12,23 @@ Python process:
   - then times `reps` further calls and reports the median.
 Where clear_refs is not writable, ru_maxrss of the fresh process minus the baseline is used.
 Absolute numbers depend on the machine and its load; compare ratios from one run.
+
+    python benchmarks/cpu_twin_vs_reference.py --side-by-side [--reps 15 --warmup 3 --out FILE]
+
+Side by side, in ONE process with ONE torch thread: B=1, N=8192, d=256, k=1024 (k_h=128), H=8,
+fp32, speechbrain variant, no padding (the other size options apply when given). After `warmup`
+forward+backward calls of each backend, `reps` rounds each time the `cpu` and the `reference`
+backend once (which goes first alternates between rounds; gradients are cleared before every
+call; the upstream gradient is a fixed random tensor), for forward + backward and for the forward
+alone (no_grad). Reported: the medians, the time ratio cpu / reference (the target is <= 0.15 for
+forward + backward), and throughput as FLOP/s both as executed (the cpu backend runs the reassociated form:
+`hmx_kernels.flops.hyper_mixing_flops_reassociated`; the reference the direct form) and as the
+direct form's equivalent (`hmx_kernels.flops.hyper_mixing_flops` over the measured time). Each
+call is timed as wall time and as the process's CPU time: on a machine whose cores other
+processes also use, the wall time of a short call grows by whole scheduler time slices, which
+the CPU time leaves out (the load average is in the header; quote runs from a quiet machine). The
+output of both backends is compared once (scale-relative error). With --out the report is also
+written to FILE, headed by machine, date, torch version, git sha and load average.
 """
 from __future__ import annotations
 
@@ -92,20 +109,145 @@ def _child(args) -> None:
     }))
 
 
+def _params(B, N, d, H, k):
+    """Inputs and weights as in the subprocess runs: x [B, N, d], 8 generator tensors, LayerNorm."""
+    import torch
+
+    d_h, k_h = d // H, k // H
+
+    def p(*shape, scale):
+        return (torch.randn(*shape) * scale).requires_grad_(True)
+
+    gen = []
+    for _ in range(2):
+        gen += [p(H, d_h, d_h, scale=d_h ** -0.5), p(H, d_h, scale=0.5), p(H, k_h, d_h, scale=d_h ** -0.5),
+                p(H, k_h, scale=0.5)]
+    ln = [torch.ones(d).requires_grad_(True), torch.zeros(d).requires_grad_(True)]
+    return torch.randn(B, N, d).requires_grad_(True), gen + ln
+
+
+def side_by_side(args) -> str:
+    """Times the cpu and reference backends alternately in this process, one torch thread;
+    returns the report (see the module docstring)."""
+    import platform
+
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    import hmx_kernels
+    from hmx_kernels.flops import hyper_mixing_flops, hyper_mixing_flops_reassociated
+
+    from benchmarks.config import cpu_model, git_sha
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    B, N, d, H, k = args.B, args.N, args.d, args.H, args.k
+    k_h = k // H
+    x, ws = _params(B, N, d, H, k)
+    # a random upstream gradient: an all-ones one is nearly annihilated by the LayerNorm's backward
+    grad = torch.randn(B, N, d)
+    leaves = [x] + ws
+    backends = ("cpu", "reference")
+
+    def fwd_bwd(backend):
+        out = hmx_kernels.hyper_mixing(x, None, None, *ws, backend=backend)
+        out.backward(grad)
+
+    def fwd(backend):
+        with torch.no_grad():
+            hmx_kernels.hyper_mixing(x, None, None, *ws, backend=backend)
+
+    def timed(fn, backend):
+        for t in leaves:
+            t.grad = None
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn(backend)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    with torch.no_grad():
+        outs = {b: hmx_kernels.hyper_mixing(x, None, None, *ws, backend=b) for b in backends}
+    err = ((outs["cpu"] - outs["reference"]).abs().max() / outs["reference"].abs().max()).item()
+    times = {}
+    load_before = os.getloadavg()
+    t_start = time.time()
+    for mode, fn in (("fwd_bwd", fwd_bwd), ("fwd", fwd)):
+        for b in backends:
+            for _ in range(args.warmup):
+                timed(fn, b)
+        samples = {b: [] for b in backends}
+        for r in range(args.reps):
+            for b in (backends if r % 2 == 0 else backends[::-1]):
+                samples[b].append(timed(fn, b))
+        times[mode] = samples
+    wall = time.time() - t_start
+    load_after = os.getloadavg()
+
+    flops = {mode: {"direct": hyper_mixing_flops(B, N, N, d, H, k_h, mode),
+                    "reassociated": hyper_mixing_flops_reassociated(B, N, N, d, H, k_h, mode)}
+             for mode in times}
+    lines = [
+        f"# benchmarks/cpu_twin_vs_reference.py --side-by-side: {cpu_model()}, {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"# torch {torch.__version__}, python {platform.python_version()}, git {git_sha()}, "
+        f"{torch.get_num_threads()} torch thread, load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after ({wall:.0f} s)",
+        f"B={B} N={N} d={d} k={k} (d_h={d // H}, k_h={k_h}) H={H} fp32, speechbrain variant, no padding; "
+        f"{args.warmup} warm-up calls per backend, {args.reps} alternating rounds, medians",
+        f"output cpu vs reference: scale-relative max error {err:.1e}",
+    ]
+    for mode in ("fwd_bwd", "fwd"):
+        wall = {b: [w for w, _ in times[mode][b]] for b in backends}
+        cpu_s = {b: [c for _, c in times[mode][b]] for b in backends}
+        med = {b: statistics.median(wall[b]) for b in backends}
+        lo = {b: min(wall[b]) for b in backends}
+        cmed = {b: statistics.median(cpu_s[b]) for b in backends}
+        f = flops[mode]
+        label = "forward+backward" if mode == "fwd_bwd" else "forward (no_grad)"
+        lines.append(f"{label}:")
+        for b in backends:
+            executed = f["reassociated"] if b == "cpu" else f["direct"]
+            form = "reassociated" if b == "cpu" else "direct"
+            lines.append(
+                f"  {b:9s} median {med[b] * 1e3:8.1f} ms (min {lo[b] * 1e3:8.1f}, process CPU time median "
+                f"{cmed[b] * 1e3:8.1f})   executed {executed / med[b] / 1e9:6.1f} GFLOP/s ({form} form, "
+                f"{executed / 1e9:.2f} GFLOP)   direct-form equivalent {f['direct'] / med[b] / 1e9:6.1f} GFLOP/s "
+                f"({f['direct'] / 1e9:.2f} GFLOP)")
+        ratio = med["cpu"] / med["reference"]
+        target = "  (target <= 0.15: " + ("met" if ratio <= 0.15 else "NOT met") + ")" if mode == "fwd_bwd" else ""
+        lines.append(f"  time ratio cpu / reference: {ratio:.3f} of the wall-time medians{target}; "
+                     f"{lo['cpu'] / lo['reference']:.3f} of the minima, "
+                     f"{cmed['cpu'] / cmed['reference']:.3f} of the CPU-time medians")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--B", type=int, default=4)
-    ap.add_argument("--N", type=int, default=4096)
+    ap.add_argument("--B", type=int, default=None, help="default 4 (--side-by-side: 1)")
+    ap.add_argument("--N", type=int, default=None, help="default 4096 (--side-by-side: 8192)")
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--H", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=None, help="default 5 (--side-by-side: 15)")
     ap.add_argument("--backends", default="cpu,reference")
     ap.add_argument("--modes", default="fwd,fwd_bwd")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="cpu and reference alternately in one process, one thread (see the module docstring)")
+    ap.add_argument("--warmup", type=int, default=3, help="--side-by-side: warm-up calls per backend and mode")
+    ap.add_argument("--out", help="--side-by-side: also write the report to this file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    sbs = args.side_by_side
+    args.B = args.B if args.B is not None else (1 if sbs else 4)
+    args.N = args.N if args.N is not None else (8192 if sbs else 4096)
+    args.reps = args.reps if args.reps is not None else (15 if sbs else 5)
+    if sbs:
+        report = side_by_side(args)
+        print(report)
+        if args.out:
+            Path(args.out).write_text(report + "\n")
+        return
     if args.child:
         _child(args)
         return

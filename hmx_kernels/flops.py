@@ -7,13 +7,29 @@ HyperMixing forward, per batch element and head (d_h = d / H, k_h per-head hidde
   P = W1^T V  ([k_h, N] @ [N, d_h]):                                 2 * N * k_h * d_h
   Y = W2 @ A  ([M, k_h] @ [k_h, d_h]):                               2 * M * k_h * d_h
 Backward: every matmul has two gradient matmuls, so 2x the forward (recomputation not counted).
+This is the direct form's count: what the reference executes, and the yardstick every backend's
+throughput is quoted against (`hyper_mixing_flops`).
+
+Reassociated form (the `cpu` backend, docs/HYPERMIXING.md "Reassociated form"), counted as executed,
+recomputation included (`hyper_mixing_flops_reassociated`), per batch element and head:
+  forward:  each key: z fc1^T and S += hid^T v            4 * d_h^2 per key
+            each query: z fc1^T and Y = hid2 C             4 * d_h^2 per query
+            P = fc2 S and C = fc2_2^T A ([k_h, d_h] x [d_h, d_h]-sized)   4 * k_h * d_h^2
+  backward: each query: fc1 recompute, T += hid2^T dY, dhid2 = dY C^T, dfc1 += dU^T z, dz = dU fc1
+                                                           10 * d_h^2 per query
+            each key: fc1 recompute, S recompute, dV = hid R, dhid = V R^T, dfc1, dz
+                                                           12 * d_h^2 per key
+            C recompute, dA = fc2_2 T, dfc2_2 = A T^T, R = fc2^T dP, dfc2 = dP S^T
+                                                           10 * k_h * d_h^2
+  The bias terms (O(k_h d_h) per batch element and head) and the token sums sv, sdy (additions)
+  are not counted, like the elementwise work.
 
 Attention core (scaled_dot_product_attention, FlashAttention's convention), per batch element:
   forward 4 * M * N * d (QK^T and PV over all heads); backward 2.5x forward.
 """
 from __future__ import annotations
 
-__all__ = ["hyper_mixing_flops", "attention_flops", "mha_layer_flops"]
+__all__ = ["hyper_mixing_flops", "hyper_mixing_flops_reassociated", "attention_flops", "mha_layer_flops"]
 
 
 def hyper_mixing_flops(B: int, M: int, N: int, d: int, H: int, k_h: int, pass_: str = "fwd") -> int:
@@ -22,6 +38,15 @@ def hyper_mixing_flops(B: int, M: int, N: int, d: int, H: int, k_h: int, pass_: 
     mixing = 2 * N * k_h * d_h + 2 * M * k_h * d_h
     fwd = B * H * (generators + mixing)
     return _by_pass(fwd, 2 * fwd, pass_)
+
+
+def hyper_mixing_flops_reassociated(B: int, M: int, N: int, d: int, H: int, k_h: int, pass_: str = "fwd") -> int:
+    """FLOPs the reassociated form executes (the `cpu` backend), recomputation included; see the
+    module docstring. Compare `hyper_mixing_flops`, the direct form's count for the same call."""
+    d_h = d // H
+    fwd = B * H * (4 * (N + M) * d_h * d_h + 4 * k_h * d_h * d_h)
+    bwd = B * H * ((10 * M + 12 * N) * d_h * d_h + 10 * k_h * d_h * d_h)
+    return _by_pass(fwd, bwd, pass_)
 
 
 def attention_flops(B: int, M: int, N: int, d: int, pass_: str = "fwd") -> int:

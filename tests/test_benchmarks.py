@@ -16,7 +16,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # benchmarks/ is a folder of the repository, not an installed package
 
 from hmx_kernels import dispatch
-from hmx_kernels.flops import attention_flops, hyper_mixing_flops, mha_layer_flops
+from hmx_kernels.flops import attention_flops, hyper_mixing_flops, hyper_mixing_flops_reassociated, mha_layer_flops
 
 from benchmarks import report
 from benchmarks.cli import main
@@ -232,6 +232,41 @@ def test_reported_tflops_match_flops_over_median():
         assert r[f"{p}_tflops"] == pytest.approx(r[f"{p}_flops"] / (r[f"{p}_ms_p50"] / 1e3) / 1e12)
     # CPU: one measured peak (config.measured_cpu_peak_tflops) for both passes
     assert r["fwd_peak_share"] / r["fwd_tflops"] == pytest.approx(r["fwd_bwd_peak_share"] / r["fwd_bwd_tflops"])
+
+
+def test_reassociated_flops_hand_count():
+    # the cpu backend's products: 2 per key and 2 per query forward, 5 per query and 6 per key
+    # backward ([T, d_h] x [d_h, d_h]-sized), plus 2 forward and 5 backward [k_h, d_h] x [d_h, d_h]
+    # per batch element and head; a multiply-add is 2 FLOPs
+    B, M, N, d, H, k_h = 3, 300, 1000, 144, 8, 72
+    d_h = 18
+    fwd = B * H * 2 * ((2 * N + 2 * M) * d_h * d_h + 2 * k_h * d_h * d_h)
+    bwd = B * H * 2 * ((5 * M + 6 * N) * d_h * d_h + 5 * k_h * d_h * d_h)
+    assert hyper_mixing_flops_reassociated(B, M, N, d, H, k_h, "fwd") == fwd
+    assert hyper_mixing_flops_reassociated(B, M, N, d, H, k_h, "bwd") == bwd
+    assert hyper_mixing_flops_reassociated(B, M, N, d, H, k_h, "fwd_bwd") == fwd + bwd
+    # k = 4 d: the direct form does about 3.6x the reassociated form's work at sb256
+    ratio = hyper_mixing_flops(1, 8192, 8192, 256, 8, 128, "fwd_bwd") / hyper_mixing_flops_reassociated(
+        1, 8192, 8192, 256, 8, 128, "fwd_bwd")
+    assert 3.5 < ratio < 3.6
+
+
+def test_cpu_twin_side_by_side_report():
+    """benchmarks/cpu_twin_vs_reference.py --side-by-side at a tiny size: the report's lines."""
+    import argparse
+
+    from benchmarks.cpu_twin_vs_reference import side_by_side
+
+    n_threads = torch.get_num_threads()
+    try:
+        report = side_by_side(argparse.Namespace(B=1, N=40, d=16, k=32, H=2, reps=2, warmup=1))
+    finally:
+        torch.set_num_threads(n_threads)  # the run sets one thread
+    assert "B=1 N=40 d=16 k=32 (d_h=8, k_h=16) H=2" in report
+    assert report.count("time ratio cpu / reference") == 2
+    assert "reassociated form" in report and "direct-form equivalent" in report
+    err = float(report.split("scale-relative max error ")[1].split()[0])
+    assert err < 1e-5
 
 
 # ---- discovery ---------------------------------------------------------------------------------

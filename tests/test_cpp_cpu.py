@@ -11,6 +11,7 @@ element is written (NaN poisoning).
 from __future__ import annotations
 
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -38,6 +39,25 @@ def extension():
         pytest.fail(f"the CPU twin did not build: {e}")
 
 
+PARTIAL_BIASES = {  # biases left out (None); every combination is a valid call
+    "fc1_only": ("w1_fc2_bias", "w2_fc2_bias"),
+    "fc2_only": ("w1_fc1_bias", "w2_fc1_bias"),
+    "g1_full_g2_fc1_only": ("w2_fc2_bias",),
+    "g1_fc2_only_g2_none": ("w1_fc1_bias", "w2_fc1_bias", "w2_fc2_bias"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("drop", list(PARTIAL_BIASES))
+def test_partial_biases(drop, dtype):
+    """The reassociated form has a term per bias (b2 sv^T, c0, r0, and their gradients)."""
+    case = make_case(variant="idiap", B=3, M=29, N=41, d=36, H=2, k_h=72, bias=True, input_scale=0.3,
+                     all_padded_batch=True, seed=zlib.crc32(drop.encode()) % 1000)
+    for name in PARTIAL_BIASES[drop]:
+        case.tensors[name] = None
+    check_against_reference(case, "cpu", "cpu", dtype, tolerance(dtype))
+
+
 def test_gradcheck_fp64():
     case = make_case(variant="idiap", B=2, M=4, N=5, d=6, H=2, k_h=4, bias=True, dtype=torch.float64,
                      input_scale=0.5)
@@ -52,22 +72,33 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
 
 
-def test_deterministic_across_thread_counts():
+DETERMINISM_CASES = {
+    "B2_M300_N900": dict(variant="idiap", B=2, M=300, N=900, d=32, H=2, k_h=24, input_scale=0.3),
+    # one batch element, 4 chunks, 4 heads: 1, 2 and 5 threads group the heads of a tile
+    # differently (1, 2 and 4 groups) in both passes
+    "B1_N1000_H4": dict(variant="idiap", B=1, M=1000, N=1000, d=32, H=4, k_h=24, input_scale=0.3),
+}
+
+
+@pytest.mark.parametrize("name", list(DETERMINISM_CASES))
+def test_deterministic_across_thread_counts(name):
     # LayerNorm off: torch's LayerNorm backward splits its reduction by thread count; the twin's
-    # own reductions (P, dA, weight gradients) use a split that depends on the length only
-    case = make_case(variant="idiap", B=2, M=300, N=900, d=32, H=2, k_h=24, input_scale=0.3,
-                     use_layer_norm=False)
+    # own reductions (token sums, weight gradients) use a split that depends on the length only,
+    # and each head's arithmetic does not depend on how the heads of a tile are grouped
+    case = make_case(**DETERMINISM_CASES[name], use_layer_norm=False)
     n_threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        out1, g1 = forward_backward(case, "cpu")
-        torch.set_num_threads(max(2, n_threads))
-        out2, g2 = forward_backward(case, "cpu")
+        for nt in (1, max(2, n_threads), 5):
+            torch.set_num_threads(nt)
+            results.append(forward_backward(case, "cpu"))
     finally:
         torch.set_num_threads(n_threads)
-    assert torch.equal(out1, out2)
-    for name in g1:
-        assert torch.equal(g1[name], g2[name]), name
+    out1, g1 = results[0]
+    for out2, g2 in results[1:]:
+        assert torch.equal(out1, out2)
+        for name in g1:
+            assert torch.equal(g1[name], g2[name]), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
