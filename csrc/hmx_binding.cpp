@@ -3,10 +3,14 @@
 // structs of hmx_params.h and dispatches to the CPU twin (CPU tensors) or, when compiled with
 // HMX_WITH_CUDA, to the CUDA kernels (CUDA tensors) on the current stream.
 //
-//   forward(q, k, v, pe_q, pe_k, m_q, m_k, w1 fc1_w, fc1_b, fc2_w, fc2_b, w2 (same 4), scale)
-//       -> (y [B, M, d] before LayerNorm, p [B, H, k_h, d_h] saved for the backward)
-//   backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, w1 x4, w2 x4, p, scale)
+//   forward(q, k, v, pe_q, pe_k, m_q, m_k, w1 fc1_w, fc1_b, fc2_w, fc2_b, w2 (same 4), scale,
+//           chunk_size, left_context, cu_seqlens, num_blocks)
+//       -> (y [B, M, d] before LayerNorm, p [B, H, num_blocks * k_h, d_h] saved for the backward)
+//   backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, w1 x4, w2 x4, p, scale, chunk_size, left_context,
+//            cu_seqlens, num_blocks)
 //       -> [dq, dk, dv, dw1 fc1_w, fc1_b, fc2_w, fc2_b, dw2 (same 4)] (None for absent biases)
+//   chunk_size, left_context, cu_seqlens (int64 CPU or None), num_blocks: the mixing blocks of
+//   hmx_params.h (0, -1, None, 1: non-causal); the CUDA kernels take only those defaults.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -112,7 +116,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const at::Tensor& pe_k, const OptT& m_q, const OptT& m_k, const at::Tensor& w1_fc1_w,
                      const OptT& w1_fc1_b, const at::Tensor& w1_fc2_w, const OptT& w1_fc2_b,
                      const at::Tensor& w2_fc1_w, const OptT& w2_fc1_b, const at::Tensor& w2_fc2_w,
-                     const OptT& w2_fc2_b, double scale) {
+                     const OptT& w2_fc2_b, double scale, int64_t chunk_size, int64_t left_context,
+                     const OptT& cu_seqlens, int64_t num_blocks) {
   TORCH_CHECK(q.dim() == 3, "hmx_kernels: query must be [B, M, d], got ", shape_str(q));
   TORCH_CHECK(k.dim() == 3, "hmx_kernels: key must be [B, N, d], got ", shape_str(k));
   TORCH_CHECK(w1_fc1_w.dim() == 3 && w1_fc2_w.dim() == 3,
@@ -136,8 +141,45 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_tokens("query", q, q, B, M, d);
   check_same("pe_q", pe_q, q, ctype);
   check_same("pe_k", pe_k, q, ctype);
-  check_shape("pe_q", pe_q, {M, d});
-  check_shape("pe_k", pe_k, {N, d});
+  // mixing blocks (hmx_params.h): chunk size, left context, packed sequences
+  TORCH_CHECK(chunk_size >= 0, "hmx_kernels: chunk_size must be >= 0 (0: none), got ", chunk_size);
+  TORCH_CHECK(left_context >= -1, "hmx_kernels: left_context must be >= -1 (-1: unbounded), got ", left_context);
+  int64_t max_len = N, blocks = 1;
+  if (cu_seqlens) {
+    const at::Tensor& cu = *cu_seqlens;
+    TORCH_CHECK(cu.device().is_cpu() && cu.scalar_type() == at::kLong && cu.dim() == 1 && cu.numel() >= 2 &&
+                    cu.is_contiguous(),
+                "hmx_kernels: cu_seqlens must be a contiguous 1-D int64 CPU tensor [num_seqs + 1], got ",
+                cu.scalar_type(), " ", shape_str(cu), " on ", cu.device());
+    TORCH_CHECK(B == 1 && M == N, "hmx_kernels: packed sequences need query, key and value [1, total, d], got B = ",
+                B, ", M = ", M, ", N = ", N);
+    const int64_t* c = cu.data_ptr<int64_t>();
+    const int64_t ns = cu.numel() - 1;
+    TORCH_CHECK(c[0] == 0 && c[ns] == N, "hmx_kernels: cu_seqlens must start at 0 and end at the token count ", N);
+    max_len = 0;
+    blocks = 0;
+    for (int64_t s = 0; s < ns; ++s) {
+      const int64_t len = c[s + 1] - c[s];
+      TORCH_CHECK(len >= 0, "hmx_kernels: cu_seqlens must not decrease");
+      max_len = std::max(max_len, len);
+      blocks += chunk_size > 0 ? (len + chunk_size - 1) / chunk_size : (len > 0 ? 1 : 0);
+    }
+  } else if (chunk_size > 0) {
+    blocks = (N + chunk_size - 1) / chunk_size;
+  }
+  TORCH_CHECK(chunk_size == 0 || M == N, "hmx_kernels: causal / chunked mixing needs as many queries as keys, got M = ",
+              M, ", N = ", N);
+  TORCH_CHECK(num_blocks >= std::max<int64_t>(blocks, 1), "hmx_kernels: num_blocks = ", num_blocks,
+              " is smaller than the number of mixing blocks ", blocks);
+  if (cu_seqlens) {
+    TORCH_CHECK(pe_q.dim() == 2 && pe_q.size(0) >= max_len && pe_q.size(1) == d && pe_k.dim() == 2 &&
+                    pe_k.size(0) >= max_len && pe_k.size(1) == d,
+                "hmx_kernels: with packed sequences the PE tables need at least max_seqlen = ", max_len,
+                " rows of d = ", d, ", got ", shape_str(pe_q), " and ", shape_str(pe_k));
+  } else {
+    check_shape("pe_q", pe_q, {M, d});
+    check_shape("pe_k", pe_k, {N, d});
+  }
   check_contiguous("pe_q", pe_q);
   check_contiguous("pe_k", pe_k);
   if (m_q) {
@@ -180,6 +222,14 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   pb.m_q = ptr(m_q); pb.m_k = ptr(m_k);
   pb.g1 = {w1_fc1_w.data_ptr(), ptr(w1_fc1_b), w1_fc2_w.data_ptr(), ptr(w1_fc2_b)};
   pb.g2 = {w2_fc1_w.data_ptr(), ptr(w2_fc1_b), w2_fc2_w.data_ptr(), ptr(w2_fc2_b)};
+  pb.chunk_size = chunk_size;
+  pb.left_context = left_context;
+  pb.cu_seqlens = cu_seqlens ? cu_seqlens->data_ptr<int64_t>() : nullptr;
+  pb.num_seqs = cu_seqlens ? cu_seqlens->numel() - 1 : 0;
+  pb.num_blocks = num_blocks;
+  TORCH_CHECK(!(q.is_cuda() && pb.blocked()),
+              "hmx_kernels cuda: causal, chunked and packed-sequence mixing are not implemented by the CUDA kernels "
+              "(use backend='reference', or the cpu backend for CPU tensors)");
   return pr;
 }
 
@@ -246,20 +296,21 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& pe_q, const at::Tensor& pe_k, const OptT& m_q, const OptT& m_k,
                                 const at::Tensor& w1_fc1_w, const OptT& w1_fc1_b, const at::Tensor& w1_fc2_w,
                                 const OptT& w1_fc2_b, const at::Tensor& w2_fc1_w, const OptT& w2_fc1_b,
-                                const at::Tensor& w2_fc2_w, const OptT& w2_fc2_b, double scale) {
+                                const at::Tensor& w2_fc2_w, const OptT& w2_fc2_b, double scale, int64_t chunk_size,
+                                int64_t left_context, const OptT& cu_seqlens, int64_t num_blocks) {
   Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
-                            w2_fc1_b, w2_fc2_w, w2_fc2_b, scale);
+                            w2_fc1_b, w2_fc2_w, w2_fc2_b, scale, chunk_size, left_context, cu_seqlens, num_blocks);
   const auto& pb = pr.pb;
 #ifdef HMX_WITH_CUDA
   if (q.is_cuda() && cuda_fma_fallback(q)) {
     std::vector<at::Tensor> r = forward(up(q), up(k), up(v), pe_q, pe_k, m_q, m_k, up(w1_fc1_w), up(w1_fc1_b),
                                         up(w1_fc2_w), up(w1_fc2_b), up(w2_fc1_w), up(w2_fc1_b), up(w2_fc2_w),
-                                        up(w2_fc2_b), scale);
+                                        up(w2_fc2_b), scale, chunk_size, left_context, cu_seqlens, num_blocks);
     return {r[0].to(q.scalar_type()), r[1]};
   }
 #endif
   at::Tensor y = new_buffer({pb.B, pb.M, pb.d}, q.options());
-  at::Tensor p = new_buffer({pb.B, pb.H, pb.k_h, pb.d_h}, q.options().dtype(compute_type(q)));
+  at::Tensor p = new_buffer({pb.B, pb.H, pb.num_blocks * pb.k_h, pb.d_h}, q.options().dtype(compute_type(q)));
   hmx::ForwardParams fp{pb, y.data_ptr(), p.data_ptr()};
   if (q.is_cuda()) {
 #ifdef HMX_WITH_CUDA
@@ -285,22 +336,24 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
                                  const OptT& m_q, const OptT& m_k, const at::Tensor& w1_fc1_w,
                                  const OptT& w1_fc1_b, const at::Tensor& w1_fc2_w, const OptT& w1_fc2_b,
                                  const at::Tensor& w2_fc1_w, const OptT& w2_fc1_b, const at::Tensor& w2_fc2_w,
-                                 const OptT& w2_fc2_b, const at::Tensor& p, double scale) {
+                                 const OptT& w2_fc2_b, const at::Tensor& p, double scale, int64_t chunk_size,
+                                 int64_t left_context, const OptT& cu_seqlens, int64_t num_blocks) {
   Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
-                            w2_fc1_b, w2_fc2_w, w2_fc2_b, scale);
+                            w2_fc1_b, w2_fc2_w, w2_fc2_b, scale, chunk_size, left_context, cu_seqlens, num_blocks);
   const auto& pb = pr.pb;
   const auto ctype = compute_type(q);
   check_same("grad_out", dy, q, q.scalar_type());
   check_shape("grad_out", dy, {pb.B, pb.M, pb.d});
   check_contiguous("grad_out", dy);
   check_same("p", p, q, ctype);
-  check_shape("p", p, {pb.B, pb.H, pb.k_h, pb.d_h});
+  check_shape("p", p, {pb.B, pb.H, pb.num_blocks * pb.k_h, pb.d_h});
   check_contiguous("p", p);
 #ifdef HMX_WITH_CUDA
   if (q.is_cuda() && cuda_fma_fallback(q)) {
     std::vector<at::Tensor> r =
         backward(up(dy), up(q), up(k), up(v), pe_q, pe_k, m_q, m_k, up(w1_fc1_w), up(w1_fc1_b), up(w1_fc2_w),
-                 up(w1_fc2_b), up(w2_fc1_w), up(w2_fc1_b), up(w2_fc2_w), up(w2_fc2_b), p, scale);
+                 up(w1_fc2_b), up(w2_fc1_w), up(w2_fc1_b), up(w2_fc2_w), up(w2_fc2_b), p, scale, chunk_size,
+                 left_context, cu_seqlens, num_blocks);
     for (int i = 0; i < 3; ++i) r[i] = r[i].to(q.scalar_type());
     return r;
   }
@@ -361,8 +414,18 @@ bool has_cuda() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hmx_kernels fused HyperMixing passes (CPU twin, and CUDA kernels when built with them)";
-  m.def("forward", &forward, "fused HyperMixing forward: (y before LayerNorm, P)");
-  m.def("backward", &backward, "fused HyperMixing backward: [dq, dk, dv, 4 generator-1 grads, 4 generator-2 grads]");
+  // the tensor arguments by position; the mixing-block arguments default to non-causal mixing
+  m.def("forward", &forward, "fused HyperMixing forward: (y before LayerNorm, P)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("pe_q"), py::arg("pe_k"), py::arg("m_q"), py::arg("m_k"), py::arg("w1_fc1_w"),
+        py::arg("w1_fc1_b"), py::arg("w1_fc2_w"), py::arg("w1_fc2_b"), py::arg("w2_fc1_w"), py::arg("w2_fc1_b"),
+        py::arg("w2_fc2_w"), py::arg("w2_fc2_b"), py::arg("scale"), py::arg("chunk_size") = 0,
+        py::arg("left_context") = -1, py::arg("cu_seqlens") = py::none(), py::arg("num_blocks") = 1);
+  m.def("backward", &backward, "fused HyperMixing backward: [dq, dk, dv, 4 generator-1 grads, 4 generator-2 grads]",
+        py::arg("dy"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pe_q"), py::arg("pe_k"), py::arg("m_q"),
+        py::arg("m_k"), py::arg("w1_fc1_w"), py::arg("w1_fc1_b"), py::arg("w1_fc2_w"), py::arg("w1_fc2_b"),
+        py::arg("w2_fc1_w"), py::arg("w2_fc1_b"), py::arg("w2_fc2_w"), py::arg("w2_fc2_b"), py::arg("p"),
+        py::arg("scale"), py::arg("chunk_size") = 0, py::arg("left_context") = -1, py::arg("cu_seqlens") = py::none(),
+        py::arg("num_blocks") = 1);
   m.def("_set_cpu_blas", &set_cpu_blas,
         "use the BLAS gemm for the CPU twin's tile products (default) or its plain loops; returns whether a BLAS "
         "is available");

@@ -1,31 +1,44 @@
 // CPU twin of the fused HyperMixing kernels, in the reassociated form (docs/HYPERMIXING.md,
 // "Reassociated form"). The CUDA kernels form W1 / W2 per token (the direct form); fc2 is linear,
 // so the twin never does: per (batch b, head h), with hid_t = GELU(z_t fc1^T + b1) [d_h] and the
-// keep mask m_t, only d_h x d_h products run per token and k_h appears in per-(b, h) products.
+// keep mask m_t, only d_h x d_h products run per token and k_h appears in per-(b, h, block)
+// products.
+//
+// Mixing blocks (hmx_params.h, BlockMap): the tokens of a row are cut into blocks, each with
+// its own state, summed over a window of blocks. Non-causal mixing is one block per row; packed
+// sequences (cu_seqlens) one block per sequence; chunk-causal mixing blocks of C tokens with a
+// window of L + 1 (or all earlier) blocks of the sequence; token-causal C = 1. One code path
+// serves all: the token passes split each tile into runs of one block, and everything k_h-wide
+// runs per (b, h, block).
 //
 // Work is parallel over (b, h, token chunk): OpenMP work items are (b, chunk, group of heads),
-// see PassItems; every (b, h, chunk) keeps its own partial sums.
+// see PassItems; token sums are kept per (b, h, piece), a piece being the overlap of a work
+// chunk and a block, so no two items write one sum.
 // Forward:
 //   key pass, per (b, h, key chunk), per tile of kCpuTile keys:
 //     z = s * (x * m_k) + PE, hid = m * GELU(z fc1^T + b1)            [T, d_h]
-//     S += hid^T value [d_h, d_h],  sv += sum_t m_t value_t [d_h]      (chunk partials)
-//   per (b, h): S, sv = sum of the chunk partials in chunk order (deterministic for any thread
-//     count); P = fc2 S + b2 sv^T [k_h, d_h] (written to p), A = GELU(P),
+//     per run of block j: S += hid^T value [d_h, d_h], sv += sum_t m_t value_t [d_h]  (pieces)
+//   per (b, h): block sums of the pieces in piece order, then window sums over blocks
+//     (deterministic for any thread count);
+//   per (b, h, block): P = fc2 S + b2 sv^T [k_h, d_h] (written to p), A = GELU(P),
 //     C = fc2_2^T A [d_h, d_h], c0 = A^T b2_2 [d_h]
-//   query pass, per (b, h, query chunk): hid2 likewise, Y = hid2 C + m c0 -> [T, d_h].
+//   query pass: hid2 likewise, per run of block j: Y = hid2 C_j + m c0_j -> [T, d_h].
 // Backward (the caller applies LayerNorm's backward first), recomputing hid / hid2 per tile:
-//   per (b, h): A = GELU(P), C
-//   query pass: T += hid2^T dY, sdy += sum_t m_t dY_t; dhid2 = dY C^T; the fc1 chain
+//   per (b, h, block): A = GELU(P), C
+//   query pass: T_j += hid2^T dY, sdy_j += sum_t m_t dY_t; dhid2 = dY C_j^T; the fc1 chain
 //     (dU = dhid2 * m GELU'(U), dfc1 += dU^T z, db1 += sum dU, dquery = s dU fc1)
-//   per (b, h): dA = fc2_2 T + b2_2 sdy^T, dfc2_2 = A T^T, db2_2 = A sdy, dP = dA * GELU'(P),
-//     R = fc2^T dP [d_h, d_h], r0 = dP^T b2 [d_h]
+//   per (b, h), per block: dA = fc2_2 T + b2_2 sdy^T, dfc2_2 += A T^T, db2_2 += A sdy,
+//     dP = dA * GELU'(P), R' = fc2^T dP [d_h, d_h], r0' = dP^T b2 [d_h]; then each block's
+//     R, r0 = sum of R', r0' over the blocks whose window holds it (reverse window sums)
 //   key pass: S, sv again (only P is saved); dvalue = hid R + m r0; dhid = value R^T; the fc1
 //     chain -> generator-1 fc1 partials and dkey
-//   per (b, h): dfc2 = dP S^T, db2 = dP sv
+//   per (b, h): dfc2 = sum_j dP_j S_j^T, db2 = sum_j dP_j sv_j (window sums S_j, sv_j)
 //   weight gradients summed over (b, chunk) in a fixed order.
 // Per token and head that is 15 [1, d_h] x [d_h, d_h] products in forward + backward (forward 2
-// per key and 2 per query, backward 5 per query and 6 per key; hmx_kernels/flops.py). Every tile
-// product is one call of the BLAS gemm passed in (hmx_cpu.h), on tiles of kCpuTile tokens;
+// per key and 2 per query, backward 5 per query and 6 per key; hmx_kernels/flops.py); per block
+// and head 7 [k_h, d_h] x [d_h, d_h] products (forward 2, backward 5), which is what blocks of a
+// few tokens pay for (token-causal: 7 k_h d_h^2 per token). Every tile product is one call of the
+// BLAS gemm passed in (hmx_cpu.h), on tiles of kCpuTile tokens (runs of one block inside a tile);
 // element-wise work (mask, bias, GELU) runs between the calls. The keep masks hold only 0 and 1
 // (the op contract), which the folding of masks below relies on (m^2 = m).
 #include "hmx_cpu.h"
@@ -269,19 +282,149 @@ struct TileBuffers {
       : z(kCpuTile * d), hd(kCpuTile * dh), gd(kCpuTile * dh), dhd(kCpuTile * dh), du(kCpuTile * dh) {}
 };
 
-// z[t, c] = s * (x[r0 + t, c] * m[r0 + t]) + pe[r0 + t, c] for the channels c in [c0, c1), into
-// rows of stride d.
-template <typename T>
-void load_z(const Stream<T>& st, int64_t r0, int64_t tn, int64_t c0, int64_t c1, int64_t d, T* z) {
-  for (int64_t t = 0; t < tn; ++t) {
-    const int64_t r = r0 + t;
-    const T* xr = st.x + r * st.rstride;
-    const T* per = st.pe + r * d;
-    const T mr = st.m(r);
-    T* zt = z + t * d;
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) zt[c] = st.scale * (xr[c] * mr) + per[c];
+// Mixing blocks of a batch row (the same for every row; hmx_params.h): block j covers tokens
+// [start[j], start[j + 1]); its sequence begins at token seq0[j] (PE position 0); its state is
+// the sum of the blocks first[j] .. j (the window), and its own token sums enter the states of
+// the blocks j .. last[j]. Non-causal mixing of batch rows is one block [0, N).
+struct BlockMap {
+  std::vector<int64_t> start, seq0, first, last;
+  bool packed = false;  // sequences from cu_seqlens: PE positions restart per sequence
+  int64_t nb() const { return static_cast<int64_t>(seq0.size()); }
+  // the block of token t (t inside the row)
+  int64_t block_of(int64_t t) const {
+    if (seq0.size() == 1) return 0;
+    return std::upper_bound(start.begin() + 1, start.end() - 1, t) - (start.begin() + 1);
   }
+  // end of the run of tokens of t's block j that starts at t, cut at `end`
+  int64_t run_end(int64_t j, int64_t end) const { return seq0.size() == 1 ? end : std::min(end, start[j + 1]); }
+};
+
+inline BlockMap make_blocks(const ProblemParams& pb) {
+  BlockMap bm;
+  std::vector<int64_t> seqs = {0, pb.N};
+  if (pb.cu_seqlens) {
+    seqs.assign(pb.cu_seqlens, pb.cu_seqlens + pb.num_seqs + 1);
+    bm.packed = true;
+  }
+  for (size_t s = 0; s + 1 < seqs.size(); ++s) {
+    const int64_t a = seqs[s], e = seqs[s + 1];
+    const int64_t step = pb.chunk_size > 0 ? pb.chunk_size : std::max<int64_t>(e - a, 1);
+    const int64_t j0 = bm.nb();
+    for (int64_t t = a; t < e; t += step) {
+      const int64_t j = bm.nb();
+      bm.start.push_back(t);
+      bm.seq0.push_back(a);
+      bm.first.push_back(pb.left_context < 0 ? j0 : std::max(j0, j - pb.left_context));
+    }
+    const int64_t j1 = bm.nb();  // one past the sequence's last block
+    for (int64_t j = j0; j < j1; ++j) bm.last.push_back(pb.left_context < 0 ? j1 - 1 : std::min(j1 - 1, j + pb.left_context));
+  }
+  bm.start.push_back(pb.N);
+  return bm;
+}
+
+// Calls f(block j, first token, token count) for the runs of one block inside tokens [t0, t0 + tn).
+template <typename F>
+void for_block_runs(const BlockMap& bm, int64_t t0, int64_t tn, F&& f) {
+  const int64_t end = t0 + tn;
+  for (int64_t t = t0; t < end;) {
+    const int64_t j = bm.block_of(t), e = bm.run_end(j, end);
+    f(j, t, e - t);
+    t = e;
+  }
+}
+
+// Token sums are kept per piece = (work chunk c, block j) overlap, so that no two work items
+// write one partial. Pieces are numbered in token order; block j's pieces are
+// [pfirst[j], pfirst[j + 1]) and chunk c's pieces start at cbase[c] with block cblock[c].
+struct Pieces {
+  std::vector<int64_t> cbase, cblock, pfirst;
+  int64_t count = 0;
+  int64_t index(int64_t c, int64_t j) const { return cbase[c] + (j - cblock[c]); }
+};
+
+inline Pieces make_pieces(const BlockMap& bm, int64_t L, int64_t C) {
+  Pieces pc;
+  const int64_t nb = bm.nb();
+  pc.pfirst.assign(nb + 1, -1);
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t r0, r1;
+    chunk_range(L, C, c, &r0, &r1);
+    const int64_t j0 = bm.block_of(r0), j1 = r1 > r0 ? bm.block_of(r1 - 1) : j0;
+    pc.cbase.push_back(pc.count);
+    pc.cblock.push_back(j0);
+    for (int64_t j = j0; j <= j1; ++j)
+      if (pc.pfirst[j] < 0) pc.pfirst[j] = pc.count + (j - j0);
+    pc.count += j1 - j0 + 1;
+  }
+  pc.pfirst[nb] = pc.count;
+  for (int64_t j = nb - 1; j >= 0; --j)  // a block no chunk reaches (none in practice) has no pieces
+    if (pc.pfirst[j] < 0) pc.pfirst[j] = pc.pfirst[j + 1];
+  return pc;
+}
+
+// Per (b, h): block sums blk_j = sum of block j's pieces (in order), each n values, from `part`
+// ([pieces][stride], the first n values of each used).
+template <typename T>
+void block_sums(const T* part, int64_t stride, const Pieces& pc, int64_t nb, int64_t n, T* blk) {
+  for (int64_t j = 0; j < nb; ++j) {
+    T* out = blk + j * n;
+    std::fill(out, out + n, T(0));
+    for (int64_t q = pc.pfirst[j]; q < pc.pfirst[j + 1]; ++q) {
+      const T* src = part + q * stride;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[i] += src[i];
+    }
+  }
+}
+
+// Window sums over blocks of n values each (src, dst [nb][n]). Forward (states):
+// dst_j = sum_{i = first[j]}^{j} src_i; reverse (gradients back to the blocks' own token sums):
+// dst_i = sum_{j = i}^{last[i]} src_j. A window that only grows by one block from its neighbour
+// (a prefix of the sequence) reuses the neighbour's sum; others are summed in full, in block
+// order, so every sum has a fixed association (deterministic).
+template <typename T>
+void window_sums(const T* src, const BlockMap& bm, int64_t n, bool reverse, T* dst) {
+  const int64_t nb = bm.nb();
+  for (int64_t s = 0; s < nb; ++s) {
+    const int64_t j = reverse ? nb - 1 - s : s;
+    T* out = dst + j * n;
+    const T* own = src + j * n;
+    const int64_t nbr = reverse ? j + 1 : j - 1;  // the neighbour computed before
+    const bool grows = reverse ? (j + 1 < nb && bm.last[j + 1] == bm.last[j] && bm.seq0[j + 1] == bm.seq0[j])
+                               : (j > 0 && bm.first[j - 1] == bm.first[j]);
+    if (grows) {
+      const T* prev = dst + nbr * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[i] = prev[i] + own[i];
+      continue;
+    }
+    const int64_t i0 = reverse ? j : bm.first[j], i1 = reverse ? bm.last[j] : j;
+    std::fill(out, out + n, T(0));
+    for (int64_t i = i0; i <= i1; ++i) {
+      const T* x = src + i * n;
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) out[c] += x[c];
+    }
+  }
+}
+
+// z[t, c] = s * (x[r0 + t, c] * m[r0 + t]) + pe[pos(r0 + t), c] for the channels c in [c0, c1),
+// into rows of stride d; pos(r) = r minus the first token of r's sequence.
+template <typename T>
+void load_z(const Stream<T>& st, const BlockMap& bm, int64_t r0, int64_t tn, int64_t c0, int64_t c1, int64_t d,
+            T* z) {
+  for_block_runs(bm, r0, tn, [&](int64_t j, int64_t a, int64_t n) {
+    const int64_t pos0 = bm.packed ? bm.seq0[j] : 0;
+    for (int64_t r = a; r < a + n; ++r) {
+      const T* xr = st.x + r * st.rstride;
+      const T* per = st.pe + (r - pos0) * d;
+      const T mr = st.m(r);
+      T* zt = z + (r - r0) * d;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) zt[c] = st.scale * (xr[c] * mr) + per[c];
+    }
+  });
 }
 
 // The generator's hidden layer on one tile, masked: buf.hd = m * GELU(U), U = z fc1^T + b1
@@ -343,25 +486,27 @@ void add_rows(const T* x, int64_t ldx, int64_t tn, int64_t n, const T* m, T* acc
   }
 }
 
-// Chunk sums S (+)= hid^T X [d_h, d_h] and sv (+)= sum_t m_t X_t [d_h], X [T, d_h] with row
-// stride ldx (value rows for generator 1, dY rows for generator 2); hid is already masked.
+
+// Token sums S += hid^T X [d_h, d_h] and sv += sum_t m_t X_t [d_h] over tn rows: hid rows (row
+// stride d_h, already masked) and X [tn, d_h] with row stride ldx (value rows for generator 1, dY
+// rows for generator 2).
 template <typename T>
-void accumulate_state(const Mm<T>& mm, const Stream<T>& st, int64_t r0, int64_t tn, int64_t dh, const T* x,
-                      int64_t ldx, const TileBuffers<T>& buf, T* s, T* sv, bool first) {
+void accumulate_state(const Mm<T>& mm, const Stream<T>& st, int64_t r0, int64_t tn, int64_t dh, const T* hd,
+                      const T* x, int64_t ldx, T* s, T* sv) {
   // [d_h, T] @ [T, d_h] -> [d_h, d_h]
-  mm(true, false, dh, dh, tn, buf.hd.data(), dh, x, ldx, s, dh, !first);
-  if (first) std::fill(sv, sv + dh, T(0));
+  mm(true, false, dh, dh, tn, hd, dh, x, ldx, s, dh, true);
   add_rows(x, ldx, tn, dh, st.mask ? st.mask + r0 : nullptr, sv);
 }
 
-// out rows (stride ldo) = hid G + m g0: [T, d_h] @ [d_h, d_h], from gt = G^T; g0 [d_h] or nullptr.
-// Y (G = C, g0 = c0) and dvalue (G = R, g0 = r0). Products [T, d_h] x [d_h, d_h] take the right
-// operand transposed throughout (inside the passes the BLAS's kernel for that layout ran them
-// faster, about 5% of the whole twin), so C, R and fc1 are transposed once per call.
+// out rows (stride ldo) = hid G + m g0 over tn rows: [T, d_h] @ [d_h, d_h], from gt = G^T; g0
+// [d_h] or nullptr. Y (G = C, g0 = c0) and dvalue (G = R, g0 = r0). Products [T, d_h] x
+// [d_h, d_h] take the right operand transposed throughout (inside the passes the BLAS's kernel
+// for that layout ran them faster, about 5% of the whole twin), so C, R and fc1 are transposed
+// once per call.
 template <typename T>
-void mix_rows(const Mm<T>& mm, const Stream<T>& st, int64_t r0, int64_t tn, int64_t dh, const TileBuffers<T>& buf,
-              const T* gt, const T* g0, T* out, int64_t ldo) {
-  mm(false, true, tn, dh, dh, buf.hd.data(), dh, gt, dh, out, ldo, false);
+void mix_rows(const Mm<T>& mm, const Stream<T>& st, int64_t r0, int64_t tn, int64_t dh, const T* hd, const T* gt,
+              const T* g0, T* out, int64_t ldo) {
+  mm(false, true, tn, dh, dh, hd, dh, gt, dh, out, ldo, false);
   if (!g0) return;
   for (int64_t t = 0; t < tn; ++t) {
     const T mr = st.m(r0 + t);
@@ -371,16 +516,17 @@ void mix_rows(const Mm<T>& mm, const Stream<T>& st, int64_t r0, int64_t tn, int6
   }
 }
 
-// Per (b, h, chunk): the chunk's sums S / T and sv / sdy, and one generator's fc1 gradients.
+// Token sums of one piece: S / T [d_h, d_h] then sv / sdy [d_h].
+inline int64_t state_size(int64_t dh) { return dh * dh + dh; }
+
+// One generator's fc1 gradient partials of one (b, h, work chunk): fc1_w [d_h(out), d_h(in)],
+// then fc1_b [d_h].
 template <typename T>
-struct ChunkPartial {
-  T* s;      // [d_h, d_h]
-  T* sv;     // [d_h]
-  T* fc1_w;  // [d_h(out), d_h(in)]
-  T* fc1_b;  // [d_h]
-  static int64_t size(int64_t dh) { return 2 * (dh * dh + dh); }
-  ChunkPartial(T* base, int64_t dh)
-      : s(base), sv(base + dh * dh), fc1_w(base + dh * dh + dh), fc1_b(base + 2 * dh * dh + dh) {}
+struct Fc1Partial {
+  T* fc1_w;
+  T* fc1_b;
+  static int64_t size(int64_t dh) { return dh * dh + dh; }
+  Fc1Partial(T* base, int64_t dh) : fc1_w(base), fc1_b(base + dh * dh) {}
 };
 
 // The generator backward below the hidden layer, from dHd in buf.dhd (not yet masked):
@@ -388,41 +534,31 @@ struct ChunkPartial {
 // (masked rows get dU = 0, hence 0).
 template <typename T>
 void fc1_backward(const Mm<T>& mm, const T* fc1_t, int64_t tn, int64_t dh, T s, const T* z, int64_t ldz,
-                  TileBuffers<T>& buf, ChunkPartial<T>& cp, T* dx, int64_t ldx) {
+                  TileBuffers<T>& buf, Fc1Partial<T>& fp, T* dx, int64_t ldx) {
   T* __restrict__ du = buf.du.data();
   const T* __restrict__ dhd = buf.dhd.data();
   const T* __restrict__ gd = buf.gd.data();
   const int64_t n = tn * dh;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) du[i] = dhd[i] * gd[i];
-  add_rows(du, dh, tn, dh, static_cast<const T*>(nullptr), cp.fc1_b);
+  add_rows(du, dh, tn, dh, static_cast<const T*>(nullptr), fp.fc1_b);
   // dfc1 += dU^T z: [d_h(out), T] @ [T, d_h(in)] -> [d_h(out), d_h(in)]
-  mm(true, false, dh, dh, tn, buf.du.data(), dh, z, ldz, cp.fc1_w, dh, true);
+  mm(true, false, dh, dh, tn, buf.du.data(), dh, z, ldz, fp.fc1_w, dh, true);
   // dx = s * dU fc1: [T, d_h(out)] @ [d_h(out), d_h(in)] -> [T, d_h], into dx's rows (fc1_t = fc1^T)
   mm(false, true, tn, dh, dh, buf.du.data(), dh, fc1_t, dh, dx, ldx, false, s);
 }
 
-// S, sv of (b, h) = its chunk partials [C] summed in chunk order, into out ([d_h, d_h] then [d_h]).
+// A generator's fc2 gradients from the k_h-side factor F [k_h, d_h(x)] and the token sums
+// S [d_h(hid), d_h(x)], sv [d_h(x)]: dfc2 (+)= F S^T [k_h, d_h(hid)], dfc2_b (+)= F sv [k_h].
+// Generator 2: F = A, (S, sv) = (T, sdy); generator 1: F = dP, (S, sv) of the block's window.
 template <typename T>
-void sum_state(const T* part, int64_t C, int64_t dh, T* out) {
-  const int64_t psz = ChunkPartial<T>::size(dh), n = dh * dh + dh;
-  std::fill(out, out + n, T(0));
-  for (int64_t c = 0; c < C; ++c) {
-    const T* src = part + c * psz;  // s then sv: contiguous
-    for (int64_t i = 0; i < n; ++i) out[i] += src[i];
-  }
-}
-
-// A generator's fc2 gradients for one (b, h) from the k_h-side factor F [k_h, d_h(x)] and the
-// token sums S [d_h(hid), d_h(x)], sv [d_h(x)]: dfc2 = F S^T [k_h, d_h(hid)], dfc2_b = F sv [k_h].
-// Generator 2: F = A, (S, sv) = (T, sdy); generator 1: F = dP, (S, sv).
-template <typename T>
-void fc2_grads(const Mm<T>& mm, const T* f, const T* s, const T* sv, int64_t dh, int64_t kh, T* dfc2, T* dfc2_b) {
-  mm(false, true, kh, dh, dh, f, dh, s, dh, dfc2, dh, false);
+void fc2_grads(const Mm<T>& mm, const T* f, const T* s, const T* sv, int64_t dh, int64_t kh, T* dfc2, T* dfc2_b,
+               bool accumulate) {
+  mm(false, true, kh, dh, dh, f, dh, s, dh, dfc2, dh, accumulate);
   for (int64_t j = 0; j < kh; ++j) {
     T acc = T(0);
     for (int64_t c = 0; c < dh; ++c) acc += f[j * dh + c] * sv[c];
-    dfc2_b[j] = acc;
+    dfc2_b[j] = accumulate ? dfc2_b[j] + acc : acc;
   }
 }
 
@@ -457,20 +593,35 @@ void fold_fc2(const Mm<T>& mm, const HeadWeights<T>& w, const T* f, int64_t dh, 
   }
 }
 
-// Per head, in fixed order: fc1 gradients = sum over (b, c) of the chunk partials [B][H][C],
+
+// P = fc2 S + b2 sv^T [k_h, d_h] from a state window (S [d_h, d_h] then sv [d_h]).
+template <typename T>
+void state_to_p(const Mm<T>& mm, const HeadWeights<T>& w, const T* win, int64_t dh, int64_t kh, T* p) {
+  // [k_h, d_h] @ [d_h, d_h] -> [k_h, d_h]
+  mm(false, false, kh, dh, dh, w.fc2_w, dh, win, dh, p, dh, false);
+  if (!w.fc2_b) return;
+  const T* sv = win + dh * dh;
+  for (int64_t j = 0; j < kh; ++j) {
+    const T bj = w.fc2_b[j];
+#pragma omp simd
+    for (int64_t c = 0; c < dh; ++c) p[j * dh + c] += bj * sv[c];
+  }
+}
+
+// Per head, in fixed order: fc1 gradients = sum over (b, c) of the work-chunk partials [B][H][C],
 // fc2 gradients = sum over b of the per-(b, h) ones [B][H][k_h * d_h + k_h]; written in the
 // weights' own layouts.
 template <typename T>
-void reduce_generator_grads(const std::vector<T>& chunk_part, const std::vector<T>& fc2_part, int64_t B,
-                            int64_t H, int64_t C, int64_t dh, int64_t kh, const GeneratorGrads& out, int nthreads) {
-  const int64_t csz = ChunkPartial<T>::size(dh), fsz = kh * dh + kh, n1 = dh * dh + dh;
+void reduce_generator_grads(const std::vector<T>& fc1_part, const std::vector<T>& fc2_part, int64_t B, int64_t H,
+                            int64_t C, int64_t dh, int64_t kh, const GeneratorGrads& out, int nthreads) {
+  const int64_t csz = Fc1Partial<T>::size(dh), fsz = kh * dh + kh;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t h = 0; h < H; ++h) {
-    std::vector<T> a1(n1, T(0)), a2(fsz, T(0));
+    std::vector<T> a1(csz, T(0)), a2(fsz, T(0));
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t c = 0; c < C; ++c) {
-        const T* src = chunk_part.data() + ((b * H + h) * C + c) * csz + n1;  // fc1_w, fc1_b
-        for (int64_t i = 0; i < n1; ++i) a1[i] += src[i];
+        const T* src = fc1_part.data() + ((b * H + h) * C + c) * csz;
+        for (int64_t i = 0; i < csz; ++i) a1[i] += src[i];
       }
       const T* src = fc2_part.data() + (b * H + h) * fsz;
       for (int64_t i = 0; i < fsz; ++i) a2[i] += src[i];
@@ -482,15 +633,16 @@ void reduce_generator_grads(const std::vector<T>& chunk_part, const std::vector<
   }
 }
 
-// Key pass, one work item: per tile and head, S, sv into the chunk partials (b, h, c) of `part`;
-// in the backward (r != nullptr: R and r0 per (b, h), r0 nullptr without b2) also dvalue and
-// dHd = value R^T -> the fc1 chain -> generator-1 fc1 partials and dkey. Backward partials must
-// start at zero (fc1 parts accumulate); S, sv are overwritten at the chunk's first tile.
+// Key pass, one work item: per tile and head, S, sv into the pieces (b, h, piece) of `part`
+// (zero-initialised by the caller); in the backward (r != nullptr) also, per block j of the
+// rows, dvalue = hid R_j + m r0_j and dHd = value R_j^T (R, R^T and r0 per (b, h, block); r0
+// nullptr without b2), then the fc1 chain -> generator-1 fc1 partials (b, h, c) and dkey.
 template <typename T>
-void key_item(const ProblemParams& pb, const Mm<T>& mm, const PassItems& items, int64_t item, TileBuffers<T>& buf,
-              T* part, const T* r, const T* rt, const T* r0v, const T* fc1_t, T* dk, T* dv) {
-  const int64_t H = pb.H, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d, C = items.C;
-  const int64_t csz = ChunkPartial<T>::size(dh), gsq = dh * dh;
+void key_item(const ProblemParams& pb, const Mm<T>& mm, const PassItems& items, const BlockMap& bm,
+              const Pieces& pc, int64_t item, TileBuffers<T>& buf, T* part, T* fc1_part, const T* r, const T* rt,
+              const T* r0v, const T* fc1_t, T* dk, T* dv) {
+  const int64_t H = pb.H, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d, C = items.C, nb = bm.nb();
+  const int64_t ssz = state_size(dh), gsq = dh * dh;
   int64_t b, c, h0, h1, c0, c1;
   items.decode(item, H, &b, &c, &h0, &h1);
   chunk_range(N, C, c, &c0, &c1);
@@ -498,23 +650,30 @@ void key_item(const ProblemParams& pb, const Mm<T>& mm, const PassItems& items, 
   const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride;
   for (int64_t t0 = c0; t0 < c1; t0 += kCpuTile) {
     const int64_t tn = std::min(kCpuTile, c1 - t0);
-    load_z(ks, t0, tn, h0 * dh, h1 * dh, d, buf.z.data());
+    load_z(ks, bm, t0, tn, h0 * dh, h1 * dh, d, buf.z.data());
     for (int64_t h = h0; h < h1; ++h) {
       const int64_t bh = b * H + h;
       const HeadWeights<T> w = head_weights<T>(pb.g1, h, dh, kh);
-      ChunkPartial<T> cp(part + (bh * C + c) * csz, dh);
       const T* z = buf.z.data() + h * dh;
       const T* vt = vx + t0 * pb.v_rstride + h * dh;
       hidden(mm, w, ks, t0, tn, dh, z, d, buf, r != nullptr);
-      accumulate_state(mm, ks, t0, tn, dh, vt, pb.v_rstride, buf, cp.s, cp.sv, t0 == c0);
+      for_block_runs(bm, t0, tn, [&](int64_t j, int64_t a, int64_t n) {
+        const int64_t o = a - t0;
+        T* sp = part + (bh * pc.count + pc.index(c, j)) * ssz;
+        const T* hd = buf.hd.data() + o * dh;
+        const T* va = vt + o * pb.v_rstride;
+        accumulate_state(mm, ks, a, n, dh, hd, va, pb.v_rstride, sp, sp + gsq);
+        if (!r) return;
+        const int64_t bj = bh * nb + j;
+        // dvalue = hid R + m r0, into dv's rows
+        mix_rows(mm, ks, a, n, dh, hd, rt + bj * gsq, r0v ? r0v + bj * dh : nullptr, dv + (b * N + a) * d + h * dh,
+                 d);
+        // dHd = value R^T: [T, d_h(v)] @ [d_h(v), d_h(hid)] -> [T, d_h]
+        mm(false, true, n, dh, dh, va, pb.v_rstride, r + bj * gsq, dh, buf.dhd.data() + o * dh, dh, false);
+      });
       if (!r) continue;
-      const T* rb = r + bh * gsq;
-      // dvalue = hid R + m r0, into dv's rows
-      mix_rows(mm, ks, t0, tn, dh, buf, rt + bh * gsq, r0v ? r0v + bh * dh : nullptr, dv + (b * N + t0) * d + h * dh,
-               d);
-      // dHd = value R^T: [T, d_h(v)] @ [d_h(v), d_h(hid)] -> [T, d_h]
-      mm(false, true, tn, dh, dh, vt, pb.v_rstride, rb, dh, buf.dhd.data(), dh, false);
-      fc1_backward(mm, fc1_t + h * gsq, tn, dh, ks.scale, z, d, buf, cp, dk + (b * N + t0) * d + h * dh, d);
+      Fc1Partial<T> fp(fc1_part + (bh * C + c) * Fc1Partial<T>::size(dh), dh);
+      fc1_backward(mm, fc1_t + h * gsq, tn, dh, ks.scale, z, d, buf, fp, dk + (b * N + t0) * d + h * dh, d);
     }
   }
 }
@@ -526,42 +685,42 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
   const Mm<T> mm{gemm};
   T* p = static_cast<T*>(fp.p);
   T* y = static_cast<T*>(fp.y);
+  const BlockMap bm = make_blocks(pb);
+  const int64_t nb = bm.nb(), NB = pb.num_blocks, psz = kh * dh;
   const PassItems kitems = pass_items(B, N, H, nthreads), qitems = pass_items(B, M, H, nthreads);
-  const int64_t Ck = kitems.C;
-  const int64_t csz = ChunkPartial<T>::size(dh), gsq = dh * dh;
-  std::vector<T> part(B * H * Ck * csz);
-  std::vector<T> cmt(B * H * gsq), c0(B * H * dh);  // C^T (C = fc2_2^T A), c0 = A^T b2_2 per (b, h)
+  const Pieces kpc = make_pieces(bm, N, kitems.C);
+  const int64_t ssz = state_size(dh), gsq = dh * dh;
+  std::vector<T> part(B * H * kpc.count * ssz, T(0));                  // token sums per piece
+  std::vector<T> blk(B * H * nb * ssz), win(B * H * nb * ssz);        // per block: own sums, window sums
+  std::vector<T> cmt(B * H * nb * gsq), c0(B * H * nb * dh);          // C^T (C = fc2_2^T A), c0 = A^T b2_2
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(d, dh);
-    std::vector<T> state(gsq + dh), a(kh * dh), cm(gsq);
-    // key pass: S, sv chunk partials
+    std::vector<T> a(psz), cm(gsq);
+    // key pass: S, sv per piece
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < kitems.count(B); ++item)
-      key_item<T>(pb, mm, kitems, item, buf, part.data(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
-    // per (b, h): P = fc2 S + b2 sv^T, A = GELU(P), C, c0
+      key_item<T>(pb, mm, kitems, bm, kpc, item, buf, part.data(), nullptr, nullptr, nullptr, nullptr, nullptr,
+                  nullptr, nullptr);
+    // per (b, h): block sums in piece order, then the window sums
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t h = bh % H;
-      sum_state(part.data() + bh * Ck * csz, Ck, dh, state.data());
-      const T* s = state.data();
-      const T* sv = s + gsq;
-      const HeadWeights<T> w1 = head_weights<T>(pb.g1, h, dh, kh);
-      T* pbh = p + bh * kh * dh;
-      // [k_h, d_h] @ [d_h, d_h] -> [k_h, d_h]
-      mm(false, false, kh, dh, dh, w1.fc2_w, dh, s, dh, pbh, dh, false);
-      if (w1.fc2_b)
-        for (int64_t j = 0; j < kh; ++j) {
-          const T bj = w1.fc2_b[j];
-#pragma omp simd
-          for (int64_t c = 0; c < dh; ++c) pbh[j * dh + c] += bj * sv[c];
-        }
-#pragma omp simd
-      for (int64_t i = 0; i < kh * dh; ++i) a[i] = gelu(pbh[i]);
-      fold_fc2(mm, head_weights<T>(pb.g2, h, dh, kh), a.data(), dh, kh, cm.data(), c0.data() + bh * dh);
-      transpose(cm.data(), dh, cmt.data() + bh * gsq);
+      block_sums(part.data() + bh * kpc.count * ssz, ssz, kpc, nb, ssz, blk.data() + bh * nb * ssz);
+      window_sums(blk.data() + bh * nb * ssz, bm, ssz, false, win.data() + bh * nb * ssz);
+      std::fill(p + (bh * NB + nb) * psz, p + (bh + 1) * NB * psz, T(0));  // unused block slots
     }
-    // query pass: Y = hid2 C + m c0
+    // per (b, h, block): P = fc2 S + b2 sv^T (written to p), A = GELU(P), C, c0
+#pragma omp for schedule(static)
+    for (int64_t bj = 0; bj < B * H * nb; ++bj) {
+      const int64_t bh = bj / nb, j = bj % nb, h = bh % H;
+      T* pj = p + (bh * NB + j) * psz;
+      state_to_p(mm, head_weights<T>(pb.g1, h, dh, kh), win.data() + bj * ssz, dh, kh, pj);
+#pragma omp simd
+      for (int64_t i = 0; i < psz; ++i) a[i] = gelu(pj[i]);
+      fold_fc2(mm, head_weights<T>(pb.g2, h, dh, kh), a.data(), dh, kh, cm.data(), c0.data() + bj * dh);
+      transpose(cm.data(), dh, cmt.data() + bj * gsq);
+    }
+    // query pass: Y = hid2 C_j + m c0_j, per block j of the rows
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < qitems.count(B); ++item) {
       int64_t b, c, h0, h1, r0, r1;
@@ -570,13 +729,16 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
       const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, M, b);
       for (int64_t t0 = r0; t0 < r1; t0 += kCpuTile) {
         const int64_t tn = std::min(kCpuTile, r1 - t0);
-        load_z(qs, t0, tn, h0 * dh, h1 * dh, d, buf.z.data());
+        load_z(qs, bm, t0, tn, h0 * dh, h1 * dh, d, buf.z.data());
         for (int64_t h = h0; h < h1; ++h) {
           const int64_t bh = b * H + h;
           const HeadWeights<T> w = head_weights<T>(pb.g2, h, dh, kh);
           hidden(mm, w, qs, t0, tn, dh, buf.z.data() + h * dh, d, buf, false);
-          mix_rows(mm, qs, t0, tn, dh, buf, cmt.data() + bh * gsq, w.fc2_b ? c0.data() + bh * dh : nullptr,
-                   y + (b * M + t0) * d + h * dh, d);
+          for_block_runs(bm, t0, tn, [&](int64_t j, int64_t a0, int64_t n) {
+            const int64_t bj = bh * nb + j;
+            mix_rows(mm, qs, a0, n, dh, buf.hd.data() + (a0 - t0) * dh, cmt.data() + bj * gsq,
+                     w.fc2_b ? c0.data() + bj * dh : nullptr, y + (b * M + a0) * d + h * dh, d);
+          });
         }
       }
     }
@@ -589,15 +751,22 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
   const int64_t B = pb.B, H = pb.H, M = pb.M, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d;
   const Mm<T> mm{gemm};
   const T* p = static_cast<const T*>(bp.p);
-  const int64_t psz = kh * dh, gsq = dh * dh, fsz = kh * dh + kh;
-  const int64_t csz = ChunkPartial<T>::size(dh);
+  const BlockMap bm = make_blocks(pb);
+  const int64_t nb = bm.nb(), NB = pb.num_blocks;
+  const int64_t psz = kh * dh, gsq = dh * dh, fsz = kh * dh + kh, ssz = state_size(dh);
+  const int64_t f1sz = Fc1Partial<T>::size(dh);
   const PassItems kitems = pass_items(B, N, H, nthreads), qitems = pass_items(B, M, H, nthreads);
+  const Pieces kpc = make_pieces(bm, N, kitems.C), qpc = make_pieces(bm, M, qitems.C);
   const int64_t Cq = qitems.C, Ck = kitems.C;
-  std::vector<T> a(B * H * psz), dp(B * H * psz);  // A = GELU(P), dP per (b, h): [k_h, d_h]
-  std::vector<T> cm(B * H * gsq), rm(B * H * gsq), rmt(B * H * gsq);  // C = fc2_2^T A, R = fc2^T dP, R^T
-  std::vector<T> r0v(B * H * dh);                   // r0 = dP^T b2
-  // chunk partials start at zero: the fc1 parts accumulate over the chunk's tiles
-  std::vector<T> q_part(B * H * Cq * csz, T(0)), k_part(B * H * Ck * csz, T(0));
+  std::vector<T> dp(B * H * nb * psz);  // dP per (b, h, block): [k_h, d_h]
+  std::vector<T> cm(B * H * nb * gsq);  // C = fc2_2^T A per block; after the query pass R per block
+  // per block: R' = fc2^T dP and r0' = dP^T b2 ([d_h, d_h] then [d_h]), and their reverse
+  // window sums R, r0: what the block's own keys receive
+  std::vector<T> rb(B * H * nb * ssz), rk(B * H * nb * ssz), rkt(B * H * nb * gsq), r0v(B * H * nb * dh);
+  std::vector<T> blk(B * H * nb * ssz), win(B * H * nb * ssz);  // block sums, window sums (T, then S)
+  // token sums per piece and fc1 partials per (b, h, work chunk): zero, they accumulate
+  std::vector<T> q_part(B * H * qpc.count * ssz, T(0)), k_part(B * H * kpc.count * ssz, T(0));
+  std::vector<T> q_fc1(B * H * Cq * f1sz, T(0)), k_fc1(B * H * Ck * f1sz, T(0));
   std::vector<T> g2_fc2(B * H * fsz), g1_fc2(B * H * fsz);
   const T* dy = static_cast<const T*>(bp.dy);
   T* dq = static_cast<T*>(bp.dq);
@@ -609,19 +778,19 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(d, dh);
-    std::vector<T> state(gsq + dh), unused(dh);
-    // ---- per (b, h): A = GELU(P), C = fc2_2^T A ----
+    std::vector<T> a(psz), unused(dh);
+    // ---- per (b, h, block): C = fc2_2^T GELU(P) ----
 #pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      T* ab = a.data() + bh * psz;
-      const T* pp = p + bh * psz;
+    for (int64_t bj = 0; bj < B * H * nb; ++bj) {
+      const int64_t bh = bj / nb, j = bj % nb;
+      const T* pj = p + (bh * NB + j) * psz;
 #pragma omp simd
-      for (int64_t i = 0; i < psz; ++i) ab[i] = gelu(pp[i]);
+      for (int64_t i = 0; i < psz; ++i) a[i] = gelu(pj[i]);
       HeadWeights<T> w2 = head_weights<T>(pb.g2, bh % H, dh, kh);
       w2.fc2_b = nullptr;  // c0 is not needed by the backward
-      fold_fc2(mm, w2, ab, dh, kh, cm.data() + bh * gsq, unused.data());
+      fold_fc2(mm, w2, a.data(), dh, kh, cm.data() + bj * gsq, unused.data());
     }
-    // ---- query pass: T, sdy partials, generator-2 fc1 partials, dquery ----
+    // ---- query pass: T, sdy per piece, generator-2 fc1 partials, dquery ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < qitems.count(B); ++item) {
       int64_t b, c, h0, h1, r0, r1;
@@ -630,66 +799,85 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
       const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, M, b);
       for (int64_t t0 = r0; t0 < r1; t0 += kCpuTile) {
         const int64_t tn = std::min(kCpuTile, r1 - t0);
-        load_z(qs, t0, tn, h0 * dh, h1 * dh, d, buf.z.data());
+        load_z(qs, bm, t0, tn, h0 * dh, h1 * dh, d, buf.z.data());
         for (int64_t h = h0; h < h1; ++h) {
           const int64_t bh = b * H + h;
           const HeadWeights<T> w = head_weights<T>(pb.g2, h, dh, kh);
-          ChunkPartial<T> cp(q_part.data() + (bh * Cq + c) * csz, dh);
           const T* z = buf.z.data() + h * dh;
           const T* dyt = dy + (b * M + t0) * d + h * dh;  // rows of stride d
           hidden(mm, w, qs, t0, tn, dh, z, d, buf, true);
-          accumulate_state(mm, qs, t0, tn, dh, dyt, d, buf, cp.s, cp.sv, t0 == r0);
-          // dHd2 = dY C^T: [T, d_h(y)] @ [d_h(y), d_h(hid)] -> [T, d_h]
-          mm(false, true, tn, dh, dh, dyt, d, cm.data() + bh * gsq, dh, buf.dhd.data(), dh, false);
-          fc1_backward(mm, fc1t_2.data() + h * gsq, tn, dh, qs.scale, z, d, buf, cp, dq + (b * M + t0) * d + h * dh, d);
+          for_block_runs(bm, t0, tn, [&](int64_t j, int64_t a0, int64_t n) {
+            const int64_t o = a0 - t0;
+            T* sp = q_part.data() + (bh * qpc.count + qpc.index(c, j)) * ssz;
+            accumulate_state(mm, qs, a0, n, dh, buf.hd.data() + o * dh, dyt + o * d, d, sp, sp + gsq);
+            // dHd2 = dY C^T: [T, d_h(y)] @ [d_h(y), d_h(hid)] -> [T, d_h]
+            mm(false, true, n, dh, dh, dyt + o * d, d, cm.data() + (bh * nb + j) * gsq, dh, buf.dhd.data() + o * dh,
+               dh, false);
+          });
+          Fc1Partial<T> fp(q_fc1.data() + (bh * Cq + c) * f1sz, dh);
+          fc1_backward(mm, fc1t_2.data() + h * gsq, tn, dh, qs.scale, z, d, buf, fp, dq + (b * M + t0) * d + h * dh,
+                       d);
         }
       }
     }
-    // ---- per (b, h): dA, generator-2 fc2 grads, dP, R, r0 ----
+    // ---- per (b, h): T_j, sdy_j per block; dA, generator-2 fc2 grads, dP, R', r0'; R, r0 ----
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t h = bh % H;
-      sum_state(q_part.data() + bh * Cq * csz, Cq, dh, state.data());
-      const T* tm = state.data();  // T [d_h(hid2), d_h(y)]
-      const T* sdy = tm + gsq;
+      T* tb = blk.data() + bh * nb * ssz;
+      block_sums(q_part.data() + bh * qpc.count * ssz, ssz, qpc, nb, ssz, tb);
       const HeadWeights<T> w2 = head_weights<T>(pb.g2, h, dh, kh);
       const HeadWeights<T> w1 = head_weights<T>(pb.g1, h, dh, kh);
-      const T* ab = a.data() + bh * psz;
-      T* dpb = dp.data() + bh * psz;
-      // dA = fc2_2 T + b2_2 sdy^T: [k_h, d_h] @ [d_h, d_h] -> [k_h, d_h]
-      mm(false, false, kh, dh, dh, w2.fc2_w, dh, tm, dh, dpb, dh, false);
-      if (w2.fc2_b)
-        for (int64_t j = 0; j < kh; ++j) {
-          const T bj = w2.fc2_b[j];
-#pragma omp simd
-          for (int64_t c = 0; c < dh; ++c) dpb[j * dh + c] += bj * sdy[c];
-        }
-      // dfc2_2 = A T^T, db2_2 = A sdy
       T* g2 = g2_fc2.data() + bh * fsz;
-      fc2_grads(mm, ab, tm, sdy, dh, kh, g2, g2 + kh * dh);
-      // dP = dA * GELU'(P)
-      const T* pp = p + bh * psz;
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t bj = bh * nb + j;
+        const T* tm = tb + j * ssz;  // T [d_h(hid2), d_h(y)], then sdy [d_h]
+        const T* sdy = tm + gsq;
+        const T* pj = p + (bh * NB + j) * psz;
+        T* dpj = dp.data() + bj * psz;
+        // dA = fc2_2 T + b2_2 sdy^T: [k_h, d_h] @ [d_h, d_h] -> [k_h, d_h]
+        state_to_p(mm, w2, tm, dh, kh, dpj);
+        // dfc2_2 += A T^T, db2_2 += A sdy
 #pragma omp simd
-      for (int64_t i = 0; i < psz; ++i) dpb[i] *= gelu_grad(pp[i]);
-      // R = fc2^T dP, r0 = dP^T b2
-      fold_fc2(mm, w1, dpb, dh, kh, rm.data() + bh * gsq, r0v.data() + bh * dh);
-      transpose(rm.data() + bh * gsq, dh, rmt.data() + bh * gsq);
+        for (int64_t i = 0; i < psz; ++i) a[i] = gelu(pj[i]);
+        fc2_grads(mm, a.data(), tm, sdy, dh, kh, g2, g2 + kh * dh, j > 0);
+        // dP = dA * GELU'(P)
+#pragma omp simd
+        for (int64_t i = 0; i < psz; ++i) dpj[i] *= gelu_grad(pj[i]);
+        // R' = fc2^T dP, r0' = dP^T b2
+        T* rj = rb.data() + bj * ssz;
+        if (!b2_1) std::fill(rj + gsq, rj + ssz, T(0));
+        fold_fc2(mm, w1, dpj, dh, kh, rj, rj + gsq);
+      }
+      // R, r0 of block i = sum of R', r0' over the blocks whose window holds i
+      window_sums(rb.data() + bh * nb * ssz, bm, ssz, true, rk.data() + bh * nb * ssz);
+      for (int64_t j = 0; j < nb; ++j) {  // R into cm (C is no longer needed), R^T, r0
+        const int64_t bj = bh * nb + j;
+        std::copy(rk.data() + bj * ssz, rk.data() + bj * ssz + gsq, cm.data() + bj * gsq);
+        transpose(rk.data() + bj * ssz, dh, rkt.data() + bj * gsq);
+        std::copy(rk.data() + bj * ssz + gsq, rk.data() + (bj + 1) * ssz, r0v.data() + bj * dh);
+      }
     }
-    // ---- key pass: S, sv partials, generator-1 fc1 partials, dkey, dvalue ----
+    // ---- key pass: S, sv per piece, generator-1 fc1 partials, dkey, dvalue ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < kitems.count(B); ++item)
-      key_item<T>(pb, mm, kitems, item, buf, k_part.data(), rm.data(), rmt.data(), b2_1 ? r0v.data() : nullptr,
-                  fc1t_1.data(), dk, dv);
-    // ---- per (b, h): generator-1 fc2 grads dfc2 = dP S^T, db2 = dP sv ----
+      key_item<T>(pb, mm, kitems, bm, kpc, item, buf, k_part.data(), k_fc1.data(), cm.data(), rkt.data(),
+                  b2_1 ? r0v.data() : nullptr, fc1t_1.data(), dk, dv);
+    // ---- per (b, h): generator-1 fc2 grads dfc2 = sum_j dP_j S_win_j^T, db2 = sum_j dP_j sv_win_j ----
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
-      sum_state(k_part.data() + bh * Ck * csz, Ck, dh, state.data());
+      T* sb = blk.data() + bh * nb * ssz;
+      T* sw = win.data() + bh * nb * ssz;
+      block_sums(k_part.data() + bh * kpc.count * ssz, ssz, kpc, nb, ssz, sb);
+      window_sums(sb, bm, ssz, false, sw);
       T* g1 = g1_fc2.data() + bh * fsz;
-      fc2_grads(mm, dp.data() + bh * psz, state.data(), state.data() + gsq, dh, kh, g1, g1 + kh * dh);
+      for (int64_t j = 0; j < nb; ++j)
+        fc2_grads(mm, dp.data() + (bh * nb + j) * psz, sw + j * ssz, sw + j * ssz + gsq, dh, kh, g1, g1 + kh * dh,
+                  j > 0);
     }
   }
-  reduce_generator_grads<T>(q_part, g2_fc2, B, H, Cq, dh, kh, bp.dg2, nthreads);
-  reduce_generator_grads<T>(k_part, g1_fc2, B, H, Ck, dh, kh, bp.dg1, nthreads);
+  reduce_generator_grads<T>(q_fc1, g2_fc2, B, H, Cq, dh, kh, bp.dg2, nthreads);
+  reduce_generator_grads<T>(k_fc1, g1_fc2, B, H, Ck, dh, kh, bp.dg1, nthreads);
 }
 
 }  // namespace

@@ -15,7 +15,15 @@
 //   fc1_w [H, d_h(out), d_h(in)], fc1_b [H, d_h] (nullptr = none), fc2_w [H, k_h, d_h],
 //   fc2_b [H, k_h] (nullptr = none): generator 1 makes W1 from keys, generator 2 W2 from queries
 //   y, dy, dq [B, M, d], dk, dv [B, N, d]: contiguous
-//   p [B, H, k_h, d_h]: P = W1^T V per (batch, head), saved by the forward for the backward
+//   p [B, H, num_blocks, k_h, d_h]: P = W1^T V per (batch, head, mixing block), saved by the
+//     forward for the backward (num_blocks = 1 unless the mixing is blocked, see below)
+// Mixing blocks (CPU twin only; the CUDA kernels take the defaults and refuse anything else):
+//   a sequence is a batch row or, with cu_seqlens (B = 1, M = N), one of the packed sequences
+//   [cu_seqlens[s], cu_seqlens[s + 1]) whose PE positions restart at its first token. Each
+//   sequence is cut into blocks of chunk_size tokens (0: one block); the tokens of block j
+//   mix with the state summed over blocks max(first block of the sequence, j - left_context) .. j
+//   (left_context -1: every earlier block of the sequence). Non-causal = one block per sequence;
+//   token-causal = chunk_size 1 (docs/HYPERMIXING.md, "Causal and chunked mixing").
 #pragma once
 #include <cstdint>
 
@@ -58,6 +66,13 @@ struct ProblemParams {
   GeneratorParams g1;  // W1 = MLP1(z_k) * m_k
   GeneratorParams g2;  // W2 = MLP2(z_q) * m_q
   bool allow_mma = true;  // CUDA: tensor-core products for half types where the device has them
+  // mixing blocks (see the top of the file); the defaults are plain non-causal mixing
+  int64_t chunk_size = 0;               // C >= 1, or 0: one block per sequence
+  int64_t left_context = -1;            // L >= 0 blocks, or -1: all earlier blocks
+  const int64_t* cu_seqlens = nullptr;  // [num_seqs + 1] host token offsets (packed, B = 1), or nullptr
+  int64_t num_seqs = 0;
+  int64_t num_blocks = 1;               // block slots per batch row in p (>= the blocks there are; extra slots zero)
+  HMX_HD bool blocked() const { return chunk_size > 0 || cu_seqlens != nullptr; }
 };
 
 struct ForwardParams {

@@ -66,6 +66,7 @@ class Capabilities:
     partial_biases: bool = True
     causal: bool = False  # implements the causal / chunk-causal modes (hmx_kernels.causal)
     sequence_parallel: bool = False  # takes a position offset and a sequence-parallel group
+    varlen: bool = False  # takes packed sequences (cu_seqlens) without padding them
     device_note: str = ""  # appended to the device reason
     available: Optional[Callable[[str], Tuple[str, ...]]] = None
 
@@ -85,6 +86,9 @@ class Capabilities:
         if not self.sequence_parallel and (p.position_offset or p.sequence_parallel_group is not None):
             out.append("position offsets and sequence parallelism are not implemented by this backend yet "
                        "(backend='reference' has them)")
+        if not self.varlen and p.cu_seqlens is not None:
+            out.append("packed sequences (cu_seqlens) are not implemented by this backend yet (hyper_mixing_varlen "
+                       "runs it on a padded batch instead)")
         if not self.partial_biases and p.partial_biases:
             out.append("a generator with an fc1 bias but no fc2 bias (or the reverse) is not supported")
         if not out and self.available is not None:

@@ -1,13 +1,20 @@
 """The fused-op contract: every fast backend is a pair of `torch.library` ops with one schema.
 
     hmx_kernels::<backend>_fwd(query, key, value, query_keep?, key_keep?, 8 generator tensors,
-                               variant) -> (y, state)
+                               variant, chunk_size, left_context, cu_seqlens?) -> (y, state)
         y      [B, M, d]       Y = W2 GELU(W1^T V) per head, before the LayerNorm, compute dtype
-        state  [B, H, k_h, d_h] P = sum_t m_t W1_t^T V_t (fp32 / fp64), saved for the backward
+        state  [B, H, nb * k_h, d_h] P = sum_t m_t W1_t^T V_t per mixing block (fp32 / fp64),
+                               saved for the backward; nb = `state_blocks(...)`, 1 when non-causal
     hmx_kernels::<backend>_bwd(grad_y, query, key, value, query_keep?, key_keep?, 8 generator
-                               tensors, state, variant) -> 11 tensors
+                               tensors, state, variant, chunk_size, left_context, cu_seqlens?)
+                               -> 11 tensors
         dquery, dkey, dvalue (compute dtype) and the 8 generator gradients (compute dtype; an
         absent bias gets an empty tensor)
+    Mixing blocks (csrc/hmx_params.h, docs/HYPERMIXING.md "Causal and chunked mixing"):
+        chunk_size C (0: none) and left_context L (-1: unbounded) give the causal / chunk-causal
+        modes (token-causal: C = 1); cu_seqlens (int [num_seqs + 1], with B = 1 and M = N) packs
+        several sequences into the one row, each mixed on its own with positions from its start.
+        A backend defined with blocks=False takes only the defaults (0, -1, None).
 
 Shapes and dtypes of both are given by one fake implementation (`fwd_fake`, `bwd_fake`), which
 also serves the meta device; autograd is registered on the forward op (its backward calls the
@@ -30,7 +37,7 @@ from torch import Tensor
 
 from .validation import WEIGHT_NAMES, HyperMixingProblem, compute_dtype_of
 
-__all__ = ["define_fused_ops", "run_fused", "FusedOps", "DOUBLE_BACKWARD_ERROR"]
+__all__ = ["define_fused_ops", "run_fused", "FusedOps", "DOUBLE_BACKWARD_ERROR", "state_blocks"]
 
 NAMESPACE = "hmx_kernels"
 DOUBLE_BACKWARD_ERROR = (
@@ -46,7 +53,18 @@ def _sizes(query: Tensor, key: Tensor, fc2_w: Tensor):
     return B, M, N, d, H, d_h, k_h
 
 
-def check_op_args(query, key, value, query_keep, key_keep, gen, state=None, grad_y=None) -> None:
+def state_blocks(N, chunk_size: int, cu_seqlens: Optional[Tensor]):
+    """Block slots of the state per batch row: 1 (non-causal), ceil(N / C) with chunks of C, the
+    sequence count for packed sequences, and N // C + num_seqs (an upper bound of
+    sum_s ceil(len_s / C); unused slots hold zeros) for packed sequences in chunks."""
+    if cu_seqlens is None:
+        return 1 if chunk_size <= 0 else (N + chunk_size - 1) // chunk_size
+    num_seqs = cu_seqlens.shape[0] - 1
+    return num_seqs if chunk_size <= 0 else N // chunk_size + num_seqs
+
+
+def check_op_args(query, key, value, query_keep, key_keep, gen, state=None, grad_y=None, chunk_size=0,
+                  left_context=-1, cu_seqlens=None) -> None:
     """The ops' own input check (they are public: torch.ops.hmx_kernels.*), so that no call, even
     one that bypasses `check_inputs`, makes a kernel read or write out of bounds. Raises
     ValueError / TypeError naming the argument."""
@@ -86,8 +104,20 @@ def check_op_args(query, key, value, query_keep, key_keep, gen, state=None, grad
             fail(f"{name} must have dtype {cdt} (1 = kept, 0 = padded), got {keep.dtype}", TypeError)
         if keep.device != query.device:
             fail(f"{name} is on {keep.device} but query is on {query.device}")
-    if state is not None and tuple(state.shape) != (B, H, k_h, d_h):
-        fail(f"state must have shape [{B}, {H}, {k_h}, {d_h}], got {list(state.shape)}")
+    if chunk_size < 0 or left_context < -1:
+        fail(f"chunk_size must be >= 0 (0: none) and left_context >= -1 (-1: unbounded), got {chunk_size}, "
+             f"{left_context}")
+    if (chunk_size > 0 or cu_seqlens is not None) and M != N:
+        fail(f"causal, chunked and packed mixing need as many queries as keys, got M = {M}, N = {N}")
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            fail(f"cu_seqlens must be a 1-D int32/int64 tensor [num_seqs + 1], got {cu_seqlens.dtype} "
+                 f"{list(cu_seqlens.shape)}")
+        if B != 1:
+            fail(f"packed sequences (cu_seqlens) need tokens [1, total, d], got B = {B}")
+    nb = state_blocks(N, chunk_size, cu_seqlens)
+    if state is not None and tuple(state.shape) != (B, H, nb * k_h, d_h):
+        fail(f"state must have shape [{B}, {H}, {nb} * {k_h}, {d_h}], got {list(state.shape)}")
     if grad_y is not None and tuple(grad_y.shape) != (B, M, d):
         fail(f"grad_y must have shape [{B}, {M}, {d}], got {list(grad_y.shape)}")
     for name, t in tensors:
@@ -98,14 +128,16 @@ def check_op_args(query, key, value, query_keep, key_keep, gen, state=None, grad
 
 
 def fwd_fake(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
-             w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant):
+             w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant, chunk_size=0, left_context=-1, cu_seqlens=None):
     B, M, N, d, H, d_h, k_h = _sizes(query, key, w1_fc2_w)
     cdt = compute_dtype_of(query.dtype)
-    return query.new_empty((B, M, d), dtype=cdt), query.new_empty((B, H, k_h, d_h), dtype=cdt)
+    nb = state_blocks(N, chunk_size, cu_seqlens)
+    return query.new_empty((B, M, d), dtype=cdt), query.new_empty((B, H, nb * k_h, d_h), dtype=cdt)
 
 
 def bwd_fake(grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
-             w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant):
+             w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant, chunk_size=0, left_context=-1,
+             cu_seqlens=None):
     cdt = compute_dtype_of(query.dtype)
     out = [query.new_empty(query.shape, dtype=cdt), key.new_empty(key.shape, dtype=cdt),
            value.new_empty(value.shape, dtype=cdt)]
@@ -129,9 +161,14 @@ def define_fused_ops(
     *,
     device_types: Sequence[str] = ("cpu", "cuda"),
     triton: bool = False,
+    blocks: bool = False,
 ) -> FusedOps:
     """Define hmx_kernels::<backend>_fwd / _bwd over `fwd_impl` / `bwd_impl` (same signatures as
     `fwd_fake` / `bwd_fake`), with the shared fake implementations and autograd.
+
+    blocks=True: the impls take the mixing-block arguments (chunk_size, left_context, cu_seqlens)
+    after `variant`; blocks=False: they are called without them, and the ops refuse anything
+    but the defaults.
 
     triton=True: `torch.library.triton_op` (the impls launch kernels through `wrap_triton`, and
     torch.compile can see into them); the impls then double as their own fake implementations
@@ -140,21 +177,35 @@ def define_fused_ops(
     def fwd(query: Tensor, key: Tensor, value: Tensor, query_keep: Optional[Tensor], key_keep: Optional[Tensor],
             w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor, w1_fc2_b: Optional[Tensor],
             w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor, w2_fc2_b: Optional[Tensor],
-            variant: str) -> Tuple[Tensor, Tensor]:
+            variant: str, chunk_size: int = 0, left_context: int = -1,
+            cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         check_op_args(query, key, value, query_keep, key_keep,
-                      (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b))
-        return fwd_impl(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
-                        w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant)
+                      (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b),
+                      chunk_size=chunk_size, left_context=left_context, cu_seqlens=cu_seqlens)
+        args = (query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
+                w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant)
+        return fwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens))
 
     def bwd(grad_y: Tensor, query: Tensor, key: Tensor, value: Tensor, query_keep: Optional[Tensor],
             key_keep: Optional[Tensor], w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor,
             w1_fc2_b: Optional[Tensor], w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor,
-            w2_fc2_b: Optional[Tensor], state: Tensor, variant: str) -> List[Tensor]:
+            w2_fc2_b: Optional[Tensor], state: Tensor, variant: str, chunk_size: int = 0,
+            left_context: int = -1, cu_seqlens: Optional[Tensor] = None) -> List[Tensor]:
         check_op_args(query, key, value, query_keep, key_keep,
                       (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b),
-                      state=state, grad_y=grad_y)
-        return bwd_impl(grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w,
-                        w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant)
+                      state=state, grad_y=grad_y, chunk_size=chunk_size, left_context=left_context,
+                      cu_seqlens=cu_seqlens)
+        args = (grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w,
+                w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant)
+        return bwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens))
+
+    def _block_args(chunk_size, left_context, cu_seqlens):
+        if blocks:
+            return (chunk_size, left_context, cu_seqlens)
+        if chunk_size != 0 or left_context != -1 or cu_seqlens is not None:
+            raise ValueError(f"hmx_kernels op: the {backend} ops do not implement causal, chunked or packed mixing "
+                             "(chunk_size, left_context, cu_seqlens)")
+        return ()
 
     fwd_name, bwd_name = f"{NAMESPACE}::{backend}_fwd", f"{NAMESPACE}::{backend}_bwd"
     if triton:
@@ -169,19 +220,20 @@ def define_fused_ops(
     n_tensors = 13  # query, key, value, 2 keeps, 8 generator tensors
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:n_tensors], output[1])
-        ctx.variant = inputs[n_tensors]
+        ctx.save_for_backward(*inputs[:n_tensors], output[1], inputs[n_tensors + 3])
+        ctx.variant, ctx.chunk_size, ctx.left_context = inputs[n_tensors:n_tensors + 3]
         ctx.dtypes = [None if t is None else t.dtype for t in inputs[:n_tensors]]
 
     def backward(ctx, grad_y, grad_state):
         saved = ctx.saved_tensors
-        tensors, state = saved[:n_tensors], saved[n_tensors]
-        grads = bwd_op(grad_y.contiguous(), *tensors, state, ctx.variant)
+        tensors, state, cu_seqlens = saved[:n_tensors], saved[n_tensors], saved[n_tensors + 1]
+        grads = bwd_op(grad_y.contiguous(), *tensors, state, ctx.variant, ctx.chunk_size, ctx.left_context,
+                       cu_seqlens)
         dq, dk, dv = grads[:3]
         gen = [None if t is None else g for g, t in zip(grads[3:], tensors[5:])]
         out = [dq, dk, dv, None, None] + gen
         out = [None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes)]
-        return (*out, None)
+        return (*out, None, None, None, None)
 
     def bwd_setup_context(ctx, inputs, output):
         pass
@@ -222,5 +274,14 @@ def run_fused(ops: FusedOps, p: HyperMixingProblem, operand_dtype: Optional[torc
     # The keep vectors are already in the compute dtype, which upcasting does not change. No
     # autocast context is needed: autocast does not touch custom ops, and it runs layer_norm in
     # fp32, as the epilogue does anyway.
-    y, _state = ops.fwd(*tokens, p.query_keep, p.key_keep, *gen, p.variant.name)
+    y, _state = ops.fwd(*tokens, p.query_keep, p.key_keep, *gen, p.variant.name, *block_args(p))
     return layer_norm_epilogue(y, p)
+
+
+def block_args(p: HyperMixingProblem) -> Tuple[int, int, Optional[Tensor]]:
+    """The ops' mixing-block arguments (chunk_size, left_context, cu_seqlens) of problem `p`."""
+    chunk_size, left_context = 0, -1
+    if p.mode is not None:
+        chunk_size = p.mode.chunk_size
+        left_context = -1 if p.mode.left_context_chunks is None else p.mode.left_context_chunks
+    return chunk_size, left_context, p.cu_seqlens

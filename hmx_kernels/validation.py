@@ -92,6 +92,9 @@ class HyperMixingProblem:
     mode: Optional[MixingMode] = None  # causal / chunk-causal mixing (hmx_kernels.causal); None: all tokens
     position_offset: int = 0  # global position of the first token (a slice of a longer sequence)
     sequence_parallel_group: object = None  # torch.distributed group holding the other slices, or None
+    # packed sequences (hmx_kernels.varlen): int [num_seqs + 1] token offsets into the one row
+    # (B = 1, self-mixing), each sequence mixed on its own from position first_position; or None
+    cu_seqlens: Optional[Tensor] = None
 
     @property
     def device(self) -> torch.device:

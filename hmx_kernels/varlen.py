@@ -3,19 +3,22 @@
 (speechbrain) or 1 (idiap).
 
 `unpad` / `pad` convert between a padded batch with a padding mask and the packed form.
-`hyper_mixing_varlen` is the functional op on packed tokens. Today it runs any backend through a
-padded [num_seqs, max_seqlen, d] view with a padding mask, so it is exact on every backend but
-still spends compute on the padding (the same as the padded batch); kernels that walk cu_seqlens
-directly are the next step.
+`hyper_mixing_varlen` is the functional op on packed tokens. The "cpu" backend walks cu_seqlens in
+its kernels (each sequence is a mixing block of its own: csrc/hmx_params.h), the reference mixes
+the sequences one by one; the other backends run a padded [num_seqs, max_seqlen, d] view with a
+padding mask (exact, but it spends compute on the padding).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .dispatch import AUTO_ORDER, check_backend_name, get_backend, registered_backends, select_backend
 from .functional import hyper_mixing
+from .validation import check_inputs
 
 __all__ = ["unpad", "pad", "hyper_mixing_varlen", "cu_seqlens_from_lengths"]
 
@@ -70,14 +73,45 @@ def hyper_mixing_varlen(tokens: Tensor, cu_seqlens: Tensor, max_seqlen: Optional
     `weights` are `hyper_mixing`'s ten parameter tensors (w1 fc1/fc2 weight/bias, w2 the same or
     None for tied, ln weight/bias); every sequence mixes with itself only (self-mixing, both
     variants), its positional encoding from its own first position; other keyword arguments as in
-    `hyper_mixing` (use_layer_norm, eps, causal, chunk_size, left_context_chunks)."""
+    `hyper_mixing` (use_layer_norm, eps, causal, chunk_size, left_context_chunks: the causal
+    modes apply per sequence).
+
+    Backends that take packed sequences ("cpu", "reference") run them as they are: no compute on
+    padding. Any other backend runs a padded [num_seqs, max_seqlen, d] batch with a padding mask
+    (same result). backend="auto" takes the device's first backend (AUTO_ORDER) that can run the
+    call either way, packed where it can."""
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be packed [total, d], got {list(tokens.shape)}")
+    for bad in ("key_padding_mask", "query_padding_mask", "position_offset", "sequence_parallel_group"):
+        if kwargs.get(bad) not in (None, 0):
+            raise ValueError(f"hyper_mixing_varlen does not take {bad} (packed sequences have no padding; a "
+                             "sequence-parallel slice is a padded batch)")
     cu = _check_cu_seqlens(cu_seqlens, tokens.shape[0])
     lengths = cu[1:] - cu[:-1]
-    n, L = lengths.numel(), int(lengths.max())
+    L = int(lengths.max())
     if max_seqlen is not None and int(max_seqlen) < L:
         raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest sequence ({L})")
+    check_backend_name(backend)
+    x = tokens.unsqueeze(0)  # [1, total, d]: one row holding every sequence
+    tok = (x, None, None) if variant == "speechbrain" else (x, x, x)
+    unpacked = check_inputs(*tok, *weights, variant=variant, **kwargs)
+    packed = dataclasses.replace(unpacked, cu_seqlens=cu)
+    names = AUTO_ORDER.get(x.device.type, ["reference"]) if backend == "auto" else [backend]
+    for name in names:
+        if name not in registered_backends():
+            continue
+        b = get_backend(name)
+        if not b.not_supported_reasons(packed):
+            return b.forward(packed)[0]
+        if not b.capabilities.varlen and not b.not_supported_reasons(unpacked):
+            return _padded(tokens, lengths, L, weights, variant, name, kwargs)
+    select_backend(backend, packed)  # raises, naming every backend's reasons
+    raise AssertionError("unreachable")
+
+
+def _padded(tokens: Tensor, lengths: Tensor, L: int, weights, variant: str, backend: str, kwargs) -> Tensor:
+    """Packed sequences through a padded [num_seqs, L, d] batch with a padding mask."""
+    n = lengths.numel()
     pos = torch.arange(L)
     keep = pos[None, :] < lengths[:, None]  # [n, L]
     indices = torch.nonzero(keep.reshape(-1), as_tuple=False).squeeze(1).to(tokens.device)

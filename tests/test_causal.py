@@ -1,10 +1,13 @@
-"""Causal and chunk-causal mixing (hmx_kernels.causal): the reference against the explicit
-O(N^2) masked formulation (tests/naive.py masked_hyper_mixing) on outputs and every gradient,
-speechbrain's masks recognised, and the attn_mask policies of a converted speechbrain layer.
+"""Causal and chunk-causal mixing (hmx_kernels.causal): the reference and the fused cpu backend
+against the explicit O(N^2) masked formulation (tests/naive.py masked_hyper_mixing) on outputs
+and every gradient, speechbrain's masks recognised, and the attn_mask policies of a converted
+speechbrain layer.
 
-The fused backends do not implement these modes yet: they decline with a reason, and auto runs
-the reference. Tolerance: float64 on both sides, the same generator arithmetic, sums in other
-orders: 1e-12 of the largest magnitude.
+The cpu backend runs the modes as mixing blocks (csrc/hmx_cpu.cpp); triton and cuda decline
+them with a reason. Tolerances: float64 on both sides, the same generator arithmetic, sums in
+other orders (the cpu backend also in the reassociated form): 1e-12 of the largest magnitude.
+float32 (cpu backend vs the float32 reference, longer sequences): the cpu backend's declared
+float32 tolerance (hmx_kernels/cpp/backend.py, 1e-5 output / 5e-5 gradients, reasons there).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 import hmx_kernels
 from hmx_kernels import FusedHyperMixing
 from hmx_kernels.causal import MixingMode, allowed_matrix, mode_from_attn_mask
+from hmx_kernels.dispatch import get_backend
 from naive import masked_hyper_mixing
 from utils import WEIGHT_NAMES, assert_close, forward_backward, import_speechbrain, make_case
 
@@ -46,19 +50,29 @@ def _masked(case, mode):
     return fn
 
 
+def _cpu_reasons():
+    p = hmx_kernels.check_inputs(**make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4).kwargs())
+    return hmx_kernels.backend_reasons(p)["cpu"]
+
+
+needs_cpu = pytest.mark.skipif(bool(_cpu_reasons()), reason=f"cpu backend unavailable: {_cpu_reasons()}")
+BACKENDS = ["reference", pytest.param("cpu", marks=needs_cpu)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode_name", list(MODES))
 @pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
-def test_reference_matches_the_masked_formulation(variant, mode_name):
+def test_matches_the_masked_formulation(variant, mode_name, backend):
     kw = MODES[mode_name]
     case = make_case(variant=variant, B=3, M=11, N=11, d=12, H=2, k_h=5, dtype=torch.float64,
                      all_padded_batch=True, input_scale=0.5, tied=(mode_name == "chunk3"))
     g = torch.Generator().manual_seed(5)
     grad_out = torch.randn(3, 11, 12, generator=g, dtype=torch.float64)
 
-    def ref(**k):
-        return hmx_kernels.hyper_mixing(**k, backend="reference", **kw)
+    def run(**k):
+        return hmx_kernels.hyper_mixing(**k, backend=backend, **kw)
 
-    out, grads = forward_backward(case, "reference", grad_out, fn=ref)
+    out, grads = forward_backward(case, backend, grad_out, fn=run)
     exp, exp_grads = forward_backward(case, "reference", grad_out, fn=_masked(case, _mode(kw)))
     assert_close("out", out, exp, RTOL)
     for name in exp_grads:
@@ -79,14 +93,67 @@ def test_causal_output_does_not_depend_on_the_future():
     assert torch.equal(a[:, :6], b[:, :6]) and not torch.equal(a[:, 6:], b[:, 6:])
 
 
-def test_fused_backends_decline_and_auto_runs_the_reference():
+FP32_MODES = {
+    "token": dict(causal=True),
+    "chunk32_L2": dict(chunk_size=32, left_context_chunks=2),
+    "chunk100": dict(chunk_size=100),  # blocks across the 256-token tiles, 100 does not divide N
+    "chunk7_L0": dict(chunk_size=7, left_context_chunks=0),
+}
+
+
+@needs_cpu
+@pytest.mark.parametrize("mode_name", list(FP32_MODES))
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_cpu_backend_modes_float32_awkward_sizes(variant, mode_name):
+    """d_h 18, k_h 72, a prime N of several tiles and work chunks, padding masks."""
+    kw = FP32_MODES[mode_name]
+    case = make_case(variant=variant, B=2, M=521, N=521, d=36, H=2, k_h=72, seed=3)
+    g = torch.Generator().manual_seed(9)
+    grad_out = torch.randn(2, 521, 36, generator=g)
+    tol = get_backend("cpu").tolerances[("cpu", torch.float32)]
+
+    def run(backend):
+        return forward_backward(case, backend, grad_out,
+                                fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend=backend, **kw))
+
+    out, grads = run("cpu")
+    exp, exp_grads = run("reference")
+    assert_close("out", out, exp, tol.out)
+    for name in exp_grads:
+        assert_close(name, grads[name], exp_grads[name], tol.grad)
+
+
+@needs_cpu
+def test_cpu_backend_modes_are_deterministic_across_thread_counts():
+    # without the LayerNorm epilogue: torch's own layer_norm backward sums its weight gradients in
+    # a thread-count dependent order (non-causal mixing alike)
+    case = make_case(variant="speechbrain", B=1, M=700, d=16, H=2, k_h=12, seed=4, use_layer_norm=False)
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(forward_backward(case, "cpu", fn=lambda **k: hmx_kernels.hyper_mixing(
+                **k, backend="cpu", chunk_size=5, left_context_chunks=3)))
+    finally:
+        torch.set_num_threads(old)
+    for out, grads in outs[1:]:
+        assert torch.equal(out, outs[0][0])
+        for name, g in grads.items():
+            assert (g is None and outs[0][1][name] is None) or torch.equal(g, outs[0][1][name]), name
+
+
+def test_other_fused_backends_decline_and_auto_runs_cpu():
     case = make_case(variant="speechbrain", B=1, M=6, d=8, H=2, k_h=4)
     p = hmx_kernels.check_inputs(**case.kwargs(), chunk_size=2)
     reasons = hmx_kernels.backend_reasons(p)
     assert reasons["reference"] == []
-    for name in ("cpu", "triton", "cuda"):
+    for name in ("triton", "cuda"):
         assert any("chunk-causal" in r and "not implemented" in r for r in reasons[name]), reasons[name]
-    assert hmx_kernels.select_backend("auto", p).name == "reference"
+    if not reasons["cpu"]:
+        assert hmx_kernels.select_backend("auto", p).name == "cpu"
+    else:
+        assert hmx_kernels.select_backend("auto", p).name == "reference"
 
 
 def test_bad_mode_arguments():

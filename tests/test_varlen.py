@@ -1,14 +1,19 @@
 """Packed variable-length batches (hmx_kernels.varlen): every sequence of a packed batch gets
 exactly what it gets alone (and what the padded batch gives its non-padded rows), on every backend
-that runs here; unpad/pad round-trip; bad cu_seqlens are refused. Tolerance: the same backend on
-the same fp32 values through another layout: 1e-5 of the largest magnitude (the state's sums run
-over a padded length, so BLAS blocks them differently: measured up to 1.1e-6)."""
+that runs here; the backends that take packed sequences (cpu, reference) run them without a
+padded copy, in every mixing mode, and the cpu backend's gradients equal the reference's;
+unpad/pad round-trip; bad cu_seqlens are refused. Tolerance: the same backend on the same fp32
+values through another layout: 1e-5 of the largest magnitude (the state's sums run over a padded
+length, so BLAS blocks them differently: measured up to 1.1e-6); cpu vs reference: the cpu
+backend's declared tolerances (hmx_kernels/cpp/backend.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import hmx_kernels
+import hmx_kernels.varlen as varlen
+from hmx_kernels.dispatch import get_backend
 from hmx_kernels.varlen import cu_seqlens_from_lengths, hyper_mixing_varlen, pad, unpad
 from utils import WEIGHT_NAMES, assert_close, make_case
 
@@ -37,6 +42,69 @@ def test_packed_sequences_are_independent(backend, variant):
     # and the gradient flows to the packed tokens and every parameter
     grads = torch.autograd.grad(out.square().sum(), [tokens] + [t for t in w if t is not None])
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+PACKED = [b for b in BACKENDS if get_backend(b).capabilities.varlen]
+MODES = {"none": {}, "token": dict(causal=True), "chunk4_L1": dict(chunk_size=4, left_context_chunks=1)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("backend", PACKED)
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_packed_backends_never_pad_and_match_per_sequence(variant, backend, mode, monkeypatch):
+    """The packed path runs (a padded copy would raise), and each sequence equals its own call,
+    in every mode."""
+    def no_padding(*a, **k):
+        raise AssertionError("the packed path padded the batch")
+    monkeypatch.setattr(varlen, "_padded", no_padding)
+    kw = MODES[mode]
+    lengths = [9, 1, 14, 6]
+    case = make_case(variant=variant, B=1, M=sum(lengths), d=12, H=2, k_h=6, input_scale=0.5, masks=False,
+                     dtype=torch.float64)
+    w = [case.tensors[k] for k in WEIGHT_NAMES]
+    tokens = case.tensors["query"][0]
+    cu = cu_seqlens_from_lengths(torch.tensor(lengths))
+    out = hyper_mixing_varlen(tokens, cu, None, *w, variant=variant, backend=backend, **kw)
+    for i in range(len(lengths)):
+        seq = tokens[cu[i]:cu[i + 1]][None]
+        other = None if variant == "speechbrain" else seq
+        alone = hmx_kernels.hyper_mixing(seq, other, other, *w, variant=variant, backend=backend, **kw)[0]
+        assert_close(f"sequence {i}", out[cu[i]:cu[i + 1]], alone, 1e-12)
+
+
+@pytest.mark.skipif("cpu" not in PACKED, reason="cpu backend unavailable")
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cpu_packed_gradients_equal_the_reference(mode):
+    """Long and short sequences across the 256-token tiles, d_h 18, k_h 72, float32."""
+    kw = MODES[mode]
+    lengths = [300, 1, 37, 257, 11]
+    case = make_case(variant="speechbrain", B=1, M=sum(lengths), d=36, H=2, k_h=72, masks=False, seed=2)
+    w = [case.tensors[k] for k in WEIGHT_NAMES]
+    tokens = case.tensors["query"][0]
+    cu = cu_seqlens_from_lengths(torch.tensor(lengths))
+    g = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(3))
+    leaves = [tokens] + [t for t in w if t is not None]
+    res = {}
+    for backend in ("cpu", "reference"):
+        out = hyper_mixing_varlen(tokens, cu, max(lengths), *w, backend=backend, **kw)
+        res[backend] = [out] + list(torch.autograd.grad(out, leaves, g))
+    tol = get_backend("cpu").tolerances[("cpu", torch.float32)]
+    assert_close("out", res["cpu"][0], res["reference"][0], tol.out)
+    for i, (a, b) in enumerate(zip(res["cpu"][1:], res["reference"][1:])):
+        assert_close(f"grad {i}", a, b, tol.grad)
+
+
+def test_backends_without_packing_run_a_padded_batch():
+    """A backend that takes no packed sequences is refused for the packed problem with a reason,
+    and hyper_mixing_varlen still runs it (padded)."""
+    case = make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4)
+    p = hmx_kernels.check_inputs(**case.kwargs())
+    import dataclasses
+    packed = dataclasses.replace(p, cu_seqlens=torch.tensor([0, 1, 4]))
+    for name in ("triton", "cuda"):
+        if name in hmx_kernels.registered_backends():
+            assert any("packed sequences" in r for r in hmx_kernels.backend_reasons(packed)[name])
+    assert not hmx_kernels.backend_reasons(packed)["reference"]
 
 
 def test_unpad_pad_round_trip_and_padded_batch_rows():

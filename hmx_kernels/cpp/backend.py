@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..config import SETTINGS, on_change
 from ..dispatch import Backend, Capabilities, Tolerance, constant_result, register_backend
-from ..fused import define_fused_ops, run_fused
+from ..fused import define_fused_ops, run_fused, state_blocks
 from ..reference.positional import cached_positional_encoding
 from ..validation import HyperMixingProblem
 from ..variants import get_variant
@@ -94,12 +94,22 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
-def _pe_rows(variant: str, q: Tensor, k: Tensor, dtype: torch.dtype):
+def _pe_rows(variant: str, q: Tensor, k: Tensor, dtype: torch.dtype, rows=None):
+    # rows: PE rows for packed sequences (the longest sequence), else one per token
     v = get_variant(variant)
     M, N, d = q.shape[1], k.shape[1], q.shape[2]
-    pe_k = cached_positional_encoding(v, N, d, q.device).to(dtype).contiguous()  # [N, d]
-    pe_q = pe_k if M == N else cached_positional_encoding(v, M, d, q.device).to(dtype).contiguous()
+    pe_k = cached_positional_encoding(v, rows or N, d, q.device).to(dtype).contiguous()  # [N, d]
+    pe_q = pe_k if (rows or M == N) else cached_positional_encoding(v, M, d, q.device).to(dtype).contiguous()
     return pe_q, pe_k, v.input_scale(d)
+
+
+def _blocks(query: Tensor, key: Tensor, chunk_size: int, left_context: int, cu_seqlens):
+    """The binding's block arguments and the PE row count (None: one row per token)."""
+    if cu_seqlens is None:
+        return (chunk_size, left_context, None, state_blocks(key.shape[1], chunk_size, None)), None
+    cu = cu_seqlens.to("cpu", torch.int64).contiguous()
+    rows = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 1
+    return (chunk_size, left_context, cu, state_blocks(key.shape[1], chunk_size, cu)), max(rows, 1)
 
 
 def _ctype(q: Tensor) -> torch.dtype:
@@ -108,29 +118,32 @@ def _ctype(q: Tensor) -> torch.dtype:
 
 
 def _cpp_fwd_impl(query, key, value, query_keep, key_keep, *rest):
-    *gen, variant = rest
+    *gen, variant, chunk_size, left_context, cu_seqlens = rest
     ext = extension(query.device.type)
     ctype = _ctype(query)
-    pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype)
+    blocks, rows = _blocks(query, key, chunk_size, left_context, cu_seqlens)
+    pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype, rows)
     q, k, v = _tokens(query), _tokens(key), _tokens(value)
-    y, state = ext.forward(q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep), *[_c(w) for w in gen], float(scale))
+    y, state = ext.forward(q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep), *[_c(w) for w in gen], float(scale),
+                           *blocks)
     return y.to(ctype), state
 
 
 def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
-    *gen, state, variant = rest
+    *gen, state, variant, chunk_size, left_context, cu_seqlens = rest
     ext = extension(query.device.type)
     ctype = _ctype(query)
-    pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype)
+    blocks, rows = _blocks(query, key, chunk_size, left_context, cu_seqlens)
+    pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype, rows)
     q, k, v = _tokens(query), _tokens(key), _tokens(value)
     grads = ext.backward(grad_y.to(query.dtype).contiguous(), q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep),
-                         *[_c(w) for w in gen], state.contiguous(), float(scale))
+                         *[_c(w) for w in gen], state.contiguous(), float(scale), *blocks)
     out = [g.to(ctype) for g in grads[:3]]
     out += [query.new_empty((0,), dtype=ctype) if g is None else g for g in grads[3:]]
     return out
 
 
-CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("cpu", "cuda"))
+CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("cpu", "cuda"), blocks=True)
 
 
 def cpp_forward(p: HyperMixingProblem) -> Tensor:
@@ -177,6 +190,8 @@ register_backend(
             devices=("cpu", "meta"),
             dtypes=(torch.float32, torch.float64),
             upcast_dtypes=HALF_DTYPES,
+            causal=True,
+            varlen=True,
             device_note=" (use backend='cuda' or 'triton' for CUDA tensors)",
             available=_cpu_available,
         ),

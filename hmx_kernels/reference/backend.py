@@ -1,6 +1,9 @@
 """Registers the reference implementation as the `reference` backend (any device, any float dtype)."""
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 from torch import Tensor
 
 from ..dispatch import Backend, Capabilities, register_backend
@@ -13,6 +16,8 @@ def _padding(keep):
 
 
 def reference_forward(p: HyperMixingProblem) -> Tensor:
+    if p.cu_seqlens is not None:
+        return _packed_forward(p)
     key_pad = _padding(p.key_keep)
     query_pad = key_pad if p.query_keep is p.key_keep else _padding(p.query_keep)
     y = hyper_mixing_ref(
@@ -29,6 +34,24 @@ def reference_forward(p: HyperMixingProblem) -> Tensor:
     return y if y.dtype == p.out_dtype else y.to(p.out_dtype)
 
 
+def _packed_forward(p: HyperMixingProblem) -> Tensor:
+    """Packed sequences (B = 1): each sequence is mixed on its own, as a batch of one."""
+    lengths = (p.cu_seqlens[1:] - p.cu_seqlens[:-1]).tolist()
+
+    def pieces(t):
+        return [None] * len(lengths) if t is None else torch.split(t, lengths, dim=1)
+
+    parts = zip(pieces(p.query), pieces(p.key), pieces(p.value), pieces(p.query_keep), pieces(p.key_keep))
+    outs = []
+    for n, (q, k, v, qk, kk) in zip(lengths, parts):
+        if n == 0:
+            continue
+        outs.append(reference_forward(dataclasses.replace(
+            p, query=q, key=q if p.key is p.query else k, value=q if p.value is p.query else v,
+            query_keep=qk, key_keep=qk if p.key_keep is p.query_keep else kk, M=n, N=n, cu_seqlens=None)))
+    return torch.cat(outs, dim=1)
+
+
 register_backend(
     Backend(
         name="reference",
@@ -36,6 +59,6 @@ register_backend(
                     "the only backend with double backward",
         forward=reference_forward,
         capabilities=Capabilities(devices=("*",), dtypes=FLOAT_DTYPES, causal=True,
-                                  sequence_parallel=True),
+                                  sequence_parallel=True, varlen=True),
     )
 )
