@@ -487,14 +487,15 @@ void add_rows(const T* x, int64_t ldx, int64_t tn, int64_t n, const T* m, T* acc
 }
 
 
-// Token sums S += hid^T X [d_h, d_h] and sv += sum_t m_t X_t [d_h] over tn rows: hid rows (row
-// stride d_h, already masked) and X [tn, d_h] with row stride ldx (value rows for generator 1, dY
-// rows for generator 2).
+// Token sums, transposed: S^T += X^T hid [d_h(x), d_h(hid)] and sv += sum_t m_t X_t [d_h] over tn
+// rows: hid rows (row stride d_h, already masked) and X [tn, d_h] with row stride ldx (value rows
+// for generator 1, dY rows for generator 2). The transposes stack into the per-(b, h) products
+// below (expand_fc2 and the rest).
 template <typename T>
 void accumulate_state(const Mm<T>& mm, const Stream<T>& st, int64_t r0, int64_t tn, int64_t dh, const T* hd,
-                      const T* x, int64_t ldx, T* s, T* sv) {
-  // [d_h, T] @ [T, d_h] -> [d_h, d_h]
-  mm(true, false, dh, dh, tn, hd, dh, x, ldx, s, dh, true);
+                      const T* x, int64_t ldx, T* s_t, T* sv) {
+  // [d_h(x), T] @ [T, d_h(hid)] -> [d_h, d_h]
+  mm(true, false, dh, dh, tn, x, ldx, hd, dh, s_t, dh, true);
   add_rows(x, ldx, tn, dh, st.mask ? st.mask + r0 : nullptr, sv);
 }
 
@@ -548,20 +549,6 @@ void fc1_backward(const Mm<T>& mm, const T* fc1_t, int64_t tn, int64_t dh, T s, 
   mm(false, true, tn, dh, dh, buf.du.data(), dh, fc1_t, dh, dx, ldx, false, s);
 }
 
-// A generator's fc2 gradients from the k_h-side factor F [k_h, d_h(x)] and the token sums
-// S [d_h(hid), d_h(x)], sv [d_h(x)]: dfc2 (+)= F S^T [k_h, d_h(hid)], dfc2_b (+)= F sv [k_h].
-// Generator 2: F = A, (S, sv) = (T, sdy); generator 1: F = dP, (S, sv) of the block's window.
-template <typename T>
-void fc2_grads(const Mm<T>& mm, const T* f, const T* s, const T* sv, int64_t dh, int64_t kh, T* dfc2, T* dfc2_b,
-               bool accumulate) {
-  mm(false, true, kh, dh, dh, f, dh, s, dh, dfc2, dh, accumulate);
-  for (int64_t j = 0; j < kh; ++j) {
-    T acc = T(0);
-    for (int64_t c = 0; c < dh; ++c) acc += f[j * dh + c] * sv[c];
-    dfc2_b[j] = accumulate ? dfc2_b[j] + acc : acc;
-  }
-}
-
 // out [n, n] = in^T
 template <typename T>
 void transpose(const T* in, int64_t n, T* out) {
@@ -577,35 +564,56 @@ std::vector<T> fc1_transposed(const GeneratorParams& g, int64_t H, int64_t dh) {
   return out;
 }
 
-// G = fc2^T F [d_h, d_h] and, with a bias, g0 = F^T b2 [d_h] (else g0 is left untouched).
-// C, c0 from F = A (generator 2); R, r0 from F = dP (generator 1).
+// The k_h-wide products of one (b, h), every block at once. Per block j the token sums come
+// transposed (S_j^T [d_h(x), d_h(hid)], accumulate_state) and everything k_h-wide is kept
+// transposed too (P_j^T [d_h, k_h], ...), so the blocks stack into rows: [nb * d_h, ...]
+// matrices, and each product below is one gemm over all blocks (blocks of a few tokens would
+// otherwise pay for nb small gemms).
+//   stack_rows: [nb][d_h^2 + d_h] window sums -> st [nb * d_h, d_h] (S^T rows), sv [nb * d_h]
 template <typename T>
-void fold_fc2(const Mm<T>& mm, const HeadWeights<T>& w, const T* f, int64_t dh, int64_t kh, T* g, T* g0) {
-  // [d_h, k_h] @ [k_h, d_h] -> [d_h, d_h]
-  mm(true, false, dh, dh, kh, w.fc2_w, dh, f, dh, g, dh, false);
-  if (!w.fc2_b) return;
-  std::fill(g0, g0 + dh, T(0));
-  for (int64_t j = 0; j < kh; ++j) {
-    const T bj = w.fc2_b[j];
-    const T* fj = f + j * dh;
-#pragma omp simd
-    for (int64_t c = 0; c < dh; ++c) g0[c] += bj * fj[c];
+void stack_rows(const T* win, int64_t nb, int64_t dh, T* st, T* sv) {
+  const int64_t gsq = dh * dh, ssz = gsq + dh;
+  for (int64_t j = 0; j < nb; ++j) {
+    std::memcpy(st + j * gsq, win + j * ssz, gsq * sizeof(T));
+    std::memcpy(sv + j * dh, win + j * ssz + gsq, dh * sizeof(T));
   }
 }
 
-
-// P = fc2 S + b2 sv^T [k_h, d_h] from a state window (S [d_h, d_h] then sv [d_h]).
+// out [nb * d_h, k_h] = st fc2^T + sv b2^T: per block (fc2 S + b2 sv^T)^T, i.e. P_j^T from the
+// state windows (generator 1), or dA_j^T from (T_j^T, sdy_j) (generator 2).
 template <typename T>
-void state_to_p(const Mm<T>& mm, const HeadWeights<T>& w, const T* win, int64_t dh, int64_t kh, T* p) {
-  // [k_h, d_h] @ [d_h, d_h] -> [k_h, d_h]
-  mm(false, false, kh, dh, dh, w.fc2_w, dh, win, dh, p, dh, false);
+void expand_fc2(const Mm<T>& mm, const HeadWeights<T>& w, const T* st, const T* sv, int64_t rows, int64_t dh,
+                int64_t kh, T* out) {
+  // [nb * d_h, d_h] @ [d_h, k_h] -> [nb * d_h, k_h]
+  mm(false, true, rows, kh, dh, st, dh, w.fc2_w, dh, out, kh, false);
   if (!w.fc2_b) return;
-  const T* sv = win + dh * dh;
-  for (int64_t j = 0; j < kh; ++j) {
-    const T bj = w.fc2_b[j];
+  for (int64_t r = 0; r < rows; ++r) {
+    const T s = sv[r];
+    T* o = out + r * kh;
 #pragma omp simd
-    for (int64_t c = 0; c < dh; ++c) p[j * dh + c] += bj * sv[c];
+    for (int64_t j = 0; j < kh; ++j) o[j] += s * w.fc2_b[j];
   }
+}
+
+// g [nb * d_h, d_h] = ft fc2 and, with a bias and g0 != nullptr, g0 [nb * d_h] = ft b2, from
+// ft [nb * d_h, k_h]: per block (fc2^T F)^T and F^T b2; F = A gives C^T and c0, F = dP gives
+// R'^T and r0'.
+template <typename T>
+void fold_fc2(const Mm<T>& mm, const HeadWeights<T>& w, const T* ft, int64_t rows, int64_t dh, int64_t kh, T* g,
+              T* g0) {
+  // [nb * d_h, k_h] @ [k_h, d_h] -> [nb * d_h, d_h]
+  mm(false, false, rows, dh, kh, ft, kh, w.fc2_w, dh, g, dh, false);
+  if (w.fc2_b && g0) mm(false, false, rows, 1, kh, ft, kh, w.fc2_b, 1, g0, 1, false);
+}
+
+// fc2 gradients summed over the blocks: dfc2 [k_h, d_h(hid)] = ft^T st = sum_j F_j S_j^T and
+// dfc2_b [k_h] = ft^T sv = sum_j F_j sv_j (F = A with (T, sdy), or dP with the state windows).
+template <typename T>
+void fc2_grads(const Mm<T>& mm, const T* ft, const T* st, const T* sv, int64_t rows, int64_t dh, int64_t kh,
+               T* dfc2, T* dfc2_b) {
+  // [k_h, nb * d_h] @ [nb * d_h, d_h] -> [k_h, d_h]
+  mm(true, false, kh, dh, rows, ft, kh, st, dh, dfc2, dh, false);
+  mm(true, false, kh, 1, rows, ft, kh, sv, 1, dfc2_b, 1, false);
 }
 
 // Per head, in fixed order: fc1 gradients = sum over (b, c) of the work-chunk partials [B][H][C],
@@ -633,14 +641,15 @@ void reduce_generator_grads(const std::vector<T>& fc1_part, const std::vector<T>
   }
 }
 
-// Key pass, one work item: per tile and head, S, sv into the pieces (b, h, piece) of `part`
-// (zero-initialised by the caller); in the backward (r != nullptr) also, per block j of the
-// rows, dvalue = hid R_j + m r0_j and dHd = value R_j^T (R, R^T and r0 per (b, h, block); r0
-// nullptr without b2), then the fc1 chain -> generator-1 fc1 partials (b, h, c) and dkey.
+// Key pass, one work item: per tile and head, S^T, sv into the pieces (b, h, piece) of `part`
+// (zero-initialised by the caller); in the backward (rk != nullptr: per (b, h, block) R^T
+// [d_h(v), d_h(hid)] then r0 [d_h], has_r0 false without b2) also, per block j of the rows,
+// dvalue = hid R_j + m r0_j and dHd = value R_j^T, then the fc1 chain -> generator-1 fc1
+// partials (b, h, c) and dkey.
 template <typename T>
 void key_item(const ProblemParams& pb, const Mm<T>& mm, const PassItems& items, const BlockMap& bm,
-              const Pieces& pc, int64_t item, TileBuffers<T>& buf, T* part, T* fc1_part, const T* r, const T* rt,
-              const T* r0v, const T* fc1_t, T* dk, T* dv) {
+              const Pieces& pc, int64_t item, TileBuffers<T>& buf, T* part, T* fc1_part, const T* rk, bool has_r0,
+              const T* fc1_t, T* dk, T* dv) {
   const int64_t H = pb.H, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d, C = items.C, nb = bm.nb();
   const int64_t ssz = state_size(dh), gsq = dh * dh;
   int64_t b, c, h0, h1, c0, c1;
@@ -656,26 +665,35 @@ void key_item(const ProblemParams& pb, const Mm<T>& mm, const PassItems& items, 
       const HeadWeights<T> w = head_weights<T>(pb.g1, h, dh, kh);
       const T* z = buf.z.data() + h * dh;
       const T* vt = vx + t0 * pb.v_rstride + h * dh;
-      hidden(mm, w, ks, t0, tn, dh, z, d, buf, r != nullptr);
+      hidden(mm, w, ks, t0, tn, dh, z, d, buf, rk != nullptr);
       for_block_runs(bm, t0, tn, [&](int64_t j, int64_t a, int64_t n) {
         const int64_t o = a - t0;
         T* sp = part + (bh * pc.count + pc.index(c, j)) * ssz;
         const T* hd = buf.hd.data() + o * dh;
         const T* va = vt + o * pb.v_rstride;
         accumulate_state(mm, ks, a, n, dh, hd, va, pb.v_rstride, sp, sp + gsq);
-        if (!r) return;
-        const int64_t bj = bh * nb + j;
+        if (!rk) return;
+        const T* rt = rk + (bh * nb + j) * ssz;  // R^T, then r0
         // dvalue = hid R + m r0, into dv's rows
-        mix_rows(mm, ks, a, n, dh, hd, rt + bj * gsq, r0v ? r0v + bj * dh : nullptr, dv + (b * N + a) * d + h * dh,
-                 d);
+        mix_rows(mm, ks, a, n, dh, hd, rt, has_r0 ? rt + gsq : nullptr, dv + (b * N + a) * d + h * dh, d);
         // dHd = value R^T: [T, d_h(v)] @ [d_h(v), d_h(hid)] -> [T, d_h]
-        mm(false, true, n, dh, dh, va, pb.v_rstride, r + bj * gsq, dh, buf.dhd.data() + o * dh, dh, false);
+        mm(false, false, n, dh, dh, va, pb.v_rstride, rt, dh, buf.dhd.data() + o * dh, dh, false);
       });
-      if (!r) continue;
+      if (!rk) continue;
       Fc1Partial<T> fp(fc1_part + (bh * C + c) * Fc1Partial<T>::size(dh), dh);
       fc1_backward(mm, fc1_t + h * gsq, tn, dh, ks.scale, z, d, buf, fp, dk + (b * N + t0) * d + h * dh, d);
     }
   }
+}
+
+// Per (b, h): the window sums of the token sums `part` (pieces) as stacks st [nb * d_h, d_h]
+// (S_j^T rows) and sv [nb * d_h]; blk, win: [nb][d_h^2 + d_h] scratch of this (b, h).
+template <typename T>
+void state_windows(const T* part, const Pieces& pc, const BlockMap& bm, int64_t dh, T* blk, T* win, T* st, T* sv) {
+  const int64_t ssz = state_size(dh), nb = bm.nb();
+  block_sums(part, ssz, pc, nb, ssz, blk);
+  window_sums(blk, bm, ssz, false, win);
+  stack_rows(win, nb, dh, st, sv);
 }
 
 template <typename T>
@@ -690,35 +708,31 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
   const PassItems kitems = pass_items(B, N, H, nthreads), qitems = pass_items(B, M, H, nthreads);
   const Pieces kpc = make_pieces(bm, N, kitems.C);
   const int64_t ssz = state_size(dh), gsq = dh * dh;
-  std::vector<T> part(B * H * kpc.count * ssz, T(0));                  // token sums per piece
-  std::vector<T> blk(B * H * nb * ssz), win(B * H * nb * ssz);        // per block: own sums, window sums
-  std::vector<T> cmt(B * H * nb * gsq), c0(B * H * nb * dh);          // C^T (C = fc2_2^T A), c0 = A^T b2_2
+  std::vector<T> part(B * H * kpc.count * ssz, T(0));          // token sums per piece
+  std::vector<T> cmt(B * H * nb * gsq), c0(B * H * nb * dh);  // per block C^T (C = fc2_2^T A), c0 = A^T b2_2
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(d, dh);
-    std::vector<T> a(psz), cm(gsq);
-    // key pass: S, sv per piece
+    // key pass: S^T, sv per piece
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < kitems.count(B); ++item)
-      key_item<T>(pb, mm, kitems, bm, kpc, item, buf, part.data(), nullptr, nullptr, nullptr, nullptr, nullptr,
-                  nullptr, nullptr);
-    // per (b, h): block sums in piece order, then the window sums
-#pragma omp for schedule(static)
+      key_item<T>(pb, mm, kitems, bm, kpc, item, buf, part.data(), nullptr, nullptr, false, nullptr, nullptr,
+                  nullptr);
+    // per (b, h), all blocks at once: P^T = (fc2 S + b2 sv^T)^T (written to p), A^T = GELU(P^T),
+    // C^T = A^T fc2_2, c0 = A^T b2_2
+#pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
-      block_sums(part.data() + bh * kpc.count * ssz, ssz, kpc, nb, ssz, blk.data() + bh * nb * ssz);
-      window_sums(blk.data() + bh * nb * ssz, bm, ssz, false, win.data() + bh * nb * ssz);
-      std::fill(p + (bh * NB + nb) * psz, p + (bh + 1) * NB * psz, T(0));  // unused block slots
-    }
-    // per (b, h, block): P = fc2 S + b2 sv^T (written to p), A = GELU(P), C, c0
-#pragma omp for schedule(static)
-    for (int64_t bj = 0; bj < B * H * nb; ++bj) {
-      const int64_t bh = bj / nb, j = bj % nb, h = bh % H;
-      T* pj = p + (bh * NB + j) * psz;
-      state_to_p(mm, head_weights<T>(pb.g1, h, dh, kh), win.data() + bj * ssz, dh, kh, pj);
+      const int64_t h = bh % H;
+      std::vector<T> blk(nb * ssz), win(nb * ssz), st(nb * gsq), sv(nb * dh), at(nb * psz);
+      state_windows(part.data() + bh * kpc.count * ssz, kpc, bm, dh, blk.data(), win.data(), st.data(), sv.data());
+      T* pt = p + bh * NB * psz;  // [nb][d_h, k_h]: P_j^T
+      expand_fc2(mm, head_weights<T>(pb.g1, h, dh, kh), st.data(), sv.data(), nb * dh, dh, kh, pt);
+      std::fill(pt + nb * psz, pt + NB * psz, T(0));  // unused block slots
+      const int64_t n = nb * psz;
 #pragma omp simd
-      for (int64_t i = 0; i < psz; ++i) a[i] = gelu(pj[i]);
-      fold_fc2(mm, head_weights<T>(pb.g2, h, dh, kh), a.data(), dh, kh, cm.data(), c0.data() + bj * dh);
-      transpose(cm.data(), dh, cmt.data() + bj * gsq);
+      for (int64_t i = 0; i < n; ++i) at[i] = gelu(pt[i]);
+      fold_fc2(mm, head_weights<T>(pb.g2, h, dh, kh), at.data(), nb * dh, dh, kh, cmt.data() + bh * nb * gsq,
+               c0.data() + bh * nb * dh);
     }
     // query pass: Y = hid2 C_j + m c0_j, per block j of the rows
 #pragma omp for schedule(dynamic, 1)
@@ -758,12 +772,10 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
   const PassItems kitems = pass_items(B, N, H, nthreads), qitems = pass_items(B, M, H, nthreads);
   const Pieces kpc = make_pieces(bm, N, kitems.C), qpc = make_pieces(bm, M, qitems.C);
   const int64_t Cq = qitems.C, Ck = kitems.C;
-  std::vector<T> dp(B * H * nb * psz);  // dP per (b, h, block): [k_h, d_h]
-  std::vector<T> cm(B * H * nb * gsq);  // C = fc2_2^T A per block; after the query pass R per block
-  // per block: R' = fc2^T dP and r0' = dP^T b2 ([d_h, d_h] then [d_h]), and their reverse
-  // window sums R, r0: what the block's own keys receive
-  std::vector<T> rb(B * H * nb * ssz), rk(B * H * nb * ssz), rkt(B * H * nb * gsq), r0v(B * H * nb * dh);
-  std::vector<T> blk(B * H * nb * ssz), win(B * H * nb * ssz);  // block sums, window sums (T, then S)
+  std::vector<T> dpt(B * H * nb * psz);  // dP_j^T per (b, h, block): [d_h, k_h]
+  std::vector<T> ct(B * H * nb * gsq);   // C_j^T per block
+  // per block, R^T then r0 (R = sum of R' = fc2^T dP over the blocks whose window holds it)
+  std::vector<T> rk(B * H * nb * ssz);
   // token sums per piece and fc1 partials per (b, h, work chunk): zero, they accumulate
   std::vector<T> q_part(B * H * qpc.count * ssz, T(0)), k_part(B * H * kpc.count * ssz, T(0));
   std::vector<T> q_fc1(B * H * Cq * f1sz, T(0)), k_fc1(B * H * Ck * f1sz, T(0));
@@ -778,19 +790,18 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(d, dh);
-    std::vector<T> a(psz), unused(dh);
-    // ---- per (b, h, block): C = fc2_2^T GELU(P) ----
-#pragma omp for schedule(static)
-    for (int64_t bj = 0; bj < B * H * nb; ++bj) {
-      const int64_t bh = bj / nb, j = bj % nb;
-      const T* pj = p + (bh * NB + j) * psz;
+    // ---- per (b, h), all blocks: C^T = GELU(P^T) fc2_2 ----
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      std::vector<T> at(nb * psz);
+      const T* pt = p + bh * NB * psz;
+      const int64_t n = nb * psz;
 #pragma omp simd
-      for (int64_t i = 0; i < psz; ++i) a[i] = gelu(pj[i]);
-      HeadWeights<T> w2 = head_weights<T>(pb.g2, bh % H, dh, kh);
-      w2.fc2_b = nullptr;  // c0 is not needed by the backward
-      fold_fc2(mm, w2, a.data(), dh, kh, cm.data() + bj * gsq, unused.data());
+      for (int64_t i = 0; i < n; ++i) at[i] = gelu(pt[i]);
+      fold_fc2(mm, head_weights<T>(pb.g2, bh % H, dh, kh), at.data(), nb * dh, dh, kh, ct.data() + bh * nb * gsq,
+               static_cast<T*>(nullptr));
     }
-    // ---- query pass: T, sdy per piece, generator-2 fc1 partials, dquery ----
+    // ---- query pass: T^T, sdy per piece, generator-2 fc1 partials, dquery ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < qitems.count(B); ++item) {
       int64_t b, c, h0, h1, r0, r1;
@@ -811,8 +822,8 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
             T* sp = q_part.data() + (bh * qpc.count + qpc.index(c, j)) * ssz;
             accumulate_state(mm, qs, a0, n, dh, buf.hd.data() + o * dh, dyt + o * d, d, sp, sp + gsq);
             // dHd2 = dY C^T: [T, d_h(y)] @ [d_h(y), d_h(hid)] -> [T, d_h]
-            mm(false, true, n, dh, dh, dyt + o * d, d, cm.data() + (bh * nb + j) * gsq, dh, buf.dhd.data() + o * dh,
-               dh, false);
+            mm(false, false, n, dh, dh, dyt + o * d, d, ct.data() + (bh * nb + j) * gsq, dh,
+               buf.dhd.data() + o * dh, dh, false);
           });
           Fc1Partial<T> fp(q_fc1.data() + (bh * Cq + c) * f1sz, dh);
           fc1_backward(mm, fc1t_2.data() + h * gsq, tn, dh, qs.scale, z, d, buf, fp, dq + (b * M + t0) * d + h * dh,
@@ -820,60 +831,50 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
         }
       }
     }
-    // ---- per (b, h): T_j, sdy_j per block; dA, generator-2 fc2 grads, dP, R', r0'; R, r0 ----
-#pragma omp for schedule(static)
+    // ---- per (b, h), all blocks: dA^T = T^T fc2_2^T + sdy b2_2^T, generator-2 fc2 grads,
+    //      dP^T = dA^T * GELU'(P^T), R'^T = dP^T fc2, r0' = dP^T b2; R, r0 per block ----
+#pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t h = bh % H;
-      T* tb = blk.data() + bh * nb * ssz;
-      block_sums(q_part.data() + bh * qpc.count * ssz, ssz, qpc, nb, ssz, tb);
+      std::vector<T> blk(nb * ssz), tt(nb * gsq), sdy(nb * dh), at(nb * psz), rb(nb * ssz, T(0));
+      std::vector<T> rtp(nb * gsq), r0p(nb * dh, T(0));
+      block_sums(q_part.data() + bh * qpc.count * ssz, ssz, qpc, nb, ssz, blk.data());  // T_j is its block only
+      stack_rows(blk.data(), nb, dh, tt.data(), sdy.data());
       const HeadWeights<T> w2 = head_weights<T>(pb.g2, h, dh, kh);
       const HeadWeights<T> w1 = head_weights<T>(pb.g1, h, dh, kh);
+      const T* pt = p + bh * NB * psz;
+      T* dp = dpt.data() + bh * nb * psz;
+      expand_fc2(mm, w2, tt.data(), sdy.data(), nb * dh, dh, kh, dp);  // dA^T
+      const int64_t n = nb * psz;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        T g, gd;
+        gelu_both(pt[i], &g, &gd);
+        at[i] = g;
+        dp[i] *= gd;
+      }
       T* g2 = g2_fc2.data() + bh * fsz;
+      fc2_grads(mm, at.data(), tt.data(), sdy.data(), nb * dh, dh, kh, g2, g2 + kh * dh);  // dfc2_2, db2_2
+      fold_fc2(mm, w1, dp, nb * dh, dh, kh, rtp.data(), r0p.data());                     // R'^T, r0'
       for (int64_t j = 0; j < nb; ++j) {
-        const int64_t bj = bh * nb + j;
-        const T* tm = tb + j * ssz;  // T [d_h(hid2), d_h(y)], then sdy [d_h]
-        const T* sdy = tm + gsq;
-        const T* pj = p + (bh * NB + j) * psz;
-        T* dpj = dp.data() + bj * psz;
-        // dA = fc2_2 T + b2_2 sdy^T: [k_h, d_h] @ [d_h, d_h] -> [k_h, d_h]
-        state_to_p(mm, w2, tm, dh, kh, dpj);
-        // dfc2_2 += A T^T, db2_2 += A sdy
-#pragma omp simd
-        for (int64_t i = 0; i < psz; ++i) a[i] = gelu(pj[i]);
-        fc2_grads(mm, a.data(), tm, sdy, dh, kh, g2, g2 + kh * dh, j > 0);
-        // dP = dA * GELU'(P)
-#pragma omp simd
-        for (int64_t i = 0; i < psz; ++i) dpj[i] *= gelu_grad(pj[i]);
-        // R' = fc2^T dP, r0' = dP^T b2
-        T* rj = rb.data() + bj * ssz;
-        if (!b2_1) std::fill(rj + gsq, rj + ssz, T(0));
-        fold_fc2(mm, w1, dpj, dh, kh, rj, rj + gsq);
+        std::memcpy(rb.data() + j * ssz, rtp.data() + j * gsq, gsq * sizeof(T));
+        std::memcpy(rb.data() + j * ssz + gsq, r0p.data() + j * dh, dh * sizeof(T));
       }
-      // R, r0 of block i = sum of R', r0' over the blocks whose window holds i
-      window_sums(rb.data() + bh * nb * ssz, bm, ssz, true, rk.data() + bh * nb * ssz);
-      for (int64_t j = 0; j < nb; ++j) {  // R into cm (C is no longer needed), R^T, r0
-        const int64_t bj = bh * nb + j;
-        std::copy(rk.data() + bj * ssz, rk.data() + bj * ssz + gsq, cm.data() + bj * gsq);
-        transpose(rk.data() + bj * ssz, dh, rkt.data() + bj * gsq);
-        std::copy(rk.data() + bj * ssz + gsq, rk.data() + (bj + 1) * ssz, r0v.data() + bj * dh);
-      }
+      window_sums(rb.data(), bm, ssz, true, rk.data() + bh * nb * ssz);
     }
-    // ---- key pass: S, sv per piece, generator-1 fc1 partials, dkey, dvalue ----
+    // ---- key pass: S^T, sv per piece, generator-1 fc1 partials, dkey, dvalue ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < kitems.count(B); ++item)
-      key_item<T>(pb, mm, kitems, bm, kpc, item, buf, k_part.data(), k_fc1.data(), cm.data(), rkt.data(),
-                  b2_1 ? r0v.data() : nullptr, fc1t_1.data(), dk, dv);
-    // ---- per (b, h): generator-1 fc2 grads dfc2 = sum_j dP_j S_win_j^T, db2 = sum_j dP_j sv_win_j ----
-#pragma omp for schedule(static)
+      key_item<T>(pb, mm, kitems, bm, kpc, item, buf, k_part.data(), k_fc1.data(), rk.data(), b2_1, fc1t_1.data(),
+                  dk, dv);
+    // ---- per (b, h): generator-1 fc2 grads dfc2 = sum_j dP_j S_j^T, db2 = sum_j dP_j sv_j over
+    //      the state windows ----
+#pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
-      T* sb = blk.data() + bh * nb * ssz;
-      T* sw = win.data() + bh * nb * ssz;
-      block_sums(k_part.data() + bh * kpc.count * ssz, ssz, kpc, nb, ssz, sb);
-      window_sums(sb, bm, ssz, false, sw);
+      std::vector<T> blk(nb * ssz), win(nb * ssz), st(nb * gsq), sv(nb * dh);
+      state_windows(k_part.data() + bh * kpc.count * ssz, kpc, bm, dh, blk.data(), win.data(), st.data(), sv.data());
       T* g1 = g1_fc2.data() + bh * fsz;
-      for (int64_t j = 0; j < nb; ++j)
-        fc2_grads(mm, dp.data() + (bh * nb + j) * psz, sw + j * ssz, sw + j * ssz + gsq, dh, kh, g1, g1 + kh * dh,
-                  j > 0);
+      fc2_grads(mm, dpt.data() + bh * nb * psz, st.data(), sv.data(), nb * dh, dh, kh, g1, g1 + kh * dh);
     }
   }
   reduce_generator_grads<T>(q_fc1, g2_fc2, B, H, Cq, dh, kh, bp.dg2, nthreads);
