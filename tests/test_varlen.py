@@ -132,3 +132,26 @@ def test_bad_cu_seqlens():
         hyper_mixing_varlen(x, torch.tensor([0.0, 10.0]), None, *w)
     with pytest.raises(ValueError, match="max_seqlen 3 is smaller"):
         hyper_mixing_varlen(x, torch.tensor([0, 4, 10], dtype=torch.int32), 3, *w)
+
+
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_layer_takes_packed_sequences(variant):
+    """FusedHyperMixing(tokens, cu_seqlens=...) equals the padded batch's kept rows, in the
+    layer's chunk-causal mode too."""
+    torch.manual_seed(0)
+    for kw in ({}, dict(chunk_size=3, left_context_chunks=1)):
+        layer = hmx_kernels.FusedHyperMixing(16, 32, num_heads=2, variant=variant, **kw).double()
+        lengths = torch.tensor([7, 2, 11])
+        x = torch.randn(3, 11, 16, dtype=torch.float64)
+        mask = torch.arange(11)[None, :] >= lengths[:, None]
+        packed, cu, max_len, idx = unpad(x, mask)
+        if variant == "speechbrain":
+            out = layer(packed, cu_seqlens=cu, max_seqlen=max_len)[0]
+            ref = layer(x, key_padding_mask=mask)[0]
+        else:
+            out = layer(packed, cu_seqlens=cu, max_seqlen=max_len)
+            ref = layer(x, x, x, query_padding_mask=mask, key_padding_mask=mask)
+        assert out.shape == packed.shape
+        assert_close("packed rows", out, ref[~mask], 1e-12)
+    with pytest.raises(ValueError, match="no attn_mask and no padding masks"):
+        layer(packed, key_padding_mask=mask[:1], cu_seqlens=cu)

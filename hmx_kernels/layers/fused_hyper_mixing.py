@@ -22,6 +22,7 @@ from ..functional import hyper_mixing
 from ..parallel import sequence_parallel_offset
 from ..reference.positional import positional_encoding
 from ..variants import get_variant
+from ..varlen import hyper_mixing_varlen
 
 __all__ = ["FusedHyperMixing", "GeneratorMLP", "HyperNetwork", "ATTN_MASK_POLICIES"]
 
@@ -141,6 +142,10 @@ class FusedHyperMixing(nn.Module):
     forward, idiap style: `out = layer(query, key, value, query_padding_mask, key_padding_mask)`,
     with M queries and N keys/values (M != N allowed).
     Masks are bool [B, length] with True = padded (uint8: non-zero = padded).
+    Packed sequences: `layer(tokens, cu_seqlens=cu, max_seqlen=L)` with tokens [total, d] (or
+    [1, total, d]) and cu_seqlens int32 [num_seqs + 1] (flash-attn's convention): each sequence
+    mixes with itself only, positions from its own start, in the layer's mode
+    (hmx_kernels.varlen.hyper_mixing_varlen); no padding masks then.
     """
 
     def __init__(
@@ -232,7 +237,13 @@ class FusedHyperMixing(nn.Module):
         return_attn_weights: Optional[bool] = True,
         pos_embs: Optional[Tensor] = None,
         position_offset: Optional[int] = None,
+        cu_seqlens: Optional[Tensor] = None,
+        max_seqlen: Optional[int] = None,
     ):
+        if cu_seqlens is not None:
+            out = self._mix_packed(query, key, value, args, attn_mask, key_padding_mask, query_padding_mask,
+                                   position_offset, cu_seqlens, max_seqlen)
+            return (out, None) if self.variant == "speechbrain" else out
         if self.variant == "speechbrain":
             # positional order of speechbrain's forward: attn_mask, key_padding_mask, return_attn_weights, pos_embs
             names = ("attn_mask", "key_padding_mask", "return_attn_weights", "pos_embs")
@@ -267,6 +278,34 @@ class FusedHyperMixing(nn.Module):
         if value is None:
             value = key
         return self._mix(query, key, value, key_padding_mask, query_padding_mask, mode, position_offset)
+
+    def _mix_packed(self, query, key, value, args, attn_mask, key_padding_mask, query_padding_mask,
+                    position_offset, cu_seqlens, max_seqlen) -> Tensor:
+        """Packed sequences (hmx_kernels.varlen): query [total, d] (or [1, total, d]), each
+        sequence of cu_seqlens mixed with itself only, in the layer's mode."""
+        if args or attn_mask is not None or key_padding_mask is not None or query_padding_mask is not None:
+            raise ValueError("with cu_seqlens the tokens are packed: pass no attn_mask and no padding masks")
+        if position_offset or self.sequence_parallel_group is not None:
+            raise ValueError("packed sequences (cu_seqlens) do not combine with position offsets or sequence "
+                             "parallelism")
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise ValueError("packed sequences are self-mixing: pass the packed tokens as query only")
+        squeeze = query.dim() == 3
+        if squeeze and query.shape[0] != 1:
+            raise ValueError(f"packed tokens must be [total, d] or [1, total, d], got {list(query.shape)}")
+        tokens = query[0] if squeeze else query
+        mode = self.mode
+        w1 = self.hyper.w1_gen.tensors()
+        w2 = (None, None, None, None) if self.tied else self.hyper.w2_gen.tensors()
+        ln = (self.layer_norm.weight, self.layer_norm.bias) if self.layer_norm is not None else (None, None)
+        out = hyper_mixing_varlen(
+            tokens, cu_seqlens, max_seqlen, *w1, *w2, *ln,
+            variant=self.variant, backend=self.backend, use_layer_norm=self.use_layer_norm, eps=self.eps,
+            causal=mode is not None and mode.token_causal,
+            chunk_size=None if mode is None or mode.token_causal else mode.chunk_size,
+            left_context_chunks=None if mode is None or mode.token_causal else mode.left_context_chunks,
+        )
+        return out[None] if squeeze else out
 
     def _mode_for(self, attn_mask: Optional[Tensor]) -> Optional[MixingMode]:
         """The mixing mode of this call: the layer's own, or the one `attn_mask` describes."""
