@@ -276,8 +276,8 @@ def markdown(meta: dict, rows: List[dict]) -> str:
         f"git {meta['git_sha'][:10]}, torch {meta['versions']['torch']}, {meta['date_utc']}.",
         f"Command: `{meta['command']}`",
         "",
-        "| processes | group | backend that ran | step ms (median) | vs W=1 | bytes / step / rank | collectives / step | comm share | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| processes | group | backend that ran | step ms (median) | min | vs W=1 (median) | bytes / step / rank | collectives / step | comm share | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         note = "oversubscribed: more processes than cores" if r["oversubscribed"] else ""
@@ -285,7 +285,7 @@ def markdown(meta: dict, rows: List[dict]) -> str:
         ops = ", ".join(op.split("::")[-1] for op in r["collectives_per_step"]) or "none"
         backend = ", ".join(r["ran"]["backends"]) or f"{r['resolved_backend']} (resolved)"
         lines.append(f"| {r['world']} | {'yes' if r['grouped'] else 'no'} | {backend} | "
-                     f"{r['step_ms_p50']:.1f} | {ratio} | {r['bytes_per_step_per_rank']} | {ops} | "
+                     f"{r['step_ms_p50']:.1f} | {r['step_ms_min']:.1f} | {ratio} | {r['bytes_per_step_per_rank']} | {ops} | "
                      f"{r['comm_share_p50']:.3f} | {note} |")
     lines += ["", f"Documented volume per layer and step: 2 x B x H x k_h x d_h x 4 bytes = "
                   f"{meta['documented_bytes_per_step']} bytes (the state all-reduced in the forward, its "
