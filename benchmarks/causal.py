@@ -130,6 +130,7 @@ def summarize(data: dict, mode_backend: str, token_causal_cap: int, resolved_by_
         row = {"N": n}
         for c in ("hmx-cpu", "hmx-reference", *MODES, "sdpa", "sdpa-causal"):
             row[c] = t(c, n)
+            row[f"{c}_mib"] = ok[(c, n)]["mem_fwd_bwd_mib"] if (c, n) in ok else None
         for c in MODES:
             ran = resolved_by_mode[c]
             base_same = t(f"hmx-{ran}", n) if ran else None
@@ -174,6 +175,12 @@ def markdown(meta: dict, s: dict) -> str:
         lines.append(f"| {r['N']} | {f(r['hmx-cpu'])} | {f(r['hmx-reference'])} | {f(r['hmx-causal'])} | "
                      f"{f(r['hmx-chunk32'])} | {f(r['hmx-chunk32-left2'])} | {f(r['sdpa'])} | "
                      f"{f(r['sdpa-causal'])} | {ratios} |")
+    names = ("hmx-cpu", "hmx-reference", *MODES, "sdpa", "sdpa-causal")
+    lines += ["", "Peak memory of forward+backward, MiB (benchmarks/README.md \"How memory is measured\"; the `cpu` "
+              "backend's own C++ working buffers are not seen):", "",
+              "| N | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in s["table"]:
+        lines.append(f"| {r['N']} | " + " | ".join(f(r[f'{c}_mib']) for c in names) + " |")
     lines += ["", "Targets (issue: at N = 4096, time over the non-causal `cpu` backend):", ""]
     for c, tg in s["targets"].items():
         verdict = "not measured" if tg["met"] is None else ("met" if tg["met"] else "not met")
@@ -205,6 +212,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--summary-only", action="store_true",
+                   help="do not run the sweep: rewrite the summary from the results already in --out")
     args = p.parse_args(argv)
 
     extra = [mode_contender(n, args.mode_backend, args.token_causal_cap) for n in MODES] + [sdpa_causal_contender()]
@@ -215,7 +224,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if v is not None:
             sweep_argv += [opt, str(v)]
     sweep_argv += ["--no-memory"] * args.no_memory + ["--no-plots"] * args.no_plots
-    cli.main(sweep_argv, extra_contenders=extra)
+    if not args.summary_only:
+        cli.main(sweep_argv, extra_contenders=extra)
 
     dev = torch.device("cpu")
     stem = os.path.join(args.out, f"{device_slug(dev)}-{dtype_name(torch.float32)}")
@@ -225,8 +235,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     resolved_by_mode = {n: resolved(n, args.mode_backend, shape, 1, TARGET_N, torch.float32, dev)["backend"]
                         for n in MODES}
     summary = summarize(data, args.mode_backend, args.token_causal_cap, resolved_by_mode)
-    data["meta"]["command"] = "python -m benchmarks.causal " + " ".join(argv if argv is not None else sys.argv[1:])
-    data["meta"]["sweep_command"] = "python -m benchmarks " + " ".join(sweep_argv)
+    if not args.summary_only:
+        data["meta"]["command"] = ("python -m benchmarks.causal " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+        data["meta"]["sweep_command"] = "python -m benchmarks " + " ".join(sweep_argv)
     data["summary"] = summary
     with open(stem + ".json", "w") as f:
         json.dump(data, f, indent=1, default=str)

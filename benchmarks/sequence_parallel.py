@@ -250,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     expected = state_bytes_per_layer_step(args.batch, args.d, args.k, args.heads,
                                           8 if args.dtype == "float64" else 4)
     meta = machine_meta(args.threads)
-    meta.update(command="python -m benchmarks.sequence_parallel " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta.update(command=("python -m benchmarks.sequence_parallel " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
                 cores_available=cores, settings=cfg, documented_bytes_per_step=expected,
                 target="W = 2 at most 0.6x the step time of W = 1")
     os.makedirs(args.out, exist_ok=True)

@@ -146,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.append(row)
 
     meta = machine_meta(args.threads or None)
-    meta.update(command="python -m benchmarks.varlen " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta.update(command=("python -m benchmarks.varlen " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
                 settings=dict(batch=B, lengths=lengths.tolist(), total_tokens=total, longest=L, fill=fill,
                               d=args.d, k=args.k, heads=args.heads, dtype="float32", seed=args.seed,
                               repeats=args.repeats),

@@ -10,10 +10,11 @@ optimizer step as one process on the whole sequences would.
     torchrun --nproc_per_node=2 examples/train_sequence_parallel.py          # 2 processes, gloo (CPU)
     python examples/train_sequence_parallel.py                               # 1 process, same losses
 
-Several machines (run on each, node_rank 0..nnodes-1; the endpoint is node 0's address):
+Several machines: the same command on every machine, with its own --node_rank (0 .. nnodes-1) and
+node 0's address as the endpoint (GLOO_SOCKET_IFNAME=<interface> picks the network interface):
 
-    torchrun --nnodes=2 --nproc_per_node=4 --node_rank=0 --rdzv_backend=c10d \
-        --rdzv_endpoint=10.0.0.1:29500 --rdzv_id=hmx-sp examples/train_sequence_parallel.py
+    torchrun --nnodes=2 --nproc_per_node=4 --node_rank=0 --rdzv_endpoint=node0.example:29500 \
+        examples/train_sequence_parallel.py --length 65536
 
 Prints the loss of each step (rank 0); `--losses-json PATH` also writes them (used by the tests).
 """
