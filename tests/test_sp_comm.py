@@ -1,0 +1,72 @@
+"""Sequence parallelism communicates the same bytes per layer whatever the sequence length.
+
+Two gloo processes (spawned here) each hold one slice of every sequence and run one forward and
+backward of a sequence-parallel FusedHyperMixing layer at two lengths N. Every collective that
+reaches PyTorch's dispatcher is counted (`benchmarks.sequence_parallel.CollectiveCounter`, which
+also serves the scaling benchmark): the bytes handed to collectives must be equal at both lengths
+and equal the documented 2 x B x H x k_h x d_h values in the compute dtype (one all-reduce of the
+state P in the forward, one of its gradient in the backward), plus one int64 all-gather of the
+slice length when the layer computes its own position offset."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+B, D, K, H = 2, 16, 48, 4  # d_h = 4, k_h = 12
+LENGTHS = (10, 37)
+
+
+def _worker(rank, world, init_file, out_dir):
+    from benchmarks.sequence_parallel import CollectiveCounter
+    from hmx_kernels import FusedHyperMixing
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for dtype in (torch.float32, torch.float64):
+            torch.manual_seed(0)
+            layer = FusedHyperMixing(D, K, num_heads=H, sequence_parallel_group=dist.group.WORLD).to(dtype)
+            for N in LENGTHS:
+                lo, hi = (0, N // 3) if rank == 0 else (N // 3, N)  # uneven slices
+                x = torch.randn(B, hi - lo, D, dtype=dtype, requires_grad=True)
+                for explicit_offset in (True, False):
+                    with CollectiveCounter() as cc:
+                        out = layer(x, position_offset=lo if explicit_offset else None)[0]
+                        out.square().sum().backward()
+                    assert torch.isfinite(x.grad).all()
+                    results[f"{dtype}-{N}-{explicit_offset}"] = cc.ops
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_bytes_per_layer_do_not_depend_on_length(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from benchmarks.sequence_parallel import state_bytes_per_layer_step
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for dtype, size in (("torch.float32", 4), ("torch.float64", 8)):
+            state = B * H * (K // H) * (D // H)  # values of P, [B, H, k_h, d_h]
+            documented = state_bytes_per_layer_step(B, D, K, H, size)
+            assert documented == 2 * state * size
+            for explicit_offset in (True, False):
+                per_n = [res[f"{dtype}-{N}-{explicit_offset}"] for N in LENGTHS]
+                total = [sum(op["bytes"] for op in ops) for ops in per_n]
+                assert total[0] == total[1], (dtype, explicit_offset, per_n)  # independent of N
+                ops = per_n[0]
+                reduces = [op for op in ops if "allreduce" in op["op"] or "all_reduce" in op["op"]]
+                assert [op["numel"] for op in reduces] == [state, state], ops  # forward P, backward dP
+                assert all(op["dtypes"] == [dtype.split(".")[1]] for op in reduces), ops
+                offset_bytes = 0 if explicit_offset else 8  # one int64: this rank's slice length
+                assert total[0] == documented + offset_bytes, (total, documented, ops)
+                assert len(ops) == 2 + (0 if explicit_offset else 1), ops
