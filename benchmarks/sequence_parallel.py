@@ -62,6 +62,11 @@ class CollectiveCounter:
     it is handed to send (this rank's contribution: an all-reduce's tensor, an all-gather's input),
     and the wall time of the call (plus that of `wait_tensor` for the asynchronous functional ones).
 
+    A collective issued inside another op's implementation (the cpu backend's fused ops all-reduce
+    from within hmx_kernels::cpp_fwd / cpp_bwd) does not reach a dispatcher mode, which is off
+    while it handles the outer op; `torch.distributed.all_reduce` is therefore also wrapped, and
+    counted only while the mode is inside some other op.
+
     bytes: sum over ops of the bytes handed in. A ring all-reduce of S bytes moves
     2 (W - 1) / W x S bytes out of each rank; that is gloo's business and not counted here."""
 
@@ -69,6 +74,8 @@ class CollectiveCounter:
         self.ops: List[Dict[str, object]] = []
         self.seconds = 0.0
         self._mode = None
+        self._inside: List[str] = []  # the non-collective ops the mode is handling
+        self._all_reduce = None
 
     @property
     def bytes(self) -> int:
@@ -88,7 +95,11 @@ class CollectiveCounter:
                 kwargs = kwargs or {}
                 ns = getattr(func, "namespace", "")
                 if ns not in ("c10d", "_c10d_functional"):
-                    return func(*args, **kwargs)
+                    counter._inside.append(func.name())
+                    try:
+                        return func(*args, **kwargs)
+                    finally:
+                        counter._inside.pop()
                 t0 = time.perf_counter()
                 out = func(*args, **kwargs)
                 counter.seconds += time.perf_counter() - t0
@@ -108,19 +119,52 @@ class CollectiveCounter:
                 })
                 return out
 
+        import torch.distributed as dist
+
+        original = self._all_reduce = dist.all_reduce
+
+        def all_reduce(tensor, *args, **kwargs):
+            if not counter._inside:  # the mode sees it
+                return original(tensor, *args, **kwargs)
+            t0 = time.perf_counter()
+            out = original(tensor, *args, **kwargs)
+            counter.seconds += time.perf_counter() - t0
+            counter.ops.append({
+                "op": f"c10d::allreduce_ (inside {counter._inside[-1]})",
+                "dtypes": [str(tensor.dtype).replace("torch.", "")],
+                "numel": tensor.numel(),
+                "bytes": tensor.numel() * tensor.element_size(),
+            })
+            return out
+
+        dist.all_reduce = all_reduce
         self._mode = _Mode()
         self._mode.__enter__()
         return self
 
     def __exit__(self, *exc):
+        import torch.distributed as dist
+
         self._mode.__exit__(*exc)
+        dist.all_reduce = self._all_reduce
         return False
 
 
-def state_bytes_per_layer_step(B: int, d: int, k: int, H: int, element_size: int = 4) -> int:
-    """The documented volume: the [B, H, k_h, d_h] state P all-reduced in the forward and its
-    gradient in the backward, in the compute dtype (fp32 for fp32/fp16/bf16 inputs, fp64 for fp64)."""
-    return 2 * B * H * (k // H) * (d // H) * element_size
+def state_values_per_all_reduce(B: int, d: int, k: int, H: int, backend: str = "reference") -> int:
+    """Values in one of the two all-reduces of a sequence-parallel layer step. reference: the state
+    P [B, H, k_h, d_h] (forward) and its gradient (backward); cpu (the reassociated form): the key
+    sums S [d_h, d_h] and sv [d_h] per (b, h) (forward) and the query sums T, sdy (backward),
+    B x H x (d_h^2 + d_h), a k_h / (d_h + 1) fraction of the reference's (about 4x fewer at k = 4 d)."""
+    d_h, k_h = d // H, k // H
+    return B * H * (d_h * d_h + d_h) if backend == "cpu" else B * H * k_h * d_h
+
+
+def state_bytes_per_layer_step(B: int, d: int, k: int, H: int, element_size: int = 4,
+                               backend: str = "reference") -> int:
+    """The documented volume per layer and step: two all-reduces (forward, backward) of
+    `state_values_per_all_reduce` values in the compute dtype (fp32 for fp32/fp16/bf16, fp64 for
+    fp64)."""
+    return 2 * state_values_per_all_reduce(B, d, k, H, backend) * element_size
 
 
 # ---- one process ---------------------------------------------------------------------------------
@@ -247,8 +291,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     t1 = base.get(1, {}).get("step_ms_p50")
     for r in rows:
         r["time_vs_w1"] = (r["step_ms_p50"] / t1) if (t1 and r["grouped"]) else None
+    resolved = next((r["resolved_backend"] for r in rows if r["grouped"]), "reference")
     expected = state_bytes_per_layer_step(args.batch, args.d, args.k, args.heads,
-                                          8 if args.dtype == "float64" else 4)
+                                          8 if args.dtype == "float64" else 4, backend=resolved)
     meta = machine_meta(args.threads)
     meta.update(command=("python -m benchmarks.sequence_parallel " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
                 cores_available=cores, settings=cfg, documented_bytes_per_step=expected,

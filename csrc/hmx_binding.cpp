@@ -11,6 +11,8 @@
 //       -> [dq, dk, dv, dw1 fc1_w, fc1_b, fc2_w, fc2_b, dw2 (same 4)] (None for absent biases)
 //   chunk_size, left_context, cu_seqlens (int64 CPU or None), num_blocks: the mixing blocks of
 //   hmx_params.h (0, -1, None, 1: non-causal); the CUDA kernels take only those defaults.
+//   reduce (keyword, CPU, non-causal): a callable that sums a 1-D tensor in place over the ranks of
+//   a sequence-parallel group (hmx_cpu.h, Reducer); None: no sequence parallelism.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -292,20 +294,38 @@ at::Tensor up(const at::Tensor& t) { return t.to(at::kFloat); }
 OptT up(const OptT& t) { return t ? OptT(t->to(at::kFloat)) : OptT(); }
 #endif
 
+// Sequence parallelism: the twin's Reducer calls the Python callable `reduce` (e.g. a
+// torch.distributed all_reduce over the group) with a tensor viewing the sums to add up in place.
+// The twin calls it between its passes on this thread, which holds the GIL (pybind11 calls keep it).
+struct PyReducer {
+  py::object fn;
+  at::ScalarType dtype;
+  static void call(void* ctx, void* data, int64_t count) {
+    auto* self = static_cast<PyReducer*>(ctx);
+    at::Tensor view = at::from_blob(data, {count}, at::TensorOptions().dtype(self->dtype));
+    self->fn(view);
+  }
+  hmx::cpu::Reducer reducer() { return fn.is_none() ? hmx::cpu::Reducer() : hmx::cpu::Reducer{&PyReducer::call, this}; }
+};
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& pe_q, const at::Tensor& pe_k, const OptT& m_q, const OptT& m_k,
                                 const at::Tensor& w1_fc1_w, const OptT& w1_fc1_b, const at::Tensor& w1_fc2_w,
                                 const OptT& w1_fc2_b, const at::Tensor& w2_fc1_w, const OptT& w2_fc1_b,
                                 const at::Tensor& w2_fc2_w, const OptT& w2_fc2_b, double scale, int64_t chunk_size,
-                                int64_t left_context, const OptT& cu_seqlens, int64_t num_blocks) {
+                                int64_t left_context, const OptT& cu_seqlens, int64_t num_blocks,
+                                const py::object& reduce) {
   Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
                             w2_fc1_b, w2_fc2_w, w2_fc2_b, scale, chunk_size, left_context, cu_seqlens, num_blocks);
+  TORCH_CHECK(reduce.is_none() || (!q.is_cuda() && !pr.pb.blocked()),
+              "hmx_kernels: sequence parallelism (reduce) is implemented for non-causal, unpacked mixing on the CPU");
   const auto& pb = pr.pb;
 #ifdef HMX_WITH_CUDA
   if (q.is_cuda() && cuda_fma_fallback(q)) {
     std::vector<at::Tensor> r = forward(up(q), up(k), up(v), pe_q, pe_k, m_q, m_k, up(w1_fc1_w), up(w1_fc1_b),
                                         up(w1_fc2_w), up(w1_fc2_b), up(w2_fc1_w), up(w2_fc1_b), up(w2_fc2_w),
-                                        up(w2_fc2_b), scale, chunk_size, left_context, cu_seqlens, num_blocks);
+                                        up(w2_fc2_b), scale, chunk_size, left_context, cu_seqlens, num_blocks,
+                                        reduce);
     return {r[0].to(q.scalar_type()), r[1]};
   }
 #endif
@@ -325,8 +345,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 #endif
   } else {
     const int nt = at::get_num_threads();
-    if (q.scalar_type() == at::kFloat) hmx::cpu::forward_f32(fp, cpu_gemm<float>(pb), nt);
-    else hmx::cpu::forward_f64(fp, cpu_gemm<double>(pb), nt);
+    PyReducer red{reduce, q.scalar_type()};
+    if (q.scalar_type() == at::kFloat) hmx::cpu::forward_f32(fp, cpu_gemm<float>(pb), nt, red.reducer());
+    else hmx::cpu::forward_f64(fp, cpu_gemm<double>(pb), nt, red.reducer());
   }
   return {y, p};
 }
@@ -337,9 +358,12 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
                                  const OptT& w1_fc1_b, const at::Tensor& w1_fc2_w, const OptT& w1_fc2_b,
                                  const at::Tensor& w2_fc1_w, const OptT& w2_fc1_b, const at::Tensor& w2_fc2_w,
                                  const OptT& w2_fc2_b, const at::Tensor& p, double scale, int64_t chunk_size,
-                                 int64_t left_context, const OptT& cu_seqlens, int64_t num_blocks) {
+                                 int64_t left_context, const OptT& cu_seqlens, int64_t num_blocks,
+                                const py::object& reduce) {
   Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
                             w2_fc1_b, w2_fc2_w, w2_fc2_b, scale, chunk_size, left_context, cu_seqlens, num_blocks);
+  TORCH_CHECK(reduce.is_none() || (!q.is_cuda() && !pr.pb.blocked()),
+              "hmx_kernels: sequence parallelism (reduce) is implemented for non-causal, unpacked mixing on the CPU");
   const auto& pb = pr.pb;
   const auto ctype = compute_type(q);
   check_same("grad_out", dy, q, q.scalar_type());
@@ -353,7 +377,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
     std::vector<at::Tensor> r =
         backward(up(dy), up(q), up(k), up(v), pe_q, pe_k, m_q, m_k, up(w1_fc1_w), up(w1_fc1_b), up(w1_fc2_w),
                  up(w1_fc2_b), up(w2_fc1_w), up(w2_fc1_b), up(w2_fc2_w), up(w2_fc2_b), p, scale, chunk_size,
-                 left_context, cu_seqlens, num_blocks);
+                 left_context, cu_seqlens, num_blocks, reduce);
     for (int i = 0; i < 3; ++i) r[i] = r[i].to(q.scalar_type());
     return r;
   }
@@ -394,8 +418,9 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
 #endif
   } else {
     const int nt = at::get_num_threads();
-    if (q.scalar_type() == at::kFloat) hmx::cpu::backward_f32(bp, cpu_gemm<float>(pb), nt);
-    else hmx::cpu::backward_f64(bp, cpu_gemm<double>(pb), nt);
+    PyReducer red{reduce, q.scalar_type()};
+    if (q.scalar_type() == at::kFloat) hmx::cpu::backward_f32(bp, cpu_gemm<float>(pb), nt, red.reducer());
+    else hmx::cpu::backward_f64(bp, cpu_gemm<double>(pb), nt, red.reducer());
   }
   std::vector<at::Tensor> out = {dq, dk, dv};
   out.insert(out.end(), g.begin(), g.end());
@@ -419,13 +444,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("pe_q"), py::arg("pe_k"), py::arg("m_q"), py::arg("m_k"), py::arg("w1_fc1_w"),
         py::arg("w1_fc1_b"), py::arg("w1_fc2_w"), py::arg("w1_fc2_b"), py::arg("w2_fc1_w"), py::arg("w2_fc1_b"),
         py::arg("w2_fc2_w"), py::arg("w2_fc2_b"), py::arg("scale"), py::arg("chunk_size") = 0,
-        py::arg("left_context") = -1, py::arg("cu_seqlens") = py::none(), py::arg("num_blocks") = 1);
+        py::arg("left_context") = -1, py::arg("cu_seqlens") = py::none(), py::arg("num_blocks") = 1,
+        py::arg("reduce") = py::none());
   m.def("backward", &backward, "fused HyperMixing backward: [dq, dk, dv, 4 generator-1 grads, 4 generator-2 grads]",
         py::arg("dy"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pe_q"), py::arg("pe_k"), py::arg("m_q"),
         py::arg("m_k"), py::arg("w1_fc1_w"), py::arg("w1_fc1_b"), py::arg("w1_fc2_w"), py::arg("w1_fc2_b"),
         py::arg("w2_fc1_w"), py::arg("w2_fc1_b"), py::arg("w2_fc2_w"), py::arg("w2_fc2_b"), py::arg("p"),
         py::arg("scale"), py::arg("chunk_size") = 0, py::arg("left_context") = -1, py::arg("cu_seqlens") = py::none(),
-        py::arg("num_blocks") = 1);
+        py::arg("num_blocks") = 1, py::arg("reduce") = py::none());
   m.def("_set_cpu_blas", &set_cpu_blas,
         "use the BLAS gemm for the CPU twin's tile products (default) or its plain loops; returns whether a BLAS "
         "is available");

@@ -697,7 +697,7 @@ void state_windows(const T* part, const Pieces& pc, const BlockMap& bm, int64_t 
 }
 
 template <typename T>
-void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
+void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads, const Reducer& reduce) {
   const ProblemParams& pb = fp.pb;
   const int64_t B = pb.B, H = pb.H, M = pb.M, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d;
   const Mm<T> mm{gemm};
@@ -709,6 +709,7 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
   const Pieces kpc = make_pieces(bm, N, kitems.C);
   const int64_t ssz = state_size(dh), gsq = dh * dh;
   std::vector<T> part(B * H * kpc.count * ssz, T(0));          // token sums per piece
+  std::vector<T> blk(B * H * nb * ssz);                        // token sums per block
   std::vector<T> cmt(B * H * nb * gsq), c0(B * H * nb * dh);  // per block C^T (C = fc2_2^T A), c0 = A^T b2_2
 #pragma omp parallel num_threads(nthreads)
   {
@@ -718,13 +719,22 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
     for (int64_t item = 0; item < kitems.count(B); ++item)
       key_item<T>(pb, mm, kitems, bm, kpc, item, buf, part.data(), nullptr, nullptr, false, nullptr, nullptr,
                   nullptr);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      block_sums(part.data() + bh * kpc.count * ssz, ssz, kpc, nb, ssz, blk.data() + bh * nb * ssz);
+  }
+  reduce(blk.data(), static_cast<int64_t>(blk.size()));  // sequence parallel: every rank's keys
+#pragma omp parallel num_threads(nthreads)
+  {
+    TileBuffers<T> buf(d, dh);
     // per (b, h), all blocks at once: P^T = (fc2 S + b2 sv^T)^T (written to p), A^T = GELU(P^T),
     // C^T = A^T fc2_2, c0 = A^T b2_2
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t h = bh % H;
-      std::vector<T> blk(nb * ssz), win(nb * ssz), st(nb * gsq), sv(nb * dh), at(nb * psz);
-      state_windows(part.data() + bh * kpc.count * ssz, kpc, bm, dh, blk.data(), win.data(), st.data(), sv.data());
+      std::vector<T> win(nb * ssz), st(nb * gsq), sv(nb * dh), at(nb * psz);
+      window_sums(blk.data() + bh * nb * ssz, bm, ssz, false, win.data());
+      stack_rows(win.data(), nb, dh, st.data(), sv.data());
       T* pt = p + bh * NB * psz;  // [nb][d_h, k_h]: P_j^T
       expand_fc2(mm, head_weights<T>(pb.g1, h, dh, kh), st.data(), sv.data(), nb * dh, dh, kh, pt);
       std::fill(pt + nb * psz, pt + NB * psz, T(0));  // unused block slots
@@ -760,7 +770,7 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
 }
 
 template <typename T>
-void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
+void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const Reducer& reduce) {
   const ProblemParams& pb = bp.pb;
   const int64_t B = pb.B, H = pb.H, M = pb.M, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d;
   const Mm<T> mm{gemm};
@@ -780,6 +790,7 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
   std::vector<T> q_part(B * H * qpc.count * ssz, T(0)), k_part(B * H * kpc.count * ssz, T(0));
   std::vector<T> q_fc1(B * H * Cq * f1sz, T(0)), k_fc1(B * H * Ck * f1sz, T(0));
   std::vector<T> g2_fc2(B * H * fsz), g1_fc2(B * H * fsz);
+  std::vector<T> tblk(B * H * nb * ssz);  // T^T, sdy per block (summed over the ranks: tblk; own: tloc)
   const T* dy = static_cast<const T*>(bp.dy);
   T* dq = static_cast<T*>(bp.dq);
   T* dk = static_cast<T*>(bp.dk);
@@ -831,15 +842,28 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
         }
       }
     }
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh)  // T_j is its block only
+      block_sums(q_part.data() + bh * qpc.count * ssz, ssz, qpc, nb, ssz, tblk.data() + bh * nb * ssz);
+  }
+  // sequence parallel: dA needs every rank's queries; this rank's generator-2 fc2 gradients its own
+  std::vector<T> tloc;
+  if (reduce) {
+    tloc = tblk;
+    reduce(tblk.data(), static_cast<int64_t>(tblk.size()));
+  }
+  const std::vector<T>& town = reduce ? tloc : tblk;
+#pragma omp parallel num_threads(nthreads)
+  {
+    TileBuffers<T> buf(d, dh);
     // ---- per (b, h), all blocks: dA^T = T^T fc2_2^T + sdy b2_2^T, generator-2 fc2 grads,
     //      dP^T = dA^T * GELU'(P^T), R'^T = dP^T fc2, r0' = dP^T b2; R, r0 per block ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t h = bh % H;
-      std::vector<T> blk(nb * ssz), tt(nb * gsq), sdy(nb * dh), at(nb * psz), rb(nb * ssz, T(0));
+      std::vector<T> tt(nb * gsq), sdy(nb * dh), at(nb * psz), rb(nb * ssz, T(0));
       std::vector<T> rtp(nb * gsq), r0p(nb * dh, T(0));
-      block_sums(q_part.data() + bh * qpc.count * ssz, ssz, qpc, nb, ssz, blk.data());  // T_j is its block only
-      stack_rows(blk.data(), nb, dh, tt.data(), sdy.data());
+      stack_rows(tblk.data() + bh * nb * ssz, nb, dh, tt.data(), sdy.data());
       const HeadWeights<T> w2 = head_weights<T>(pb.g2, h, dh, kh);
       const HeadWeights<T> w1 = head_weights<T>(pb.g1, h, dh, kh);
       const T* pt = p + bh * NB * psz;
@@ -854,6 +878,7 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
         dp[i] *= gd;
       }
       T* g2 = g2_fc2.data() + bh * fsz;
+      if (reduce) stack_rows(town.data() + bh * nb * ssz, nb, dh, tt.data(), sdy.data());
       fc2_grads(mm, at.data(), tt.data(), sdy.data(), nb * dh, dh, kh, g2, g2 + kh * dh);  // dfc2_2, db2_2
       fold_fc2(mm, w1, dp, nb * dh, dh, kh, rtp.data(), r0p.data());                     // R'^T, r0'
       for (int64_t j = 0; j < nb; ++j) {
@@ -883,10 +908,18 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
 
 }  // namespace
 
-void forward_f32(const ForwardParams& p, GemmFn<float> gemm, int nthreads) { forward_impl<float>(p, gemm, nthreads); }
-void forward_f64(const ForwardParams& p, GemmFn<double> gemm, int nthreads) { forward_impl<double>(p, gemm, nthreads); }
-void backward_f32(const BackwardParams& p, GemmFn<float> gemm, int nthreads) { backward_impl<float>(p, gemm, nthreads); }
-void backward_f64(const BackwardParams& p, GemmFn<double> gemm, int nthreads) { backward_impl<double>(p, gemm, nthreads); }
+void forward_f32(const ForwardParams& p, GemmFn<float> gemm, int nthreads, const Reducer& reduce) {
+  forward_impl<float>(p, gemm, nthreads, reduce);
+}
+void forward_f64(const ForwardParams& p, GemmFn<double> gemm, int nthreads, const Reducer& reduce) {
+  forward_impl<double>(p, gemm, nthreads, reduce);
+}
+void backward_f32(const BackwardParams& p, GemmFn<float> gemm, int nthreads, const Reducer& reduce) {
+  backward_impl<float>(p, gemm, nthreads, reduce);
+}
+void backward_f64(const BackwardParams& p, GemmFn<double> gemm, int nthreads, const Reducer& reduce) {
+  backward_impl<double>(p, gemm, nthreads, reduce);
+}
 
 }  // namespace cpu
 }  // namespace hmx

@@ -60,8 +60,9 @@ def hyper_mixing(
 
     position_offset: global position of the first token, for a slice of a longer sequence.
     sequence_parallel_group: a torch.distributed group whose ranks each hold one contiguous slice
-    of every sequence (non-causal): the state is all-reduced over it (forward and backward: one
-    [B, H, k_h, d_h] fp32 all-reduce each), and each rank gets its slice of the unsplit result;
+    of every sequence (non-causal): the cross-token sums are all-reduced over it (one all-reduce
+    in the forward and one in the backward: B x H x (d_h^2 + d_h) values each on the cpu backend,
+    the [B, H, k_h, d_h] state on the reference), and each rank gets its slice of the unsplit result;
     pass each rank's own position_offset (`hmx_kernels.sequence_parallel_offset` computes it).
 
     Dtypes: parameters must have the tokens' dtype, except under torch.autocast, where tokens and

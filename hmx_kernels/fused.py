@@ -15,6 +15,9 @@
         modes (token-causal: C = 1); cu_seqlens (int [num_seqs + 1], with B = 1 and M = N) packs
         several sequences into the one row, each mixed on its own with positions from its start.
         A backend defined with blocks=False takes only the defaults (0, -1, None).
+    Sequence parallelism: position_offset (global position of the first token) and sp_group (the
+        name of a torch.distributed group whose ranks hold the other slices, "" = none), last in
+        both schemas; only backends defined with sequence_parallel=True take non-defaults.
 
 Shapes and dtypes of both are given by one fake implementation (`fwd_fake`, `bwd_fake`), which
 also serves the meta device; autograd is registered on the forward op (its backward calls the
@@ -128,7 +131,8 @@ def check_op_args(query, key, value, query_keep, key_keep, gen, state=None, grad
 
 
 def fwd_fake(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
-             w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant, chunk_size=0, left_context=-1, cu_seqlens=None):
+             w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant, chunk_size=0, left_context=-1, cu_seqlens=None,
+             position_offset=0, sp_group=""):
     B, M, N, d, H, d_h, k_h = _sizes(query, key, w1_fc2_w)
     cdt = compute_dtype_of(query.dtype)
     nb = state_blocks(N, chunk_size, cu_seqlens)
@@ -137,7 +141,7 @@ def fwd_fake(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2
 
 def bwd_fake(grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
              w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant, chunk_size=0, left_context=-1,
-             cu_seqlens=None):
+             cu_seqlens=None, position_offset=0, sp_group=""):
     cdt = compute_dtype_of(query.dtype)
     out = [query.new_empty(query.shape, dtype=cdt), key.new_empty(key.shape, dtype=cdt),
            value.new_empty(value.shape, dtype=cdt)]
@@ -162,13 +166,17 @@ def define_fused_ops(
     device_types: Sequence[str] = ("cpu", "cuda"),
     triton: bool = False,
     blocks: bool = False,
+    sequence_parallel: bool = False,
 ) -> FusedOps:
     """Define hmx_kernels::<backend>_fwd / _bwd over `fwd_impl` / `bwd_impl` (same signatures as
     `fwd_fake` / `bwd_fake`), with the shared fake implementations and autograd.
 
     blocks=True: the impls take the mixing-block arguments (chunk_size, left_context, cu_seqlens)
     after `variant`; blocks=False: they are called without them, and the ops refuse anything
-    but the defaults.
+    but the defaults. sequence_parallel=True: the impls also take (position_offset, sp_group)
+    last: the first token's global position and the name of the torch.distributed group to sum
+    the cross-slice token sums over ("" = none; `group.group_name`); the ops' own backward then
+    sums the gradient's sums over the same group.
 
     triton=True: `torch.library.triton_op` (the impls launch kernels through `wrap_triton`, and
     torch.compile can see into them); the impls then double as their own fake implementations
@@ -178,26 +186,30 @@ def define_fused_ops(
             w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor, w1_fc2_b: Optional[Tensor],
             w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor, w2_fc2_b: Optional[Tensor],
             variant: str, chunk_size: int = 0, left_context: int = -1,
-            cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+            cu_seqlens: Optional[Tensor] = None, position_offset: int = 0,
+            sp_group: str = "") -> Tuple[Tensor, Tensor]:
         check_op_args(query, key, value, query_keep, key_keep,
                       (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b),
                       chunk_size=chunk_size, left_context=left_context, cu_seqlens=cu_seqlens)
         args = (query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
                 w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant)
-        return fwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens))
+        return fwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens),
+                        *_sp_args(position_offset, sp_group))
 
     def bwd(grad_y: Tensor, query: Tensor, key: Tensor, value: Tensor, query_keep: Optional[Tensor],
             key_keep: Optional[Tensor], w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor,
             w1_fc2_b: Optional[Tensor], w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor,
             w2_fc2_b: Optional[Tensor], state: Tensor, variant: str, chunk_size: int = 0,
-            left_context: int = -1, cu_seqlens: Optional[Tensor] = None) -> List[Tensor]:
+            left_context: int = -1, cu_seqlens: Optional[Tensor] = None, position_offset: int = 0,
+            sp_group: str = "") -> List[Tensor]:
         check_op_args(query, key, value, query_keep, key_keep,
                       (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b),
                       state=state, grad_y=grad_y, chunk_size=chunk_size, left_context=left_context,
                       cu_seqlens=cu_seqlens)
         args = (grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w,
                 w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant)
-        return bwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens))
+        return bwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens),
+                        *_sp_args(position_offset, sp_group))
 
     def _block_args(chunk_size, left_context, cu_seqlens):
         if blocks:
@@ -205,6 +217,16 @@ def define_fused_ops(
         if chunk_size != 0 or left_context != -1 or cu_seqlens is not None:
             raise ValueError(f"hmx_kernels op: the {backend} ops do not implement causal, chunked or packed mixing "
                              "(chunk_size, left_context, cu_seqlens)")
+        return ()
+
+    def _sp_args(position_offset, sp_group):
+        if position_offset < 0:
+            raise ValueError(f"hmx_kernels op: position_offset must be >= 0, got {position_offset}")
+        if sequence_parallel:
+            return (position_offset, sp_group)
+        if position_offset != 0 or sp_group:
+            raise ValueError(f"hmx_kernels op: the {backend} ops do not implement position offsets or sequence "
+                             "parallelism (position_offset, sp_group)")
         return ()
 
     fwd_name, bwd_name = f"{NAMESPACE}::{backend}_fwd", f"{NAMESPACE}::{backend}_bwd"
@@ -222,18 +244,19 @@ def define_fused_ops(
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:n_tensors], output[1], inputs[n_tensors + 3])
         ctx.variant, ctx.chunk_size, ctx.left_context = inputs[n_tensors:n_tensors + 3]
+        ctx.position_offset, ctx.sp_group = inputs[n_tensors + 4:n_tensors + 6]
         ctx.dtypes = [None if t is None else t.dtype for t in inputs[:n_tensors]]
 
     def backward(ctx, grad_y, grad_state):
         saved = ctx.saved_tensors
         tensors, state, cu_seqlens = saved[:n_tensors], saved[n_tensors], saved[n_tensors + 1]
         grads = bwd_op(grad_y.contiguous(), *tensors, state, ctx.variant, ctx.chunk_size, ctx.left_context,
-                       cu_seqlens)
+                       cu_seqlens, ctx.position_offset, ctx.sp_group)
         dq, dk, dv = grads[:3]
         gen = [None if t is None else g for g, t in zip(grads[3:], tensors[5:])]
         out = [dq, dk, dv, None, None] + gen
         out = [None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes)]
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
     def bwd_setup_context(ctx, inputs, output):
         pass
@@ -274,8 +297,20 @@ def run_fused(ops: FusedOps, p: HyperMixingProblem, operand_dtype: Optional[torc
     # The keep vectors are already in the compute dtype, which upcasting does not change. No
     # autocast context is needed: autocast does not touch custom ops, and it runs layer_norm in
     # fp32, as the epilogue does anyway.
-    y, _state = ops.fwd(*tokens, p.query_keep, p.key_keep, *gen, p.variant.name, *block_args(p))
+    y, _state = ops.fwd(*tokens, p.query_keep, p.key_keep, *gen, p.variant.name, *block_args(p),
+                        p.position_offset, _group_name(p.sequence_parallel_group))
     return layer_norm_epilogue(y, p)
+
+
+def _group_name(group) -> str:
+    """The ops' name for a torch.distributed group ("" = no sequence parallelism)."""
+    if group is None:
+        return ""
+    import torch.distributed as dist
+
+    if group is dist.group.WORLD:
+        group = dist.distributed_c10d._get_default_group()
+    return group.group_name
 
 
 def block_args(p: HyperMixingProblem) -> Tuple[int, int, Optional[Tensor]]:

@@ -2,8 +2,9 @@
 contiguous slice of every sequence (with padding masks); the all-reduced state gives each rank its
 slice of the single-process result, outputs and input gradients, and the parameter gradients
 summed over ranks equal the single-process ones. float64; tolerance 1e-12 of the largest magnitude
-(the same arithmetic, the state summed in another order). Only the reference backend takes the
-group so far (the fused backends decline with a reason)."""
+(the same arithmetic, the state summed in another order). The reference and the cpu backend take
+the group (the cpu backend sums its key sums S, sv in the forward and its query sums T, sdy in the
+backward over the group); triton and cuda decline with a reason."""
 from __future__ import annotations
 
 import os
@@ -20,14 +21,14 @@ from hmx_kernels import FusedHyperMixing
 SPLITS = {2: [9, 14], 4: [3, 7, 5, 8]}  # N = 23
 
 
-def _worker(rank, world, init_file, variant):
+def _worker(rank, world, init_file, variant, backend):
     sys.path.insert(0, os.path.dirname(__file__))
     from utils import assert_close
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        layer = FusedHyperMixing(12, 24, num_heads=2, variant=variant, backend="reference").double()
+        layer = FusedHyperMixing(12, 24, num_heads=2, variant=variant, backend=backend).double()
         B, N = 2, sum(SPLITS[world])
         g = torch.Generator().manual_seed(1)
         x = torch.randn(B, N, 12, generator=g, dtype=torch.float64)
@@ -60,13 +61,23 @@ def _worker(rank, world, init_file, variant):
         dist.destroy_process_group()
 
 
+def _cpu_ok():
+    x = torch.randn(1, 5, 8)
+    layer = FusedHyperMixing(8, 8, num_heads=2)
+    p = hmx_kernels.check_inputs(x, None, None, *layer.hyper.w1_gen.tensors(), *layer.hyper.w2_gen.tensors(),
+                                 layer.layer_norm.weight, layer.layer_norm.bias)
+    return not hmx_kernels.backend_reasons(p)["cpu"]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    not _cpu_ok(), reason="cpu backend unavailable"))])
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
-def test_sequence_parallel_matches_single_process(tmp_path, world, variant):
+def test_sequence_parallel_matches_single_process(tmp_path, world, variant, backend):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), variant), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), variant, backend), nprocs=world, join=True)
 
 
 def test_fused_backends_decline_sequence_parallel_arguments():
@@ -75,13 +86,19 @@ def test_fused_backends_decline_sequence_parallel_arguments():
     p = hmx_kernels.check_inputs(x, None, None, *layer.hyper.w1_gen.tensors(), *layer.hyper.w2_gen.tensors(),
                                  layer.layer_norm.weight, layer.layer_norm.bias, position_offset=7)
     reasons = hmx_kernels.backend_reasons(p)
-    assert reasons["reference"] == [] and any("position offsets" in r for r in reasons["cpu"])
+    assert reasons["reference"] == [] and (reasons["cpu"] == [] or not _cpu_ok())
+    for name in ("triton", "cuda"):
+        if name in reasons:
+            assert any("position offsets" in r for r in reasons[name]), reasons[name]
     # the reference continues the positional encoding from the offset
     layer.backend = "reference"
     tail = long = torch.randn(1, 5, 8)
     with_offset = layer(tail, position_offset=7)[0]
     assert torch.equal(layer(long, position_offset=0)[0], layer(long)[0])
     assert not torch.allclose(with_offset, layer(tail)[0])
+    if _cpu_ok():  # the cpu backend shifts its positional encoding the same way
+        layer.backend = "cpu"
+        assert torch.allclose(layer(tail, position_offset=7)[0], with_offset, atol=1e-5, rtol=0)
 
 
 def _data_parallel_worker(rank, world, init_file, wrapper):

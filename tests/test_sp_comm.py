@@ -4,9 +4,11 @@ Two gloo processes (spawned here) each hold one slice of every sequence and run 
 backward of a sequence-parallel FusedHyperMixing layer at two lengths N. Every collective that
 reaches PyTorch's dispatcher is counted (`benchmarks.sequence_parallel.CollectiveCounter`, which
 also serves the scaling benchmark): the bytes handed to collectives must be equal at both lengths
-and equal the documented 2 x B x H x k_h x d_h values in the compute dtype (one all-reduce of the
-state P in the forward, one of its gradient in the backward), plus one int64 all-gather of the
-slice length when the layer computes its own position offset."""
+and equal the documented volume in the compute dtype: two all-reduces, one in the forward and one
+in the backward, of 2 x B x H x k_h x d_h values on the reference (the state P and its gradient)
+and of B x H x (d_h^2 + d_h) values on the cpu backend (the reassociated key sums S, sv and query
+sums T, sdy), plus one int64 all-gather of the slice length when the layer computes its own
+position offset."""
 from __future__ import annotations
 
 import json
@@ -21,7 +23,7 @@ B, D, K, H = 2, 16, 48, 4  # d_h = 4, k_h = 12
 LENGTHS = (10, 37)
 
 
-def _worker(rank, world, init_file, out_dir):
+def _worker(rank, world, init_file, out_dir, backend):
     from benchmarks.sequence_parallel import CollectiveCounter
     from hmx_kernels import FusedHyperMixing
 
@@ -30,7 +32,8 @@ def _worker(rank, world, init_file, out_dir):
         results = {}
         for dtype in (torch.float32, torch.float64):
             torch.manual_seed(0)
-            layer = FusedHyperMixing(D, K, num_heads=H, sequence_parallel_group=dist.group.WORLD).to(dtype)
+            layer = FusedHyperMixing(D, K, num_heads=H, sequence_parallel_group=dist.group.WORLD,
+                                     backend=backend).to(dtype)
             for N in LENGTHS:
                 lo, hi = (0, N // 3) if rank == 0 else (N // 3, N)  # uneven slices
                 x = torch.randn(B, hi - lo, D, dtype=dtype, requires_grad=True)
@@ -46,18 +49,32 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_sequence_parallel_bytes_per_layer_do_not_depend_on_length(tmp_path):
+def _cpu_ok():
+    import hmx_kernels
+
+    x = torch.randn(1, 3, D)
+    layer = hmx_kernels.FusedHyperMixing(D, K, num_heads=H)
+    p = hmx_kernels.check_inputs(x, None, None, *layer.hyper.w1_gen.tensors(), *layer.hyper.w2_gen.tensors(),
+                                 layer.layer_norm.weight, layer.layer_norm.bias)
+    return not hmx_kernels.backend_reasons(p)["cpu"]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    not _cpu_ok(), reason="cpu backend unavailable"))])
+def test_sequence_parallel_bytes_per_layer_do_not_depend_on_length(tmp_path, backend):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    from benchmarks.sequence_parallel import state_bytes_per_layer_step
+    from benchmarks.sequence_parallel import state_bytes_per_layer_step, state_values_per_all_reduce
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), backend), nprocs=2, join=True)
     for rank in range(2):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for dtype, size in (("torch.float32", 4), ("torch.float64", 8)):
-            state = B * H * (K // H) * (D // H)  # values of P, [B, H, k_h, d_h]
-            documented = state_bytes_per_layer_step(B, D, K, H, size)
+            state = state_values_per_all_reduce(B, D, K, H, backend)
+            assert state == (B * H * (K // H) * (D // H) if backend == "reference"  # P [B, H, k_h, d_h]
+                             else B * H * ((D // H) ** 2 + D // H))  # S [d_h, d_h], sv [d_h] per (b, h)
+            documented = state_bytes_per_layer_step(B, D, K, H, size, backend=backend)
             assert documented == 2 * state * size
             for explicit_offset in (True, False):
                 per_n = [res[f"{dtype}-{N}-{explicit_offset}"] for N in LENGTHS]
@@ -65,7 +82,7 @@ def test_sequence_parallel_bytes_per_layer_do_not_depend_on_length(tmp_path):
                 assert total[0] == total[1], (dtype, explicit_offset, per_n)  # independent of N
                 ops = per_n[0]
                 reduces = [op for op in ops if "allreduce" in op["op"] or "all_reduce" in op["op"]]
-                assert [op["numel"] for op in reduces] == [state, state], ops  # forward P, backward dP
+                assert [op["numel"] for op in reduces] == [state, state], ops  # one forward, one backward
                 assert all(op["dtypes"] == [dtype.split(".")[1]] for op in reduces), ops
                 offset_bytes = 0 if explicit_offset else 8  # one int64: this rank's slice length
                 assert total[0] == documented + offset_bytes, (total, documented, ops)

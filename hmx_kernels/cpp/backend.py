@@ -94,13 +94,31 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
-def _pe_rows(variant: str, q: Tensor, k: Tensor, dtype: torch.dtype, rows=None):
-    # rows: PE rows for packed sequences (the longest sequence), else one per token
+def _pe_rows(variant: str, q: Tensor, k: Tensor, dtype: torch.dtype, rows=None, offset: int = 0):
+    # rows: PE rows for packed sequences (the longest sequence), else one per token; offset: the
+    # first token's global position (a sequence-parallel slice): rows offset .. offset + L - 1
     v = get_variant(variant)
     M, N, d = q.shape[1], k.shape[1], q.shape[2]
-    pe_k = cached_positional_encoding(v, rows or N, d, q.device).to(dtype).contiguous()  # [N, d]
-    pe_q = pe_k if (rows or M == N) else cached_positional_encoding(v, M, d, q.device).to(dtype).contiguous()
+
+    def table(length):
+        return cached_positional_encoding(v, offset + length, d, q.device)[offset:].to(dtype).contiguous()
+
+    pe_k = table(rows or N)  # [N, d]
+    pe_q = pe_k if (rows or M == N) else table(M)
     return pe_q, pe_k, v.input_scale(d)
+
+
+def _reducer(sp_group: str):
+    """The extension's `reduce` callback for sequence parallelism: an in-place sum over the group."""
+    if not sp_group:
+        return None
+    import torch.distributed as dist
+
+    group = dist.distributed_c10d._resolve_process_group(sp_group)
+
+    def reduce(t: Tensor) -> None:
+        dist.all_reduce(t, group=group)
+    return reduce
 
 
 def _blocks(query: Tensor, key: Tensor, chunk_size: int, left_context: int, cu_seqlens):
@@ -118,32 +136,34 @@ def _ctype(q: Tensor) -> torch.dtype:
 
 
 def _cpp_fwd_impl(query, key, value, query_keep, key_keep, *rest):
-    *gen, variant, chunk_size, left_context, cu_seqlens = rest
+    *gen, variant, chunk_size, left_context, cu_seqlens, position_offset, sp_group = rest
     ext = extension(query.device.type)
     ctype = _ctype(query)
     blocks, rows = _blocks(query, key, chunk_size, left_context, cu_seqlens)
-    pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype, rows)
+    pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype, rows, position_offset)
     q, k, v = _tokens(query), _tokens(key), _tokens(value)
     y, state = ext.forward(q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep), *[_c(w) for w in gen], float(scale),
-                           *blocks)
+                           *blocks, reduce=_reducer(sp_group))
     return y.to(ctype), state
 
 
 def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
-    *gen, state, variant, chunk_size, left_context, cu_seqlens = rest
+    *gen, state, variant, chunk_size, left_context, cu_seqlens, position_offset, sp_group = rest
     ext = extension(query.device.type)
     ctype = _ctype(query)
     blocks, rows = _blocks(query, key, chunk_size, left_context, cu_seqlens)
-    pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype, rows)
+    pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype, rows, position_offset)
     q, k, v = _tokens(query), _tokens(key), _tokens(value)
     grads = ext.backward(grad_y.to(query.dtype).contiguous(), q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep),
-                         *[_c(w) for w in gen], state.contiguous(), float(scale), *blocks)
+                         *[_c(w) for w in gen], state.contiguous(), float(scale), *blocks,
+                         reduce=_reducer(sp_group))
     out = [g.to(ctype) for g in grads[:3]]
     out += [query.new_empty((0,), dtype=ctype) if g is None else g for g in grads[3:]]
     return out
 
 
-CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("cpu", "cuda"), blocks=True)
+CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("cpu", "cuda"), blocks=True,
+                           sequence_parallel=True)
 
 
 def cpp_forward(p: HyperMixingProblem) -> Tensor:
@@ -192,6 +212,7 @@ register_backend(
             upcast_dtypes=HALF_DTYPES,
             causal=True,
             varlen=True,
+            sequence_parallel=True,
             device_note=" (use backend='cuda' or 'triton' for CUDA tensors)",
             available=_cpu_available,
         ),
