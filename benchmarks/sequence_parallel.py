@@ -296,7 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                           8 if args.dtype == "float64" else 4, backend=resolved)
     meta = machine_meta(args.threads)
     meta.update(command=("python -m benchmarks.sequence_parallel " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
-                cores_available=cores, settings=cfg, documented_bytes_per_step=expected,
+                cores_available=cores, settings=cfg, documented_bytes_per_step=expected, documented_backend=resolved,
                 target="W = 2 at most 0.6x the step time of W = 1")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"sequence-parallel-{device_slug(torch.device('cpu'))}")
@@ -327,14 +327,16 @@ def markdown(meta: dict, rows: List[dict]) -> str:
     for r in rows:
         note = "oversubscribed: more processes than cores" if r["oversubscribed"] else ""
         ratio = f"{r['time_vs_w1']:.2f}x" if r["time_vs_w1"] is not None else "-"
-        ops = ", ".join(op.split("::")[-1] for op in r["collectives_per_step"]) or "none"
+        ops = ", ".join(op.split(" (inside")[0].split("::")[-1] for op in r["collectives_per_step"]) or "none"
         backend = ", ".join(r["ran"]["backends"]) or f"{r['resolved_backend']} (resolved)"
         lines.append(f"| {r['world']} | {'yes' if r['grouped'] else 'no'} | {backend} | "
                      f"{r['step_ms_p50']:.1f} | {r['step_ms_min']:.1f} | {ratio} | {r['bytes_per_step_per_rank']} | {ops} | "
                      f"{r['comm_share_p50']:.3f} | {note} |")
-    lines += ["", f"Documented volume per layer and step: 2 x B x H x k_h x d_h x 4 bytes = "
-                  f"{meta['documented_bytes_per_step']} bytes (the state all-reduced in the forward, its "
-                  f"gradient in the backward). Target: {meta['target']}.", ""]
+    formula = ("2 x B x H x (d_h^2 + d_h) x 4 bytes (the key sums S, sv all-reduced in the forward, the query "
+               "sums T, sdy in the backward)" if meta.get("documented_backend") == "cpu" else
+               "2 x B x H x k_h x d_h x 4 bytes (the state P all-reduced in the forward, its gradient in the backward)")
+    lines += ["", f"Documented volume per layer and step for the backend that ran: {formula} = "
+                  f"{meta['documented_bytes_per_step']} bytes. Target: {meta['target']}.", ""]
     return "\n".join(lines)
 
 
