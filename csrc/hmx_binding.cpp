@@ -171,8 +171,13 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   }
   TORCH_CHECK(chunk_size == 0 || M == N, "hmx_kernels: causal / chunked mixing needs as many queries as keys, got M = ",
               M, ", N = ", N);
-  TORCH_CHECK(num_blocks >= std::max<int64_t>(blocks, 1), "hmx_kernels: num_blocks = ", num_blocks,
-              " is smaller than the number of mixing blocks ", blocks);
+  hmx::ProblemParams modes;  // just the block arguments, to ask how many state slots they need
+  modes.N = N;
+  modes.chunk_size = chunk_size;
+  modes.left_context = left_context;
+  const int64_t slots = q.is_cuda() ? blocks : hmx::cpu::state_slots(modes, blocks);
+  TORCH_CHECK(num_blocks >= std::max<int64_t>(slots, 1), "hmx_kernels: num_blocks = ", num_blocks,
+              " is smaller than the ", slots, " state slots these mixing blocks need");
   if (cu_seqlens) {
     TORCH_CHECK(pe_q.dim() == 2 && pe_q.size(0) >= max_len && pe_q.size(1) == d && pe_k.dim() == 2 &&
                     pe_k.size(0) >= max_len && pe_k.size(1) == d,
@@ -457,4 +462,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "is available");
   m.def("set_options", &set_options, "set_options(poison, allow_mma): NaN-fill outputs/workspaces; tensor cores");
   m.def("has_cuda", &has_cuda, "whether this build contains the CUDA kernels");
+  m.attr("CPU_TILE") = hmx::cpu::kCpuTile;  // the CPU twin's token tile (token-causal checkpoints)
 }

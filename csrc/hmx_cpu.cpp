@@ -63,8 +63,6 @@ namespace hmx {
 namespace cpu {
 namespace {
 
-// Token tile of the CPU twin (the CUDA kernels use kTokenTile); chunks are whole tiles.
-constexpr int64_t kCpuTile = 256;
 
 // Exact (erf) GELU and its derivative. fp64: std::erf / std::exp. fp32: branch-free versions the
 // compiler vectorises (`omp simd` loops below; the selects need -fno-trapping-math to become
@@ -696,9 +694,247 @@ void state_windows(const T* part, const Pieces& pc, const BlockMap& bm, int64_t 
   stack_rows(win, nb, dh, st, sv);
 }
 
+// ---- token-causal mixing as a scan (the direct form) ------------------------------------------
+// Token-causal mixing (chunk_size 1, unbounded left context) gives every token its own state
+// P_t = sum_{s <= t} W1_s^T V_s and applies GELU to all k_h x d_h of it, so the reassociated
+// blocks would pay 7 [k_h, d_h] x [d_h, d_h] products per token on top of that element-wise
+// work. The scan forms W1, W2 per token instead (one [T, d_h] x [d_h, k_h] product per tile and
+// generator) and walks the tokens of a (b, h) in order:
+//   P += W1_t^T v_t (rank 1), Y_t = W2_t GELU(P)  (one pass over P per token).
+// The forward keeps P at the start of every tile of kCpuTile tokens (the op's state: one
+// [k_h, d_h] slot per tile); the backward walks the tiles in reverse, recomputes the tile's P_t
+// from that checkpoint, and runs the reverse scan with G = sum_{s >= t} dP_s:
+//   dW2_t = GELU(P_t) dY_t, dP_t = (W2_t dY_t^T) * GELU'(P_t), G += dP_t,
+//   dW1_t = G v_t, dV_t = G^T W1_t,
+// then the generators' backward per tile (dhid = dW fc2, dfc2 += dW^T hid, the fc1 chain).
+// Packed sequences restart P (and G) at each sequence's first (last) token. Work is parallel over
+// (b, h) only: the scan is sequential along the tokens.
+inline std::vector<char> sequence_starts(const ProblemParams& pb) {
+  std::vector<char> s(pb.N + 1, 0);
+  s[0] = 1;
+  s[pb.N] = 1;  // one past the end: "the next sequence starts here"
+  if (pb.cu_seqlens)
+    for (int64_t i = 0; i <= pb.num_seqs; ++i) s[pb.cu_seqlens[i]] = 1;
+  return s;
+}
+
+// Per-thread buffers of the scan: both generators' tiles.
+template <typename T>
+struct ScanBuffers {
+  TileBuffers<T> buf;
+  Buffer<T> zk, zq, hid1, gd1, hid2, gd2, w1, w2, dw1, dw2;
+  std::vector<T> P, G, pt;  // running state, running gradient, the tile's states (backward)
+  std::vector<T> acc;       // one token's Y (forward) or dV (backward) [d_h]
+  ScanBuffers(int64_t d, int64_t dh, int64_t kh, bool backward)
+      : buf(d, dh), zk(kCpuTile * d), zq(kCpuTile * d), hid1(kCpuTile * dh), gd1(kCpuTile * dh),
+        hid2(kCpuTile * dh), gd2(kCpuTile * dh), w1(kCpuTile * kh), w2(kCpuTile * kh),
+        dw1(backward ? kCpuTile * kh : 1), dw2(backward ? kCpuTile * kh : 1), P(kh * dh), G(kh * dh),
+        pt(backward ? kCpuTile * kh * dh : 0), acc(dh) {}
+};
+
+// One generator on a tile: hid = m GELU(z fc1^T + b1) (and GELU' with grad) into hid / gd, and
+// W = hid fc2^T + m b2 [T, k_h] into w.
+template <typename T>
+void scan_generator(const Mm<T>& mm, const HeadWeights<T>& w, const Stream<T>& st, const BlockMap& bm, int64_t t0,
+                    int64_t tn, int64_t h, int64_t dh, int64_t kh, int64_t d, bool grad, T* z, TileBuffers<T>& buf,
+                    T* hid, T* gd, T* wout) {
+  load_z(st, bm, t0, tn, h * dh, (h + 1) * dh, d, z);
+  hidden(mm, w, st, t0, tn, dh, z + h * dh, d, buf, grad);
+  std::memcpy(hid, buf.hd.data(), tn * dh * sizeof(T));
+  if (grad) std::memcpy(gd, buf.gd.data(), tn * dh * sizeof(T));
+  // [T, d_h] @ [d_h, k_h] -> [T, k_h]
+  mm(false, true, tn, kh, dh, hid, dh, w.fc2_w, dh, wout, kh, false);
+  if (!w.fc2_b) return;
+  for (int64_t t = 0; t < tn; ++t) {
+    const T mt = st.m(t0 + t);
+    T* wt = wout + t * kh;
+#pragma omp simd
+    for (int64_t j = 0; j < kh; ++j) wt[j] += mt * w.fc2_b[j];
+  }
+}
+
+template <typename T>
+void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
+  const ProblemParams& pb = fp.pb;
+  const int64_t B = pb.B, H = pb.H, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d, psz = kh * dh;
+  const int64_t tiles = num_tiles(N, kCpuTile), NB = pb.num_blocks;
+  const Mm<T> mm{gemm};
+  const BlockMap bm = make_blocks(pb);
+  const std::vector<char> starts = sequence_starts(pb);
+  T* p = static_cast<T*>(fp.p);
+  T* y = static_cast<T*>(fp.y);
+#pragma omp parallel num_threads(nthreads)
+  {
+    ScanBuffers<T> sb(d, dh, kh, false);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const Stream<T> ks = make_stream<T>(pb, pb.k, pb.k_bstride, pb.k_rstride, pb.pe_k, pb.m_k, N, b);
+      const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, N, b);
+      const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
+      const HeadWeights<T> g1 = head_weights<T>(pb.g1, h, dh, kh), g2 = head_weights<T>(pb.g2, h, dh, kh);
+      T* P = sb.P.data();
+      std::fill(P, P + psz, T(0));
+      std::fill(p + (bh * NB + tiles) * psz, p + (bh + 1) * NB * psz, T(0));  // unused slots
+      for (int64_t ti = 0; ti < tiles; ++ti) {
+        const int64_t t0 = ti * kCpuTile, tn = std::min(kCpuTile, N - t0);
+        std::memcpy(p + (bh * NB + ti) * psz, P, psz * sizeof(T));  // checkpoint: P before t0
+        scan_generator(mm, g1, ks, bm, t0, tn, h, dh, kh, d, false, sb.zk.data(), sb.buf, sb.hid1.data(),
+                       sb.gd1.data(), sb.w1.data());
+        scan_generator(mm, g2, qs, bm, t0, tn, h, dh, kh, d, false, sb.zq.data(), sb.buf, sb.hid2.data(),
+                       sb.gd2.data(), sb.w2.data());
+        for (int64_t t = t0; t < t0 + tn; ++t) {
+          if (starts[t]) std::fill(P, P + psz, T(0));
+          const T* __restrict__ v = vx + t * pb.v_rstride;
+          const T* w1 = sb.w1.data() + (t - t0) * kh;
+          const T* w2 = sb.w2.data() + (t - t0) * kh;
+          T* __restrict__ acc = sb.acc.data();
+          std::fill(acc, acc + dh, T(0));
+          for (int64_t j = 0; j < kh; ++j) {
+            T* __restrict__ pj = P + j * dh;
+            const T a1 = w1[j], a2 = w2[j];
+#pragma omp simd
+            for (int64_t c = 0; c < dh; ++c) {
+              pj[c] += a1 * v[c];
+              acc[c] += a2 * gelu(pj[c]);
+            }
+          }
+          std::memcpy(y + (b * N + t) * d + h * dh, acc, dh * sizeof(T));
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
+  const ProblemParams& pb = bp.pb;
+  const int64_t B = pb.B, H = pb.H, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d, psz = kh * dh;
+  const int64_t tiles = num_tiles(N, kCpuTile), NB = pb.num_blocks, gsq = dh * dh, fsz = kh * dh + kh;
+  const int64_t f1sz = Fc1Partial<T>::size(dh);
+  const Mm<T> mm{gemm};
+  const BlockMap bm = make_blocks(pb);
+  const std::vector<char> starts = sequence_starts(pb);
+  const T* p = static_cast<const T*>(bp.p);
+  const T* dy = static_cast<const T*>(bp.dy);
+  T* dq = static_cast<T*>(bp.dq);
+  T* dk = static_cast<T*>(bp.dk);
+  T* dv = static_cast<T*>(bp.dv);
+  // per (b, h): fc1 partials (one "chunk") and fc2 gradients of each generator; summed over b after
+  std::vector<T> fc1_1(B * H * f1sz, T(0)), fc1_2(B * H * f1sz, T(0));
+  std::vector<T> fc2_1(B * H * fsz, T(0)), fc2_2(B * H * fsz, T(0));
+  const std::vector<T> fc1t_1 = fc1_transposed<T>(pb.g1, H, dh), fc1t_2 = fc1_transposed<T>(pb.g2, H, dh);
+#pragma omp parallel num_threads(nthreads)
+  {
+    ScanBuffers<T> sb(d, dh, kh, true);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const Stream<T> ks = make_stream<T>(pb, pb.k, pb.k_bstride, pb.k_rstride, pb.pe_k, pb.m_k, N, b);
+      const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, N, b);
+      const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
+      const HeadWeights<T> g1 = head_weights<T>(pb.g1, h, dh, kh), g2 = head_weights<T>(pb.g2, h, dh, kh);
+      T* G = sb.G.data();
+      std::fill(G, G + psz, T(0));
+      for (int64_t ti = tiles - 1; ti >= 0; --ti) {
+        const int64_t t0 = ti * kCpuTile, tn = std::min(kCpuTile, N - t0);
+        scan_generator(mm, g1, ks, bm, t0, tn, h, dh, kh, d, true, sb.zk.data(), sb.buf, sb.hid1.data(),
+                       sb.gd1.data(), sb.w1.data());
+        scan_generator(mm, g2, qs, bm, t0, tn, h, dh, kh, d, true, sb.zq.data(), sb.buf, sb.hid2.data(),
+                       sb.gd2.data(), sb.w2.data());
+        // the tile's states P_t, from its checkpoint
+        T* P = sb.P.data();
+        std::memcpy(P, p + (bh * NB + ti) * psz, psz * sizeof(T));
+        for (int64_t t = t0; t < t0 + tn; ++t) {
+          if (starts[t]) std::fill(P, P + psz, T(0));
+          const T* __restrict__ v = vx + t * pb.v_rstride;
+          const T* w1 = sb.w1.data() + (t - t0) * kh;
+          T* __restrict__ pt = sb.pt.data() + (t - t0) * psz;
+          for (int64_t j = 0; j < kh; ++j) {
+            T* __restrict__ pj = P + j * dh;
+            const T a1 = w1[j];
+#pragma omp simd
+            for (int64_t c = 0; c < dh; ++c) pj[c] += a1 * v[c];
+          }
+          std::memcpy(pt, P, psz * sizeof(T));
+        }
+        // reverse scan
+        for (int64_t t = t0 + tn - 1; t >= t0; --t) {
+          if (starts[t + 1]) std::fill(G, G + psz, T(0));  // t is the last token of its sequence
+          const T* __restrict__ v = vx + t * pb.v_rstride;
+          const T* __restrict__ g = dy + (b * N + t) * d + h * dh;
+          const T* w1 = sb.w1.data() + (t - t0) * kh;
+          const T* w2 = sb.w2.data() + (t - t0) * kh;
+          T* dw1 = sb.dw1.data() + (t - t0) * kh;
+          T* dw2 = sb.dw2.data() + (t - t0) * kh;
+          const T* pt = sb.pt.data() + (t - t0) * psz;
+          T* __restrict__ dvt = sb.acc.data();
+          std::fill(dvt, dvt + dh, T(0));
+          for (int64_t j = 0; j < kh; ++j) {
+            const T* __restrict__ pj = pt + j * dh;
+            T* __restrict__ gj = G + j * dh;
+            const T a1 = w1[j], a2 = w2[j];
+            T s1 = T(0), s2 = T(0);
+#pragma omp simd reduction(+ : s1, s2)
+            for (int64_t c = 0; c < dh; ++c) {
+              T a, ad;
+              gelu_both(pj[c], &a, &ad);
+              s2 += a * g[c];
+              gj[c] += a2 * g[c] * ad;
+              s1 += gj[c] * v[c];
+              dvt[c] += a1 * gj[c];
+            }
+            dw1[j] = s1;
+            dw2[j] = s2;
+          }
+          std::memcpy(dv + (b * N + t) * d + h * dh, dvt, dh * sizeof(T));
+        }
+        // the generators' backward: dW masked (W = m (hid fc2^T + b2)), dhid = dW fc2,
+        // dfc2 += dW^T hid, db2 += sum dW, then the fc1 chain
+        struct Side {
+          const HeadWeights<T>& w;
+          const Stream<T>& st;
+          T* dw;
+          const T* hid;
+          const T* gd;
+          const T* z;
+          const T* fc1t;
+          T* fc1p;
+          T* fc2p;
+          T* dx;
+        };
+        const Side sides[2] = {
+            {g1, ks, sb.dw1.data(), sb.hid1.data(), sb.gd1.data(), sb.zk.data(), fc1t_1.data() + h * gsq,
+             fc1_1.data() + bh * f1sz, fc2_1.data() + bh * fsz, dk + (b * N + t0) * d + h * dh},
+            {g2, qs, sb.dw2.data(), sb.hid2.data(), sb.gd2.data(), sb.zq.data(), fc1t_2.data() + h * gsq,
+             fc1_2.data() + bh * f1sz, fc2_2.data() + bh * fsz, dq + (b * N + t0) * d + h * dh}};
+        for (const Side& sd : sides) {
+          if (sd.st.mask)
+            for (int64_t t = 0; t < tn; ++t) {
+              const T mt = sd.st.m(t0 + t);
+#pragma omp simd
+              for (int64_t j = 0; j < kh; ++j) sd.dw[t * kh + j] *= mt;
+            }
+          // dhid = dW fc2: [T, k_h] @ [k_h, d_h] -> [T, d_h]
+          mm(false, false, tn, dh, kh, sd.dw, kh, sd.w.fc2_w, dh, sb.buf.dhd.data(), dh, false);
+          // dfc2 += dW^T hid: [k_h, T] @ [T, d_h] -> [k_h, d_h]; db2 += sum_t dW_t
+          mm(true, false, kh, dh, tn, sd.dw, kh, sd.hid, dh, sd.fc2p, dh, true);
+          add_rows(sd.dw, kh, tn, kh, static_cast<const T*>(nullptr), sd.fc2p + kh * dh);
+          std::memcpy(sb.buf.gd.data(), sd.gd, tn * dh * sizeof(T));
+          Fc1Partial<T> f1(sd.fc1p, dh);
+          fc1_backward(mm, sd.fc1t, tn, dh, sd.st.scale, sd.z + h * dh, d, sb.buf, f1, sd.dx, d);
+        }
+      }
+    }
+  }
+  reduce_generator_grads<T>(fc1_1, fc2_1, B, H, 1, dh, kh, bp.dg1, nthreads);
+  reduce_generator_grads<T>(fc1_2, fc2_2, B, H, 1, dh, kh, bp.dg2, nthreads);
+}
+
 template <typename T>
 void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads, const Reducer& reduce) {
   const ProblemParams& pb = fp.pb;
+  if (token_scan(pb)) return scan_forward_impl<T>(fp, gemm, nthreads);
   const int64_t B = pb.B, H = pb.H, M = pb.M, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d;
   const Mm<T> mm{gemm};
   T* p = static_cast<T*>(fp.p);
@@ -772,6 +1008,7 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads, const R
 template <typename T>
 void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const Reducer& reduce) {
   const ProblemParams& pb = bp.pb;
+  if (token_scan(pb)) return scan_backward_impl<T>(bp, gemm, nthreads);
   const int64_t B = pb.B, H = pb.H, M = pb.M, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d;
   const Mm<T> mm{gemm};
   const T* p = static_cast<const T*>(bp.p);

@@ -15,6 +15,20 @@
 namespace hmx {
 namespace cpu {
 
+// Token tile of the CPU twin (the CUDA kernels use kTokenTile); work chunks are whole tiles.
+constexpr int64_t kCpuTile = 256;
+
+// Token-causal mixing (chunk_size 1, unbounded left context) runs as a scan over the tokens
+// (hmx_cpu.cpp, "token-causal mixing as a scan"); its state slots are checkpoints of P, one per
+// tile of kCpuTile tokens, not one per token.
+inline bool token_scan(const ProblemParams& pb) { return pb.chunk_size == 1 && pb.left_context < 0; }
+
+// [k_h, d_h] state slots per (b, h) the forward writes to p (the op's state): one per mixing
+// block, or one per tile for the token scan.
+inline int64_t state_slots(const ProblemParams& pb, int64_t blocks) {
+  return token_scan(pb) ? (pb.N + kCpuTile - 1) / kCpuTile : blocks;
+}
+
 // Column-major BLAS convention: C = alpha op(A) op(B) + beta C, op(A) [m, k], op(B) [k, n],
 // C [m, n]; trans 'N' or 'T'; beta = 0 never reads C.
 template <typename T>

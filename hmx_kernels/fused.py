@@ -56,7 +56,7 @@ def _sizes(query: Tensor, key: Tensor, fc2_w: Tensor):
     return B, M, N, d, H, d_h, k_h
 
 
-def state_blocks(N, chunk_size: int, cu_seqlens: Optional[Tensor]):
+def state_blocks(N, chunk_size: int, cu_seqlens: Optional[Tensor], left_context: int = -1):
     """Block slots of the state per batch row: 1 (non-causal), ceil(N / C) with chunks of C, the
     sequence count for packed sequences, and N // C + num_seqs (an upper bound of
     sum_s ceil(len_s / C); unused slots hold zeros) for packed sequences in chunks."""
@@ -67,7 +67,7 @@ def state_blocks(N, chunk_size: int, cu_seqlens: Optional[Tensor]):
 
 
 def check_op_args(query, key, value, query_keep, key_keep, gen, state=None, grad_y=None, chunk_size=0,
-                  left_context=-1, cu_seqlens=None) -> None:
+                  left_context=-1, cu_seqlens=None, state_slots=state_blocks) -> None:
     """The ops' own input check (they are public: torch.ops.hmx_kernels.*), so that no call, even
     one that bypasses `check_inputs`, makes a kernel read or write out of bounds. Raises
     ValueError / TypeError naming the argument."""
@@ -118,7 +118,7 @@ def check_op_args(query, key, value, query_keep, key_keep, gen, state=None, grad
                  f"{list(cu_seqlens.shape)}")
         if B != 1:
             fail(f"packed sequences (cu_seqlens) need tokens [1, total, d], got B = {B}")
-    nb = state_blocks(N, chunk_size, cu_seqlens)
+    nb = state_slots(N, chunk_size, cu_seqlens, left_context)
     if state is not None and tuple(state.shape) != (B, H, nb * k_h, d_h):
         fail(f"state must have shape [{B}, {H}, {nb} * {k_h}, {d_h}], got {list(state.shape)}")
     if grad_y is not None and tuple(grad_y.shape) != (B, M, d):
@@ -130,13 +130,20 @@ def check_op_args(query, key, value, query_keep, key_keep, gen, state=None, grad
             fail(f"{name} is on {t.device} but query is on {query.device}")
 
 
-def fwd_fake(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
-             w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant, chunk_size=0, left_context=-1, cu_seqlens=None,
-             position_offset=0, sp_group=""):
-    B, M, N, d, H, d_h, k_h = _sizes(query, key, w1_fc2_w)
-    cdt = compute_dtype_of(query.dtype)
-    nb = state_blocks(N, chunk_size, cu_seqlens)
-    return query.new_empty((B, M, d), dtype=cdt), query.new_empty((B, H, nb * k_h, d_h), dtype=cdt)
+def make_fwd_fake(state_slots=state_blocks):
+    """The forward's fake (meta) implementation for a backend whose state has
+    `state_slots(N, chunk_size, cu_seqlens, left_context)` [k_h, d_h] slots per (b, h)."""
+    def fwd_fake(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
+                 w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant, chunk_size=0, left_context=-1, cu_seqlens=None,
+                 position_offset=0, sp_group=""):
+        B, M, N, d, H, d_h, k_h = _sizes(query, key, w1_fc2_w)
+        cdt = compute_dtype_of(query.dtype)
+        nb = state_slots(N, chunk_size, cu_seqlens, left_context)
+        return query.new_empty((B, M, d), dtype=cdt), query.new_empty((B, H, nb * k_h, d_h), dtype=cdt)
+    return fwd_fake
+
+
+fwd_fake = make_fwd_fake()
 
 
 def bwd_fake(grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
@@ -167,6 +174,7 @@ def define_fused_ops(
     triton: bool = False,
     blocks: bool = False,
     sequence_parallel: bool = False,
+    state_slots: Callable = state_blocks,
 ) -> FusedOps:
     """Define hmx_kernels::<backend>_fwd / _bwd over `fwd_impl` / `bwd_impl` (same signatures as
     `fwd_fake` / `bwd_fake`), with the shared fake implementations and autograd.
@@ -176,7 +184,8 @@ def define_fused_ops(
     but the defaults. sequence_parallel=True: the impls also take (position_offset, sp_group)
     last: the first token's global position and the name of the torch.distributed group to sum
     the cross-slice token sums over ("" = none; `group.group_name`); the ops' own backward then
-    sums the gradient's sums over the same group.
+    sums the gradient's sums over the same group. state_slots(N, chunk_size, cu_seqlens,
+    left_context): the [k_h, d_h] slots per (b, h) of the state (default `state_blocks`).
 
     triton=True: `torch.library.triton_op` (the impls launch kernels through `wrap_triton`, and
     torch.compile can see into them); the impls then double as their own fake implementations
@@ -190,7 +199,8 @@ def define_fused_ops(
             sp_group: str = "") -> Tuple[Tensor, Tensor]:
         check_op_args(query, key, value, query_keep, key_keep,
                       (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b),
-                      chunk_size=chunk_size, left_context=left_context, cu_seqlens=cu_seqlens)
+                      chunk_size=chunk_size, left_context=left_context, cu_seqlens=cu_seqlens,
+                      state_slots=state_slots)
         args = (query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
                 w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant)
         return fwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens),
@@ -205,7 +215,7 @@ def define_fused_ops(
         check_op_args(query, key, value, query_keep, key_keep,
                       (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b),
                       state=state, grad_y=grad_y, chunk_size=chunk_size, left_context=left_context,
-                      cu_seqlens=cu_seqlens)
+                      cu_seqlens=cu_seqlens, state_slots=state_slots)
         args = (grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w,
                 w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant)
         return bwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens),
@@ -236,7 +246,7 @@ def define_fused_ops(
     else:
         fwd_op = torch.library.custom_op(fwd_name, fwd, mutates_args=(), device_types=tuple(device_types))
         bwd_op = torch.library.custom_op(bwd_name, bwd, mutates_args=(), device_types=tuple(device_types))
-        fwd_op.register_fake(fwd_fake)
+        fwd_op.register_fake(make_fwd_fake(state_slots))
         bwd_op.register_fake(bwd_fake)
 
     n_tensors = 13  # query, key, value, 2 keeps, 8 generator tensors

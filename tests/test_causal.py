@@ -234,3 +234,23 @@ def test_converted_speechbrain_layer_attn_mask_policies(config):
     direct = FusedHyperMixing(16, 32, num_heads=2)
     with pytest.raises(NotImplementedError, match="attn_mask_policy"):
         direct(x.float(), x.float(), x.float(), attn_mask=mask)
+
+
+@needs_cpu
+def test_cpu_token_causal_runs_as_a_scan_with_tile_checkpoints():
+    """Token-causal mixing on the cpu backend is the scan (csrc/hmx_cpu.cpp): its state holds one
+    [k_h, d_h] checkpoint per tile of CPU_TILE tokens, not one per token; chunk-causal mixing keeps
+    one per chunk. The Python shape function and the extension agree on the tile."""
+    from hmx_kernels.cpp.backend import CPP_OPS, CPU_TILE, extension
+
+    assert extension("cpu").CPU_TILE == CPU_TILE
+    case = make_case(variant="speechbrain", B=1, M=600, d=8, H=2, k_h=5, masks=False)
+    p = hmx_kernels.check_inputs(**case.kwargs())
+    args = (p.query, p.key, p.value, None, None, *p.generator_weights(), "speechbrain")
+    _, state = CPP_OPS.fwd(*args, 1, -1)
+    assert tuple(state.shape) == (1, 2, 3 * 5, 4)  # ceil(600 / 256) = 3 checkpoints
+    _, state = CPP_OPS.fwd(*args, 7, 2)
+    assert tuple(state.shape) == (1, 2, 86 * 5, 4)  # ceil(600 / 7) = 86 chunks
+    with pytest.raises(Exception, match="state slots"):  # the binding checks the slot count itself
+        extension("cpu").forward(p.query, p.key, p.value, *[torch.zeros(600, 8)] * 2, None, None,
+                                 *p.generator_weights(), 1.0, 1, -1, None, 2)

@@ -331,3 +331,29 @@ def test_double_backward_works_on_the_reference():
     (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     (ggx,) = torch.autograd.grad(gx.square().sum(), x)
     assert torch.isfinite(ggx).all() and ggx.abs().sum() > 0
+
+
+MODE_ARGS = {  # (chunk_size, left_context, packed)
+    "token-causal": (1, -1, False),
+    "chunk3-L1": (3, 1, False),
+    "packed": (0, -1, True),
+    "packed-chunk2": (2, -1, True),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODE_ARGS))
+def test_opcheck_mixing_blocks(mode):
+    """The cpp ops with causal, chunked and packed mixing: schema, fake state shape (per-backend
+    state slots), autograd registration."""
+    chunk, left, packed = MODE_ARGS[mode]
+    case = make_case(variant="speechbrain", B=1, M=11, d=12, H=2, k_h=10, masks=False, input_scale=0.3)
+    args, p = _op_args(case, device="cpu")
+    ops = _ops("cpu")
+    args = tuple(a.detach().requires_grad_(i not in (3, 4)) if isinstance(a, torch.Tensor) else a
+                 for i, a in enumerate(args))
+    cu = torch.tensor([0, 4, 5, 11], dtype=torch.int32) if packed else None
+    extra = (chunk, left, cu)
+    torch.library.opcheck(ops.fwd, (*args, *extra))
+    y, state = ops.fwd(*args, *extra)
+    torch.library.opcheck(ops.bwd, (torch.randn_like(y), *args[:-1], state, args[-1], *extra),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -121,13 +121,27 @@ def _reducer(sp_group: str):
     return reduce
 
 
+# The CPU twin's token tile (csrc/hmx_cpu.h kCpuTile; the extension's CPU_TILE, checked in tests).
+CPU_TILE = 256
+
+
+def cpu_state_slots(N, chunk_size: int, cu_seqlens, left_context: int = -1):
+    """[k_h, d_h] state slots per (b, h) of the cpp ops: one per mixing block (`state_blocks`),
+    except token-causal mixing, which the twin runs as a scan keeping one checkpoint of P per tile
+    of CPU_TILE tokens (csrc/hmx_cpu.cpp)."""
+    if chunk_size == 1 and left_context < 0:
+        return (N + CPU_TILE - 1) // CPU_TILE
+    return state_blocks(N, chunk_size, cu_seqlens, left_context)
+
+
 def _blocks(query: Tensor, key: Tensor, chunk_size: int, left_context: int, cu_seqlens):
     """The binding's block arguments and the PE row count (None: one row per token)."""
+    N = key.shape[1]
     if cu_seqlens is None:
-        return (chunk_size, left_context, None, state_blocks(key.shape[1], chunk_size, None)), None
+        return (chunk_size, left_context, None, cpu_state_slots(N, chunk_size, None, left_context)), None
     cu = cu_seqlens.to("cpu", torch.int64).contiguous()
     rows = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 1
-    return (chunk_size, left_context, cu, state_blocks(key.shape[1], chunk_size, cu)), max(rows, 1)
+    return (chunk_size, left_context, cu, cpu_state_slots(N, chunk_size, cu, left_context)), max(rows, 1)
 
 
 def _ctype(q: Tensor) -> torch.dtype:
@@ -163,7 +177,7 @@ def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
 
 
 CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("cpu", "cuda"), blocks=True,
-                           sequence_parallel=True)
+                           sequence_parallel=True, state_slots=cpu_state_slots)
 
 
 def cpp_forward(p: HyperMixingProblem) -> Tensor:
