@@ -37,7 +37,8 @@
 // Per token and head that is 15 [1, d_h] x [d_h, d_h] products in forward + backward (forward 2
 // per key and 2 per query, backward 5 per query and 6 per key; hmx_kernels/flops.py); per block
 // and head 7 [k_h, d_h] x [d_h, d_h] products (forward 2, backward 5), which is what blocks of a
-// few tokens pay for (token-causal: 7 k_h d_h^2 per token). Every tile product is one call of the
+// few tokens pay for; token-causal mixing runs as a scan in the direct form instead (below,
+// "token-causal mixing as a scan"). Every tile product is one call of the
 // BLAS gemm passed in (hmx_cpu.h), on tiles of kCpuTile tokens (runs of one block inside a tile);
 // element-wise work (mask, bias, GELU) runs between the calls. The keep masks hold only 0 and 1
 // (the op contract), which the folding of masks below relies on (m^2 = m).
