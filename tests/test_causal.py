@@ -254,3 +254,69 @@ def test_cpu_token_causal_runs_as_a_scan_with_tile_checkpoints():
     with pytest.raises(Exception, match="state slots"):  # the binding checks the slot count itself
         extension("cpu").forward(p.query, p.key, p.value, *[torch.zeros(600, 8)] * 2, None, None,
                                  *p.generator_weights(), 1.0, 1, -1, None, 2)
+
+
+class _MaskedMixing(torch.nn.Module):
+    """A converted layer's weights through the explicit O(N^2) masked formulation, honouring the
+    attn_mask the encoder passes (speechbrain's call convention)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, query, key, value, attn_mask=None, key_padding_mask=None, **kw):
+        N = query.shape[1]
+        allowed = torch.ones(N, N, dtype=torch.bool) if attn_mask is None else (
+            ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == 0)
+        ly = self.layer
+        out = masked_hyper_mixing(query, None, None, ly.hyper.w1_gen.tensors(), ly.hyper.w2_gen.tensors(),
+                                  (ly.layer_norm.weight, ly.layer_norm.bias), variant="speechbrain",
+                                  allowed=allowed, key_padding_mask=key_padding_mask)
+        return out, None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", ["causal", "dct"])
+def test_converted_speechbrain_transformer_asr(config, backend):
+    """A speechbrain TransformerASR with HyperMixing attention, causal (transformer encoder,
+    causal=True) or trained with Dynamic Chunk Training (conformer encoder, chunk 3, left context
+    1), converted layer by layer: "ignore" reproduces the original model (which ignores the mask),
+    "honour" equals the same model with every layer replaced by the masked formulation."""
+    import copy
+
+    T, DCT = _sb_masks()
+    torch.manual_seed(0)
+    dct = None
+    if config == "causal":
+        model = T.TransformerASR(tgt_vocab=10, input_size=20, d_model=16, nhead=2, num_encoder_layers=2,
+                                 num_decoder_layers=0, d_ffn=32, attention_type="hypermixing", causal=True,
+                                 dropout=0.0)
+        attr = "self_att"
+    else:
+        model = T.TransformerASR(tgt_vocab=10, input_size=20, d_model=16, nhead=2, num_encoder_layers=2,
+                                 num_decoder_layers=0, d_ffn=32, attention_type="hypermixing", causal=False,
+                                 encoder_module="conformer", kernel_size=3, normalize_before=True, dropout=0.0)
+        attr = "mha_layer"
+        dct = DCT(chunk_size=3, left_context_size=1)
+    model = model.double().eval()
+    x = torch.randn(2, 11, 20, dtype=torch.float64)
+    wav_len = torch.tensor([1.0, 0.7], dtype=torch.float64)
+
+    def encode(m):
+        return m.encode(x, wav_len, dynchunktrain_config=dct)
+
+    original = encode(model)
+    converted = copy.deepcopy(model)
+    for enc_layer in converted.encoder.layers:
+        setattr(enc_layer, attr, FusedHyperMixing.from_speechbrain(getattr(enc_layer, attr), backend=backend))
+    with pytest.warns(UserWarning, match="ignores attn_mask"):
+        ignored = encode(converted)
+    assert_close("ignore", ignored, original, RTOL)
+    masked = copy.deepcopy(converted)
+    for enc_layer in converted.encoder.layers:
+        getattr(enc_layer, attr).attn_mask_policy = "honour"
+    for enc_layer in masked.encoder.layers:
+        setattr(enc_layer, attr, _MaskedMixing(getattr(enc_layer, attr)))
+    honoured = encode(converted)
+    assert_close("honour", honoured, encode(masked), RTOL)
+    assert (honoured - ignored).abs().max() > 1e-6  # the mask did restrict the mixing
