@@ -8,8 +8,9 @@ last L chunks' Q (L chunks of left context) — O(1) memory in the number of pie
 sequence piece by piece gives the result of one pass over the whole sequence.
 
 A chunk's output depends on its whole chunk, so every piece but the last must hold whole chunks
-(a multiple of chunk_size tokens; any length for the token-causal mode). Today the reference
-backend computes the pieces (the fused backends do not implement the causal modes yet).
+(a multiple of chunk_size tokens; any length for the token-causal mode). The reference backend
+computes the pieces: the fused backends run the causal modes over whole sequences (and packed
+ones) but take no carried state yet.
 """
 from __future__ import annotations
 
