@@ -223,6 +223,11 @@ def _worker(rank: int, world: int, init_file: str, cfg: dict, out_dir: str) -> N
     finally:
         if grouped:
             dist.destroy_process_group()
+    # results are written: skip the interpreter's shutdown, where gloo processes intermittently
+    # abort ("terminate called without an active exception"), which mp.spawn would report as a failure
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_world(world: int, cfg: dict) -> Dict[str, object]:

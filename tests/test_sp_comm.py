@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from envtools import exit_worker_now
+
 B, D, K, H = 2, 16, 48, 4  # d_h = 4, k_h = 12
 LENGTHS = (10, 37)
 
@@ -47,6 +49,7 @@ def _worker(rank, world, init_file, out_dir, backend):
             json.dump(results, f)
     finally:
         dist.destroy_process_group()
+    exit_worker_now()
 
 
 def _cpu_ok():
