@@ -48,8 +48,9 @@ from ..fused import define_fused_ops, run_fused
 from ..reference.positional import cached_positional_encoding, frequencies, positional_encoding
 from ..validation import HyperMixingProblem
 from ..variants import get_variant
+from . import config as _config
 from .config import INTERPRETED_KERNELS, block_d, dot_precision
-from .hyper_mixing_bwd import hmx_bwd_kernel_key, hmx_bwd_kernel_query
+from .hyper_mixing_bwd import hmx_bwd_kernel_key, hmx_bwd_kernel_query, hmx_bwd_kernel_tsum
 from .hyper_mixing_fwd import hmx_fwd_kernel_mix, hmx_fwd_kernel_state
 
 __all__ = ["TRITON_OPS", "triton_forward", "set_nan_poison"]
@@ -160,14 +161,15 @@ def _state(s, key, value, key_keep, w1, pe, pe_table):
     keep, smb, smn, has_mask = _keep_args(key_keep, key)
     s_part = _empty((s.B * s.H, n_chunks, s.d_h, s.d_h), torch.float32, key.device)
     sv_part = _empty((s.B * s.H, n_chunks, s.d_h), torch.float32, key.device)
-    _launch(hmx_fwd_kernel_state, (s.B * s.H, n_chunks),
+    row_split = _config.row_split(s.d_h)
+    _launch(hmx_fwd_kernel_state, (s.B * s.H * row_split, n_chunks),
         key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2),
         keep, smb, smn, pe, pe,
         fc1w, fc1b, s_part, sv_part,
         s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
-        OPERAND=precision[0], DOT_PREC=precision[1], BLOCK_D=block_d(s.d_h),
+        ROW_SPLIT=row_split, OPERAND=precision[0], DOT_PREC=precision[1], BLOCK_D=block_d(s.d_h),
     )
     return s_part.sum(dim=1), sv_part.sum(dim=1)  # fixed-order sums over the chunks
 
@@ -249,6 +251,20 @@ def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table):
     dq = _empty((s.B, s.M, s.d), torch.float32, device)
     t_part, sdy_part = _square_partials(s, n_chunks, device)
     fc1_parts = _square_partials(s, n_chunks, device)
+    split = _config.split_state(s.d_h)
+    if split:  # T, sdy in a pass of their own (config.SPLIT_BLOCK_D)
+        row_split = _config.row_split(s.d_h)
+        tprec = _precision(query.dtype, s.d_h, "hmx_bwd_kernel_tsum")
+        _launch(hmx_bwd_kernel_tsum, (s.B * s.H * row_split, n_chunks),
+            query, query.stride(0), query.stride(1), query.stride(2),
+            dy, dy.stride(0), dy.stride(1),
+            keep, smb, smn, pe, pe,
+            fc1w, fc1b, t_part, sdy_part,
+            s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
+            D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
+            SCALE_TILES=query.dtype == torch.float16, ROW_SPLIT=row_split, OPERAND=tprec[0],
+            DOT_PREC=tprec[1], BLOCK_D=block_d(s.d_h),
+        )
     _launch(hmx_bwd_kernel_query, (s.B * s.H, n_chunks),
         query, query.stride(0), query.stride(1), query.stride(2),
         keep, smb, smn, pe, pe,
@@ -258,8 +274,8 @@ def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table):
         t_part, sdy_part, *fc1_parts,
         s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
-        SCALE_TILES=query.dtype == torch.float16, OPERAND=precision[0], DOT_PREC=precision[1],
-        BLOCK_D=block_d(s.d_h),
+        SCALE_TILES=query.dtype == torch.float16, ACC_T=not split, OPERAND=precision[0],
+        DOT_PREC=precision[1], BLOCK_D=block_d(s.d_h),
     )
     T = t_part.sum(dim=1).view(s.B, s.H, s.d_h, s.d_h)  # fixed-order sums over the chunks
     sdy = sdy_part.sum(dim=1).view(s.B, s.H, s.d_h)
@@ -283,8 +299,9 @@ def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table):
     keep, smb, smn, has_mask = _keep_args(key_keep, key)
     dk = _empty((s.B, s.N, s.d), torch.float32, device)
     dv = _empty((s.B, s.N, s.d), torch.float32, device)
-    s_part, sv_part = _square_partials(s, n_chunks, device)
     fc1_parts = _square_partials(s, n_chunks, device)
+    split = _config.split_state(s.d_h)
+    s_part, sv_part = fc1_parts if split else _square_partials(s, n_chunks, device)  # split: unused
     _launch(hmx_bwd_kernel_key, (s.B * s.H, n_chunks),
         key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2),
@@ -294,11 +311,14 @@ def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table):
         s_part, sv_part, *fc1_parts,
         s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
-        HAS_FC2_BIAS=r0 is not None, OPERAND=precision[0], DOT_PREC=precision[1],
+        HAS_FC2_BIAS=r0 is not None, ACC_S=not split, OPERAND=precision[0], DOT_PREC=precision[1],
         BLOCK_D=block_d(s.d_h),
     )
-    S = s_part.sum(dim=1).view(s.B, s.H, s.d_h, s.d_h)  # fixed-order sums over the chunks
-    sv = sv_part.sum(dim=1).view(s.B, s.H, s.d_h)
+    if split:  # S, sv from the state pass again (config.SPLIT_BLOCK_D)
+        S, sv = _state(s, key, value, key_keep, w1, pe, pe_table)
+    else:
+        S, sv = s_part.sum(dim=1), sv_part.sum(dim=1)  # fixed-order sums over the chunks
+    S, sv = S.view(s.B, s.H, s.d_h, s.d_h), sv.view(s.B, s.H, s.d_h)
     return dk, dv, S, sv, _fc1_grads(s, fc1_parts, flags["HAS_FC1_BIAS"])
 
 
