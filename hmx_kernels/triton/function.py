@@ -9,7 +9,10 @@ P [B, H, k_h, d_h] fp32, which autograd saves: nothing of size [N, k_h].
 Backward (`triton_bwd`), reassociated (see hyper_mixing_bwd.py): A, C from the saved P; the query
 pass (T, sdy, MLP2's fc1 gradients, dquery) -> finalize: dA, MLP2's fc2 gradients, dP = dA * GELU'(P),
 R, r0 -> the key pass (S, sv, MLP1's fc1 gradients, dkey, dvalue) -> finalize: MLP1's fc2
-gradients. All token reductions are per-program fp32 partials ([D, D] and [D] per chunk) summed
+gradients. From d_h 128 on (config.SPLIT_BLOCK_D) the state pass splits S's rows over two programs
+per (b, h, chunk), the backward takes T, sdy from `hmx_bwd_kernel_tsum` and S, sv from the state
+pass run again, and the query and key passes leave those sums out (ACC_T / ACC_S), so that every
+program fits its registers. All token reductions are per-program fp32 partials ([D, D] and [D] per chunk) summed
 here with torch.sum in a fixed order (deterministic, no atomics); the finalize products are torch
 matmuls on [B, H, k_h, d_h] tensors (`_matmul`: fp32 as torch's float32 matmul precision allows,
 fp64 in "high"). Tied hypernetworks and self-mixing (speechbrain: query = key = value) need no

@@ -8,6 +8,9 @@ and hid_t = GELU(z_t fc1^T + b1) ([d_h]) of each generator:
 - state pass (`hmx_fwd_kernel_state`, grid [B*H, n_chunks]): each program streams the key tiles of
   one chunk of the sequence, builds z on chip, runs fc1 -> GELU and accumulates the chunk's S and
   sv (fp32, [D, D] and [D]). Two tile products: z fc1^T and hid^T V.
+  From d_h 128 on (config.SPLIT_BLOCK_D) the rows of S are split over ROW_SPLIT = 2 programs by
+  hidden unit (each computes half of hid from half of fc1's rows and holds a [D / 2, D]
+  accumulator): two [D, D] fp32 tiles per program do not fit the registers without spilling.
 - finalize (torch, in the launcher, on [B*H, ...] tensors): S, sv = fixed-order sums of the chunk
   partials; P = fc2 S + b2 sv^T [k_h, d_h]; A = GELU(P); C = fc2_2^T A; c0 = b2_2^T A. k_h (72,
   128, 256, ... any size, no padding) appears only here.
