@@ -23,7 +23,9 @@ Outputs (benchmarks/results):
   at d_h 128 (refused by hmx_kernels/triton/backend.py; its TF32 kernels compiled to show why) and
   the CUDA kernels the CUDA backend declines (cuda_resources.decline_reason);
 - kernels.md: the invariants, the pruned Triton candidates with the measured reason, the CUDA
-  kernels per shape, and a roofline estimate per shape.
+  kernels per shape, and a roofline estimate per shape;
+- with --pe-on-chip (only): kernels-pe-on-chip.csv, the Triton rows of kernels.csv compiled again
+  with the positional encoding computed on chip (COLUMNS + stack_bytes).
 
 This module must run without TRITON_INTERPRET (kernels decorated for the interpreter do not
 compile); it refuses otherwise.
@@ -283,8 +285,19 @@ def classify(row: dict) -> dict:
     return row
 
 
-def run_jobs(job_list: List[Job], n_jobs: int = 1, progress: bool = True) -> List[dict]:
+def set_pe_on_chip(on: bool) -> None:
+    """Compile the kernels with the positional encoding computed on chip (hmx_kernels.triton.function
+    PE_ON_CHIP) or read from the table (the default), in this process."""
+    from hmx_kernels.triton import function as fn
+
+    if fn.PE_ON_CHIP != on:
+        fn.PE_ON_CHIP = on
+        capture_launches.cache_clear()
+
+
+def run_jobs(job_list: List[Job], n_jobs: int = 1, progress: bool = True, pe_on_chip: bool = False) -> List[dict]:
     t0 = time.time()
+    set_pe_on_chip(pe_on_chip)
     if n_jobs <= 1:
         rows = []
         for i, job in enumerate(job_list):
@@ -294,7 +307,8 @@ def run_jobs(job_list: List[Job], n_jobs: int = 1, progress: bool = True) -> Lis
         return rows
     import multiprocessing
 
-    with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=set_pe_on_chip,
+                             initargs=(pe_on_chip,)) as pool:
         rows = []
         for i, row in enumerate(pool.map(run_job, job_list, chunksize=4)):
             rows.append(row)
@@ -611,6 +625,22 @@ def cuda_rows(archs: Tuple[int, ...], shapes: Tuple[Tuple[int, int], ...]) -> Li
 ROW_SOURCES["cuda"] = cuda_rows
 
 
+def pe_on_chip_rows(kernels_csv: str, n_jobs: int = 1) -> List[dict]:
+    """The Triton rows of `kernels_csv` (the candidates the autotuner may run) compiled again with
+    the positional encoding computed on chip (PE_ON_CHIP) instead of read from the fp32 table:
+    the same columns plus stack_bytes (ptxas' stack frame: libdevice's sin / cos keep their
+    argument reduction's array in local memory)."""
+    wanted = []
+    for r in read_csv(kernels_csv):
+        if r["backend"] != "triton":
+            continue
+        parts = r["config"].split("-")
+        wanted.append(Job(int(r["arch"].removeprefix("sm_")), tuple(int(x) for x in r["shape"].split(",")),
+                          r["dtype"], r["kernel"], parts[3] if len(parts) > 3 else "half",
+                          (int(parts[0][2:]), int(parts[1][1:]), int(parts[2][1:]))))
+    return run_jobs(wanted, n_jobs, pe_on_chip=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     _check_not_interpreting()
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0])
@@ -619,6 +649,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-limit", action="store_true", help="leave out the limit shape (d_h 128)")
     p.add_argument("--backends", default="triton," + ",".join(ROW_SOURCES),
                    help="comma-separated backends to report (default: all; cuda needs nvcc)")
+    p.add_argument("--pe-on-chip", action="store_true",
+                   help="only compile the Triton rows of OUT/kernels.csv again with the positional encoding "
+                        "computed on chip (hmx_kernels.triton.function.PE_ON_CHIP) and write "
+                        "OUT/kernels-pe-on-chip.csv (the evidence for keeping the table)")
     p.add_argument("--save-json", default=None, help="also write every compiled row (pruned ones too) here")
     p.add_argument("--from-json", default=None,
                    help="rewrite the reports from rows saved by --save-json (no compiling, except backends "
@@ -629,6 +663,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         p.error(f"unknown backends {sorted(unknown)}")
     shapes = SHAPES + (() if a.no_limit else LIMIT_SHAPES)
+    if a.pe_on_chip:
+        rows = pe_on_chip_rows(os.path.join(a.out, "kernels.csv"), a.jobs)
+        write_csv(os.path.join(a.out, "kernels-pe-on-chip.csv"), rows, COLUMNS + ["stack_bytes"])
+        print(f"wrote {a.out}/kernels-pe-on-chip.csv: {len(rows)} rows, {sum(1 for r in rows if r['spill_bytes'])} "
+              "with spills")
+        return 0
     t0 = time.time()
     main_rows: List[dict] = []
     limit_rows: List[dict] = []
@@ -643,7 +683,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif "triton" in backends:
         job_list = jobs(SHAPES, DTYPES) + ([] if a.no_limit else jobs(LIMIT_SHAPES, HALF_DTYPES))
         limit_jobs = [] if a.no_limit else jobs(LIMIT_SHAPES, ("fp32",), precisions=LIMIT_FP32_PRECISIONS)
-        rows = run_jobs(job_list + limit_jobs, a.jobs)
+        rows = run_jobs(job_list + limit_jobs, a.jobs, pe_on_chip=a.pe_on_chip)
         main_rows, limit_rows = rows[:len(job_list)], rows[len(job_list):]
     for r in limit_rows:
         r["reason"] = triton_limit_reason(r)

@@ -233,3 +233,21 @@ def test_readme_gpu_estimates_follow_the_roofline():
         for gpu, lim, t in (("H100", lim100, t100), ("H200", lim200, t200)):
             rf = K.roofline(int(d), int(k), dtype, prec, gpu)
             assert (lim, int(t)) == (rf["limit"], round(rf["bound_us"])), (d, k, what, gpu, rf)
+
+
+def test_positional_encoding_stays_a_table_while_on_chip_spills():
+    """hmx_kernels.triton.function.PE_ON_CHIP may be on only if every kept candidate compiles
+    without spills with the sinusoid computed on chip (benchmarks/results/kernels-pe-on-chip.csv:
+    the Triton rows of kernels.csv compiled again that way, `python -m benchmarks.kernels
+    --pe-on-chip`)."""
+    from hmx_kernels.triton import function as fn
+
+    path = os.path.join(K.RESULTS, "kernels-pe-on-chip.csv")
+    with open(path) as f:
+        assert f.readline().strip().split(",") == K.COLUMNS + ["stack_bytes"]
+    rows = K.read_csv(path)
+    key = lambda r: (r["arch"], r["shape"], r["dtype"], r["kernel"], r["config"])  # noqa: E731
+    assert sorted(map(key, rows)) == sorted(key(r) for r in K.read_csv(CSV) if r["backend"] == "triton"), \
+        "kernels-pe-on-chip.csv is stale: rerun python -m benchmarks.kernels --pe-on-chip"
+    spilling = [key(r) for r in rows if int(r["spill_bytes"])]
+    assert fn.PE_ON_CHIP == (not spilling), spilling[:5]

@@ -64,7 +64,13 @@ CHUNK_MIN = 128  # fewest tokens per chunk (a chunk's d_h x d_h partials stay be
 # Positional encodings: by default both variants read the fp32 table (bitwise the values the
 # reference uses; the table is [L, d], shared by the batch). PE_ON_CHIP = True computes the
 # speechbrain sinusoid on chip from position x frequency instead (no table read; the GPU's sin/cos
-# may differ from torch's by a few ulp, more for angles in the thousands).
+# may differ from torch's by a few ulp, more for angles in the thousands). It stays off because it
+# does not fit without spills: compiled for every candidate of kernels.csv
+# (benchmarks/results/kernels-pe-on-chip.csv, `python -m benchmarks.kernels --pe-on-chip`), 48 of
+# the 508 Triton rows spill (8 to 1048 bytes), and 6 (arch, shape, dtype, kernel) have no
+# spill-free candidate left (d_h 64 fp32: mix, query, key; d_h 128 fp16 / bf16: key on sm_90);
+# every kernel also gets a 32 to 344 byte stack frame (libdevice sinf / cosf keep their argument
+# reduction in local memory). The table costs 4 d / B bytes per token and pass (kernels.md).
 PE_ON_CHIP = False
 
 
