@@ -4,7 +4,7 @@
 (hmx_kernels/cpp/build.py's NVCC_FLAGS plus the defines torch.utils.cpp_extension adds for nvcc)
 and `-Xptxas -v`, one nvcc at a time under `nice`, and returns one dict per (arch, shape, dtype,
 kernel) with the keys of FIELDS:
-- arch "sm_80" / "sm_90", shape "d_hxk_h" (e.g. "18x72"), dtype "fp32" / "fp16" / "bf16",
+- arch "sm_80" / "sm_90", shape "d_h,k_h" (e.g. "18,72", as the Triton rows), dtype "fp32" / "fp16" / "bf16",
   backend "cuda", kernel (state, fwd_finalize, mix, bwd_prep, query, bwd_mid, key, bwd_final,
   sum_parts), config "T<tile>-w8" (token tile, or k_h rows per step of a finalize kernel; 8 warps);
 - registers and spill_bytes (spill stores + spill loads) from ptxas;
@@ -15,8 +15,10 @@ kernel) with the keys of FIELDS:
 The kernels depend on d_h through its head block (32, 64, 128) and not on k_h (k_h is walked in
 blocks at run time), so shapes with the same block share their compiled kernels.
 
-`python -m benchmarks.cuda_resources` writes the rows to benchmarks/results/kernels_cuda.csv.
-Nothing here runs a kernel: this is evidence about registers, spills, shared memory and the
+`python -m benchmarks.kernels` puts these rows into benchmarks/results/kernels.csv (backend
+"cuda", next to the Triton rows), the ones the backend declines (`decline_reason`) into
+kernels-limit.csv with the reason; `python -m benchmarks.cuda_resources` compiles and prints a
+summary only. Nothing here runs a kernel: this is evidence about registers, spills, shared memory and the
 instructions emitted, not about speed or correctness on a GPU.
 """
 from __future__ import annotations
@@ -35,7 +37,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CSV_PATH = ROOT / "benchmarks" / "results" / "kernels_cuda.csv"
+RESULTS = ROOT / "benchmarks" / "results"
+CSV_PATH = RESULTS / "kernels.csv"  # every row a backend may run (both backends)
+LIMIT_CSV_PATH = RESULTS / "kernels-limit.csv"  # rows compiled but declined, with the reason
 FIELDS = ["arch", "shape", "dtype", "backend", "kernel", "config", "registers", "spill_bytes", "smem_bytes",
           "tensor_core_instructions"]
 SHAPES: Tuple[Tuple[int, int], ...] = ((18, 72), (32, 128), (64, 256), (128, 512))
@@ -252,7 +256,7 @@ def rows_from(objects: Dict[str, Tuple[Path, str]], tables: List[dict], archs: I
                         config, dyn = f"T{t['tile']}-w{THREADS // 32}", t["smem"]
                     st = stats[(arch, name)]
                     rows.append({
-                        "arch": arch, "shape": f"{d_h}x{k_h}", "dtype": dtype, "backend": "cuda", "kernel": kernel,
+                        "arch": arch, "shape": f"{d_h},{k_h}", "dtype": dtype, "backend": "cuda", "kernel": kernel,
                         "config": config, "registers": st["registers"], "spill_bytes": st["spill_bytes"],
                         "smem_bytes": dyn + st["static_smem"],
                         "tensor_core_instructions": tensor_core_count(sass.get((arch, name), "")),
@@ -274,22 +278,29 @@ def cuda_kernel_rows(archs: Sequence[str] = ("80", "90"), shapes: Iterable[Tuple
 def unsupported(row: dict) -> bool:
     """Shapes the CUDA backend declines (hmx::cuda::not_supported; the backend's extra_reasons):
     fp32 kernels at d_h > 64 on sm_80, whose query / key kernels need more than 163 KB."""
-    return row["arch"] == "sm_80" and row["dtype"] == "fp32" and int(row["shape"].split("x")[0]) > 64
+    return row["arch"] == "sm_80" and row["dtype"] == "fp32" and int(row["shape"].split(",")[0]) > 64
 
 
-def write_csv(rows: List[dict], path: Path = CSV_PATH) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    return path
+def decline_reason(row: dict) -> Optional[str]:
+    """Why the CUDA backend never runs this row's kernel on that arch, or None."""
+    if not unsupported(row):
+        return None
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from hmx_kernels.cpp.backend import CUDA_WIDE_FP32_SMEM_BYTES
+
+    return (f"declined on sm_80 (the whole shape, every kernel): fp32 kernels at d_h > 64 need "
+            f"{CUDA_WIDE_FP32_SMEM_BYTES} B of shared memory per block (query / key), more than sm_80's "
+            f"{SMEM_LIMITS['sm_80']} B (hmx_kernels/cpp/backend.py _cuda_extra_reasons, hmx::cuda::not_supported)")
 
 
-def read_csv(path: Path = CSV_PATH) -> List[dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+def read_csv(path: Path = CSV_PATH, limit_path: Optional[Path] = LIMIT_CSV_PATH) -> List[dict]:
+    """The committed CUDA rows (backend "cuda") of kernels.csv and, unless limit_path is None, of
+    kernels-limit.csv, with the columns of FIELDS and integer counts."""
+    rows = []
+    for p in [path] + ([limit_path] if limit_path is not None else []):
+        with open(p, newline="") as f:
+            rows += [{k: r[k] for k in FIELDS} for r in csv.DictReader(f) if r["backend"] == "cuda"]
     for r in rows:
         for k in ("registers", "spill_bytes", "smem_bytes", "tensor_core_instructions"):
             r[k] = int(r[k])
@@ -316,8 +327,7 @@ def summary(rows: List[dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = cuda_kernel_rows()
-    path = write_csv(rows)
-    print(f"{len(rows)} rows -> {path.relative_to(ROOT)}")
+    print(f"{len(rows)} rows compiled (python -m benchmarks.kernels writes them to benchmarks/results/kernels.csv)")
     print(summary(rows))
     return 0
 

@@ -3,23 +3,29 @@ what the compiler gives each one.
 
     python -m benchmarks.kernels [--jobs 2] [--out benchmarks/results]
 
-For each architecture (sm_80, sm_90), recipe shape (d_h, k_h) in SHAPES, input dtype (fp32 in each
-dot precision the launcher can pick for it, fp16, bf16), kernel and autotune candidate, the
-Triton kernel is compiled (fresh, no cache) with exactly the arguments, constexprs and
-specialisations the launcher passes for B = 4, N = 16384, H = 8 (the launch is captured by running
-the launcher on meta tensors), and
+For each architecture (sm_80, sm_90), shape (d_h, k_h) in SHAPES (the recipe shapes) and
+LIMIT_SHAPES (d_h 128, k_h 512: the backends' limit), input dtype (fp32 in each dot precision the
+launcher can pick for it, fp16, bf16), kernel and autotune candidate, the Triton kernel is
+compiled (fresh, no cache) with exactly the arguments, constexprs and specialisations the launcher
+passes for B = 4, N = 16384, H = 8 (the launch is captured by running the launcher on meta
+tensors), and
 - registers, spill bytes (stores + loads): ptxas -v, as run by triton;
 - smem_bytes: the compiled kernel's shared memory (metadata.shared);
 - tensor_core_instructions: HGMMA + HMMA instructions in `cuobjdump -sass` of the cubin.
-Rows: benchmarks/results/kernels.csv, for the candidates the autotuner may run there
-(hmx_kernels.triton.config.kept_candidates); candidates it prunes are listed, with the measured
-reason, in kernels.md, next to a roofline estimate per shape. The limit shape LIMIT_SHAPES
-(d_h 128: fp16 / bf16 run there, fp32 is refused, its TF32 kernels compiled to show why) goes to
-kernels-limit.csv.
+The CUDA C++ kernels (csrc/hmx_cuda_*.cu) are compiled with nvcc for the same archs, shapes and
+dtypes by benchmarks/cuda_resources.py (ROW_SOURCES["cuda"]; backend column "cuda").
 
-Other backends add rows through ROW_SOURCES (backend column): a function (arch, shape, dtype) ->
-rows with the same columns; CUDA C++ kernels are meant to join there ("cuda"), from nvcc -Xptxas -v
-and the same cuobjdump count.
+Outputs (benchmarks/results):
+- kernels.csv: every row a backend may run, both backends, columns COLUMNS: the Triton candidates
+  the autotuner may run there (hmx_kernels.triton.config.kept_candidates) and every CUDA kernel
+  the CUDA backend does not decline;
+- kernels-limit.csv: rows compiled but never run, with the reason (COLUMNS + reason): Triton fp32
+  at d_h 128 (refused by hmx_kernels/triton/backend.py; its TF32 kernels compiled to show why) and
+  the CUDA kernels the CUDA backend declines (cuda_resources.decline_reason);
+- kernels.md: the invariants, the pruned Triton candidates with the measured reason, the CUDA
+  kernels per shape, and a roofline estimate per shape;
+- with --pe-on-chip (only): kernels-pe-on-chip.csv, the Triton rows of kernels.csv compiled again
+  with the positional encoding computed on chip (COLUMNS + stack_bytes).
 
 This module must run without TRITON_INTERPRET (kernels decorated for the interpreter do not
 compile); it refuses otherwise.
@@ -49,16 +55,19 @@ COLUMNS = ["arch", "shape", "dtype", "backend", "kernel", "config", "registers",
            "smem_bytes", "tensor_core_instructions"]
 ARCHS = (80, 90)
 SHAPES = ((18, 72), (32, 128), (64, 256))  # (d_h, k_h) of the speechbrain recipes / a transformer layer
-LIMIT_SHAPES = ((128, 512),)  # the backend's limit: fp16 / bf16 run there, fp32 is refused
-LIMIT_FP32_PRECISIONS = ("tf32x3", "tf32")  # compiled there to show why (IEEE FMA dots: not compiled)
+LIMIT_SHAPES = ((128, 512),)  # the backends' limit: Triton runs fp16 / bf16 there and refuses fp32
+LIMIT_FP32_PRECISIONS = ("tf32x3", "tf32")  # Triton fp32 compiled there to show why (IEEE FMA dots: not compiled)
+HALF_DTYPES = ("fp16", "bf16")
 DTYPES = ("fp32", "fp16", "bf16")
 FP32_MODES = ("highest", "high", "medium")  # torch.get_float32_matmul_precision() values
 ROOFLINE = dict(B=4, N=16384, H=8)
 HBM_TBPS = {"H100": 3.35, "H200": 4.8}
+SMEM_LIMIT_KB = {"sm_80": 163, "sm_90": 227}  # opt-in shared memory per block (hmx_kernels.triton.config.SMEM_LIMIT)
 
-# backend name -> function(arch, (d_h, k_h), dtype) -> list of row dicts (COLUMNS); "triton"
-# below, CUDA C++ kernels to be added as "cuda"
-ROW_SOURCES: Dict[str, Callable[[int, Tuple[int, int], str], List[dict]]] = {}
+# backends other than Triton (whose candidates, pruning and fp32 precisions this module handles
+# itself): name -> function(archs, shapes) -> row dicts with COLUMNS and "reason" (None, or why
+# the backend never runs that row: it goes to kernels-limit.csv); "cuda" below
+ROW_SOURCES: Dict[str, Callable[[Tuple[int, ...], Tuple[Tuple[int, int], ...]], List[dict]]] = {}
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,7 @@ def compile_launch(launch: Launch, config: Tuple[int, int, int], arch: int) -> d
     if regs is None:
         raise RuntimeError(f"no ptxas report for {launch.kernel}: {text[-500:]}")
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    stack = re.search(r"(\d+) bytes stack frame", text)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -179,7 +189,7 @@ def compile_launch(launch: Launch, config: Tuple[int, int, int], arch: int) -> d
                               check=True).stdout
     tensor_core = sum(1 for line in sass.splitlines() if re.search(r"\b(HGMMA|HMMA)\b", line))
     return dict(registers=int(regs.group(1)), spill_bytes=spills, smem_bytes=int(compiled.metadata.shared),
-                tensor_core_instructions=tensor_core)
+                tensor_core_instructions=tensor_core, stack_bytes=int(stack.group(1)) if stack else 0)
 
 
 def config_name(config: Tuple[int, int, int], precision: str) -> str:
@@ -212,7 +222,7 @@ def jobs(shapes: Iterable[Tuple[int, int]], dtypes: Iterable[str], archs: Iterab
     out = []
     for shape in shapes:
         for dtype in dtypes:
-            for launch in capture_launches(shape[0], shape[1], dtype):
+            for launch in distinct_launches(shape, dtype):
                 if kernels is not None and launch.kernel not in kernels:
                     continue
                 for prec in (precisions if dtype == "fp32" else ("half",)):
@@ -220,6 +230,18 @@ def jobs(shapes: Iterable[Tuple[int, int]], dtypes: Iterable[str], archs: Iterab
                         for arch in archs:
                             out.append(Job(arch, shape, dtype, launch.kernel, prec, tuple(config)))
     return out
+
+
+def distinct_launches(shape: Tuple[int, int], dtype: str, mode: str = "highest") -> List[Launch]:
+    """The launches of capture_launches, one per kernel (a kernel launched twice, such as the
+    state pass in the forward and again in the backward at the split head sizes, is launched the
+    same way both times)."""
+    out: Dict[str, Launch] = {}
+    for lc in capture_launches(shape[0], shape[1], dtype, mode):
+        if lc.kernel in out and out[lc.kernel] != lc:
+            raise RuntimeError(f"{lc.kernel} is launched with different arguments: {out[lc.kernel]} / {lc}")
+        out.setdefault(lc.kernel, lc)
+    return list(out.values())
 
 
 def _precision_of(launch: Launch) -> str:
@@ -263,8 +285,19 @@ def classify(row: dict) -> dict:
     return row
 
 
-def run_jobs(job_list: List[Job], n_jobs: int = 1, progress: bool = True) -> List[dict]:
+def set_pe_on_chip(on: bool) -> None:
+    """Compile the kernels with the positional encoding computed on chip (hmx_kernels.triton.function
+    PE_ON_CHIP) or read from the table (the default), in this process."""
+    from hmx_kernels.triton import function as fn
+
+    if fn.PE_ON_CHIP != on:
+        fn.PE_ON_CHIP = on
+        capture_launches.cache_clear()
+
+
+def run_jobs(job_list: List[Job], n_jobs: int = 1, progress: bool = True, pe_on_chip: bool = False) -> List[dict]:
     t0 = time.time()
+    set_pe_on_chip(pe_on_chip)
     if n_jobs <= 1:
         rows = []
         for i, job in enumerate(job_list):
@@ -274,7 +307,8 @@ def run_jobs(job_list: List[Job], n_jobs: int = 1, progress: bool = True) -> Lis
         return rows
     import multiprocessing
 
-    with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=set_pe_on_chip,
+                             initargs=(pe_on_chip,)) as pool:
         rows = []
         for i, row in enumerate(pool.map(run_job, job_list, chunksize=4)):
             rows.append(row)
@@ -289,9 +323,9 @@ def _describe(r: dict) -> str:
             + ("" if r["kept"] else " (pruned)" if r["chosen"] else " (precision not picked)"))
 
 
-def write_csv(path: str, rows: List[dict]) -> None:
+def write_csv(path: str, rows: List[dict], columns: List[str] = COLUMNS) -> None:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in rows:
             w.writerow(r)
@@ -302,15 +336,29 @@ def read_csv(path: str) -> List[dict]:
         return list(csv.DictReader(f))
 
 
+def triton_limit_reason(row: dict) -> str:
+    """Why the Triton backend never runs a row of the limit shape's fp32 kernels."""
+    from hmx_kernels.triton.backend import MAX_FP32_HEAD_DIM
+
+    return (f"refused: the triton backend declines float32 inputs at d_h > {MAX_FP32_HEAD_DIM} "
+            "(hmx_kernels/triton/backend.py fit_reasons): its backward kernels' fp32 operands need more "
+            "shared memory than a block gets")
+
+
 # ---------------------------------------------------------------- roofline (estimates)
 
 def token_flops(d_h: int) -> Dict[str, int]:
     """FLOPs per token, head and pass of the reassociated kernels at padded head size D (a
-    multiply-add is 2): the tile products of each pass are [*, D] @ [D, D]."""
-    from hmx_kernels.triton.config import block_d
+    multiply-add is 2): the tile products of each pass are [*, D] @ [D, D]. From
+    config.SPLIT_BLOCK_D on, the backward's token sums T and S have passes of their own (two
+    products each) and leave the query and key passes (one product fewer each)."""
+    from hmx_kernels.triton.config import block_d, split_state
 
     D = block_d(d_h)
-    products = {"fwd state": 2, "fwd mix": 2, "bwd query": 5, "bwd key": 6}
+    if split_state(d_h):
+        products = {"fwd state": 2, "fwd mix": 2, "bwd tsum": 2, "bwd query": 4, "bwd state": 2, "bwd key": 5}
+    else:
+        products = {"fwd state": 2, "fwd mix": 2, "bwd query": 5, "bwd key": 6}
     return {k: 2 * n * D * D for k, n in products.items()}
 
 
@@ -319,23 +367,31 @@ def finalize_flops(d_h: int, k_h: int) -> int:
     return 7 * 2 * k_h * d_h * d_h
 
 
-def token_bytes(d_h: int, H: int, elem: int) -> Dict[str, float]:
+def token_bytes(d_h: int, H: int, elem: int, pe_table: bool = True) -> Dict[str, float]:
     """HBM bytes per token (all heads) and pass: token tensors in the input dtype (elem bytes),
     dY read and dQ / dK / dV / Y written in fp32, the keep mask (4 B); the fp32 PE table [N, d] is
-    shared by the batch and counted once per batch of ROOFLINE["B"] tokens."""
+    shared by the batch and counted once per batch of ROOFLINE["B"] tokens. The passes of
+    token_flops; the state pass's row groups (config.row_split) read the same tiles, counted once
+    (the two programs of a (b, h, chunk) are neighbours in the grid, so the second read should hit
+    L2: an assumption, not measured)."""
+    from hmx_kernels.triton.config import split_state
+
     d = H * d_h
-    pe = 4 * d / ROOFLINE["B"]
-    return {"fwd state": 2 * d * elem + 4 + pe, "fwd mix": d * elem + 4 * d + 4 + pe,
-            "bwd query": d * elem + 8 * d + 4 + pe, "bwd key": 2 * d * elem + 8 * d + 4 + pe}
+    pe = 4 * d / ROOFLINE["B"] if pe_table else 0.0
+    out = {"fwd state": 2 * d * elem + 4 + pe, "fwd mix": d * elem + 4 * d + 4 + pe,
+           "bwd query": d * elem + 8 * d + 4 + pe, "bwd key": 2 * d * elem + 8 * d + 4 + pe}
+    if split_state(d_h):
+        out.update({"bwd tsum": d * elem + 4 * d + 4 + pe, "bwd state": 2 * d * elem + 4 + pe})
+    return out
 
 
-def roofline(d_h: int, k_h: int, dtype: str, precision: str, gpu: str) -> dict:
+def roofline(d_h: int, k_h: int, dtype: str, precision: str, gpu: str, pe_table: bool = True) -> dict:
     from .config import PEAK_TFLOPS
 
     B, N, H = ROOFLINE["B"], ROOFLINE["N"], ROOFLINE["H"]
     elem = 4 if dtype == "fp32" else 2
     flops = B * H * (N * sum(token_flops(d_h).values()) + finalize_flops(d_h, k_h))
-    nbytes = B * N * sum(token_bytes(d_h, H, elem).values())
+    nbytes = B * N * sum(token_bytes(d_h, H, elem, pe_table).values())
     peaks = PEAK_TFLOPS[gpu]
     peak = {"half": peaks["bfloat16"], "tf32": peaks["tf32"], "tf32x3": peaks["tf32"] / 3,
             "ieee": peaks["float32"]}[precision]
@@ -346,52 +402,92 @@ def roofline(d_h: int, k_h: int, dtype: str, precision: str, gpu: str) -> dict:
                 limit="memory" if t_memory >= t_compute else "compute")
 
 
-def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], meta: dict) -> None:
+def _cuda_cell(r: dict) -> str:
+    return f"{r['config'].split('-')[0]} {r['registers']}/{r['spill_bytes']}/{r['smem_bytes'] / 1024:.1f}/{r['tensor_core_instructions']}"
+
+
+def _invariant_lines(rows: List[dict], tc_rows: Callable[[dict], bool], tc_note: str) -> List[str]:
+    out = []
+    for arch in sorted({r["arch"] for r in rows}):
+        sel = [r for r in rows if r["arch"] == arch]
+        tc = [r["tensor_core_instructions"] for r in sel if tc_rows(r)]
+        out.append(f"- {arch}: {len(sel)} rows, registers <= {max(r['registers'] for r in sel)}, "
+                   f"spill bytes max {max(r['spill_bytes'] for r in sel)}, shared memory max "
+                   f"{max(r['smem_bytes'] for r in sel) / 1024:.1f} KB (limit {SMEM_LIMIT_KB[arch]} KB), "
+                   f"tensor-core instructions {min(tc)}..{max(tc)} per kernel {tc_note}")
+    return out
+
+
+def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: Dict[str, List[dict]],
+                   meta: dict) -> None:
+    """kernels.md: invariants of both backends' rows, per shape a roofline estimate, the best kept
+    Triton candidate per kernel and the CUDA kernels, the pruned Triton candidates, the fp32 dot
+    precisions not picked, and the declined rows (kernels-limit.csv)."""
+    from . import cuda_resources as cr
+
     kept = [r for r in rows if r["kept"]]
     pruned = [r for r in rows if r["chosen"] and not r["kept"]]
     unpicked = [r for r in rows if not r["chosen"]]
-    out = ["# Triton kernel resources (compiled for sm_80 and sm_90, no GPU)", "",
-           f"`python -m benchmarks.kernels`: triton {meta['triton']}, ptxas {meta['ptxas']}, git {meta['git'][:10]}, "
-           f"{meta['date']}, {meta['wall_s']:.0f} s. Every kernel x autotune candidate x recipe shape (d_h, k_h) x "
-           "input dtype (fp32 in each dot precision the launcher picks for some "
-           "torch.get_float32_matmul_precision(): hmx_kernels.triton.config.dot_precision) x arch, compiled with the launcher's own arguments for B = 4, N = 16384, H = 8. "
-           "Registers and spills from ptxas -v, shared memory from the compiled kernel, tensor-core instructions "
-           "= HGMMA + HMMA in cuobjdump -sass. kernels.csv holds the candidates the autotuner may run "
-           "(hmx_kernels.triton.config.kept_candidates); the pruned ones are listed below with the reason. "
-           "Nothing here ran on a GPU.", ""]
-    out += ["## Invariants of kernels.csv", ""]
-    for arch in sorted({r["arch"] for r in kept}):
-        sel = [r for r in kept if r["arch"] == arch]
-        half_tc = [r for r in sel if r["dtype"] != "fp32" or "ieee" not in r["config"]]
-        out.append(f"- {arch}: {len(sel)} rows, registers <= {max(r['registers'] for r in sel)}, "
-                   f"spill bytes max {max(r['spill_bytes'] for r in sel)}, shared memory max "
-                   f"{max(r['smem_bytes'] for r in sel) / 1024:.1f} KB, tensor-core instructions "
-                   f"{min(r['tensor_core_instructions'] for r in half_tc)}..{max(r['tensor_core_instructions'] for r in half_tc)} "
-                   f"per kernel outside IEEE fp32 (IEEE rows: FFMA only, "
-                   f"{max((r['tensor_core_instructions'] for r in sel if 'ieee' in r['config']), default=0)} TC)")
-    out += ["", "## Per shape: best kept candidate per kernel (fewest registers), and a roofline bound", "",
+    cuda = other.get("cuda", [])
+    cuda_run = [r for r in cuda if not r["reason"]]
+    out = ["# Kernel resources: Triton and CUDA C++ (compiled for sm_80 and sm_90, no GPU)", "",
+           f"`python -m benchmarks.kernels`: triton {meta['triton']}, ptxas {meta['ptxas']}"
+           + (f", nvcc {meta['nvcc']}" if meta.get("nvcc") else "") + f", git {meta['git'][:10]}, "
+           f"{meta['date']}, {meta['wall_s']:.0f} s. Nothing here ran on a GPU.", "",
+           "Triton: every kernel x autotune candidate x shape (d_h, k_h) x input dtype (fp32 in each dot "
+           "precision the launcher picks for some torch.get_float32_matmul_precision(): "
+           "hmx_kernels.triton.config.dot_precision) x arch, compiled with the launcher's own arguments for "
+           "B = 4, N = 16384, H = 8. Registers and spills from ptxas -v, shared memory from the compiled "
+           "kernel, tensor-core instructions = HGMMA + HMMA in cuobjdump -sass. kernels.csv holds the "
+           "candidates the autotuner may run (hmx_kernels.triton.config.kept_candidates); the pruned ones "
+           "are listed below with the reason.", "",
+           "CUDA C++ (backend `cuda`, benchmarks/cuda_resources.py): every kernel of csrc/hmx_cuda_*.cu x shape "
+           "x dtype x arch, compiled by nvcc with the build's flags and -Xptxas -v; shared memory = the "
+           "launcher's dynamic size (the kernels' own size function, run on the host) + ptxas' static size; "
+           "one configuration per kernel (config: token tile T, 8 warps). The kernels depend on d_h through "
+           "its head block (32, 64, 128) only.", "",
+           "kernels-limit.csv holds the rows compiled but never run, with the reason (last section).", ""]
+    out += ["## Invariants of kernels.csv", "", "Triton:"]
+    out += _invariant_lines(kept, lambda r: "ieee" not in r["config"],
+                            "outside IEEE fp32 (IEEE rows: FFMA only, "
+                            f"{max((r['tensor_core_instructions'] for r in kept if 'ieee' in r['config']), default=0)} TC)")
+    if cuda_run:
+        out += ["", "CUDA C++:"]
+        out += _invariant_lines(cuda_run, lambda r: r["dtype"] != "fp32" and r["kernel"] in cr.MATMUL_KERNELS,
+                                "for fp16 / bf16 kernels that multiply matrices (fp32 kernels: FFMA only, "
+                                f"{max(r['tensor_core_instructions'] for r in cuda_run if r['dtype'] == 'fp32')} TC; "
+                                "sum_parts only adds)")
+    stack = [r.get("stack_bytes", 0) for r in kept]
+    if any(stack):
+        out += ["", f"Triton stack frames (ptxas -v, not spills: local arrays of libdevice's sin/cos argument "
+                f"reduction, touched only for angles beyond its fast range): up to {max(stack)} B."]
+    out += ["", "## Per shape: roofline estimate, best kept Triton candidate per kernel, CUDA kernels", "",
             "Roofline = max(FLOPs / peak, bytes / HBM bandwidth) for one forward + backward at "
             "B = 4, N = 16384, H = 8: an **estimate** from the algorithm's counts, not a measurement. "
-            "FLOPs: the tile products of the four token passes at the padded head size D "
-            "(2 + 2 + 5 + 6 products of [*, D] @ [D, D] per token and head) plus the per-(b, h) "
-            "finalize products; GELU, masks and the LayerNorm epilogue are not counted. Bytes: token tensors "
-            "read in the input dtype, dY read and Y / dQ / dK / dV written in fp32, keep masks, the PE table "
-            "once per batch; the LayerNorm epilogue and the casts around the op are not counted. "
+            "FLOPs: the tile products of the Triton token passes at the padded head size D "
+            "(2 + 2 + 5 + 6 products of [*, D] @ [D, D] per token and head; from d_h 128 on 2 + 2 + 2 + 4 + 2 "
+            "+ 5 over six passes, benchmarks/kernels.py token_flops) plus the per-(b, h) finalize products; "
+            "GELU, masks and the LayerNorm epilogue are not counted. Bytes: token tensors "
+            "read in the input dtype, dY read and Y / dQ / dK / dV written in fp32, keep masks"
+            + (", the PE table once per batch" if meta.get("pe_table", True) else " (the positional encoding is computed on chip)")
+            + "; the LayerNorm epilogue and the casts around the op are not counted. "
             "Peaks: benchmarks/config.py PEAK_TFLOPS (dense; 3xTF32 at a third of TF32), HBM 3.35 TB/s "
-            "(H100), 4.8 TB/s (H200).", ""]
+            "(H100), 4.8 TB/s (H200). The CUDA kernels compute the same reassociated passes (fp32 on FMA: "
+            "the IEEE line applies).", ""]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         d_h, k_h = map(int, shape.split(","))
         out += [f"### (d_h, k_h) = ({d_h}, {k_h})", ""]
         out += ["| dtype / precision | GPU | GFLOP | GB | FLOP/B | ridge | bound (us) | limited by |",
                 "|---|---|---|---|---|---|---|---|"]
         for dtype in DTYPES:
-            for prec in dict.fromkeys(r["precision"] for r in rows if r["shape"] == shape and r["dtype"] == dtype):
+            for prec in dict.fromkeys(r["precision"] for r in kept if r["shape"] == shape and r["dtype"] == dtype):
                 for gpu in ("H100", "H200"):
-                    rf = roofline(d_h, k_h, dtype, prec, gpu)
+                    rf = roofline(d_h, k_h, dtype, prec, gpu, meta.get("pe_table", True))
                     out.append(f"| {dtype}{' ' + prec if dtype == 'fp32' else ''} | {gpu} | {rf['flops'] / 1e9:.1f} | "
                                f"{rf['bytes'] / 1e9:.2f} | {rf['intensity']:.0f} | {rf['ridge']:.0f} | "
                                f"{rf['bound_us']:.0f} | {rf['limit']} |")
-        out += ["", "| arch | dtype | kernel | config | registers | spill B | smem KB | TC instr |",
+        out += ["", "Triton, best kept candidate per kernel (fewest registers):", "",
+                "| arch | dtype | kernel | config | registers | spill B | smem KB | TC instr |",
                 "|---|---|---|---|---|---|---|---|"]
         for arch in sorted({r["arch"] for r in kept}):
             for dtype in DTYPES:
@@ -404,8 +500,21 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], meta: di
                             out.append(f"| {arch} | {dtype} | {kernel} | {b['config']} | {b['registers']} | "
                                        f"{b['spill_bytes']} | {b['smem_bytes'] / 1024:.1f} | "
                                        f"{b['tensor_core_instructions']} |")
+        sel = [r for r in cuda if r["shape"] == shape]
+        if sel:
+            cols = [(a, dt) for a in sorted({r["arch"] for r in sel}) for dt in DTYPES]
+            out += ["", "CUDA C++, per kernel: tile, registers / spill bytes / shared memory KB / tensor-core "
+                    "instructions (declined: not run there, see the last section):", "",
+                    "| kernel | " + " | ".join(f"{a} {dt}" for a, dt in cols) + " |",
+                    "|---|" + "---|" * len(cols)]
+            for kernel in dict.fromkeys(r["kernel"] for r in sel):
+                cells = []
+                for a, dt in cols:
+                    r = next((r for r in sel if (r["arch"], r["dtype"], r["kernel"]) == (a, dt, kernel)), None)
+                    cells.append("" if r is None else "declined" if r["reason"] else _cuda_cell(r))
+                out.append(f"| {kernel} | " + " | ".join(cells) + " |")
         out.append("")
-    out += ["## Pruned candidates (the autotuner never runs them)", ""]
+    out += ["## Pruned Triton candidates (the autotuner never runs them)", ""]
     if pruned:
         from hmx_kernels.triton.config import SPILLING, block_d
 
@@ -429,28 +538,27 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], meta: di
         sel = [r for r in unpicked if (r["shape"], r["kernel"], r["precision"]) == key]
         cells = [f"{min(r['spill_bytes'] for r in sel if r['arch'] == a)} B" for a in ("sm_80", "sm_90")]
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {cells[0]} | {cells[1]} |")
+    declined = [r for r in cuda if r["reason"]]
+    if limit_rows or declined:
+        out += ["", "## Compiled but never run (kernels-limit.csv)", ""]
     if limit_rows:
-        half = [r for r in limit_rows if r["dtype"] != "fp32"]
-        fp32 = [r for r in limit_rows if r["dtype"] == "fp32"]
-        out += ["", "## The limit shape: d_h 128 (kernels-limit.csv; not a recipe shape)", "",
-                "fp16 / bf16 run there with the candidates marked kept. Every candidate of the state, query "
-                "and key kernels spills at this size; the one with the fewest spill bytes stays (a row split "
-                "of S or a split of the backward kernels by role would remove the spills; not done). "
-                "fp32 inputs are refused at d_h > 64 (hmx_kernels/triton/backend.py): the backward kernels' "
-                "fp32 operands need more shared memory than a block gets:"]
+        out += [f"Triton, fp32 at d_h 128: {triton_limit_reason(limit_rows[0])}. Smallest shared memory over the "
+                "TF32 / 3xTF32 candidates of the backward kernels:"]
         for arch in ("sm_80", "sm_90"):
             for kernel in ("hmx_bwd_kernel_query", "hmx_bwd_kernel_key"):
-                sel = [r for r in fp32 if r["arch"] == arch and r["kernel"] == kernel]
+                sel = [r for r in limit_rows if r["arch"] == arch and r["kernel"] == kernel]
                 if sel:
-                    out.append(f"- {arch} {kernel}: at least {min(r['smem_bytes'] for r in sel) / 1024:.0f} KB "
-                               f"(TF32 / 3xTF32, every candidate; the limit is "
-                               f"{163 if arch == 'sm_80' else 227} KB)")
-        out += ["", "| arch | dtype | kernel | config | registers | spill B | smem KB | TC instr | kept |",
+                    out.append(f"- {arch} {kernel}: {min(r['smem_bytes'] for r in sel) / 1024:.0f} KB (limit "
+                               f"{SMEM_LIMIT_KB[arch]} KB); spill bytes {min(r['spill_bytes'] for r in sel)}.."
+                               f"{max(r['spill_bytes'] for r in sel)}")
+        out.append("")
+    if declined:
+        out += ["CUDA C++:", "", "| arch | shape | dtype | kernel | config | registers | spill B | smem KB | TC instr |",
                 "|---|---|---|---|---|---|---|---|---|"]
-        for r in half:
-            out.append(f"| {r['arch']} | {r['dtype']} | {r['kernel']} | {r['config']} | {r['registers']} | "
-                       f"{r['spill_bytes']} | {r['smem_bytes'] / 1024:.1f} | {r['tensor_core_instructions']} | "
-                       f"{'yes' if r['kept'] else 'no'} |")
+        for r in declined:
+            out.append(f"| {r['arch']} | {r['shape']} | {r['dtype']} | {r['kernel']} | {r['config']} | {r['registers']} | "
+                       f"{r['spill_bytes']} | {r['smem_bytes'] / 1024:.1f} | {r['tensor_core_instructions']} |")
+        out += [""] + [f"Reason: {why}" for why in dict.fromkeys(r["reason"] for r in declined)]
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
 
@@ -489,20 +597,48 @@ def _meta(wall_s: float) -> dict:
 
     import triton
 
+    from hmx_kernels.triton import function as fn
+
+    from . import cuda_resources as cr
     from .config import git_sha
 
     ptxas = subprocess.run([_tool("ptxas-blackwell") if os.path.exists(_tool("ptxas-blackwell")) else _tool("ptxas"),
                             "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    return dict(triton=triton.__version__, ptxas=ptxas, git=git_sha(), wall_s=wall_s,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
+    nvcc = cr.find_nvcc()
+    if nvcc:
+        nvcc = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return dict(triton=triton.__version__, ptxas=ptxas, nvcc=nvcc, git=git_sha(), wall_s=wall_s,
+                pe_table=not fn.PE_ON_CHIP, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
 
 
-def triton_rows(arch: int, shape: Tuple[int, int], dtype: str) -> List[dict]:
-    """The kept rows of one (arch, shape, dtype), compiled in this process (ROW_SOURCES hook)."""
-    return [r for r in run_jobs(jobs([shape], [dtype], [arch]), progress=False) if r["kept"]]
+def cuda_rows(archs: Tuple[int, ...], shapes: Tuple[Tuple[int, int], ...]) -> List[dict]:
+    """Every CUDA C++ kernel at `shapes` x DTYPES x `archs` (benchmarks/cuda_resources.py), with the
+    reason the CUDA backend declines a row (None where it runs it)."""
+    from . import cuda_resources as cr
+
+    rows = cr.cuda_kernel_rows(tuple(str(a) for a in archs), shapes)
+    for r in rows:
+        r["reason"] = cr.decline_reason(r)
+    return rows
 
 
-ROW_SOURCES["triton"] = triton_rows
+ROW_SOURCES["cuda"] = cuda_rows
+
+
+def pe_on_chip_rows(kernels_csv: str, n_jobs: int = 1) -> List[dict]:
+    """The Triton rows of `kernels_csv` (the candidates the autotuner may run) compiled again with
+    the positional encoding computed on chip (PE_ON_CHIP) instead of read from the fp32 table:
+    the same columns plus stack_bytes (ptxas' stack frame: libdevice's sin / cos keep their
+    argument reduction's array in local memory)."""
+    wanted = []
+    for r in read_csv(kernels_csv):
+        if r["backend"] != "triton":
+            continue
+        parts = r["config"].split("-")
+        wanted.append(Job(int(r["arch"].removeprefix("sm_")), tuple(int(x) for x in r["shape"].split(",")),
+                          r["dtype"], r["kernel"], parts[3] if len(parts) > 3 else "half",
+                          (int(parts[0][2:]), int(parts[1][1:]), int(parts[2][1:]))))
+    return run_jobs(wanted, n_jobs, pe_on_chip=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -511,42 +647,76 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiler processes")
     p.add_argument("--out", default=RESULTS, help="folder for kernels.csv, kernels-limit.csv, kernels.md")
     p.add_argument("--no-limit", action="store_true", help="leave out the limit shape (d_h 128)")
+    p.add_argument("--backends", default="triton," + ",".join(ROW_SOURCES),
+                   help="comma-separated backends to report (default: all; cuda needs nvcc)")
+    p.add_argument("--pe-on-chip", action="store_true",
+                   help="only compile the Triton rows of OUT/kernels.csv again with the positional encoding "
+                        "computed on chip (hmx_kernels.triton.function.PE_ON_CHIP) and write "
+                        "OUT/kernels-pe-on-chip.csv (the evidence for keeping the table)")
     p.add_argument("--save-json", default=None, help="also write every compiled row (pruned ones too) here")
     p.add_argument("--from-json", default=None,
-                   help="rewrite the reports from rows saved by --save-json (no compiling), classified "
-                        "by the current config (after editing config.SPILLING, say)")
+                   help="rewrite the reports from rows saved by --save-json (no compiling, except backends "
+                        "missing there), classified by the current config (after editing config.SPILLING, say)")
     a = p.parse_args(argv)
+    backends = [b for b in a.backends.split(",") if b]
+    unknown = set(backends) - {"triton", *ROW_SOURCES}
+    if unknown:
+        p.error(f"unknown backends {sorted(unknown)}")
+    shapes = SHAPES + (() if a.no_limit else LIMIT_SHAPES)
+    if a.pe_on_chip:
+        rows = pe_on_chip_rows(os.path.join(a.out, "kernels.csv"), a.jobs)
+        write_csv(os.path.join(a.out, "kernels-pe-on-chip.csv"), rows, COLUMNS + ["stack_bytes"])
+        print(f"wrote {a.out}/kernels-pe-on-chip.csv: {len(rows)} rows, {sum(1 for r in rows if r['spill_bytes'])} "
+              "with spills")
+        return 0
     t0 = time.time()
+    main_rows: List[dict] = []
+    limit_rows: List[dict] = []
+    other: Dict[str, List[dict]] = {}
     if a.from_json:
         with open(a.from_json) as f:
             saved = json.load(f)
-        main_rows = [classify(r) for r in saved["main"]]
-        limit_rows = [classify(r) for r in saved["limit"]]
+        main_rows = [classify(r) for r in saved["main"]] if "triton" in backends else []
+        limit_rows = [classify(r) for r in saved["limit"]] if "triton" in backends else []
+        other = {k: v for k, v in saved.get("other", {}).items() if k in backends}
         t0 -= saved["wall_s"]
-    else:
-        job_list = jobs(SHAPES, DTYPES)
-        limit_jobs = [] if a.no_limit else jobs(LIMIT_SHAPES, DTYPES, precisions=LIMIT_FP32_PRECISIONS)
-        rows = run_jobs(job_list + limit_jobs, a.jobs)
+    elif "triton" in backends:
+        job_list = jobs(SHAPES, DTYPES) + ([] if a.no_limit else jobs(LIMIT_SHAPES, HALF_DTYPES))
+        limit_jobs = [] if a.no_limit else jobs(LIMIT_SHAPES, ("fp32",), precisions=LIMIT_FP32_PRECISIONS)
+        rows = run_jobs(job_list + limit_jobs, a.jobs, pe_on_chip=a.pe_on_chip)
         main_rows, limit_rows = rows[:len(job_list)], rows[len(job_list):]
-        if a.save_json:
-            with open(a.save_json, "w") as f:
-                json.dump(dict(main=main_rows, limit=limit_rows, wall_s=time.time() - t0), f)
+    for r in limit_rows:
+        r["reason"] = triton_limit_reason(r)
+    for name in backends:
+        if name != "triton" and name not in other:
+            print(f"compiling the {name} kernels", flush=True)
+            other[name] = ROW_SOURCES[name](ARCHS, shapes)
+    if a.save_json:
+        with open(a.save_json, "w") as f:
+            json.dump(dict(main=main_rows, limit=limit_rows, other=other, wall_s=time.time() - t0), f)
     os.makedirs(a.out, exist_ok=True)
-    write_csv(os.path.join(a.out, "kernels.csv"), [r for r in main_rows if r["kept"]])
-    if limit_rows:
-        write_csv(os.path.join(a.out, "kernels-limit.csv"), limit_rows)
-    write_markdown(os.path.join(a.out, "kernels.md"), main_rows, limit_rows, _meta(time.time() - t0))
+    other_rows = [r for name in other for r in other[name]]
+    write_csv(os.path.join(a.out, "kernels.csv"),
+              [r for r in main_rows if r["kept"]] + [r for r in other_rows if not r["reason"]])
+    write_csv(os.path.join(a.out, "kernels-limit.csv"), limit_rows + [r for r in other_rows if r["reason"]],
+              COLUMNS + ["reason"])
+    write_markdown(os.path.join(a.out, "kernels.md"), main_rows, limit_rows, other, _meta(time.time() - t0))
     bad = [r for r in main_rows if r["kept"] and r["spill_bytes"]]
     for r in bad:
         print("SPILLS (add to config.SPILLING or fix the kernel): " + _describe(r), file=sys.stderr)
-    spilling = measured_spilling(main_rows + [r for r in limit_rows if r["precision"] == "half"])
-    from hmx_kernels.triton.config import SPILLING
+    bad_other = [r for r in other_rows if not r["reason"] and r["spill_bytes"]]
+    for r in bad_other:
+        print(f"SPILLS ({r['backend']}): {r}", file=sys.stderr)
+    if main_rows:
+        spilling = measured_spilling(main_rows)
+        from hmx_kernels.triton.config import SPILLING
 
-    if spilling != SPILLING:
-        print("config.SPILLING differs from these measurements; measured:\n" + format_spilling(spilling),
-              file=sys.stderr)
-    print(f"wrote {a.out}/kernels.csv ({sum(r['kept'] for r in main_rows)} rows), kernels.md in {time.time() - t0:.0f} s")
-    return 1 if bad else 0
+        if spilling != SPILLING:
+            print("config.SPILLING differs from these measurements; measured:\n" + format_spilling(spilling),
+                  file=sys.stderr)
+    n = sum(r["kept"] for r in main_rows) + sum(not r["reason"] for r in other_rows)
+    print(f"wrote {a.out}/kernels.csv ({n} rows), kernels-limit.csv, kernels.md in {time.time() - t0:.0f} s")
+    return 1 if bad or bad_other else 0
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ whenever nvcc is on PATH: a CUDA syntax or type error fails CI. Whether the kern
 right thing is checked by tests/test_cuda_backend.py, on a GPU only (tests/test_cuda_math.py checks
 the algebra they implement, on the CPU).
 
-Invariants, per kernel and for (d_h, k_h) in benchmarks.cuda_resources.SHAPES (18x72, 32x128,
-64x256, 128x512), fp32 / fp16 / bf16, sm_80 / sm_90:
+Invariants, per kernel and for (d_h, k_h) in benchmarks.cuda_resources.SHAPES (18,72, 32,128,
+64,256, 128,512), fp32 / fp16 / bf16, sm_80 / sm_90:
 - 0 spill bytes and at most 255 registers (ptxas -v);
 - dynamic (the kernels' own size function, run on the host) + static shared memory within the
   arch's opt-in limit (sm_80 163 KB, sm_90 227 KB), except where the backend declines the shape
@@ -17,8 +17,8 @@ Invariants, per kernel and for (d_h, k_h) in benchmarks.cuda_resources.SHAPES (1
   matrices, and `mma.sync` in its compute_80 PTX; fp32: none (plain FMA, no TF32);
 - the grid rule: token chunks = clamp(ceil(2 SMs / (B H)), 1, ceil(L / tile)).
 Checked fresh on one compile of both archs (`compiled` below, one nvcc at a time under `nice`) and
-on every row of the committed benchmarks/results/kernels_cuda.csv, which must agree with the fresh
-compile in everything the compiler version does not change (rows, tiles, shared memory).
+on every committed CUDA row (backend "cuda" of benchmarks/results/kernels.csv, and of
+kernels-limit.csv for the rows the backend declines), which must agree with the fresh compile in everything the compiler version does not change (rows, tiles, shared memory).
 Code for sm_75 must compile too, without MMA (the SIMT path below sm_80). cuobjdump (SASS) comes
 from PATH, the CUDA toolkit or triton's bundled copy; without it the SASS checks skip.
 """
@@ -98,7 +98,7 @@ def _check_rows(rows, where):
     assert rows, f"{where}: no rows"
     keys = {(r["arch"], r["shape"], r["dtype"], r["kernel"]) for r in rows}
     assert len(keys) == len(rows), f"{where}: duplicate rows"
-    expected = {(f"sm_{a}", f"{d}x{k}", t, kn) for a in ARCHS for d, k in cr.SHAPES for t in cr.DTYPES
+    expected = {(f"sm_{a}", f"{d},{k}", t, kn) for a in ARCHS for d, k in cr.SHAPES for t in cr.DTYPES
                 for kn in cr.KERNELS}
     assert keys == expected, f"{where}: missing {sorted(expected - keys)[:5]}, extra {sorted(keys - expected)[:5]}"
     for r in rows:
@@ -119,7 +119,7 @@ def _check_rows(rows, where):
         else:
             assert tc > 0, f"{what}: no HMMA / HGMMA: the tensor-core path was dropped"
     # the backend's decline threshold is the largest fp32 kernel at d_h > 64
-    wide = [r["smem_bytes"] for r in rows if r["dtype"] == "fp32" and int(r["shape"].split("x")[0]) > 64]
+    wide = [r["smem_bytes"] for r in rows if r["dtype"] == "fp32" and int(r["shape"].split(",")[0]) > 64]
     assert max(wide) == CUDA_WIDE_FP32_SMEM_BYTES, "hmx_kernels/cpp/backend.py CUDA_WIDE_FP32_SMEM_BYTES is stale"
     assert cr.SMEM_LIMITS["sm_80"] < CUDA_WIDE_FP32_SMEM_BYTES <= cr.SMEM_LIMITS["sm_90"]
     return rows
@@ -129,22 +129,22 @@ def _check_rows(rows, where):
 @NEEDS_CUOBJDUMP
 def test_fresh_compile_meets_the_invariants(fresh_rows):
     """Every kernel of this compile; the brief's representative subset (both archs, fp32 and
-    bf16, 18x72 and 64x256) is part of it."""
+    bf16, (18, 72) and (64, 256)) is part of it."""
     rows = _check_rows(fresh_rows, "fresh compile")
-    subset = [r for r in rows if r["dtype"] in ("fp32", "bf16") and r["shape"] in ("18x72", "64x256")]
+    subset = [r for r in rows if r["dtype"] in ("fp32", "bf16") and r["shape"] in ("18,72", "64,256")]
     assert len(subset) == 2 * 2 * 2 * len(cr.KERNELS)
 
 
 def test_committed_csv_meets_the_invariants():
-    _check_rows(cr.read_csv(), "benchmarks/results/kernels_cuda.csv")
+    _check_rows(cr.read_csv(), "benchmarks/results/kernels.csv + kernels-limit.csv (backend cuda)")
 
 
 @NEEDS_NVCC
 @NEEDS_CUOBJDUMP
 def test_committed_csv_matches_a_fresh_compile(fresh_rows):
     """Rows, tiles and shared memory do not depend on the nvcc version; registers and instruction
-    counts may, so only their invariants are compared (above). Regenerate the CSV with
-    `python -m benchmarks.cuda_resources` after changing the kernels."""
+    counts may, so only their invariants are compared (above). Regenerate the CSVs with
+    `python -m benchmarks.kernels` after changing the kernels."""
     stable = lambda r: (r["arch"], r["shape"], r["dtype"], r["kernel"], r["config"], r["smem_bytes"])  # noqa: E731
     assert sorted(map(stable, cr.read_csv())) == sorted(map(stable, fresh_rows))
 

@@ -1,14 +1,21 @@
-"""Compile-level resource checks of the Triton kernels, without a GPU (benchmarks/kernels.py).
+"""Compile-level resource checks of the fused GPU kernels, Triton and CUDA C++, without a GPU
+(benchmarks/kernels.py, benchmarks/cuda_resources.py).
 
-- The committed report, benchmarks/results/kernels.csv: the exact columns; a row for every
-  kernel x kept autotune candidate x recipe shape x dtype (fp32 in each dot precision the launcher
-  picks) x arch, and no other; for every row no register spills, shared memory within the arch's
-  per-block limit (163 KB sm_80, 227 KB sm_90), and tensor-core instructions in every kernel whose
-  dots take fp16 / bf16 or TF32 operands (IEEE fp32 dots are FFMA only).
-- config.smem_bound, by which the autotuner prunes per device, bounds every measured shared-memory
-  size on its arch (kernels.csv and the limit shape's kernels-limit.csv).
-- Fresh compiles (slow): a representative subset, compiled now for sm_80 and sm_90 at (18, 72)
-  and (64, 256), fp32 and bf16, two kept candidates per kernel, holds the same invariants.
+- The committed report, benchmarks/results/kernels.csv: the exact columns; a row for every kernel x
+  config x shape x dtype x arch a backend may run, and no other: for Triton every kept autotune
+  candidate at the recipe shapes (every dtype; fp32 in each dot precision the launcher picks) and
+  at the limit shape d_h 128 (fp16 / bf16), for CUDA C++ every kernel at those shapes and every
+  dtype except what the CUDA backend declines. For every row: no register spills, shared memory
+  within the arch's per-block limit (163 KB sm_80, 227 KB sm_90), and tensor-core instructions in
+  every fp16 / bf16 row of a kernel that multiplies matrices (and in Triton's TF32 / 3xTF32 rows).
+- benchmarks/results/kernels-limit.csv: the rows compiled but never run, each with its reason,
+  exactly the declined combinations, and the reason is true of the measurements (shared memory
+  over the limit).
+- config.smem_bound, by which the Triton autotuner prunes per device, bounds every measured
+  shared-memory size on its arch.
+- Fresh compiles (slow): a representative subset of the Triton kernels, compiled now for sm_80
+  and sm_90 at (18, 72), (64, 256) (fp32 and bf16) and (128, 512) (bf16), two kept candidates per
+  kernel, holds the same invariants. The CUDA kernels' fresh compile is tests/test_cuda_compile.py.
 """
 from __future__ import annotations
 
@@ -25,32 +32,54 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # benchmarks/ is a folder of the repository, not an installed package
 
+from benchmarks import cuda_resources as cr  # noqa: E402
 from benchmarks import kernels as K  # noqa: E402
-from hmx_kernels.triton.config import SMEM_LIMIT, kept_candidates, precision_name, smem_bound  # noqa: E402
+from hmx_kernels.triton.backend import MAX_FP32_HEAD_DIM  # noqa: E402
+from hmx_kernels.triton.config import (SMEM_LIMIT, kept_candidates, launched_kernels,  # noqa: E402
+                                       precision_name, smem_bound)
 
 CSV = os.path.join(K.RESULTS, "kernels.csv")
 LIMIT_CSV = os.path.join(K.RESULTS, "kernels-limit.csv")
+TRITON_KERNELS = {"hmx_fwd_kernel_state", "hmx_fwd_kernel_mix", "hmx_bwd_kernel_tsum", "hmx_bwd_kernel_query",
+                  "hmx_bwd_kernel_key"}
 
 
 def _arch(row) -> int:
     return int(row["arch"].removeprefix("sm_"))
 
 
+def _d_h(row) -> int:
+    return int(row["shape"].split(",")[0])
+
+
+def multiplies_matrices(row) -> bool:
+    """Every Triton kernel; every CUDA kernel but sum_parts (which only adds partials)."""
+    return row["backend"] == "triton" or row["kernel"] in cr.MATMUL_KERNELS
+
+
 def assert_invariants(row) -> None:
-    """No spills, shared memory within the arch's limit, tensor cores unless IEEE fp32 dots."""
-    what = f"{row['arch']} {row['shape']} {row['dtype']} {row['kernel']} {row['config']}"
+    """No spills, shared memory within the arch's limit; tensor cores in every fp16 / bf16 kernel
+    that multiplies matrices and in Triton's TF32 / 3xTF32 ones; none in CUDA fp32 kernels (FMA)."""
+    what = f"{row['backend']} {row['arch']} {row['shape']} {row['dtype']} {row['kernel']} {row['config']}"
     assert int(row["spill_bytes"]) == 0, f"{what}: spills {row['spill_bytes']} bytes"
     assert 0 < int(row["registers"]) <= 255, what
     assert int(row["smem_bytes"]) <= SMEM_LIMIT[_arch(row)], f"{what}: {row['smem_bytes']} B shared memory"
-    if not row["config"].endswith("-ieee"):
-        assert int(row["tensor_core_instructions"]) > 0, f"{what}: no HGMMA / HMMA instruction"
+    tc = int(row["tensor_core_instructions"])
+    if row["dtype"] in ("fp16", "bf16") and multiplies_matrices(row):
+        assert tc > 0, f"{what}: no HGMMA / HMMA instruction"
+    if row["backend"] == "triton" and row["dtype"] == "fp32" and not row["config"].endswith("-ieee"):
+        assert tc > 0, f"{what}: TF32 dots without HGMMA / HMMA"
+    if row["backend"] == "cuda" and row["dtype"] == "fp32":
+        assert tc == 0, f"{what}: {tc} tensor-core instructions (the CUDA fp32 kernels stay on FMA)"
 
 
-def expected_rows():
-    """(arch, shape, dtype, kernel, config) of every row kernels.csv must hold."""
+def expected_triton_rows():
+    """(arch, shape, dtype, kernel, config) of every Triton row kernels.csv must hold."""
     out = set()
-    for d_h, k_h in K.SHAPES:
+    for d_h, k_h in K.SHAPES + K.LIMIT_SHAPES:
         for dtype in K.DTYPES:
+            if dtype == "fp32" and d_h > MAX_FP32_HEAD_DIM:
+                continue  # refused by the backend: kernels-limit.csv
             for mode in (K.FP32_MODES if dtype == "fp32" else ("highest",)):
                 for launch in K.capture_launches(d_h, k_h, dtype, mode):
                     kw = dict(launch.kwargs)
@@ -61,26 +90,66 @@ def expected_rows():
     return out
 
 
+def all_cuda_rows():
+    """(arch, shape, dtype, kernel) of every CUDA kernel compiled for the report."""
+    return {(f"sm_{a}", f"{d},{k}", t, kn) for a in K.ARCHS for d, k in K.SHAPES + K.LIMIT_SHAPES
+            for t in K.DTYPES for kn in cr.KERNELS}
+
+
 def test_committed_report_columns_and_invariants():
-    rows = K.read_csv(CSV)
     with open(CSV) as f:
         assert f.readline().strip().split(",") == K.COLUMNS
-    assert rows
+    rows = K.read_csv(CSV)
+    assert {r["backend"] for r in rows} == {"triton", "cuda"}
     for row in rows:
-        assert row["backend"] == "triton", row
         assert_invariants(row)
+    # the report's own spelling of shapes, shared by both backends
+    assert {r["shape"] for r in rows} == {f"{d},{k}" for d, k in K.SHAPES + K.LIMIT_SHAPES}
 
 
 def test_committed_report_covers_every_kernel_config_shape_dtype_arch():
     rows = K.read_csv(CSV)
-    got = [(r["arch"], r["shape"], r["dtype"], r["kernel"], r["config"]) for r in rows]
-    assert len(got) == len(set(got)), "duplicate rows"
-    expected = expected_rows()
-    assert set(got) == expected, (f"missing {sorted(expected - set(got))[:5]}, "
-                                  f"unexpected {sorted(set(got) - expected)[:5]}: rerun python -m benchmarks.kernels")
-    assert {r["dtype"] for r in rows} == set(K.DTYPES)
-    assert {r["kernel"] for r in rows} == {"hmx_fwd_kernel_state", "hmx_fwd_kernel_mix",
-                                           "hmx_bwd_kernel_query", "hmx_bwd_kernel_key"}
+    triton = [(r["arch"], r["shape"], r["dtype"], r["kernel"], r["config"]) for r in rows if r["backend"] == "triton"]
+    assert len(triton) == len(set(triton)), "duplicate Triton rows"
+    expected = expected_triton_rows()
+    assert set(triton) == expected, (f"missing {sorted(expected - set(triton))[:5]}, "
+                                     f"unexpected {sorted(set(triton) - expected)[:5]}: rerun python -m benchmarks.kernels")
+    assert {r[3] for r in triton} == TRITON_KERNELS
+    # every Triton kernel the launcher runs, at every shape, dtype and arch, has a kept candidate
+    for d_h, k_h in K.SHAPES + K.LIMIT_SHAPES:
+        for dtype in K.DTYPES:
+            if dtype == "fp32" and d_h > MAX_FP32_HEAD_DIM:
+                continue
+            for arch in K.ARCHS:
+                got = {r[3] for r in triton if r[:3] == (f"sm_{arch}", f"{d_h},{k_h}", dtype)}
+                assert got == set(launched_kernels(d_h)), (arch, d_h, dtype, got)
+    cuda = [(r["arch"], r["shape"], r["dtype"], r["kernel"]) for r in rows if r["backend"] == "cuda"]
+    assert len(cuda) == len(set(cuda)), "duplicate CUDA rows"
+    declined = {key for key in all_cuda_rows()
+                if cr.unsupported(dict(arch=key[0], shape=key[1], dtype=key[2]))}
+    assert declined, "the CUDA backend declines fp32 at d_h 128 on sm_80: those rows belong to kernels-limit.csv"
+    assert set(cuda) == all_cuda_rows() - declined
+
+
+def test_limit_file_lists_exactly_the_declined_rows_with_true_reasons():
+    with open(LIMIT_CSV) as f:
+        assert f.readline().strip().split(",") == K.COLUMNS + ["reason"]
+    rows = K.read_csv(LIMIT_CSV)
+    assert rows and all(r["reason"] for r in rows)
+    triton = [r for r in rows if r["backend"] == "triton"]
+    assert {(r["dtype"], _d_h(r)) for r in triton} == {("fp32", d) for d, _ in K.LIMIT_SHAPES}
+    assert all(d > MAX_FP32_HEAD_DIM for d, _ in K.LIMIT_SHAPES)
+    # the refusal's reason: every candidate of the backward kernels needs more shared memory than
+    # a block gets, on both archs
+    for arch in K.ARCHS:
+        for kernel in ("hmx_bwd_kernel_query", "hmx_bwd_kernel_key"):
+            sel = [int(r["smem_bytes"]) for r in triton if r["arch"] == f"sm_{arch}" and r["kernel"] == kernel]
+            assert sel and min(sel) > SMEM_LIMIT[arch], (arch, kernel, sel)
+    cuda = [r for r in rows if r["backend"] == "cuda"]
+    assert {(r["arch"], r["shape"], r["dtype"], r["kernel"]) for r in cuda} == {
+        key for key in all_cuda_rows() if cr.unsupported(dict(arch=key[0], shape=key[1], dtype=key[2]))}
+    big = [int(r["smem_bytes"]) for r in cuda if r["kernel"] in ("query", "key")]
+    assert big and min(big) > cr.SMEM_LIMITS["sm_80"]
 
 
 def _parse_config(name: str):
@@ -95,10 +164,11 @@ def test_smem_bound_covers_every_measurement(path):
     never be below what the compiler actually allocates."""
     from hmx_kernels.triton.config import block_d
 
-    for row in K.read_csv(path):
+    rows = [r for r in K.read_csv(path) if r["backend"] == "triton"]
+    assert rows
+    for row in rows:
         block_n, _, stages, precision = _parse_config(row["config"])
-        d_h = int(row["shape"].split(",")[0])
-        bound = smem_bound(row["kernel"], block_n, block_d(d_h), stages, precision, _arch(row))
+        bound = smem_bound(row["kernel"], block_n, block_d(_d_h(row)), stages, precision, _arch(row))
         assert bound >= int(row["smem_bytes"]), (row, bound)
 
 
@@ -115,18 +185,18 @@ print("ROWS" + json.dumps(rows))
 
 @pytest.mark.slow
 def test_fresh_compiles_hold_the_invariants():
-    """Compile a representative subset now (no cache): (18, 72) and (64, 256), fp32 (in the
+    """Compile a representative subset now (no cache): (18, 72) and (64, 256) in fp32 (in the
     default "highest" precision the launcher picks per kernel: IEEE, or 3xTF32 where IEEE spills)
-    and bf16, sm_80 and sm_90, the first two kept candidates of each kernel there. About one to
-    two minutes on 2 cores."""
+    and bf16, and (128, 512) in bf16 (the split kernels), sm_80 and sm_90, the first two kept
+    candidates of each kernel the launcher runs there. A few minutes on 2 cores."""
     import torch
 
     from hmx_kernels.triton.config import KERNEL_CANDIDATES, dot_precision
 
     specs = []
-    for d_h, k_h in ((18, 72), (64, 256)):
-        for dtype in ("fp32", "bf16"):
-            for kernel in KERNEL_CANDIDATES:
+    for (d_h, k_h), dtypes in (((18, 72), ("fp32", "bf16")), ((64, 256), ("fp32", "bf16")), ((128, 512), ("bf16",))):
+        for dtype in dtypes:
+            for kernel in launched_kernels(d_h):
                 prec = precision_name(*dot_precision(torch.float32, d_h, "highest", kernel)) if dtype == "fp32" else "half"
                 keep = [c for c in KERNEL_CANDIDATES[kernel]
                         if all(c in kept_candidates(kernel, d_h, prec, SMEM_LIMIT[a], a) for a in K.ARCHS)]
@@ -144,3 +214,40 @@ def test_fresh_compiles_hold_the_invariants():
     for row in rows:
         assert row["kept"], row
         assert_invariants({k: str(v) for k, v in row.items()})
+
+
+def test_readme_gpu_estimates_follow_the_roofline():
+    """README's table of GPU estimates states, per recipe shape, what benchmarks.kernels.roofline
+    (the figures of kernels.md) gives: bound and time on H100 and H200."""
+    import re
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    pattern = (r"^\| \((\d+), (\d+)\) \| [^|]+ \| (bf16 / fp16|fp32, TF32 dots) \| (memory|compute) \| (\d+) us \| "
+               r"(memory|compute) \| (\d+) us \|$")
+    rows = re.findall(pattern, text, flags=re.M)
+    assert {(int(d), int(k)) for d, k, *_ in rows} == set(K.SHAPES)
+    assert len(rows) == 2 * len(K.SHAPES)
+    for d, k, what, lim100, t100, lim200, t200 in rows:
+        dtype, prec = ("bf16", "half") if what == "bf16 / fp16" else ("fp32", "tf32")
+        for gpu, lim, t in (("H100", lim100, t100), ("H200", lim200, t200)):
+            rf = K.roofline(int(d), int(k), dtype, prec, gpu)
+            assert (lim, int(t)) == (rf["limit"], round(rf["bound_us"])), (d, k, what, gpu, rf)
+
+
+def test_positional_encoding_stays_a_table_while_on_chip_spills():
+    """hmx_kernels.triton.function.PE_ON_CHIP may be on only if every kept candidate compiles
+    without spills with the sinusoid computed on chip (benchmarks/results/kernels-pe-on-chip.csv:
+    the Triton rows of kernels.csv compiled again that way, `python -m benchmarks.kernels
+    --pe-on-chip`)."""
+    from hmx_kernels.triton import function as fn
+
+    path = os.path.join(K.RESULTS, "kernels-pe-on-chip.csv")
+    with open(path) as f:
+        assert f.readline().strip().split(",") == K.COLUMNS + ["stack_bytes"]
+    rows = K.read_csv(path)
+    key = lambda r: (r["arch"], r["shape"], r["dtype"], r["kernel"], r["config"])  # noqa: E731
+    assert sorted(map(key, rows)) == sorted(key(r) for r in K.read_csv(CSV) if r["backend"] == "triton"), \
+        "kernels-pe-on-chip.csv is stale: rerun python -m benchmarks.kernels --pe-on-chip"
+    spilling = [key(r) for r in rows if int(r["spill_bytes"])]
+    assert fn.PE_ON_CHIP == (not spilling), spilling[:5]

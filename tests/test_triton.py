@@ -64,6 +64,39 @@ def test_several_chunks_and_tiles(variant, device, dtype, monkeypatch):
     check(case, device, dtype)
 
 
+@needs_device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_split_kernels_at_large_head_sizes(variant, dtype, monkeypatch):
+    """The kernels the launcher runs from config.SPLIT_BLOCK_D on (d_h 128 on a GPU): S rows over
+    two programs, T and sdy from hmx_bwd_kernel_tsum, S and sv of the backward from the state pass.
+    The threshold is lowered so that d_h 18 (D 32) takes that path here; several chunks; fp16
+    exercises the tsum pass's per-tile scaling of dY. Checked against the reference, and the split
+    launches are recorded to show they ran."""
+    from hmx_kernels.triton import config as tconfig
+
+    monkeypatch.setattr(tconfig, "SPLIT_BLOCK_D", 32)
+    monkeypatch.setattr(tfn, "CHUNK_MIN", 20)
+    launched = []
+    real_launch = tfn._launch
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        launched.append((kernel.fn.__name__, grid, kwargs.get("ROW_SPLIT"), kwargs.get("ACC_T"), kwargs.get("ACC_S")))
+        real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(tfn, "_launch", recording_launch)
+    case = make_case(variant=variant, B=2, M=37, N=45, d=36, H=2, k_h=20, seed=11,
+                     input_scale=0.3 if variant == "idiap" else 1.0)
+    device = ANY_DEVICE
+    check(case, device, dtype)
+    names = [x[0] for x in launched]
+    assert names.count("hmx_bwd_kernel_tsum") == 1 and names.count("hmx_fwd_kernel_state") == 2, names
+    assert all(x[2] == 2 and x[1][0] == 2 * 2 * 2 for x in launched if x[0] in ("hmx_fwd_kernel_state",
+                                                                               "hmx_bwd_kernel_tsum")), launched
+    assert [x[3] for x in launched if x[0] == "hmx_bwd_kernel_query"] == [False]
+    assert [x[4] for x in launched if x[0] == "hmx_bwd_kernel_key"] == [False]
+
+
 @pytest.mark.parametrize("device,dtype", FP32_ONLY)
 def test_positional_encoding_on_chip(device, dtype, monkeypatch):
     """speechbrain's sinusoid computed in the kernels from position x frequency."""

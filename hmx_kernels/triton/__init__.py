@@ -3,8 +3,8 @@ never enters a token loop: per-token kernels with [D, D] accumulators (d_h padde
 cores for fp16 / bf16 (and TF32 / 3xTF32 for fp32 as torch.get_float32_matmul_precision() asks),
 k_h only in small per-(b, h) torch products.
 
-- hyper_mixing_fwd.py / hyper_mixing_bwd.py: the four token kernels (state, mix; query, key) and
-  the algorithm, with a shape comment on every dot;
+- hyper_mixing_fwd.py / hyper_mixing_bwd.py: the token kernels (state, mix; query, key, and at
+  d_h 128 tsum) and the algorithm, with a shape comment on every dot;
 - function.py: the launchers and finalize steps, registered as torch.library ops;
 - config.py: autotune candidates, the dot precision per dtype and mode, pruning by measured
   register spills and by the device's shared memory;

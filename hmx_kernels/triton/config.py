@@ -33,18 +33,44 @@ BWD_CANDIDATES = ((16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2))
 KERNEL_CANDIDATES = {
     "hmx_fwd_kernel_state": FWD_CANDIDATES,
     "hmx_fwd_kernel_mix": FWD_CANDIDATES,
+    "hmx_bwd_kernel_tsum": FWD_CANDIDATES,
     "hmx_bwd_kernel_query": BWD_CANDIDATES,
     "hmx_bwd_kernel_key": BWD_CANDIDATES,
 }
+
+# From this padded head size on, a program cannot hold two [D, D] fp32 accumulators next to its
+# [D, D] operands without spilling (D 128: 56 to 204 spill bytes in the fewest-spilling candidate
+# of the state, query and key kernels, benchmarks/results/kernels.md), so the launcher splits:
+# - the state pass's S over ROW_SPLIT programs by rows (hidden units): [D / 2, D] accumulators;
+# - the backward's token sums move out of the query and key passes (ACC_T / ACC_S False): T, sdy
+#   come from hmx_bwd_kernel_tsum (the state program on query and dY), S, sv from the state pass
+#   run again on key and value. Cost: one more read of query + dY and of key + value, and the
+#   fc1 product once more per token in each of the two extra passes.
+SPLIT_BLOCK_D = 128
+
+
+def split_state(d_h: int) -> bool:
+    """Whether the launcher runs the split kernels at head size d_h (SPLIT_BLOCK_D)."""
+    return block_d(d_h) >= SPLIT_BLOCK_D
+
+
+def row_split(d_h: int) -> int:
+    """ROW_SPLIT of the state programs at head size d_h."""
+    return 2 if split_state(d_h) else 1
+
+
+def launched_kernels(d_h: int) -> Tuple[str, ...]:
+    """The kernels one forward + backward launches at head size d_h."""
+    return tuple(k for k in KERNEL_CANDIDATES if k != "hmx_bwd_kernel_tsum" or split_state(d_h))
 
 # (kernel, BLOCK_D, precision) -> candidates that spill registers on sm_80 or sm_90, measured by
 # compiling all of them at the recipe head sizes (d_h 18, 32 -> D 32; 64 -> D 64) and at the limit
 # d_h 128 in fp16 / bf16 (see the module docstring; `python -m benchmarks.kernels` prints this
 # table when it no longer matches); precision: "half" (fp16 / bf16 operands) or the fp32 dot
-# precision. Where every fp16 / bf16 candidate spills (D 128: state, query, key), the one with the
-# fewest spill bytes stays (BN16 w8: 56 to 204 bytes); where every candidate of an fp32 dot
-# precision spills, dot_precision falls back to another. D 16 was not measured.
-SPILLING: Dict[Tuple[str, int, str], FrozenSet[Tuple[int, int, int]]] = {
+# precision. At D 128 the split kernels (SPLIT_BLOCK_D) leave at least one spill-free candidate
+# of every kernel on both archs (BN16 w8 for the query and key passes); where every candidate of
+# an fp32 dot precision spills, dot_precision falls back to another. D 16 was not measured.
+SPILLING = {
     ("hmx_bwd_kernel_key", 32, "ieee"): frozenset({(32, 4, 2)}),
     ("hmx_bwd_kernel_key", 32, "tf32"): frozenset({(32, 4, 2), (32, 8, 2)}),
     ("hmx_bwd_kernel_key", 32, "tf32x3"): frozenset({(32, 4, 2), (32, 8, 2)}),
@@ -59,7 +85,7 @@ SPILLING: Dict[Tuple[str, int, str], FrozenSet[Tuple[int, int, int]]] = {
     ("hmx_bwd_kernel_query", 64, "half"): frozenset({(32, 4, 2)}),
     ("hmx_bwd_kernel_query", 64, "ieee"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2)}),
     ("hmx_bwd_kernel_query", 64, "tf32x3"): frozenset({(16, 4, 2), (32, 4, 2)}),
-    ("hmx_bwd_kernel_query", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+    ("hmx_bwd_kernel_query", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2)}),
     ("hmx_fwd_kernel_mix", 64, "ieee"): frozenset({(32, 4, 2), (64, 8, 2)}),
     ("hmx_fwd_kernel_mix", 64, "tf32x3"): frozenset({(64, 8, 2)}),
     ("hmx_fwd_kernel_mix", 128, "half"): frozenset({(32, 4, 2), (64, 8, 2)}),
@@ -67,7 +93,6 @@ SPILLING: Dict[Tuple[str, int, str], FrozenSet[Tuple[int, int, int]]] = {
     ("hmx_fwd_kernel_state", 64, "ieee"): frozenset({(32, 4, 2), (64, 8, 2)}),
     ("hmx_fwd_kernel_state", 64, "tf32"): frozenset({(64, 8, 2)}),
     ("hmx_fwd_kernel_state", 64, "tf32x3"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)}),
-    ("hmx_fwd_kernel_state", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)}),
 }
 
 
@@ -143,6 +168,10 @@ _SMEM_MODEL = {
     ("hmx_fwd_kernel_state", "tf32"): {80: (1.0, 2.0), 90: (1.0, 2.5)},
     ("hmx_fwd_kernel_state", "tf32x3"): {80: (2.0, 2.5), 90: (3.25, 2.25)},
     ("hmx_fwd_kernel_mix", "half"): {80: (2.0, 2.0), 90: (2.25, 1.75)},
+    ("hmx_bwd_kernel_tsum", "half"): {80: (1.75, 2.5), 90: (1.75, 2.5)},
+    ("hmx_bwd_kernel_tsum", "ieee"): {80: (1.0, 2.25), 90: (1.0, 2.25)},
+    ("hmx_bwd_kernel_tsum", "tf32"): {80: (1.0, 2.5), 90: (1.0, 2.5)},
+    ("hmx_bwd_kernel_tsum", "tf32x3"): {80: (3.25, 2.5), 90: (3.25, 2.5)},
     ("hmx_fwd_kernel_mix", "ieee"): {80: (2.0, 1.5), 90: (2.0, 1.5)},
     ("hmx_fwd_kernel_mix", "tf32"): {80: (2.0, 1.5), 90: (2.0, 1.5)},
     ("hmx_fwd_kernel_mix", "tf32x3"): {80: (4.0, 2.0), 90: (4.0, 2.0)},
@@ -180,7 +209,8 @@ def unfit_reason(dtype, d_h: int, matmul_precision: str, smem_limit: Optional[in
                  arch: Optional[int] = None) -> Optional[str]:
     """Why no candidate of some kernel fits (dtype, d_h) on an sm_<arch> device, or None."""
     bd = block_d(d_h)
-    for kernel, candidates in KERNEL_CANDIDATES.items():
+    for kernel in launched_kernels(d_h):
+        candidates = KERNEL_CANDIDATES[kernel]
         precision = precision_name(*dot_precision(dtype, d_h, matmul_precision, kernel))
         if not kept_candidates(kernel, d_h, precision, smem_limit, arch):
             need = min(smem_bound(kernel, c[0], bd, c[2], precision, arch) for c in candidates)

@@ -9,7 +9,10 @@ P [B, H, k_h, d_h] fp32, which autograd saves: nothing of size [N, k_h].
 Backward (`triton_bwd`), reassociated (see hyper_mixing_bwd.py): A, C from the saved P; the query
 pass (T, sdy, MLP2's fc1 gradients, dquery) -> finalize: dA, MLP2's fc2 gradients, dP = dA * GELU'(P),
 R, r0 -> the key pass (S, sv, MLP1's fc1 gradients, dkey, dvalue) -> finalize: MLP1's fc2
-gradients. All token reductions are per-program fp32 partials ([D, D] and [D] per chunk) summed
+gradients. From d_h 128 on (config.SPLIT_BLOCK_D) the state pass splits S's rows over two programs
+per (b, h, chunk), the backward takes T, sdy from `hmx_bwd_kernel_tsum` and S, sv from the state
+pass run again, and the query and key passes leave those sums out (ACC_T / ACC_S), so that every
+program fits its registers. All token reductions are per-program fp32 partials ([D, D] and [D] per chunk) summed
 here with torch.sum in a fixed order (deterministic, no atomics); the finalize products are torch
 matmuls on [B, H, k_h, d_h] tensors (`_matmul`: fp32 as torch's float32 matmul precision allows,
 fp64 in "high"). Tied hypernetworks and self-mixing (speechbrain: query = key = value) need no
@@ -48,8 +51,9 @@ from ..fused import define_fused_ops, run_fused
 from ..reference.positional import cached_positional_encoding, frequencies, positional_encoding
 from ..validation import HyperMixingProblem
 from ..variants import get_variant
+from . import config as _config
 from .config import INTERPRETED_KERNELS, block_d, dot_precision
-from .hyper_mixing_bwd import hmx_bwd_kernel_key, hmx_bwd_kernel_query
+from .hyper_mixing_bwd import hmx_bwd_kernel_key, hmx_bwd_kernel_query, hmx_bwd_kernel_tsum
 from .hyper_mixing_fwd import hmx_fwd_kernel_mix, hmx_fwd_kernel_state
 
 __all__ = ["TRITON_OPS", "triton_forward", "set_nan_poison"]
@@ -60,7 +64,13 @@ CHUNK_MIN = 128  # fewest tokens per chunk (a chunk's d_h x d_h partials stay be
 # Positional encodings: by default both variants read the fp32 table (bitwise the values the
 # reference uses; the table is [L, d], shared by the batch). PE_ON_CHIP = True computes the
 # speechbrain sinusoid on chip from position x frequency instead (no table read; the GPU's sin/cos
-# may differ from torch's by a few ulp, more for angles in the thousands).
+# may differ from torch's by a few ulp, more for angles in the thousands). It stays off because it
+# does not fit without spills: compiled for every candidate of kernels.csv
+# (benchmarks/results/kernels-pe-on-chip.csv, `python -m benchmarks.kernels --pe-on-chip`), 48 of
+# the 508 Triton rows spill (8 to 1048 bytes), and 6 (arch, shape, dtype, kernel) have no
+# spill-free candidate left (d_h 64 fp32: mix, query, key; d_h 128 fp16 / bf16: key on sm_90);
+# every kernel also gets a 32 to 344 byte stack frame (libdevice sinf / cosf keep their argument
+# reduction in local memory). The table costs 4 d / B bytes per token and pass (kernels.md).
 PE_ON_CHIP = False
 
 
@@ -160,14 +170,15 @@ def _state(s, key, value, key_keep, w1, pe, pe_table):
     keep, smb, smn, has_mask = _keep_args(key_keep, key)
     s_part = _empty((s.B * s.H, n_chunks, s.d_h, s.d_h), torch.float32, key.device)
     sv_part = _empty((s.B * s.H, n_chunks, s.d_h), torch.float32, key.device)
-    _launch(hmx_fwd_kernel_state, (s.B * s.H, n_chunks),
+    row_split = _config.row_split(s.d_h)
+    _launch(hmx_fwd_kernel_state, (s.B * s.H * row_split, n_chunks),
         key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2),
         keep, smb, smn, pe, pe,
         fc1w, fc1b, s_part, sv_part,
         s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
-        OPERAND=precision[0], DOT_PREC=precision[1], BLOCK_D=block_d(s.d_h),
+        ROW_SPLIT=row_split, OPERAND=precision[0], DOT_PREC=precision[1], BLOCK_D=block_d(s.d_h),
     )
     return s_part.sum(dim=1), sv_part.sum(dim=1)  # fixed-order sums over the chunks
 
@@ -249,6 +260,20 @@ def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table):
     dq = _empty((s.B, s.M, s.d), torch.float32, device)
     t_part, sdy_part = _square_partials(s, n_chunks, device)
     fc1_parts = _square_partials(s, n_chunks, device)
+    split = _config.split_state(s.d_h)
+    if split:  # T, sdy in a pass of their own (config.SPLIT_BLOCK_D)
+        row_split = _config.row_split(s.d_h)
+        tprec = _precision(query.dtype, s.d_h, "hmx_bwd_kernel_tsum")
+        _launch(hmx_bwd_kernel_tsum, (s.B * s.H * row_split, n_chunks),
+            query, query.stride(0), query.stride(1), query.stride(2),
+            dy, dy.stride(0), dy.stride(1),
+            keep, smb, smn, pe, pe,
+            fc1w, fc1b, t_part, sdy_part,
+            s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
+            D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
+            SCALE_TILES=query.dtype == torch.float16, ROW_SPLIT=row_split, OPERAND=tprec[0],
+            DOT_PREC=tprec[1], BLOCK_D=block_d(s.d_h),
+        )
     _launch(hmx_bwd_kernel_query, (s.B * s.H, n_chunks),
         query, query.stride(0), query.stride(1), query.stride(2),
         keep, smb, smn, pe, pe,
@@ -258,8 +283,8 @@ def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table):
         t_part, sdy_part, *fc1_parts,
         s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
-        SCALE_TILES=query.dtype == torch.float16, OPERAND=precision[0], DOT_PREC=precision[1],
-        BLOCK_D=block_d(s.d_h),
+        SCALE_TILES=query.dtype == torch.float16, ACC_T=not split, OPERAND=precision[0],
+        DOT_PREC=precision[1], BLOCK_D=block_d(s.d_h),
     )
     T = t_part.sum(dim=1).view(s.B, s.H, s.d_h, s.d_h)  # fixed-order sums over the chunks
     sdy = sdy_part.sum(dim=1).view(s.B, s.H, s.d_h)
@@ -283,8 +308,9 @@ def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table):
     keep, smb, smn, has_mask = _keep_args(key_keep, key)
     dk = _empty((s.B, s.N, s.d), torch.float32, device)
     dv = _empty((s.B, s.N, s.d), torch.float32, device)
-    s_part, sv_part = _square_partials(s, n_chunks, device)
     fc1_parts = _square_partials(s, n_chunks, device)
+    split = _config.split_state(s.d_h)
+    s_part, sv_part = fc1_parts if split else _square_partials(s, n_chunks, device)  # split: unused
     _launch(hmx_bwd_kernel_key, (s.B * s.H, n_chunks),
         key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2),
@@ -294,11 +320,14 @@ def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table):
         s_part, sv_part, *fc1_parts,
         s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
-        HAS_FC2_BIAS=r0 is not None, OPERAND=precision[0], DOT_PREC=precision[1],
+        HAS_FC2_BIAS=r0 is not None, ACC_S=not split, OPERAND=precision[0], DOT_PREC=precision[1],
         BLOCK_D=block_d(s.d_h),
     )
-    S = s_part.sum(dim=1).view(s.B, s.H, s.d_h, s.d_h)  # fixed-order sums over the chunks
-    sv = sv_part.sum(dim=1).view(s.B, s.H, s.d_h)
+    if split:  # S, sv from the state pass again (config.SPLIT_BLOCK_D)
+        S, sv = _state(s, key, value, key_keep, w1, pe, pe_table)
+    else:
+        S, sv = s_part.sum(dim=1), sv_part.sum(dim=1)  # fixed-order sums over the chunks
+    S, sv = S.view(s.B, s.H, s.d_h, s.d_h), sv.view(s.B, s.H, s.d_h)
     return dk, dv, S, sv, _fc1_grads(s, fc1_parts, flags["HAS_FC1_BIAS"])
 
 

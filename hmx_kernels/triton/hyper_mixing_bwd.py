@@ -17,6 +17,10 @@ db1 = sum dpre, dz = dpre fc1, dx = s m dz.
 - key pass (`hmx_bwd_kernel_key`, grid [B*H, n_chunks]): recomputes hid per key tile, accumulates
   S, sv (for dfc2, db2: the op saves only P) and the fc1 gradients of MLP1, writes dvalue and
   dkey. Six tile products: z fc1^T, hid^T V, hid R, V R^T, dpre^T z, dpre fc1.
+- from d_h 128 on (config.SPLIT_BLOCK_D), T and sdy come from a pass of their own
+  (`hmx_bwd_kernel_tsum`: the forward's state program on query and dY, rows split) and S, sv from
+  the forward's state pass run again; the query and key passes then hold one [D, D] accumulator
+  (the fc1 gradient) instead of two (ACC_T / ACC_S False), which is what keeps them spill-free.
 - finalize (torch in the launcher, function.py): the [k_h, d_h] products above, on the chunk
   partials summed in a fixed order.
 Every reduction over tokens is written as per-program fp32 partials [D, D] / [D] that the launcher
@@ -37,17 +41,31 @@ import triton.language as tl
 
 from .config import autotuned
 from .hyper_mixing_fwd import (_LEN_ARGS, _gelu_grad, _hidden, _load_fc1, _load_hyper_input,
-                               _load_square, _op, _store_square)
+                               _load_square, _op, _pow2_of_max, _state_program, _store_square)
 
 _BWD_LEN_ARGS = _LEN_ARGS + ["sgb", "sdb"]
 
 
-@triton.jit
-def _pow2_of_max(b_x):
-    """The power of two of max |x| over a tile (its exponent bits; 1 for an all-zero tile)."""
-    amax = tl.max(tl.max(tl.abs(b_x), axis=1), axis=0)
-    p2 = (amax.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    return tl.where(p2 > 0.0, p2, 1.0)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "ROW_SPLIT"], do_not_specialize=_BWD_LEN_ARGS)
+def hmx_bwd_kernel_tsum(
+    q_ptr, sxb, sxn, sxc,  # query [B, M, d]
+    g_ptr, sgb, sgn,  # dY [B, M, d] fp32 (channel stride 1)
+    mask_ptr, smb, smn,  # query keep vector [B, M] fp32 (1 kept, 0 padded)
+    pe_ptr, freq_ptr,
+    fc1w_ptr, fc1b_ptr,  # MLP2 fc1: [H, d_h, d_h], [H, d_h]
+    t_part_ptr, sdy_part_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: T, sdy
+    L, chunk_len, n_chunks, H, d, scale, first_pos,
+    D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
+    SCALE_TILES: tl.constexpr, ROW_SPLIT: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """T = sum_t m hid2_t^T dY_t and sdy = sum_t m dY_t per chunk, for the head sizes at which the
+    query pass leaves them out (ACC_T = False): the forward's state program on (query, dY)
+    instead of (key, value), rows of T split over ROW_SPLIT programs."""
+    _state_program(q_ptr, sxb, sxn, sxc, g_ptr, sgb, sgn, 1, mask_ptr, smb, smn, pe_ptr, freq_ptr,
+                   fc1w_ptr, fc1b_ptr, t_part_ptr, sdy_part_ptr, L, chunk_len, n_chunks, H, d, scale,
+                   first_pos, D_H, HAS_MASK, PE_TABLE, HAS_FC1_BIAS, SCALE_TILES, ROW_SPLIT, OPERAND,
+                   DOT_PREC, BLOCK_N, BLOCK_D)
 
 
 @autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_BWD_LEN_ARGS)
@@ -63,8 +81,8 @@ def hmx_bwd_kernel_query(
     dfc1w_ptr, dfc1b_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: MLP2 fc1 grads
     L, chunk_len, n_chunks, H, d, scale, first_pos,
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
-    SCALE_TILES: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALE_TILES: tl.constexpr, ACC_T: tl.constexpr,  # ACC_T False: T, sdy left to hmx_bwd_kernel_tsum
+    OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_chunk = tl.program_id(1)
@@ -73,7 +91,7 @@ def hmx_bwd_kernel_query(
     i_bh64 = i_bh.to(tl.int64)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
-    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
+    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, o_c, D_H, HAS_FC1_BIAS, OPERAND)
     b_c = _op(_load_square(c_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
     c_scale = tl.load(cscale_ptr + i_bh64)
     acc_t = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
@@ -97,9 +115,10 @@ def hmx_bwd_kernel_query(
         else:
             g_scale = 1.0
         b_dyo = _op(b_dy / g_scale, fc1w_ptr, OPERAND)
-        # T += hid2^T (m dY): [BD, BN] @ [BN, BD] -> [BD, BD]
-        acc_t += tl.dot(tl.trans(_op(b_hid, fc1w_ptr, OPERAND)), b_dyo, input_precision=DOT_PREC) * g_scale
-        acc_sdy += tl.sum(b_dy, axis=0)
+        if ACC_T:
+            # T += hid2^T (m dY): [BD, BN] @ [BN, BD] -> [BD, BD]
+            acc_t += tl.dot(tl.trans(_op(b_hid, fc1w_ptr, OPERAND)), b_dyo, input_precision=DOT_PREC) * g_scale
+            acc_sdy += tl.sum(b_dy, axis=0)
         # dhid2 = m dY C^T (units g_scale * c_scale): [BN, BD] @ [BD, BD] -> [BN, BD]
         b_dpre = tl.dot(b_dyo, tl.trans(b_c), input_precision=DOT_PREC) * _gelu_grad(b_pre)
         b_dpreo = _op(b_dpre, fc1w_ptr, OPERAND)
@@ -111,8 +130,9 @@ def hmx_bwd_kernel_query(
         b_dx = b_dz * ((g_scale * c_scale * scale) * b_keep)[:, None]
         tl.store(dx_ptr + i_b * sdb + o_n64[:, None] * d + (i_h * D_H + o_c)[None, :], b_dx, mask=m_nc)
     i_part = i_bh64 * n_chunks + i_chunk
-    _store_square(t_part_ptr + i_part * D_H * D_H, acc_t, o_c, D_H)
-    tl.store(sdy_part_ptr + i_part * D_H + o_c, acc_sdy, mask=m_c)
+    if ACC_T:
+        _store_square(t_part_ptr + i_part * D_H * D_H, acc_t, o_c, D_H)
+        tl.store(sdy_part_ptr + i_part * D_H + o_c, acc_sdy, mask=m_c)
     _store_square(dfc1w_ptr + i_part * D_H * D_H, acc_fc1w * c_scale, o_c, D_H)
     tl.store(dfc1b_ptr + i_part * D_H + o_c, acc_fc1b * c_scale, mask=m_c)
 
@@ -131,8 +151,8 @@ def hmx_bwd_kernel_key(
     dfc1w_ptr, dfc1b_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: MLP1 fc1 grads
     L, chunk_len, n_chunks, H, d, scale, first_pos,
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
-    HAS_FC2_BIAS: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_FC2_BIAS: tl.constexpr, ACC_S: tl.constexpr,  # ACC_S False: S, sv left to hmx_fwd_kernel_state
+    OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_chunk = tl.program_id(1)
@@ -141,7 +161,7 @@ def hmx_bwd_kernel_key(
     i_bh64 = i_bh.to(tl.int64)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
-    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
+    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, o_c, D_H, HAS_FC1_BIAS, OPERAND)
     b_r = _op(_load_square(r_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
     r_scale = tl.load(rscale_ptr + i_bh64)
     if HAS_FC2_BIAS:
@@ -166,9 +186,10 @@ def hmx_bwd_kernel_key(
                       mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]  # V = v m
         b_vo = _op(b_v, fc1w_ptr, OPERAND)
         b_hmo = _op(b_hid * b_keep[:, None], fc1w_ptr, OPERAND)
-        # S += (m hid)^T V: [BD, BN] @ [BN, BD] -> [BD, BD]
-        acc_s += tl.dot(tl.trans(b_hmo), b_vo, input_precision=DOT_PREC)
-        acc_sv += tl.sum(b_v * b_keep[:, None], axis=0)
+        if ACC_S:
+            # S += (m hid)^T V: [BD, BN] @ [BN, BD] -> [BD, BD]
+            acc_s += tl.dot(tl.trans(b_hmo), b_vo, input_precision=DOT_PREC)
+            acc_sv += tl.sum(b_v * b_keep[:, None], axis=0)
         # dV = m (m hid R + m r0): [BN, BD] @ [BD, BD] -> [BN, BD]
         b_dv = tl.dot(b_hmo, b_r, input_precision=DOT_PREC) * r_scale + b_keep[:, None] * b_r0[None, :]
         b_dv = b_dv * b_keep[:, None]
@@ -185,7 +206,8 @@ def hmx_bwd_kernel_key(
         tl.store(dk_ptr + o_out, b_dk, mask=m_nc)
         tl.store(dv_ptr + o_out, b_dv, mask=m_nc)
     i_part = i_bh64 * n_chunks + i_chunk
-    _store_square(s_part_ptr + i_part * D_H * D_H, acc_s, o_c, D_H)
-    tl.store(sv_part_ptr + i_part * D_H + o_c, acc_sv, mask=m_c)
+    if ACC_S:
+        _store_square(s_part_ptr + i_part * D_H * D_H, acc_s, o_c, D_H)
+        tl.store(sv_part_ptr + i_part * D_H + o_c, acc_sv, mask=m_c)
     _store_square(dfc1w_ptr + i_part * D_H * D_H, acc_fc1w * r_scale, o_c, D_H)
     tl.store(dfc1b_ptr + i_part * D_H + o_c, acc_fc1b * r_scale, mask=m_c)

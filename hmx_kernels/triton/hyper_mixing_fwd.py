@@ -8,6 +8,9 @@ and hid_t = GELU(z_t fc1^T + b1) ([d_h]) of each generator:
 - state pass (`hmx_fwd_kernel_state`, grid [B*H, n_chunks]): each program streams the key tiles of
   one chunk of the sequence, builds z on chip, runs fc1 -> GELU and accumulates the chunk's S and
   sv (fp32, [D, D] and [D]). Two tile products: z fc1^T and hid^T V.
+  From d_h 128 on (config.SPLIT_BLOCK_D) the rows of S are split over ROW_SPLIT = 2 programs by
+  hidden unit (each computes half of hid from half of fc1's rows and holds a [D / 2, D]
+  accumulator): two [D, D] fp32 tiles per program do not fit the registers without spilling.
 - finalize (torch, in the launcher, on [B*H, ...] tensors): S, sv = fixed-order sums of the chunk
   partials; P = fc2 S + b2 sv^T [k_h, d_h]; A = GELU(P); C = fc2_2^T A; c0 = b2_2^T A. k_h (72,
   128, 256, ... any size, no padding) appears only here.
@@ -111,18 +114,20 @@ def _load_hyper_input(
 
 
 @triton.jit
-def _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
+def _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_r, o_c, D_H: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
               OPERAND: tl.constexpr):
-    """One head's fc1 as a zero-padded [BD(out), BD(in)] dot operand and its bias [BD] fp32."""
+    """Rows o_r (output units) of one head's fc1 as a zero-padded [BR(out), BD(in)] dot operand
+    and their bias [BR] fp32 (o_r = o_c: the whole [BD, BD] weight)."""
+    m_r = o_r < D_H
     m_c = o_c < D_H
     i_h64 = i_h.to(tl.int64)
-    b_fc1w = tl.load(fc1w_ptr + i_h64 * D_H * D_H + o_c[:, None] * D_H + o_c[None, :],
-                     mask=m_c[:, None] & m_c[None, :], other=0.0)
+    b_fc1w = tl.load(fc1w_ptr + i_h64 * D_H * D_H + o_r[:, None] * D_H + o_c[None, :],
+                     mask=m_r[:, None] & m_c[None, :], other=0.0)
     b_fc1w = _op(b_fc1w, fc1w_ptr, OPERAND)
     if HAS_FC1_BIAS:
-        b_fc1b = tl.load(fc1b_ptr + i_h64 * D_H + o_c, mask=m_c, other=0.0).to(tl.float32)
+        b_fc1b = tl.load(fc1b_ptr + i_h64 * D_H + o_r, mask=m_r, other=0.0).to(tl.float32)
     else:
-        b_fc1b = tl.zeros([o_c.shape[0]], dtype=tl.float32)
+        b_fc1b = tl.zeros([o_r.shape[0]], dtype=tl.float32)
     return b_fc1w, b_fc1b
 
 
@@ -148,7 +153,70 @@ def _store_square(ptr, b_x, o_c, D_H: tl.constexpr):
     tl.store(ptr + o_c[:, None] * D_H + o_c[None, :], b_x, mask=m_c[:, None] & m_c[None, :])
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_LEN_ARGS)
+@triton.jit
+def _pow2_of_max(b_x):
+    """The power of two of max |x| over a tile (its exponent bits; 1 for an all-zero tile)."""
+    amax = tl.max(tl.max(tl.abs(b_x), axis=1), axis=0)
+    p2 = (amax.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(p2 > 0.0, p2, 1.0)
+
+
+@triton.jit
+def _state_program(
+    k_ptr, sxb, sxn, sxc, v_ptr, svb, svn, svc, mask_ptr, smb, smn, pe_ptr, freq_ptr, fc1w_ptr, fc1b_ptr,
+    s_part_ptr, sv_part_ptr, L, chunk_len, n_chunks, H, d, scale, first_pos,
+    D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
+    SCALE_TILES: tl.constexpr, ROW_SPLIT: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program of a state pass (the forward's, and the backward's T = sum m hid2^T dY at the
+    split head sizes): the rows o_r of one chunk's S = sum_t m hid_t^T V_t and, in row group 0,
+    sv = sum_t m V_t. Program axis 0 = (b, h) x ROW_SPLIT row groups: S row j needs only hidden
+    unit j, so a row group computes BLOCK_D / ROW_SPLIT hidden units from the same rows of fc1 and
+    holds a [BLOCK_D / ROW_SPLIT, BLOCK_D] accumulator (no work is repeated but the token loads).
+    SCALE_TILES: each V tile is divided by the power of two of its largest element before it is
+    rounded to a half operand (for fp32 dY tiles in fp16)."""
+    BLOCK_R: tl.constexpr = BLOCK_D // ROW_SPLIT
+    i_bh = tl.program_id(0) // ROW_SPLIT
+    i_row = tl.program_id(0) % ROW_SPLIT
+    i_chunk = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    o_c = tl.arange(0, BLOCK_D)
+    o_r = i_row * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_c = o_c < D_H
+    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_r, o_c, D_H, HAS_FC1_BIAS, OPERAND)
+    start = i_chunk * chunk_len
+    end = tl.minimum(start + chunk_len, L)
+    acc_s = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc_sv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for t in range(start, end, BLOCK_N):
+        o_n = t + tl.arange(0, BLOCK_N)
+        b_z, b_keep = _load_hyper_input(k_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
+                                        pe_ptr, freq_ptr, o_n, o_c, i_h * D_H, end, d, scale,
+                                        first_pos, D_H, HAS_MASK, PE_TABLE)
+        # hidden units o_r: [BN, BD(in)] @ [BD(in), BR] -> [BN, BR]
+        _, _, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND, DOT_PREC)
+        m_nc = (o_n < end)[:, None] & m_c[None, :]
+        b_v = tl.load(v_ptr + i_b * svb + o_n.to(tl.int64)[:, None] * svn + (i_h * D_H + o_c)[None, :] * svc,
+                      mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]  # V = v m
+        if SCALE_TILES:
+            v_scale = _pow2_of_max(b_v)
+        else:
+            v_scale = 1.0
+        b_hm = _op(b_hid * b_keep[:, None], fc1w_ptr, OPERAND)
+        # S[o_r] += (m hid)^T V: [BR, BN] @ [BN, BD] -> [BR, BD]
+        acc_s += tl.dot(tl.trans(b_hm), _op(b_v / v_scale, fc1w_ptr, OPERAND), input_precision=DOT_PREC) * v_scale
+        acc_sv += tl.sum(b_v * b_keep[:, None], axis=0)
+    i_part = i_bh.to(tl.int64) * n_chunks + i_chunk
+    m_r = o_r < D_H
+    tl.store(s_part_ptr + i_part * D_H * D_H + o_r[:, None] * D_H + o_c[None, :], acc_s,
+             mask=m_r[:, None] & m_c[None, :])
+    if i_row == 0:
+        tl.store(sv_part_ptr + i_part * D_H + o_c, acc_sv, mask=m_c)
+
+
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "ROW_SPLIT"], do_not_specialize=_LEN_ARGS)
 def hmx_fwd_kernel_state(
     k_ptr, sxb, sxn, sxc,  # key [B, N, d]
     v_ptr, svb, svn, svc,  # value [B, N, d]
@@ -159,35 +227,13 @@ def hmx_fwd_kernel_state(
     sv_part_ptr,  # out: [B*H, n_chunks, d_h] fp32, sv per chunk
     L, chunk_len, n_chunks, H, d, scale, first_pos,
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
+    ROW_SPLIT: tl.constexpr,  # row groups of S per (b, h): grid axis 0 is B*H*ROW_SPLIT
     OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    i_chunk = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = i_bh % H
-    o_c = tl.arange(0, BLOCK_D)
-    m_c = o_c < D_H
-    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
-    start = i_chunk * chunk_len
-    end = tl.minimum(start + chunk_len, L)
-    acc_s = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-    acc_sv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for t in range(start, end, BLOCK_N):
-        o_n = t + tl.arange(0, BLOCK_N)
-        b_z, b_keep = _load_hyper_input(k_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
-                                        pe_ptr, freq_ptr, o_n, o_c, i_h * D_H, end, d, scale,
-                                        first_pos, D_H, HAS_MASK, PE_TABLE)
-        _, _, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND, DOT_PREC)
-        m_nc = (o_n < end)[:, None] & m_c[None, :]
-        b_v = tl.load(v_ptr + i_b * svb + o_n.to(tl.int64)[:, None] * svn + (i_h * D_H + o_c)[None, :] * svc,
-                      mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]  # V = v m
-        b_hm = _op(b_hid * b_keep[:, None], fc1w_ptr, OPERAND)
-        # S += (m hid)^T V: [BD, BN] @ [BN, BD] -> [BD, BD]
-        acc_s += tl.dot(tl.trans(b_hm), _op(b_v, fc1w_ptr, OPERAND), input_precision=DOT_PREC)
-        acc_sv += tl.sum(b_v * b_keep[:, None], axis=0)
-    i_part = i_bh.to(tl.int64) * n_chunks + i_chunk
-    _store_square(s_part_ptr + i_part * D_H * D_H, acc_s, o_c, D_H)
-    tl.store(sv_part_ptr + i_part * D_H + o_c, acc_sv, mask=m_c)
+    _state_program(k_ptr, sxb, sxn, sxc, v_ptr, svb, svn, svc, mask_ptr, smb, smn, pe_ptr, freq_ptr,
+                   fc1w_ptr, fc1b_ptr, s_part_ptr, sv_part_ptr, L, chunk_len, n_chunks, H, d, scale,
+                   first_pos, D_H, HAS_MASK, PE_TABLE, HAS_FC1_BIAS, False, ROW_SPLIT, OPERAND, DOT_PREC,
+                   BLOCK_N, BLOCK_D)
 
 
 @autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_LEN_ARGS)
@@ -212,7 +258,7 @@ def hmx_fwd_kernel_mix(
     i_bh64 = i_bh.to(tl.int64)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
-    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
+    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, o_c, D_H, HAS_FC1_BIAS, OPERAND)
     b_c = _op(_load_square(c_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
     c_scale = tl.load(cscale_ptr + i_bh64)
     if HAS_FC2_BIAS:
