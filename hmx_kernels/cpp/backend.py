@@ -189,8 +189,9 @@ def cpp_forward(p: HyperMixingProblem) -> Tensor:
 # Shared memory per block of the largest CUDA kernel (query / key) when fp32 kernels run at
 # 64 < d_h <= 128 (float32 inputs, or fp16 / bf16 with tensor cores off): more than an A100's
 # 163 KB, within an H100's 227 KB. fp16 / bf16 on tensor cores need at most 131 KB (fit sm_80).
-# The value is the kernels' own smem-size function (benchmarks/results/kernels_cuda.csv; a test
-# checks the two agree); csrc's hmx::cuda::not_supported gives the same verdict on the device.
+# The value is the kernels' own smem-size function (the sm_80 cuda rows of
+# benchmarks/results/kernels-limit.csv; a test checks the two agree); csrc's
+# hmx::cuda::not_supported gives the same verdict on the device.
 CUDA_WIDE_FP32_SMEM_BYTES = 170112
 
 
