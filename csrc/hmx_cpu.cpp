@@ -642,13 +642,13 @@ void reduce_generator_grads(const std::vector<T>& fc1_part, const std::vector<T>
 
 // Key pass, one work item: per tile and head, S^T, sv into the pieces (b, h, piece) of `part`
 // (zero-initialised by the caller); in the backward (rk != nullptr: per (b, h, block) R^T
-// [d_h(v), d_h(hid)] then r0 [d_h], has_r0 false without b2) also, per block j of the rows,
+// [d_h(v), d_h(hid)] then r0 [d_h], has_r0 false without b2; rm: R per block) also, per block j of the rows,
 // dvalue = hid R_j + m r0_j and dHd = value R_j^T, then the fc1 chain -> generator-1 fc1
 // partials (b, h, c) and dkey.
 template <typename T>
 void key_item(const ProblemParams& pb, const Mm<T>& mm, const PassItems& items, const BlockMap& bm,
-              const Pieces& pc, int64_t item, TileBuffers<T>& buf, T* part, T* fc1_part, const T* rk, bool has_r0,
-              const T* fc1_t, T* dk, T* dv) {
+              const Pieces& pc, int64_t item, TileBuffers<T>& buf, T* part, T* fc1_part, const T* rk,
+              const T* rm, bool has_r0, const T* fc1_t, T* dk, T* dv) {
   const int64_t H = pb.H, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d, C = items.C, nb = bm.nb();
   const int64_t ssz = state_size(dh), gsq = dh * dh;
   int64_t b, c, h0, h1, c0, c1;
@@ -675,8 +675,9 @@ void key_item(const ProblemParams& pb, const Mm<T>& mm, const PassItems& items, 
         const T* rt = rk + (bh * nb + j) * ssz;  // R^T, then r0
         // dvalue = hid R + m r0, into dv's rows
         mix_rows(mm, ks, a, n, dh, hd, rt, has_r0 ? rt + gsq : nullptr, dv + (b * N + a) * d + h * dh, d);
-        // dHd = value R^T: [T, d_h(v)] @ [d_h(v), d_h(hid)] -> [T, d_h]
-        mm(false, false, n, dh, dh, va, pb.v_rstride, rt, dh, buf.dhd.data() + o * dh, dh, false);
+        // dHd = value R^T: [T, d_h(v)] @ [d_h(v), d_h(hid)] -> [T, d_h] (R as the transposed operand)
+        mm(false, true, n, dh, dh, va, pb.v_rstride, rm + (bh * nb + j) * gsq, dh, buf.dhd.data() + o * dh, dh,
+           false);
       });
       if (!rk) continue;
       Fc1Partial<T> fp(fc1_part + (bh * C + c) * Fc1Partial<T>::size(dh), dh);
@@ -954,8 +955,8 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads, const R
     // key pass: S^T, sv per piece
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < kitems.count(B); ++item)
-      key_item<T>(pb, mm, kitems, bm, kpc, item, buf, part.data(), nullptr, nullptr, false, nullptr, nullptr,
-                  nullptr);
+      key_item<T>(pb, mm, kitems, bm, kpc, item, buf, part.data(), nullptr, nullptr, nullptr, false, nullptr,
+                  nullptr, nullptr);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh)
       block_sums(part.data() + bh * kpc.count * ssz, ssz, kpc, nb, ssz, blk.data() + bh * nb * ssz);
@@ -1021,7 +1022,9 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
   const Pieces kpc = make_pieces(bm, N, kitems.C), qpc = make_pieces(bm, M, qitems.C);
   const int64_t Cq = qitems.C, Ck = kitems.C;
   std::vector<T> dpt(B * H * nb * psz);  // dP_j^T per (b, h, block): [d_h, k_h]
-  std::vector<T> ct(B * H * nb * gsq);   // C_j^T per block
+  // C_j per block: the query pass takes it as the transposed right operand of dY C^T (the layout
+  // the BLAS runs fastest here, see mix_rows); after the query pass the same buffer holds R_j
+  std::vector<T> cm(B * H * nb * gsq);
   // per block, R^T then r0 (R = sum of R' = fc2^T dP over the blocks whose window holds it)
   std::vector<T> rk(B * H * nb * ssz);
   // token sums per piece and fc1 partials per (b, h, work chunk): zero, they accumulate
@@ -1047,8 +1050,10 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
       const int64_t n = nb * psz;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) at[i] = gelu(pt[i]);
-      fold_fc2(mm, head_weights<T>(pb.g2, bh % H, dh, kh), at.data(), nb * dh, dh, kh, ct.data() + bh * nb * gsq,
+      std::vector<T> ctb(nb * gsq);
+      fold_fc2(mm, head_weights<T>(pb.g2, bh % H, dh, kh), at.data(), nb * dh, dh, kh, ctb.data(),
                static_cast<T*>(nullptr));
+      for (int64_t j = 0; j < nb; ++j) transpose(ctb.data() + j * gsq, dh, cm.data() + (bh * nb + j) * gsq);
     }
     // ---- query pass: T^T, sdy per piece, generator-2 fc1 partials, dquery ----
 #pragma omp for schedule(dynamic, 1)
@@ -1071,7 +1076,7 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
             T* sp = q_part.data() + (bh * qpc.count + qpc.index(c, j)) * ssz;
             accumulate_state(mm, qs, a0, n, dh, buf.hd.data() + o * dh, dyt + o * d, d, sp, sp + gsq);
             // dHd2 = dY C^T: [T, d_h(y)] @ [d_h(y), d_h(hid)] -> [T, d_h]
-            mm(false, false, n, dh, dh, dyt + o * d, d, ct.data() + (bh * nb + j) * gsq, dh,
+            mm(false, true, n, dh, dh, dyt + o * d, d, cm.data() + (bh * nb + j) * gsq, dh,
                buf.dhd.data() + o * dh, dh, false);
           });
           Fc1Partial<T> fp(q_fc1.data() + (bh * Cq + c) * f1sz, dh);
@@ -1124,11 +1129,14 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
         std::memcpy(rb.data() + j * ssz + gsq, r0p.data() + j * dh, dh * sizeof(T));
       }
       window_sums(rb.data(), bm, ssz, true, rk.data() + bh * nb * ssz);
+      for (int64_t j = 0; j < nb; ++j)  // R_j (C is no longer needed)
+        transpose(rk.data() + (bh * nb + j) * ssz, dh, cm.data() + (bh * nb + j) * gsq);
     }
     // ---- key pass: S^T, sv per piece, generator-1 fc1 partials, dkey, dvalue ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < kitems.count(B); ++item)
-      key_item<T>(pb, mm, kitems, bm, kpc, item, buf, k_part.data(), k_fc1.data(), rk.data(), b2_1, fc1t_1.data(),
+      key_item<T>(pb, mm, kitems, bm, kpc, item, buf, k_part.data(), k_fc1.data(), rk.data(), cm.data(), b2_1,
+                  fc1t_1.data(),
                   dk, dv);
     // ---- per (b, h): generator-1 fc2 grads dfc2 = sum_j dP_j S_j^T, db2 = sum_j dP_j sv_j over
     //      the state windows ----
