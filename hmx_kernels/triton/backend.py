@@ -110,6 +110,8 @@ _BACKEND = Backend(
         dtypes=SUPPORTED_DTYPES,
         max_d_h=MAX_HEAD_DIM,
         max_k_h=MAX_HYPERNET_PER_HEAD,
+        causal=True,
+        varlen=True,
         available=triton_available,
     ),
     extra_reasons=fit_reasons,

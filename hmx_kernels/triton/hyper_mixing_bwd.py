@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from .config import autotuned
-from .hyper_mixing_fwd import (_LEN_ARGS, _gelu_grad, _hidden, _load_fc1, _load_hyper_input,
-                               _load_square, _op, _store_square)
+from .hyper_mixing_fwd import (_LEN_ARGS, _block_slot, _gelu_grad, _hidden, _load_fc1, _load_hyper_input,
+                               _load_square, _op, _program_range, _store_square)
 
 _BWD_LEN_ARGS = _LEN_ARGS + ["sgb", "sdb"]
 
@@ -50,7 +50,7 @@ def _pow2_of_max(b_x):
     return tl.where(p2 > 0.0, p2, 1.0)
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_BWD_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_BWD_LEN_ARGS)
 def hmx_bwd_kernel_query(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
     mask_ptr, smb, smn,  # query keep vector [B, M] fp32 (1 kept, 0 padded)
@@ -62,26 +62,25 @@ def hmx_bwd_kernel_query(
     t_part_ptr, sdy_part_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: T, sdy
     dfc1w_ptr, dfc1b_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: MLP2 fc1 grads
     L, chunk_len, n_chunks, H, d, scale, first_pos,
+    pieces_ptr, n_blocks,  # BLOCKED: piece table [n_pieces, 4] int32, block slots per (b, h)
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
     SCALE_TILES: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    i_chunk = tl.program_id(1)
+    i_bh, i_chunk, start, end, blk, seq0 = _program_range(pieces_ptr, L, chunk_len, BLOCKED)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
+    pe_ptr, first_pos, i_slot = _block_slot(pe_ptr, first_pos, d, i_bh, n_blocks, blk, seq0, BLOCKED)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
-    b_c = _op(_load_square(c_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
-    c_scale = tl.load(cscale_ptr + i_bh64)
+    b_c = _op(_load_square(c_ptr + i_slot * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
+    c_scale = tl.load(cscale_ptr + i_slot)
     acc_t = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     acc_sdy = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # in units of c_scale
     acc_fc1b = tl.zeros([BLOCK_D], dtype=tl.float32)  # in units of c_scale
-    start = i_chunk * chunk_len
-    end = tl.minimum(start + chunk_len, L)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
         o_n64 = o_n.to(tl.int64)
@@ -117,7 +116,7 @@ def hmx_bwd_kernel_query(
     tl.store(dfc1b_ptr + i_part * D_H + o_c, acc_fc1b * c_scale, mask=m_c)
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_BWD_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_BWD_LEN_ARGS)
 def hmx_bwd_kernel_key(
     k_ptr, sxb, sxn, sxc,  # key [B, N, d]
     v_ptr, svb, svn, svc,  # value [B, N, d]
@@ -130,30 +129,29 @@ def hmx_bwd_kernel_key(
     s_part_ptr, sv_part_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: S, sv
     dfc1w_ptr, dfc1b_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: MLP1 fc1 grads
     L, chunk_len, n_chunks, H, d, scale, first_pos,
+    pieces_ptr, n_blocks,  # BLOCKED: piece table [n_pieces, 4] int32, block slots per (b, h)
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
     HAS_FC2_BIAS: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    i_chunk = tl.program_id(1)
+    i_bh, i_chunk, start, end, blk, seq0 = _program_range(pieces_ptr, L, chunk_len, BLOCKED)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
+    pe_ptr, first_pos, i_slot = _block_slot(pe_ptr, first_pos, d, i_bh, n_blocks, blk, seq0, BLOCKED)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
-    b_r = _op(_load_square(r_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
-    r_scale = tl.load(rscale_ptr + i_bh64)
+    b_r = _op(_load_square(r_ptr + i_slot * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
+    r_scale = tl.load(rscale_ptr + i_slot)
     if HAS_FC2_BIAS:
-        b_r0 = tl.load(r0_ptr + i_bh64 * D_H + o_c, mask=m_c, other=0.0)
+        b_r0 = tl.load(r0_ptr + i_slot * D_H + o_c, mask=m_c, other=0.0)
     else:
         b_r0 = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     acc_sv = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # in units of r_scale
     acc_fc1b = tl.zeros([BLOCK_D], dtype=tl.float32)  # in units of r_scale
-    start = i_chunk * chunk_len
-    end = tl.minimum(start + chunk_len, L)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
         o_n64 = o_n.to(tl.int64)

@@ -45,7 +45,7 @@ from .config import autotuned
 
 # arguments whose value changes with the sequence length: never specialised, so a new length
 # neither recompiles nor re-tunes
-_LEN_ARGS = ["L", "chunk_len", "n_chunks", "sxb", "svb", "smb", "syb"]
+_LEN_ARGS = ["L", "chunk_len", "n_chunks", "n_blocks", "sxb", "svb", "smb", "syb"]
 
 
 @triton.jit
@@ -58,6 +58,46 @@ def _gelu_grad(x):
     cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
     pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
     return cdf + x * pdf
+
+
+@triton.jit
+def _program_range(pieces_ptr, L, chunk_len, BLOCKED: tl.constexpr):
+    """(i_bh, i_chunk, start, end, block, seq0) of this program: its (batch, head), its partial
+    slot, its token range [start, end), its mixing block and the first token of its sequence (PE
+    position 0). Plain mixing: grid [B*H, n_chunks], chunk i_chunk of the row, block 0, seq0 0.
+    BLOCKED (causal / chunked / packed): grid [n_pieces, B*H], row i_chunk of the int32 piece
+    table [n_pieces, 4] = (start, end, block, seq0), a piece lying inside one block."""
+    if BLOCKED:
+        i_chunk = tl.program_id(0)
+        i_bh = tl.program_id(1)
+        row = pieces_ptr + i_chunk * 4
+        start = tl.load(row)
+        end = tl.load(row + 1)
+        blk = tl.load(row + 2)
+        seq0 = tl.load(row + 3)
+    else:
+        i_bh = tl.program_id(0)
+        i_chunk = tl.program_id(1)
+        start = i_chunk * chunk_len
+        end = tl.minimum(start + chunk_len, L)
+        blk = 0
+        seq0 = 0
+    return i_bh, i_chunk, start, end, blk, seq0
+
+
+@triton.jit
+def _block_slot(pe_ptr, first_pos, d, i_bh, n_blocks, blk, seq0, BLOCKED: tl.constexpr):
+    """(pe_ptr, first_pos, slot) for a program of `_program_range`: BLOCKED, the PE table and
+    the on-chip positions shifted so that token seq0 has position 0, and the index of the
+    program's (b, h, block) in the per-block operands [B*H, n_blocks, ...]; else unchanged and
+    the (b, h) index."""
+    if BLOCKED:
+        pe_ptr = pe_ptr - seq0.to(tl.int64) * d
+        first_pos = first_pos - seq0
+        slot = i_bh.to(tl.int64) * n_blocks + blk
+    else:
+        slot = i_bh.to(tl.int64)
+    return pe_ptr, first_pos, slot
 
 
 @triton.jit
@@ -148,7 +188,7 @@ def _store_square(ptr, b_x, o_c, D_H: tl.constexpr):
     tl.store(ptr + o_c[:, None] * D_H + o_c[None, :], b_x, mask=m_c[:, None] & m_c[None, :])
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_LEN_ARGS)
 def hmx_fwd_kernel_state(
     k_ptr, sxb, sxn, sxc,  # key [B, N, d]
     v_ptr, svb, svn, svc,  # value [B, N, d]
@@ -158,18 +198,18 @@ def hmx_fwd_kernel_state(
     s_part_ptr,  # out: [B*H, n_chunks, d_h, d_h] fp32, S per chunk
     sv_part_ptr,  # out: [B*H, n_chunks, d_h] fp32, sv per chunk
     L, chunk_len, n_chunks, H, d, scale, first_pos,
+    pieces_ptr, n_blocks,  # BLOCKED: piece table [n_pieces, 4] int32, block slots per (b, h)
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
-    OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    i_chunk = tl.program_id(1)
+    i_bh, i_chunk, start, end, blk, seq0 = _program_range(pieces_ptr, L, chunk_len, BLOCKED)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
+    pe_ptr, first_pos, _ = _block_slot(pe_ptr, first_pos, d, i_bh, n_blocks, blk, seq0, BLOCKED)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
-    start = i_chunk * chunk_len
-    end = tl.minimum(start + chunk_len, L)
     acc_s = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     acc_sv = tl.zeros([BLOCK_D], dtype=tl.float32)
     for t in range(start, end, BLOCK_N):
@@ -190,7 +230,7 @@ def hmx_fwd_kernel_state(
     tl.store(sv_part_ptr + i_part * D_H + o_c, acc_sv, mask=m_c)
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_LEN_ARGS)
 def hmx_fwd_kernel_mix(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
     mask_ptr, smb, smn,  # query keep vector [B, M] fp32 (1 kept, 0 padded)
@@ -201,26 +241,25 @@ def hmx_fwd_kernel_mix(
     cscale_ptr,  # [B*H] fp32: the power of two C was divided by
     y_ptr, syb, syn,  # out: Y [B, M, d] (channel stride 1)
     L, chunk_len, n_chunks, H, d, scale, first_pos,
+    pieces_ptr, n_blocks,  # BLOCKED: piece table [n_pieces, 4] int32, block slots per (b, h)
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
     HAS_FC2_BIAS: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    i_chunk = tl.program_id(1)
+    i_bh, i_chunk, start, end, blk, seq0 = _program_range(pieces_ptr, L, chunk_len, BLOCKED)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
+    pe_ptr, first_pos, i_slot = _block_slot(pe_ptr, first_pos, d, i_bh, n_blocks, blk, seq0, BLOCKED)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
-    b_c = _op(_load_square(c_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
-    c_scale = tl.load(cscale_ptr + i_bh64)
+    b_c = _op(_load_square(c_ptr + i_slot * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
+    c_scale = tl.load(cscale_ptr + i_slot)
     if HAS_FC2_BIAS:
-        b_c0 = tl.load(c0_ptr + i_bh64 * D_H + o_c, mask=m_c, other=0.0)
+        b_c0 = tl.load(c0_ptr + i_slot * D_H + o_c, mask=m_c, other=0.0)
     else:
         b_c0 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    start = i_chunk * chunk_len
-    end = tl.minimum(start + chunk_len, L)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
         b_z, b_keep = _load_hyper_input(q_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
