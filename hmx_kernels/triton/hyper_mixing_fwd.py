@@ -206,7 +206,7 @@ def hmx_fwd_kernel_state(
     i_bh, i_chunk, start, end, blk, seq0 = _program_range(pieces_ptr, L, chunk_len, BLOCKED)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
-    pe_ptr, first_pos, _ = _block_slot(pe_ptr, first_pos, d, i_bh, n_blocks, blk, seq0, BLOCKED)
+    pe_ptr, first_pos, _slot = _block_slot(pe_ptr, first_pos, d, i_bh, n_blocks, blk, seq0, BLOCKED)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
