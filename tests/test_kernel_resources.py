@@ -8,7 +8,8 @@
 - config.smem_bound, by which the autotuner prunes per device, bounds every measured shared-memory
   size on its arch (kernels.csv and the limit shape's kernels-limit.csv).
 - Fresh compiles (slow): a representative subset, compiled now for sm_80 and sm_90 at (18, 72)
-  and (64, 256), fp32 and bf16, two kept candidates per kernel, holds the same invariants.
+  and (64, 256), fp32 and bf16, two kept candidates per kernel, holds the same invariants; so do
+  the kernels as the causal / chunked / packed modes launch them (BLOCKED, a piece table).
 """
 from __future__ import annotations
 
@@ -144,3 +145,71 @@ def test_fresh_compiles_hold_the_invariants():
     for row in rows:
         assert row["kept"], row
         assert_invariants({k: str(v) for k, v in row.items()})
+
+
+_FRESH_BLOCKED = r"""
+import json, sys
+import torch
+from benchmarks import kernels as K
+from hmx_kernels.triton import function as fn
+
+def capture(d_h, k_h, dtype):
+    # the launches of a chunk-causal forward + backward (chunks of 32, 2 chunks of left context) at
+    # the report's B = 4, N = 16384, H = 8, recorded instead of made (as K.capture_launches does)
+    rec = []
+    def record(kernel, grid, *args, **kwargs):
+        args = tuple(("tensor", str(a.dtype).replace("torch.", "")) if isinstance(a, torch.Tensor) else a
+                     for a in args)
+        rec.append(K.Launch(kernel.fn.__name__, args, tuple(sorted(kwargs.items()))))
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    meta = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype, device="meta")
+    B, N, H = K.ROOFLINE["B"], K.ROOFLINE["N"], K.ROOFLINE["H"]
+    q, keep = meta(B, N, H * d_h), meta(B, N, dtype=torch.float32)
+    gen = [meta(H, d_h, d_h), meta(H, d_h), meta(H, k_h, d_h), meta(H, k_h)] * 2
+    fn._launch, fn._is_fake = record, (lambda t: True)
+    _, state = fn._triton_fwd_impl(q, q, q, keep, keep, *gen, "speechbrain", 32, 2, None)
+    fn._triton_bwd_impl(meta(B, N, H * d_h, dtype=torch.float32), q, q, q, keep, keep, *gen, state,
+                        "speechbrain", 32, 2, None)
+    return rec
+
+rows = []
+for arch, (d_h, k_h), dtype, kernel, cfg in json.loads(sys.argv[1]):
+    launch = next(lc for lc in capture(d_h, k_h, dtype) if lc.kernel == kernel)
+    assert dict(launch.kwargs)["BLOCKED"] is True, launch.kwargs
+    res = K.compile_launch(launch, tuple(cfg), arch)
+    rows.append(dict(arch=f"sm_{arch}", shape=f"{d_h},{k_h}", dtype=dtype, kernel=kernel, config=str(cfg), **res))
+print("ROWS" + json.dumps(rows))
+"""
+
+
+@pytest.mark.slow
+def test_fresh_compiles_of_the_blocked_kernels_hold_the_invariants():
+    """The kernels as the mixing-block modes launch them (BLOCKED: piece table, per-block
+    operands), compiled now for sm_80 and sm_90 at (64, 256), the largest recipe head size, fp32
+    (the precision the launcher picks) and bf16, the first kept candidate of each kernel: no
+    spills, shared memory within the limit, tensor cores unless IEEE fp32. About a minute."""
+    import torch
+
+    from hmx_kernels.triton.config import KERNEL_CANDIDATES, dot_precision
+
+    specs = []
+    for dtype in ("fp32", "bf16"):
+        for kernel in KERNEL_CANDIDATES:
+            prec = precision_name(*dot_precision(torch.float32, 64, "highest", kernel)) if dtype == "fp32" else "half"
+            keep = [c for c in KERNEL_CANDIDATES[kernel]
+                    if all(c in kept_candidates(kernel, 64, prec, SMEM_LIMIT[a], a) for a in K.ARCHS)]
+            specs += [[a, [64, 256], dtype, kernel, list(keep[0])] for a in K.ARCHS]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + sys.path)
+    res = subprocess.run([sys.executable, "-c", _FRESH_BLOCKED, json.dumps(specs)], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=900)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("triton's ptxas is not available: " + res.stderr[-300:])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.split("ROWS", 1)[1])
+    assert len(rows) == len(specs)
+    for row in rows:
+        cfg = json.loads(row["config"])
+        prec = "half" if row["dtype"] == "bf16" else precision_name(*dot_precision(torch.float32, 64, "highest",
+                                                                                   row["kernel"]))
+        assert_invariants({**{k: str(v) for k, v in row.items()}, "config": K.config_name(tuple(cfg), prec)})

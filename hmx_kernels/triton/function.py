@@ -26,6 +26,13 @@ depends on L only (not on the tuned BLOCK_N), so partial buffers are config-inde
 partials (d_h^2 + d_h numbers per product) are smaller than its slice of an [L, k_h] tensor while
 d_h^2 < CHUNK_MIN * k_h (at the limits d_h 128, k_h 512: 16K against 64K).
 
+Mixing blocks (causal, chunk-causal and packed mixing; hmx_kernels.fused, csrc/hmx_params.h):
+the same kernels with BLOCKED set run over pieces (token ranges inside one block, read from an
+int32 table, `_Blocks`); each block's piece partials are summed in piece order, the states are
+window sums of the blocks' own sums, and the finalize products of all blocks of a head run as one
+matmul each (`_blocked_fwd`, `_blocked_bwd`). The op's state holds P_j per block slot. These
+modes run through their own ops (TRITON_BLOCK_OPS, opaque custom ops; see there).
+
 The launchers are written for `torch.library.triton_op`: kernels are launched through
 `wrap_triton`, and the functions run on fake tensors too (torch.compile traces them to see the
 kernels), which is why the positional-encoding table bypasses its cache under tracing. Under

@@ -19,6 +19,9 @@ db1 = sum dpre, dz = dpre fc1, dx = s m dz.
   dkey. Six tile products: z fc1^T, hid^T V, hid R, V R^T, dpre^T z, dpre fc1.
 - finalize (torch in the launcher, function.py): the [k_h, d_h] products above, on the chunk
   partials summed in a fixed order.
+Mixing blocks (BLOCKED, see hyper_mixing_fwd.py): a program covers a piece of one block and reads
+that block's C_j (query pass) or R_i, r0_i (key pass); its partials are summed per block by the
+launcher.
 Every reduction over tokens is written as per-program fp32 partials [D, D] / [D] that the launcher
 sums in a fixed order: no atomics, so two runs give bitwise equal gradients.
 Trade-off: hid and hid2 are recomputed (fc1 + GELU per token and pass) instead of being stored, and
@@ -37,7 +40,7 @@ import triton.language as tl
 
 from .config import autotuned
 from .hyper_mixing_fwd import (_LEN_ARGS, _block_slot, _gelu_grad, _hidden, _load_fc1, _load_hyper_input,
-                               _load_square, _op, _program_range, _store_square)
+                               _load_square, _op, _program_ids, _program_range, _store_square)
 
 _BWD_LEN_ARGS = _LEN_ARGS + ["sgb", "sdb"]
 
@@ -67,11 +70,11 @@ def hmx_bwd_kernel_query(
     SCALE_TILES: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_bh, i_chunk, start, end, blk, seq0 = _program_range(pieces_ptr, L, chunk_len, BLOCKED)
+    i_bh, i_chunk = _program_ids(BLOCKED)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
-    pe_ptr, first_pos, i_slot = _block_slot(pe_ptr, first_pos, d, i_bh, n_blocks, blk, seq0, BLOCKED)
+    pe_ptr, first_pos, i_slot = _block_slot(pieces_ptr, pe_ptr, first_pos, d, i_bh, i_chunk, n_blocks, BLOCKED)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
@@ -81,6 +84,7 @@ def hmx_bwd_kernel_query(
     acc_sdy = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # in units of c_scale
     acc_fc1b = tl.zeros([BLOCK_D], dtype=tl.float32)  # in units of c_scale
+    start, end = _program_range(pieces_ptr, i_chunk, L, chunk_len, BLOCKED)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
         o_n64 = o_n.to(tl.int64)
@@ -134,11 +138,11 @@ def hmx_bwd_kernel_key(
     HAS_FC2_BIAS: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_bh, i_chunk, start, end, blk, seq0 = _program_range(pieces_ptr, L, chunk_len, BLOCKED)
+    i_bh, i_chunk = _program_ids(BLOCKED)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
-    pe_ptr, first_pos, i_slot = _block_slot(pe_ptr, first_pos, d, i_bh, n_blocks, blk, seq0, BLOCKED)
+    pe_ptr, first_pos, i_slot = _block_slot(pieces_ptr, pe_ptr, first_pos, d, i_bh, i_chunk, n_blocks, BLOCKED)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
@@ -152,6 +156,7 @@ def hmx_bwd_kernel_key(
     acc_sv = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # in units of r_scale
     acc_fc1b = tl.zeros([BLOCK_D], dtype=tl.float32)  # in units of r_scale
+    start, end = _program_range(pieces_ptr, i_chunk, L, chunk_len, BLOCKED)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
         o_n64 = o_n.to(tl.int64)

@@ -13,6 +13,10 @@ and hid_t = GELU(z_t fc1^T + b1) ([d_h]) of each generator:
   128, 256, ... any size, no padding) appears only here.
 - mix pass (`hmx_fwd_kernel_mix`, grid [B*H, n_chunks]): streams query tiles and writes
   Y = m (hid2 C + c0) for the head's d_h channels. Two tile products: z fc1^T and hid2 C.
+Mixing blocks (BLOCKED, causal / chunked / packed mixing, `_program_range`): the grid is
+[n_pieces, B*H] and a program reads its token range, its block and its sequence's first token from
+the launcher's piece table; the mix pass reads its block's C_j, c0_j. Plain mixing (BLOCKED
+False) compiles exactly as without blocks.
 The LayerNorm is not part of these kernels: every fused backend applies it the same way
 (hmx_kernels.fused: torch's LayerNorm in fp32 on the [B, M, d] output of the mix pass).
 
@@ -61,43 +65,44 @@ def _gelu_grad(x):
 
 
 @triton.jit
-def _program_range(pieces_ptr, L, chunk_len, BLOCKED: tl.constexpr):
-    """(i_bh, i_chunk, start, end, block, seq0) of this program: its (batch, head), its partial
-    slot, its token range [start, end), its mixing block and the first token of its sequence (PE
-    position 0). Plain mixing: grid [B*H, n_chunks], chunk i_chunk of the row, block 0, seq0 0.
-    BLOCKED (causal / chunked / packed): grid [n_pieces, B*H], row i_chunk of the int32 piece
-    table [n_pieces, 4] = (start, end, block, seq0), a piece lying inside one block."""
+def _program_ids(BLOCKED: tl.constexpr):
+    """(i_bh, i_chunk): the program's (batch, head) and its chunk / piece. Plain mixing: grid
+    [B*H, n_chunks]; BLOCKED (causal / chunked / packed mixing): grid [n_pieces, B*H]."""
     if BLOCKED:
-        i_chunk = tl.program_id(0)
-        i_bh = tl.program_id(1)
-        row = pieces_ptr + i_chunk * 4
-        start = tl.load(row)
-        end = tl.load(row + 1)
-        blk = tl.load(row + 2)
-        seq0 = tl.load(row + 3)
+        return tl.program_id(1), tl.program_id(0)
     else:
-        i_bh = tl.program_id(0)
-        i_chunk = tl.program_id(1)
-        start = i_chunk * chunk_len
-        end = tl.minimum(start + chunk_len, L)
-        blk = 0
-        seq0 = 0
-    return i_bh, i_chunk, start, end, blk, seq0
+        return tl.program_id(0), tl.program_id(1)
 
 
 @triton.jit
-def _block_slot(pe_ptr, first_pos, d, i_bh, n_blocks, blk, seq0, BLOCKED: tl.constexpr):
-    """(pe_ptr, first_pos, slot) for a program of `_program_range`: BLOCKED, the PE table and
-    the on-chip positions shifted so that token seq0 has position 0, and the index of the
-    program's (b, h, block) in the per-block operands [B*H, n_blocks, ...]; else unchanged and
-    the (b, h) index."""
+def _block_slot(pieces_ptr, pe_ptr, first_pos, d, i_bh, i_chunk, n_blocks, BLOCKED: tl.constexpr):
+    """(pe_ptr, first_pos, slot). BLOCKED: row i_chunk of the int32 piece table [n_pieces, 4] =
+    (start, end, block, seq0) gives the block and the first token seq0 of the piece's sequence;
+    the PE table and the on-chip positions are shifted so that token seq0 has position 0, and
+    slot = (b, h) * n_blocks + block indexes the per-block operands [B*H, n_blocks, ...]. Plain
+    mixing: unchanged, slot = (b, h)."""
     if BLOCKED:
+        blk = tl.load(pieces_ptr + i_chunk * 4 + 2)
+        seq0 = tl.load(pieces_ptr + i_chunk * 4 + 3)
         pe_ptr = pe_ptr - seq0.to(tl.int64) * d
         first_pos = first_pos - seq0
         slot = i_bh.to(tl.int64) * n_blocks + blk
     else:
         slot = i_bh.to(tl.int64)
     return pe_ptr, first_pos, slot
+
+
+@triton.jit
+def _program_range(pieces_ptr, i_chunk, L, chunk_len, BLOCKED: tl.constexpr):
+    """[start, end): the program's tokens, chunk i_chunk of the row (plain mixing) or its piece
+    (BLOCKED: a token range inside one mixing block, from the piece table)."""
+    if BLOCKED:
+        start = tl.load(pieces_ptr + i_chunk * 4)
+        end = tl.load(pieces_ptr + i_chunk * 4 + 1)
+    else:
+        start = i_chunk * chunk_len
+        end = tl.minimum(start + chunk_len, L)
+    return start, end
 
 
 @triton.jit
@@ -203,13 +208,14 @@ def hmx_fwd_kernel_state(
     OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i_bh, i_chunk, start, end, blk, seq0 = _program_range(pieces_ptr, L, chunk_len, BLOCKED)
+    i_bh, i_chunk = _program_ids(BLOCKED)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
-    pe_ptr, first_pos, _slot = _block_slot(pe_ptr, first_pos, d, i_bh, n_blocks, blk, seq0, BLOCKED)
+    pe_ptr, first_pos, _slot = _block_slot(pieces_ptr, pe_ptr, first_pos, d, i_bh, i_chunk, n_blocks, BLOCKED)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
+    start, end = _program_range(pieces_ptr, i_chunk, L, chunk_len, BLOCKED)
     acc_s = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     acc_sv = tl.zeros([BLOCK_D], dtype=tl.float32)
     for t in range(start, end, BLOCK_N):
@@ -246,11 +252,11 @@ def hmx_fwd_kernel_mix(
     HAS_FC2_BIAS: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_bh, i_chunk, start, end, blk, seq0 = _program_range(pieces_ptr, L, chunk_len, BLOCKED)
+    i_bh, i_chunk = _program_ids(BLOCKED)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
-    pe_ptr, first_pos, i_slot = _block_slot(pe_ptr, first_pos, d, i_bh, n_blocks, blk, seq0, BLOCKED)
+    pe_ptr, first_pos, i_slot = _block_slot(pieces_ptr, pe_ptr, first_pos, d, i_bh, i_chunk, n_blocks, BLOCKED)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, D_H, HAS_FC1_BIAS, OPERAND)
@@ -260,6 +266,7 @@ def hmx_fwd_kernel_mix(
         b_c0 = tl.load(c0_ptr + i_slot * D_H + o_c, mask=m_c, other=0.0)
     else:
         b_c0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start, end = _program_range(pieces_ptr, i_chunk, L, chunk_len, BLOCKED)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
         b_z, b_keep = _load_hyper_input(q_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
