@@ -3,10 +3,10 @@
 (speechbrain) or 1 (idiap).
 
 `unpad` / `pad` convert between a padded batch with a padding mask and the packed form.
-`hyper_mixing_varlen` is the functional op on packed tokens. The "cpu" backend walks cu_seqlens in
-its kernels (each sequence is a mixing block of its own: csrc/hmx_params.h), the reference mixes
-the sequences one by one; the other backends run a padded [num_seqs, max_seqlen, d] view with a
-padding mask (exact, but it spends compute on the padding).
+`hyper_mixing_varlen` is the functional op on packed tokens. The "cpu" and "triton" backends walk
+cu_seqlens in their kernels (each sequence is a mixing block of its own: csrc/hmx_params.h), the
+reference mixes the sequences one by one; the other backends run a padded [num_seqs, max_seqlen, d]
+view with a padding mask (exact, but it spends compute on the padding).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def hyper_mixing_varlen(tokens: Tensor, cu_seqlens: Tensor, max_seqlen: Optional
     `hyper_mixing` (use_layer_norm, eps, causal, chunk_size, left_context_chunks: the causal
     modes apply per sequence).
 
-    Backends that take packed sequences ("cpu", "reference") run them as they are: no compute on
+    Backends that take packed sequences ("cpu", "triton", "reference") run them as they are: no compute on
     padding. Any other backend runs a padded [num_seqs, max_seqlen, d] batch with a padding mask
     (same result). backend="auto" takes the device's first backend (AUTO_ORDER) that can run the
     call either way, packed where it can."""

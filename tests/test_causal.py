@@ -1,13 +1,17 @@
-"""Causal and chunk-causal mixing (hmx_kernels.causal): the reference and the fused cpu backend
-against the explicit O(N^2) masked formulation (tests/naive.py masked_hyper_mixing) on outputs
-and every gradient, speechbrain's masks recognised, and the attn_mask policies of a converted
-speechbrain layer.
+"""Causal and chunk-causal mixing (hmx_kernels.causal): the reference and the fused cpu and triton
+backends against the explicit O(N^2) masked formulation (tests/naive.py masked_hyper_mixing) on
+outputs and every gradient, speechbrain's masks recognised, and the attn_mask policies of a
+converted speechbrain layer.
 
-The cpu backend runs the modes as mixing blocks (csrc/hmx_cpu.cpp); triton and cuda decline
-them with a reason. Tolerances: float64 on both sides, the same generator arithmetic, sums in
-other orders (the cpu backend also in the reassociated form): 1e-12 of the largest magnitude.
-float32 (cpu backend vs the float32 reference, longer sequences): the cpu backend's declared
-float32 tolerance (hmx_kernels/cpp/backend.py, 1e-5 output / 5e-5 gradients, reasons there).
+The cpu and triton backends run the modes as mixing blocks (csrc/hmx_cpu.cpp,
+hmx_kernels/triton/function.py); cuda declines them with a reason. Tolerances: float64 on both
+sides, the same generator arithmetic, sums in other orders (the cpu backend also in the
+reassociated form): 1e-12 of the largest magnitude. float32 (cpu backend vs the float32
+reference, longer sequences): the cpu backend's declared float32 tolerance
+(hmx_kernels/cpp/backend.py, 1e-5 output / 5e-5 gradients, reasons there). triton (float32 /
+float16 only; under Triton's interpreter on CPU tensors, on a GPU where there is one): its declared
+tolerance for the device and dtype (hmx_kernels/triton/backend.py), against the masked formulation
+in float64 on the same values, or against the reference on the same rounded values.
 """
 from __future__ import annotations
 
@@ -148,8 +152,9 @@ def test_other_fused_backends_decline_and_auto_runs_cpu():
     p = hmx_kernels.check_inputs(**case.kwargs(), chunk_size=2)
     reasons = hmx_kernels.backend_reasons(p)
     assert reasons["reference"] == []
-    for name in ("triton", "cuda"):
-        assert any("chunk-causal" in r and "not implemented" in r for r in reasons[name]), reasons[name]
+    assert any("chunk-causal" in r and "not implemented" in r for r in reasons["cuda"]), reasons["cuda"]
+    assert get_backend("triton").capabilities.causal
+    assert not any("not implemented" in r for r in reasons["triton"]), reasons["triton"]
     if not reasons["cpu"]:
         assert hmx_kernels.select_backend("auto", p).name == "cpu"
     else:
@@ -320,3 +325,176 @@ def test_converted_speechbrain_transformer_asr(config, backend):
     honoured = encode(converted)
     assert_close("honour", honoured, encode(masked), RTOL)
     assert (honoured - ignored).abs().max() > 1e-6  # the mask did restrict the mixing
+
+
+# ---- the triton backend -----------------------------------------------------------------------
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_reasons():
+    case = make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4).cast(torch.float32, TRITON_DEVICE)
+    return hmx_kernels.backend_reasons(hmx_kernels.check_inputs(**case.kwargs(), chunk_size=2))["triton"]
+
+
+needs_triton = pytest.mark.skipif(bool(_triton_reasons()), reason=f"triton backend unavailable: {_triton_reasons()}")
+
+
+def _triton_tolerance(dtype):
+    return get_backend("triton").tolerances[(TRITON_DEVICE, dtype)]
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Plain chunks (and so the longest piece of a mixing block) of 14 tokens at N = 67: blocks
+    longer than that run as several programs whose partials are summed per block; every buffer
+    the backend allocates is poisoned with NaN, so an element a kernel forgets to write fails."""
+    from hmx_kernels.triton import function as tfn
+
+    monkeypatch.setattr(tfn, "CHUNK_MIN", 14)
+    tfn.set_nan_poison(True)
+    yield tfn
+    tfn.set_nan_poison(False)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode_name", list(MODES))
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_triton_matches_the_masked_formulation(variant, mode_name, small_pieces):
+    """float32 through the Triton kernels against the masked formulation in float64 on the same
+    values: every mode of MODES, masks, a fully padded batch row, tied generators in one case."""
+    kw = MODES[mode_name]
+    case = make_case(variant=variant, B=3, M=11, N=11, d=12, H=2, k_h=5, all_padded_batch=True,
+                     input_scale=0.5, tied=(mode_name == "chunk3")).cast(torch.float32, TRITON_DEVICE)
+    exact = case.cast(torch.float64, "cpu")
+    grad_out = torch.randn(3, 11, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out, grads = forward_backward(case, "triton", grad_out.to(torch.float32).to(TRITON_DEVICE),
+                                  fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend="triton", **kw))
+    exp, exp_grads = forward_backward(exact, "reference", grad_out, fn=_masked(exact, _mode(kw)))
+    tol = _triton_tolerance(torch.float32)
+    assert out.dtype == torch.float32
+    assert_close("out", out, exp, tol.out)
+    assert set(grads) == set(exp_grads)
+    for name in exp_grads:
+        assert_close(name, grads[name], exp_grads[name], tol.grad)
+
+
+TRITON_MODES = {
+    "token": ("speechbrain", dict(causal=True)),
+    "chunk32_L1": ("idiap", dict(chunk_size=32, left_context_chunks=1)),  # blocks of 3 pieces, 32 does not divide 67
+    "chunk20": ("speechbrain", dict(chunk_size=20)),  # blocks of 2 pieces (14 + 6), every earlier block
+    "chunk5_L0": ("idiap", dict(chunk_size=5, left_context_chunks=0)),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("mode_name", list(TRITON_MODES))
+def test_triton_modes_float32_awkward_sizes(mode_name, small_pieces):
+    """d_h 18 (padded to 32 in the kernels), k_h 72, a prime N = 67 spanning 5 pieces of 14
+    tokens, padding masks; against the masked formulation in float64 on the same values."""
+    variant, kw = TRITON_MODES[mode_name]
+    case = make_case(variant=variant, B=2, M=67, N=67, d=36, H=2, k_h=72, seed=3).cast(torch.float32, TRITON_DEVICE)
+    exact = case.cast(torch.float64, "cpu")
+    grad_out = torch.randn(2, 67, 36, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    out, grads = forward_backward(case, "triton", grad_out.to(torch.float32).to(TRITON_DEVICE),
+                                  fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend="triton", **kw))
+    exp, exp_grads = forward_backward(exact, "reference", grad_out, fn=_masked(exact, _mode(kw)))
+    tol = _triton_tolerance(torch.float32)
+    assert_close("out", out, exp, tol.out)
+    for name in exp_grads:
+        assert_close(name, grads[name], exp_grads[name], tol.grad)
+
+
+@needs_triton
+def test_triton_modes_float16(small_pieces):
+    """The fp16 path (fp16 dot operands, C and R per block scaled by powers of two) in a
+    chunk-causal mode, against the reference on the same fp16 values."""
+    kw = dict(chunk_size=16, left_context_chunks=1)
+    case = make_case(variant="speechbrain", B=2, M=43, d=36, H=2, k_h=72, seed=6).cast(torch.float16, TRITON_DEVICE)
+    grad_out = torch.randn(2, 43, 36, generator=torch.Generator().manual_seed(2)).to(torch.float16).to(TRITON_DEVICE)
+
+    def run(backend):
+        return forward_backward(case, backend, grad_out,
+                                fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend=backend, **kw))
+
+    out, grads = run("triton")
+    exp, exp_grads = run("reference")
+    tol = _triton_tolerance(torch.float16)
+    assert out.dtype == torch.float16
+    assert_close("out", out, exp, tol.out)
+    for name in exp_grads:
+        assert_close(name, grads[name], exp_grads[name], tol.grad)
+
+
+@pytest.fixture
+def split_kernels(small_pieces, monkeypatch):
+    """The kernels the launcher runs from config.SPLIT_BLOCK_D on (d_h 128 on a GPU), at d_h 18
+    (D 32) here: the state and tsum programs split S's / T's rows over two programs per piece, the
+    query and key passes leave their token sums out. Records every launch."""
+    from hmx_kernels.triton import config as tconfig
+
+    monkeypatch.setattr(tconfig, "SPLIT_BLOCK_D", 32)
+    launched = []
+    real_launch = small_pieces._launch
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        launched.append((kernel.fn.__name__, tuple(grid), kwargs))
+        real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(small_pieces, "_launch", recording_launch)
+    return launched
+
+
+def _assert_split_blocked_launches(launched, B, H):
+    names = [name for name, _, _ in launched]
+    assert names.count("hmx_bwd_kernel_tsum") == 1 and names.count("hmx_fwd_kernel_state") == 2, names
+    assert all(kw["BLOCKED"] for _, _, kw in launched), launched
+    for name, grid, kw in launched:
+        if name in ("hmx_fwd_kernel_state", "hmx_bwd_kernel_tsum"):
+            assert kw["ROW_SPLIT"] == 2 and grid[1] == B * H * 2, (name, grid)
+        else:
+            assert grid[1] == B * H, (name, grid)
+    assert [kw["ACC_T"] for name, _, kw in launched if name == "hmx_bwd_kernel_query"] == [False]
+    assert [kw["ACC_S"] for name, _, kw in launched if name == "hmx_bwd_kernel_key"] == [False]
+
+
+@needs_triton
+@pytest.mark.parametrize("mode_name", ["token", "chunk32_L1", "chunk20"])
+def test_triton_modes_with_the_split_kernels(mode_name, split_kernels):
+    """The mixing-block modes through the split kernels (rows of S and T over two programs per
+    piece, T and sdy from hmx_bwd_kernel_tsum, the backward's per-block S and sv from the state
+    pass over the pieces), float32, d_h 18, blocks of several pieces, padding masks; against the
+    masked formulation in float64 on the same values."""
+    variant, kw = TRITON_MODES[mode_name]
+    case = make_case(variant=variant, B=2, M=67, N=67, d=36, H=2, k_h=72, seed=4).cast(torch.float32, TRITON_DEVICE)
+    exact = case.cast(torch.float64, "cpu")
+    grad_out = torch.randn(2, 67, 36, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    out, grads = forward_backward(case, "triton", grad_out.to(torch.float32).to(TRITON_DEVICE),
+                                  fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend="triton", **kw))
+    _assert_split_blocked_launches(split_kernels, B=2, H=2)
+    exp, exp_grads = forward_backward(exact, "reference", grad_out, fn=_masked(exact, _mode(kw)))
+    tol = _triton_tolerance(torch.float32)
+    assert_close("out", out, exp, tol.out)
+    for name in exp_grads:
+        assert_close(name, grads[name], exp_grads[name], tol.grad)
+
+
+@needs_triton
+def test_triton_modes_float16_with_the_split_kernels(split_kernels):
+    """The fp16 path of the split kernels in a chunk-causal mode (the tsum pass scales each dY
+    tile by a power of two before rounding it to fp16), against the reference on the same fp16
+    values."""
+    kw = dict(chunk_size=16, left_context_chunks=1)
+    case = make_case(variant="speechbrain", B=2, M=43, d=36, H=2, k_h=72, seed=7).cast(torch.float16, TRITON_DEVICE)
+    grad_out = torch.randn(2, 43, 36, generator=torch.Generator().manual_seed(4)).to(torch.float16).to(TRITON_DEVICE)
+
+    def run(backend):
+        return forward_backward(case, backend, grad_out,
+                                fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend=backend, **kw))
+
+    out, grads = run("triton")
+    _assert_split_blocked_launches(split_kernels, B=2, H=2)
+    exp, exp_grads = run("reference")
+    tol = _triton_tolerance(torch.float16)
+    assert_close("out", out, exp, tol.out)
+    for name in exp_grads:
+        assert_close(name, grads[name], exp_grads[name], tol.grad)

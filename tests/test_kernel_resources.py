@@ -15,7 +15,9 @@
   shared-memory size on its arch.
 - Fresh compiles (slow): a representative subset of the Triton kernels, compiled now for sm_80
   and sm_90 at (18, 72), (64, 256) (fp32 and bf16) and (128, 512) (bf16), two kept candidates per
-  kernel, holds the same invariants. The CUDA kernels' fresh compile is tests/test_cuda_compile.py.
+  kernel, holds the same invariants; so do the Triton kernels as the causal / chunked / packed
+  modes launch them (BLOCKED, a piece table), at (18, 72), (64, 256) and (128, 512). The CUDA
+  kernels' fresh compile is tests/test_cuda_compile.py.
 """
 from __future__ import annotations
 
@@ -251,3 +253,80 @@ def test_positional_encoding_stays_a_table_while_on_chip_spills():
         "kernels-pe-on-chip.csv is stale: rerun python -m benchmarks.kernels --pe-on-chip"
     spilling = [key(r) for r in rows if int(r["spill_bytes"])]
     assert fn.PE_ON_CHIP == (not spilling), spilling[:5]
+
+
+_FRESH_BLOCKED = r"""
+import json, sys
+import torch
+from benchmarks import kernels as K
+from hmx_kernels.triton import function as fn
+
+def capture(d_h, k_h, dtype):
+    # the launches of a chunk-causal forward + backward (chunks of 32, 2 chunks of left context) at
+    # the report's B = 4, N = 16384, H = 8, recorded instead of made (as K.capture_launches does)
+    rec = []
+    def record(kernel, grid, *args, **kwargs):
+        args = tuple(("tensor", str(a.dtype).replace("torch.", "")) if isinstance(a, torch.Tensor) else a
+                     for a in args)
+        rec.append(K.Launch(kernel.fn.__name__, args, tuple(sorted(kwargs.items()))))
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    meta = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype, device="meta")
+    B, N, H = K.ROOFLINE["B"], K.ROOFLINE["N"], K.ROOFLINE["H"]
+    q, keep = meta(B, N, H * d_h), meta(B, N, dtype=torch.float32)
+    gen = [meta(H, d_h, d_h), meta(H, d_h), meta(H, k_h, d_h), meta(H, k_h)] * 2
+    fn._launch, fn._is_fake = record, (lambda t: True)
+    _, state = fn._triton_fwd_impl(q, q, q, keep, keep, *gen, "speechbrain", 32, 2, None)
+    fn._triton_bwd_impl(meta(B, N, H * d_h, dtype=torch.float32), q, q, q, keep, keep, *gen, state,
+                        "speechbrain", 32, 2, None)
+    return rec
+
+rows = []
+for arch, (d_h, k_h), dtype, kernel, cfg in json.loads(sys.argv[1]):
+    launches = [lc for lc in capture(d_h, k_h, dtype) if lc.kernel == kernel]
+    assert launches and all(lc == launches[0] for lc in launches), launches  # the state pass: fwd = bwd
+    launch = launches[0]
+    assert dict(launch.kwargs)["BLOCKED"] is True, launch.kwargs
+    res = K.compile_launch(launch, tuple(cfg), arch)
+    rows.append(dict(arch=f"sm_{arch}", shape=f"{d_h},{k_h}", dtype=dtype, kernel=kernel, config=str(cfg), **res))
+print("ROWS" + json.dumps(rows))
+"""
+
+
+@pytest.mark.slow
+def test_fresh_compiles_of_the_blocked_kernels_hold_the_invariants():
+    """The kernels as the mixing-block modes launch them (BLOCKED: piece table, per-block
+    operands), compiled now for sm_80 and sm_90 at (18, 72) and (64, 256) in fp32 (the precision
+    the launcher picks) and bf16, and at (128, 512) in bf16 (the split kernels: state and tsum
+    with ROW_SPLIT over pieces, query and key without their token sums), the first kept candidate
+    of each kernel the launcher runs there: no spills, shared memory within the limit, tensor
+    cores unless IEEE fp32. A few minutes on 2 cores."""
+    import torch
+
+    from hmx_kernels.triton.config import KERNEL_CANDIDATES, dot_precision
+
+    def precision(dtype, d_h, kernel):
+        return precision_name(*dot_precision(torch.float32, d_h, "highest", kernel)) if dtype == "fp32" else "half"
+
+    specs = []
+    for (d_h, k_h), dtypes in (((18, 72), ("fp32", "bf16")), ((64, 256), ("fp32", "bf16")), ((128, 512), ("bf16",))):
+        for dtype in dtypes:
+            for kernel in launched_kernels(d_h):
+                prec = precision(dtype, d_h, kernel)
+                keep = [c for c in KERNEL_CANDIDATES[kernel] if all(
+                    c in kept_candidates(kernel, d_h, prec, SMEM_LIMIT[a], a, blocked=True) for a in K.ARCHS)]
+                assert keep, f"{kernel}: no candidate kept at d_h {d_h}, {dtype}"
+                specs += [[a, [d_h, k_h], dtype, kernel, list(keep[0])] for a in K.ARCHS]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + sys.path)
+    res = subprocess.run([sys.executable, "-c", _FRESH_BLOCKED, json.dumps(specs)], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=900)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("triton's ptxas is not available: " + res.stderr[-300:])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.split("ROWS", 1)[1])
+    assert len(rows) == len(specs)
+    for row in rows:
+        cfg = json.loads(row["config"])
+        prec = precision(row["dtype"], int(row["shape"].split(",")[0]), row["kernel"])
+        assert_invariants({**{k: str(v) for k, v in row.items()}, "backend": "triton",
+                           "config": K.config_name(tuple(cfg), prec)})

@@ -1,11 +1,13 @@
 """Packed variable-length batches (hmx_kernels.varlen): every sequence of a packed batch gets
 exactly what it gets alone (and what the padded batch gives its non-padded rows), on every backend
-that runs here; the backends that take packed sequences (cpu, reference) run them without a
-padded copy, in every mixing mode, and the cpu backend's gradients equal the reference's;
-unpad/pad round-trip; bad cu_seqlens are refused. Tolerance: the same backend on the same fp32
-values through another layout: 1e-5 of the largest magnitude (the state's sums run over a padded
-length, so BLAS blocks them differently: measured up to 1.1e-6); cpu vs reference: the cpu
-backend's declared tolerances (hmx_kernels/cpp/backend.py)."""
+that runs here; the backends that take packed sequences (cpu, triton, reference) run them without
+a padded copy, in every mixing mode, and the cpu and triton backends' gradients equal the
+reference's; unpad/pad round-trip; bad cu_seqlens are refused. Tolerance: the same backend on the
+same fp32 values through another layout: 1e-5 of the largest magnitude (the state's sums run over
+a padded length, so BLAS blocks them differently: measured up to 1.1e-6; triton: the packed call
+runs the mixing-block kernels, the per-sequence call the plain ones, sums in other orders);
+float64 on a backend that takes it: 1e-12; cpu / triton vs reference: the backend's declared
+tolerances (hmx_kernels/cpp/backend.py, hmx_kernels/triton/backend.py)."""
 from __future__ import annotations
 
 import pytest
@@ -59,8 +61,9 @@ def test_packed_backends_never_pad_and_match_per_sequence(variant, backend, mode
     monkeypatch.setattr(varlen, "_padded", no_padding)
     kw = MODES[mode]
     lengths = [9, 1, 14, 6]
+    dtype = torch.float64 if torch.float64 in get_backend(backend).capabilities.dtypes else torch.float32
     case = make_case(variant=variant, B=1, M=sum(lengths), d=12, H=2, k_h=6, input_scale=0.5, masks=False,
-                     dtype=torch.float64)
+                     dtype=dtype)
     w = [case.tensors[k] for k in WEIGHT_NAMES]
     tokens = case.tensors["query"][0]
     cu = cu_seqlens_from_lengths(torch.tensor(lengths))
@@ -69,7 +72,7 @@ def test_packed_backends_never_pad_and_match_per_sequence(variant, backend, mode
         seq = tokens[cu[i]:cu[i + 1]][None]
         other = None if variant == "speechbrain" else seq
         alone = hmx_kernels.hyper_mixing(seq, other, other, *w, variant=variant, backend=backend, **kw)[0]
-        assert_close(f"sequence {i}", out[cu[i]:cu[i + 1]], alone, 1e-12)
+        assert_close(f"sequence {i}", out[cu[i]:cu[i + 1]], alone, 1e-12 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.skipif("cpu" not in PACKED, reason="cpu backend unavailable")
@@ -94,6 +97,64 @@ def test_cpu_packed_gradients_equal_the_reference(mode):
         assert_close(f"grad {i}", a, b, tol.grad)
 
 
+@pytest.mark.skipif("triton" not in PACKED, reason="triton backend unavailable here (CPU tensors need TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("mode", list(MODES))
+def test_triton_packed_gradients_equal_the_reference(mode, monkeypatch):
+    """Sequences of one to several pieces (plain chunks lowered to 15 tokens at 85 tokens), d_h 18,
+    k_h 72, float32, idiap positions (from 1 in every sequence); every buffer the backend allocates
+    is poisoned with NaN, so a token no program writes fails the comparison."""
+    _triton_packed_vs_reference(mode, monkeypatch)
+
+
+@pytest.mark.skipif("triton" not in PACKED, reason="triton backend unavailable here (CPU tensors need TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("mode", ["none", "chunk4_L1"])
+def test_triton_packed_with_the_split_kernels(mode, monkeypatch):
+    """The same through the kernels the launcher runs from config.SPLIT_BLOCK_D on (d_h 128 on a
+    GPU; the threshold lowered to D 32 here): S and T rows over two programs per piece, T and sdy
+    from hmx_bwd_kernel_tsum, the backward's per-block S and sv from the state pass."""
+    from hmx_kernels.triton import config as tconfig
+    from hmx_kernels.triton import function as tfn
+
+    monkeypatch.setattr(tconfig, "SPLIT_BLOCK_D", 32)
+    launched = []
+    real_launch = tfn._launch
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        launched.append((kernel.fn.__name__, kwargs.get("BLOCKED"), kwargs.get("ROW_SPLIT")))
+        real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(tfn, "_launch", recording_launch)
+    _triton_packed_vs_reference(mode, monkeypatch)
+    assert ("hmx_bwd_kernel_tsum", True, 2) in launched and ("hmx_fwd_kernel_state", True, 2) in launched, launched
+    assert all(blocked for _, blocked, _ in launched), launched
+
+
+def _triton_packed_vs_reference(mode, monkeypatch):
+    from hmx_kernels.triton import function as tfn
+
+    monkeypatch.setattr(tfn, "CHUNK_MIN", 15)
+    tfn.set_nan_poison(True)
+    try:
+        kw = MODES[mode]
+        lengths = [45, 1, 23, 16]
+        case = make_case(variant="idiap", B=1, M=sum(lengths), d=36, H=2, k_h=72, masks=False, seed=2)
+        w = [case.tensors[k] for k in WEIGHT_NAMES]
+        tokens = case.tensors["query"][0]
+        cu = cu_seqlens_from_lengths(torch.tensor(lengths))
+        g = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(3))
+        leaves = [tokens] + [t for t in w if t is not None]
+        res = {}
+        for backend in ("triton", "reference"):
+            out = hyper_mixing_varlen(tokens, cu, max(lengths), *w, variant="idiap", backend=backend, **kw)
+            res[backend] = [out] + list(torch.autograd.grad(out, leaves, g))
+    finally:
+        tfn.set_nan_poison(False)
+    tol = get_backend("triton").tolerances[("cpu", torch.float32)]
+    assert_close("out", res["triton"][0], res["reference"][0], tol.out)
+    for i, (a, b) in enumerate(zip(res["triton"][1:], res["reference"][1:])):
+        assert_close(f"grad {i}", a, b, tol.grad)
+
+
 def test_backends_without_packing_run_a_padded_batch():
     """A backend that takes no packed sequences is refused for the packed problem with a reason,
     and hyper_mixing_varlen still runs it (padded)."""
@@ -101,9 +162,11 @@ def test_backends_without_packing_run_a_padded_batch():
     p = hmx_kernels.check_inputs(**case.kwargs())
     import dataclasses
     packed = dataclasses.replace(p, cu_seqlens=torch.tensor([0, 1, 4]))
-    for name in ("triton", "cuda"):
-        if name in hmx_kernels.registered_backends():
-            assert any("packed sequences" in r for r in hmx_kernels.backend_reasons(packed)[name])
+    if "cuda" in hmx_kernels.registered_backends():
+        assert any("packed sequences" in r for r in hmx_kernels.backend_reasons(packed)["cuda"])
+    if "triton" in hmx_kernels.registered_backends():
+        assert get_backend("triton").capabilities.varlen
+        assert not any("packed sequences" in r for r in hmx_kernels.backend_reasons(packed)["triton"])
     assert not hmx_kernels.backend_reasons(packed)["reference"]
 
 

@@ -79,9 +79,18 @@ def fit_reasons(p: HyperMixingProblem):
     """Shapes whose kernels cannot fit the GPU, refused here instead of failing inside the
     autotuner: fp32 inputs at d_h > MAX_FP32_HEAD_DIM, and any shape for which every autotune
     candidate of some kernel needs more shared memory per block than the device gives
-    (config.unfit_reason; consumer GPUs give 99 KB)."""
+    (config.unfit_reason; consumer GPUs give 99 KB); in the mixing-block modes (causal, chunked,
+    packed), more (b, h) programs per piece than CUDA's grid axis 1 takes (B*H*ROW_SPLIT <= 65535,
+    ROW_SPLIT 2 from d_h 128 on: config.row_split)."""
     if p.device.type != "cuda":
         return []
+    if getattr(p, "mode", None) is not None or getattr(p, "cu_seqlens", None) is not None:
+        from .config import row_split
+
+        programs = p.B * p.H * row_split(p.d_h)
+        if programs > 65535:
+            return [f"causal / chunked / packed mixing launches B*H*{row_split(p.d_h)} = {programs} programs per "
+                    "piece along CUDA's grid axis 1, whose limit is 65535; split the batch"]
     if p.dtype == torch.float32 and p.d_h > MAX_FP32_HEAD_DIM:
         return [f"float32 inputs with head size d_h = {p.d_h} > {MAX_FP32_HEAD_DIM}: the backward kernels' "
                 "[128, 128] fp32 dot operands need 240 KB or more of shared memory per block (H100 gives "
@@ -110,6 +119,8 @@ _BACKEND = Backend(
         dtypes=SUPPORTED_DTYPES,
         max_d_h=MAX_HEAD_DIM,
         max_k_h=MAX_HYPERNET_PER_HEAD,
+        causal=True,
+        varlen=True,
         available=triton_available,
     ),
     extra_reasons=fit_reasons,

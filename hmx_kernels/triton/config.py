@@ -95,6 +95,14 @@ SPILLING = {
     ("hmx_fwd_kernel_state", 64, "tf32x3"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)}),
 }
 
+# The same for the kernels as the mixing-block modes launch them (BLOCKED: piece-table loads and
+# per-block operand rows; the plain launches are unaffected), on top of SPILLING: every candidate
+# that SPILLING keeps, compiled with BLOCKED at the shapes and dtypes above for sm_80 and sm_90,
+# spills in this one case only (32 bytes on sm_90); the autotuner prunes it for BLOCKED launches.
+BLOCKED_SPILLING = {
+    ("hmx_bwd_kernel_query", 32, "ieee"): frozenset({(32, 8, 2)}),
+}
+
 
 SMEM_LIMIT = {80: 166912, 90: 232448}  # bytes per block (opt-in): 163 KB (A100), 227 KB (H100)
 
@@ -196,11 +204,14 @@ def device_limits(index: int) -> Tuple[int, int]:
 
 
 def kept_candidates(kernel: str, d_h: int, precision: str, smem_limit: Optional[int] = None,
-                    arch: Optional[int] = None) -> List[Tuple[int, int, int]]:
+                    arch: Optional[int] = None, blocked: bool = False) -> List[Tuple[int, int, int]]:
     """The candidates of `kernel` the autotuner may run for head size d_h and `precision` on an
-    sm_<arch> device giving `smem_limit` bytes of shared memory per block (None: no limit)."""
+    sm_<arch> device giving `smem_limit` bytes of shared memory per block (None: no limit), as the
+    plain mode launches it or, blocked=True, as the mixing-block modes do (BLOCKED_SPILLING too)."""
     bd = block_d(d_h)
     spilling = SPILLING.get((kernel, bd, precision), frozenset())
+    if blocked:
+        spilling = spilling | BLOCKED_SPILLING.get((kernel, bd, precision), frozenset())
     return [c for c in KERNEL_CANDIDATES[kernel] if c not in spilling
             and (smem_limit is None or smem_bound(kernel, c[0], bd, c[2], precision, arch) <= smem_limit)]
 
@@ -226,7 +237,8 @@ def _pruner(kernel: str):
         precision = precision_name(kwargs["OPERAND"], kwargs["DOT_PREC"])
         device = next(v.device for v in named_args.values() if isinstance(v, torch.Tensor))
         limit, arch = device_limits(device.index or 0) if device.type == "cuda" else (None, None)
-        keep = set(kept_candidates(kernel, kwargs["D_H"], precision, limit, arch))
+        blocked = bool(kwargs.get("BLOCKED", False))
+        keep = set(kept_candidates(kernel, kwargs["D_H"], precision, limit, arch, blocked))
         kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
         if not kept:  # the backend refuses such shapes first (unfit_reason)
             raise RuntimeError(f"hmx_kernels: no autotune candidate of {kernel} fits d_h = {kwargs['D_H']} "

@@ -29,6 +29,15 @@ depends on L only (not on the tuned BLOCK_N), so partial buffers are config-inde
 partials (d_h^2 + d_h numbers per product) are smaller than its slice of an [L, k_h] tensor while
 d_h^2 < CHUNK_MIN * k_h (at the limits d_h 128, k_h 512: 16K against 64K).
 
+Mixing blocks (causal, chunk-causal and packed mixing; hmx_kernels.fused, csrc/hmx_params.h):
+the same kernels with BLOCKED set run over pieces (token ranges inside one block, read from an
+int32 table, `_Blocks`); each block's piece partials are summed in piece order, the states are
+window sums of the blocks' own sums, and the finalize products of all blocks of a head run as one
+matmul each (`_blocked_fwd`, `_blocked_bwd`). The op's state holds P_j per block slot. These
+modes run through their own ops (TRITON_BLOCK_OPS, opaque custom ops; see there). The split
+head sizes split the same way with blocks: the state and tsum programs run over (piece, b, h,
+row group), and the key pass takes its per-block S, sv from the state pass over the pieces.
+
 The launchers are written for `torch.library.triton_op`: kernels are launched through
 `wrap_triton`, and the functions run on fake tensors too (torch.compile traces them to see the
 kernels), which is why the positional-encoding table bypasses its cache under tracing. Under
@@ -47,7 +56,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from ..config import SETTINGS
-from ..fused import define_fused_ops, run_fused
+from ..fused import define_fused_ops, run_fused, state_blocks
 from ..reference.positional import cached_positional_encoding, frequencies, positional_encoding
 from ..validation import HyperMixingProblem
 from ..variants import get_variant
@@ -103,6 +112,113 @@ def _chunking(length):
     return triton.cdiv(length, chunk_len), chunk_len
 
 
+def _grid(s, length, bl, row_split=1):
+    """(grid, chunk_len, n_chunks, (piece table, n_blocks, BLOCKED)) of a token pass over `length`
+    tokens: plain mixing, (B*H*row_split, n_chunks) programs over the row's chunks (the
+    piece-table argument is an unused stand-in); mixing blocks `bl`, (n_pieces, B*H*row_split)
+    programs over its pieces (pieces first: grid dimension 0 has no 65535 limit, and token-causal
+    mixing has one piece per token). row_split: the state programs' ROW_SPLIT row groups per
+    (b, h) (config.row_split; 1 for the other passes)."""
+    if bl is None:
+        n_chunks, chunk_len = _chunking(length)
+        return (s.B * s.H * row_split, n_chunks), chunk_len, n_chunks, (s.dummy, 1, False)
+    return (bl.n_pieces, s.B * s.H * row_split), 0, bl.n_pieces, (bl.table, bl.nb, True)
+
+
+class _Blocks:
+    """The mixing blocks of a row (the same for every batch row) and the pieces the token passes
+    run over, built on the host from (N, chunk_size, left_context, cu_seqlens)
+    (hmx_kernels.fused; csrc/hmx_params.h): a sequence (the row, or a packed sequence
+    [cu[s], cu[s + 1])) is cut into blocks of chunk_size tokens (0: one block); block j's state
+    sums the blocks max(first block of its sequence, j - left_context) .. j. A piece is a token
+    range inside one block of at most the plain chunk length (`_chunking(N)`), so a long block
+    still spreads over several programs; pieces are numbered in token order, so a block's
+    pieces are consecutive.
+
+    - table: int32 [n_pieces, 4] on the device: (start, end, block, first token of the sequence);
+    - block_sums(part [B*H, n_pieces, ...]) -> [B*H, nb, ...]: each block's pieces added in
+      piece order (gathers and in-place slice adds, no atomics: deterministic);
+    - window(x [B*H, nb, ...]) -> the states' window sums, reverse_window(x) -> each block's sum
+      over the blocks whose window holds it (the backward's), both by doubling: log2(window)
+      shifted adds of whole [B*H, nb, ...] tensors, a fixed association."""
+
+    def __init__(self, N: int, chunk_size: int, left_context: int, cu_seqlens, device):
+        if cu_seqlens is None:
+            starts, lengths = torch.zeros(1, dtype=torch.int64), torch.full((1,), N, dtype=torch.int64)
+        else:
+            cu = cu_seqlens.to("cpu", torch.int64)
+            if int(cu[0]) != 0 or int(cu[-1]) != N or bool((cu[1:] < cu[:-1]).any()):
+                raise ValueError(f"hmx_kernels op: cu_seqlens must start at 0, never decrease and end at the token "
+                                 f"count {N}, got {cu.tolist()[:8]}")
+            starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+        step = lengths.clamp(min=1) if chunk_size <= 0 else torch.full_like(lengths, chunk_size)
+        nbs = (lengths + step - 1) // step  # blocks per sequence (none for an empty one)
+        self.nb = nb = int(nbs.sum())
+        self.slots = state_blocks(N, chunk_size, cu_seqlens, left_context)  # the op's state slots (>= nb)
+        seq = torch.repeat_interleave(torch.arange(nbs.numel()), nbs)  # sequence of each block
+        j0 = torch.cumsum(nbs, 0) - nbs  # first block of each sequence
+        bstart = starts[seq] + (torch.arange(nb) - j0[seq]) * step[seq]
+        bend = torch.minimum(bstart + step[seq], (starts + lengths)[seq])
+        _, piece_len = _chunking(N)
+        per_block = (bend - bstart + piece_len - 1) // piece_len  # >= 1
+        self.n_pieces = n_pieces = int(per_block.sum())
+        pblock = torch.repeat_interleave(torch.arange(nb), per_block)
+        pfirst = torch.cumsum(per_block, 0) - per_block  # first piece of each block
+        pstart = bstart[pblock] + (torch.arange(n_pieces) - pfirst[pblock]) * piece_len
+        pend = torch.minimum(pstart + piece_len, bend[pblock])
+        table = torch.stack([pstart, pend, pblock, starts[seq][pblock]], dim=1)
+        self.table = table.to(torch.int32).to(device)
+        # block sums: blocks ordered by piece count (most first), so that the blocks with more
+        # than r pieces are a prefix of that order for every r
+        order = torch.argsort(-per_block, stable=True)
+        self._first = pfirst[order].to(device)
+        self._unorder = torch.argsort(order).to(device)
+        self._ranks = [(int((per_block > r).sum()), (pfirst[order] + r)[: int((per_block > r).sum())].to(device))
+                       for r in range(1, int(per_block.max()))]
+        self._trivial = n_pieces == nb
+        # windows: width in blocks (no window needs more blocks than the longest sequence has)
+        longest = int(nbs.max())
+        self._width = (1 << max(longest - 1, 0).bit_length()) if left_context < 0 else min(left_context + 1, longest)
+        seq_first = j0[seq]
+        seq_last = (j0 + nbs - 1)[seq]
+        self._pos = torch.arange(nb).to(device)
+        self._seg_first = seq_first.to(device)
+        self._seg_first_rev = (nb - 1 - seq_last).flip(0).to(device)
+
+    def block_sums(self, part: torch.Tensor) -> torch.Tensor:
+        if self._trivial:
+            return part
+        out = part.index_select(1, self._first)
+        for count, index in self._ranks:
+            out[:, :count] += part.index_select(1, index)
+        return out.index_select(1, self._unorder)
+
+    def _windows(self, x: torch.Tensor, seg_first: torch.Tensor) -> torch.Tensor:
+        """y_j = sum of x_i over i = max(seg_first[j], j - width + 1) .. j (dimension 1)."""
+        width = self._width
+        if width <= 1:
+            return x
+        pos = self._pos
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        w, cur, out, step = x, pos, None, 1  # w_j: sum over the 2^k blocks ending at j (clipped)
+        while True:
+            if width & step:
+                term = torch.where((cur >= seg_first).view(shape), w.index_select(1, cur.clamp(min=0)), 0.0)
+                out = term if out is None else out + term
+                cur = cur - step
+            if 2 * step > width:
+                return out
+            src = pos - step
+            w = w + torch.where((src >= seg_first).view(shape), w.index_select(1, src.clamp(min=0)), 0.0)
+            step *= 2
+
+    def window(self, x: torch.Tensor) -> torch.Tensor:
+        return self._windows(x, self._seg_first)
+
+    def reverse_window(self, x: torch.Tensor) -> torch.Tensor:
+        return self._windows(x.flip(1), self._seg_first_rev).flip(1)
+
+
 def _keep_args(keep, fallback: torch.Tensor):
     """(pointer tensor, stride_b, stride_n, has_mask) for an fp32 [B, L] keep vector."""
     if keep is None:
@@ -136,6 +252,7 @@ class _Sizes:
         self.variant = get_variant(variant)
         self.scale = float(self.variant.input_scale(self.d))
         self.first_pos = self.variant.first_position
+        self.dummy = query  # stands in for the piece table of plain mixing (never read)
 
 
 def _precision(dtype: torch.dtype, d_h: int, kernel: str):
@@ -161,25 +278,29 @@ def _pow2_scale(x: torch.Tensor, dims):
     return (x / scale).contiguous(), scale.reshape(-1).contiguous()
 
 
-def _state(s, key, value, key_keep, w1, pe, pe_table):
+def _state(s, key, value, key_keep, w1, pe, pe_table, bl=None):
     """S [B*H, d_h, d_h] and sv [B*H, d_h] (fp32): fixed-order sums of the state pass's chunk
-    partials of S = sum_t m_t hid_t^T V_t and sv = sum_t m_t V_t."""
-    n_chunks, chunk_len = _chunking(s.N)
+    partials of S = sum_t m_t hid_t^T V_t and sv = sum_t m_t V_t. With mixing blocks `bl`: each
+    block's own sums, [B*H, nb, d_h, d_h] and [B*H, nb, d_h]."""
+    row_split = _config.row_split(s.d_h)
+    grid, chunk_len, n_chunks, blocked = _grid(s, s.N, bl, row_split)
     fc1w, fc1b, flags = w1
     precision = _precision(key.dtype, s.d_h, "hmx_fwd_kernel_state")
     keep, smb, smn, has_mask = _keep_args(key_keep, key)
     s_part = _empty((s.B * s.H, n_chunks, s.d_h, s.d_h), torch.float32, key.device)
     sv_part = _empty((s.B * s.H, n_chunks, s.d_h), torch.float32, key.device)
-    row_split = _config.row_split(s.d_h)
-    _launch(hmx_fwd_kernel_state, (s.B * s.H * row_split, n_chunks),
+    _launch(hmx_fwd_kernel_state, grid,
         key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2),
         keep, smb, smn, pe, pe,
         fc1w, fc1b, s_part, sv_part,
-        s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
+        s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos, *blocked[:2],
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
-        ROW_SPLIT=row_split, OPERAND=precision[0], DOT_PREC=precision[1], BLOCK_D=block_d(s.d_h),
+        ROW_SPLIT=row_split, OPERAND=precision[0], DOT_PREC=precision[1], BLOCKED=blocked[2],
+        BLOCK_D=block_d(s.d_h),
     )
+    if bl is not None:
+        return bl.block_sums(s_part), bl.block_sums(sv_part)
     return s_part.sum(dim=1), sv_part.sum(dim=1)  # fixed-order sums over the chunks
 
 
@@ -202,22 +323,22 @@ def _mix_operands(s, A, fc2w, fc2b):
     return C, c_scale, c0
 
 
-def _mix(s, query, query_keep, w2, mix_ops, pe, pe_table, y):
-    """y[b, :, head h] = m (hid2 C + c0) for every query token."""
-    n_chunks, chunk_len = _chunking(s.M)
+def _mix(s, query, query_keep, w2, mix_ops, pe, pe_table, y, bl=None):
+    """y[b, :, head h] = m (hid2 C + c0) for every query token (C, c0 of its block with `bl`)."""
+    grid, chunk_len, n_chunks, blocked = _grid(s, s.M, bl)
     fc1w, fc1b, flags = w2
     C, c_scale, c0 = mix_ops
     precision = _precision(query.dtype, s.d_h, "hmx_fwd_kernel_mix")
     keep, smb, smn, has_mask = _keep_args(query_keep, query)
-    _launch(hmx_fwd_kernel_mix, (s.B * s.H, n_chunks),
+    _launch(hmx_fwd_kernel_mix, grid,
         query, query.stride(0), query.stride(1), query.stride(2),
         keep, smb, smn, pe, pe,
         fc1w, fc1b, C, C if c0 is None else c0, c_scale,
         y, y.stride(0), y.stride(1),
-        s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
+        s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos, *blocked[:2],
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
         HAS_FC2_BIAS=c0 is not None, OPERAND=precision[0], DOT_PREC=precision[1],
-        BLOCK_D=block_d(s.d_h),
+        BLOCKED=blocked[2], BLOCK_D=block_d(s.d_h),
     )
 
 
@@ -237,10 +358,13 @@ def _fc1_grads(s, parts, has_bias):
 
 
 def _triton_fwd_impl(query, key, value, query_keep, key_keep, *rest):
-    *gen, variant = rest
+    *gen, variant = rest[:9]
     s = _Sizes(query, key, gen[2], variant)
     device = query.device
     pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device, _is_fake(query))
+    bl = _blocks(s, rest[9:], device)
+    if bl is not None:
+        return _blocked_fwd(s, query, key, value, query_keep, key_keep, gen, pe, pe_table, bl)
     S, sv = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table)
     P = _state_to_p(s, S, sv, gen[2], gen[3])  # [B, H, k_h, d_h] fp32
     mix_ops = _mix_operands(s, F.gelu(P), gen[6], gen[7])
@@ -249,10 +373,11 @@ def _triton_fwd_impl(query, key, value, query_keep, key_keep, *rest):
     return y, P
 
 
-def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table):
-    """dquery [B, M, d] fp32, T [B, H, d_h, d_h], sdy [B, H, d_h] and the MLP2 fc1 gradients."""
+def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table, bl=None):
+    """dquery [B, M, d] fp32, T [B, H, d_h, d_h], sdy [B, H, d_h] and the MLP2 fc1 gradients
+    (with `bl`: T, sdy per block of its own queries, [B, H, nb, d_h, d_h], [B, H, nb, d_h])."""
     device = query.device
-    n_chunks, chunk_len = _chunking(s.M)
+    grid, chunk_len, n_chunks, blocked = _grid(s, s.M, bl)
     fc1w, fc1b, flags = w2
     C, c_scale, _ = mix_ops
     precision = _precision(query.dtype, s.d_h, "hmx_bwd_kernel_query")
@@ -263,29 +388,34 @@ def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table):
     split = _config.split_state(s.d_h)
     if split:  # T, sdy in a pass of their own (config.SPLIT_BLOCK_D)
         row_split = _config.row_split(s.d_h)
+        tgrid = _grid(s, s.M, bl, row_split)[0]
         tprec = _precision(query.dtype, s.d_h, "hmx_bwd_kernel_tsum")
-        _launch(hmx_bwd_kernel_tsum, (s.B * s.H * row_split, n_chunks),
+        _launch(hmx_bwd_kernel_tsum, tgrid,
             query, query.stride(0), query.stride(1), query.stride(2),
             dy, dy.stride(0), dy.stride(1),
             keep, smb, smn, pe, pe,
             fc1w, fc1b, t_part, sdy_part,
-            s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
+            s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos, *blocked[:2],
             D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
             SCALE_TILES=query.dtype == torch.float16, ROW_SPLIT=row_split, OPERAND=tprec[0],
-            DOT_PREC=tprec[1], BLOCK_D=block_d(s.d_h),
+            DOT_PREC=tprec[1], BLOCKED=blocked[2], BLOCK_D=block_d(s.d_h),
         )
-    _launch(hmx_bwd_kernel_query, (s.B * s.H, n_chunks),
+    _launch(hmx_bwd_kernel_query, grid,
         query, query.stride(0), query.stride(1), query.stride(2),
         keep, smb, smn, pe, pe,
         fc1w, fc1b, C, c_scale,
         dy, dy.stride(0), dy.stride(1),
         dq, dq.stride(0),
         t_part, sdy_part, *fc1_parts,
-        s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
+        s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos, *blocked[:2],
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
         SCALE_TILES=query.dtype == torch.float16, ACC_T=not split, OPERAND=precision[0],
-        DOT_PREC=precision[1], BLOCK_D=block_d(s.d_h),
+        DOT_PREC=precision[1], BLOCKED=blocked[2], BLOCK_D=block_d(s.d_h),
     )
+    if bl is not None:
+        T = bl.block_sums(t_part).view(s.B, s.H, bl.nb, s.d_h, s.d_h)
+        sdy = bl.block_sums(sdy_part).view(s.B, s.H, bl.nb, s.d_h)
+        return dq, T, sdy, _fc1_grads(s, fc1_parts, flags["HAS_FC1_BIAS"])
     T = t_part.sum(dim=1).view(s.B, s.H, s.d_h, s.d_h)  # fixed-order sums over the chunks
     sdy = sdy_part.sum(dim=1).view(s.B, s.H, s.d_h)
     return dq, T, sdy, _fc1_grads(s, fc1_parts, flags["HAS_FC1_BIAS"])
@@ -297,11 +427,11 @@ def _gelu_grad(x):
     return cdf + x * pdf
 
 
-def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table):
+def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table, bl=None):
     """dkey, dvalue [B, N, d] fp32, S [B, H, d_h, d_h], sv [B, H, d_h] and the MLP1 fc1
-    gradients."""
+    gradients (with `bl`: S, sv per block of its own keys, [B*H, nb, d_h, d_h], [B*H, nb, d_h])."""
     device = key.device
-    n_chunks, chunk_len = _chunking(s.N)
+    grid, chunk_len, n_chunks, blocked = _grid(s, s.N, bl)
     fc1w, fc1b, flags = w1
     R, r_scale, r0 = key_ops
     precision = _precision(key.dtype, s.d_h, "hmx_bwd_kernel_key")
@@ -311,22 +441,26 @@ def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table):
     fc1_parts = _square_partials(s, n_chunks, device)
     split = _config.split_state(s.d_h)
     s_part, sv_part = fc1_parts if split else _square_partials(s, n_chunks, device)  # split: unused
-    _launch(hmx_bwd_kernel_key, (s.B * s.H, n_chunks),
+    _launch(hmx_bwd_kernel_key, grid,
         key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2),
         keep, smb, smn, pe, pe,
         fc1w, fc1b, R, R if r0 is None else r0, r_scale,
         dk, dv, dk.stride(0),
         s_part, sv_part, *fc1_parts,
-        s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
+        s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos, *blocked[:2],
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
         HAS_FC2_BIAS=r0 is not None, ACC_S=not split, OPERAND=precision[0], DOT_PREC=precision[1],
-        BLOCK_D=block_d(s.d_h),
+        BLOCKED=blocked[2], BLOCK_D=block_d(s.d_h),
     )
-    if split:  # S, sv from the state pass again (config.SPLIT_BLOCK_D)
-        S, sv = _state(s, key, value, key_keep, w1, pe, pe_table)
+    if split:  # S, sv from the state pass again (config.SPLIT_BLOCK_D; per block with `bl`)
+        S, sv = _state(s, key, value, key_keep, w1, pe, pe_table, bl)
+    elif bl is not None:
+        S, sv = bl.block_sums(s_part), bl.block_sums(sv_part)
     else:
         S, sv = s_part.sum(dim=1), sv_part.sum(dim=1)  # fixed-order sums over the chunks
+    if bl is not None:
+        return dk, dv, S, sv, _fc1_grads(s, fc1_parts, flags["HAS_FC1_BIAS"])
     S, sv = S.view(s.B, s.H, s.d_h, s.d_h), sv.view(s.B, s.H, s.d_h)
     return dk, dv, S, sv, _fc1_grads(s, fc1_parts, flags["HAS_FC1_BIAS"])
 
@@ -352,9 +486,12 @@ def _key_operands(s, dP, fc2w, fc2b):
 
 
 def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
-    *gen, state, variant = rest
+    *gen, state, variant = rest[:10]
     s = _Sizes(query, key, gen[2], variant)
     pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, query.device, _is_fake(query))
+    bl = _blocks(s, rest[10:], query.device)
+    if bl is not None:
+        return _blocked_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, state, pe, pe_table, bl)
     P = state.float()  # [B, H, k_h, d_h]
     A = F.gelu(P)
     fc2w2, fc2b2 = gen[6], gen[7]
@@ -373,14 +510,117 @@ def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     return [dq, dk, dv, dfc1w1, dfc1b1, dfc2w1, dfc2b1, dfc1w2, dfc1b2, dfc2w2, dfc2b2]
 
 
+# ---- mixing blocks (causal, chunk-causal, packed sequences) ----------------------------------
+def _blocks(s, block_args, device):
+    """The `_Blocks` of the ops' mixing-block arguments (chunk_size, left_context, cu_seqlens), or
+    None for plain mixing (also when they are absent: the plain ops' impls)."""
+    chunk_size, left_context, cu_seqlens = (tuple(block_args) + (0, -1, None)[len(block_args):])
+    if chunk_size <= 0 and cu_seqlens is None:
+        return None
+    return _Blocks(s.N, chunk_size, left_context, cu_seqlens, device)
+
+
+def _head_mm(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w [H, m, k] times every block of x [B, H, nb, k, n] -> [B, H, nb, m, n] (a view): one
+    matmul per head, [m, k] @ [k, B * nb * n] (the finalize products of all blocks at once)."""
+    B, H, nb, k, n = x.shape
+    out = _matmul(w, x.permute(1, 3, 0, 2, 4).reshape(H, k, B * nb * n))
+    return out.view(H, -1, B, nb, n).permute(2, 0, 3, 1, 4)
+
+
+def _sum_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum over batch and blocks of x y^T: x [B, H, nb, m, c], y [B, H, nb, n, c] -> [H, m, n],
+    one matmul per head contracting over (b, block, c)."""
+    B, H, nb, m, c = x.shape
+    n = y.shape[-2]
+    return _matmul(x.permute(1, 3, 0, 2, 4).reshape(H, m, B * nb * c),
+                   y.permute(1, 0, 2, 4, 3).reshape(H, B * nb * c, n))
+
+
+def _block_mix_operands(s, bl, A, fc2w, fc2b):
+    """`_mix_operands` per block: C_j = fc2_2^T A_j [B*H*nb, d_h, d_h] (each divided by its power
+    of two [B*H*nb]), c0_j = b2_2^T A_j [B*H*nb, d_h] (None without an fc2 bias), A [B, H, nb, k_h, d_h]."""
+    rows = s.B * s.H * bl.nb
+    C, c_scale = _pow2_scale(_head_mm(fc2w.float().transpose(-1, -2), A).reshape(rows, s.d_h, s.d_h), dims=(-2, -1))
+    c0 = None
+    if fc2b is not None:
+        c0 = _head_mm(fc2b.float()[:, None, :], A).reshape(rows, s.d_h).contiguous()
+    return C, c_scale, c0
+
+
+def _blocked_fwd(s, query, key, value, query_keep, key_keep, gen, pe, pe_table, bl):
+    """The forward over mixing blocks: each block's own sums S_j, sv_j (state pass over the
+    pieces, summed per block), their window sums, P_j = fc2 S^w_j + b2 sv^w_j^T, C_j, c0_j, and
+    the mix pass reading its block's C_j, c0_j. Returns y and the state [B, H, slots * k_h, d_h]
+    (P_j in block slot j, unused slots zero)."""
+    nb = bl.nb
+    S, sv = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table, bl)
+    S = bl.window(S).view(s.B, s.H, nb, s.d_h, s.d_h)
+    sv = bl.window(sv).view(s.B, s.H, nb, 1, s.d_h)
+    P = _head_mm(gen[2].float(), S)  # [B, H, nb, k_h, d_h]
+    if gen[3] is not None:
+        P = P + gen[3].float()[None, :, None, :, None] * sv
+    y = _empty((s.B, s.M, s.d), torch.float32, query.device)
+    _mix(s, query, query_keep, _fc1_args(gen[4], gen[5]), _block_mix_operands(s, bl, F.gelu(P), gen[6], gen[7]),
+         pe, pe_table, y, bl)
+    state = P.new_zeros((s.B, s.H, bl.slots, s.k_h, s.d_h))
+    state[:, :, :nb] = P
+    return y, state.view(s.B, s.H, bl.slots * s.k_h, s.d_h)
+
+
+def _blocked_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, state, pe, pe_table, bl):
+    """The backward over mixing blocks (docs/HYPERMIXING.md, "Causal and chunked mixing"): T_j,
+    sdy_j over block j's own queries; dA_j, dP_j; R'_j = fc2^T dP_j, r0'_j = b2^T dP_j; key block
+    i reads R_i, r0_i = the sums of R'_j, r0'_j over the blocks j whose window holds i; the
+    generator-1 fc2 gradients from dP_j and the window sums S^w_j, sv^w_j of the key pass."""
+    nb, rows = bl.nb, s.B * s.H * bl.nb
+    P = state.float().view(s.B, s.H, bl.slots, s.k_h, s.d_h)[:, :, :nb]
+    A = F.gelu(P)
+    fc2w2, fc2b2 = gen[6], gen[7]
+    dq, T, sdy, (dfc1w2, dfc1b2) = _query_pass(s, query, query_keep, _fc1_args(gen[4], gen[5]),
+                                               _block_mix_operands(s, bl, A, fc2w2, fc2b2), grad_y.contiguous(),
+                                               pe, pe_table, bl)
+    sdy = sdy.unsqueeze(-2)  # [B, H, nb, 1, d_h]
+    dA = _head_mm(fc2w2.float(), T)
+    if fc2b2 is not None:
+        dA = dA + fc2b2.float()[None, :, None, :, None] * sdy
+    dfc2w2 = _sum_mm(A, T)
+    dfc2b2 = _sum_mm(A, sdy).squeeze(-1) if fc2b2 is not None else A.new_empty((0,))
+    dP = dA * _gelu_grad(P)
+    fc2w1, fc2b1 = gen[2], gen[3]
+    R = bl.reverse_window(_head_mm(fc2w1.float().transpose(-1, -2), dP).reshape(s.B * s.H, nb, s.d_h, s.d_h))
+    R, r_scale = _pow2_scale(R.reshape(rows, s.d_h, s.d_h), dims=(-2, -1))
+    r0 = None
+    if fc2b1 is not None:
+        r0 = bl.reverse_window(_head_mm(fc2b1.float()[:, None, :], dP).reshape(s.B * s.H, nb, s.d_h))
+        r0 = r0.reshape(rows, s.d_h).contiguous()
+    dk, dv, S, sv, (dfc1w1, dfc1b1) = _key_pass(s, key, value, key_keep, _fc1_args(gen[0], gen[1]),
+                                                (R, r_scale, r0), pe, pe_table, bl)
+    S = bl.window(S).view(s.B, s.H, nb, s.d_h, s.d_h)
+    sv = bl.window(sv).view(s.B, s.H, nb, 1, s.d_h)
+    dfc2w1 = _sum_mm(dP, S)
+    dfc2b1 = _sum_mm(dP, sv).squeeze(-1) if fc2b1 is not None else dP.new_empty((0,))
+    return [dq, dk, dv, dfc1w1, dfc1b1, dfc2w1, dfc2b1, dfc1w2, dfc1b2, dfc2w2, dfc2b2]
+
+
 # Compiled kernels: a triton_op, which torch.compile traces into (wrap_triton turns each launch
 # into a graph node that Inductor schedules). Under Triton's interpreter wrap_triton hands back the
 # plain Python kernel, which cannot run on the fake tensors of a trace, so there the ops are opaque
 # custom ops with the shared fake implementation (still compile- and export-safe, like the C++ ops).
 TRITON_OPS = define_fused_ops("triton", _triton_fwd_impl, _triton_bwd_impl, device_types=("cuda", "cpu"),
                               triton=not INTERPRETED_KERNELS)
+# Causal, chunk-causal and packed mixing (mixing blocks): the same impls and kernels as opaque
+# custom ops (hmx_kernels::triton_blocks_fwd / _bwd, blocks=True) with the shared fake
+# implementation. Their piece table is built on the host from the block arguments and the values
+# of cu_seqlens, and the launch grid depends on it: a trace sees no values, so these ops are not
+# traced into (torch.compile keeps them as one node each, like the C++ ops), and the plain ops
+# above stay exactly as they were.
+TRITON_BLOCK_OPS = define_fused_ops("triton_blocks", _triton_fwd_impl, _triton_bwd_impl,
+                                    device_types=("cuda", "cpu"), blocks=True)
 
 
 def triton_forward(p: HyperMixingProblem) -> torch.Tensor:
-    """Run a validated problem through the Triton ops (differentiable)."""
-    return run_fused(TRITON_OPS, p)
+    """Run a validated problem through the Triton ops (differentiable): the plain ops, or the
+    mixing-block ops for a causal / chunked mode or packed sequences."""
+    blocked = p.mode is not None or p.cu_seqlens is not None
+    return run_fused(TRITON_BLOCK_OPS if blocked else TRITON_OPS, p)

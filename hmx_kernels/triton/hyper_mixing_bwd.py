@@ -23,6 +23,9 @@ db1 = sum dpre, dz = dpre fc1, dx = s m dz.
   (the fc1 gradient) instead of two (ACC_T / ACC_S False), which is what keeps them spill-free.
 - finalize (torch in the launcher, function.py): the [k_h, d_h] products above, on the chunk
   partials summed in a fixed order.
+Mixing blocks (BLOCKED, see hyper_mixing_fwd.py): a program covers a piece of one block and reads
+that block's C_j (query pass) or R_i, r0_i (key pass); its partials are summed per block by the
+launcher.
 Every reduction over tokens is written as per-program fp32 partials [D, D] / [D] that the launcher
 sums in a fixed order: no atomics, so two runs give bitwise equal gradients.
 Trade-off: hid and hid2 are recomputed (fc1 + GELU per token and pass) instead of being stored, and
@@ -40,13 +43,13 @@ import triton
 import triton.language as tl
 
 from .config import autotuned
-from .hyper_mixing_fwd import (_LEN_ARGS, _gelu_grad, _hidden, _load_fc1, _load_hyper_input,
-                               _load_square, _op, _pow2_of_max, _state_program, _store_square)
+from .hyper_mixing_fwd import (_LEN_ARGS, _gelu_grad, _hidden, _load_fc1, _load_hyper_input, _load_square,
+                               _op, _piece, _pow2_of_max, _state_program, _store_square)
 
 _BWD_LEN_ARGS = _LEN_ARGS + ["sgb", "sdb"]
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "ROW_SPLIT"], do_not_specialize=_BWD_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "ROW_SPLIT", "BLOCKED"], do_not_specialize=_BWD_LEN_ARGS)
 def hmx_bwd_kernel_tsum(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
     g_ptr, sgb, sgn,  # dY [B, M, d] fp32 (channel stride 1)
@@ -55,20 +58,21 @@ def hmx_bwd_kernel_tsum(
     fc1w_ptr, fc1b_ptr,  # MLP2 fc1: [H, d_h, d_h], [H, d_h]
     t_part_ptr, sdy_part_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: T, sdy
     L, chunk_len, n_chunks, H, d, scale, first_pos,
+    pieces_ptr, n_blocks,  # BLOCKED: piece table [n_pieces, 4] int32, block slots per (b, h)
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
     SCALE_TILES: tl.constexpr, ROW_SPLIT: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """T = sum_t m hid2_t^T dY_t and sdy = sum_t m dY_t per chunk, for the head sizes at which the
-    query pass leaves them out (ACC_T = False): the forward's state program on (query, dY)
-    instead of (key, value), rows of T split over ROW_SPLIT programs."""
+    """T = sum_t m hid2_t^T dY_t and sdy = sum_t m dY_t per chunk (BLOCKED: per piece), for the
+    head sizes at which the query pass leaves them out (ACC_T = False): the forward's state
+    program on (query, dY) instead of (key, value), rows of T split over ROW_SPLIT programs."""
     _state_program(q_ptr, sxb, sxn, sxc, g_ptr, sgb, sgn, 1, mask_ptr, smb, smn, pe_ptr, freq_ptr,
                    fc1w_ptr, fc1b_ptr, t_part_ptr, sdy_part_ptr, L, chunk_len, n_chunks, H, d, scale,
-                   first_pos, D_H, HAS_MASK, PE_TABLE, HAS_FC1_BIAS, SCALE_TILES, ROW_SPLIT, OPERAND,
-                   DOT_PREC, BLOCK_N, BLOCK_D)
+                   first_pos, pieces_ptr, n_blocks, D_H, HAS_MASK, PE_TABLE, HAS_FC1_BIAS, SCALE_TILES,
+                   ROW_SPLIT, OPERAND, DOT_PREC, BLOCKED, BLOCK_N, BLOCK_D)
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_BWD_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_BWD_LEN_ARGS)
 def hmx_bwd_kernel_query(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
     mask_ptr, smb, smn,  # query keep vector [B, M] fp32 (1 kept, 0 padded)
@@ -80,26 +84,36 @@ def hmx_bwd_kernel_query(
     t_part_ptr, sdy_part_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: T, sdy
     dfc1w_ptr, dfc1b_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: MLP2 fc1 grads
     L, chunk_len, n_chunks, H, d, scale, first_pos,
+    pieces_ptr, n_blocks,  # BLOCKED: piece table [n_pieces, 4] int32, block slots per (b, h)
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
     SCALE_TILES: tl.constexpr, ACC_T: tl.constexpr,  # ACC_T False: T, sdy left to hmx_bwd_kernel_tsum
-    OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    i_chunk = tl.program_id(1)
+    if BLOCKED:
+        i_bh = tl.program_id(1)
+        i_chunk = tl.program_id(0)
+    else:
+        i_bh = tl.program_id(0)
+        i_chunk = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
+    i_slot = i_bh64  # the per-(b, h) operands' row; BLOCKED: per block
+    if BLOCKED:
+        start, end, pe_ptr, first_pos, i_slot = _piece(pieces_ptr, i_chunk, pe_ptr, first_pos, d, i_bh64, n_blocks)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, o_c, D_H, HAS_FC1_BIAS, OPERAND)
-    b_c = _op(_load_square(c_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
-    c_scale = tl.load(cscale_ptr + i_bh64)
+    b_c = _op(_load_square(c_ptr + i_slot * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
+    c_scale = tl.load(cscale_ptr + i_slot)
     acc_t = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     acc_sdy = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # in units of c_scale
     acc_fc1b = tl.zeros([BLOCK_D], dtype=tl.float32)  # in units of c_scale
-    start = i_chunk * chunk_len
-    end = tl.minimum(start + chunk_len, L)
+    if not BLOCKED:
+        start = i_chunk * chunk_len
+        end = tl.minimum(start + chunk_len, L)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
         o_n64 = o_n.to(tl.int64)
@@ -137,7 +151,7 @@ def hmx_bwd_kernel_query(
     tl.store(dfc1b_ptr + i_part * D_H + o_c, acc_fc1b * c_scale, mask=m_c)
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_BWD_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_BWD_LEN_ARGS)
 def hmx_bwd_kernel_key(
     k_ptr, sxb, sxn, sxc,  # key [B, N, d]
     v_ptr, svb, svn, svc,  # value [B, N, d]
@@ -150,30 +164,40 @@ def hmx_bwd_kernel_key(
     s_part_ptr, sv_part_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: S, sv
     dfc1w_ptr, dfc1b_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: MLP1 fc1 grads
     L, chunk_len, n_chunks, H, d, scale, first_pos,
+    pieces_ptr, n_blocks,  # BLOCKED: piece table [n_pieces, 4] int32, block slots per (b, h)
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
     HAS_FC2_BIAS: tl.constexpr, ACC_S: tl.constexpr,  # ACC_S False: S, sv left to hmx_fwd_kernel_state
-    OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    i_chunk = tl.program_id(1)
+    if BLOCKED:
+        i_bh = tl.program_id(1)
+        i_chunk = tl.program_id(0)
+    else:
+        i_bh = tl.program_id(0)
+        i_chunk = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
+    i_slot = i_bh64  # the per-(b, h) operands' row; BLOCKED: per block
+    if BLOCKED:
+        start, end, pe_ptr, first_pos, i_slot = _piece(pieces_ptr, i_chunk, pe_ptr, first_pos, d, i_bh64, n_blocks)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, o_c, D_H, HAS_FC1_BIAS, OPERAND)
-    b_r = _op(_load_square(r_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
-    r_scale = tl.load(rscale_ptr + i_bh64)
+    b_r = _op(_load_square(r_ptr + i_slot * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
+    r_scale = tl.load(rscale_ptr + i_slot)
     if HAS_FC2_BIAS:
-        b_r0 = tl.load(r0_ptr + i_bh64 * D_H + o_c, mask=m_c, other=0.0)
+        b_r0 = tl.load(r0_ptr + i_slot * D_H + o_c, mask=m_c, other=0.0)
     else:
         b_r0 = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     acc_sv = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_fc1w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # in units of r_scale
     acc_fc1b = tl.zeros([BLOCK_D], dtype=tl.float32)  # in units of r_scale
-    start = i_chunk * chunk_len
-    end = tl.minimum(start + chunk_len, L)
+    if not BLOCKED:
+        start = i_chunk * chunk_len
+        end = tl.minimum(start + chunk_len, L)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
         o_n64 = o_n.to(tl.int64)

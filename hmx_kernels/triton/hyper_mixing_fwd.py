@@ -16,6 +16,11 @@ and hid_t = GELU(z_t fc1^T + b1) ([d_h]) of each generator:
   128, 256, ... any size, no padding) appears only here.
 - mix pass (`hmx_fwd_kernel_mix`, grid [B*H, n_chunks]): streams query tiles and writes
   Y = m (hid2 C + c0) for the head's d_h channels. Two tile products: z fc1^T and hid2 C.
+Mixing blocks (BLOCKED, causal / chunked / packed mixing, `_piece`): the grid is
+[n_pieces, B*H] ([n_pieces, B*H*ROW_SPLIT] for the state programs, row split included) and a
+program reads its token range, its block and its sequence's first token from the launcher's piece
+table; the mix pass reads its block's C_j, c0_j. Plain mixing (BLOCKED False) compiles exactly as
+without blocks.
 The LayerNorm is not part of these kernels: every fused backend applies it the same way
 (hmx_kernels.fused: torch's LayerNorm in fp32 on the [B, M, d] output of the mix pass).
 
@@ -48,7 +53,7 @@ from .config import autotuned
 
 # arguments whose value changes with the sequence length: never specialised, so a new length
 # neither recompiles nor re-tunes
-_LEN_ARGS = ["L", "chunk_len", "n_chunks", "sxb", "svb", "smb", "syb"]
+_LEN_ARGS = ["L", "chunk_len", "n_chunks", "n_blocks", "sxb", "svb", "smb", "syb"]
 
 
 @triton.jit
@@ -61,6 +66,25 @@ def _gelu_grad(x):
     cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
     pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
     return cdf + x * pdf
+
+
+@triton.jit
+def _piece(pieces_ptr, i_piece, pe_ptr, first_pos, d, i_bh64, n_blocks):
+    """A BLOCKED program's piece (causal / chunked / packed mixing; grid [n_pieces, B*H]): row
+    i_piece of the int32 piece table [n_pieces, 4] = (start, end, block, seq0). Returns its token
+    range [start, end), the PE table and the on-chip first position shifted so that token seq0
+    (the first of the piece's sequence) has position 0, and slot = (b, h) * n_blocks + block,
+    which indexes the per-block operands [B*H, n_blocks, ...]. Only BLOCKED kernels call it: the
+    plain kernels keep their own program ids, chunk range and (b, h) offsets inline, so that they
+    compile exactly as without blocks."""
+    start = tl.load(pieces_ptr + i_piece * 4)
+    end = tl.load(pieces_ptr + i_piece * 4 + 1)
+    blk = tl.load(pieces_ptr + i_piece * 4 + 2)
+    seq0 = tl.load(pieces_ptr + i_piece * 4 + 3)
+    pe_ptr = pe_ptr - seq0.to(tl.int64) * d
+    first_pos = first_pos - seq0
+    slot = i_bh64 * n_blocks + blk
+    return start, end, pe_ptr, first_pos, slot
 
 
 @triton.jit
@@ -164,10 +188,10 @@ def _pow2_of_max(b_x):
 @triton.jit
 def _state_program(
     k_ptr, sxb, sxn, sxc, v_ptr, svb, svn, svc, mask_ptr, smb, smn, pe_ptr, freq_ptr, fc1w_ptr, fc1b_ptr,
-    s_part_ptr, sv_part_ptr, L, chunk_len, n_chunks, H, d, scale, first_pos,
+    s_part_ptr, sv_part_ptr, L, chunk_len, n_chunks, H, d, scale, first_pos, pieces_ptr, n_blocks,
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
     SCALE_TILES: tl.constexpr, ROW_SPLIT: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program of a state pass (the forward's, and the backward's T = sum m hid2^T dY at the
     split head sizes): the rows o_r of one chunk's S = sum_t m hid_t^T V_t and, in row group 0,
@@ -175,19 +199,30 @@ def _state_program(
     unit j, so a row group computes BLOCK_D / ROW_SPLIT hidden units from the same rows of fc1 and
     holds a [BLOCK_D / ROW_SPLIT, BLOCK_D] accumulator (no work is repeated but the token loads).
     SCALE_TILES: each V tile is divided by the power of two of its largest element before it is
-    rounded to a half operand (for fp32 dY tiles in fp16)."""
+    rounded to a half operand (for fp32 dY tiles in fp16). BLOCKED (mixing blocks): the grid is
+    [n_pieces, B*H*ROW_SPLIT] and the program's tokens are its piece (`_piece`); the partials are
+    per piece, summed per block by the launcher."""
     BLOCK_R: tl.constexpr = BLOCK_D // ROW_SPLIT
-    i_bh = tl.program_id(0) // ROW_SPLIT
-    i_row = tl.program_id(0) % ROW_SPLIT
-    i_chunk = tl.program_id(1)
+    if BLOCKED:
+        i_bh = tl.program_id(1) // ROW_SPLIT
+        i_row = tl.program_id(1) % ROW_SPLIT
+        i_chunk = tl.program_id(0)
+    else:
+        i_bh = tl.program_id(0) // ROW_SPLIT
+        i_row = tl.program_id(0) % ROW_SPLIT
+        i_chunk = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
+    if BLOCKED:
+        start, end, pe_ptr, first_pos, _slot = _piece(pieces_ptr, i_chunk, pe_ptr, first_pos, d,
+                                                      i_bh.to(tl.int64), n_blocks)
     o_c = tl.arange(0, BLOCK_D)
     o_r = i_row * BLOCK_R + tl.arange(0, BLOCK_R)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_r, o_c, D_H, HAS_FC1_BIAS, OPERAND)
-    start = i_chunk * chunk_len
-    end = tl.minimum(start + chunk_len, L)
+    if not BLOCKED:
+        start = i_chunk * chunk_len
+        end = tl.minimum(start + chunk_len, L)
     acc_s = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     acc_sv = tl.zeros([BLOCK_D], dtype=tl.float32)
     for t in range(start, end, BLOCK_N):
@@ -216,7 +251,7 @@ def _state_program(
         tl.store(sv_part_ptr + i_part * D_H + o_c, acc_sv, mask=m_c)
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "ROW_SPLIT"], do_not_specialize=_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "ROW_SPLIT", "BLOCKED"], do_not_specialize=_LEN_ARGS)
 def hmx_fwd_kernel_state(
     k_ptr, sxb, sxn, sxc,  # key [B, N, d]
     v_ptr, svb, svn, svc,  # value [B, N, d]
@@ -226,17 +261,19 @@ def hmx_fwd_kernel_state(
     s_part_ptr,  # out: [B*H, n_chunks, d_h, d_h] fp32, S per chunk
     sv_part_ptr,  # out: [B*H, n_chunks, d_h] fp32, sv per chunk
     L, chunk_len, n_chunks, H, d, scale, first_pos,
+    pieces_ptr, n_blocks,  # BLOCKED: piece table [n_pieces, 4] int32, block slots per (b, h)
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
-    ROW_SPLIT: tl.constexpr,  # row groups of S per (b, h): grid axis 0 is B*H*ROW_SPLIT
-    OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROW_SPLIT: tl.constexpr,  # row groups of S per (b, h): grid axis 0 (BLOCKED: 1) is B*H*ROW_SPLIT
+    OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     _state_program(k_ptr, sxb, sxn, sxc, v_ptr, svb, svn, svc, mask_ptr, smb, smn, pe_ptr, freq_ptr,
                    fc1w_ptr, fc1b_ptr, s_part_ptr, sv_part_ptr, L, chunk_len, n_chunks, H, d, scale,
-                   first_pos, D_H, HAS_MASK, PE_TABLE, HAS_FC1_BIAS, False, ROW_SPLIT, OPERAND, DOT_PREC,
-                   BLOCK_N, BLOCK_D)
+                   first_pos, pieces_ptr, n_blocks, D_H, HAS_MASK, PE_TABLE, HAS_FC1_BIAS, False, ROW_SPLIT,
+                   OPERAND, DOT_PREC, BLOCKED, BLOCK_N, BLOCK_D)
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC"], do_not_specialize=_LEN_ARGS)
+@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_LEN_ARGS)
 def hmx_fwd_kernel_mix(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
     mask_ptr, smb, smn,  # query keep vector [B, M] fp32 (1 kept, 0 padded)
@@ -247,26 +284,35 @@ def hmx_fwd_kernel_mix(
     cscale_ptr,  # [B*H] fp32: the power of two C was divided by
     y_ptr, syb, syn,  # out: Y [B, M, d] (channel stride 1)
     L, chunk_len, n_chunks, H, d, scale, first_pos,
+    pieces_ptr, n_blocks,  # BLOCKED: piece table [n_pieces, 4] int32, block slots per (b, h)
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr,
     HAS_FC2_BIAS: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    i_chunk = tl.program_id(1)
+    if BLOCKED:
+        i_bh = tl.program_id(1)
+        i_chunk = tl.program_id(0)
+    else:
+        i_bh = tl.program_id(0)
+        i_chunk = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     i_bh64 = i_bh.to(tl.int64)
+    i_slot = i_bh64  # the per-(b, h) operands' row; BLOCKED: per block
+    if BLOCKED:
+        start, end, pe_ptr, first_pos, i_slot = _piece(pieces_ptr, i_chunk, pe_ptr, first_pos, d, i_bh64, n_blocks)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D_H
     b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, o_c, D_H, HAS_FC1_BIAS, OPERAND)
-    b_c = _op(_load_square(c_ptr + i_bh64 * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
-    c_scale = tl.load(cscale_ptr + i_bh64)
+    b_c = _op(_load_square(c_ptr + i_slot * D_H * D_H, o_c, D_H), fc1w_ptr, OPERAND)
+    c_scale = tl.load(cscale_ptr + i_slot)
     if HAS_FC2_BIAS:
-        b_c0 = tl.load(c0_ptr + i_bh64 * D_H + o_c, mask=m_c, other=0.0)
+        b_c0 = tl.load(c0_ptr + i_slot * D_H + o_c, mask=m_c, other=0.0)
     else:
         b_c0 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    start = i_chunk * chunk_len
-    end = tl.minimum(start + chunk_len, L)
+    if not BLOCKED:
+        start = i_chunk * chunk_len
+        end = tl.minimum(start + chunk_len, L)
     for t in range(start, end, BLOCK_N):
         o_n = t + tl.arange(0, BLOCK_N)
         b_z, b_keep = _load_hyper_input(q_ptr + i_b * sxb, sxn, sxc, mask_ptr + i_b * smb, smn,
