@@ -755,6 +755,18 @@ void scan_generator(const Mm<T>& mm, const HeadWeights<T>& w, const Stream<T>& s
   }
 }
 
+// Both generators on tile [t0, t0 + tn) of (b, h): W1 from the keys into sb.w1 (hidden layer in
+// sb.hid1 / sb.gd1, z in sb.zk), W2 from the queries into sb.w2 (sb.hid2 / sb.gd2, sb.zq).
+template <typename T>
+void scan_generators(const Mm<T>& mm, const ProblemParams& pb, const BlockMap& bm, const Stream<T>& ks,
+                     const Stream<T>& qs, int64_t h, int64_t t0, int64_t tn, bool grad, ScanBuffers<T>& sb) {
+  const int64_t dh = pb.d_h, kh = pb.k_h, d = pb.d;
+  scan_generator(mm, head_weights<T>(pb.g1, h, dh, kh), ks, bm, t0, tn, h, dh, kh, d, grad, sb.zk.data(), sb.buf,
+                 sb.hid1.data(), sb.gd1.data(), sb.w1.data());
+  scan_generator(mm, head_weights<T>(pb.g2, h, dh, kh), qs, bm, t0, tn, h, dh, kh, d, grad, sb.zq.data(), sb.buf,
+                 sb.hid2.data(), sb.gd2.data(), sb.w2.data());
+}
+
 template <typename T>
 void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
   const ProblemParams& pb = fp.pb;
@@ -774,17 +786,13 @@ void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
       const Stream<T> ks = make_stream<T>(pb, pb.k, pb.k_bstride, pb.k_rstride, pb.pe_k, pb.m_k, N, b);
       const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, N, b);
       const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
-      const HeadWeights<T> g1 = head_weights<T>(pb.g1, h, dh, kh), g2 = head_weights<T>(pb.g2, h, dh, kh);
       T* P = sb.P.data();
       std::fill(P, P + psz, T(0));
       std::fill(p + (bh * NB + tiles) * psz, p + (bh + 1) * NB * psz, T(0));  // unused slots
       for (int64_t ti = 0; ti < tiles; ++ti) {
         const int64_t t0 = ti * kCpuTile, tn = std::min(kCpuTile, N - t0);
         std::memcpy(p + (bh * NB + ti) * psz, P, psz * sizeof(T));  // checkpoint: P before t0
-        scan_generator(mm, g1, ks, bm, t0, tn, h, dh, kh, d, false, sb.zk.data(), sb.buf, sb.hid1.data(),
-                       sb.gd1.data(), sb.w1.data());
-        scan_generator(mm, g2, qs, bm, t0, tn, h, dh, kh, d, false, sb.zq.data(), sb.buf, sb.hid2.data(),
-                       sb.gd2.data(), sb.w2.data());
+        scan_generators(mm, pb, bm, ks, qs, h, t0, tn, false, sb);
         for (int64_t t = t0; t < t0 + tn; ++t) {
           if (starts[t]) std::fill(P, P + psz, T(0));
           const T* __restrict__ v = vx + t * pb.v_rstride;
@@ -840,10 +848,7 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
       std::fill(G, G + psz, T(0));
       for (int64_t ti = tiles - 1; ti >= 0; --ti) {
         const int64_t t0 = ti * kCpuTile, tn = std::min(kCpuTile, N - t0);
-        scan_generator(mm, g1, ks, bm, t0, tn, h, dh, kh, d, true, sb.zk.data(), sb.buf, sb.hid1.data(),
-                       sb.gd1.data(), sb.w1.data());
-        scan_generator(mm, g2, qs, bm, t0, tn, h, dh, kh, d, true, sb.zq.data(), sb.buf, sb.hid2.data(),
-                       sb.gd2.data(), sb.w2.data());
+        scan_generators(mm, pb, bm, ks, qs, h, t0, tn, true, sb);
         // the tile's states P_t, from its checkpoint
         T* P = sb.P.data();
         std::memcpy(P, p + (bh * NB + ti) * psz, psz * sizeof(T));
