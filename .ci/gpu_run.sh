@@ -21,8 +21,9 @@ PY=${PY:-python3}
 cat "$OUT/env.txt"
 
 # GPU tests: the backends' own files (the speechbrain equivalence tests need speechbrain, absent there)
+# (test_causal / test_varlen run the Triton backend's causal, chunked and packed modes on CUDA tensors)
 timeout 300 $PY -m pytest -q -x -ra tests/test_conformance.py tests/test_ops.py tests/test_triton.py tests/test_cuda_backend.py tests/test_cpp_cpu.py \
-  tests/test_reference.py --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
+  tests/test_reference.py tests/test_causal.py tests/test_varlen.py --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
 
 # the kernel resource report measured with the device's own Triton and ptxas (compile only; the
 # Triton kernels, which depend on the Triton version; the CUDA rows come from nvcc and were
