@@ -952,8 +952,9 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads, const R
   const Pieces kpc = make_pieces(bm, N, kitems.C);
   const int64_t ssz = state_size(dh), gsq = dh * dh;
   std::vector<T> part(B * H * kpc.count * ssz, T(0));          // token sums per piece
-  std::vector<T> blk(B * H * nb * ssz);                        // token sums per block
-  std::vector<T> cmt(B * H * nb * gsq), c0(B * H * nb * dh);  // per block C^T (C = fc2_2^T A), c0 = A^T b2_2
+  // every buffer below is written before it is read (uninitialised, no zero pass over them)
+  Buffer<T> blk(B * H * nb * ssz);                        // token sums per block
+  Buffer<T> cmt(B * H * nb * gsq), c0(B * H * nb * dh);  // per block C^T (C = fc2_2^T A), c0 = A^T b2_2
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(d, dh);
@@ -966,24 +967,25 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads, const R
     for (int64_t bh = 0; bh < B * H; ++bh)
       block_sums(part.data() + bh * kpc.count * ssz, ssz, kpc, nb, ssz, blk.data() + bh * nb * ssz);
   }
-  reduce(blk.data(), static_cast<int64_t>(blk.size()));  // sequence parallel: every rank's keys
+  reduce(blk.data(), B * H * nb * ssz);  // sequence parallel: every rank's keys
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(d, dh);
+    Buffer<T> win(nb * ssz), st(nb * gsq), sv(nb * dh), at(nb * psz);  // one (b, h) at a time
     // per (b, h), all blocks at once: P^T = (fc2 S + b2 sv^T)^T (written to p), A^T = GELU(P^T),
     // C^T = A^T fc2_2, c0 = A^T b2_2
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t h = bh % H;
-      std::vector<T> win(nb * ssz), st(nb * gsq), sv(nb * dh), at(nb * psz);
       window_sums(blk.data() + bh * nb * ssz, bm, ssz, false, win.data());
       stack_rows(win.data(), nb, dh, st.data(), sv.data());
       T* pt = p + bh * NB * psz;  // [nb][d_h, k_h]: P_j^T
       expand_fc2(mm, head_weights<T>(pb.g1, h, dh, kh), st.data(), sv.data(), nb * dh, dh, kh, pt);
       std::fill(pt + nb * psz, pt + NB * psz, T(0));  // unused block slots
       const int64_t n = nb * psz;
+      T* a = at.data();
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) at[i] = gelu(pt[i]);
+      for (int64_t i = 0; i < n; ++i) a[i] = gelu(pt[i]);
       fold_fc2(mm, head_weights<T>(pb.g2, h, dh, kh), at.data(), nb * dh, dh, kh, cmt.data() + bh * nb * gsq,
                c0.data() + bh * nb * dh);
     }
@@ -1026,12 +1028,13 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
   const PassItems kitems = pass_items(B, N, H, nthreads), qitems = pass_items(B, M, H, nthreads);
   const Pieces kpc = make_pieces(bm, N, kitems.C), qpc = make_pieces(bm, M, qitems.C);
   const int64_t Cq = qitems.C, Ck = kitems.C;
-  std::vector<T> dpt(B * H * nb * psz);  // dP_j^T per (b, h, block): [d_h, k_h]
+  // dpt, cm, rk are written before they are read (uninitialised)
+  Buffer<T> dpt(B * H * nb * psz);  // dP_j^T per (b, h, block): [d_h, k_h]
   // C_j per block: the query pass takes it as the transposed right operand of dY C^T (the layout
   // the BLAS runs fastest here, see mix_rows); after the query pass the same buffer holds R_j
-  std::vector<T> cm(B * H * nb * gsq);
+  Buffer<T> cm(B * H * nb * gsq);
   // per block, R^T then r0 (R = sum of R' = fc2^T dP over the blocks whose window holds it)
-  std::vector<T> rk(B * H * nb * ssz);
+  Buffer<T> rk(B * H * nb * ssz);
   // token sums per piece and fc1 partials per (b, h, work chunk): zero, they accumulate
   std::vector<T> q_part(B * H * qpc.count * ssz, T(0)), k_part(B * H * kpc.count * ssz, T(0));
   std::vector<T> q_fc1(B * H * Cq * f1sz, T(0)), k_fc1(B * H * Ck * f1sz, T(0));
@@ -1047,15 +1050,15 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(d, dh);
+    Buffer<T> at(nb * psz), ctb(nb * gsq);  // one (b, h) at a time
     // ---- per (b, h), all blocks: C^T = GELU(P^T) fc2_2 ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
-      std::vector<T> at(nb * psz);
       const T* pt = p + bh * NB * psz;
+      T* a = at.data();
       const int64_t n = nb * psz;
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) at[i] = gelu(pt[i]);
-      std::vector<T> ctb(nb * gsq);
+      for (int64_t i = 0; i < n; ++i) a[i] = gelu(pt[i]);
       fold_fc2(mm, head_weights<T>(pb.g2, bh % H, dh, kh), at.data(), nb * dh, dh, kh, ctb.data(),
                static_cast<T*>(nullptr));
       for (int64_t j = 0; j < nb; ++j) transpose(ctb.data() + j * gsq, dh, cm.data() + (bh * nb + j) * gsq);
@@ -1104,13 +1107,15 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(d, dh);
+    // one (b, h) at a time; rb and the window buffers are written before they are read
+    Buffer<T> tt(nb * gsq), sdy(nb * dh), at(nb * psz), rb(nb * ssz), rtp(nb * gsq), r0p(nb * dh);
+    Buffer<T> blk(nb * ssz), win(nb * ssz), st(nb * gsq), sv(nb * dh);
     // ---- per (b, h), all blocks: dA^T = T^T fc2_2^T + sdy b2_2^T, generator-2 fc2 grads,
     //      dP^T = dA^T * GELU'(P^T), R'^T = dP^T fc2, r0' = dP^T b2; R, r0 per block ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t h = bh % H;
-      std::vector<T> tt(nb * gsq), sdy(nb * dh), at(nb * psz), rb(nb * ssz, T(0));
-      std::vector<T> rtp(nb * gsq), r0p(nb * dh, T(0));
+      if (!b2_1) std::fill(r0p.data(), r0p.data() + nb * dh, T(0));  // fold_fc2 leaves r0' alone then
       stack_rows(tblk.data() + bh * nb * ssz, nb, dh, tt.data(), sdy.data());
       const HeadWeights<T> w2 = head_weights<T>(pb.g2, h, dh, kh);
       const HeadWeights<T> w1 = head_weights<T>(pb.g1, h, dh, kh);
@@ -1118,11 +1123,12 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
       T* dp = dpt.data() + bh * nb * psz;
       expand_fc2(mm, w2, tt.data(), sdy.data(), nb * dh, dh, kh, dp);  // dA^T
       const int64_t n = nb * psz;
+      T* a = at.data();
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         T g, gd;
         gelu_both(pt[i], &g, &gd);
-        at[i] = g;
+        a[i] = g;
         dp[i] *= gd;
       }
       T* g2 = g2_fc2.data() + bh * fsz;
@@ -1147,7 +1153,6 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
     //      the state windows ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
-      std::vector<T> blk(nb * ssz), win(nb * ssz), st(nb * gsq), sv(nb * dh);
       state_windows(k_part.data() + bh * kpc.count * ssz, kpc, bm, dh, blk.data(), win.data(), st.data(), sv.data());
       T* g1 = g1_fc2.data() + bh * fsz;
       fc2_grads(mm, dpt.data() + bh * nb * psz, st.data(), sv.data(), nb * dh, dh, kh, g1, g1 + kh * dh);
