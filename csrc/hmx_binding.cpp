@@ -171,11 +171,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   }
   TORCH_CHECK(chunk_size == 0 || M == N, "hmx_kernels: causal / chunked mixing needs as many queries as keys, got M = ",
               M, ", N = ", N);
-  hmx::ProblemParams modes;  // just the block arguments, to ask how many state slots they need
-  modes.N = N;
-  modes.chunk_size = chunk_size;
-  modes.left_context = left_context;
-  const int64_t slots = q.is_cuda() ? blocks : hmx::cpu::state_slots(modes, blocks);
+  const int64_t slots = q.is_cuda() ? blocks : hmx::cpu::state_slots(N, chunk_size, left_context, blocks);
   TORCH_CHECK(num_blocks >= std::max<int64_t>(slots, 1), "hmx_kernels: num_blocks = ", num_blocks,
               " is smaller than the ", slots, " state slots these mixing blocks need");
   if (cu_seqlens) {

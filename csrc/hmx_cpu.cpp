@@ -711,14 +711,9 @@ void state_windows(const T* part, const Pieces& pc, const BlockMap& bm, int64_t 
 // then the generators' backward per tile (dhid = dW fc2, dfc2 += dW^T hid, the fc1 chain).
 // Packed sequences restart P (and G) at each sequence's first (last) token. Work is parallel over
 // (b, h) only: the scan is sequential along the tokens.
-inline std::vector<char> sequence_starts(const ProblemParams& pb) {
-  std::vector<char> s(pb.N + 1, 0);
-  s[0] = 1;
-  s[pb.N] = 1;  // one past the end: "the next sequence starts here"
-  if (pb.cu_seqlens)
-    for (int64_t i = 0; i <= pb.num_seqs; ++i) s[pb.cu_seqlens[i]] = 1;
-  return s;
-}
+// The scan's blocks are single tokens (chunk_size 1), so token t starts a sequence when its
+// block's sequence begins at t; t == N counts as a start (one past the end of the row).
+inline bool starts_sequence(const BlockMap& bm, int64_t t) { return t == bm.nb() || bm.seq0[t] == t; }
 
 // Per-thread buffers of the scan: both generators' tiles.
 template <typename T>
@@ -774,7 +769,6 @@ void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
   const int64_t tiles = num_tiles(N, kCpuTile), NB = pb.num_blocks;
   const Mm<T> mm{gemm};
   const BlockMap bm = make_blocks(pb);
-  const std::vector<char> starts = sequence_starts(pb);
   T* p = static_cast<T*>(fp.p);
   T* y = static_cast<T*>(fp.y);
 #pragma omp parallel num_threads(nthreads)
@@ -794,7 +788,7 @@ void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
         std::memcpy(p + (bh * NB + ti) * psz, P, psz * sizeof(T));  // checkpoint: P before t0
         scan_generators(mm, pb, bm, ks, qs, h, t0, tn, false, sb);
         for (int64_t t = t0; t < t0 + tn; ++t) {
-          if (starts[t]) std::fill(P, P + psz, T(0));
+          if (starts_sequence(bm, t)) std::fill(P, P + psz, T(0));
           const T* __restrict__ v = vx + t * pb.v_rstride;
           const T* w1 = sb.w1.data() + (t - t0) * kh;
           const T* w2 = sb.w2.data() + (t - t0) * kh;
@@ -824,7 +818,6 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
   const int64_t f1sz = Fc1Partial<T>::size(dh);
   const Mm<T> mm{gemm};
   const BlockMap bm = make_blocks(pb);
-  const std::vector<char> starts = sequence_starts(pb);
   const T* p = static_cast<const T*>(bp.p);
   const T* dy = static_cast<const T*>(bp.dy);
   T* dq = static_cast<T*>(bp.dq);
@@ -853,7 +846,7 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
         T* P = sb.P.data();
         std::memcpy(P, p + (bh * NB + ti) * psz, psz * sizeof(T));
         for (int64_t t = t0; t < t0 + tn; ++t) {
-          if (starts[t]) std::fill(P, P + psz, T(0));
+          if (starts_sequence(bm, t)) std::fill(P, P + psz, T(0));
           const T* __restrict__ v = vx + t * pb.v_rstride;
           const T* w1 = sb.w1.data() + (t - t0) * kh;
           T* __restrict__ pt = sb.pt.data() + (t - t0) * psz;
@@ -867,7 +860,7 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
         }
         // reverse scan
         for (int64_t t = t0 + tn - 1; t >= t0; --t) {
-          if (starts[t + 1]) std::fill(G, G + psz, T(0));  // t is the last token of its sequence
+          if (starts_sequence(bm, t + 1)) std::fill(G, G + psz, T(0));  // t ends its sequence
           const T* __restrict__ v = vx + t * pb.v_rstride;
           const T* __restrict__ g = dy + (b * N + t) * d + h * dh;
           const T* w1 = sb.w1.data() + (t - t0) * kh;

@@ -21,12 +21,13 @@ constexpr int64_t kCpuTile = 256;
 // Token-causal mixing (chunk_size 1, unbounded left context) runs as a scan over the tokens
 // (hmx_cpu.cpp, "token-causal mixing as a scan"); its state slots are checkpoints of P, one per
 // tile of kCpuTile tokens, not one per token.
-inline bool token_scan(const ProblemParams& pb) { return pb.chunk_size == 1 && pb.left_context < 0; }
+inline bool token_scan(int64_t chunk_size, int64_t left_context) { return chunk_size == 1 && left_context < 0; }
+inline bool token_scan(const ProblemParams& pb) { return token_scan(pb.chunk_size, pb.left_context); }
 
-// [k_h, d_h] state slots per (b, h) the forward writes to p (the op's state): one per mixing
-// block, or one per tile for the token scan.
-inline int64_t state_slots(const ProblemParams& pb, int64_t blocks) {
-  return token_scan(pb) ? (pb.N + kCpuTile - 1) / kCpuTile : blocks;
+// [k_h, d_h] state slots per (b, h) the forward writes to p (the op's state) for N tokens per
+// row: one per mixing block (`blocks` of them), or one per tile for the token scan.
+inline int64_t state_slots(int64_t N, int64_t chunk_size, int64_t left_context, int64_t blocks) {
+  return token_scan(chunk_size, left_context) ? (N + kCpuTile - 1) / kCpuTile : blocks;
 }
 
 // Column-major BLAS convention: C = alpha op(A) op(B) + beta C, op(A) [m, k], op(B) [k, n],

@@ -19,7 +19,7 @@
         name of a torch.distributed group whose ranks hold the other slices, "" = none), last in
         both schemas; only backends defined with sequence_parallel=True take non-defaults.
 
-Shapes and dtypes of both are given by one fake implementation (`fwd_fake`, `bwd_fake`), which
+Shapes and dtypes of both are given by shared fake implementations (`make_fwd_fake`, `bwd_fake`), which
 also serves the meta device; autograd is registered on the forward op (its backward calls the
 backward op), and the backward op's own autograd raises a clear error: double backward is not
 supported by the fused backends (use backend="reference"). The op implementations compute the
@@ -143,9 +143,6 @@ def make_fwd_fake(state_slots=state_blocks):
     return fwd_fake
 
 
-fwd_fake = make_fwd_fake()
-
-
 def bwd_fake(grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
              w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant, chunk_size=0, left_context=-1,
              cu_seqlens=None, position_offset=0, sp_group=""):
@@ -177,7 +174,7 @@ def define_fused_ops(
     state_slots: Callable = state_blocks,
 ) -> FusedOps:
     """Define hmx_kernels::<backend>_fwd / _bwd over `fwd_impl` / `bwd_impl` (same signatures as
-    `fwd_fake` / `bwd_fake`), with the shared fake implementations and autograd.
+    `make_fwd_fake`'s function / `bwd_fake`), with the shared fake implementations and autograd.
 
     blocks=True: the impls take the mixing-block arguments (chunk_size, left_context, cu_seqlens)
     after `variant`; blocks=False: they are called without them, and the ops refuse anything

@@ -108,6 +108,15 @@ class _PositionalEncodingBuffer(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
+def _mode_arguments(mode: Optional[MixingMode]) -> dict:
+    """A mixing mode as the functional op's causal / chunk_size / left_context_chunks arguments."""
+    if mode is None:
+        return {}
+    if mode.token_causal:
+        return {"causal": True}
+    return {"chunk_size": mode.chunk_size, "left_context_chunks": mode.left_context_chunks}
+
+
 class FusedHyperMixing(nn.Module):
     """Multi-head HyperMixing, a linear-time replacement for self-attention.
 
@@ -294,18 +303,19 @@ class FusedHyperMixing(nn.Module):
         if squeeze and query.shape[0] != 1:
             raise ValueError(f"packed tokens must be [total, d] or [1, total, d], got {list(query.shape)}")
         tokens = query[0] if squeeze else query
-        mode = self.mode
+        out = hyper_mixing_varlen(
+            tokens, cu_seqlens, max_seqlen, *self._weights(),
+            variant=self.variant, backend=self.backend, use_layer_norm=self.use_layer_norm, eps=self.eps,
+            **_mode_arguments(self.mode),
+        )
+        return out[None] if squeeze else out
+
+    def _weights(self) -> tuple:
+        """The ten parameter tensors of the functional op (w2 None when tied, ln None without)."""
         w1 = self.hyper.w1_gen.tensors()
         w2 = (None, None, None, None) if self.tied else self.hyper.w2_gen.tensors()
         ln = (self.layer_norm.weight, self.layer_norm.bias) if self.layer_norm is not None else (None, None)
-        out = hyper_mixing_varlen(
-            tokens, cu_seqlens, max_seqlen, *w1, *w2, *ln,
-            variant=self.variant, backend=self.backend, use_layer_norm=self.use_layer_norm, eps=self.eps,
-            causal=mode is not None and mode.token_causal,
-            chunk_size=None if mode is None or mode.token_causal else mode.chunk_size,
-            left_context_chunks=None if mode is None or mode.token_causal else mode.left_context_chunks,
-        )
-        return out[None] if squeeze else out
+        return (*w1, *w2, *ln)
 
     def _mode_for(self, attn_mask: Optional[Tensor]) -> Optional[MixingMode]:
         """The mixing mode of this call: the layer's own, or the one `attn_mask` describes."""
@@ -345,20 +355,15 @@ class FusedHyperMixing(nn.Module):
             if group is not None:
                 position_offset = sequence_parallel_offset((key if key is not None else query).shape[1], group,
                                                            device=query.device if query.is_cuda else None)
-        w1 = self.hyper.w1_gen.tensors()
-        w2 = (None, None, None, None) if self.tied else self.hyper.w2_gen.tensors()
-        ln = (self.layer_norm.weight, self.layer_norm.bias) if self.layer_norm is not None else (None, None)
         return hyper_mixing(
-            query, key, value, *w1, *w2, *ln,
+            query, key, value, *self._weights(),
             variant=self.variant,
             key_padding_mask=key_padding_mask,
             query_padding_mask=query_padding_mask,
             use_layer_norm=self.use_layer_norm,
             eps=self.eps,
             backend=self.backend,
-            causal=mode is not None and mode.token_causal,
-            chunk_size=None if mode is None or mode.token_causal else mode.chunk_size,
-            left_context_chunks=None if mode is None or mode.token_causal else mode.left_context_chunks,
+            **_mode_arguments(mode),
             position_offset=position_offset,
             sequence_parallel_group=group,
         )
