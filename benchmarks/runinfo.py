@@ -12,8 +12,11 @@ learns a mode later is picked up without editing them; they record which backend
 """
 from __future__ import annotations
 
+import json
+import os
 import platform
-from typing import Dict, List, Optional
+import sys
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -102,3 +105,19 @@ def machine_meta(threads: Optional[int] = None) -> Dict[str, object]:
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
         "versions": library_versions(),
     }
+
+
+def write_results(out_dir: str, name: str, meta: dict, rows: List[dict],
+                  markdown: Callable[[dict, List[dict]], str]) -> str:
+    """Writes <out_dir>/<name>.json ({"meta", "rows"}) and <name>.md (markdown(meta, rows)), prints
+    the markdown and says where both went. Returns the path stem."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, name)
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    text = markdown(meta, rows)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {stem}.json, {stem}.md", file=sys.stderr)
+    return stem

@@ -261,7 +261,7 @@ def run_world(world: int, cfg: dict) -> Dict[str, object]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .config import device_slug
-    from .runinfo import machine_meta
+    from .runinfo import machine_meta, write_results
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.sequence_parallel", description=__doc__.splitlines()[0])
     p.add_argument("--length", type=int, default=65536, help="N, tokens of the one sequence (default 65536)")
@@ -303,15 +303,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta.update(command=("python -m benchmarks.sequence_parallel " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
                 cores_available=cores, settings=cfg, documented_bytes_per_step=expected, documented_backend=resolved,
                 target="W = 2 at most 0.6x the step time of W = 1")
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"sequence-parallel-{device_slug(torch.device('cpu'))}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    text = markdown(meta, rows)
-    with open(stem + ".md", "w") as f:
-        f.write(text)
-    print(text)
-    print(f"wrote {stem}.json, {stem}.md", file=sys.stderr)
+    write_results(args.out, f"sequence-parallel-{device_slug(torch.device('cpu'))}", meta, rows, markdown)
     return 0
 
 

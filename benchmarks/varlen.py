@@ -24,7 +24,6 @@ Results: benchmarks/results/varlen-<device-slug>.{json,md} (--out to change).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import List, Optional
@@ -70,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import device_slug
     from .contenders import Case
     from .measure import peak_memory, time_passes
-    from .runinfo import machine_meta, record_run, resolved_backend
+    from .runinfo import machine_meta, record_run, resolved_backend, write_results
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.varlen", description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
@@ -153,15 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 target="packed fwd+bwd time <= 1.15 x padded time x total / (B x longest) on the cpu backend",
                 memory_method="peak of PyTorch CPU allocator events during the pass (torch.profiler), "
                               "above what was allocated before it; malloc outside the allocator is not seen")
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"varlen-{device_slug(dev)}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    text = markdown(meta, rows)
-    with open(stem + ".md", "w") as f:
-        f.write(text)
-    print(text)
-    print(f"wrote {stem}.json, {stem}.md", file=sys.stderr)
+    write_results(args.out, f"varlen-{device_slug(dev)}", meta, rows, markdown)
     return 0
 
 
