@@ -2,6 +2,9 @@
 
 - `hyper_mixing(...)`: the functional op, dispatched to the best backend for the inputs.
 - `FusedHyperMixing`: drop-in layer for speechbrain's / idiap's HyperMixing (loads their checkpoints).
+- `convert_speechbrain(model)` / `to_speechbrain(model)`: every speechbrain HyperMixing of a model
+  to FusedHyperMixing and back, in place (hmx_kernels.integrations.speechbrain).
+- `explain(layer, x)`: which backend a call runs and why the others do not (`layer.last_backend`).
 - `hmx_kernels.reference`: the plain-PyTorch reference every backend is tested against.
 """
 from . import reference
@@ -10,6 +13,8 @@ from .flops import hyper_mixing_flops
 from .functional import hyper_mixing
 from .parallel import sequence_parallel_offset
 from .layers import FusedHyperMixing
+from .integrations.speechbrain import convert_speechbrain, to_speechbrain
+from .introspection import BackendReport, explain
 from .reference import hyper_mixing_ref, positional_encoding
 from .reference import backend as _reference_backend  # noqa: F401  (registers "reference")
 from .triton import backend as _triton_backend  # noqa: F401  (registers "triton")
@@ -31,6 +36,10 @@ __all__ = [
     "hyper_mixing_ref",
     "positional_encoding",
     "FusedHyperMixing",
+    "convert_speechbrain",
+    "to_speechbrain",
+    "explain",
+    "BackendReport",
     "registered_backends",
     "backend_reasons",
     "select_backend",

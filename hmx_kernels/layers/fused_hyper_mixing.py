@@ -17,10 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from ..causal import MixingMode, mode_from_attn_mask, resolve_mode
-from ..dispatch import check_backend_name
+from ..dispatch import check_backend_name, select_backend
 from ..functional import hyper_mixing
 from ..parallel import sequence_parallel_offset
 from ..reference.positional import positional_encoding
+from ..validation import check_inputs
 from ..variants import get_variant
 from ..varlen import hyper_mixing_varlen
 
@@ -47,23 +48,38 @@ def _positional(names, args, **keywords) -> dict:
     return given
 
 
+# The order each public implementation registers a generator's parameters in. It is the order
+# of `named_parameters()`, which an optimizer's state_dict indexes by position: a layer registered
+# in another order loads an Adam state saved from the original without error and fails (or worse,
+# mixes up moments of equal shape) at the next step.
+PARAMETER_ORDER = {
+    "speechbrain": ("fc1_weights", "fc1_biases", "fc2_weights", "fc2_biases"),  # ParallelMLPs
+    "idiap": ("fc1_weights", "fc2_weights", "fc1_biases", "fc2_biases"),  # _ParallelMLPs
+}
+
+
 class GeneratorMLP(nn.Module):
     """H parallel MLPs d_h -> d_h -> k_h (fc1 -> GELU -> fc2), one per head (weights only).
 
     Named like speechbrain's `ParallelMLPs`: fc1_weights [H, d_h, d_h], fc1_biases [H, d_h],
-    fc2_weights [H, k_h, d_h], fc2_biases [H, k_h].
+    fc2_weights [H, k_h, d_h], fc2_biases [H, k_h], registered in the order of `variant`'s public
+    implementation (PARAMETER_ORDER), so that `named_parameters()` and optimizer states line up.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, hidden_per_head: int, bias: bool) -> None:
+    def __init__(self, num_heads: int, head_dim: int, hidden_per_head: int, bias: bool,
+                 variant: str = "speechbrain") -> None:
         super().__init__()
-        self.fc1_weights = nn.Parameter(torch.empty(num_heads, head_dim, head_dim))
-        self.fc2_weights = nn.Parameter(torch.empty(num_heads, hidden_per_head, head_dim))
-        if bias:
-            self.fc1_biases = nn.Parameter(torch.empty(num_heads, head_dim))
-            self.fc2_biases = nn.Parameter(torch.empty(num_heads, hidden_per_head))
-        else:
-            self.register_parameter("fc1_biases", None)
-            self.register_parameter("fc2_biases", None)
+        shapes = {
+            "fc1_weights": (num_heads, head_dim, head_dim),
+            "fc1_biases": (num_heads, head_dim),
+            "fc2_weights": (num_heads, hidden_per_head, head_dim),
+            "fc2_biases": (num_heads, hidden_per_head),
+        }
+        for name in PARAMETER_ORDER[get_variant(variant).name]:
+            if bias or name.endswith("weights"):
+                self.register_parameter(name, nn.Parameter(torch.empty(shapes[name])))
+            else:
+                self.register_parameter(name, None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -79,11 +95,12 @@ class GeneratorMLP(nn.Module):
 class HyperNetwork(nn.Module):
     """Holds w1_gen and w2_gen (the same module when tied, as in speechbrain)."""
 
-    def __init__(self, num_heads: int, head_dim: int, hidden_per_head: int, tied: bool, bias: bool) -> None:
+    def __init__(self, num_heads: int, head_dim: int, hidden_per_head: int, tied: bool, bias: bool,
+                 variant: str = "speechbrain") -> None:
         super().__init__()
         self.tied = tied
-        self.w1_gen = GeneratorMLP(num_heads, head_dim, hidden_per_head, bias)
-        self.w2_gen = self.w1_gen if tied else GeneratorMLP(num_heads, head_dim, hidden_per_head, bias)
+        self.w1_gen = GeneratorMLP(num_heads, head_dim, hidden_per_head, bias, variant)
+        self.w2_gen = self.w1_gen if tied else GeneratorMLP(num_heads, head_dim, hidden_per_head, bias, variant)
 
 
 class _PositionalEncodingBuffer(nn.Module):
@@ -219,11 +236,16 @@ class FusedHyperMixing(nn.Module):
         self.eps = eps
         self.max_length = int(max_length)
 
-        self.hyper = HyperNetwork(H, self.head_dim, self.hidden_per_head, self.tied, self.hypernetwork_bias)
+        self.hyper = HyperNetwork(H, self.head_dim, self.hidden_per_head, self.tied, self.hypernetwork_bias,
+                                  v.name)
         self.layer_norm = nn.LayerNorm(d, eps=eps) if self.use_layer_norm else None
         # the public implementations' PE buffer, under their module name (checkpoint compatibility)
         self.add_module(v.pe_module_name, _PositionalEncodingBuffer(v, self.max_length, d))
         self._warned_key_value = False
+        # the backend the last forward ran (None before the first; packed calls, which may pad or
+        # walk the sequences, leave it unchanged); hmx_kernels.explain says why
+        self.last_backend: Optional[str] = None
+        self._dispatch_probe = None  # hmx_kernels.explain: a callable given each call's problem
 
     def extra_repr(self) -> str:
         return (
@@ -355,7 +377,7 @@ class FusedHyperMixing(nn.Module):
             if group is not None:
                 position_offset = sequence_parallel_offset((key if key is not None else query).shape[1], group,
                                                            device=query.device if query.is_cuda else None)
-        return hyper_mixing(
+        return self._dispatch(
             query, key, value, *self._weights(),
             variant=self.variant,
             key_padding_mask=key_padding_mask,
@@ -368,32 +390,31 @@ class FusedHyperMixing(nn.Module):
             sequence_parallel_group=group,
         )
 
+    def _dispatch(self, *tensors, backend: str, **options) -> Tensor:
+        """hmx_kernels.hyper_mixing, recording the backend that runs in `last_backend`: also under
+        torch.compile (Dynamo replays the assignment after the graph, no graph break), not while
+        torch.export traces (an exported program has no module state to set)."""
+        problem = check_inputs(*tensors, **options)
+        chosen = select_backend(backend, problem)
+        if not torch.compiler.is_exporting():
+            self.last_backend = chosen.name
+        if self._dispatch_probe is not None and not torch.compiler.is_compiling():
+            self._dispatch_probe(problem, chosen.name)
+        return chosen.forward(problem)
+
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_speechbrain(cls, module: nn.Module, *, backend: str = "auto",
                          attn_mask_policy: str = "ignore") -> "FusedHyperMixing":
-        """Build from a `speechbrain.nnet.hypermixing.HyperMixing` (duck-typed) with its weights.
+        """Build from a `speechbrain.nnet.hypermixing.HyperMixing` (duck-typed) with its weights,
+        device, dtype, train/eval mode and requires_grad flags. Whole models:
+        `hmx_kernels.convert_speechbrain(model)` (hmx_kernels.integrations.speechbrain).
 
         attn_mask_policy="ignore" (default) reproduces speechbrain exactly, which ignores attn_mask;
         "honour" mixes causally / chunk-causally as the mask says (see the class docstring)."""
-        try:
-            w1 = module.hyper.w1_gen
-            d = module.input_output_dim
-            H = module.num_heads
-            pe = module.positional_encoding.pe
-        except AttributeError as e:
-            raise TypeError(f"not a speechbrain HyperMixing module: {e}") from None
-        tied = bool(getattr(module.hyper, "tied", module.hyper.w2_gen is w1))
-        k_h = w1.fc2_weights.shape[1]
-        k = int(getattr(w1, "original_out_size", k_h * H))  # speechbrain's hypernet_size
-        fix = H > 1 and k_h == k  # fix_tm_hidden_size: every head has k hidden units
-        layer = cls(
-            d, k, tied=tied, num_heads=H, fix_tm_hidden_size=fix,
-            max_length=pe.shape[1], variant="speechbrain", backend=backend,
-            eps=module.layer_norm.eps, attn_mask_policy=attn_mask_policy,
-        )
-        layer.load_state_dict(module.state_dict(), strict=True)
-        return layer.to(device=w1.fc1_weights.device, dtype=w1.fc1_weights.dtype)
+        from ..integrations.speechbrain import fused_from_speechbrain
+
+        return fused_from_speechbrain(module, backend=backend, attn_mask_policy=attn_mask_policy, cls=cls)
 
     @classmethod
     def from_idiap(cls, module: nn.Module, *, backend: str = "auto") -> "FusedHyperMixing":
@@ -414,5 +435,7 @@ class FusedHyperMixing(nn.Module):
             use_layer_norm=use_ln, hypernetwork_bias=bias, backend=backend,
             eps=module.layer_norm.eps if use_ln else 1e-5,
         )
+        # to the module's dtype before loading: loading first would round float64 weights to float32
+        layer = layer.to(device=w1.fc1_weights.device, dtype=w1.fc1_weights.dtype)
         layer.load_state_dict(module.state_dict(), strict=True)
-        return layer.to(device=w1.fc1_weights.device, dtype=w1.fc1_weights.dtype)
+        return layer

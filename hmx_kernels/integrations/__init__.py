@@ -1,0 +1,1 @@
+"""Integrations with toolkits that build models around HyperMixing (speechbrain)."""
