@@ -19,6 +19,9 @@ def test_readme_has_python_blocks():
 def test_readme_python_blocks_run():
     import torch
 
+    from utils import import_speechbrain
+
+    import_speechbrain("speechbrain.nnet.hypermixing")  # the conversion example uses speechbrain (stand-in torchaudio)
     namespace = {"__name__": "readme"}
     for i, block in enumerate(python_blocks()):
         try:
