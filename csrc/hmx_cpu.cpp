@@ -273,12 +273,14 @@ class Buffer {
 };
 
 // Per-thread tile buffers: z [kCpuTile, d] (each head's d_h columns at the head's own offset),
-// the rest [kCpuTile, d_h] for the head being worked on.
+// v [kCpuTile, d] (a key tile's value rows with padded rows zeroed, only for tiles that hold
+// padding; see select_values), the rest [kCpuTile, d_h] for the head being worked on.
 template <typename T>
 struct TileBuffers {
-  Buffer<T> z, hd, gd, dhd, du;
+  Buffer<T> z, v, hd, gd, dhd, du;
   TileBuffers(int64_t d, int64_t dh)
-      : z(kCpuTile * d), hd(kCpuTile * dh), gd(kCpuTile * dh), dhd(kCpuTile * dh), du(kCpuTile * dh) {}
+      : z(kCpuTile * d), v(kCpuTile * d), hd(kCpuTile * dh), gd(kCpuTile * dh), dhd(kCpuTile * dh),
+        du(kCpuTile * dh) {}
 };
 
 // Mixing blocks of a batch row (the same for every row; hmx_params.h): block j covers tokens
@@ -409,7 +411,10 @@ void window_sums(const T* src, const BlockMap& bm, int64_t n, bool reverse, T* d
 }
 
 // z[t, c] = s * (x[r0 + t, c] * m[r0 + t]) + pe[pos(r0 + t), c] for the channels c in [c0, c1),
-// into rows of stride d; pos(r) = r minus the first token of r's sequence.
+// into rows of stride d; pos(r) = r minus the first token of r's sequence. A padded row is
+// selected away (z = PE), never multiplied by its 0: NaN * 0 = NaN, so a NaN or inf in a padded
+// position would reach every kept result. Every other use of a padded row's tokens reads z, the
+// masked hidden rows, or value rows selected the same way (key_item, the scan's value rows).
 template <typename T>
 void load_z(const Stream<T>& st, const BlockMap& bm, int64_t r0, int64_t tn, int64_t c0, int64_t c1, int64_t d,
             T* z) {
@@ -418,12 +423,40 @@ void load_z(const Stream<T>& st, const BlockMap& bm, int64_t r0, int64_t tn, int
     for (int64_t r = a; r < a + n; ++r) {
       const T* xr = st.x + r * st.rstride;
       const T* per = st.pe + (r - pos0) * d;
-      const T mr = st.m(r);
       T* zt = z + (r - r0) * d;
+      if (st.m(r) == T(0)) {
+        std::memcpy(zt + c0, per + c0, (c1 - c0) * sizeof(T));
+        continue;
+      }
 #pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) zt[c] = st.scale * (xr[c] * mr) + per[c];
+      for (int64_t c = c0; c < c1; ++c) zt[c] = st.scale * xr[c] + per[c];
     }
   });
+}
+
+// The value rows of a key tile [t0, t0 + tn), channels [c0, c1), as the passes read them: the
+// rows themselves (returned pointer at row t0, *rs = their row stride) when the tile has no padded
+// row, else a copy in vbuf (row stride d, *rs = d) with the padded rows zero. A padded value row
+// meets a zero hidden row in S = hid^T V and in dhid = V R^T, and NaN * 0 = NaN: it must be
+// selected away, not multiplied away. Tiles without padding (all of them without a mask) are
+// read in place, as before.
+template <typename T>
+const T* select_values(const Stream<T>& ks, const T* vx, int64_t vrs, int64_t t0, int64_t tn, int64_t c0,
+                       int64_t c1, int64_t d, T* vbuf, int64_t* rs) {
+  const T* rows = vx + t0 * vrs;
+  if (!ks.mask) return rows;
+  int64_t padded = 0;
+  for (int64_t t = 0; t < tn; ++t) padded += ks.mask[t0 + t] == T(0);
+  if (padded == 0) return rows;
+  for (int64_t t = 0; t < tn; ++t) {
+    T* out = vbuf + t * d;
+    if (ks.mask[t0 + t] == T(0))
+      std::fill(out + c0, out + c1, T(0));
+    else
+      std::memcpy(out + c0, rows + t * vrs + c0, (c1 - c0) * sizeof(T));
+  }
+  *rs = d;
+  return vbuf;
 }
 
 // The generator's hidden layer on one tile, masked: buf.hd = m * GELU(U), U = z fc1^T + b1
@@ -659,25 +692,26 @@ void key_item(const ProblemParams& pb, const Mm<T>& mm, const PassItems& items, 
   for (int64_t t0 = c0; t0 < c1; t0 += kCpuTile) {
     const int64_t tn = std::min(kCpuTile, c1 - t0);
     load_z(ks, bm, t0, tn, h0 * dh, h1 * dh, d, buf.z.data());
+    int64_t vrs = pb.v_rstride;
+    const T* vtile = select_values(ks, vx, vrs, t0, tn, h0 * dh, h1 * dh, d, buf.v.data(), &vrs);
     for (int64_t h = h0; h < h1; ++h) {
       const int64_t bh = b * H + h;
       const HeadWeights<T> w = head_weights<T>(pb.g1, h, dh, kh);
       const T* z = buf.z.data() + h * dh;
-      const T* vt = vx + t0 * pb.v_rstride + h * dh;
+      const T* vt = vtile + h * dh;
       hidden(mm, w, ks, t0, tn, dh, z, d, buf, rk != nullptr);
       for_block_runs(bm, t0, tn, [&](int64_t j, int64_t a, int64_t n) {
         const int64_t o = a - t0;
         T* sp = part + (bh * pc.count + pc.index(c, j)) * ssz;
         const T* hd = buf.hd.data() + o * dh;
-        const T* va = vt + o * pb.v_rstride;
-        accumulate_state(mm, ks, a, n, dh, hd, va, pb.v_rstride, sp, sp + gsq);
+        const T* va = vt + o * vrs;
+        accumulate_state(mm, ks, a, n, dh, hd, va, vrs, sp, sp + gsq);
         if (!rk) return;
         const T* rt = rk + (bh * nb + j) * ssz;  // R^T, then r0
         // dvalue = hid R + m r0, into dv's rows
         mix_rows(mm, ks, a, n, dh, hd, rt, has_r0 ? rt + gsq : nullptr, dv + (b * N + a) * d + h * dh, d);
         // dHd = value R^T: [T, d_h(v)] @ [d_h(v), d_h(hid)] -> [T, d_h] (R as the transposed operand)
-        mm(false, true, n, dh, dh, va, pb.v_rstride, rm + (bh * nb + j) * gsq, dh, buf.dhd.data() + o * dh, dh,
-           false);
+        mm(false, true, n, dh, dh, va, vrs, rm + (bh * nb + j) * gsq, dh, buf.dhd.data() + o * dh, dh, false);
       });
       if (!rk) continue;
       Fc1Partial<T> fp(fc1_part + (bh * C + c) * Fc1Partial<T>::size(dh), dh);
@@ -722,11 +756,12 @@ struct ScanBuffers {
   Buffer<T> zk, zq, hid1, gd1, hid2, gd2, w1, w2, dw1, dw2;
   std::vector<T> P, G, pt;  // running state, running gradient, the tile's states (backward)
   std::vector<T> acc;       // one token's Y (forward) or dV (backward) [d_h]
+  std::vector<T> zero;      // [d_h] zeros: a padded token's value row (selected, not multiplied)
   ScanBuffers(int64_t d, int64_t dh, int64_t kh, bool backward)
       : buf(d, dh), zk(kCpuTile * d), zq(kCpuTile * d), hid1(kCpuTile * dh), gd1(kCpuTile * dh),
         hid2(kCpuTile * dh), gd2(kCpuTile * dh), w1(kCpuTile * kh), w2(kCpuTile * kh),
         dw1(backward ? kCpuTile * kh : 1), dw2(backward ? kCpuTile * kh : 1), P(kh * dh), G(kh * dh),
-        pt(backward ? kCpuTile * kh * dh : 0), acc(dh) {}
+        pt(backward ? kCpuTile * kh * dh : 0), acc(dh), zero(dh, T(0)) {}
 };
 
 // One generator on a tile: hid = m GELU(z fc1^T + b1) (and GELU' with grad) into hid / gd, and
@@ -789,7 +824,7 @@ void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
         scan_generators(mm, pb, bm, ks, qs, h, t0, tn, false, sb);
         for (int64_t t = t0; t < t0 + tn; ++t) {
           if (starts_sequence(bm, t)) std::fill(P, P + psz, T(0));
-          const T* __restrict__ v = vx + t * pb.v_rstride;
+          const T* __restrict__ v = ks.m(t) == T(0) ? sb.zero.data() : vx + t * pb.v_rstride;  // select
           const T* w1 = sb.w1.data() + (t - t0) * kh;
           const T* w2 = sb.w2.data() + (t - t0) * kh;
           T* __restrict__ acc = sb.acc.data();
@@ -847,7 +882,7 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
         std::memcpy(P, p + (bh * NB + ti) * psz, psz * sizeof(T));
         for (int64_t t = t0; t < t0 + tn; ++t) {
           if (starts_sequence(bm, t)) std::fill(P, P + psz, T(0));
-          const T* __restrict__ v = vx + t * pb.v_rstride;
+          const T* __restrict__ v = ks.m(t) == T(0) ? sb.zero.data() : vx + t * pb.v_rstride;  // select
           const T* w1 = sb.w1.data() + (t - t0) * kh;
           T* __restrict__ pt = sb.pt.data() + (t - t0) * psz;
           for (int64_t j = 0; j < kh; ++j) {
@@ -861,7 +896,7 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
         // reverse scan
         for (int64_t t = t0 + tn - 1; t >= t0; --t) {
           if (starts_sequence(bm, t + 1)) std::fill(G, G + psz, T(0));  // t ends its sequence
-          const T* __restrict__ v = vx + t * pb.v_rstride;
+          const T* __restrict__ v = ks.m(t) == T(0) ? sb.zero.data() : vx + t * pb.v_rstride;  // select
           const T* __restrict__ g = dy + (b * N + t) * d + h * dh;
           const T* w1 = sb.w1.data() + (t - t0) * kh;
           const T* w2 = sb.w2.data() + (t - t0) * kh;
