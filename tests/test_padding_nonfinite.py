@@ -159,3 +159,33 @@ def test_nonfinite_padding_does_not_reach_kept_results(backend, device, dtype, m
         else:
             torch.testing.assert_close(g1, g0, rtol=0, atol=0,
                                        msg=lambda m, n=name: f"grad {n} differs:\n{m}")
+
+
+def test_speechbrain_leaks_padded_nan_the_converted_layer_does_not():
+    """The documented difference (README, docs/HYPERMIXING.md): speechbrain's HyperMixing
+    multiplies by the mask, so one NaN in a padded frame turns the kept outputs of its sequence
+    into NaN; the same weights in FusedHyperMixing (default backend) give the zero-padding outputs,
+    finite, and finite gradients."""
+    from utils import import_speechbrain
+
+    sb_mod = import_speechbrain("speechbrain.nnet.hypermixing")
+    torch.manual_seed(0)
+    sb = sb_mod.HyperMixing(16, 32, num_heads=2)
+    fused = hmx_kernels.FusedHyperMixing.from_speechbrain(sb)
+    x = torch.randn(2, 9, 16)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    x_nan = x.clone()
+    x_nan[1, 7] = float("nan")
+    x_nan[1, 8, 3] = float("inf")
+    with torch.no_grad():
+        assert torch.isnan(sb(x_nan, x_nan, x_nan, key_padding_mask=pad)[0][1, :6]).all()
+    zero = torch.where(pad[..., None], 0.0, x)
+    y0 = fused(zero, zero, zero, key_padding_mask=pad)[0]
+    xin = x_nan.clone().requires_grad_(True)
+    y1 = fused(xin, xin, xin, key_padding_mask=pad)[0]
+    assert torch.isfinite(y1).all()
+    torch.testing.assert_close(y1[~pad], y0[~pad], rtol=0, atol=0)
+    grads = torch.autograd.grad(y1.square().sum(), [xin] + list(fused.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert not grads[0][pad].any()
