@@ -26,6 +26,7 @@ from hmx_kernels.dispatch import get_backend
 from utils import WEIGHT_NAMES, make_case
 
 B, L_Q, L_K, D, H, K_H = 4, 11, 13, 12, 2, 10
+L_TOKEN_CAUSAL = 7  # token-causal mixing: one block per token, the Triton interpreter's slowest mode
 NONFINITE = (float("nan"), float("inf"), float("-inf"))
 
 
@@ -98,7 +99,8 @@ def _problem_and_run(backend, device, dtype, kw, packed, variant, fill_values):
         kpm = qpm = pad
     else:
         same = variant == "speechbrain" or kw.get("causal") or kw.get("chunk_size")
-        case = make_case(variant=variant, B=B, M=L_Q, N=L_Q if same else L_K, d=D, H=H, k_h=K_H,
+        L = L_TOKEN_CAUSAL if kw.get("causal") else L_Q
+        case = make_case(variant=variant, B=B, M=L, N=L if same else L_K, d=D, H=H, k_h=K_H,
                          input_scale=0.5, masks=False, dtype=dtype, device=device, seed=5)
         kpm = _padding(B, case.tensors["query"].shape[1] if variant == "speechbrain" else
                        (case.tensors["key"].shape[1]), device)
