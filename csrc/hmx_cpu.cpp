@@ -51,6 +51,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <new>
 #include <vector>
 
@@ -273,12 +274,14 @@ class Buffer {
 };
 
 // Per-thread tile buffers: z [kCpuTile, d] (each head's d_h columns at the head's own offset),
-// the rest [kCpuTile, d_h] for the head being worked on.
+// v [kCpuTile, d] (a key tile's value rows with padded rows zeroed, only for tiles that hold
+// padding; see select_values), the rest [kCpuTile, d_h] for the head being worked on.
 template <typename T>
 struct TileBuffers {
-  Buffer<T> z, hd, gd, dhd, du;
+  Buffer<T> z, v, hd, gd, dhd, du;
   TileBuffers(int64_t d, int64_t dh)
-      : z(kCpuTile * d), hd(kCpuTile * dh), gd(kCpuTile * dh), dhd(kCpuTile * dh), du(kCpuTile * dh) {}
+      : z(kCpuTile * d), v(kCpuTile * d), hd(kCpuTile * dh), gd(kCpuTile * dh), dhd(kCpuTile * dh),
+        du(kCpuTile * dh) {}
 };
 
 // Mixing blocks of a batch row (the same for every row; hmx_params.h): block j covers tokens
@@ -409,7 +412,10 @@ void window_sums(const T* src, const BlockMap& bm, int64_t n, bool reverse, T* d
 }
 
 // z[t, c] = s * (x[r0 + t, c] * m[r0 + t]) + pe[pos(r0 + t), c] for the channels c in [c0, c1),
-// into rows of stride d; pos(r) = r minus the first token of r's sequence.
+// into rows of stride d; pos(r) = r minus the first token of r's sequence. A padded row is
+// selected away (z = PE), never multiplied by its 0: NaN * 0 = NaN, so a NaN or inf in a padded
+// position would reach every kept result. Every other use of a padded row's tokens reads z, the
+// masked hidden rows, or value rows selected the same way (key_item, the scan's value rows).
 template <typename T>
 void load_z(const Stream<T>& st, const BlockMap& bm, int64_t r0, int64_t tn, int64_t c0, int64_t c1, int64_t d,
             T* z) {
@@ -418,12 +424,40 @@ void load_z(const Stream<T>& st, const BlockMap& bm, int64_t r0, int64_t tn, int
     for (int64_t r = a; r < a + n; ++r) {
       const T* xr = st.x + r * st.rstride;
       const T* per = st.pe + (r - pos0) * d;
-      const T mr = st.m(r);
       T* zt = z + (r - r0) * d;
+      if (st.m(r) == T(0)) {
+        std::memcpy(zt + c0, per + c0, (c1 - c0) * sizeof(T));
+        continue;
+      }
 #pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) zt[c] = st.scale * (xr[c] * mr) + per[c];
+      for (int64_t c = c0; c < c1; ++c) zt[c] = st.scale * xr[c] + per[c];
     }
   });
+}
+
+// The value rows of a key tile [t0, t0 + tn), channels [c0, c1), as the passes read them: the
+// rows themselves (returned pointer at row t0, *rs = their row stride) when the tile has no padded
+// row, else a copy in vbuf (row stride d, *rs = d) with the padded rows zero. A padded value row
+// meets a zero hidden row in S = hid^T V and in dhid = V R^T, and NaN * 0 = NaN: it must be
+// selected away, not multiplied away. Tiles without padding (all of them without a mask) are
+// read in place, as before.
+template <typename T>
+const T* select_values(const Stream<T>& ks, const T* vx, int64_t vrs, int64_t t0, int64_t tn, int64_t c0,
+                       int64_t c1, int64_t d, T* vbuf, int64_t* rs) {
+  const T* rows = vx + t0 * vrs;
+  if (!ks.mask) return rows;
+  int64_t padded = 0;
+  for (int64_t t = 0; t < tn; ++t) padded += ks.mask[t0 + t] == T(0);
+  if (padded == 0) return rows;
+  for (int64_t t = 0; t < tn; ++t) {
+    T* out = vbuf + t * d;
+    if (ks.mask[t0 + t] == T(0))
+      std::fill(out + c0, out + c1, T(0));
+    else
+      std::memcpy(out + c0, rows + t * vrs + c0, (c1 - c0) * sizeof(T));
+  }
+  *rs = d;
+  return vbuf;
 }
 
 // The generator's hidden layer on one tile, masked: buf.hd = m * GELU(U), U = z fc1^T + b1
@@ -659,25 +693,26 @@ void key_item(const ProblemParams& pb, const Mm<T>& mm, const PassItems& items, 
   for (int64_t t0 = c0; t0 < c1; t0 += kCpuTile) {
     const int64_t tn = std::min(kCpuTile, c1 - t0);
     load_z(ks, bm, t0, tn, h0 * dh, h1 * dh, d, buf.z.data());
+    int64_t vrs = pb.v_rstride;
+    const T* vtile = select_values(ks, vx, vrs, t0, tn, h0 * dh, h1 * dh, d, buf.v.data(), &vrs);
     for (int64_t h = h0; h < h1; ++h) {
       const int64_t bh = b * H + h;
       const HeadWeights<T> w = head_weights<T>(pb.g1, h, dh, kh);
       const T* z = buf.z.data() + h * dh;
-      const T* vt = vx + t0 * pb.v_rstride + h * dh;
+      const T* vt = vtile + h * dh;
       hidden(mm, w, ks, t0, tn, dh, z, d, buf, rk != nullptr);
       for_block_runs(bm, t0, tn, [&](int64_t j, int64_t a, int64_t n) {
         const int64_t o = a - t0;
         T* sp = part + (bh * pc.count + pc.index(c, j)) * ssz;
         const T* hd = buf.hd.data() + o * dh;
-        const T* va = vt + o * pb.v_rstride;
-        accumulate_state(mm, ks, a, n, dh, hd, va, pb.v_rstride, sp, sp + gsq);
+        const T* va = vt + o * vrs;
+        accumulate_state(mm, ks, a, n, dh, hd, va, vrs, sp, sp + gsq);
         if (!rk) return;
         const T* rt = rk + (bh * nb + j) * ssz;  // R^T, then r0
         // dvalue = hid R + m r0, into dv's rows
         mix_rows(mm, ks, a, n, dh, hd, rt, has_r0 ? rt + gsq : nullptr, dv + (b * N + a) * d + h * dh, d);
         // dHd = value R^T: [T, d_h(v)] @ [d_h(v), d_h(hid)] -> [T, d_h] (R as the transposed operand)
-        mm(false, true, n, dh, dh, va, pb.v_rstride, rm + (bh * nb + j) * gsq, dh, buf.dhd.data() + o * dh, dh,
-           false);
+        mm(false, true, n, dh, dh, va, vrs, rm + (bh * nb + j) * gsq, dh, buf.dhd.data() + o * dh, dh, false);
       });
       if (!rk) continue;
       Fc1Partial<T> fp(fc1_part + (bh * C + c) * Fc1Partial<T>::size(dh), dh);
@@ -711,6 +746,14 @@ void state_windows(const T* part, const Pieces& pc, const BlockMap& bm, int64_t 
 // then the generators' backward per tile (dhid = dW fc2, dfc2 += dW^T hid, the fc1 chain).
 // Packed sequences restart P (and G) at each sequence's first (last) token. Work is parallel over
 // (b, h) only: the scan is sequential along the tokens.
+// Blocked, compensated running sums: one fp32 sum of N rank-1 terms drifts (its rounding error
+// grows with N: on steadily growing states the output was off from fp64 by 7.8e-7 at 1000 tokens,
+// 8.7e-6 at 300k; now 3e-7 and 2e-7). So P_t = base + Q_t, with Q_t the sum over
+// the tile's own tokens so far (at most kCpuTile terms) and base the sum of all earlier tiles,
+// kept as a Kahan pair (hi, lo: TwoSum, one update per tile, not per token); the tile's base
+// hi + lo is what the checkpoint holds, and the backward forms P_t from it with the same
+// operations. G in the backward likewise. The price: one more add per element and token (next
+// to a GELU) and a few [k_h, d_h] passes per tile.
 // The scan's blocks are single tokens (chunk_size 1), so token t starts a sequence when its
 // block's sequence begins at t; t == N counts as a start (one past the end of the row).
 inline bool starts_sequence(const BlockMap& bm, int64_t t) { return t == bm.nb() || bm.seq0[t] == t; }
@@ -720,13 +763,18 @@ template <typename T>
 struct ScanBuffers {
   TileBuffers<T> buf;
   Buffer<T> zk, zq, hid1, gd1, hid2, gd2, w1, w2, dw1, dw2;
-  std::vector<T> P, G, pt;  // running state, running gradient, the tile's states (backward)
+  // running state P = base + Q: hi, lo (sum of the finished tiles, compensated), base (this
+  // tile's, hi + lo), Q (the tile's own tokens); the same four for the running gradient G; the
+  // tile's states P_t (backward)
+  std::vector<T> P, Plo, Pb, Pq, G, Glo, Gb, Gq, pt;
   std::vector<T> acc;       // one token's Y (forward) or dV (backward) [d_h]
+  std::vector<T> zero;      // [d_h] zeros: a padded token's value row (selected, not multiplied)
   ScanBuffers(int64_t d, int64_t dh, int64_t kh, bool backward)
       : buf(d, dh), zk(kCpuTile * d), zq(kCpuTile * d), hid1(kCpuTile * dh), gd1(kCpuTile * dh),
         hid2(kCpuTile * dh), gd2(kCpuTile * dh), w1(kCpuTile * kh), w2(kCpuTile * kh),
-        dw1(backward ? kCpuTile * kh : 1), dw2(backward ? kCpuTile * kh : 1), P(kh * dh), G(kh * dh),
-        pt(backward ? kCpuTile * kh * dh : 0), acc(dh) {}
+        dw1(backward ? kCpuTile * kh : 1), dw2(backward ? kCpuTile * kh : 1), P(kh * dh), Plo(kh * dh),
+        Pb(kh * dh), Pq(kh * dh), G(kh * dh), Glo(kh * dh), Gb(kh * dh), Gq(kh * dh),
+        pt(backward ? kCpuTile * kh * dh : 0), acc(dh), zero(dh, T(0)) {}
 };
 
 // One generator on a tile: hid = m GELU(z fc1^T + b1) (and GELU' with grad) into hid / gd, and
@@ -762,6 +810,33 @@ void scan_generators(const Mm<T>& mm, const ProblemParams& pb, const BlockMap& b
                  sb.hid2.data(), sb.gd2.data(), sb.w2.data());
 }
 
+// (hi, lo) += q elementwise, compensated (TwoSum: hi + lo is the exact sum up to lo's rounding).
+// Plain IEEE arithmetic (the build has no -ffast-math, which would reassociate it away).
+template <typename T>
+void kahan_add(T* __restrict__ hi, T* __restrict__ lo, const T* __restrict__ q, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T s = hi[i] + q[i];
+    const T bp = s - hi[i];
+    lo[i] += (hi[i] - (s - bp)) + (q[i] - bp);
+    hi[i] = s;
+  }
+}
+
+// base = hi + lo (the running sum before this tile), q = 0 (the tile's own terms)
+template <typename T>
+void start_tile(const T* __restrict__ hi, const T* __restrict__ lo, T* __restrict__ base, T* __restrict__ q,
+                int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) base[i] = hi[i] + lo[i];
+  std::fill(q, q + n, T(0));
+}
+
+template <typename T>
+void zero_all(std::initializer_list<T*> arrays, int64_t n) {
+  for (T* a : arrays) std::fill(a, a + n, T(0));
+}
+
 template <typename T>
 void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
   const ProblemParams& pb = fp.pb;
@@ -780,31 +855,34 @@ void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
       const Stream<T> ks = make_stream<T>(pb, pb.k, pb.k_bstride, pb.k_rstride, pb.pe_k, pb.m_k, N, b);
       const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, N, b);
       const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
-      T* P = sb.P.data();
-      std::fill(P, P + psz, T(0));
+      T *P = sb.P.data(), *Plo = sb.Plo.data(), *Pb = sb.Pb.data(), *Pq = sb.Pq.data();
+      zero_all({P, Plo}, psz);
       std::fill(p + (bh * NB + tiles) * psz, p + (bh + 1) * NB * psz, T(0));  // unused slots
       for (int64_t ti = 0; ti < tiles; ++ti) {
         const int64_t t0 = ti * kCpuTile, tn = std::min(kCpuTile, N - t0);
-        std::memcpy(p + (bh * NB + ti) * psz, P, psz * sizeof(T));  // checkpoint: P before t0
+        start_tile(P, Plo, Pb, Pq, psz);
+        std::memcpy(p + (bh * NB + ti) * psz, Pb, psz * sizeof(T));  // checkpoint: P before t0
         scan_generators(mm, pb, bm, ks, qs, h, t0, tn, false, sb);
         for (int64_t t = t0; t < t0 + tn; ++t) {
-          if (starts_sequence(bm, t)) std::fill(P, P + psz, T(0));
-          const T* __restrict__ v = vx + t * pb.v_rstride;
+          if (starts_sequence(bm, t)) zero_all({P, Plo, Pb, Pq}, psz);
+          const T* __restrict__ v = ks.m(t) == T(0) ? sb.zero.data() : vx + t * pb.v_rstride;  // select
           const T* w1 = sb.w1.data() + (t - t0) * kh;
           const T* w2 = sb.w2.data() + (t - t0) * kh;
           T* __restrict__ acc = sb.acc.data();
           std::fill(acc, acc + dh, T(0));
           for (int64_t j = 0; j < kh; ++j) {
-            T* __restrict__ pj = P + j * dh;
+            T* __restrict__ qj = Pq + j * dh;
+            const T* __restrict__ bj = Pb + j * dh;
             const T a1 = w1[j], a2 = w2[j];
 #pragma omp simd
             for (int64_t c = 0; c < dh; ++c) {
-              pj[c] += a1 * v[c];
-              acc[c] += a2 * gelu(pj[c]);
+              qj[c] += a1 * v[c];
+              acc[c] += a2 * gelu(bj[c] + qj[c]);
             }
           }
           std::memcpy(y + (b * N + t) * d + h * dh, acc, dh * sizeof(T));
         }
+        kahan_add(P, Plo, Pq, psz);
       }
     }
   }
@@ -837,31 +915,37 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
       const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, N, b);
       const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
       const HeadWeights<T> g1 = head_weights<T>(pb.g1, h, dh, kh), g2 = head_weights<T>(pb.g2, h, dh, kh);
-      T* G = sb.G.data();
-      std::fill(G, G + psz, T(0));
+      T *G = sb.G.data(), *Glo = sb.Glo.data(), *Gb = sb.Gb.data(), *Gq = sb.Gq.data();
+      T *Pb = sb.Pb.data(), *Pq = sb.Pq.data();
+      zero_all({G, Glo}, psz);
       for (int64_t ti = tiles - 1; ti >= 0; --ti) {
         const int64_t t0 = ti * kCpuTile, tn = std::min(kCpuTile, N - t0);
         scan_generators(mm, pb, bm, ks, qs, h, t0, tn, true, sb);
-        // the tile's states P_t, from its checkpoint
-        T* P = sb.P.data();
-        std::memcpy(P, p + (bh * NB + ti) * psz, psz * sizeof(T));
+        // the tile's states P_t = base + Q_t, from its checkpoint (the forward's operations)
+        std::memcpy(Pb, p + (bh * NB + ti) * psz, psz * sizeof(T));
+        std::fill(Pq, Pq + psz, T(0));
         for (int64_t t = t0; t < t0 + tn; ++t) {
-          if (starts_sequence(bm, t)) std::fill(P, P + psz, T(0));
-          const T* __restrict__ v = vx + t * pb.v_rstride;
+          if (starts_sequence(bm, t)) zero_all({Pb, Pq}, psz);
+          const T* __restrict__ v = ks.m(t) == T(0) ? sb.zero.data() : vx + t * pb.v_rstride;  // select
           const T* w1 = sb.w1.data() + (t - t0) * kh;
           T* __restrict__ pt = sb.pt.data() + (t - t0) * psz;
           for (int64_t j = 0; j < kh; ++j) {
-            T* __restrict__ pj = P + j * dh;
+            T* __restrict__ qj = Pq + j * dh;
+            const T* __restrict__ bj = Pb + j * dh;
+            T* __restrict__ ptj = pt + j * dh;
             const T a1 = w1[j];
 #pragma omp simd
-            for (int64_t c = 0; c < dh; ++c) pj[c] += a1 * v[c];
+            for (int64_t c = 0; c < dh; ++c) {
+              qj[c] += a1 * v[c];
+              ptj[c] = bj[c] + qj[c];
+            }
           }
-          std::memcpy(pt, P, psz * sizeof(T));
         }
-        // reverse scan
+        // reverse scan: G_t = base + Q_t likewise (base: the later tiles' sum)
+        start_tile(G, Glo, Gb, Gq, psz);
         for (int64_t t = t0 + tn - 1; t >= t0; --t) {
-          if (starts_sequence(bm, t + 1)) std::fill(G, G + psz, T(0));  // t ends its sequence
-          const T* __restrict__ v = vx + t * pb.v_rstride;
+          if (starts_sequence(bm, t + 1)) zero_all({G, Glo, Gb, Gq}, psz);  // t ends its sequence
+          const T* __restrict__ v = ks.m(t) == T(0) ? sb.zero.data() : vx + t * pb.v_rstride;  // select
           const T* __restrict__ g = dy + (b * N + t) * d + h * dh;
           const T* w1 = sb.w1.data() + (t - t0) * kh;
           const T* w2 = sb.w2.data() + (t - t0) * kh;
@@ -872,7 +956,8 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
           std::fill(dvt, dvt + dh, T(0));
           for (int64_t j = 0; j < kh; ++j) {
             const T* __restrict__ pj = pt + j * dh;
-            T* __restrict__ gj = G + j * dh;
+            T* __restrict__ qj = Gq + j * dh;
+            const T* __restrict__ bj = Gb + j * dh;
             const T a1 = w1[j], a2 = w2[j];
             T s1 = T(0), s2 = T(0);
 #pragma omp simd reduction(+ : s1, s2)
@@ -880,15 +965,17 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
               T a, ad;
               gelu_both(pj[c], &a, &ad);
               s2 += a * g[c];
-              gj[c] += a2 * g[c] * ad;
-              s1 += gj[c] * v[c];
-              dvt[c] += a1 * gj[c];
+              qj[c] += a2 * g[c] * ad;
+              const T gj = bj[c] + qj[c];
+              s1 += gj * v[c];
+              dvt[c] += a1 * gj;
             }
             dw1[j] = s1;
             dw2[j] = s2;
           }
           std::memcpy(dv + (b * N + t) * d + h * dh, dvt, dh * sizeof(T));
         }
+        kahan_add(G, Glo, Gq, psz);
         // the generators' backward: dW masked (W = m (hid fc2^T + b2)), dhid = dW fc2,
         // dfc2 += dW^T hid, db2 += sum dW, then the fc1 chain
         struct Side {

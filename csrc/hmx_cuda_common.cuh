@@ -545,14 +545,17 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
       const int64_t row = r0 + t;
       const float mt = t < tn ? (mask != nullptr ? mask[row] : 1.f) : 0.f;
       const bool ok = t < tn && c < dh;
-      s.z[t * LD + c] = from_f<E>(ok ? sc * (to_f(x[row * xrs + c]) * mt) + pe[row * d + c] : 0.f);
+      // a padded row's tokens are selected away (not read), never multiplied by its 0: NaN * 0 =
+      // NaN would carry a NaN / inf in a padded position into every kept result
+      const bool kept = ok && mt != 0.f;
+      s.z[t * LD + c] = from_f<E>(ok ? sc * (kept ? to_f(x[row * xrs + c]) : 0.f) + pe[row * d + c] : 0.f);
       if constexpr (kKeySide) {
         const T* __restrict__ v = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
-        s.x[t * LD + c] = from_f<E>(ok ? to_f(v[row * pb.v_rstride + c]) * (mt * mt) : 0.f);
+        s.x[t * LD + c] = from_f<E>(kept ? to_f(v[row * pb.v_rstride + c]) : 0.f);
       }
       if constexpr (P == Pass::kQuery) {
         const T* __restrict__ dy = static_cast<const T*>(a.dy) + b * pb.M * d + h * dh;
-        s.x[t * LD + c] = from_f<E>(ok ? to_f(dy[row * d + c]) * mt : 0.f);
+        s.x[t * LD + c] = from_f<E>(kept ? to_f(dy[row * d + c]) : 0.f);
       }
       if (c == 0) s.m[t] = mt;
     }

@@ -68,10 +68,15 @@ def _outer(b, vec):  # b [H, k_h] (or None), vec [B, H, d_h] -> b vec^T [B, H, k
     return 0.0 if b is None else b[None, :, :, None] * vec[:, :, None, :]
 
 
+def _sel(x, m):
+    """x [B, L, ...] with padded rows (m 0) zero: the kernels select, they do not multiply by m."""
+    return torch.where((m != 0).reshape(*m.shape, *([1] * (x.dim() - m.dim()))), x, 0.0)
+
+
 def _token_hidden(x, m, pe, gen, scale, H, r):
     """z (rounded), U (fp32) and hid (rounded) of a token pass."""
     fc1, b1 = gen[0], gen[1]
-    z = r.tok(_heads(scale * (x * m[..., None]) + pe, H))
+    z = r.tok(_heads(scale * _sel(x, m) + pe, H))
     u = torch.einsum("bhlc,hoc->bhlo", z, r.tok(fc1)) + _bias(b1, 1)
     return z, u, r.tok(F.gelu(u))
 
@@ -81,7 +86,7 @@ def emulate_forward(q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale, r):
     mk, mq = m_k[:, None, :, None], m_q[:, None, :, None]
     # state: S = sum hid^T (V m^2), sv = sum V m^2
     _, _, hid = _token_hidden(k, m_k, pe_k, g1, scale, H, r)
-    vx = r.tok(_heads(v, H) * mk * mk)
+    vx = r.tok(_heads(_sel(v, m_k), H))
     S = torch.einsum("bhlo,bhlc->bhoc", hid, vx)
     sv = vx.sum(2)
     # fwd_finalize: P = fc2 S + b2 sv^T, A = GELU(P), C = fc2_2^T A, c0 = b2_2^T A
@@ -103,7 +108,7 @@ def emulate_backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, p, scale, r):
     C = torch.einsum("hjo,bhjc->bhoc", r.fin(g2[2]), r.fin(A))
     # query: T = sum hid2^T (m dY), sdy = sum m dY, dU2 = (m dY) C^T * GELU'(U2)
     zq, u2, hid2 = _token_hidden(q, m_q, pe_q, g2, scale, H, r)
-    dyx = r.tok(_heads(dy, H) * mq)
+    dyx = r.tok(_heads(_sel(dy, m_q), H))
     Tm = torch.einsum("bhlo,bhlc->bhoc", hid2, dyx)
     sdy = dyx.sum(2)
     du2 = torch.einsum("bhlc,bhoc->bhlo", dyx, r.tok(C)) * gelu_grad(u2)
@@ -120,7 +125,7 @@ def emulate_backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, p, scale, r):
     r0 = 0.0 if g1[3] is None else torch.einsum("hj,bhjc->bhc", g1[3], dP)[:, :, None, :]
     # key: S, sv again; dV = m^2 (hid R + r0), dU = (V m^2) R^T * GELU'(U)
     zk, u, hid = _token_hidden(k, m_k, pe_k, g1, scale, H, r)
-    vx = r.tok(_heads(v, H) * mk * mk)
+    vx = r.tok(_heads(_sel(v, m_k), H))
     S = torch.einsum("bhlo,bhlc->bhoc", hid, vx)
     sv = vx.sum(2)
     dv = r.tok(_merge(mk * mk * (torch.einsum("bhlo,bhoc->bhlc", hid, r.tok(R)) + r0)))
@@ -200,6 +205,28 @@ def test_reassociated_passes_match_the_direct_form_fp64(bias):
     # masked tokens contribute nothing and get zero gradients
     assert grads[1][1, 2 * 9 // 3:].abs().max() == 0 and grads[2][1, 2 * 9 // 3:].abs().max() == 0
     assert y[1, 7 // 2:].abs().max() == 0 and grads[0][1, 7 // 2:].abs().max() == 0
+
+
+def test_nonfinite_padding_is_selected_away():
+    """NaN / inf in the padded rows of the tokens and of dY: the passes (selecting padded rows,
+    as the .cu token loads do) give exactly what zeros there give, and zero gradients there."""
+    prob = _problem(seed=4)
+    q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale = prob
+    bad = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=F64)
+
+    def poison(x, m):
+        fill = bad.repeat(x.numel() // 3 + 1)[:x.numel()].reshape(x.shape)
+        return torch.where((m == 0)[..., None], fill, x)
+
+    exact = _Rounding(None)
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    runs = []
+    for qq, kk, vv, gy in ((q, k, v, dy), (poison(q, m_q), poison(k, m_k), poison(v, m_k), poison(dy, m_q))):
+        y, p = emulate_forward(qq, kk, vv, pe_q, pe_k, m_q, m_k, g1, g2, scale, exact)
+        runs.append([y, p] + emulate_backward(gy, qq, kk, vv, pe_q, pe_k, m_q, m_k, g1, g2, p, scale, exact))
+    for i, (a, e) in enumerate(zip(*runs)):
+        assert torch.isfinite(a).all() and torch.equal(a, e), f"result {i} differs with NaN / inf in the padding"
+    assert runs[1][3][m_k == 0].abs().max() == 0 and runs[1][4][m_k == 0].abs().max() == 0  # dk, dv
 
 
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -6,7 +6,8 @@ its backward; `hmx_kernels.fused` gives the ops their schema, fake (meta) implem
 autograd, and applies the LayerNorm. The op implementations below resolve the extension once per
 process (first call: build or load from the cache) and then only call it: no lock, no environment
 read, no file-system access per call. They compute the positional-encoding rows themselves (from
-the process-wide cache of `hmx_kernels.reference.positional`, so the rows equal the reference's).
+the process-wide cache of `hmx_kernels.reference.positional`, so the rows equal the reference's;
+with a position offset only the slice's own rows, computed as the reference computes them).
 
 - "cpu": CPU tensors. float32 and float64 natively; float16 / bfloat16 (e.g. under autocast) are
   computed in float32 (inputs upcast, result cast back), which is also what the reference does.
@@ -27,7 +28,7 @@ from torch import Tensor
 from ..config import SETTINGS, on_change
 from ..dispatch import Backend, Capabilities, Tolerance, constant_result, register_backend
 from ..fused import define_fused_ops, run_fused, state_blocks
-from ..reference.positional import cached_positional_encoding
+from ..reference.positional import cached_positional_encoding, positional_encoding
 from ..validation import HyperMixingProblem
 from ..variants import get_variant
 from . import build
@@ -101,7 +102,10 @@ def _pe_rows(variant: str, q: Tensor, k: Tensor, dtype: torch.dtype, rows=None, 
     M, N, d = q.shape[1], k.shape[1], q.shape[2]
 
     def table(length):
-        return cached_positional_encoding(v, offset + length, d, q.device)[offset:].to(dtype).contiguous()
+        if offset:  # only the slice's rows: the cache's tables start at position 0 (O(offset) rows)
+            return positional_encoding(v, length, d, start=v.first_position + offset,
+                                       device=q.device).to(dtype).contiguous()
+        return cached_positional_encoding(v, length, d, q.device).to(dtype).contiguous()
 
     pe_k = table(rows or N)  # [N, d]
     pe_q = pe_k if (rows or M == N) else table(M)

@@ -12,6 +12,8 @@ Per batch element b and head h:
     Zq  = s * (query * m_q) + PE(query positions)       # [M, d]
     W1  = MLP1_h(Zk[:, h]) * m_k                        # [N, k_h]
     W2  = MLP2_h(Zq[:, h]) * m_q                        # [M, k_h]
+(x * m here means "x where kept, 0 where padded", computed as a select so that a non-finite
+value in a padded position cannot reach any kept result.)
     Y_h = W2 @ GELU(W1^T @ V[:, h])                     # [M, d_h]
     out = LayerNorm(Y)                                  # optional (idiap)
 """
@@ -162,13 +164,17 @@ def hyper_mixing_ref(
             pe_k = cached_positional_encoding(v, N, d, query.device).to(cdt)  # [N, d]
             pe_q = cached_positional_encoding(v, M, d, query.device).to(cdt)  # [M, d]
 
+        # Padding is selected away (torch.where), never multiplied by 0: NaN * 0 = NaN, so a NaN
+        # or inf in a padded position would otherwise reach every kept output and gradient.
+        # (speechbrain's module multiplies, and leaks them; docs/HYPERMIXING.md, "Padding".)
+        # The backward of the select gives the padded positions exact zero gradients.
         if key_padding_mask is not None:
-            m_k = torch.logical_not(key_padding_mask).to(cdt).unsqueeze(-1)  # [B, N, 1]
-            k = k * m_k
-            val = val * m_k
+            pad_k = key_padding_mask.unsqueeze(-1)  # [B, N, 1]
+            k = torch.where(pad_k, 0.0, k)
+            val = torch.where(pad_k, 0.0, val)
         if query_padding_mask is not None:
-            m_q = torch.logical_not(query_padding_mask).to(cdt).unsqueeze(-1)  # [B, M, 1]
-            q = q * m_q
+            pad_q = query_padding_mask.unsqueeze(-1)  # [B, M, 1]
+            q = torch.where(pad_q, 0.0, q)
 
         z_k = s * k + pe_k if s != 1.0 else k + pe_k
         z_q = s * q + pe_q if s != 1.0 else q + pe_q
@@ -176,9 +182,9 @@ def hyper_mixing_ref(
         w1 = generator_mlp_ref(z_k, up(w1_fc1_weight), up(w1_fc1_bias), up(w1_fc2_weight), up(w1_fc2_bias))
         w2 = generator_mlp_ref(z_q, up(w2_fc1_weight), up(w2_fc1_bias), up(w2_fc2_weight), up(w2_fc2_bias))
         if key_padding_mask is not None:
-            w1 = w1 * m_k.unsqueeze(1)  # [B, H, N, k_h] * [B, 1, N, 1]
+            w1 = torch.where(pad_k.unsqueeze(1), 0.0, w1)  # [B, H, N, k_h], rows of padded keys 0
         if query_padding_mask is not None:
-            w2 = w2 * m_q.unsqueeze(1)  # [B, H, M, k_h] * [B, 1, M, 1]
+            w2 = torch.where(pad_q.unsqueeze(1), 0.0, w2)  # [B, H, M, k_h]
 
         if mode is None:
             v_heads = val.transpose(1, 2).reshape(B * H, d_h, N)  # [B*H, d_h, N]

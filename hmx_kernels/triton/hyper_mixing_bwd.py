@@ -44,7 +44,7 @@ import triton.language as tl
 
 from .config import autotuned
 from .hyper_mixing_fwd import (_LEN_ARGS, _gelu_grad, _hidden, _load_fc1, _load_hyper_input, _load_square,
-                               _op, _piece, _pow2_of_max, _state_program, _store_square)
+                               _op, _piece, _pow2_of_max, _select_rows, _state_program, _store_square)
 
 _BWD_LEN_ARGS = _LEN_ARGS + ["sgb", "sdb"]
 
@@ -122,8 +122,8 @@ def hmx_bwd_kernel_query(
                                         pe_ptr, freq_ptr, o_n, o_c, i_h * D_H, end, d, scale,
                                         first_pos, D_H, HAS_MASK, PE_TABLE)
         b_zo, b_pre, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND, DOT_PREC)
-        b_dy = tl.load(g_ptr + i_b * sgb + o_n64[:, None] * sgn + (i_h * D_H + o_c)[None, :],
-                       mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]  # m dY
+        b_dy = _select_rows(tl.load(g_ptr + i_b * sgb + o_n64[:, None] * sgn + (i_h * D_H + o_c)[None, :],
+                                    mask=m_nc, other=0.0).to(tl.float32), b_keep)  # m dY
         if SCALE_TILES:
             g_scale = _pow2_of_max(b_dy)
         else:
@@ -206,8 +206,8 @@ def hmx_bwd_kernel_key(
                                         pe_ptr, freq_ptr, o_n, o_c, i_h * D_H, end, d, scale,
                                         first_pos, D_H, HAS_MASK, PE_TABLE)
         b_zo, b_pre, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND, DOT_PREC)
-        b_v = tl.load(v_ptr + i_b * svb + o_n64[:, None] * svn + (i_h * D_H + o_c)[None, :] * svc,
-                      mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]  # V = v m
+        b_v = _select_rows(tl.load(v_ptr + i_b * svb + o_n64[:, None] * svn + (i_h * D_H + o_c)[None, :] * svc,
+                                   mask=m_nc, other=0.0).to(tl.float32), b_keep)  # V = v m
         b_vo = _op(b_v, fc1w_ptr, OPERAND)
         b_hmo = _op(b_hid * b_keep[:, None], fc1w_ptr, OPERAND)
         if ACC_S:

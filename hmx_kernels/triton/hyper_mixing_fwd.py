@@ -116,7 +116,9 @@ def _load_hyper_input(
     D_H: tl.constexpr, HAS_MASK: tl.constexpr, PE_TABLE: tl.constexpr,
 ):
     """The hypernetwork input z = scale * x * m + PE [BN, BD] fp32 (0 outside the tile's valid
-    rows / channels) and the keep mask m [BN] fp32 (0 for rows past L)."""
+    rows / channels) and the keep mask m [BN] fp32 (0 for rows past L). A padded row's x is
+    selected away (z = PE there), not multiplied by 0, which would turn a NaN or inf in it into
+    NaN; every later use of the row is then finite, and masking by multiplication is exact."""
     m_n = o_n < L
     m_c = o_c < D_H
     m_nc = m_n[:, None] & m_c[None, :]
@@ -133,8 +135,15 @@ def _load_hyper_input(
         b_ang = (o_n + first_pos).to(tl.float32)[:, None] * b_freq[None, :]  # fp32 product, as the table
         even = ((ch0 + o_c) % 2) == 0
         b_pe = tl.where(even[None, :], tl.sin(b_ang), tl.cos(b_ang))
-    b_z = tl.where(m_nc, scale * (b_x * b_keep[:, None]) + b_pe, 0.0)
+    b_z = tl.where(m_nc, scale * tl.where(b_keep[:, None] != 0.0, b_x, 0.0) + b_pe, 0.0)
     return b_z, b_keep
+
+
+@triton.jit
+def _select_rows(b_x, b_keep):
+    """x [BN, BD] with the rows of padded tokens (keep 0) set to 0: a select, so that a NaN or inf
+    in a padded value or gradient row does not survive as NaN * 0."""
+    return tl.where(b_keep[:, None] != 0.0, b_x, 0.0)
 
 
 @triton.jit
@@ -233,8 +242,9 @@ def _state_program(
         # hidden units o_r: [BN, BD(in)] @ [BD(in), BR] -> [BN, BR]
         _, _, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND, DOT_PREC)
         m_nc = (o_n < end)[:, None] & m_c[None, :]
-        b_v = tl.load(v_ptr + i_b * svb + o_n.to(tl.int64)[:, None] * svn + (i_h * D_H + o_c)[None, :] * svc,
-                      mask=m_nc, other=0.0).to(tl.float32) * b_keep[:, None]  # V = v m
+        b_v = _select_rows(tl.load(v_ptr + i_b * svb + o_n.to(tl.int64)[:, None] * svn
+                                   + (i_h * D_H + o_c)[None, :] * svc, mask=m_nc, other=0.0).to(tl.float32),
+                           b_keep)  # V = v m
         if SCALE_TILES:
             v_scale = _pow2_of_max(b_v)
         else:
