@@ -294,7 +294,10 @@ def chosen_configs() -> List[dict]:
     tensors' dtypes)."""
     out = []
     for name, kernel in AUTOTUNED.items():
-        for key, cfg in list(kernel.cache.items()):
+        chosen = list(kernel.cache.items())
+        if not chosen and getattr(kernel, "best_config", None) is not None:  # one candidate: never tuned
+            chosen = [(("single candidate",), kernel.best_config)]
+        for key, cfg in chosen:
             out.append(dict(kernel=name, key=[str(k) for k in key], BLOCK_N=cfg.kwargs.get("BLOCK_N"),
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return out
