@@ -70,7 +70,7 @@ class Rows:
         self.step = step
         self.t0 = time.time()
         self.done = {r.get("id") for r in read_rows(self.path)}
-        self._stall_after = int(os.environ.get(STALL_ENV, "0") or 0)
+        self.stall_after = 0  # tests (STALL_ENV): a step process stops progressing after this many rows
         self._written = 0
 
     def start(self, case_id: str) -> None:
@@ -86,7 +86,7 @@ class Rows:
         self.current.write_text("")
         print(f"[{self.step}] {row.get('id')}: {row.get('status')}", flush=True)
         self._written += 1
-        if self._stall_after and self._written >= self._stall_after:
+        if self.stall_after and self._written >= self.stall_after:
             self.start(f"{row.get('id')} (stalled)")
             time.sleep(3600)
         return row
@@ -233,6 +233,7 @@ def run_step(step: str, limit: float, directory: Path, dry_run: bool, steps: Row
                               "reason": f"in flight when the step reached its {limit:.0f} s limit"})
                 break
             if rc == 0:
+                status = "ok"
                 break
             in_flight = rows.current.read_text().strip() if rows.current.exists() else ""
             if in_flight:
@@ -273,9 +274,8 @@ def orchestrate(args) -> int:
         for name, _ in STEPS:
             if name not in only:
                 continue
-            limit = limits[name]
-            if limit is None:  # the rest of the budget
-                limit = args.budget - (time.time() - t0) - 2
+            left = args.budget - (time.time() - t0) - 2
+            limit = left if limits[name] is None else min(limits[name], left)  # pytest: the rest
             if limit < 3:
                 steps.add({"id": name, "status": "skipped", "reason": f"{limit:.0f} s of the budget left"})
                 continue
@@ -525,18 +525,17 @@ def step_correctness(ctx) -> None:
     torch.set_float32_matmul_precision("highest")
     hmx_config.set_poison(True)  # a buffer element a kernel leaves unwritten shows as NaN
     device = ctx.device
-    deferred = []
-    queue = [c for c in correctness_cases(ctx.dry) if c["id"] not in ctx.rows.done]
-    while queue:
-        case = queue.pop(0)
-        if case["backend"] == "cuda" and not ctx.build_finished():
-            if any(c["backend"] != "cuda" for c in queue):
-                deferred.append(case)
-                continue
+    todo = [c for c in correctness_cases(ctx.dry) if c["id"] not in ctx.rows.done]
+    triton = [c for c in todo if c["backend"] == "triton"]
+    cuda = [c for c in todo if c["backend"] == "cuda"]
+    # the cuda cases (no JIT, fast) run as soon as the background build is done, between Triton cases
+    while triton or cuda:
+        if cuda and (ctx.build_finished() or not triton):
             ctx.wait_for_build()
+            case = cuda.pop(0)
+        else:
+            case = triton.pop(0)
         _correctness_case(ctx, case, device, hmx_kernels, get_backend)
-        if not queue and deferred:
-            queue, deferred = deferred, []
 
 
 def _correctness_case(ctx, case, device, hmx_kernels, get_backend) -> None:
@@ -680,6 +679,7 @@ def timing_shapes(dry: bool):
     return {k: SHAPES[k] for k in ("sb144", "sb256", "tf512")}
 
 
+GRAPH_MAX_EAGER_MS = 25.0  # slower eager calls are not captured: launch overhead is noise there
 CONTENDERS = ("hmx-triton", "hmx-cuda", "sdpa-flash", "sdpa-cudnn", "flash-attn")
 FA3_STAND_IN = ("sdpa-cudnn: cuDNN's fused attention (Hopper kernels), the FlashAttention-3-class contender; "
                 "sdpa-flash is FlashAttention-2 as built into PyTorch; flash-attn only where the package imports")
@@ -849,6 +849,7 @@ def _time_point(ctx, name, sname, shape, B, N, dtype, device, refused, budget, m
             t.grad = None
 
     passes = {"fwd": fwd, "fwd_bwd": lambda: fwd().backward(grad)}
+    eager_ms: Dict[str, float] = {}
     for p, fn in passes.items():
         for mode in ("eager", "graph"):
             case_id = ids[(p, mode)]
@@ -861,6 +862,10 @@ def _time_point(ctx, name, sname, shape, B, N, dtype, device, refused, budget, m
                 continue
             if mode == "graph" and (name, sname, "graph") in refused:
                 ctx.rows.add({**row, "status": "skipped", "reason": refused[(name, sname, "graph")]})
+                continue
+            if mode == "graph" and eager_ms.get(p, 0.0) > GRAPH_MAX_EAGER_MS:
+                ctx.rows.add({**row, "status": "skipped", "reason": f"eager call {eager_ms[p]:.0f} ms: host "
+                              f"overhead negligible (graphs are replayed below {GRAPH_MAX_EAGER_MS:.0f} ms)"})
                 continue
             t0 = time.time()
             try:
@@ -879,6 +884,7 @@ def _time_point(ctx, name, sname, shape, B, N, dtype, device, refused, budget, m
                         peak = torch.cuda.max_memory_allocated() - start
                     res = _time(fn, clear, device, budget, max_reps, min_reps)
                     res["peak_mib"] = None if peak is None else round(peak / 2**20, 1)
+                    eager_ms[p] = res["ms"]
                 else:
                     graph = _capture(fn, clear)
                     res = _time(graph.replay, lambda: None, device, budget, max_reps, min_reps)
@@ -1031,6 +1037,7 @@ class StepContext:
         self.dry = dry
         self.deadline = deadline
         self.rows = Rows(directory, step)
+        self.rows.stall_after = int(os.environ.get(STALL_ENV, "0") or 0)
         self.device = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")
 
     def sync(self) -> None:
