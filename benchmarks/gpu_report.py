@@ -76,7 +76,14 @@ def markdown(directory: Path) -> str:
 
 
 def correctness_table(directory: Path) -> List[str]:
-    rows = [r for r in _rows(directory, "correctness") if r.get("backend")]
+    rows = []
+    for r in _rows(directory, "correctness"):
+        if not r.get("backend"):  # a killed / crashed case's row carries only its id: backend/dtype/case
+            parts = str(r.get("id", "")).split("/")
+            if len(parts) < 3:
+                continue
+            r = dict(r, backend=parts[0], dtype=parts[1], case="/".join(parts[2:]))
+        rows.append(r)
     out = ["Correctness (forward and every gradient against the float64 reference on the same rounded inputs; "
            "error = max |diff| / max |reference|, worst case shown against the backend's declared tolerance):", "",
            "| backend | dtype | pass | fail | error | unsupported / skipped / killed | worst out err / tol | worst grad err / tol |",

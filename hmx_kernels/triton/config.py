@@ -24,6 +24,7 @@ for a shape and device; the backend reports that as a reason before any kernel i
 """
 from __future__ import annotations
 
+import inspect
 import os
 from functools import lru_cache
 from typing import Dict, FrozenSet, List, Optional, Tuple
@@ -277,6 +278,7 @@ def _bench(kernel_call, quantiles):
     return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 
+_TAKES_DO_BENCH = "do_bench" in inspect.signature(triton.autotune).parameters
 AUTOTUNED: Dict[str, object] = {}  # kernel name -> its triton Autotuner (the configs chosen: .cache)
 
 
@@ -313,7 +315,8 @@ def autotuned(key, do_not_specialize):
         else:
             configs = [triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
                        for bn, nw, ns in KERNEL_CANDIDATES[fn.__name__]]
-        kernel = triton.autotune(configs=configs, key=list(key), do_bench=_bench,
+        bench = {"do_bench": _bench} if _TAKES_DO_BENCH else {}  # triton < 3.1: the pin still prunes to one
+        kernel = triton.autotune(configs=configs, key=list(key), **bench,
                                  prune_configs_by={"early_config_prune": _pruner(fn.__name__)})(
             triton.jit(do_not_specialize=list(do_not_specialize))(fn)
         )
