@@ -69,7 +69,8 @@ def markdown(directory: Path) -> str:
     out += ["", "| step | limit s | wall s | rows | status |", "|---|---|---|---|---|"]
     for r in lab["steps"]:
         out.append(f"| {r['id']} | {_fmt(r.get('limit_s'))} | {_fmt(r.get('wall_s'))} | {_fmt(r.get('rows'))} | "
-                   f"{r['status']}{' (in flight: ' + r['in_flight'] + ')' if r.get('in_flight') else ''} |")
+                   f"{r['status']}{' (in flight: ' + r['in_flight'] + ')' if r.get('in_flight') else ''}"
+                   f"{' (crashed on: ' + ', '.join(r['crashed_on']) + ')' if r.get('crashed_on') else ''} |")
     out += ["", *correctness_table(directory), "", *sanitizer_table(directory), "", *timings_tables(directory),
             "", *breakdown_table(directory), "", *pytest_table(directory)]
     return "\n".join(out) + "\n"

@@ -11,9 +11,9 @@ imported through PYTHONPATH, nothing is installed. Results go to DIR = <out-root
 | step        | limit | file                | what one row is |
 |-------------|-------|---------------------|-----------------|
 | build       | (bg)  | build.jsonl         | the C++/CUDA extension build, started at t = 0 in the background |
-| env         |  15 s | env.jsonl           | versions; nvidia-smi clocks, power limit; nvcc; git SHA and a source fingerprint; settings |
+| env         |  20 s | env.jsonl           | versions; nvidia-smi clocks, power limit; nvcc; git SHA and a source fingerprint; settings |
 | correctness | 170 s | correctness.jsonl   | one backend x dtype x case: forward and every gradient against the float64 reference |
-| sanitizer   |  75 s | sanitizer.jsonl     | compute-sanitizer memcheck / racecheck on one tiny forward+backward per backend |
+| sanitizer   |  70 s | sanitizer.jsonl     | compute-sanitizer memcheck / racecheck on one tiny forward+backward per backend |
 | timings     | 150 s | timings.jsonl       | contender x shape x N x pass x eager/graph: median time, peak memory |
 | breakdown   |  30 s | breakdown.jsonl     | torch.profiler GPU time per kernel at N 16384 sb256, GB/s, the autotuner's configs |
 | pytest      | rest  | pytest.jsonl        | one test (plus one row per file); junit-<file>.xml per finished file |
@@ -48,9 +48,11 @@ from typing import Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 BUDGET_S = 480
 # (step, limit in seconds; None: what the budget has left)
-STEPS = (("env", 15), ("correctness", 170), ("sanitizer", 75), ("timings", 150), ("breakdown", 30), ("pytest", None))
+STEPS = (("env", 20), ("correctness", 170), ("sanitizer", 70), ("timings", 150), ("breakdown", 30), ("pytest", None))
 RESTARTS = 3  # a crashed step is started again at most this often (resuming after the crashed case)
-STALL_ENV = "HMX_GPU_RUN_STALL_AFTER"  # tests: a step stops progressing after this many rows, as a hung kernel
+# tests: "stall:N" / "exit:N": after N rows, the next case of a step process hangs (as a hung kernel
+# would) / kills the process (as an illegal memory access does)
+FAULT_ENV = "HMX_GPU_RUN_FAULT"
 
 # GPU test files, most GPU-specific first (pytest step)
 PYTEST_FILES = ("tests/test_cuda_backend.py", "tests/test_triton.py", "tests/test_causal.py",
@@ -70,11 +72,17 @@ class Rows:
         self.step = step
         self.t0 = time.time()
         self.done = {r.get("id") for r in read_rows(self.path)}
-        self.stall_after = 0  # tests (STALL_ENV): a step process stops progressing after this many rows
+        self.fault = ("", 0)  # tests (FAULT_ENV): ("stall" or "exit", after this many rows)
         self._written = 0
 
     def start(self, case_id: str) -> None:
         self.current.write_text(case_id)
+        kind, after = self.fault
+        if after and self._written >= after:  # tests: the case now in flight hangs / kills the process
+            if kind == "stall":
+                time.sleep(3600)
+            elif kind == "exit":
+                os._exit(3)
 
     def add(self, row: dict) -> dict:
         row = {"step": self.step, **row, "t_s": round(time.time() - self.t0, 3)}
@@ -86,10 +94,13 @@ class Rows:
         self.current.write_text("")
         print(f"[{self.step}] {row.get('id')}: {row.get('status')}", flush=True)
         self._written += 1
-        if self.stall_after and self._written >= self.stall_after:
-            self.start(f"{row.get('id')} (stalled)")
-            time.sleep(3600)
         return row
+
+    def case(self, case_id: str, make_row: Callable[[], dict]) -> None:
+        """Write make_row()'s row for case_id unless a row of that id exists (a restarted step)."""
+        if case_id not in self.done:
+            self.start(case_id)
+            self.add({"id": case_id, **make_row()})
 
 
 def read_rows(path: Path) -> List[dict]:
@@ -201,6 +212,35 @@ class Build:
                            "reason": "still building when the run's budget ended"})
 
 
+def _spawn(ctx, cmd, log, env=None) -> subprocess.Popen:
+    """A step's child (compute-sanitizer, pytest) in a process group of its own, noted in
+    <step>.child so that the orchestrator can end it too when it kills the step at its limit."""
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    (ctx.dir / f"{ctx.rows.step}.child").write_text(str(proc.pid))
+    return proc
+
+
+def _wait_child(ctx, proc: subprocess.Popen, timeout: float) -> Optional[int]:
+    """The child's exit status, or None when it ran past `timeout` (then its group is killed)."""
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        rc = None
+    (ctx.dir / f"{ctx.rows.step}.child").unlink(missing_ok=True)
+    return rc
+
+
+def _kill_child_of(directory: Path, step: str) -> None:
+    note = directory / f"{step}.child"
+    try:
+        os.killpg(int(note.read_text()), signal.SIGKILL)
+    except (OSError, ValueError):  # none, or already gone
+        pass
+    note.unlink(missing_ok=True)
+
+
 def _kill(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -215,7 +255,7 @@ def run_step(step: str, limit: float, directory: Path, dry_run: bool, steps: Row
     deadline = t0 + limit
     rows = Rows(directory, step)
     before = len(read_rows(rows.path))
-    status, rc, in_flight, restarts = "ok", 0, "", 0
+    status, rc, in_flight, restarts, crashed = "ok", 0, "", 0, []
     with open(directory / f"{step}.log", "a") as log:
         while True:
             cmd = [sys.executable, "-m", "benchmarks.gpu_run", "--step", step, "--dir", str(directory),
@@ -226,6 +266,7 @@ def run_step(step: str, limit: float, directory: Path, dry_run: bool, steps: Row
                 rc = proc.wait(timeout=max(0.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 _kill(proc)
+                _kill_child_of(directory, step)
                 rc, status = None, "killed at its time limit"
                 in_flight = rows.current.read_text().strip() if rows.current.exists() else ""
                 if in_flight:
@@ -235,18 +276,20 @@ def run_step(step: str, limit: float, directory: Path, dry_run: bool, steps: Row
             if rc == 0:
                 status = "ok"
                 break
-            in_flight = rows.current.read_text().strip() if rows.current.exists() else ""
-            if in_flight:
-                rows.add({"id": in_flight, "status": "crashed", "rc": rc, "reason": "the step process died on it"})
+            _kill_child_of(directory, step)
+            died_on = rows.current.read_text().strip() if rows.current.exists() else ""
+            if died_on:
+                rows.add({"id": died_on, "status": "crashed", "rc": rc, "reason": "the step process died on it"})
+            crashed.append(died_on or f"exit {rc} between cases")
             restarts += 1
             status = f"crashed (exit {rc})"
             if restarts > RESTARTS or deadline - time.time() < 5:
                 break
-            print(f"[{step}] restarting after exit {rc} (in flight: {in_flight or 'none'})", flush=True)
+            print(f"[{step}] restarting after exit {rc} (died on: {died_on or 'none'})", flush=True)
     after = read_rows(rows.path)
     row = steps.add({"id": step, "status": status, "rc": rc, "limit_s": round(limit, 1),
                      "wall_s": round(time.time() - t0, 1), "rows": len(after) - before, "restarts": restarts,
-                     "in_flight": in_flight or None})
+                     "in_flight": in_flight or None, "crashed_on": crashed or None})
     return row
 
 
@@ -284,7 +327,8 @@ def orchestrate(args) -> int:
     finally:
         if build is not None:
             build.stop()
-        for marker in (*directory.glob("*.current"), directory / "build.started", directory / "build.done"):
+        for marker in (*directory.glob("*.current"), *directory.glob("*.child"), directory / "build.started",
+                       directory / "build.done"):
             marker.unlink(missing_ok=True)
         shutil.rmtree(directory / ".pytest_cache", ignore_errors=True)
     print(f"gpu_run: done in {time.time() - t0:.0f} s; results in {directory}", flush=True)
@@ -293,59 +337,65 @@ def orchestrate(args) -> int:
 
 # ------------------------------------------------------------------------------------ step: env
 def step_env_info(ctx) -> None:
+    import datetime
     import platform
 
     import torch
 
-    rows = ctx.rows
-    import datetime
+    def versions():
+        v = {"status": "ok", "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+        for mod in ("triton", "flash_attn", "pytest"):
+            try:
+                v[mod] = getattr(__import__(mod), "__version__", "installed")
+            except Exception as e:  # noqa: BLE001  (absent or broken: say so)
+                v[mod] = f"not importable ({type(e).__name__})"
+        import hmx_kernels
 
-    v = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
-    for mod in ("triton", "flash_attn", "pytest"):
-        try:
-            v[mod] = getattr(__import__(mod), "__version__", "installed")
-        except Exception as e:  # noqa: BLE001  (absent or broken: say so)
-            v[mod] = f"not importable ({type(e).__name__})"
-    import hmx_kernels
+        v["hmx_kernels"] = hmx_kernels.__version__
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            v.update(device=torch.cuda.get_device_name(0), capability=f"{p.major}.{p.minor}",
+                     sm_count=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1))
+        else:
+            v.update(device=f"cpu: {platform.processor() or platform.machine()}", capability=None)
+        return v
 
-    v["hmx_kernels"] = hmx_kernels.__version__
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        v.update(device=torch.cuda.get_device_name(0), capability=f"{p.major}.{p.minor}",
-                 sm_count=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1))
-    else:
-        v.update(device=f"cpu: {platform.processor() or platform.machine()}", capability=None)
-    rows.add({"id": "versions", "status": "ok", **v})
+    def smi():
+        query = ("name", "driver_version", "pstate", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
+                 "power.limit", "power.default_limit", "power.max_limit", "power.draw", "temperature.gpu",
+                 "memory.total", "compute_cap", "persistence_mode", "ecc.mode.current")
+        values = _nvidia_smi(*query)
+        if values is None:
+            return {"status": "skipped", "reason": "nvidia-smi not found or failed"}
+        return {"status": "ok", **dict(zip(query, values))}
 
-    query = ("name", "driver_version", "pstate", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
-             "power.limit", "power.default_limit", "power.max_limit", "power.draw", "temperature.gpu",
-             "memory.total", "compute_cap", "persistence_mode", "ecc.mode.current")
-    smi = _nvidia_smi(*query)
-    if smi is None:
-        rows.add({"id": "nvidia-smi", "status": "skipped", "reason": "nvidia-smi not found or failed"})
-    else:
-        rows.add({"id": "nvidia-smi", "status": "ok", **dict(zip(query, smi))})
+    def nvcc():
+        exe = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+                                       if os.environ.get("CUDA_HOME") else None)
+        if not (exe and os.path.exists(exe)):
+            return {"status": "skipped", "reason": "nvcc not found"}
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=20).stdout
+        return {"status": "ok", "path": exe, "version": out.strip().splitlines()[-1:]}
 
-    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
-                                    if os.environ.get("CUDA_HOME") else None)
-    if nvcc and os.path.exists(nvcc):
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=20).stdout
-        rows.add({"id": "nvcc", "status": "ok", "path": nvcc, "version": out.strip().splitlines()[-1:]})
-    else:
-        rows.add({"id": "nvcc", "status": "skipped", "reason": "nvcc not found"})
+    def sanitizer():
+        tool = sanitizer_path()
+        return {"status": "ok" if tool else "skipped", "path": tool,
+                **({} if tool else {"reason": "compute-sanitizer not found"})}
 
-    rows.add({"id": "source", "status": "ok", **source_identity()})
-    tool = sanitizer_path()
-    rows.add({"id": "compute-sanitizer", "status": "ok" if tool else "skipped", "path": tool,
-              **({} if tool else {"reason": "compute-sanitizer not found"})})
-    from hmx_kernels.config import SETTINGS
+    def settings():
+        from hmx_kernels.config import SETTINGS
 
-    rows.add({"id": "settings", "status": "ok", "triton_pin": SETTINGS.triton_pin,
-              "env": {k: v for k, v in sorted(os.environ.items())
-                      if k.startswith(("HMX_", "TRITON_", "CUDA_", "PYTORCH_"))},
-              "float32_matmul_precision": torch.get_float32_matmul_precision()})
+        return {"status": "ok", "triton_pin": SETTINGS.triton_pin,
+                "env": {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith(("HMX_", "TRITON_", "CUDA_", "PYTORCH_"))},
+                "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+    for case_id, make in (("versions", versions), ("nvidia-smi", smi), ("nvcc", nvcc),
+                          ("source", lambda: {"status": "ok", **source_identity()}),
+                          ("compute-sanitizer", sanitizer), ("settings", settings)):
+        ctx.rows.case(case_id, make)
 
 
 def source_identity() -> dict:
@@ -649,13 +699,9 @@ def step_sanitizer(ctx) -> None:
         left = max(5.0, (ctx.deadline - time.time() - 2) / (len(runs) - i))
         log_name = f"sanitizer-{tool_name}-{backend}.log"
         t0 = time.time()
-        try:
-            proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=left)
-            text, rc = proc.stdout + proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            rc = None
-        (ctx.dir / log_name).write_text(text)
+        with open(ctx.dir / log_name, "w") as log:  # the tool and its payload: one process group
+            rc = _wait_child(ctx, _spawn(ctx, cmd, log, env), left)
+        text = (ctx.dir / log_name).read_text(errors="replace")
         m = re.search(r"ERROR SUMMARY: (\d+) error", text)
         row = {"id": case_id, "tool": tool_name, "backend": backend, "rc": rc, "seconds": round(time.time() - t0, 1),
                "errors": int(m.group(1)) if m else None, "log": log_name, "payload_ran": "sanitize-case" in text}
@@ -1015,14 +1061,8 @@ def step_pytest(ctx) -> None:
         env = dict(os.environ, HMX_GPU_RUN_ROWS=str(ctx.rows.path))
         t0 = time.time()
         with open(ctx.dir / f"pytest-{stem}.log", "w") as log:
-            proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            try:
-                rc = proc.wait(timeout=left)
-                status = "done"
-            except subprocess.TimeoutExpired:
-                _kill(proc)
-                rc, status = None, "killed at the step's time limit"
+            rc = _wait_child(ctx, _spawn(ctx, cmd, log, env), left)
+            status = "done" if rc is not None else "killed at the step's time limit"
         ctx.rows.add({"id": file_id, "status": status, "rc": rc, "seconds": round(time.time() - t0, 1),
                       "junit": junit.name if junit.exists() else None, "log": f"pytest-{stem}.log"})
 
@@ -1036,7 +1076,10 @@ class StepContext:
         self.dry = dry
         self.deadline = deadline
         self.rows = Rows(directory, step)
-        self.rows.stall_after = int(os.environ.get(STALL_ENV, "0") or 0)
+        fault = os.environ.get(FAULT_ENV, "")
+        if fault:
+            kind, after = fault.split(":")
+            self.rows.fault = (kind, int(after))
         self.device = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")
 
     def sync(self) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gpu_report import BEGIN, END
-from benchmarks.gpu_run import BUDGET_S, STALL_ENV, STEPS, read_rows
+from benchmarks.gpu_run import BUDGET_S, FAULT_ENV, STEPS, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,17 +95,33 @@ def test_dry_run_rows_say_what_ran(dry_run):
 
 
 def test_killed_step_keeps_its_finished_rows(tmp_path):
-    """The env step stops progressing after two rows (as a hung kernel would); its 30 s limit kills
-    it: both rows stay, the case in flight is recorded as killed, and the step's row says so."""
+    """The env step's third case hangs (as a hung kernel would); its 30 s limit kills the step: the
+    two finished rows stay, the case in flight is recorded as killed, and the step's row says so."""
     proc = _gpu_run("--dry-run", "--dir", str(tmp_path), "--only", "env", "--limits", "env=30", timeout=300,
-                    **{STALL_ENV: "2"})
+                    **{FAULT_ENV: "stall:2"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = read_rows(tmp_path / "env.jsonl")
-    assert [r["id"] for r in rows[:2]] == ["versions", "nvidia-smi"] and len(rows) == 3, rows
-    assert rows[2]["status"] == "killed" and rows[2]["id"] == "nvidia-smi (stalled)"
+    assert [r["id"] for r in rows] == ["versions", "nvidia-smi", "nvcc"], rows
+    assert rows[2]["status"] == "killed" and "limit" in rows[2]["reason"]
     (step,) = read_rows(tmp_path / "steps.jsonl")
     assert step["status"] == "killed at its time limit" and step["rows"] == 3 and step["rc"] is None
     assert 30 <= step["wall_s"] < 50
+
+
+def test_crashed_step_restarts_after_the_case_it_died_on(tmp_path):
+    """A step process that dies on a case (as after an illegal memory access) is started again and
+    resumes after it: the rows written stay, the case is recorded as crashed, nothing runs twice."""
+    proc = _gpu_run("--dry-run", "--dir", str(tmp_path), "--only", "env", "--limits", "env=200", timeout=300,
+                    **{FAULT_ENV: "exit:2"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = read_rows(tmp_path / "env.jsonl")
+    # after two rows the next case kills the process: nvcc, then (after the restart) settings
+    assert [(r["id"], r["status"]) for r in rows] == [
+        ("versions", "ok"), ("nvidia-smi", "skipped"), ("nvcc", "crashed"), ("source", "ok"),
+        ("compute-sanitizer", "skipped"), ("settings", "crashed")], rows
+    (step,) = read_rows(tmp_path / "steps.jsonl")
+    assert step["status"] == "ok" and step["restarts"] == 2 and step["rows"] == 6 and step["rc"] == 0
+    assert step["crashed_on"] == ["nvcc", "settings"] and step["in_flight"] is None
 
 
 def test_report_labels_the_tables_and_fills_the_readme_block(dry_run, tmp_path):
