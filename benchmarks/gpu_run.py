@@ -12,7 +12,7 @@ imported through PYTHONPATH, nothing is installed. Results go to DIR = <out-root
 |-------------|-------|---------------------|-----------------|
 | build       | (bg)  | build.jsonl         | the C++/CUDA extension build, started at t = 0 in the background |
 | env         |  20 s | env.jsonl           | versions; nvidia-smi clocks, power limit; nvcc; git SHA and a source fingerprint; settings |
-| correctness | 170 s | correctness.jsonl   | one backend x dtype x case: forward and every gradient against the float64 reference |
+| correctness | 170 s | correctness.jsonl   | one backend x dtype x case: forward and every gradient against the float64 reference (a worker per Triton dtype and one for cuda, in parallel) |
 | sanitizer   |  70 s | sanitizer.jsonl     | compute-sanitizer memcheck / racecheck on one tiny forward+backward per backend |
 | timings     | 150 s | timings.jsonl       | contender x shape x N x pass x eager/graph: median time, peak memory |
 | breakdown   |  30 s | breakdown.jsonl     | torch.profiler GPU time per kernel at N 16384 sb256, GB/s, the autotuner's configs |
@@ -66,9 +66,9 @@ class Rows:
     the case in flight in <dir>/<step>.current, and knows the ids already written (a restarted
     step skips them)."""
 
-    def __init__(self, directory: Path, step: str):
+    def __init__(self, directory: Path, step: str, worker: Optional[str] = None):
         self.path = directory / f"{step}.jsonl"
-        self.current = directory / f"{step}.current"
+        self.current = directory / (f"{step}.{worker}.current" if worker else f"{step}.current")
         self.step = step
         self.t0 = time.time()
         self.done = {r.get("id") for r in read_rows(self.path)}
@@ -268,10 +268,11 @@ def run_step(step: str, limit: float, directory: Path, dry_run: bool, steps: Row
                 _kill(proc)
                 _kill_child_of(directory, step)
                 rc, status = None, "killed at its time limit"
-                in_flight = rows.current.read_text().strip() if rows.current.exists() else ""
-                if in_flight:
-                    rows.add({"id": in_flight, "status": "killed",
+                flying = [p.read_text().strip() for p in sorted(directory.glob(f"{step}.*current"))]
+                for case_id in filter(None, flying):  # the step's case, or each worker's
+                    rows.add({"id": case_id, "status": "killed",
                               "reason": f"in flight when the step reached its {limit:.0f} s limit"})
+                in_flight = ", ".join(filter(None, flying))
                 break
             if rc == 0:
                 status = "ok"
@@ -522,8 +523,8 @@ def _call_packed(lengths):
 
 
 def correctness_cases(dry: bool) -> List[dict]:
-    """The step's cases in order: every dense case of the triton backend, its mode and range cases,
-    then the same for cuda (whose extension builds in the background meanwhile)."""
+    """The step's cases: per backend the dense grid (dtype, d_h, N), the idiap cross-mixing case,
+    the mode cases and the fp16 range case; each worker (correctness_group) runs its share in order."""
     import torch
 
     dtypes = (torch.bfloat16, torch.float16, torch.float32)
@@ -562,7 +563,51 @@ def correctness_cases(dry: bool) -> List[dict]:
     return cases
 
 
+def correctness_group(case: dict) -> str:
+    """The worker a case runs in: one per Triton dtype (each compiles its own kernels, so three
+    compile at once on the machine's cores) and one for cuda (no JIT; waits for the build)."""
+    return "cuda" if case["backend"] == "cuda" else f"triton-{str(case['dtype']).replace('torch.', '')}"
+
+
 def step_correctness(ctx) -> None:
+    """The parent starts one worker process per group, in parallel; a worker that dies (a broken
+    CUDA context) gets a crashed row for its case in flight and is started again, resuming."""
+    if ctx.worker is not None:
+        return _correctness_worker(ctx)
+    groups = list(dict.fromkeys(correctness_group(c) for c in correctness_cases(ctx.dry)))
+    env = dict(os.environ)
+    log = open(ctx.dir / "correctness.workers.log", "a")
+    procs: Dict[str, subprocess.Popen] = {}
+    restarts: Dict[str, int] = {g: 0 for g in groups}
+
+    def start(group):
+        cmd = [sys.executable, "-m", "benchmarks.gpu_run", "--step", "correctness", "--worker", group,
+               "--dir", str(ctx.dir), "--deadline", f"{ctx.deadline:.3f}"] + (["--dry-run"] if ctx.dry else [])
+        procs[group] = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    for group in groups:
+        start(group)
+    while procs:
+        time.sleep(0.2)
+        for group, proc in list(procs.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del procs[group]
+            if rc == 0:
+                continue
+            current = ctx.dir / f"correctness.{group}.current"
+            died_on = current.read_text().strip() if current.exists() else ""
+            if died_on:
+                ctx.rows.add({"id": died_on, "status": "crashed", "rc": rc, "worker": group,
+                              "reason": "the worker process died on it"})
+            restarts[group] += 1
+            if restarts[group] <= RESTARTS and ctx.deadline - time.time() > 5:
+                print(f"[correctness] worker {group} exited {rc}; restarting", flush=True)
+                start(group)
+
+
+def _correctness_worker(ctx) -> None:
     import torch
 
     import hmx_kernels
@@ -573,18 +618,12 @@ def step_correctness(ctx) -> None:
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     hmx_config.set_poison(True)  # a buffer element a kernel leaves unwritten shows as NaN
-    device = ctx.device
-    todo = [c for c in correctness_cases(ctx.dry) if c["id"] not in ctx.rows.done]
-    triton = [c for c in todo if c["backend"] == "triton"]
-    cuda = [c for c in todo if c["backend"] == "cuda"]
-    # the cuda cases (no JIT, fast) run as soon as the background build is done, between Triton cases
-    while triton or cuda:
-        if cuda and (ctx.build_finished() or not triton):
+    for case in correctness_cases(ctx.dry):
+        if correctness_group(case) != ctx.worker or case["id"] in ctx.rows.done:
+            continue
+        if case["backend"] == "cuda":
             ctx.wait_for_build()
-            case = cuda.pop(0)
-        else:
-            case = triton.pop(0)
-        _correctness_case(ctx, case, device, hmx_kernels, get_backend)
+        _correctness_case(ctx, case, ctx.device, hmx_kernels, get_backend)
 
 
 def _correctness_case(ctx, case, device, hmx_kernels, get_backend) -> None:
@@ -828,8 +867,10 @@ def step_timings(ctx) -> None:
     budget, max_reps, min_reps = (0.0, 1, 1) if dry else (0.25, 20, 3)
     refused: Dict[tuple, str] = {}  # (contender, shape[, mode]) -> why; not tried again
     # the autotuner tunes once per (BLOCK_D, dtype, ...) at its first call: make that call at the
-    # breakdown's length (B 4, N 16384), not at the sweep's first N
-    for sname, shape in shapes.items():
+    # breakdown's length (B 4, N 16384), not at the sweep's first N, and for sb256 first: sb144 shares
+    # its tuning (BLOCK_D 32), and the breakdown (sb256) then finds every candidate compiled
+    order = sorted(shapes, key=lambda name: name != "sb256")
+    for sname, shape in ((name, shapes[name]) for name in order):
         case_id = f"tune/{sname}"
         if case_id in ctx.rows.done:
             continue
@@ -968,7 +1009,7 @@ def step_breakdown(ctx) -> None:
 
     device, dry = ctx.device, ctx.dry
     shape = timing_shapes(dry)["tiny" if dry else "sb256"]
-    B, N, iters, warm = (1, 32, 1, 1) if dry else (4, 16384, 3, 2)
+    B, N, iters, warm = (1, 32, 1, 0) if dry else (4, 16384, 3, 2)
     dtype = torch.bfloat16 if not dry else torch.float32
     elem = torch.tensor([], dtype=dtype).element_size()
     model = token_bytes(shape.d_h, shape.H, elem)
@@ -1069,13 +1110,14 @@ def step_pytest(ctx) -> None:
 
 # ------------------------------------------------------------------------------------ step process
 class StepContext:
-    def __init__(self, step: str, directory: Path, dry: bool, deadline: float):
+    def __init__(self, step: str, directory: Path, dry: bool, deadline: float, worker: Optional[str] = None):
         import torch
 
         self.dir = directory
         self.dry = dry
         self.deadline = deadline
-        self.rows = Rows(directory, step)
+        self.worker = worker
+        self.rows = Rows(directory, step, worker)
         fault = os.environ.get(FAULT_ENV, "")
         if fault:
             kind, after = fault.split(":")
@@ -1116,12 +1158,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", help="comma-separated steps to run (default: all, in order)")
     parser.add_argument("--step", choices=list(STEP_FUNCTIONS), help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sanitize-case", choices=("triton", "cuda"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sanitize_case:
         return sanitize_case(args.sanitize_case)
     if args.step:
-        ctx = StepContext(args.step, Path(args.dir), args.dry_run, args.deadline or time.time() + 3600)
+        ctx = StepContext(args.step, Path(args.dir), args.dry_run, args.deadline or time.time() + 3600, args.worker)
         STEP_FUNCTIONS[args.step](ctx)
         return 0
     return orchestrate(args)
