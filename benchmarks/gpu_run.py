@@ -563,10 +563,13 @@ def correctness_cases(dry: bool) -> List[dict]:
     return cases
 
 
-def correctness_group(case: dict) -> str:
+def correctness_group(case: dict, dry: bool = False) -> str:
     """The worker a case runs in: one per Triton dtype (each compiles its own kernels, so three
-    compile at once on the machine's cores) and one for cuda (no JIT; waits for the build)."""
-    return "cuda" if case["backend"] == "cuda" else f"triton-{str(case['dtype']).replace('torch.', '')}"
+    compile at once on the machine's cores) and one for cuda (no JIT; waits for the build). The dry
+    run has two (triton, cuda): the interpreter compiles nothing, and each worker imports torch."""
+    if case["backend"] == "cuda" or dry:
+        return case["backend"]
+    return f"triton-{str(case['dtype']).replace('torch.', '')}"
 
 
 def step_correctness(ctx) -> None:
@@ -574,7 +577,7 @@ def step_correctness(ctx) -> None:
     CUDA context) gets a crashed row for its case in flight and is started again, resuming."""
     if ctx.worker is not None:
         return _correctness_worker(ctx)
-    groups = list(dict.fromkeys(correctness_group(c) for c in correctness_cases(ctx.dry)))
+    groups = list(dict.fromkeys(correctness_group(c, ctx.dry) for c in correctness_cases(ctx.dry)))
     env = dict(os.environ)
     log = open(ctx.dir / "correctness.workers.log", "a")
     procs: Dict[str, subprocess.Popen] = {}
@@ -619,7 +622,7 @@ def _correctness_worker(ctx) -> None:
     torch.set_float32_matmul_precision("highest")
     hmx_config.set_poison(True)  # a buffer element a kernel leaves unwritten shows as NaN
     for case in correctness_cases(ctx.dry):
-        if correctness_group(case) != ctx.worker or case["id"] in ctx.rows.done:
+        if correctness_group(case, ctx.dry) != ctx.worker or case["id"] in ctx.rows.done:
             continue
         if case["backend"] == "cuda":
             ctx.wait_for_build()
