@@ -19,7 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
 
-from .gpu_run import FA3_STAND_IN, read_rows
+from .gpu_run import read_rows
+from .gpu_timings import FA3_STAND_IN
 
 BEGIN, END = "<!-- gpu-run:begin -->", "<!-- gpu-run:end -->"
 
