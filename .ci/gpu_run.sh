@@ -20,6 +20,7 @@ PY=${PY:-python3}
 # the driver keeps to its budget (480 s by default); this outer limit only guards against a hang in
 # the driver itself
 timeout 540 "$PY" -m benchmarks.gpu_run --out-root "$OUT/gpu" "$@" 2>&1 | tee "$OUT/gpu_run.log"
+# the tables (also written to summary.md beside the results), printed so that the console shows them
 for dir in "$OUT"/gpu/*/; do
-  "$PY" -m benchmarks.gpu_report "$dir" > /dev/null 2>> "$OUT/gpu_run.log" && echo "tables: ${dir}summary.md"
+  "$PY" -m benchmarks.gpu_report "$dir" 2>&1 | tee -a "$OUT/gpu_run.log"
 done
