@@ -33,11 +33,19 @@ def _build_contender(name: str, shape, B: int, N: int, dtype, device):
     g = torch.Generator(device=device).manual_seed(0)
     if name.startswith("hmx-"):
         import hmx_kernels
+        from hmx_kernels.dispatch import get_backend
 
         torch.manual_seed(0)
         layer = hmx_kernels.FusedHyperMixing(shape.d, shape.k, tied=False, num_heads=shape.H,
                                              backend=name[4:]).to(device=device, dtype=dtype)
         x = torch.randn(B, N, shape.d, generator=g, device=device).to(dtype).requires_grad_(True)
+        # the backend's own reasons only (gpu_checks.backend_refusal: no probe of other backends)
+        problem = hmx_kernels.check_inputs(x, None, None, *layer.hyper.w1_gen.tensors(),
+                                           *layer.hyper.w2_gen.tensors(), layer.layer_norm.weight,
+                                           layer.layer_norm.bias, variant="speechbrain")
+        why = get_backend(name[4:]).not_supported_reasons(problem)
+        if why:
+            raise hmx_kernels.BackendNotSupportedError(f"backend {name[4:]!r} cannot run this call: " + "; ".join(why))
         return (lambda: layer(x, x, x)[0]), [x] + list(layer.parameters()), {}
     dh = -(-shape.d_h // 8) * 8
     note = {"d_h_run": dh}
