@@ -16,6 +16,7 @@ not the environment. The README's "Environment variables" table lists the same v
 | HMX_KERNELS_POISON        | 0                       | 1: fill every buffer a fused backend allocates with NaN (tests) |
 | HMX_KERNELS_CUDA_NO_MMA   | 0                       | 1: CUDA kernels use FMA instead of tensor cores for fp16/bf16 |
 | HMX_KERNELS_PE_CACHE_MB   | 64                      | most MiB of positional-encoding tables kept per device (0: none) |
+| HMX_KERNELS_TRITON_PIN    | 0                       | 1: no Triton autotuning; each kernel runs one tested config (tests, short GPU runs) |
 | TRITON_INTERPRET          | 0                       | 1: Triton kernels run on CPU tensors in Triton's interpreter (must be set before triton is imported; read by triton) |
 | CXX, CUDA_HOME/CUDA_PATH  | c++, PATH               | the compilers used for the first-use build             |
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
 
-__all__ = ["Settings", "SETTINGS", "set_poison", "set_allow_mma", "on_change"]
+__all__ = ["Settings", "SETTINGS", "set_poison", "set_allow_mma", "set_triton_pin", "on_change"]
 
 
 def _flag(name: str) -> bool:
@@ -45,6 +46,7 @@ class Settings:
     cxx: str
     cuda_home: Optional[str]
     pe_cache_bytes: int
+    triton_pin: bool
     _listeners: List[Callable[["Settings"], None]] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -61,6 +63,7 @@ class Settings:
             cxx=os.environ.get("CXX", "c++"),
             cuda_home=os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or None,
             pe_cache_bytes=int(float(os.environ.get("HMX_KERNELS_PE_CACHE_MB", "64")) * 2**20),
+            triton_pin=_flag("HMX_KERNELS_TRITON_PIN"),
         )
 
     def _changed(self) -> None:
@@ -87,4 +90,11 @@ def set_poison(enabled: bool) -> None:
 def set_allow_mma(enabled: bool) -> None:
     """Let the CUDA kernels use tensor cores for fp16/bf16 (default) or force FMA."""
     SETTINGS.allow_mma = bool(enabled)
+    SETTINGS._changed()
+
+
+def set_triton_pin(enabled: bool) -> None:
+    """Pin one tested config per Triton kernel (no autotuning; hmx_kernels.triton.config.pinned_candidate)
+    or let the autotuner choose (default). Chosen configs remembered so far are forgotten."""
+    SETTINGS.triton_pin = bool(enabled)
     SETTINGS._changed()

@@ -2,7 +2,9 @@
 
 Triton kernels run on CPU tensors under the Triton interpreter, which must be switched on before
 triton is first imported: without a CUDA device we set TRITON_INTERPRET=1 here (a value already
-in the environment wins).
+in the environment wins). On a GPU the Triton kernels run one pinned config each
+(HMX_KERNELS_TRITON_PIN=1, unless the environment says otherwise): tuning every kernel at every
+head size and dtype the tests use would cost far more compiles than the tests themselves.
 """
 import os
 
@@ -11,6 +13,7 @@ import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("HMX_KERNELS_TRITON_PIN", "1")  # read when hmx_kernels is first imported
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

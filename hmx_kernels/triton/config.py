@@ -1,11 +1,18 @@
 """Autotuning set-up shared by the Triton kernels: candidate configurations and their pruning.
 
 The per-token kernels are tuned over (BLOCK_N, num_warps, num_stages) candidates keyed on the
-head size and the dot precision (D_H, OPERAND, DOT_PREC; the autotuner adds the tensors' dtypes):
-the grid and the chunking of the sequence do not depend on the configuration, and every
-sequence-length argument is excluded from specialisation, so a new length neither recompiles nor
-re-tunes. Under TRITON_INTERPRET=1 (CPU tensors) one configuration is used (tuning would only
-multiply the interpreter's run time).
+padded head size and the dot precision (BLOCK_D, OPERAND, DOT_PREC, and the mode constexprs; the
+autotuner adds the tensors' dtypes, so fp16 and bf16 tune apart): the code depends on d_h only
+through BLOCK_D and masks, so d_h 18 and 32 share one tuning (each still compiles for its own D_H),
+and pruning reads BLOCK_D too. The grid and the chunking of the sequence do not depend on the
+configuration, and every sequence-length argument is excluded from specialisation, so a new length
+neither recompiles nor re-tunes. Under TRITON_INTERPRET=1 (CPU tensors) one configuration is used
+(tuning would only multiply the interpreter's run time).
+
+HMX_KERNELS_TRITON_PIN=1 (hmx_kernels.config.set_triton_pin) pins one tested config per kernel
+(`pinned_candidate`: the first kept candidate, BLOCK_N 16 wherever it is kept, the tile length the
+interpreter tests run) and replaces the benchmark by a no-op, so nothing is timed and only that
+config compiles: for tests and short GPU runs, where tuning costs more than it gains.
 
 Before tuning, `early_config_prune` drops the candidates that
 - spill registers on sm_80 or sm_90 (SPILLING: measured by compiling every candidate for both,
@@ -17,11 +24,14 @@ for a shape and device; the backend reports that as a reason before any kernel i
 """
 from __future__ import annotations
 
+import inspect
 import os
 from functools import lru_cache
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import triton
+
+from ..config import SETTINGS, on_change
 
 # tile length (tokens) used under the interpreter
 INTERPRET_BLOCK_N = 16
@@ -235,17 +245,64 @@ def _pruner(kernel: str):
         import torch
 
         precision = precision_name(kwargs["OPERAND"], kwargs["DOT_PREC"])
-        device = next(v.device for v in named_args.values() if isinstance(v, torch.Tensor))
+        # the launcher passes tensors positionally; torch's wrap_triton replays a launch as keywords
+        device = next(v.device for v in (*named_args.values(), *kwargs.values()) if isinstance(v, torch.Tensor))
         limit, arch = device_limits(device.index or 0) if device.type == "cuda" else (None, None)
         blocked = bool(kwargs.get("BLOCKED", False))
-        keep = set(kept_candidates(kernel, kwargs["D_H"], precision, limit, arch, blocked))
-        kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+        keep = kept_candidates(kernel, kwargs["BLOCK_D"], precision, limit, arch, blocked)
+        if SETTINGS.triton_pin:
+            keep = keep[:1]
+        kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in set(keep)]
         if not kept:  # the backend refuses such shapes first (unfit_reason)
             raise RuntimeError(f"hmx_kernels: no autotune candidate of {kernel} fits d_h = {kwargs['D_H']} "
                                f"with {precision} dot operands on this device")
         return kept
 
     return early_config_prune
+
+
+def pinned_candidate(kernel: str, d_h: int, precision: str, smem_limit: Optional[int] = None,
+                     arch: Optional[int] = None, blocked: bool = False) -> Optional[Tuple[int, int, int]]:
+    """The one config `kernel` runs under HMX_KERNELS_TRITON_PIN=1: the first kept candidate
+    (KERNEL_CANDIDATES lists BLOCK_N 16, the interpreter's tile length, first), or None if none fits."""
+    kept = kept_candidates(kernel, d_h, precision, smem_limit, arch, blocked)
+    return kept[0] if kept else None
+
+
+def _bench(kernel_call, quantiles):
+    """The autotuner's benchmark: triton's own, or under the pin (one config left) no run at all."""
+    if SETTINGS.triton_pin:
+        return [0.0 for _ in quantiles]
+    from triton.runtime import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+_TAKES_DO_BENCH = "do_bench" in inspect.signature(triton.autotune).parameters
+AUTOTUNED: Dict[str, object] = {}  # kernel name -> its triton Autotuner (the configs chosen: .cache)
+
+
+def _forget_choices(settings) -> None:
+    for kernel in AUTOTUNED.values():
+        kernel.cache.clear()
+
+
+on_change(_forget_choices)
+
+
+def chosen_configs() -> List[dict]:
+    """Every config the autotuners chose so far in this process: kernel, tuning key, BLOCK_N,
+    num_warps, num_stages (the key holds BLOCK_D, OPERAND, DOT_PREC, the mode constexprs and the
+    tensors' dtypes)."""
+    out = []
+    for name, kernel in AUTOTUNED.items():
+        chosen = list(kernel.cache.items())
+        if not chosen and getattr(kernel, "best_config", None) is not None:  # one candidate: never tuned
+            chosen = [(("single candidate",), kernel.best_config)]
+        for key, cfg in chosen:
+            out.append(dict(kernel=name, key=[str(k) for k in key], BLOCK_N=cfg.kwargs.get("BLOCK_N"),
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return out
 
 
 def autotuned(key, do_not_specialize):
@@ -258,9 +315,12 @@ def autotuned(key, do_not_specialize):
         else:
             configs = [triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
                        for bn, nw, ns in KERNEL_CANDIDATES[fn.__name__]]
-        return triton.autotune(configs=configs, key=list(key),
-                               prune_configs_by={"early_config_prune": _pruner(fn.__name__)})(
+        bench = {"do_bench": _bench} if _TAKES_DO_BENCH else {}  # triton < 3.1: the pin still prunes to one
+        kernel = triton.autotune(configs=configs, key=list(key), **bench,
+                                 prune_configs_by={"early_config_prune": _pruner(fn.__name__)})(
             triton.jit(do_not_specialize=list(do_not_specialize))(fn)
         )
+        AUTOTUNED[fn.__name__] = kernel
+        return kernel
 
     return wrap

@@ -49,7 +49,7 @@ from .hyper_mixing_fwd import (_LEN_ARGS, _gelu_grad, _hidden, _load_fc1, _load_
 _BWD_LEN_ARGS = _LEN_ARGS + ["sgb", "sdb"]
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "ROW_SPLIT", "BLOCKED"], do_not_specialize=_BWD_LEN_ARGS)
+@autotuned(key=["BLOCK_D", "OPERAND", "DOT_PREC", "ROW_SPLIT", "BLOCKED"], do_not_specialize=_BWD_LEN_ARGS)
 def hmx_bwd_kernel_tsum(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
     g_ptr, sgb, sgn,  # dY [B, M, d] fp32 (channel stride 1)
@@ -72,7 +72,7 @@ def hmx_bwd_kernel_tsum(
                    ROW_SPLIT, OPERAND, DOT_PREC, BLOCKED, BLOCK_N, BLOCK_D)
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_BWD_LEN_ARGS)
+@autotuned(key=["BLOCK_D", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_BWD_LEN_ARGS)
 def hmx_bwd_kernel_query(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
     mask_ptr, smb, smn,  # query keep vector [B, M] fp32 (1 kept, 0 padded)
@@ -151,7 +151,7 @@ def hmx_bwd_kernel_query(
     tl.store(dfc1b_ptr + i_part * D_H + o_c, acc_fc1b * c_scale, mask=m_c)
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_BWD_LEN_ARGS)
+@autotuned(key=["BLOCK_D", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_BWD_LEN_ARGS)
 def hmx_bwd_kernel_key(
     k_ptr, sxb, sxn, sxc,  # key [B, N, d]
     v_ptr, svb, svn, svc,  # value [B, N, d]

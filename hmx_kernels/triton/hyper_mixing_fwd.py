@@ -261,7 +261,7 @@ def _state_program(
         tl.store(sv_part_ptr + i_part * D_H + o_c, acc_sv, mask=m_c)
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "ROW_SPLIT", "BLOCKED"], do_not_specialize=_LEN_ARGS)
+@autotuned(key=["BLOCK_D", "OPERAND", "DOT_PREC", "ROW_SPLIT", "BLOCKED"], do_not_specialize=_LEN_ARGS)
 def hmx_fwd_kernel_state(
     k_ptr, sxb, sxn, sxc,  # key [B, N, d]
     v_ptr, svb, svn, svc,  # value [B, N, d]
@@ -283,7 +283,7 @@ def hmx_fwd_kernel_state(
                    OPERAND, DOT_PREC, BLOCKED, BLOCK_N, BLOCK_D)
 
 
-@autotuned(key=["D_H", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_LEN_ARGS)
+@autotuned(key=["BLOCK_D", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_LEN_ARGS)
 def hmx_fwd_kernel_mix(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
     mask_ptr, smb, smn,  # query keep vector [B, M] fp32 (1 kept, 0 padded)
