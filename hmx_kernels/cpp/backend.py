@@ -168,7 +168,8 @@ def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     blocks, rows = _blocks(query, key, chunk_size, left_context, cu_seqlens)
     pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype, rows, position_offset)
     q, k, v = _tokens(query), _tokens(key), _tokens(value)
-    grads = ext.backward(grad_y.to(query.dtype).contiguous(), q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep),
+    # dY in the compute type: fp32 on CUDA, so a small dY is not flushed to zero in fp16
+    grads = ext.backward(grad_y.to(ctype).contiguous(), q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep),
                          *[_c(w) for w in gen], state.contiguous(), float(scale), *blocks,
                          reduce=_reducer(sp_group))
     out = [g.to(ctype) for g in grads[:3]]
