@@ -279,10 +279,11 @@ def test_half_rounding_points_fit_the_cuda_tolerances(half):
     assert used_out < 0.5 and used_grad < 0.5
 
 
-def _through_layer_norm(prob64, half, grad_scale=1.0, seed=0):
+def _through_layer_norm(prob64, half, grad_scale=1.0, seed=0, tail=None):
     """The exact result (direct form on the inputs rounded to `half`, LayerNorm, autograd, fp64)
     and the emulated kernels' (fp32 with the roundings of _Rounding(half), LayerNorm in fp32):
-    (out_ref, grads_ref, out, grads, max |Y|, max |dY|)."""
+    (out_ref, grads_ref, out, grads, max |Y|, exact m dY). tail = (row, factor): the upstream
+    gradient of the query rows from `row` on times `factor`."""
     g = torch.Generator().manual_seed(seed)
     q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale = prob64
     rd = lambda t: None if t is None else t.to(half).to(F64)  # noqa: E731  (inputs in T)
@@ -292,6 +293,8 @@ def _through_layer_norm(prob64, half, grad_scale=1.0, seed=0):
     ln_w = 1 + 0.1 * torch.randn(d, generator=g, dtype=F64)
     ln_b = 0.1 * torch.randn(d, generator=g, dtype=F64)
     grad_out = torch.randn(q.shape, generator=g, dtype=F64) * grad_scale
+    if tail is not None:
+        grad_out[:, tail[0]:] *= tail[1]
 
     leaves = [t.clone().requires_grad_(True) for t in (qh, kh_, vh, *g1h, *g2h) if t is not None]
     it = iter(leaves)
@@ -313,7 +316,7 @@ def _through_layer_norm(prob64, half, grad_scale=1.0, seed=0):
     out = F.layer_norm(yl, (d,), ln_w.float(), ln_b.float(), 1e-5)
     (dy,) = torch.autograd.grad(out, yl, grad_out.float())
     grads = [gr for gr in emulate_backward(r.dy_in(dy), *args32, g1f, g2f, p, scale, r) if gr is not None]
-    return out_ref, g_ref, r.tok(out), grads, y_ref.abs().max().item(), (dy_exact * m_q[..., None]).abs().max().item()
+    return out_ref, g_ref, r.tok(out), grads, y_ref.abs().max().item(), dy_exact * m_q[..., None]
 
 
 def test_fp16_range_large_state_and_small_gradients():
@@ -323,18 +326,20 @@ def test_fp16_range_large_state_and_small_gradients():
     power of two (csrc/hmx_cuda_common.cuh): output and every gradient finite and within the
     "cuda" fp16 tolerances. Rounding C or Y to fp16 unscaled gives inf, then NaN after the
     LayerNorm; rounding dY unscaled flushes the gradients to zero. Two query tiles (M 70 > 64)
-    with different powers of two exercise the accumulators' rescaling."""
+    whose dY have different powers of two exercise the accumulators' rescaling."""
     half = torch.float16
     prob = list(_problem(B=2, M=70, N=90, H=2, dh=8, kh=12, input_scale=0.3, seed=12))
     q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale = prob
     v = v * 64
-    q = q.clone()
-    q[:, 64:] *= 3  # the second query tile's dY has another power of two than the first's
     g2 = (g2[0], g2[1], g2[2] * 256, g2[3])
     prob = (q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale)
-    out_ref, g_ref, out, grads, y_max, dy_max = _through_layer_norm(prob, half, grad_scale=2.0 ** -10, seed=1)
+    # the second query tile's upstream gradient 2^-4 times the first's: another power of two
+    out_ref, g_ref, out, grads, y_max, dy = _through_layer_norm(prob, half, grad_scale=2.0 ** -10, seed=1,
+                                                                tail=(64, 2.0 ** -4))
     assert y_max > 65504, "the case should overflow fp16 if Y or C were rounded unscaled"
-    assert dy_max < 2.0 ** -14, "dY should be below fp16's normal range"
+    assert dy.abs().max() < 2.0 ** -14, "dY should be below fp16's normal range"
+    powers = _Rounding(half).tile_pow2(_heads(dy, 2), _token_tile(8))[0, 0, ::64, 0]
+    assert powers[0] != powers[1], "the two query tiles should have different powers of two"
     tol = get_backend("cuda").tolerances[("cuda", half)]
     assert torch.isfinite(out).all(), "output has inf / NaN"
     err_out = ((out.double() - out_ref).abs().max() / out_ref.abs().max()).item()
