@@ -215,6 +215,18 @@ def _stand_in(func, args):
     return t.new_empty((0,))
 
 
+def _copy_devices(func, args, kwargs):
+    """(source tensor, destination device or None) of a copy or conversion op."""
+    if func.overloadpacket is aten.copy_:
+        return args[1], args[0].device
+    device = kwargs.get("device")
+    if func is aten.to.device:
+        device = args[1]
+    elif func is aten.to.other:
+        device = args[1].device
+    return args[0], None if device is None else torch.device(device)
+
+
 def _op_name(func) -> str:
     name = func.__name__  # e.g. "add.Tensor"
     return name[:-len(".default")] if name.endswith(".default") else name
@@ -250,23 +262,27 @@ class _Recorder(TorchDispatchMode):
             read = _distinct_bytes(t for a in list(args) + list(kwargs.values()) for t in _tensors(a))
             acc.add("extension", op, launches=0, read=read, write=_distinct_bytes(_tensors(out)))
             return out
-        if func in _SYNC_SCALAR or func in _SYNC_SHAPE:
-            acc.add("sync", _op_name(func), launches=0)
-            return _stand_in(func, args)
-        if func in (aten._to_copy.default, aten.copy_.default):
-            src = args[0] if func is aten._to_copy.default else args[1]
-            dst_device = kwargs.get("device") if func is aten._to_copy.default else args[0].device
+        if func.overloadpacket in (aten._to_copy, aten.to, aten.copy_):
+            src, dst_device = _copy_devices(func, args, kwargs)
             if isinstance(src, torch.Tensor) and dst_device is not None:
-                dst_device = torch.device(dst_device)
                 if src.device.type == self.device.type and dst_device.type == "cpu":
                     acc.add("sync", "device_to_host_copy", launches=0, read=footprint(src))
                     if func is aten.copy_.default:
                         return args[0]
                     return torch.zeros(src.shape, dtype=kwargs.get("dtype") or src.dtype, device="cpu")
+                    # (a stand-in: the data are not known)
                 if src.device.type == "cpu" and dst_device.type == self.device.type:
                     out = func(*args, **kwargs)
                     acc.add("h2d", _op_name(func), launches=0, read=footprint(src), write=footprint(src))
                     return out
+        on_device = any(t.device.type == self.device.type for a in list(args) + list(kwargs.values())
+                        for t in _tensors(a))
+        factory = kwargs.get("device") is not None and torch.device(kwargs["device"]).type == self.device.type
+        if not (on_device or factory):
+            return func(*args, **kwargs)  # host-side work on CPU tensors (e.g. a piece table): no launch, no sync
+        if func in _SYNC_SCALAR or func in _SYNC_SHAPE:
+            acc.add("sync", _op_name(func), launches=0)
+            return _stand_in(func, args)
         if func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
             with self:  # decomposed as on any device (e.g. matmul -> expand, bmm, view): see those
                 out = func.decompose(*args, **kwargs)
@@ -369,20 +385,25 @@ def triton_on(device_type: str, account: Optional[Account] = None, counter: Opti
 # ---- one configuration ----------------------------------------------------------------------------
 
 
-def make_layer(shape: Shape, dtype: torch.dtype, device, backend: str):
+# mixing modes accounted besides the plain (non-causal) layer: FusedHyperMixing arguments
+MODES = {"chunk32": dict(chunk_size=32), "causal": dict(causal=True)}
+
+
+def make_layer(shape: Shape, dtype: torch.dtype, device, backend: str, mode: str = ""):
     import hmx_kernels
 
-    layer = hmx_kernels.FusedHyperMixing(shape.d, shape.k, tied=False, num_heads=shape.H, backend=backend)
+    layer = hmx_kernels.FusedHyperMixing(shape.d, shape.k, tied=False, num_heads=shape.H, backend=backend,
+                                         **MODES.get(mode, {}))
     return layer.to(device=device, dtype=dtype)
 
 
 def account_layer(shape: Shape, dtype: torch.dtype, N: int, B: int = 4, backend: str = "triton",
-                  mask: bool = False, step=None) -> Account:
+                  mask: bool = False, step=None, mode: str = "") -> Account:
     """The account of one forward + backward of the layer on the meta device (see the module
-    docstring). `step(layer, x, mask)` replaces the default step (out = layer(x, x, x); out.backward
-    of a gradient of ones) for tests."""
+    docstring); mode: "" (plain mixing) or a key of MODES. `step(layer, x, mask, account)`
+    replaces the default step (out = layer(x, x, x); out.backward(grad)) for tests."""
     device = torch.device("meta")
-    layer = make_layer(shape, dtype, device, backend)
+    layer = make_layer(shape, dtype, device, backend, mode)
     x = torch.empty(B, N, shape.d, dtype=dtype, device=device, requires_grad=True)
     kpm = torch.zeros(B, N, dtype=torch.bool, device=device) if mask else None
     grad = torch.empty(B, N, shape.d, dtype=dtype, device=device)
@@ -424,11 +445,11 @@ def minimum_bytes(shape: Shape, dtype: torch.dtype, N: int, B: int, mask: bool) 
 
 
 def summarize(account: Account, shape: Shape, dtype: torch.dtype, N: int, B: int, backend: str,
-              mask: bool) -> dict:
+              mask: bool, mode: str = "") -> dict:
     mins = minimum_bytes(shape, dtype, N, B, mask)
     total = account.bytes(kind=None)
     tokens = B * N
-    row = dict(backend=backend, shape=shape.name, d=shape.d, k=shape.k, H=shape.H, d_h=shape.d_h,
+    row = dict(backend=backend, mode=mode, shape=shape.name, d=shape.d, k=shape.k, H=shape.H, d_h=shape.d_h,
                k_h=shape.k_h, dtype=str(dtype).replace("torch.", ""), B=B, N=N, mask=int(mask))
     for ph in ("fwd", "bwd"):
         row[f"{ph}_triton_launches"] = account.launches(phase=ph, kind="triton")
@@ -607,14 +628,14 @@ def layer_estimates(rows: List[dict]) -> List[dict]:
 # ---- output ------------------------------------------------------------------------------------------
 
 SUMMARY_COLUMNS = [
-    "backend", "shape", "d", "k", "H", "d_h", "k_h", "dtype", "B", "N", "mask",
+    "backend", "mode", "shape", "d", "k", "H", "d_h", "k_h", "dtype", "B", "N", "mask",
     "fwd_triton_launches", "fwd_aten_in_op_launches", "fwd_aten_layer_launches", "fwd_extension_calls",
     "bwd_triton_launches", "bwd_aten_in_op_launches", "bwd_aten_layer_launches", "bwd_extension_calls",
     "launches", "fwd_bytes", "bwd_bytes", "triton_bytes", "aten_in_op_bytes", "aten_layer_bytes", "extension_bytes",
     "bytes", "min_bytes", "two_pass_bytes", "bytes_per_token", "min_bytes_per_token", "ratio_to_min",
     "ratio_to_two_pass", "host_syncs", "sync_ops", "h2d_copies", "fused_launches", "fused_bytes", "host_us",
 ]
-EVENT_COLUMNS = ["backend", "shape", "dtype", "N", "index", "phase", "scope", "kind", "name", "launches",
+EVENT_COLUMNS = ["backend", "mode", "shape", "dtype", "N", "index", "phase", "scope", "kind", "name", "launches",
                  "read_bytes", "write_bytes"]
 
 
@@ -639,7 +660,7 @@ def markdown(meta: dict, rows: List[dict], savings: List[dict], estimates: List[
         if r["backend"] != "triton":
             f += f" (+{r['fwd_extension_calls']} C++ op)"
             b += f" (+{r['bwd_extension_calls']} C++ op)"
-        L.append(f"| {r['backend']} | {r['shape']} | {r['dtype']} | {r['N']} | {f} | {b} | {r['launches']} | "
+        L.append(f"| {r['backend']}{' ' + r['mode'] if r['mode'] else ''} | {r['shape']} | {r['dtype']} | {r['N']} | {f} | {b} | {r['launches']} | "
                  f"{_mb(r['bytes'])} | {r['bytes_per_token']:.0f} | {r['min_bytes_per_token']:.0f} | "
                  f"{r['ratio_to_min']:.2f} | {r['ratio_to_two_pass']:.2f} | {r['host_syncs']}"
                  f"{' (' + r['sync_ops'] + ')' if r['sync_ops'] else ''} | {r['h2d_copies']} |")
@@ -702,7 +723,8 @@ def write_csv(path: str, rows: List[dict], columns: List[str]) -> None:
 
 
 def run(shapes: List[str], dtypes: List[str], lengths: List[int], backends: List[str], B: int, mask: bool,
-        host_repeats: int, out_dir: Optional[str]) -> Tuple[List[dict], List[dict], List[dict], List[dict], dict]:
+        host_repeats: int, out_dir: Optional[str], modes: Iterable[str] = (), mode_shapes: Iterable[str] = ("sb256",),
+        ) -> Tuple[List[dict], List[dict], List[dict], List[dict], dict]:
     rows, events, savings, estimates = [], [], [], []
     per_config: Dict[tuple, dict] = {}
     for backend in backends:
@@ -716,8 +738,8 @@ def run(shapes: List[str], dtypes: List[str], lengths: List[int], backends: List
                     rows.append(row)
                     per_config[(backend, sname, dname, N)] = row
                     for i, e in enumerate(acc.events):
-                        events.append(dict(backend=backend, shape=sname, dtype=row["dtype"], N=N, index=i,
-                                           **dataclasses.asdict(e)))
+                        events.append(dict(backend=backend, mode="", shape=sname, dtype=row["dtype"], N=N,
+                                           index=i, **dataclasses.asdict(e)))
                     if backend == "triton":
                         s = fusion_savings(acc, shape, dtype, N, B)
                         left = row["launches"] - s["epilogue_launches_saved"] - s["finalize_launches_before"] + 2
@@ -728,11 +750,22 @@ def run(shapes: List[str], dtypes: List[str], lengths: List[int], backends: List
                     print(f"{backend} {sname} {dname} N {N}: {row['launches']} launches, "
                           f"{row['bytes_per_token']:.0f} B/token ({row['ratio_to_min']:.2f}x min), "
                           f"{row['host_syncs']} syncs", file=sys.stderr, flush=True)
+    for mode in modes if "triton" in backends else ():
+        for sname in mode_shapes:
+            for N in lengths:
+                acc = account_layer(SHAPES[sname], torch.bfloat16, N, B, "triton", mask, mode=mode)
+                row = summarize(acc, SHAPES[sname], torch.bfloat16, N, B, "triton", mask, mode)
+                rows.append(row)
+                for i, e in enumerate(acc.events):
+                    events.append(dict(backend="triton", mode=mode, shape=sname, dtype=row["dtype"], N=N, index=i,
+                                       **dataclasses.asdict(e)))
+                print(f"triton {mode} {sname} bfloat16 N {N}: {row['launches']} launches, {row['host_syncs']} syncs, "
+                      f"{row['h2d_copies']} host-to-device copies", file=sys.stderr, flush=True)
     host_us, host_launches = host_time_us(repeats=host_repeats) if host_repeats else (float("nan"), 0)
     for row in rows:
         row["host_us"] = round(host_us, 1)
     if "triton" in backends and len(lengths) >= 2:
-        estimates = layer_estimates([r for r in rows if r["backend"] == "triton"])
+        estimates = layer_estimates([r for r in rows if r["backend"] == "triton" and not r["mode"]])
     meta = dict(git=git_sha()[:12], torch=torch.__version__, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 B=B, mask=mask, host_us=host_us, host_repeats=host_repeats,
                 host_launches=host_launches,
@@ -747,18 +780,22 @@ def run(shapes: List[str], dtypes: List[str], lengths: List[int], backends: List
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="sb144,sb256,tf512")
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--lengths", default="4096,16384")
     p.add_argument("--backends", default="triton,cpu")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--mask", action="store_true", help="a key padding mask (speechbrain training)")
+    p.add_argument("--modes", default="chunk32,causal", help="mixing modes accounted too (triton, bf16; '' for none)")
+    p.add_argument("--mode-shapes", default="sb256")
     p.add_argument("--host-repeats", type=int, default=30, help="steps of the host-time median (0: skip)")
     p.add_argument("--out", default=RESULTS, help="folder for traffic.csv, traffic-launches.csv, traffic.md")
     a = p.parse_args(argv)
     rows, _, _, _, meta = run(a.shapes.split(","), a.dtypes.split(","), [int(n) for n in a.lengths.split(",")],
-                              a.backends.split(","), a.batch, a.mask, a.host_repeats, a.out)
+                              a.backends.split(","), a.batch, a.mask, a.host_repeats, a.out,
+                              [m for m in a.modes.split(",") if m], a.mode_shapes.split(","))
     with open(os.path.join(a.out, "traffic.md")) as f:
         print(f.read())
     return 0

@@ -66,6 +66,18 @@ def test_account_finds_a_host_sync():
     assert row["host_syncs"] == 2 and row["sync_ops"] == "_local_scalar_dense nonzero"
 
 
+def test_chunked_path_has_no_sync_and_copies_its_piece_table():
+    """Chunk-causal mixing builds its piece table on the host from the block arguments: no host
+    synchronisation, host-to-device copies (the table and its index vectors), and the host-side
+    CPU ops that build it are neither launches nor syncs."""
+    acc = traffic.account_layer(SMALL, torch.float32, N, B, "triton", mode="chunk32")
+    row = traffic.summarize(acc, SMALL, torch.float32, N, B, "triton", False, "chunk32")
+    assert row["mode"] == "chunk32" and row["host_syncs"] == 0
+    assert row["h2d_copies"] > 0 and all(e.scope.startswith("triton_blocks") for e in acc.h2d())
+    assert [e.name for e in acc.select(kind="triton")] == [
+        "hmx_fwd_kernel_state", "hmx_fwd_kernel_mix", "hmx_bwd_kernel_query", "hmx_bwd_kernel_key"]
+
+
 def test_cpu_backend_is_one_call_per_direction():
     acc = traffic.account_layer(SMALL, torch.float32, N, B, "cpu")
     calls = [(e.phase, e.name) for e in acc.select(kind="extension")]
@@ -102,7 +114,7 @@ def test_readme_gpu_estimates_come_from_the_committed_account():
     import csv
 
     with open(os.path.join(ROOT, "benchmarks", "results", "traffic.csv"), newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["backend"] == "triton"]
+        rows = [r for r in csv.DictReader(f) if r["backend"] == "triton" and not r["mode"]]
     assert {r["shape"] for r in rows} == {"sb144", "sb256", "tf512"} and {int(r["N"]) for r in rows} == {4096, 16384}
     table = traffic.estimates_table(traffic.layer_estimates(rows))
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
