@@ -643,7 +643,27 @@ def _mb(x: float) -> str:
     return f"{x / 1e6:.1f}"
 
 
-def markdown(meta: dict, rows: List[dict], savings: List[dict], estimates: List[dict]) -> str:
+def breakdown(events: List[dict]) -> List[dict]:
+    """Launches and MB of one configuration's events, grouped: each Triton kernel; the ops' torch
+    finalize (by phase); the layer's torch ops by name (by phase)."""
+    groups: Dict[tuple, List[int]] = {}
+    for e in events:
+        if e["kind"] not in ("triton", "aten"):
+            continue
+        if e["kind"] == "triton":
+            key = (e["phase"], "Triton kernel", e["name"])
+        elif e["scope"] != "layer":
+            key = (e["phase"], "finalize (torch ops in " + e["scope"] + ")", "")
+        else:
+            key = (e["phase"], "layer (torch)", e["name"])
+        g = groups.setdefault(key, [0, 0])
+        g[0] += int(e["launches"])
+        g[1] += int(e["read_bytes"]) + int(e["write_bytes"])
+    return [dict(phase=k[0], what=k[1], name=k[2], launches=v[0], bytes=v[1]) for k, v in groups.items()]
+
+
+def markdown(meta: dict, rows: List[dict], savings: List[dict], estimates: List[dict],
+             events: Optional[List[dict]] = None) -> str:
     L = ["# Traffic and launch account of the layer (no GPU: meta device, launches recorded, not run)", ""]
     L.append(f"`python -m benchmarks.traffic` at {meta['git']}, torch {meta['torch']}, {meta['when']}. "
              "FusedHyperMixing forward + backward, self-mixing `layer(x, x, x)`, tied=False, speechbrain "
@@ -670,6 +690,23 @@ def markdown(meta: dict, rows: List[dict], savings: List[dict], estimates: List[
              f"{meta['host_us']:.0f} us over {meta['host_repeats']} steps ({meta['host_launches']} Triton "
              "launches per step; the torch ops ran, on tiny tensors). Target: 150 us.")
     L.append("")
+    if events:
+        L.append("## Where the launches and bytes go (triton, bf16, N 16384)")
+        L.append("")
+        shapes = list(dict.fromkeys(r["shape"] for r in rows if r["backend"] == "triton" and not r["mode"]))
+        L.append("| phase | what | op | " + " | ".join(f"{s}: launches | MB" for s in shapes) + " |")
+        L.append("|---|---|---|" + "---|---|" * len(shapes))
+        per = {s: {(b["phase"], b["what"], b["name"]): b for b in breakdown(
+            [e for e in events if e["backend"] == "triton" and not e["mode"] and e["shape"] == s
+             and e["dtype"] == "bfloat16" and int(e["N"]) == 16384])} for s in shapes}
+        keys = list(dict.fromkeys(k for s in shapes for k in per[s]))
+        for k in keys:
+            cells = []
+            for s in shapes:
+                b = per[s].get(k)
+                cells.append(f"{b['launches']} | {_mb(b['bytes'])}" if b else " | ")
+            L.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
+        L.append("")
     if savings:
         L.append("## What the planned fusions would save (triton backend, from this account)")
         L.append("")
@@ -775,7 +812,7 @@ def run(shapes: List[str], dtypes: List[str], lengths: List[int], backends: List
         write_csv(os.path.join(out_dir, "traffic.csv"), rows, SUMMARY_COLUMNS)
         write_csv(os.path.join(out_dir, "traffic-launches.csv"), events, EVENT_COLUMNS)
         with open(os.path.join(out_dir, "traffic.md"), "w") as f:
-            f.write(markdown(meta, rows, savings, estimates))
+            f.write(markdown(meta, rows, savings, estimates, events))
     return rows, events, savings, estimates, meta
 
 
