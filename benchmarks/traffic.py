@@ -518,19 +518,21 @@ def fusion_savings(account: Account, shape: Shape, dtype: torch.dtype, N: int, B
 
 
 def host_time_us(shape: Shape = SHAPES["sb256"], B: int = 1, N: int = 64, repeats: int = 30,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> Tuple[float, int]:
+                 dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 parts: Optional[dict] = None) -> Tuple[float, int]:
     """Median host time (us) of one eager forward + backward of the layer, with the Triton
     launches counted but not run, and the Triton launches per step. device "cpu": CPU tensors (the
     torch ops run, on tiny tensors; the figure reported); "meta" is no cheaper (many meta kernels
     are Python functions: about 5x the CPU time here). One torch thread; the time is this
     thread's CPU time (time.thread_time), so that other processes on a shared machine do not
-    inflate it (wall time would include their share of the cores)."""
+    inflate it (wall time would include their share of the cores). parts: filled with the
+    forward's and the backward's medians ("fwd", "bwd")."""
     torch.manual_seed(0)
     layer = make_layer(shape, dtype, device, "triton")
     x = torch.randn(B, N, shape.d, dtype=dtype).to(device).requires_grad_(True)
     grad = torch.randn(B, N, shape.d, dtype=dtype).to(device)
     counter = [0]
-    times = []
+    times, fwd_times = [], []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one host thread drives a GPU; no thread pool contending for tiny ops
     with triton_on(device, counter=counter), contextlib.ExitStack() as stack:
@@ -541,10 +543,15 @@ def host_time_us(shape: Shape = SHAPES["sb256"], B: int = 1, N: int = 64, repeat
             x.grad = None
             t0 = time.thread_time()
             out, _ = layer(x, x, x)
+            tf = time.thread_time()
             out.backward(grad)
             t1 = time.thread_time()
             if i >= 3:
                 times.append((t1 - t0) * 1e6)
+                fwd_times.append((tf - t0) * 1e6)
+    if parts is not None:
+        parts["fwd"] = statistics.median(fwd_times)
+        parts["bwd"] = statistics.median(t - f for t, f in zip(times, fwd_times))
     return statistics.median(times), counter[0]
 
 
@@ -688,7 +695,8 @@ def markdown(meta: dict, rows: List[dict], savings: List[dict], estimates: List[
     L.append(f"Host time per fwd+bwd, launches counted but not run (triton backend on CPU tensors, d_h 32 "
              f"(sb256), B 1, N 64, fp32, 1 torch thread, thread CPU time, {meta['cpu']}): median "
              f"{meta['host_us']:.0f} us over {meta['host_repeats']} steps ({meta['host_launches']} Triton "
-             "launches per step; the torch ops ran, on tiny tensors). Target: 150 us.")
+             f"launches per step; the torch ops ran, on tiny tensors): forward {meta['host_fwd_us']:.0f} us, "
+             f"backward {meta['host_bwd_us']:.0f} us. Target: 150 us.")
     L.append("")
     if events:
         L.append("## Where the launches and bytes go (triton, bf16, N 16384)")
@@ -798,13 +806,14 @@ def run(shapes: List[str], dtypes: List[str], lengths: List[int], backends: List
                                        **dataclasses.asdict(e)))
                 print(f"triton {mode} {sname} bfloat16 N {N}: {row['launches']} launches, {row['host_syncs']} syncs, "
                       f"{row['h2d_copies']} host-to-device copies", file=sys.stderr, flush=True)
-    host_us, host_launches = host_time_us(repeats=host_repeats) if host_repeats else (float("nan"), 0)
+    host_parts = {"fwd": float("nan"), "bwd": float("nan")}
+    host_us, host_launches = host_time_us(repeats=host_repeats, parts=host_parts) if host_repeats else (float("nan"), 0)
     for row in rows:
         row["host_us"] = round(host_us, 1)
     if "triton" in backends and len(lengths) >= 2:
         estimates = layer_estimates([r for r in rows if r["backend"] == "triton" and not r["mode"]])
     meta = dict(git=git_sha()[:12], torch=torch.__version__, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                B=B, mask=mask, host_us=host_us, host_repeats=host_repeats,
+                B=B, mask=mask, host_us=host_us, host_fwd_us=host_parts["fwd"], host_bwd_us=host_parts["bwd"], host_repeats=host_repeats,
                 host_launches=host_launches,
                 cpu=cpu_model())
     if out_dir:
