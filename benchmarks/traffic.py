@@ -26,8 +26,9 @@ asked to do:
 The triton backend runs exactly the launch sequence it runs on CUDA (the same Python: the ops'
 impls, the finalize, the layer's LayerNorm, casts and autograd); the meta device stands in for the
 CUDA device (the backend is allowed on "meta" for the run). aten ops are counted one launch each,
-except `native_layer_norm_backward` (2 on CUDA: dX, and dgamma / dbeta); views, allocations and
-metadata ops launch nothing. The cpu backend (the C++ twin) is accounted too: each of its ops is one
+except `native_layer_norm_backward` (2 on CUDA: dX, and dgamma / dbeta) and `ldexp` (2: pow, mul;
+composite ops are seen decomposed, the others as one launch); views, allocations and metadata ops
+launch nothing. The cpu backend (the C++ twin) is accounted too: each of its ops is one
 opaque call whose bytes are its arguments and results.
 
 Minimum bytes of the layer (per fwd+bwd, in the tensors' own dtypes): forward reads x, the mask
@@ -191,7 +192,7 @@ _NO_LAUNCH = {
 # ops whose written argument is overwritten, not read
 _OVERWRITE = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default}
 # kernels per op where CUDA launches more than one
-_MULTI_LAUNCH = {aten.native_layer_norm_backward.default: 2}
+_MULTI_LAUNCH = {aten.native_layer_norm_backward.default: 2, aten.ldexp.Tensor: 2}
 # host synchronisations: data-dependent scalars and shapes
 _SYNC_SCALAR = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default}
 _SYNC_SHAPE = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
