@@ -21,7 +21,11 @@ asked to do:
   data-dependent shapes (`nonzero`, `masked_select`, `unique`, `repeat_interleave` without
   `output_size`), device-to-host copies; host-to-device copies are counted apart (no sync, but
   a pageable copy inside CUDA-graph capture is not allowed). A recorded sync gets a stand-in
-  value (1 / True / an empty result) so the run goes on.
+  value (1 / True / an empty result) so the run goes on. Work on CPU tensors only (a piece table
+  built on the host) is neither a launch nor a sync.
+
+Besides plain mixing, the chunk-causal (chunk 32) and token-causal layer are accounted (--modes,
+sb256, bf16): their launches, bytes, syncs and host-to-device copies.
 
 The triton backend runs exactly the launch sequence it runs on CUDA (the same Python: the ops'
 impls, the finalize, the layer's LayerNorm, casts and autograd); the meta device stands in for the
@@ -38,8 +42,9 @@ once. The two-pass floor adds what the reassociated algorithm must read again: x
 each direction (state + mix pass, query + key pass).
 
 Host time: `host_time_us` runs the same layer on real CPU tensors at d_h 32 (sb256), B 1, N 64 with
-the Triton launches counted but not run (no dispatch mode), median of --host-repeats calls: the
-Python and torch overhead of one eager fwd+bwd on this CPU.
+the Triton launches counted but not run (no dispatch mode), one torch thread, median of
+--host-repeats steps of this thread's CPU time: the Python and torch overhead of one eager fwd+bwd
+on this CPU (the torch ops run on tiny tensors; forward and backward apart too).
 
 GPU estimates (`gpu_estimate`, README "GPU estimates"): from the account, time = bytes / (achieved
 HBM bandwidth) + launches x per-launch gap, bytes linear in N (fitted through the two lengths), and
