@@ -327,10 +327,11 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                         up(w1_fc2_w), up(w1_fc2_b), up(w2_fc1_w), up(w2_fc1_b), up(w2_fc2_w),
                                         up(w2_fc2_b), scale, chunk_size, left_context, cu_seqlens, num_blocks,
                                         reduce);
-    return {r[0].to(q.scalar_type()), r[1]};
+    return r;  // y in fp32, the compute type
   }
 #endif
-  at::Tensor y = new_buffer({pb.B, pb.M, pb.d}, q.options());
+  // y in the compute type (CUDA: fp32 for every input type, so fp16's range never clips Y)
+  at::Tensor y = new_buffer({pb.B, pb.M, pb.d}, q.options().dtype(compute_type(q)));
   at::Tensor p = new_buffer({pb.B, pb.H, pb.num_blocks * pb.k_h, pb.d_h}, q.options().dtype(compute_type(q)));
   hmx::ForwardParams fp{pb, y.data_ptr(), p.data_ptr()};
   if (q.is_cuda()) {
@@ -367,7 +368,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
               "hmx_kernels: sequence parallelism (reduce) is implemented for non-causal, unpacked mixing on the CPU");
   const auto& pb = pr.pb;
   const auto ctype = compute_type(q);
-  check_same("grad_out", dy, q, q.scalar_type());
+  check_same("grad_out", dy, q, ctype);  // the compute type (CUDA: fp32, fp16's range)
   check_shape("grad_out", dy, {pb.B, pb.M, pb.d});
   check_contiguous("grad_out", dy);
   check_same("p", p, q, ctype);

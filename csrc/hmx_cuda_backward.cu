@@ -157,7 +157,7 @@ int backward_t(const BackwardParams& bp, void* workspace, cudaStream_t stream) {
   qa.pb = pb;
   qa.C = Cq;
   qa.wmat = w.cmat;
-  qa.dy = bp.dy;
+  qa.dy = static_cast<const float*>(bp.dy);  // fp32 (the compute type)
   qa.out1 = bp.dq;
   qa.acc_part = w.t_part;
   qa.vec_part = w.sdy_part;

@@ -14,7 +14,11 @@
 //   piece of the 16 x 16 tile and reads its operands as float4 / float2 from shared memory
 //   (0.25 shared loads per FMA for fp32).
 // Token passes keep their operands in the input type T (fp16/bf16: z, hid, dU and the staged C / R
-// are rounded to T, the tensor-core operands); the finalize passes multiply fp32 states (S, T, A,
+// are rounded to T, the tensor-core operands); fp16's range (65504 down to 2^-14) is kept by powers
+// of two, as in the Triton backend: C / R are staged divided by the power of two of their largest
+// element (per (b, h)), each m dY tile by that of its own (per tile), so dU is rounded in those
+// units too; the accumulators follow the tile's power of two (exact rescales), Y is written in
+// fp32 and dY read in fp32. bf16 (fp32's range) and fp32 take none of it. The finalize passes multiply fp32 states (S, T, A,
 // dP), so for fp16/bf16 they split every operand into bf16 hi + lo planes and add three products
 // (hi hi + hi lo + lo hi: about 16 significant bits, fp32 range), on tensor cores too.
 // Determinism: every output element and every partial sum has one owner and a fixed summation
@@ -287,6 +291,10 @@ struct SimtAcc {
           for (int j = 0; j < 2; ++j) v[i * 2 + j] = fmaf(a[i][kk], b[kk][j], v[i * 2 + j]);
     }
   }
+  __device__ __forceinline__ void scale(float s) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] *= s;
+  }
   template <class Fn>
   __device__ __forceinline__ void visit(float* /*scr*/, Fn&& f) const {
     const int lane = threadIdx.x & 31, r = (lane >> 3) * 4, c = (lane & 7) * 2;
@@ -340,6 +348,10 @@ struct TcAcc {
       wmma::load_matrix_sync(a, pa + ap, lda);
       wmma::mma_sync(f, a, b, f);  // lo hi
     }
+  }
+  __device__ __forceinline__ void scale(float s) {  // elementwise: the same for every element order
+#pragma unroll
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] *= s;
   }
   template <class Fn>
   __device__ __forceinline__ void visit(float* scr, Fn&& fn) const {
@@ -442,15 +454,19 @@ struct StateAcc {
       }
     }
   }
-  // dst [KS][D * D] row-major: every element written once
-  __device__ __forceinline__ void store(float* __restrict__ dst, float* scr) const {
+  __device__ __forceinline__ void scale(float s) {
+#pragma unroll
+    for (int f = 0; f < F; ++f) a[f].scale(s);
+  }
+  // dst [KS][D * D] row-major: every element written once, times `mul`
+  __device__ __forceinline__ void store(float* __restrict__ dst, float* scr, float mul = 1.f) const {
     const int ks = slice();
 #pragma unroll
     for (int f = 0; f < F; ++f) {
       const int t = tile(f);
       if (t < NB) {
         const int m0 = t / (D / 16) * 16, n0 = t % (D / 16) * 16;
-        a[f].visit(scr, [&](int r, int c, float v) { dst[(size_t)ks * D * D + (m0 + r) * D + n0 + c] = v; });
+        a[f].visit(scr, [&](int r, int c, float v) { dst[(size_t)ks * D * D + (m0 + r) * D + n0 + c] = v * mul; });
       }
     }
   }
@@ -464,6 +480,27 @@ __device__ __forceinline__ void chunk_rows(int64_t L, int tile, int64_t C, int64
   *r1 = e < L ? e : L;
 }
 
+// ---- fp16 range: powers of two ----------------------------------------------------------------
+// The power of two of |x|'s exponent (x's exponent bits; 1 for 0 and fp32 subnormals), as the
+// Triton kernels' _pow2_of_max: x / pow2_of(x) is in [1, 2).
+__device__ __forceinline__ float pow2_of(float x) {
+  const float p = __int_as_float(__float_as_int(x) & 0x7F800000);
+  return p > 0.f ? p : 1.f;
+}
+
+// max of v over the block (v >= 0), through kWarps floats of shared memory `red`. Every thread
+// must call it; the caller has synchronised since `red`'s last readers.
+__device__ __forceinline__ float block_max(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float m = red[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) m = fmaxf(m, red[w]);
+  return m;
+}
+
 // ---- token passes ---------------------------------------------------------------------------
 // One block per (b h, token chunk): blockIdx.x = b * H + h, blockIdx.y = chunk.
 struct TokArgs {
@@ -471,8 +508,8 @@ struct TokArgs {
   int64_t C;               // token chunks
   const float* wmat;       // C (mix, query) or R (key) [BH][D * D]
   const float* wvec;       // c0 (mix) or r0 (key) [BH][D]
-  const void* dy;          // query: dY [B, M, d]
-  void* out1;              // mix: y, query: dq, key: dk [B, L, d]
+  const float* dy;         // query: dY [B, M, d] fp32
+  void* out1;              // mix: y (fp32), query: dq, key: dk [B, L, d]
   void* out2;              // key: dv [B, N, d]
   float* acc_part;         // S (state, key) or T (query) partials [BH][C][KS][D * D]
   float* vec_part;         // sum V m^2 or sum m dY partials [BH][C][G][D]
@@ -481,7 +518,7 @@ struct TokArgs {
 };
 
 // state: hid = GELU(z fc1^T + b1); S += hid^T (V m^2); sv += sum V m^2           (generator 1)
-// mix:   hid2 = GELU(z fc1_2^T + b1_2); Y = m (hid2 C + c0)                      (generator 2)
+// mix:   hid2 = GELU(z fc1_2^T + b1_2); Y = m (hid2 C + c0), fp32                (generator 2)
 // query: hid2; T += hid2^T (m dY); sdy += sum m dY; dU = (m dY) C^T * GELU'(U);
 //        dfc1_2 += dU^T z, db1_2 += sum dU, dquery = s m (dU fc1_2)
 // key:   hid; S += hid^T (V m^2), sv; dvalue = m^2 (hid R + r0); dU = (V m^2) R^T * GELU'(U);
@@ -515,6 +552,16 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
   const int tid = threadIdx.x, warp = tid >> 5;
   float* scr = s.scr != nullptr ? s.scr + warp * 256 : nullptr;
 
+  // fp16: C / R staged divided by w_scale, the power of two of their largest element (one per
+  // (b, h), the same in every chunk); m dY tiles by g_scale, their own (query); see the header.
+  constexpr bool kPow2 = std::is_same<T, __half>::value;
+  float w_scale = 1.f;
+  if constexpr (kPow2 && P != Pass::kState) {
+    float mx = 0.f;
+#pragma unroll 1
+    for (int i = tid; i < D * D; i += kThreads) mx = fmaxf(mx, fabsf(a.wmat[bh * D * D + i]));
+    w_scale = pow2_of(block_max(mx, s.scr));
+  }
   // weights of this head (zero-padded to D)
   const T* __restrict__ fc1 = static_cast<const T*>(gp.fc1_w) + h * dh * dh;
   const T* __restrict__ fb1 = gp.fc1_b ? static_cast<const T*>(gp.fc1_b) + h * dh : nullptr;
@@ -522,7 +569,7 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
     const int o = i / D, c = i % D;
     s.w1[o * LD + c] = (o < dh && c < dh) ? fc1[o * dh + c] : from_f<E>(0.f);
     if constexpr (P != Pass::kState)
-      s.w2[o * LD + c] = from_f<E>((o < dh && c < dh) ? a.wmat[bh * D * D + i] : 0.f);
+      s.w2[o * LD + c] = from_f<E>((o < dh && c < dh) ? a.wmat[bh * D * D + i] / w_scale : 0.f);
   }
   if (tid < D) {
     s.b1[tid] = (fb1 != nullptr && tid < dh) ? to_f(fb1[tid]) : 0.f;
@@ -534,12 +581,28 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
   acc2.zero();
   const int cc = tid % D, gi = tid / D;  // column-sum owner: column cc, rows gi, gi + G, ...
   float cs1 = 0.f, cs2 = 0.f;
+  float g_scale = 1.f;  // query, fp16: this tile's power of two of max |m dY|; acc1, acc2 in its units
 
   int64_t r0, r1;
   chunk_rows(L, TT, a.C, chunk, &r0, &r1);
-  for (; r0 < r1; r0 += TT) {
+  for (bool first = true; r0 < r1; r0 += TT, first = false) {
     const int tn = (int)((r1 - r0) < TT ? (r1 - r0) : TT);
     __syncthreads();  // the previous tile's readers are done (first tile: weights staged)
+    if constexpr (kPow2 && P == Pass::kQuery) {
+      const float* __restrict__ dy = a.dy + b * pb.M * d + h * dh;
+      float mx = 0.f;
+#pragma unroll 1
+      for (int i = tid; i < TT * D; i += kThreads) {
+        const int t = i / D, c = i % D;
+        if (t < tn && c < dh && (mask == nullptr || mask[r0 + t] != 0.f)) mx = fmaxf(mx, fabsf(dy[(r0 + t) * d + c]));
+      }
+      const float g = pow2_of(block_max(mx, s.scr));
+      if (!first && g != g_scale) {  // exact: a power of two (fp32 range)
+        acc1.scale(g_scale / g);
+        acc2.scale(g_scale / g);
+      }
+      g_scale = g;  // (block_max's readers of s.scr finish before the sync after the staging)
+    }
     for (int i = tid; i < TT * D; i += kThreads) {
       const int t = i / D, c = i % D;
       const int64_t row = r0 + t;
@@ -554,8 +617,8 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
         s.x[t * LD + c] = from_f<E>(kept ? to_f(v[row * pb.v_rstride + c]) : 0.f);
       }
       if constexpr (P == Pass::kQuery) {
-        const T* __restrict__ dy = static_cast<const T*>(a.dy) + b * pb.M * d + h * dh;
-        s.x[t * LD + c] = from_f<E>(kept ? to_f(dy[row * d + c]) : 0.f);
+        const float* __restrict__ dy = a.dy + b * pb.M * d + h * dh;
+        s.x[t * LD + c] = from_f<E>(kept ? dy[row * d + c] / g_scale : 0.f);
       }
       if (c == 0) s.m[t] = mt;
     }
@@ -570,25 +633,28 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
     if constexpr (P != Pass::kMix) {
       acc1.add_tn(s.h, LD, 0, s.x, LD, 0);  // S or T += hid^T X
 #pragma unroll 4
-      for (int t = gi; t < TT; t += G) cs1 += to_f(s.x[t * LD + cc]);
+      for (int t = gi; t < TT; t += G) cs1 += to_f(s.x[t * LD + cc]) * g_scale;
     }
-    if constexpr (P == Pass::kMix) {  // Y = m (hid2 C + c0)
-      T* __restrict__ y = static_cast<T*>(a.out1) + b * pb.M * d + h * dh;
+    if constexpr (P == Pass::kMix) {  // Y = m (hid2 C + c0), fp32
+      float* __restrict__ y = static_cast<float*>(a.out1) + b * pb.M * d + h * dh;
       block_gemm<E, TT, D, D, true, true>(s.h, LD, 0, s.w2, LD, 0, scr, [&](int t, int c, float v) {
-        if (t < tn && c < dh) y[(r0 + t) * d + c] = from_f<T>(s.m[t] * (v + s.vec[c]));
+        if (t < tn && c < dh) y[(r0 + t) * d + c] = s.m[t] * (v * w_scale + s.vec[c]);
       });
     }
     if constexpr (P == Pass::kKey) {  // dvalue = m^2 (hid R + r0)
       T* __restrict__ dv = static_cast<T*>(a.out2) + b * pb.N * d + h * dh;
       block_gemm<E, TT, D, D, true, true>(s.h, LD, 0, s.w2, LD, 0, scr, [&](int t, int c, float v) {
-        if (t < tn && c < dh) dv[(r0 + t) * d + c] = from_f<T>(s.m[t] * s.m[t] * (v + s.vec[c]));
+        if (t < tn && c < dh) dv[(r0 + t) * d + c] = from_f<T>(s.m[t] * s.m[t] * (v * w_scale + s.vec[c]));
       });
     }
+    // dU's units: w_scale (key) or g_scale * w_scale (query); 1 but for fp16
+    const float du_unit = P == Pass::kQuery ? g_scale * w_scale : w_scale;
     if constexpr (kBwd) {
-      // dhid = X W2^T (key: (V m^2) R^T; query: (m dY) C^T), dU = dhid * GELU'(U)
+      // dhid = X W2^T (key: (V m^2) R^T; query: (m dY) C^T), dU = dhid * GELU'(U); s.du in
+      // du_unit, s.u (the fp32 column sums) in true units
       block_gemm<E, TT, D, D, true, false>(s.x, LD, 0, s.w2, LD, 0, scr, [&](int t, int o, float v) {
         const float du = v * gelu_grad(s.u[t * LDF + o]);
-        s.u[t * LDF + o] = du;
+        s.u[t * LDF + o] = du * du_unit;
         s.du[t * LD + o] = from_f<E>(du);
       });
       __syncthreads();
@@ -598,18 +664,18 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
       // dz = dU fc1 ([TT, D] @ [D, D]); dx = s m dz
       T* __restrict__ dx = static_cast<T*>(a.out1) + b * L * d + h * dh;
       block_gemm<E, TT, D, D, true, true>(s.du, LD, 0, s.w1, LD, 0, scr, [&](int t, int c, float v) {
-        if (t < tn && c < dh) dx[(r0 + t) * d + c] = from_f<T>(sc * s.m[t] * v);
+        if (t < tn && c < dh) dx[(r0 + t) * d + c] = from_f<T>(sc * s.m[t] * v * du_unit);
       });
     }
   }
-  // chunk partials
+  // chunk partials (acc1: units g_scale of the last tile (query), acc2: dU's)
   const int64_t item = bh * a.C + chunk;
   if constexpr (P != Pass::kMix) {
-    acc1.store(a.acc_part + item * Cfg::KS * D * D, scr);
+    acc1.store(a.acc_part + item * Cfg::KS * D * D, scr, P == Pass::kQuery ? g_scale : 1.f);
     a.vec_part[(item * G + gi) * D + cc] = cs1;
   }
   if constexpr (kBwd) {
-    acc2.store(a.g_part + item * Cfg::KS * D * D, scr);
+    acc2.store(a.g_part + item * Cfg::KS * D * D, scr, P == Pass::kQuery ? g_scale * w_scale : w_scale);
     a.gb_part[(item * G + gi) * D + cc] = cs2;
   }
 }

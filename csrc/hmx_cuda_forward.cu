@@ -8,7 +8,7 @@
 //      P = fc2 S + b2 sv^T (written: the state the backward takes), A = GELU(P),
 //      C = fc2_2^T A [d_h, d_h], c0 = b2_2^T A, walking k_h in blocks of J rows.
 //   3. mix_kernel, grid (B H, query chunks): hid2 = GELU(z fc1_2^T + b1_2) per tile,
-//      Y = m (hid2 C + c0), written in the input type. LayerNorm is applied by the caller.
+//      Y = m (hid2 C + c0), written in fp32 (fp16's range). LayerNorm is applied by the caller.
 // Workspace (fp32): S and sv partials [B H, chunks, KS, D^2] / [B H, chunks, G, D]; C, c0.
 #include <cuda_runtime.h>
 

@@ -6,8 +6,9 @@
 //
 // Element types, by backend:
 //   CPU twin: every pointer is `scalar_t` (float or double), the compute type.
-//   CUDA:     tokens, weights, y, dy, dq/dk/dv are the input type T (float, half, bfloat16);
-//             pe_*, m_*, p and every weight-gradient output are float (fp32 accumulation).
+//   CUDA:     tokens, weights, dq/dk/dv are the input type T (float, half, bfloat16); y, dy
+//             (fp16's range: Y can exceed 65504, dY fall below 2^-14), pe_*, m_*, p and every
+//             weight-gradient output are float (fp32 accumulation).
 // Layouts (row-major, last dimension contiguous):
 //   q [B, M, d], k and v [B, N, d]: batch and row strides given, channel stride 1
 //   pe_q [M, d], pe_k [N, d]: positional-encoding rows already shifted to the variant's positions

@@ -138,3 +138,40 @@ def test_wide_fp32_decline_matches_the_device():
     if optin is not None:
         assert bool(reasons) == (optin < CUDA_WIDE_FP32_SMEM_BYTES), (optin, reasons)
     assert not _reasons(case, torch.bfloat16)
+
+
+@pytest.mark.parametrize("mma", [True, False], ids=["mma", "fma"])
+def test_cuda_fp16_range_large_state_and_small_gradients(mma, allow_mma):
+    """fp16 range on the GPU (the case tests/test_cuda_math.py emulates): a large state makes
+    C = fc2_2^T GELU(P) and the pre-LayerNorm Y exceed 65504 and the LayerNorm scales dY below
+    2^-14. The kernels stage C / R divided by a power of two, write Y and read dY in fp32 and scale
+    every m dY tile by its power of two: output and every gradient finite and within the fp16
+    tolerances. M 150 spans three query tiles; the upstream gradient of the rows from 64 on is 2^-4
+    times smaller, so the tiles' powers of two differ (the accumulators' rescale)."""
+    allow_mma(mma)
+    dtype = torch.float16
+    base = make_case(variant="idiap", B=1, M=150, N=40, d=16, H=2, k_h=12, seed=12, input_scale=0.3)
+    with torch.no_grad():
+        base.tensors["value"].mul_(64)
+        base.tensors["w2_fc2_weight"].mul_(256)
+    plain = base.cast(torch.float32)
+    plain.use_layer_norm = False
+    y = hmx_kernels.hyper_mixing(**plain.kwargs(), backend="reference")
+    assert y.abs().max() > 65504, "the case should overflow fp16 if C or Y were not scaled"
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)) * 2.0 ** -10
+    g[:, 64:] *= 2.0 ** -4
+    g = g.to(dtype)
+    y = y.detach().requires_grad_(True)
+    ln = torch.nn.functional.layer_norm(y, (y.shape[-1],), plain.tensors["ln_weight"], plain.tensors["ln_bias"])
+    (dy,) = torch.autograd.grad(ln, y, g.float())
+    assert dy.abs().max() < 2.0 ** -14, "the gradient of Y should be below fp16's normal range"
+    tile_max = [dy[0, i:i + 64].abs().max() for i in (0, 64)]
+    assert torch.frexp(tile_max[0])[1] != torch.frexp(tile_max[1])[1], "the tiles' powers of two should differ"
+    tol = get_backend("cuda").tolerances[("cuda", dtype)]
+    out, grads = forward_backward(base.cast(dtype, "cuda"), "cuda", g.to("cuda"))
+    ref_out, ref_grads = forward_backward(base.cast(dtype, "cuda"), "reference", g.to("cuda"))
+    assert torch.isfinite(out).all()
+    assert_close("out", out, ref_out, tol.out)
+    for name, rg in ref_grads.items():
+        assert torch.isfinite(grads[name]).all(), name
+        assert_close(f"grad {name}", grads[name], rg, tol.grad)

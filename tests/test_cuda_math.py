@@ -11,10 +11,14 @@ declared tolerances; it proves nothing about the kernels' indexing, tiling or sy
 (tests/test_cuda_backend.py does, on a GPU).
 
 Rounding points of the fp16 / bf16 kernels, emulated by `_Rounding`:
-- token passes (tensor-core operands in the input type T): z, hid = GELU(U), V m^2 and m dY (exact:
-  T inputs times 0/1), the staged C / R, dU; U, the column sums and every accumulator stay fp32;
+- token passes (tensor-core operands in the input type T): z, hid = GELU(U), V m^2 (exact: T
+  inputs times 0/1), m dY (read in fp32), the staged C / R, dU; U, the column sums and every
+  accumulator stay fp32;
+- fp16 only, its range: C / R are staged divided by the power of two of their largest element
+  (per (b, h)), each m dY tile of TT tokens by its own (per (b, h, tile)), and dU is rounded in
+  those units (`_Rounding.pow2`); bf16 has fp32's range and takes none of it;
 - finalize passes: every operand as bf16 hi + lo planes (x ~ hi + lo, lo*lo dropped: ~16 bits);
-- outputs y, dq, dk, dv rounded to T; weight gradients and P stay fp32.
+- outputs dq, dk, dv rounded to T; y (before the LayerNorm), weight gradients and P stay fp32.
 """
 from __future__ import annotations
 
@@ -43,11 +47,35 @@ class _Rounding:
     def tok(self, t):  # a token-pass operand or an output in the input type
         return t if self.half is None else t.to(self.half).to(t.dtype)
 
+    def dy_in(self, t):  # dY as the backward kernels receive it: fp32
+        return t
+
+    def pow2(self, x, dims):
+        """The power of two (exponent bits) of max |x| over `dims`, kept for broadcasting: the
+        kernels' pow2_of (1 for an all-zero block); 1 everywhere but fp16."""
+        if self.half != torch.float16:
+            return torch.ones_like(x.abs().amax(dim=dims, keepdim=True))
+        amax = x.abs().amax(dim=dims, keepdim=True)
+        _, e = torch.frexp(amax)
+        return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), e - 1), torch.ones_like(amax))
+
+    def tile_pow2(self, x, tile):
+        """pow2 of x [B, H, L, d_h] per (b, h, tile of `tile` rows), expanded to x's shape."""
+        B, H, L, dh = x.shape
+        n = -(-L // tile)
+        xp = torch.cat([x, x.new_zeros(B, H, n * tile - L, dh)], 2).view(B, H, n, tile, dh)
+        return self.pow2(xp, (3, 4)).expand(B, H, n, tile, dh).reshape(B, H, n * tile, dh)[:, :, :L]
+
     def fin(self, t):  # a finalize operand: bf16 hi + lo planes
         if self.half is None:
             return t
         hi = t.to(torch.bfloat16).to(t.dtype)
         return hi + (t - hi).to(torch.bfloat16).to(t.dtype)
+
+
+def _token_tile(d_h):
+    """The fp16 / bf16 token kernels' tile TT at head block D (csrc/hmx_cuda_common.cuh TokCfg)."""
+    return 32 if d_h > 64 else 64
 
 
 def _heads(x, H):  # [B, L, d] -> [B, H, L, d_h]
@@ -94,10 +122,11 @@ def emulate_forward(q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale, r):
     A = F.gelu(P)
     C = torch.einsum("hjo,bhjc->bhoc", r.fin(g2[2]), r.fin(A))
     c0 = 0.0 if g2[3] is None else torch.einsum("hj,bhjc->bhc", g2[3], A)[:, :, None, :]
-    # mix: Y = m (hid2 C + c0)
+    # mix: Y = m (hid2 C + c0), C staged as C / cs, Y in fp32
     _, _, hid2 = _token_hidden(q, m_q, pe_q, g2, scale, H, r)
-    y = mq * (torch.einsum("bhlo,bhoc->bhlc", hid2, r.tok(C)) + c0)
-    return r.tok(_merge(y)), P
+    cs = r.pow2(C, (-2, -1))
+    y = mq * (torch.einsum("bhlo,bhoc->bhlc", hid2, r.tok(C / cs)) * cs + c0)
+    return _merge(y), P
 
 
 def emulate_backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, p, scale, r):
@@ -106,15 +135,20 @@ def emulate_backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, p, scale, r):
     # bwd_prep: A, C (c0 is not needed by the backward)
     A = F.gelu(p)
     C = torch.einsum("hjo,bhjc->bhoc", r.fin(g2[2]), r.fin(A))
-    # query: T = sum hid2^T (m dY), sdy = sum m dY, dU2 = (m dY) C^T * GELU'(U2)
+    # query: T = sum hid2^T (m dY), sdy = sum m dY, dU2 = (m dY) C^T * GELU'(U2); C staged as
+    # C / cs, each m dY tile as m dY / g, dU2 rounded in units g cs
     zq, u2, hid2 = _token_hidden(q, m_q, pe_q, g2, scale, H, r)
-    dyx = r.tok(_heads(_sel(dy, m_q), H))
-    Tm = torch.einsum("bhlo,bhlc->bhoc", hid2, dyx)
-    sdy = dyx.sum(2)
-    du2 = torch.einsum("bhlc,bhoc->bhlo", dyx, r.tok(C)) * gelu_grad(u2)
-    dfc1_2 = torch.einsum("bhlo,bhlc->hoc", r.tok(du2), zq)
-    db1_2 = du2.sum((0, 2))
-    dq = r.tok(_merge(scale * mq * torch.einsum("bhlo,hoc->bhlc", r.tok(du2), r.tok(g2[0]))))
+    dyt = _heads(_sel(dy, m_q), H)
+    g = r.tile_pow2(dyt, _token_tile(p.shape[-1]))
+    cs = r.pow2(C, (-2, -1))
+    dyx = r.tok(dyt / g)
+    Tm = torch.einsum("bhlo,bhlc->bhoc", hid2, dyx * g)
+    sdy = (dyx * g).sum(2)
+    du2 = torch.einsum("bhlc,bhoc->bhlo", dyx, r.tok(C / cs)) * gelu_grad(u2)  # units g cs
+    unit = g[..., :1] * cs
+    dfc1_2 = torch.einsum("bhlo,bhlc->hoc", r.tok(du2) * unit, zq)
+    db1_2 = (du2 * unit).sum((0, 2))
+    dq = r.tok(_merge(scale * mq * torch.einsum("bhlo,hoc->bhlc", r.tok(du2), r.tok(g2[0])) * unit))
     # bwd_mid: dA = fc2_2 T + b2_2 sdy^T, dP = dA GELU'(P), dfc2_2 = A T^T, db2_2 = A sdy,
     # R = fc2^T dP, r0 = b2^T dP
     dA = torch.einsum("hjo,bhoc->bhjc", r.fin(g2[2]), r.fin(Tm)) + _outer(g2[3], sdy)
@@ -128,11 +162,13 @@ def emulate_backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, p, scale, r):
     vx = r.tok(_heads(_sel(v, m_k), H))
     S = torch.einsum("bhlo,bhlc->bhoc", hid, vx)
     sv = vx.sum(2)
-    dv = r.tok(_merge(mk * mk * (torch.einsum("bhlo,bhoc->bhlc", hid, r.tok(R)) + r0)))
-    du = torch.einsum("bhlc,bhoc->bhlo", vx, r.tok(R)) * gelu_grad(u)
-    dfc1 = torch.einsum("bhlo,bhlc->hoc", r.tok(du), zk)
-    db1 = du.sum((0, 2))
-    dk = r.tok(_merge(scale * mk * torch.einsum("bhlo,hoc->bhlc", r.tok(du), r.tok(g1[0]))))
+    # (R staged as R / rs, dU rounded in units rs)
+    rs = r.pow2(R, (-2, -1))
+    dv = r.tok(_merge(mk * mk * (torch.einsum("bhlo,bhoc->bhlc", hid, r.tok(R / rs)) * rs + r0)))
+    du = torch.einsum("bhlc,bhoc->bhlo", vx, r.tok(R / rs)) * gelu_grad(u)  # units rs
+    dfc1 = torch.einsum("bhlo,bhlc->hoc", r.tok(du) * rs, zk)
+    db1 = (du * rs).sum((0, 2))
+    dk = r.tok(_merge(scale * mk * torch.einsum("bhlo,hoc->bhlc", r.tok(du), r.tok(g1[0])) * rs))
     # bwd_final: dfc2 = dP S^T, db2 = dP sv
     dfc2 = torch.einsum("bhjc,bhoc->hjo", r.fin(dP), r.fin(S))
     db2 = torch.einsum("bhjc,bhc->hj", dP, sv)
@@ -260,7 +296,7 @@ def test_half_rounding_points_fit_the_cuda_tolerances(half):
     yl = y.detach().requires_grad_(True)
     out = F.layer_norm(yl, (d,), ln_w.float(), ln_b.float(), 1e-5)
     (dy,) = torch.autograd.grad(out, yl, grad_out.float())
-    grads = emulate_backward(r.tok(dy), *args32, g1f, g2f, p, scale, r)
+    grads = emulate_backward(r.dy_in(dy), *args32, g1f, g2f, p, scale, r)
 
     tol = get_backend("cuda").tolerances[("cuda", half)]
     used_out = ((r.tok(out).double() - out_ref).abs().max() / out_ref.abs().max()).item() / tol.out
@@ -268,3 +304,75 @@ def test_half_rounding_points_fit_the_cuda_tolerances(half):
                     for a, e in zip(grads, g_ref))
     print(f"{half}: output uses {used_out:.2f}, gradients {used_grad:.2f} of the tolerances")
     assert used_out < 0.5 and used_grad < 0.5
+
+
+def _through_layer_norm(prob64, half, grad_scale=1.0, seed=0, tail=None):
+    """The exact result (direct form on the inputs rounded to `half`, LayerNorm, autograd, fp64)
+    and the emulated kernels' (fp32 with the roundings of _Rounding(half), LayerNorm in fp32):
+    (out_ref, grads_ref, out, grads, max |Y|, exact m dY). tail = (row, factor): the upstream
+    gradient of the query rows from `row` on times `factor`."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale = prob64
+    rd = lambda t: None if t is None else t.to(half).to(F64)  # noqa: E731  (inputs in T)
+    qh, kh_, vh = rd(q), rd(k), rd(v)
+    g1h, g2h = tuple(rd(t) for t in g1), tuple(rd(t) for t in g2)
+    d = q.shape[2]
+    ln_w = 1 + 0.1 * torch.randn(d, generator=g, dtype=F64)
+    ln_b = 0.1 * torch.randn(d, generator=g, dtype=F64)
+    grad_out = torch.randn(q.shape, generator=g, dtype=F64) * grad_scale
+    if tail is not None:
+        grad_out[:, tail[0]:] *= tail[1]
+
+    leaves = [t.clone().requires_grad_(True) for t in (qh, kh_, vh, *g1h, *g2h) if t is not None]
+    it = iter(leaves)
+    lq, lk, lv = next(it), next(it), next(it)
+    lg1 = tuple(None if t is None else next(it) for t in g1h)
+    lg2 = tuple(None if t is None else next(it) for t in g2h)
+    y_ref, _ = direct_form(lq, lk, lv, pe_q, pe_k, m_q, m_k, lg1, lg2, scale)
+    out_ref = F.layer_norm(y_ref, (d,), ln_w, ln_b, 1e-5)
+    g_ref = torch.autograd.grad(out_ref, leaves, grad_out)
+    y_exact = y_ref.detach().requires_grad_(True)  # the exact dY, for the case's preconditions
+    (dy_exact,) = torch.autograd.grad(F.layer_norm(y_exact, (d,), ln_w, ln_b, 1e-5), y_exact, grad_out)
+
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    r = _Rounding(half)
+    args32 = [f32(t) for t in (qh, kh_, vh, pe_q, pe_k, m_q, m_k)]
+    g1f, g2f = tuple(f32(t) for t in g1h), tuple(f32(t) for t in g2h)
+    y, p = emulate_forward(*args32, g1f, g2f, scale, r)
+    yl = y.detach().float().requires_grad_(True)
+    out = F.layer_norm(yl, (d,), ln_w.float(), ln_b.float(), 1e-5)
+    (dy,) = torch.autograd.grad(out, yl, grad_out.float())
+    grads = [gr for gr in emulate_backward(r.dy_in(dy), *args32, g1f, g2f, p, scale, r) if gr is not None]
+    return out_ref, g_ref, r.tok(out), grads, y_ref.abs().max().item(), dy_exact * m_q[..., None]
+
+
+def test_fp16_range_large_state_and_small_gradients():
+    """fp16 range: a large state makes C = fc2_2^T GELU(P) and the pre-LayerNorm Y exceed fp16's
+    65504, and the LayerNorm then scales dY below fp16's normal range (2^-14). The kernels stage C /
+    R divided by a power of two, write Y in fp32, read dY in fp32 and divide each m dY tile by its
+    power of two (csrc/hmx_cuda_common.cuh): output and every gradient finite and within the
+    "cuda" fp16 tolerances. Rounding C or Y to fp16 unscaled gives inf, then NaN after the
+    LayerNorm; rounding dY unscaled flushes the gradients to zero. Two query tiles (M 70 > 64)
+    whose dY have different powers of two exercise the accumulators' rescaling."""
+    half = torch.float16
+    prob = list(_problem(B=2, M=70, N=90, H=2, dh=8, kh=12, input_scale=0.3, seed=12))
+    q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale = prob
+    v = v * 64
+    g2 = (g2[0], g2[1], g2[2] * 256, g2[3])
+    prob = (q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale)
+    # the second query tile's upstream gradient 2^-4 times the first's: another power of two
+    out_ref, g_ref, out, grads, y_max, dy = _through_layer_norm(prob, half, grad_scale=2.0 ** -10, seed=1,
+                                                                tail=(64, 2.0 ** -4))
+    assert y_max > 65504, "the case should overflow fp16 if Y or C were rounded unscaled"
+    assert dy.abs().max() < 2.0 ** -14, "dY should be below fp16's normal range"
+    powers = _Rounding(half).tile_pow2(_heads(dy, 2), _token_tile(8))[0, 0, ::64, 0]
+    assert powers[0] != powers[1], "the two query tiles should have different powers of two"
+    tol = get_backend("cuda").tolerances[("cuda", half)]
+    assert torch.isfinite(out).all(), "output has inf / NaN"
+    err_out = ((out.double() - out_ref).abs().max() / out_ref.abs().max()).item()
+    assert err_out < tol.out, f"output error {err_out:.2e} over the tolerance {tol.out}"
+    names = ["dq", "dk", "dv", "dfc1", "db1", "dfc2", "db2", "dfc1_2", "db1_2", "dfc2_2", "db2_2"]
+    for name, a, e in zip(names, grads, g_ref):
+        assert torch.isfinite(a).all(), f"{name} has inf / NaN"
+        err = ((a.double() - e).abs().max() / e.abs().max()).item()
+        assert err < tol.grad, f"{name}: error {err:.2e} over the tolerance {tol.grad}"
