@@ -271,9 +271,12 @@ def check_inputs(
         raise ValueError(
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
-    if B == 0 or M == 0 or N == 0 or d == 0:
+    empty_slice = sequence_parallel_group is not None and M == 0 and N == 0  # a rank may hold no tokens
+    if B == 0 or d == 0 or ((M == 0 or N == 0) and not empty_slice):
         raise ValueError(
             f"empty input: HyperMixing needs B, M, N, d >= 1, got B={B}, M={M}, N={N}, d={d}"
+            + (" (a sequence-parallel rank may hold an empty slice: no queries and no keys)"
+               if sequence_parallel_group is not None else "")
         )
     if mode is not None and M != N:
         raise ValueError(

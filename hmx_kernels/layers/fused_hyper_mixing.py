@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from ..causal import MixingMode, mode_from_attn_mask, resolve_mode
 from ..dispatch import check_backend_name
 from ..functional import hyper_mixing
-from ..parallel import sequence_parallel_offset
 from ..reference.positional import positional_encoding
 from ..variants import get_variant
 from ..varlen import hyper_mixing_varlen
@@ -143,8 +142,9 @@ class FusedHyperMixing(nn.Module):
             other mask raises.
         sequence_parallel_group: a torch.distributed group whose ranks each hold one contiguous
             slice of every sequence (hmx_kernels.parallel): the state is all-reduced over it and each
-            rank gets its slice of the unsplit result; the slice's position offset is computed by
-            one all-gather per call unless forward gets `position_offset=`.
+            rank gets its slice of the unsplit result. One small all-gather per call gives the
+            slice's position offset (unless forward gets `position_offset=`) and checks that every
+            rank makes the same call (hmx_kernels.parallel.agree_on_slices); a rank may hold no tokens.
 
     forward, speechbrain style: `out, None = layer(x, x, x, attn_mask=None, key_padding_mask=mask)`;
     key, value and pos_embs are ignored (query is used for all three); attn_mask per attn_mask_policy.
@@ -349,12 +349,8 @@ class FusedHyperMixing(nn.Module):
 
     def _mix(self, query, key, value, key_padding_mask, query_padding_mask, mode=None,
              position_offset: Optional[int] = None) -> Tensor:
+        # with a group and no position_offset, hyper_mixing's one all-gather computes the offset
         group = self.sequence_parallel_group
-        if position_offset is None:
-            position_offset = 0
-            if group is not None:
-                position_offset = sequence_parallel_offset((key if key is not None else query).shape[1], group,
-                                                           device=query.device if query.is_cuda else None)
         return hyper_mixing(
             query, key, value, *self._weights(),
             variant=self.variant,
