@@ -35,15 +35,36 @@ def _size(name: str, value) -> int:
     return int(value)
 
 
+class _Unset:
+    """The default of forward's mask arguments: tells "not passed" from an explicit None."""
+
+    def __repr__(self) -> str:
+        return "None"
+
+
+_UNSET = _Unset()
+
+
 def _positional(names, args, **keywords) -> dict:
-    """Map extra positional arguments onto `names`; an argument given both ways is an error."""
+    """The arguments `names` from forward's extra positional `args` and its keywords (None where
+    neither gave one); an argument given both ways is a TypeError, as Python raises for a plain
+    signature, even when the keyword's value is None."""
     if len(args) > len(names):
         raise TypeError(f"forward takes at most {3 + len(names)} positional arguments")
     given = dict(zip(names, args))
     for name in given:
-        if keywords.get(name) is not None:
-            raise TypeError(f"{name} was given both positionally and by keyword; pass it once")
+        if keywords.get(name, _UNSET) is not _UNSET:
+            raise TypeError(f"forward() got multiple values for argument '{name}' (given both positionally and by keyword)")
+    for name, value in keywords.items():
+        if name not in given:
+            given[name] = None if value is _UNSET else value
     return given
+
+
+def _check_policy(policy) -> str:
+    if not isinstance(policy, str) or policy not in ATTN_MASK_POLICIES:
+        raise ValueError(f"attn_mask_policy must be one of {ATTN_MASK_POLICIES}, got {policy!r}")
+    return policy
 
 
 class GeneratorMLP(nn.Module):
@@ -211,9 +232,7 @@ class FusedHyperMixing(nn.Module):
         self.hypernetwork_bias = bool(hypernetwork_bias)
         self.backend = backend
         self.mode = resolve_mode(causal, chunk_size, left_context_chunks)
-        if attn_mask_policy not in ATTN_MASK_POLICIES:
-            raise ValueError(f"attn_mask_policy must be one of {ATTN_MASK_POLICIES}, got {attn_mask_policy!r}")
-        self.attn_mask_policy = attn_mask_policy
+        self.attn_mask_policy = attn_mask_policy  # checked by the property's setter
         self._warned_ignored_mask = False
         self.sequence_parallel_group = sequence_parallel_group
         self.eps = eps
@@ -233,6 +252,17 @@ class FusedHyperMixing(nn.Module):
             f"hypernetwork_bias={self.hypernetwork_bias}, backend={self.backend!r}"
         )
 
+    @property
+    def attn_mask_policy(self) -> str:
+        """"raise", "ignore" or "honour" (see the class docstring); checked on every assignment."""
+        policy = self.__dict__.get("_attn_mask_policy")
+        # a layer pickled by an earlier version holds the plain attribute
+        return policy if policy is not None else _check_policy(self.__dict__.get("attn_mask_policy", "raise"))
+
+    @attn_mask_policy.setter
+    def attn_mask_policy(self, policy: str) -> None:
+        self._attn_mask_policy = _check_policy(policy)
+
     # ------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -240,26 +270,35 @@ class FusedHyperMixing(nn.Module):
         key: Optional[Tensor] = None,
         value: Optional[Tensor] = None,
         *args,
-        attn_mask: Optional[Tensor] = None,
-        key_padding_mask: Optional[Tensor] = None,
-        query_padding_mask: Optional[Tensor] = None,
-        return_attn_weights: Optional[bool] = True,
-        pos_embs: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = _UNSET,
+        key_padding_mask: Optional[Tensor] = _UNSET,
+        query_padding_mask: Optional[Tensor] = _UNSET,
+        return_attn_weights: Optional[bool] = _UNSET,
+        pos_embs: Optional[Tensor] = _UNSET,
         position_offset: Optional[int] = None,
         cu_seqlens: Optional[Tensor] = None,
         max_seqlen: Optional[int] = None,
     ):
+        # the masks (None = not given; an argument given positionally and by keyword is a TypeError)
+        if self.variant == "speechbrain":
+            # positional order of speechbrain's forward: attn_mask, key_padding_mask, return_attn_weights, pos_embs
+            given = _positional(("attn_mask", "key_padding_mask", "return_attn_weights", "pos_embs"), args,
+                                attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                return_attn_weights=return_attn_weights, pos_embs=pos_embs)
+            query_padding_mask = None if query_padding_mask is _UNSET else query_padding_mask
+        else:
+            # idiap: forward(query, key, value, query_padding_mask=None, key_padding_mask=None)
+            given = _positional(("query_padding_mask", "key_padding_mask"), args,
+                                query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask)
+            query_padding_mask = given["query_padding_mask"]
+            given["attn_mask"] = None if attn_mask is _UNSET else attn_mask
+        attn_mask, key_padding_mask = given["attn_mask"], given["key_padding_mask"]
         if cu_seqlens is not None:
-            out = self._mix_packed(query, key, value, args, attn_mask, key_padding_mask, query_padding_mask,
+            out = self._mix_packed(query, key, value, attn_mask, key_padding_mask, query_padding_mask,
                                    position_offset, cu_seqlens, max_seqlen)
             return (out, None) if self.variant == "speechbrain" else out
         if self.variant == "speechbrain":
-            # positional order of speechbrain's forward: attn_mask, key_padding_mask, return_attn_weights, pos_embs
-            names = ("attn_mask", "key_padding_mask", "return_attn_weights", "pos_embs")
-            given = _positional(names, args, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
-            attn_mask = given.get("attn_mask", attn_mask)
-            key_padding_mask = given.get("key_padding_mask", key_padding_mask)
-            mode = self._mode_for(attn_mask)
+            mode = self._mode_for(attn_mask, query)
             if query_padding_mask is not None:
                 raise ValueError(
                     "the speechbrain variant uses one padding mask for all tokens: pass key_padding_mask"
@@ -276,23 +315,18 @@ class FusedHyperMixing(nn.Module):
             out = self._mix(query, None, None, key_padding_mask, None, mode, position_offset)
             return out, None
 
-        # idiap: forward(query, key, value, query_padding_mask=None, key_padding_mask=None)
-        names = ("query_padding_mask", "key_padding_mask")
-        given = _positional(names, args, query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask)
-        query_padding_mask = given.get("query_padding_mask", query_padding_mask)
-        key_padding_mask = given.get("key_padding_mask", key_padding_mask)
-        mode = self._mode_for(attn_mask)
+        mode = self._mode_for(attn_mask, query)
         if key is None:
             key = query
         if value is None:
             value = key
         return self._mix(query, key, value, key_padding_mask, query_padding_mask, mode, position_offset)
 
-    def _mix_packed(self, query, key, value, args, attn_mask, key_padding_mask, query_padding_mask,
+    def _mix_packed(self, query, key, value, attn_mask, key_padding_mask, query_padding_mask,
                     position_offset, cu_seqlens, max_seqlen) -> Tensor:
         """Packed sequences (hmx_kernels.varlen): query [total, d] (or [1, total, d]), each
         sequence of cu_seqlens mixed with itself only, in the layer's mode."""
-        if args or attn_mask is not None or key_padding_mask is not None or query_padding_mask is not None:
+        if attn_mask is not None or key_padding_mask is not None or query_padding_mask is not None:
             raise ValueError("with cu_seqlens the tokens are packed: pass no attn_mask and no padding masks")
         if position_offset or self.sequence_parallel_group is not None:
             raise ValueError("packed sequences (cu_seqlens) do not combine with position offsets or sequence "
@@ -317,8 +351,9 @@ class FusedHyperMixing(nn.Module):
         ln = (self.layer_norm.weight, self.layer_norm.bias) if self.layer_norm is not None else (None, None)
         return (*w1, *w2, *ln)
 
-    def _mode_for(self, attn_mask: Optional[Tensor]) -> Optional[MixingMode]:
-        """The mixing mode of this call: the layer's own, or the one `attn_mask` describes."""
+    def _mode_for(self, attn_mask: Optional[Tensor], query: Tensor) -> Optional[MixingMode]:
+        """The mixing mode of this call: the layer's own, or the one `attn_mask` describes (an
+        honoured mask must be [N, N] for the N tokens of `query`)."""
         if attn_mask is None:
             return self.mode
         if self.attn_mask_policy == "raise":
@@ -339,7 +374,8 @@ class FusedHyperMixing(nn.Module):
                 )
                 self._warned_ignored_mask = True
             return self.mode
-        mode = mode_from_attn_mask(attn_mask)
+        length = query.shape[1] if isinstance(query, Tensor) and query.dim() == 3 else None
+        mode = mode_from_attn_mask(attn_mask, length)
         if self.mode is not None and mode != self.mode:
             raise ValueError(
                 f"attn_mask describes {mode.describe() if mode else 'non-causal'} mixing but the layer was built "
