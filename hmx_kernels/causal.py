@@ -16,7 +16,7 @@ in these chunk patterns), and so is a mask of another size than the sequence's. 
 the mask once (it is [N, N] already) and remembers the result for that tensor version, since every
 layer of an encoder gets the same mask; an inference tensor (made under torch.inference_mode) has
 no version counter and is read on every call. The mode depends on the mask's values, so under
-torch.compile the recognition runs outside the graph: one graph break, and
+torch.compile the recognition runs outside the graph (graph breaks), and
 torch.compile(fullgraph=True) raises, saying so (build the layer with causal= / chunk_size=).
 """
 from __future__ import annotations

@@ -118,9 +118,18 @@ def hyper_mixing(
 _REFUSALS = (ValueError, TypeError, NotImplementedError, BackendNotSupportedError)
 
 
+SEQUENCE_PARALLEL_COMPILE_NOTE = (
+    "hmx_kernels: with a sequence_parallel_group every call first agrees with the other ranks in one "
+    "all-gather read on the host (slice lengths, offsets, call signature), which torch.compile cannot "
+    "capture in the graph"
+)
+
+
 def _sequence_parallel(*tensors, backend: str, position_offset: Optional[int], group, **options) -> Tensor:
     """hyper_mixing over a sequence-parallel group: check locally, agree with the other ranks in
     one all-gather (every rank raises together on any refusal or mismatch), then run."""
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break(msg=SEQUENCE_PARALLEL_COMPILE_NOTE)
     refusal = None
     try:
         problem = check_inputs(*tensors, **options, position_offset=position_offset or 0,

@@ -10,7 +10,7 @@ view with a padding mask (exact, but it spends compute on the padding).
 
 Empty sequences (equal neighbours in cu_seqlens, as `unpad` makes of a fully padded row) are
 allowed: they hold no tokens and produce none. Checking cu_seqlens and sizing the work reads its
-values on the host, so under torch.compile `hyper_mixing_varlen` makes one graph break, and
+values on the host, so under torch.compile `hyper_mixing_varlen` breaks the graph, and
 torch.compile(fullgraph=True) raises, saying so (`COMPILE_NOTE`).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["unpad", "pad", "hyper_mixing_varlen", "cu_seqlens_from_lengths", "CO
 
 COMPILE_NOTE = (
     "hmx_kernels: packed sequences (cu_seqlens) are checked and sized from cu_seqlens' values on the host, "
-    "which torch.compile cannot capture in the graph (one graph break here; fullgraph=True cannot hold it); "
+    "which torch.compile cannot capture in the graph (graph breaks here; fullgraph=True cannot hold it); "
     "compile a padded batch with a key_padding_mask for one graph"
 )
 

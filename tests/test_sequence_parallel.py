@@ -314,3 +314,23 @@ def test_empty_slice_and_cross_mixing_slices(tmp_path, backend):
         pytest.skip("cpu backend unavailable")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_slices_worker, args=(2, str(tmp_path / "init"), backend), nprocs=2, join=True)
+
+
+def test_modes_and_packed_sequences_refuse_a_group():
+    """The README's "does not take a group": causal and chunk-causal mixing and packed sequences
+    raise ValueError before any collective (checked here with a stand-in group object)."""
+    group = object()
+    layer = FusedHyperMixing(8, 8, num_heads=2)
+    w = (*layer.hyper.w1_gen.tensors(), *layer.hyper.w2_gen.tensors(), layer.layer_norm.weight, layer.layer_norm.bias)
+    x = torch.randn(1, 5, 8)
+    for mode in (dict(causal=True), dict(chunk_size=2)):
+        with pytest.raises(ValueError, match="non-causal mixing only"):
+            hmx_kernels.check_inputs(x, None, None, *w, sequence_parallel_group=group, **mode)
+    from hmx_kernels.varlen import hyper_mixing_varlen
+
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="does not take sequence_parallel_group"):
+        hyper_mixing_varlen(x[0], cu, None, *w, sequence_parallel_group=group)
+    layer.sequence_parallel_group = group
+    with pytest.raises(ValueError, match="do not combine with position offsets or sequence parallelism"):
+        layer(x[0], cu_seqlens=cu, max_seqlen=3)
