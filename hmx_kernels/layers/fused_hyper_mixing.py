@@ -54,7 +54,8 @@ def _positional(names, args, **keywords) -> dict:
     given = dict(zip(names, args))
     for name in given:
         if keywords.get(name, _UNSET) is not _UNSET:
-            raise TypeError(f"forward() got multiple values for argument '{name}' (given both positionally and by keyword)")
+            raise TypeError(f"forward() got multiple values for argument '{name}' (given both positionally and "
+                            "by keyword)")
     for name, value in keywords.items():
         if name not in given:
             given[name] = None if value is _UNSET else value
