@@ -143,7 +143,8 @@ def _sequence_parallel(*tensors, backend: str, position_offset: Optional[int], g
     query = tensors[0]
     lengths = (0, 0) if refusal is not None else (problem.M, problem.N)
     device = query.device if isinstance(query, Tensor) and query.is_cuda else None
-    offset = agree_on_slices(*lengths, signature, group, device=device)
+    variant = None if refusal is not None else problem.variant.name  # same on every rank, or a mismatch
+    offset = agree_on_slices(*lengths, signature, group, device=device, variant=variant)
     if refusal is not None:
         raise refusal
     if position_offset is None and offset != problem.position_offset:

@@ -71,14 +71,16 @@ def call_signature(backend: str, p, needs_grad: bool) -> Tuple[int, ...]:
 
 
 def agree_on_slices(query_length: int, key_length: int, signature: Optional[Sequence[int]], group,
-                    device=None) -> int:
+                    device=None, variant: Optional[str] = None) -> int:
     """One all-gather over `group` of (query length, key length, signature) per rank; returns this
     rank's position offset (the key tokens on lower ranks). `signature` None: this rank refused
     its inputs and raises its own error after this returns (the others raise RankMismatchError).
 
     Raises RankMismatchError, with the same message on every rank, when a rank refused its inputs,
     when the signatures differ, or when a rank's queries and keys start at different global
-    positions (cross-mixing whose query and key slices do not line up)."""
+    positions (cross-mixing whose query and key slices do not line up). `variant`: also check,
+    on every rank, that each rank's slice (at the offsets the lengths give) stays within the
+    positions the variant's encoding computes exactly."""
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
@@ -122,4 +124,12 @@ def agree_on_slices(query_length: int, key_length: int, signature: Optional[Sequ
             f"{[row[0] for row in table]} start at {query_offsets}, key slices {[row[1] for row in table]} "
             f"at {key_offsets}; split queries and keys alike on every rank but the last"
         )
+    if variant is not None:
+        from .validation import check_position_range
+
+        for r, row in enumerate(table):
+            try:
+                check_position_range(variant, key_offsets[r], max(row[0], row[1]))
+            except ValueError as e:
+                raise RankMismatchError(f"rank {r} of the sequence-parallel group: {e}") from None
     return key_offsets[rank]

@@ -220,6 +220,18 @@ def _disagreeing_worker(rank, world, init_file, cpu_ok):
             _raises_on_this_rank(lambda: same(x, key_padding_mask=bad_mask), TypeError, "key_padding_mask")
         else:
             _raises_on_this_rank(lambda: same(x, key_padding_mask=bad_mask), RankMismatchError, "rank(s) [1]")
+        # a slice whose global positions leave the encoding's exact range (the limit lowered here to
+        # 15; really 2**24 for speechbrain): rank 1's offset 5 is known only after the gather
+        from hmx_kernels import validation
+
+        limit = validation.MAX_POSITION["speechbrain"]
+        validation.MAX_POSITION["speechbrain"] = 15
+        try:
+            xl = torch.randn(2, 5 if rank == 0 else 14, 12, dtype=torch.float64)
+            _raises_on_this_rank(lambda: same(xl), RankMismatchError, "rank 1 of the sequence-parallel group",
+                                 "reaches position 18, beyond 15")
+        finally:
+            validation.MAX_POSITION["speechbrain"] = limit
         # after all that, the group still works: the same call on both ranks runs
         out = same(x)[0]
         assert out.shape == x.shape and torch.isfinite(out).all()
@@ -229,8 +241,9 @@ def _disagreeing_worker(rank, world, init_file, cpu_ok):
 
 
 def test_ranks_that_disagree_raise_together(tmp_path):
-    """Ranks with different backends, k_h, batch sizes or dtypes, or one rank with refused inputs:
-    every rank raises (RankMismatchError naming the field and every rank's value, or the refused
+    """Ranks with different backends, k_h, batch sizes or dtypes, one rank with refused inputs, or
+    a slice beyond the encoding's exact positions (known only from the gathered offsets): every
+    rank raises (RankMismatchError naming the field and every rank's value, or the refused
     rank's own error) instead of aborting in gloo, returning garbage or waiting for the timeout."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
