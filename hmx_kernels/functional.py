@@ -75,8 +75,8 @@ def hyper_mixing(
 
     Dtypes: parameters must have the tokens' dtype, except under torch.autocast, where tokens and
     hypernetwork weights are cast to the autocast dtype and the result has that dtype (the rule
-    is in `hmx_kernels.validation`). Works under torch.compile (fullgraph, dynamic lengths) and
-    torch.export: the fused backends are torch.library ops (`torch.ops.hmx_kernels.*`).
+    is in `hmx_kernels.validation`). Works under torch.compile (fullgraph, dynamic lengths; with a
+    sequence_parallel_group the agreement all-gather breaks the graph) and torch.export: the fused backends are torch.library ops (`torch.ops.hmx_kernels.*`).
 
     Example:
         >>> import torch, hmx_kernels

@@ -161,7 +161,8 @@ class FusedHyperMixing(nn.Module):
             "ignore" (default of `from_speechbrain`): ignore it, exactly as speechbrain's HyperMixing
             does (warns once). "honour": recognise speechbrain's causal mask (get_lookahead_mask)
             or Dynamic Chunk Training mask (make_transformer_src_mask) and mix in that mode; any
-            other mask raises.
+            other mask, or one that is not [N, N] for the N tokens, raises. Checked whenever it is
+            assigned (layer.attn_mask_policy = "honour").
         sequence_parallel_group: a torch.distributed group whose ranks each hold one contiguous
             slice of every sequence (hmx_kernels.parallel): the state is all-reduced over it and each
             rank gets its slice of the unsplit result. One small all-gather per call gives the
