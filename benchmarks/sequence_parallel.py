@@ -6,7 +6,8 @@
 One sequence of N tokens (B = 1, d = 256, k = 1024, H = 8, fp32 by default) is split into W
 contiguous slices, one per process (W in --worlds, one torch thread per process); each process runs
 forward+backward of `FusedHyperMixing(..., sequence_parallel_group=WORLD)` on its slice (its
-position offset passed, so no offset all-gather per call). W = 1 also runs with a group (of one
+position offset passed; each call still runs its one small agreement all-gather, 12 int64 values:
+hmx_kernels.parallel.agree_on_slices). W = 1 also runs with a group (of one
 process), so every W runs the same backend: `--backend auto` resolves to the first backend that
 takes a sequence-parallel group, recorded in the results. A separate row, `W = 1, no group`, is
 the plain single-process layer with the same `--backend` (on CPU `auto` picks the fused `cpu`

@@ -29,15 +29,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .cpp import build
 
-    if args.clear_failed:
-        removed = build.clear_failed()
-        for path in removed:
-            print(f"removed {path}")
-        print(f"{len(removed)} failed build record(s) cleared in {build.cache_dir()}")
-        return 0
     try:
+        if args.clear_failed:
+            removed = build.clear_failed()
+            for path in removed:
+                print(f"removed {path}")
+            print(f"{len(removed)} failed build record(s) cleared in {build.cache_dir()}")
+            return 0
         build.build_ahead(into=build.prebuilt_dir() if args.into_package else None)
-    except build.ExtensionBuildError as e:
+    except build.ExtensionBuildError as e:  # e.g. no home directory for the cache: set HMX_KERNELS_CACHE
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # e.g. --into-package where the installation is not writable

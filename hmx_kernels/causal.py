@@ -12,8 +12,12 @@ speechbrain passes such masks to its layers as `attn_mask` ([N, N]; float with -
 may not see a key, or bool with True there). `mode_from_attn_mask` recognises the masks of
 `get_lookahead_mask` and `make_transformer_src_mask` and returns the mode; any other mask is an
 error (HyperMixing's state is a sum over tokens: it can only restrict which tokens enter the sum
-in these chunk patterns). Recognition reads the mask once (it is [N, N] already) and remembers
-the result for that tensor version, since every layer of an encoder gets the same mask.
+in these chunk patterns), and so is a mask of another size than the sequence's. Recognition reads
+the mask once (it is [N, N] already) and remembers the result for that tensor version, since every
+layer of an encoder gets the same mask; an inference tensor (made under torch.inference_mode) has
+no version counter and is read on every call. The mode depends on the mask's values, so under
+torch.compile the recognition runs outside the graph (graph breaks), and
+torch.compile(fullgraph=True) raises, saying so (build the layer with causal= / chunk_size=).
 """
 from __future__ import annotations
 
@@ -84,18 +88,41 @@ def allowed_matrix(mode: Optional[MixingMode], n: int, device=None) -> Tensor:
 _RECOGNISED = WeakIdKeyDictionary()
 
 
-def mode_from_attn_mask(attn_mask: Tensor) -> Optional[MixingMode]:
+COMPILE_NOTE = (
+    "hmx_kernels: attn_mask_policy='honour' reads the attn_mask's values to find the mixing mode, which "
+    "torch.compile cannot capture in the graph; build the layer with causal=True or chunk_size=... (and "
+    "left_context_chunks=...) for one graph"
+)
+
+
+def mode_from_attn_mask(attn_mask: Tensor, length: Optional[int] = None) -> Optional[MixingMode]:
     """The mode an [N, N] speechbrain attention mask describes (None: it blocks nothing).
 
     Accepts float masks (0 = allowed, -inf = blocked) and bool masks (True = blocked), as
     speechbrain's get_lookahead_mask and make_transformer_src_mask build them; raises ValueError
-    for any other pattern."""
+    for any other pattern, and for a mask that is not [length, length] when `length` (the
+    sequence's N) is given."""
     if not isinstance(attn_mask, Tensor) or attn_mask.dim() != 2 or attn_mask.shape[0] != attn_mask.shape[1]:
         shape = list(attn_mask.shape) if isinstance(attn_mask, Tensor) else type(attn_mask).__name__
         raise ValueError(f"attn_mask must be an [N, N] tensor, got {shape}")
+    if length is not None and attn_mask.shape[0] != length:
+        raise ValueError(
+            f"attn_mask is {list(attn_mask.shape)} but the sequence has N = {length} tokens: an honoured attn_mask "
+            f"must be [N, N] = [{length}, {length}] (one row per query, one column per key)"
+        )
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break(msg=COMPILE_NOTE)
+    if attn_mask.is_inference():  # no version counter: read it every time
+        return _recognise(attn_mask)
     seen = _RECOGNISED.get(attn_mask)
     if seen is not None and seen[0] == attn_mask._version:
         return seen[1]
+    mode = _recognise(attn_mask)
+    _RECOGNISED[attn_mask] = (attn_mask._version, mode)
+    return mode
+
+
+def _recognise(attn_mask: Tensor) -> Optional[MixingMode]:
     if attn_mask.dtype == torch.bool:
         allowed = ~attn_mask
     elif attn_mask.is_floating_point():
@@ -123,7 +150,6 @@ def mode_from_attn_mask(attn_mask: Tensor) -> Optional[MixingMode]:
         mode = MixingMode(C, L)
         if not torch.equal(allowed, allowed_matrix(mode, n)):
             raise ValueError(_UNRECOGNISED)
-    _RECOGNISED[attn_mask] = (attn_mask._version, mode)
     return mode
 
 

@@ -1,11 +1,14 @@
 """Functional HyperMixing: validate, pick a backend, run it."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from .dispatch import check_backend_name, select_backend
+from .dispatch import BackendNotSupportedError, check_backend_name, select_backend
+from .parallel import agree_on_slices, call_signature
 from .validation import check_inputs
 
 __all__ = ["hyper_mixing"]
@@ -35,7 +38,7 @@ def hyper_mixing(
     causal: bool = False,
     chunk_size: Optional[int] = None,
     left_context_chunks: Optional[int] = None,
-    position_offset: int = 0,
+    position_offset: Optional[int] = None,
     sequence_parallel_group=None,
 ) -> Tensor:
     """HyperMixing token mixing (docs/HYPERMIXING.md), differentiable in every tensor argument.
@@ -58,17 +61,22 @@ def hyper_mixing(
     max(0, c - L) .. c (speechbrain's Dynamic Chunk Training). Both need M == N; see
     hmx_kernels.causal. Backends that do not implement a mode say so (the reference does).
 
-    position_offset: global position of the first token, for a slice of a longer sequence.
+    position_offset: global position of the first token, for a slice of a longer sequence
+    (None: 0, or with a group the number of tokens on the lower ranks).
     sequence_parallel_group: a torch.distributed group whose ranks each hold one contiguous slice
     of every sequence (non-causal): the cross-token sums are all-reduced over it (one all-reduce
     in the forward and one in the backward: B x H x (d_h^2 + d_h) values each on the cpu backend,
-    the [B, H, k_h, d_h] state on the reference), and each rank gets its slice of the unsplit result;
-    pass each rank's own position_offset (`hmx_kernels.sequence_parallel_offset` computes it).
+    the [B, H, k_h, d_h] state on the reference), and each rank gets its slice of the unsplit result.
+    Before them, one small all-gather (hmx_kernels.parallel.agree_on_slices) gives each rank its
+    offset and checks that every rank makes the same call (backend, variant, dtype, B, H, d_h,
+    k_h, mode): otherwise, or when any rank's inputs are refused, every rank raises. A rank may hold
+    an empty slice (no queries and no keys). Cross-mixing (idiap, M queries, N keys) runs when the
+    query and key slices start at the same global position on every rank; otherwise every rank raises.
 
     Dtypes: parameters must have the tokens' dtype, except under torch.autocast, where tokens and
     hypernetwork weights are cast to the autocast dtype and the result has that dtype (the rule
-    is in `hmx_kernels.validation`). Works under torch.compile (fullgraph, dynamic lengths) and
-    torch.export: the fused backends are torch.library ops (`torch.ops.hmx_kernels.*`).
+    is in `hmx_kernels.validation`). Works under torch.compile (fullgraph, dynamic lengths; with a
+    sequence_parallel_group the agreement all-gather breaks the graph) and torch.export: the fused backends are torch.library ops (`torch.ops.hmx_kernels.*`).
 
     Example:
         >>> import torch, hmx_kernels
@@ -80,6 +88,14 @@ def hyper_mixing(
         torch.Size([2, 5, 8])
     """
     check_backend_name(backend)
+    group = sequence_parallel_group
+    if group is not None:
+        return _sequence_parallel(query, key, value, w1_fc1_weight, w1_fc1_bias, w1_fc2_weight, w1_fc2_bias,
+                                  w2_fc1_weight, w2_fc1_bias, w2_fc2_weight, w2_fc2_bias, ln_weight, ln_bias,
+                                  backend=backend, position_offset=position_offset, group=group,
+                                  variant=variant, key_padding_mask=key_padding_mask,
+                                  query_padding_mask=query_padding_mask, use_layer_norm=use_layer_norm, eps=eps,
+                                  causal=causal, chunk_size=chunk_size, left_context_chunks=left_context_chunks)
     problem = check_inputs(
         query, key, value,
         w1_fc1_weight, w1_fc1_bias, w1_fc2_weight, w1_fc2_bias,
@@ -93,7 +109,44 @@ def hyper_mixing(
         causal=causal,
         chunk_size=chunk_size,
         left_context_chunks=left_context_chunks,
-        position_offset=position_offset,
-        sequence_parallel_group=sequence_parallel_group,
+        position_offset=0 if position_offset is None else position_offset,
     )
     return select_backend(backend, problem).forward(problem)
+
+
+# what a rank's own input check raises; such a rank still joins the group's all-gather
+_REFUSALS = (ValueError, TypeError, NotImplementedError, BackendNotSupportedError)
+
+
+SEQUENCE_PARALLEL_COMPILE_NOTE = (
+    "hmx_kernels: with a sequence_parallel_group every call first agrees with the other ranks in one "
+    "all-gather read on the host (slice lengths, offsets, call signature), which torch.compile cannot "
+    "capture in the graph"
+)
+
+
+def _sequence_parallel(*tensors, backend: str, position_offset: Optional[int], group, **options) -> Tensor:
+    """hyper_mixing over a sequence-parallel group: check locally, agree with the other ranks in
+    one all-gather (every rank raises together on any refusal or mismatch), then run."""
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break(msg=SEQUENCE_PARALLEL_COMPILE_NOTE)
+    refusal = None
+    try:
+        problem = check_inputs(*tensors, **options, position_offset=position_offset or 0,
+                               sequence_parallel_group=group)
+        chosen = select_backend(backend, problem)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors)
+        signature = call_signature(chosen.name, problem, needs_grad)
+    except _REFUSALS as e:
+        refusal, signature = e, None
+    query = tensors[0]
+    lengths = (0, 0) if refusal is not None else (problem.M, problem.N)
+    device = query.device if isinstance(query, Tensor) and query.is_cuda else None
+    variant = None if refusal is not None else problem.variant.name  # same on every rank, or a mismatch
+    offset = agree_on_slices(*lengths, signature, group, device=device, variant=variant)
+    if refusal is not None:
+        raise refusal
+    if position_offset is None and offset != problem.position_offset:
+        problem = dataclasses.replace(problem, position_offset=offset)
+    return chosen.forward(problem)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .validation import WEIGHT_NAMES, HyperMixingProblem, compute_dtype_of
+from .validation import WEIGHT_NAMES, HyperMixingProblem, check_position_range, compute_dtype_of
 
 __all__ = ["define_fused_ops", "run_fused", "FusedOps", "DOUBLE_BACKWARD_ERROR", "state_blocks"]
 
@@ -80,6 +80,9 @@ def check_op_args(query, key, value, query_keep, key_keep, gen, state=None, grad
     N = key.shape[1]
     if tuple(key.shape) != (B, N, d) or tuple(value.shape) != (B, N, d):
         fail(f"key and value must be [B, N, d] = [{B}, N, {d}], got {list(key.shape)} and {list(value.shape)}")
+    for name, t in zip(WEIGHT_NAMES[:8], gen):
+        if t is None and name.endswith("weight"):
+            fail(f"{name} is required (a tensor; only the biases may be None)", TypeError)
     fc1_w = gen[0]
     if fc1_w.dim() != 3 or gen[2].dim() != 3:
         fail("fc1 weights must be [H, d_h, d_h] and fc2 weights [H, k_h, d_h]")
@@ -201,7 +204,7 @@ def define_fused_ops(
         args = (query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
                 w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant)
         return fwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens),
-                        *_sp_args(position_offset, sp_group))
+                        *_sp_args(position_offset, sp_group, variant, max(query.shape[1], key.shape[1])))
 
     def bwd(grad_y: Tensor, query: Tensor, key: Tensor, value: Tensor, query_keep: Optional[Tensor],
             key_keep: Optional[Tensor], w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor,
@@ -216,7 +219,7 @@ def define_fused_ops(
         args = (grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w,
                 w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant)
         return bwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens),
-                        *_sp_args(position_offset, sp_group))
+                        *_sp_args(position_offset, sp_group, variant, max(query.shape[1], key.shape[1])))
 
     def _block_args(chunk_size, left_context, cu_seqlens):
         if blocks:
@@ -226,9 +229,11 @@ def define_fused_ops(
                              "(chunk_size, left_context, cu_seqlens)")
         return ()
 
-    def _sp_args(position_offset, sp_group):
+    def _sp_args(position_offset, sp_group, variant, length):
         if position_offset < 0:
             raise ValueError(f"hmx_kernels op: position_offset must be >= 0, got {position_offset}")
+        if position_offset:
+            check_position_range(variant, position_offset, length, where="hmx_kernels op: ")
         if sequence_parallel:
             return (position_offset, sp_group)
         if position_offset != 0 or sp_group:

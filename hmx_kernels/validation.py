@@ -45,6 +45,23 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GENERATOR_PARTS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 # the ten parameter tensors of a HyperMixing call, in the order of every signature in the package
 WEIGHT_NAMES = tuple(f"{g}_{p}" for g in ("w1", "w2") for p in GENERATOR_PARTS) + ("ln_weight", "ln_bias")
+# the last position each variant's positional encoding computes exactly: speechbrain's positions
+# are float32 (as in speechbrain), idiap's float64; integers beyond these are not representable
+MAX_POSITION = {"speechbrain": 2**24, "idiap": 2**53}
+
+
+def check_position_range(variant: str, position_offset: int, length: int, where: str = "") -> None:
+    """ValueError naming position_offset when the last position of a slice of `length` tokens
+    starting at `position_offset` exceeds what the variant's positional encoding computes exactly."""
+    v = get_variant(variant)
+    last = v.first_position + position_offset + max(length, 1) - 1
+    limit = MAX_POSITION[v.name]
+    if last > limit:
+        raise ValueError(
+            f"{where}position_offset {position_offset} with {length} tokens reaches position {last}, beyond "
+            f"{limit} (2**{limit.bit_length() - 1}), the last position the {v.name} variant's positional "
+            f"encoding computes exactly ({'float32' if v.name == 'speechbrain' else 'float64'} positions)"
+        )
 
 
 def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
@@ -271,10 +288,15 @@ def check_inputs(
         raise ValueError(
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
-    if B == 0 or M == 0 or N == 0 or d == 0:
+    empty_slice = sequence_parallel_group is not None and M == 0 and N == 0  # a rank may hold no tokens
+    if B == 0 or d == 0 or ((M == 0 or N == 0) and not empty_slice):
         raise ValueError(
             f"empty input: HyperMixing needs B, M, N, d >= 1, got B={B}, M={M}, N={N}, d={d}"
+            + (" (a sequence-parallel rank may hold an empty slice: no queries and no keys)"
+               if sequence_parallel_group is not None else "")
         )
+    if position_offset:
+        check_position_range(v.name, position_offset, max(M, N))
     if mode is not None and M != N:
         raise ValueError(
             f"{mode.describe()} mixing needs as many queries as keys (query t mixes keys up to its own "

@@ -7,6 +7,11 @@
 cu_seqlens in their kernels (each sequence is a mixing block of its own: csrc/hmx_params.h), the
 reference mixes the sequences one by one; the other backends run a padded [num_seqs, max_seqlen, d]
 view with a padding mask (exact, but it spends compute on the padding).
+
+Empty sequences (equal neighbours in cu_seqlens, as `unpad` makes of a fully padded row) are
+allowed: they hold no tokens and produce none. Checking cu_seqlens and sizing the work reads its
+values on the host, so under torch.compile `hyper_mixing_varlen` breaks the graph, and
+torch.compile(fullgraph=True) raises, saying so (`COMPILE_NOTE`).
 """
 from __future__ import annotations
 
@@ -20,7 +25,13 @@ from .dispatch import AUTO_ORDER, check_backend_name, get_backend, registered_ba
 from .functional import hyper_mixing
 from .validation import check_inputs
 
-__all__ = ["unpad", "pad", "hyper_mixing_varlen", "cu_seqlens_from_lengths"]
+__all__ = ["unpad", "pad", "hyper_mixing_varlen", "cu_seqlens_from_lengths", "COMPILE_NOTE"]
+
+COMPILE_NOTE = (
+    "hmx_kernels: packed sequences (cu_seqlens) are checked and sized from cu_seqlens' values on the host, "
+    "which torch.compile cannot capture in the graph (graph breaks here; fullgraph=True cannot hold it); "
+    "compile a padded batch with a key_padding_mask for one graph"
+)
 
 
 def cu_seqlens_from_lengths(lengths: Tensor) -> Tensor:
@@ -61,8 +72,6 @@ def _check_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"cu_seqlens must start at 0, never decrease and end at the token count {total}, "
                          f"got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
-    if bool((cu[1:] == cu[:-1]).any()):
-        raise ValueError("cu_seqlens has an empty sequence")
     return cu
 
 
@@ -80,15 +89,23 @@ def hyper_mixing_varlen(tokens: Tensor, cu_seqlens: Tensor, max_seqlen: Optional
     padding. Any other backend runs a padded [num_seqs, max_seqlen, d] batch with a padding mask
     (same result). backend="auto" takes the device's first backend (AUTO_ORDER) that can run the
     call either way, packed where it can."""
-    if tokens.dim() != 2:
-        raise ValueError(f"tokens must be packed [total, d], got {list(tokens.shape)}")
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+        shape = list(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be packed [total, d], got {shape}")
     for bad in ("key_padding_mask", "query_padding_mask", "position_offset", "sequence_parallel_group"):
-        if kwargs.get(bad) not in (None, 0):
-            raise ValueError(f"hyper_mixing_varlen does not take {bad} (packed sequences have no padding; a "
-                             "sequence-parallel slice is a padded batch)")
+        if bad in kwargs and not (kwargs[bad] is None or (bad == "position_offset" and _is_zero(kwargs[bad]))):
+            raise ValueError(f"hyper_mixing_varlen does not take {bad} (packed sequences have no padding: "
+                             "cu_seqlens gives each sequence's length; a sequence-parallel slice is a padded batch)")
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break(msg=COMPILE_NOTE)
     cu = _check_cu_seqlens(cu_seqlens, tokens.shape[0])
     lengths = cu[1:] - cu[:-1]
     L = int(lengths.max())
+    if L == 0:  # only empty sequences: nothing to mix (the weights are still checked)
+        x = tokens.new_zeros(1, 1, tokens.shape[1])
+        check_inputs(*((x, None, None) if variant == "speechbrain" else (x, x, x)), *weights, variant=variant,
+                     **kwargs)
+        return tokens.clone()  # [0, d]
     if max_seqlen is not None and int(max_seqlen) < L:
         raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest sequence ({L})")
     check_backend_name(backend)
@@ -107,6 +124,10 @@ def hyper_mixing_varlen(tokens: Tensor, cu_seqlens: Tensor, max_seqlen: Optional
             return _padded(tokens, lengths, L, weights, variant, name, kwargs)
     select_backend(backend, packed)  # raises, naming every backend's reasons
     raise AssertionError("unreachable")
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value == 0
 
 
 def _padded(tokens: Tensor, lengths: Tensor, L: int, weights, variant: str, backend: str, kwargs) -> Tensor:

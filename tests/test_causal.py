@@ -498,3 +498,62 @@ def test_triton_modes_float16_with_the_split_kernels(split_kernels):
     assert_close("out", out, exp, tol.out)
     for name in exp_grads:
         assert_close(name, grads[name], exp_grads[name], tol.grad)
+
+
+# ---- attn_mask_policy: validated on assignment, masks of the wrong size refused, inference mode ----
+def test_policy_is_checked_when_assigned():
+    """layer.attn_mask_policy = "honor" (as the README shows assigning it) is refused at once; it
+    used to be taken, and then honoured the mask as if it were "honour"."""
+    layer = FusedHyperMixing(8, 8, num_heads=2)
+    for bad in ("honor", "ignroe", "Honour", None, 1):
+        with pytest.raises(ValueError, match="attn_mask_policy must be one of"):
+            layer.attn_mask_policy = bad
+        assert layer.attn_mask_policy == "raise"
+        with pytest.raises(ValueError, match="attn_mask_policy must be one of"):
+            FusedHyperMixing(8, 8, num_heads=2, attn_mask_policy=bad)
+    for good in ("ignore", "honour", "raise"):
+        layer.attn_mask_policy = good
+        assert layer.attn_mask_policy == good
+    state = layer.__dict__.pop("_attn_mask_policy")  # a layer pickled before the property existed
+    layer.__dict__["attn_mask_policy"] = "honour"
+    assert layer.attn_mask_policy == "honour" and state == "raise"
+
+
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_honoured_mask_must_match_the_sequence(variant):
+    """A 3 x 3 chunk mask on 23 tokens was read as "blocks nothing" (one chunk of 3 covers the
+    whole mask), so the layer mixed non-causally and saw the future; it is refused now, naming
+    both sizes. The ignore policy still ignores any mask, as speechbrain does."""
+    T, DCT = _sb_masks()
+    layer = FusedHyperMixing(8, 8, num_heads=2, variant=variant, attn_mask_policy="honour")
+    x = torch.randn(1, 23, 8)
+    small = T.make_transformer_src_mask(torch.randn(1, 3, 8), dynchunktrain_config=DCT(chunk_size=3,
+                                                                                          left_context_size=1))
+    assert mode_from_attn_mask(small) is None  # on its own it blocks nothing
+    with pytest.raises(ValueError, match=r"attn_mask is \[3, 3\] but the sequence has N = 23 tokens"):
+        layer(x, x, x, attn_mask=small)
+    right = T.make_transformer_src_mask(x, dynchunktrain_config=DCT(chunk_size=3, left_context_size=1))
+    assert right.shape == (23, 23)
+    layer(x, x, x, attn_mask=right)  # speechbrain's own [N, N] mask is taken
+    layer.attn_mask_policy = "ignore"
+    with pytest.warns(UserWarning, match="ignores attn_mask"):
+        layer(x, x, x, attn_mask=small)
+
+
+def test_honour_runs_under_inference_mode():
+    """attn_mask_policy="honour" under torch.inference_mode (the mask then has no version counter):
+    it raised "Inference tensors do not track version counter"; now it equals the result outside."""
+    torch.manual_seed(0)
+    layer = FusedHyperMixing(8, 8, num_heads=2, attn_mask_policy="honour", backend="reference")
+    x = torch.randn(2, 9, 8)
+    causal = torch.triu(torch.ones(9, 9, dtype=torch.bool), 1)
+    with torch.no_grad():
+        expected = layer(x, attn_mask=causal)[0]
+    with torch.inference_mode():
+        mask = torch.triu(torch.ones(9, 9, dtype=torch.bool), 1)
+        got = layer(x, attn_mask=mask)[0]
+        mask.fill_(False)  # changed in place: read again, not remembered
+        unmasked = layer(x, attn_mask=mask)[0]
+    assert torch.equal(got, expected)
+    assert torch.equal(unmasked, layer(x)[0])
+    assert not torch.equal(unmasked, got)

@@ -228,3 +228,29 @@ def test_docstring_examples_run():
     for module in (hmx_kernels.functional, hmx_kernels.streaming):
         result = doctest.testmod(module, raise_on_error=False)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_an_argument_given_positionally_and_by_keyword_is_a_type_error():
+    """layer(x, x, x, None, mask, key_padding_mask=None) gives key_padding_mask twice: a TypeError,
+    as Python raises for a plain signature (the positional mask used to win silently, because an
+    explicit None keyword looked like no keyword)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    layer = FusedHyperMixing(8, 8, num_heads=2)
+    for call in (lambda: layer(x, x, x, None, pad, key_padding_mask=None),
+                 lambda: layer(x, x, x, None, attn_mask=None),
+                 lambda: layer(x, x, x, None, pad, True, None, pos_embs=None),
+                 lambda: layer(x, x, x, None, pad, False, return_attn_weights=False)):
+        with pytest.raises(TypeError, match="multiple values for argument"):
+            call()
+    # given once, either way, the same
+    assert torch.equal(layer(x, x, x, None, pad)[0], layer(x, x, x, key_padding_mask=pad)[0])
+    assert torch.equal(layer(x, x, x, None, None, True, None)[0], layer(x)[0])
+    idiap = FusedHyperMixing(8, 8, num_heads=2, variant="idiap")
+    for call in (lambda: idiap(x, x, x, pad, query_padding_mask=None),
+                 lambda: idiap(x, x, x, None, pad, key_padding_mask=None)):
+        with pytest.raises(TypeError, match="multiple values for argument"):
+            call()
+    assert torch.equal(idiap(x, x, x, pad, pad), idiap(x, x, x, query_padding_mask=pad, key_padding_mask=pad))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 import threading
 
 import pytest
@@ -357,3 +358,40 @@ def test_opcheck_mixing_blocks(mode):
     y, state = ops.fwd(*args, *extra)
     torch.library.opcheck(ops.bwd, (torch.randn_like(y), *args[:-1], state, args[-1], *extra),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compile_honour_policy_packed_sequences_and_groups_break_the_graph_with_a_reason():
+    """What the README's compile section says of the two calls that read tensor values on the host:
+    attn_mask_policy="honour" (the mode is read from the mask) and packed sequences (cu_seqlens is
+    checked and sized on the host), and a sequence-parallel call (its agreement all-gather).
+    torch.compile(fullgraph=True) raises the package's own reason (it failed deep in dynamo: a
+    skipped WeakIdKeyDictionary, a data-dependent guard); without fullgraph they compile with
+    graph breaks and equal eager. backend="eager":
+    dynamo's capture, which decides graph breaks, is the same for every compiler backend."""
+    from hmx_kernels.causal import COMPILE_NOTE as HONOUR_NOTE
+    from hmx_kernels.varlen import COMPILE_NOTE as PACKED_NOTE, cu_seqlens_from_lengths
+
+    torch.manual_seed(0)
+    layer = FusedHyperMixing(8, 16, num_heads=2, attn_mask_policy="honour")
+    x = torch.randn(1, 6, 8)
+    mask = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
+    tokens = torch.randn(8, 8)
+    cu = cu_seqlens_from_lengths(torch.tensor([3, 5]))
+    cases = [(lambda x, m: layer(x, attn_mask=m)[0], (x, mask), HONOUR_NOTE),
+             (lambda t, c: layer(t, cu_seqlens=c, max_seqlen=5)[0], (tokens, cu), PACKED_NOTE)]
+    for fn, args, note in cases:
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.Unsupported, match=re.escape(note[:60])):
+            torch.compile(fn, fullgraph=True, backend="eager")(*args)
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(fn)(*args).graph_break_count >= 1
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(fn, backend="eager")(*args), fn(*args))
+    # a sequence-parallel call (a stand-in group: the break comes before any collective)
+    from hmx_kernels.functional import SEQUENCE_PARALLEL_COMPILE_NOTE
+
+    layer.sequence_parallel_group = object()
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=re.escape(SEQUENCE_PARALLEL_COMPILE_NOTE[:60])):
+        torch.compile(lambda x: layer(x)[0], fullgraph=True, backend="eager")(x)
+    torch._dynamo.reset()

@@ -166,3 +166,184 @@ def test_data_parallel_training_matches_one_process(tmp_path, wrapper):
     1e-5: the gradient is averaged over ranks instead of over the batch in one sum)."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_data_parallel_worker, args=(2, str(tmp_path / "init"), wrapper), nprocs=2, join=True)
+
+
+# ---- ranks that disagree, empty slices and cross-mixing: every rank raises together or all are right ----
+def _init_group(rank, world, init_file):
+    import datetime
+
+    # a short timeout: a rank left waiting fails this test in a minute instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+
+
+def _raises_on_this_rank(fn, error, *fragments):
+    try:
+        fn()
+    except error as e:
+        for fragment in fragments:
+            assert fragment in str(e), (fragment, str(e))
+        return str(e)
+    raise AssertionError(f"no {error.__name__} raised")
+
+
+def _disagreeing_worker(rank, world, init_file, cpu_ok):
+    from hmx_kernels.parallel import RankMismatchError
+
+    _init_group(rank, world, init_file)
+    try:
+        group = dist.group.WORLD
+        x = torch.randn(2, 5 + rank, 12, dtype=torch.float64)
+
+        def layer(**kw):
+            torch.manual_seed(0)
+            return FusedHyperMixing(12, kw.pop("k", 24), num_heads=2, sequence_parallel_group=group,
+                                    **kw).double()
+
+        # different backends (as when backend="auto" falls back on one rank): named on every rank
+        if cpu_ok:
+            mixed = layer(backend="reference" if rank == 0 else "cpu")
+            _raises_on_this_rank(lambda: mixed(x), RankMismatchError, "backend: rank 0 reference, rank 1 cpu")
+        # k_h = d_h + 1 on one rank: the reference's all-reduce sizes would agree and return garbage
+        odd = layer(backend="reference", k=24 if rank == 0 else 14)  # k_h 12 vs 7 = d_h + 1
+        _raises_on_this_rank(lambda: odd(x), RankMismatchError, "k_h: rank 0 12, rank 1 7")
+        # a different batch size, and a different dtype
+        same = layer(backend="reference")
+        xb = torch.randn(2 + rank, 5, 12, dtype=torch.float64)
+        _raises_on_this_rank(lambda: same(xb), RankMismatchError, "B: rank 0 2, rank 1 3")
+        _raises_on_this_rank(lambda: same.to(torch.float32 if rank else torch.float64)(x.to(same.layer_norm.weight.dtype)),
+                             RankMismatchError, "dtype: rank 0 torch.float64, rank 1 torch.float32")
+        same.double()
+        # a rank whose own inputs are refused: it raises its error, the others stop with it
+        bad_mask = torch.zeros(2, x.shape[1], dtype=torch.float64 if rank == 1 else torch.bool)
+        if rank == 1:
+            _raises_on_this_rank(lambda: same(x, key_padding_mask=bad_mask), TypeError, "key_padding_mask")
+        else:
+            _raises_on_this_rank(lambda: same(x, key_padding_mask=bad_mask), RankMismatchError, "rank(s) [1]")
+        # a slice whose global positions leave the encoding's exact range (the limit lowered here to
+        # 15; really 2**24 for speechbrain): rank 1's offset 5 is known only after the gather
+        from hmx_kernels import validation
+
+        limit = validation.MAX_POSITION["speechbrain"]
+        validation.MAX_POSITION["speechbrain"] = 15
+        try:
+            xl = torch.randn(2, 5 if rank == 0 else 14, 12, dtype=torch.float64)
+            _raises_on_this_rank(lambda: same(xl), RankMismatchError, "rank 1 of the sequence-parallel group",
+                                 "reaches position 18, beyond 15")
+        finally:
+            validation.MAX_POSITION["speechbrain"] = limit
+        # after all that, the group still works: the same call on both ranks runs
+        out = same(x)[0]
+        assert out.shape == x.shape and torch.isfinite(out).all()
+    finally:
+        dist.destroy_process_group()
+    exit_worker_now()
+
+
+def test_ranks_that_disagree_raise_together(tmp_path):
+    """Ranks with different backends, k_h, batch sizes or dtypes, one rank with refused inputs, or
+    a slice beyond the encoding's exact positions (known only from the gathered offsets): every
+    rank raises (RankMismatchError naming the field and every rank's value, or the refused
+    rank's own error) instead of aborting in gloo, returning garbage or waiting for the timeout."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_disagreeing_worker, args=(2, str(tmp_path / "init"), _cpu_ok()), nprocs=2, join=True)
+
+
+def _slices_worker(rank, world, init_file, backend):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from utils import assert_close
+    from hmx_kernels.parallel import RankMismatchError
+
+    _init_group(rank, world, init_file)
+    try:
+        g = torch.Generator().manual_seed(1)
+        B, M, N = 2, 10, 23
+        q = torch.randn(B, M, 12, generator=g, dtype=torch.float64)
+        kv = torch.randn(B, N, 12, generator=g, dtype=torch.float64)
+        grad_q = torch.randn(B, M, 12, generator=g, dtype=torch.float64)
+        for variant in ("speechbrain", "idiap"):
+            torch.manual_seed(0)
+            layer = FusedHyperMixing(12, 24, num_heads=2, variant=variant, backend=backend).double()
+
+            def run(x, k=None, **kw):
+                x = x.clone().requires_grad_(True)
+                out = layer(x, **kw) if k is None else layer(x, k, k, **kw)
+                out = out[0] if isinstance(out, tuple) else out
+                return out, x
+
+            def check(local, xl, full_grads, lo, hi, grad, what):
+                assert local.shape == (B, hi - lo, 12), (what, local.shape)
+                params = list(layer.parameters())
+                local_grads = list(torch.autograd.grad(local, [xl, *params], grad[:, lo:hi], allow_unused=True))
+                if hi > lo:
+                    assert_close(f"{what} out", local, full[:, lo:hi], 1e-12)
+                    assert_close(f"{what} input grad", local_grads[0], full_grads[0][:, lo:hi], 1e-12)
+                for i, (lg, fg) in enumerate(zip(local_grads[1:], full_grads[1:])):
+                    lg = torch.zeros_like(fg) if lg is None else lg.clone()
+                    dist.all_reduce(lg)
+                    assert_close(f"{what} param grad {i}", lg, fg, 1e-12)
+
+            # an empty slice: rank 1 holds every token, rank 0 none (self-mixing)
+            layer.sequence_parallel_group = None
+            x = kv
+            full, xf = run(x)
+            full_grads = torch.autograd.grad(full, [xf, *layer.parameters()], torch.ones_like(full))
+            layer.sequence_parallel_group = dist.group.WORLD
+            lo, hi = (0, 0) if rank == 0 else (0, N)
+            local, xl = run(x[:, lo:hi])
+            check(local, xl, full_grads, lo, hi, torch.ones_like(full), f"{variant} empty slice")
+            if variant == "speechbrain":
+                continue
+            # cross-mixing, M queries and N keys: the slices line up (rank 0 holds queries and keys
+            # 0..5, rank 1 the rest of both): each rank gets its slice of the single-process result
+            layer.sequence_parallel_group = None
+            full, xf = run(q, kv)
+            full_grads = torch.autograd.grad(full, [xf, *layer.parameters()], grad_q)
+            layer.sequence_parallel_group = dist.group.WORLD
+            (qlo, qhi), (klo, khi) = ((0, 6), (0, 6)) if rank == 0 else ((6, M), (6, N))
+            local, xl = run(q[:, qlo:qhi], kv[:, klo:khi])
+            check(local, xl, full_grads, qlo, qhi, grad_q, "cross-mixing")
+            # slices that do not line up (queries 0..4 with keys 0..9): one offset cannot serve
+            # both, which every rank says
+            (qlo, qhi), (klo, khi) = ((0, 4), (0, 9)) if rank == 0 else ((4, M), (9, N))
+            _raises_on_this_rank(lambda: run(q[:, qlo:qhi], kv[:, klo:khi]), RankMismatchError,
+                                 "start at the same global position", "[0, 4]", "[0, 9]")
+    finally:
+        dist.destroy_process_group()
+    exit_worker_now()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_empty_slice_and_cross_mixing_slices(tmp_path, backend):
+    """A rank with no tokens takes part (zero sums) and every rank gets its slice of the single-process
+    result, outputs and gradients; idiap cross-mixing (M = 10 queries, N = 23 keys) over the group
+    is exact when the query and key slices start at the same global positions, and refused on every
+    rank when they do not (the key slice's offset was applied to the queries). float64, 1e-12."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if backend == "cpu" and not _cpu_ok():
+        pytest.skip("cpu backend unavailable")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_slices_worker, args=(2, str(tmp_path / "init"), backend), nprocs=2, join=True)
+
+
+def test_modes_and_packed_sequences_refuse_a_group():
+    """The README's "does not take a group": causal and chunk-causal mixing and packed sequences
+    raise ValueError before any collective (checked here with a stand-in group object)."""
+    group = object()
+    layer = FusedHyperMixing(8, 8, num_heads=2)
+    w = (*layer.hyper.w1_gen.tensors(), *layer.hyper.w2_gen.tensors(), layer.layer_norm.weight, layer.layer_norm.bias)
+    x = torch.randn(1, 5, 8)
+    for mode in (dict(causal=True), dict(chunk_size=2)):
+        with pytest.raises(ValueError, match="non-causal mixing only"):
+            hmx_kernels.check_inputs(x, None, None, *w, sequence_parallel_group=group, **mode)
+    from hmx_kernels.varlen import hyper_mixing_varlen
+
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="does not take sequence_parallel_group"):
+        hyper_mixing_varlen(x[0], cu, None, *w, sequence_parallel_group=group)
+    layer.sequence_parallel_group = group
+    with pytest.raises(ValueError, match="do not combine with position offsets or sequence parallelism"):
+        layer(x[0], cu_seqlens=cu, max_seqlen=3)

@@ -7,8 +7,8 @@ also serves the scaling benchmark): the bytes handed to collectives must be equa
 and equal the documented volume in the compute dtype: two all-reduces, one in the forward and one
 in the backward, of 2 x B x H x k_h x d_h values on the reference (the state P and its gradient)
 and of B x H x (d_h^2 + d_h) values on the cpu backend (the reassociated key sums S, sv and query
-sums T, sdy), plus one int64 all-gather of the slice length when the layer computes its own
-position offset."""
+sums T, sdy), plus one all-gather of 12 int64 values per call (the slice lengths and the call's
+signature, hmx_kernels.parallel.agree_on_slices), with or without an explicit position offset."""
 from __future__ import annotations
 
 import json
@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from envtools import exit_worker_now
+
+from hmx_kernels.parallel import SIGNATURE_FIELDS
 
 B, D, K, H = 2, 16, 48, 4  # d_h = 4, k_h = 12
 LENGTHS = (10, 37)
@@ -87,6 +89,8 @@ def test_sequence_parallel_bytes_per_layer_do_not_depend_on_length(tmp_path, bac
                 reduces = [op for op in ops if "allreduce" in op["op"] or "all_reduce" in op["op"]]
                 assert [op["numel"] for op in reduces] == [state, state], ops  # one forward, one backward
                 assert all(op["dtypes"] == [dtype.split(".")[1]] for op in reduces), ops
-                offset_bytes = 0 if explicit_offset else 8  # one int64: this rank's slice length
-                assert total[0] == documented + offset_bytes, (total, documented, ops)
-                assert len(ops) == 2 + (0 if explicit_offset else 1), ops
+                gathers = [op for op in ops if "allgather" in op["op"] or "all_gather" in op["op"]]
+                assert [op["numel"] for op in gathers] == [2 + len(SIGNATURE_FIELDS)], ops  # lengths, signature
+                assert total[0] == documented + 8 * (2 + len(SIGNATURE_FIELDS)), (total, documented, ops)
+                assert len(ops) == 3, ops
+    assert 2 + len(SIGNATURE_FIELDS) == 12  # README, "Sequence parallelism": "12 int64 values per process"

@@ -122,3 +122,38 @@ def test_layer_rejects_attn_mask_clearly():
         idiap(x, x, x, attn_mask=causal)
     with pytest.raises(TypeError, match="positional arguments"):
         idiap(x, x, x, None, None, None)
+
+
+def test_op_with_a_required_weight_none_names_it():
+    """torch.ops.hmx_kernels.cpp_fwd with a required weight None: a TypeError naming the weight
+    (it was "AttributeError: 'NoneType' object has no attribute 'dim'")."""
+    case = make_case(variant="speechbrain", B=1, M=5, d=8, H=2, k_h=4, masks=False)
+    p = hmx_kernels.check_inputs(**case.kwargs())
+    gen = list(p.generator_weights())
+    for i, name in ((0, "w1_fc1_weight"), (2, "w1_fc2_weight"), (4, "w2_fc1_weight"), (6, "w2_fc2_weight")):
+        args = list(gen)
+        args[i] = None
+        with pytest.raises(TypeError, match=f"{name} is required"):
+            torch.ops.hmx_kernels.cpp_fwd(p.query, p.key, p.value, None, None, *args, "speechbrain")
+
+
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_position_offset_beyond_the_encodings_range_is_refused(variant):
+    """position_offset=2**62 gave "Storage size calculation overflowed" (cpu) or a tensor-size
+    mismatch (reference): now a ValueError naming position_offset and the last exact position
+    (speechbrain: float32 positions, 2**24; idiap: float64, 2**53), from the functional op, the
+    layer and the op itself."""
+    limit = 2**24 if variant == "speechbrain" else 2**53
+    for backend in ("reference", "cpu"):
+        _raises(ValueError, r"position_offset 4611686018427387904 with [56] tokens reaches position .* beyond "
+                rf"{limit} \(2\*\*{limit.bit_length() - 1}\)", variant=variant, backend=backend,
+                position_offset=2**62)
+    layer = FusedHyperMixing(8, 8, num_heads=2, variant=variant, backend="reference")
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match="position_offset"):
+        layer(x, position_offset=limit)
+    layer(x, position_offset=limit - 4)  # the last four positions the encoding computes exactly
+    p = hmx_kernels.check_inputs(**make_case(variant=variant, B=1, M=5, d=8, H=2, k_h=4, masks=False).kwargs())
+    with pytest.raises(ValueError, match="hmx_kernels op: position_offset"):
+        torch.ops.hmx_kernels.cpp_fwd(p.query, p.key, p.value, None, None, *p.generator_weights(), variant,
+                                      0, -1, None, 2**62, "")

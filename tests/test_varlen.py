@@ -189,8 +189,8 @@ def test_bad_cu_seqlens():
     x = torch.randn(10, 8)
     with pytest.raises(ValueError, match="end at the token count 10"):
         hyper_mixing_varlen(x, torch.tensor([0, 4, 9], dtype=torch.int32), None, *w)
-    with pytest.raises(ValueError, match="empty sequence"):
-        hyper_mixing_varlen(x, torch.tensor([0, 4, 4, 10], dtype=torch.int32), None, *w)
+    with pytest.raises(ValueError, match="never decrease"):
+        hyper_mixing_varlen(x, torch.tensor([0, 4, 3, 10], dtype=torch.int32), None, *w)
     with pytest.raises(TypeError, match="int32"):
         hyper_mixing_varlen(x, torch.tensor([0.0, 10.0]), None, *w)
     with pytest.raises(ValueError, match="max_seqlen 3 is smaller"):
@@ -218,3 +218,58 @@ def test_layer_takes_packed_sequences(variant):
         assert_close("packed rows", out, ref[~mask], 1e-12)
     with pytest.raises(ValueError, match="no attn_mask and no padding masks"):
         layer(packed, key_padding_mask=mask[:1], cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_unpad_output_with_fully_padded_rows_runs(backend, variant):
+    """`unpad` of a batch with fully padded rows gives empty sequences (equal neighbours in
+    cu_seqlens); hyper_mixing_varlen and the layer take them (they were refused): the other
+    sequences' outputs and every gradient equal the padded batch's kept rows (1e-5, as above),
+    and a batch with no kept token at all gives [0, d]."""
+    torch.manual_seed(0)
+    layer = hmx_kernels.FusedHyperMixing(12, 24, num_heads=2, variant=variant, backend=backend)
+    x = torch.randn(4, 7, 12)
+    grad = torch.randn(4, 7, 12)
+    mask = torch.zeros(4, 7, dtype=torch.bool)
+    mask[0, :] = True  # fully padded rows: first, in the middle, and the last
+    mask[2, :] = True
+    mask[1, 5:] = True
+    mask[3, :] = True
+    packed, cu, max_len, idx = unpad(x, mask)
+    assert cu.tolist() == [0, 0, 5, 5, 5] and max_len == 5
+    params = list(layer.parameters())
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    xp = packed.clone().requires_grad_(True)
+    out = first(layer(xp, cu_seqlens=cu, max_seqlen=max_len))
+    got = torch.autograd.grad(out, [xp, *params], grad[~mask], allow_unused=True)
+    row = x[1:2, :5].clone().requires_grad_(True)  # the one kept sequence, alone
+    alone = first(layer(row))
+    want = torch.autograd.grad(alone, [row, *params], grad[1:2, :5], allow_unused=True)
+    assert_close("out", out, alone[0], 1e-5)
+    assert_close("tokens grad", got[0], want[0][0], 1e-5)
+    for (name, _), g, r in zip(layer.named_parameters(), got[1:], want[1:]):
+        assert_close(name, g, r, 1e-5)
+
+    nothing = torch.ones(2, 7, dtype=torch.bool)
+    packed, cu, max_len, _ = unpad(x[:2], nothing)
+    assert cu.tolist() == [0, 0, 0] and packed.shape == (0, 12)
+    assert first(layer(packed, cu_seqlens=cu, max_seqlen=max_len)).shape == (0, 12)
+
+
+def test_varlen_names_the_padding_mask_it_does_not_take():
+    """A padding-mask tensor passed to hyper_mixing_varlen: a ValueError naming the argument (it
+    was "Boolean value of Tensor with more than one value is ambiguous")."""
+    case = make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4)
+    w = [case.tensors[k] for k in WEIGHT_NAMES]
+    x = torch.randn(10, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    for name in ("key_padding_mask", "query_padding_mask"):
+        with pytest.raises(ValueError, match=f"does not take {name}.*packed sequences have no padding"):
+            hyper_mixing_varlen(x, cu, None, *w, **{name: torch.zeros(1, 10, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="does not take position_offset"):
+        hyper_mixing_varlen(x, cu, None, *w, position_offset=torch.tensor(3))
+    assert hyper_mixing_varlen(x, cu, None, *w, key_padding_mask=None, position_offset=0).shape == x.shape

@@ -153,8 +153,38 @@ def _ctype(q: Tensor) -> torch.dtype:
     return torch.float32 if q.is_cuda else q.dtype
 
 
+def _sum_size(query: Tensor, fc2_w: Tensor) -> int:
+    """Values per all-reduce of the twin (forward: key sums S, sv; backward: query sums T, sdy)."""
+    B, (H, _, d_h) = query.shape[0], fc2_w.shape
+    return B * H * (d_h * d_h + d_h)
+
+
+def _empty_slice_fwd(query, gen, sp_group):
+    """A sequence-parallel rank without tokens (the extension refuses empty inputs): it adds zero
+    sums to the group's all-reduce, as the twin's forward would, and returns an empty output."""
+    B, _, d = query.shape
+    H, k_h, d_h = gen[2].shape
+    ctype = _ctype(query)
+    reduce = _reducer(sp_group)
+    if reduce is not None:
+        reduce(query.new_zeros(_sum_size(query, gen[2]), dtype=query.dtype))
+    return query.new_zeros((B, 0, d), dtype=ctype), query.new_zeros((B, H, k_h, d_h), dtype=ctype)
+
+
+def _empty_slice_bwd(query, key, value, gen, sp_group):
+    """The backward of `_empty_slice_fwd`: zero sums to the backward's all-reduce, zero gradients."""
+    ctype = _ctype(query)
+    reduce = _reducer(sp_group)
+    if reduce is not None:
+        reduce(query.new_zeros(_sum_size(query, gen[2]), dtype=query.dtype))
+    out = [t.new_zeros(t.shape, dtype=ctype) for t in (query, key, value)]
+    return out + [query.new_empty((0,), dtype=ctype) if w is None else w.new_zeros(w.shape, dtype=ctype) for w in gen]
+
+
 def _cpp_fwd_impl(query, key, value, query_keep, key_keep, *rest):
     *gen, variant, chunk_size, left_context, cu_seqlens, position_offset, sp_group = rest
+    if query.shape[1] == 0 and key.shape[1] == 0:
+        return _empty_slice_fwd(query, gen, sp_group)
     ext = extension(query.device.type)
     ctype = _ctype(query)
     blocks, rows = _blocks(query, key, chunk_size, left_context, cu_seqlens)
@@ -167,6 +197,8 @@ def _cpp_fwd_impl(query, key, value, query_keep, key_keep, *rest):
 
 def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     *gen, state, variant, chunk_size, left_context, cu_seqlens, position_offset, sp_group = rest
+    if query.shape[1] == 0 and key.shape[1] == 0:
+        return _empty_slice_bwd(query, key, value, gen, sp_group)
     ext = extension(query.device.type)
     ctype = _ctype(query)
     blocks, rows = _blocks(query, key, chunk_size, left_context, cu_seqlens)

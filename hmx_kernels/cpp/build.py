@@ -151,7 +151,12 @@ def source_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    return SETTINGS.cache_dir
+    """The cache folder ($HMX_KERNELS_CACHE, default ~/.cache/hmx_kernels), resolved on first use:
+    ExtensionBuildError (suggesting HMX_KERNELS_CACHE) where there is no home directory."""
+    try:
+        return SETTINGS.cache_dir
+    except RuntimeError as e:
+        raise ExtensionBuildError(str(e)) from None
 
 
 def _cpu_fingerprint() -> str:
@@ -458,7 +463,8 @@ def _load_finished(name: str) -> Tuple[object, Optional[Path], str, List[str]]:
     """A finished build of `name` that imports: (module, folder, "prebuilt" | "cache", problems of
     finished builds that did not import); (None, None, "", problems) when there is none."""
     problems = []
-    for folder, source in ((prebuilt_dir() / name, "prebuilt"), (cache_dir() / name, "cache")):
+    for where, source in ((prebuilt_dir, "prebuilt"), (cache_dir, "cache")):
+        folder = where() / name  # the cache folder only when the package holds no build
         if not folder.is_dir():
             continue
         try:
@@ -479,7 +485,6 @@ def _load_or_build(with_cuda: bool):
         if why:
             raise ExtensionBuildError("cannot use the CUDA kernels: " + "; ".join(why))
     arch = _cuda_arch_list() if with_cuda else ""
-    root = cache_dir()
     skipped: List[Tuple[str, str]] = []  # (flavour, why it is not used), fastest first
     compile_failures: List[Tuple[str, _CompileFailed]] = []
     # a flavour's compile failure is recorded only once a more portable flavour has built: a
@@ -494,6 +499,7 @@ def _load_or_build(with_cuda: bool):
         if module is not None:
             return module, _record(key, folder, False, source, flavour, t0, skipped)
         # 2. a flavour the compiler rejected on this machine before
+        root = cache_dir()
         marker = root / f"{name}.failed"
         reason = _marker_reason(marker, flavour) if marker.is_file() else None
         if reason is not None:

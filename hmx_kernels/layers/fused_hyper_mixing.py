@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from ..causal import MixingMode, mode_from_attn_mask, resolve_mode
 from ..dispatch import check_backend_name, select_backend
 from ..functional import hyper_mixing
-from ..parallel import sequence_parallel_offset
 from ..reference.positional import positional_encoding
 from ..validation import check_inputs
 from ..variants import get_variant
@@ -37,14 +36,30 @@ def _size(name: str, value) -> int:
     return int(value)
 
 
+class _Unset:
+    """The default of forward's mask arguments: tells "not passed" from an explicit None."""
+
+    def __repr__(self) -> str:
+        return "None"
+
+
+_UNSET = _Unset()
+
+
 def _positional(names, args, **keywords) -> dict:
-    """Map extra positional arguments onto `names`; an argument given both ways is an error."""
+    """The arguments `names` from forward's extra positional `args` and its keywords (None where
+    neither gave one); an argument given both ways is a TypeError, as Python raises for a plain
+    signature, even when the keyword's value is None."""
     if len(args) > len(names):
         raise TypeError(f"forward takes at most {3 + len(names)} positional arguments")
     given = dict(zip(names, args))
     for name in given:
-        if keywords.get(name) is not None:
-            raise TypeError(f"{name} was given both positionally and by keyword; pass it once")
+        if keywords.get(name, _UNSET) is not _UNSET:
+            raise TypeError(f"forward() got multiple values for argument '{name}' (given both positionally and "
+                            "by keyword)")
+    for name, value in keywords.items():
+        if name not in given:
+            given[name] = None if value is _UNSET else value
     return given
 
 
@@ -56,6 +71,12 @@ PARAMETER_ORDER = {
     "speechbrain": ("fc1_weights", "fc1_biases", "fc2_weights", "fc2_biases"),  # ParallelMLPs
     "idiap": ("fc1_weights", "fc2_weights", "fc1_biases", "fc2_biases"),  # _ParallelMLPs
 }
+
+
+def _check_policy(policy) -> str:
+    if not isinstance(policy, str) or policy not in ATTN_MASK_POLICIES:
+        raise ValueError(f"attn_mask_policy must be one of {ATTN_MASK_POLICIES}, got {policy!r}")
+    return policy
 
 
 class GeneratorMLP(nn.Module):
@@ -157,11 +178,13 @@ class FusedHyperMixing(nn.Module):
             "ignore" (default of `from_speechbrain`): ignore it, exactly as speechbrain's HyperMixing
             does (warns once). "honour": recognise speechbrain's causal mask (get_lookahead_mask)
             or Dynamic Chunk Training mask (make_transformer_src_mask) and mix in that mode; any
-            other mask raises.
+            other mask, or one that is not [N, N] for the N tokens, raises. Checked whenever it is
+            assigned (layer.attn_mask_policy = "honour").
         sequence_parallel_group: a torch.distributed group whose ranks each hold one contiguous
             slice of every sequence (hmx_kernels.parallel): the state is all-reduced over it and each
-            rank gets its slice of the unsplit result; the slice's position offset is computed by
-            one all-gather per call unless forward gets `position_offset=`.
+            rank gets its slice of the unsplit result. One small all-gather per call gives the
+            slice's position offset (unless forward gets `position_offset=`) and checks that every
+            rank makes the same call (hmx_kernels.parallel.agree_on_slices); a rank may hold no tokens.
 
     forward, speechbrain style: `out, None = layer(x, x, x, attn_mask=None, key_padding_mask=mask)`;
     key, value and pos_embs are ignored (query is used for all three); attn_mask per attn_mask_policy.
@@ -228,9 +251,7 @@ class FusedHyperMixing(nn.Module):
         self.hypernetwork_bias = bool(hypernetwork_bias)
         self.backend = backend
         self.mode = resolve_mode(causal, chunk_size, left_context_chunks)
-        if attn_mask_policy not in ATTN_MASK_POLICIES:
-            raise ValueError(f"attn_mask_policy must be one of {ATTN_MASK_POLICIES}, got {attn_mask_policy!r}")
-        self.attn_mask_policy = attn_mask_policy
+        self.attn_mask_policy = attn_mask_policy  # checked by the property's setter
         self._warned_ignored_mask = False
         self.sequence_parallel_group = sequence_parallel_group
         self.eps = eps
@@ -255,6 +276,17 @@ class FusedHyperMixing(nn.Module):
             f"hypernetwork_bias={self.hypernetwork_bias}, backend={self.backend!r}"
         )
 
+    @property
+    def attn_mask_policy(self) -> str:
+        """"raise", "ignore" or "honour" (see the class docstring); checked on every assignment."""
+        policy = self.__dict__.get("_attn_mask_policy")
+        # a layer pickled by an earlier version holds the plain attribute
+        return policy if policy is not None else _check_policy(self.__dict__.get("attn_mask_policy", "raise"))
+
+    @attn_mask_policy.setter
+    def attn_mask_policy(self, policy: str) -> None:
+        self._attn_mask_policy = _check_policy(policy)
+
     # ------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -262,26 +294,35 @@ class FusedHyperMixing(nn.Module):
         key: Optional[Tensor] = None,
         value: Optional[Tensor] = None,
         *args,
-        attn_mask: Optional[Tensor] = None,
-        key_padding_mask: Optional[Tensor] = None,
-        query_padding_mask: Optional[Tensor] = None,
-        return_attn_weights: Optional[bool] = True,
-        pos_embs: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = _UNSET,
+        key_padding_mask: Optional[Tensor] = _UNSET,
+        query_padding_mask: Optional[Tensor] = _UNSET,
+        return_attn_weights: Optional[bool] = _UNSET,
+        pos_embs: Optional[Tensor] = _UNSET,
         position_offset: Optional[int] = None,
         cu_seqlens: Optional[Tensor] = None,
         max_seqlen: Optional[int] = None,
     ):
+        # the masks (None = not given; an argument given positionally and by keyword is a TypeError)
+        if self.variant == "speechbrain":
+            # positional order of speechbrain's forward: attn_mask, key_padding_mask, return_attn_weights, pos_embs
+            given = _positional(("attn_mask", "key_padding_mask", "return_attn_weights", "pos_embs"), args,
+                                attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                return_attn_weights=return_attn_weights, pos_embs=pos_embs)
+            query_padding_mask = None if query_padding_mask is _UNSET else query_padding_mask
+        else:
+            # idiap: forward(query, key, value, query_padding_mask=None, key_padding_mask=None)
+            given = _positional(("query_padding_mask", "key_padding_mask"), args,
+                                query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask)
+            query_padding_mask = given["query_padding_mask"]
+            given["attn_mask"] = None if attn_mask is _UNSET else attn_mask
+        attn_mask, key_padding_mask = given["attn_mask"], given["key_padding_mask"]
         if cu_seqlens is not None:
-            out = self._mix_packed(query, key, value, args, attn_mask, key_padding_mask, query_padding_mask,
+            out = self._mix_packed(query, key, value, attn_mask, key_padding_mask, query_padding_mask,
                                    position_offset, cu_seqlens, max_seqlen)
             return (out, None) if self.variant == "speechbrain" else out
         if self.variant == "speechbrain":
-            # positional order of speechbrain's forward: attn_mask, key_padding_mask, return_attn_weights, pos_embs
-            names = ("attn_mask", "key_padding_mask", "return_attn_weights", "pos_embs")
-            given = _positional(names, args, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
-            attn_mask = given.get("attn_mask", attn_mask)
-            key_padding_mask = given.get("key_padding_mask", key_padding_mask)
-            mode = self._mode_for(attn_mask)
+            mode = self._mode_for(attn_mask, query)
             if query_padding_mask is not None:
                 raise ValueError(
                     "the speechbrain variant uses one padding mask for all tokens: pass key_padding_mask"
@@ -298,23 +339,18 @@ class FusedHyperMixing(nn.Module):
             out = self._mix(query, None, None, key_padding_mask, None, mode, position_offset)
             return out, None
 
-        # idiap: forward(query, key, value, query_padding_mask=None, key_padding_mask=None)
-        names = ("query_padding_mask", "key_padding_mask")
-        given = _positional(names, args, query_padding_mask=query_padding_mask, key_padding_mask=key_padding_mask)
-        query_padding_mask = given.get("query_padding_mask", query_padding_mask)
-        key_padding_mask = given.get("key_padding_mask", key_padding_mask)
-        mode = self._mode_for(attn_mask)
+        mode = self._mode_for(attn_mask, query)
         if key is None:
             key = query
         if value is None:
             value = key
         return self._mix(query, key, value, key_padding_mask, query_padding_mask, mode, position_offset)
 
-    def _mix_packed(self, query, key, value, args, attn_mask, key_padding_mask, query_padding_mask,
+    def _mix_packed(self, query, key, value, attn_mask, key_padding_mask, query_padding_mask,
                     position_offset, cu_seqlens, max_seqlen) -> Tensor:
         """Packed sequences (hmx_kernels.varlen): query [total, d] (or [1, total, d]), each
         sequence of cu_seqlens mixed with itself only, in the layer's mode."""
-        if args or attn_mask is not None or key_padding_mask is not None or query_padding_mask is not None:
+        if attn_mask is not None or key_padding_mask is not None or query_padding_mask is not None:
             raise ValueError("with cu_seqlens the tokens are packed: pass no attn_mask and no padding masks")
         if position_offset or self.sequence_parallel_group is not None:
             raise ValueError("packed sequences (cu_seqlens) do not combine with position offsets or sequence "
@@ -339,8 +375,9 @@ class FusedHyperMixing(nn.Module):
         ln = (self.layer_norm.weight, self.layer_norm.bias) if self.layer_norm is not None else (None, None)
         return (*w1, *w2, *ln)
 
-    def _mode_for(self, attn_mask: Optional[Tensor]) -> Optional[MixingMode]:
-        """The mixing mode of this call: the layer's own, or the one `attn_mask` describes."""
+    def _mode_for(self, attn_mask: Optional[Tensor], query: Tensor) -> Optional[MixingMode]:
+        """The mixing mode of this call: the layer's own, or the one `attn_mask` describes (an
+        honoured mask must be [N, N] for the N tokens of `query`)."""
         if attn_mask is None:
             return self.mode
         if self.attn_mask_policy == "raise":
@@ -361,7 +398,8 @@ class FusedHyperMixing(nn.Module):
                 )
                 self._warned_ignored_mask = True
             return self.mode
-        mode = mode_from_attn_mask(attn_mask)
+        length = query.shape[1] if isinstance(query, Tensor) and query.dim() == 3 else None
+        mode = mode_from_attn_mask(attn_mask, length)
         if self.mode is not None and mode != self.mode:
             raise ValueError(
                 f"attn_mask describes {mode.describe() if mode else 'non-causal'} mixing but the layer was built "
@@ -372,23 +410,21 @@ class FusedHyperMixing(nn.Module):
     def _mix(self, query, key, value, key_padding_mask, query_padding_mask, mode=None,
              position_offset: Optional[int] = None) -> Tensor:
         group = self.sequence_parallel_group
-        if position_offset is None:
-            position_offset = 0
-            if group is not None:
-                position_offset = sequence_parallel_offset((key if key is not None else query).shape[1], group,
-                                                           device=query.device if query.is_cuda else None)
-        return self._dispatch(
-            query, key, value, *self._weights(),
+        options = dict(
             variant=self.variant,
             key_padding_mask=key_padding_mask,
             query_padding_mask=query_padding_mask,
             use_layer_norm=self.use_layer_norm,
             eps=self.eps,
-            backend=self.backend,
             **_mode_arguments(mode),
-            position_offset=position_offset,
-            sequence_parallel_group=group,
         )
+        if group is not None:
+            # hyper_mixing's one all-gather agrees with the other ranks (slices, offsets, call
+            # signature) and computes the offset when none is given; last_backend is not recorded
+            return hyper_mixing(query, key, value, *self._weights(), backend=self.backend, **options,
+                                position_offset=position_offset, sequence_parallel_group=group)
+        return self._dispatch(query, key, value, *self._weights(), backend=self.backend, **options,
+                              position_offset=position_offset or 0, sequence_parallel_group=None)
 
     def _dispatch(self, *tensors, backend: str, **options) -> Tensor:
         """hmx_kernels.hyper_mixing, recording the backend that runs in `last_backend`: also under

@@ -188,8 +188,8 @@ def hyper_mixing_ref(
 
         if mode is None:
             v_heads = val.transpose(1, 2).reshape(B * H, d_h, N)  # [B*H, d_h, N]
-            w1 = w1.reshape(B * H, N, -1)  # [B*H, N, k_h]
-            w2 = w2.reshape(B * H, M, -1)  # [B*H, M, k_h]
+            w1 = w1.reshape(B * H, N, w1.shape[-1])  # [B*H, N, k_h] (N may be 0: an empty slice)
+            w2 = w2.reshape(B * H, M, w2.shape[-1])  # [B*H, M, k_h]
             p_t = torch.bmm(v_heads, w1)  # [B*H, d_h, N] @ [B*H, N, k_h] -> [B*H, d_h, k_h] = P^T
             if sequence_parallel_group is not None:  # every rank's keys enter the state
                 from torch.distributed.nn.functional import all_reduce

@@ -68,7 +68,9 @@ def positional_encoding(
         start = v.first_position
     if v.name == "speechbrain":
         freq = frequencies(v, d, torch.float32)[0::2]  # [d/2] fp32
-        positions = torch.arange(start, start + length, dtype=torch.float32).unsqueeze(1)  # [L, 1]
+        # integer positions rounded to fp32 as speechbrain does (arange(...).float()); a float32
+        # arange miscounts its rows near 2**24
+        positions = torch.arange(start, start + length).to(torch.float32).unsqueeze(1)  # [L, 1]
         angle = positions * freq  # [L, d/2] fp32 product, as in speechbrain
         pe = torch.empty(length, d, dtype=torch.float32)
         pe[:, 0::2] = torch.sin(angle)
@@ -76,7 +78,7 @@ def positional_encoding(
     else:
         channels = torch.arange(d, dtype=torch.float64)
         denom = torch.pow(torch.tensor(10000.0, dtype=torch.float64), 2.0 * channels / d)  # [d]
-        angle = torch.arange(start, start + length, dtype=torch.float64).unsqueeze(1) / denom  # [L, d]
+        angle = torch.arange(start, start + length).to(torch.float64).unsqueeze(1) / denom  # [L, d]
         even = (torch.arange(d) % 2 == 0)
         pe = torch.where(even, torch.sin(angle), torch.cos(angle)).to(torch.float32)
     if device is not None:

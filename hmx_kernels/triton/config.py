@@ -25,7 +25,6 @@ for a shape and device; the backend reports that as a reason before any kernel i
 from __future__ import annotations
 
 import inspect
-import os
 from functools import lru_cache
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
@@ -126,7 +125,10 @@ FP32_FALLBACK = {"ieee": ("ieee", "tf32x3"), "tf32x3": ("tf32x3", "ieee"), "tf32
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """TRITON_INTERPRET now, read as triton reads it (hmx_kernels.config, the one reading)."""
+    from ..config import triton_interpret_from_env
+
+    return triton_interpret_from_env()
 
 
 # triton decides interpreter vs compiler when a kernel is decorated: remember what this process
