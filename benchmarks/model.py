@@ -15,7 +15,9 @@ d 144, 8 heads, d_ffn = hypernet size 576, conv kernel 31, GELU, 10 layers; no f
 Per length N (batch 1, float32, one torch thread by default):
   train   one training step: zero_grad, forward, backward of sum(out * g), Adam step
   infer   one forward under torch.inference_mode()
-Reported: median wall time of `--repeats` repetitions after one warm-up; peak memory of the pass
+Reported: median (and minimum) wall time of `--repeats` repetitions after one warm-up, the
+contenders timed in turns (repetition r of each before repetition r + 1 of any: load from other
+processes falls on all of them alike); peak memory of the pass
 (PyTorch CPU allocator events replayed from torch.profiler, above what was allocated before: the
 same method as `python -m benchmarks`); the share of the pass spent in the mixer (the attention /
 HyperMixing module), from one profiled repetition: the mixer's forward (a record_function around
@@ -173,14 +175,21 @@ def make_passes(enc: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Dict[str, C
     return {"train": train, "infer": infer}
 
 
-def time_pass(fn: Callable[[], None], repeats: int) -> Dict[str, float]:
-    fn()  # warm-up (first use of the C++ extension, allocator growth)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, Dict[str, float]]:
+    """Median and minimum wall time of each function, timed in turns (repetition r of every
+    contender before repetition r + 1 of any), so that load from other processes falls on all
+    contenders alike; one untimed warm-up call each first (first use of the C++ extension,
+    allocator growth)."""
+    for fn in fns.values():
         fn()
-        samples.append(time.perf_counter() - t0)
-    return {"ms": 1e3 * statistics.median(samples), "ms_min": 1e3 * min(samples), "reps": len(samples)}
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: {"ms": 1e3 * statistics.median(v), "ms_min": 1e3 * min(v), "reps": len(v)}
+            for name, v in samples.items()}
 
 
 def profile_pass(fn: Callable[[], None]) -> Dict[str, float]:
@@ -234,16 +243,18 @@ def run(size: dict, lengths: List[int], repeats: int, contenders=CONTENDERS, log
         encoders["hmx"].zero_grad(set_to_none=True)
         log(f"N {N}: converted encoder equals speechbrain's (out {errs['out']:.1e}, dx {errs['dx']:.1e}); "
             f"ran {backend['backends']}")
-        for name in contenders:
-            for pass_name, fn in make_passes(encoders[name], x, g).items():
-                row = {"contender": name, "pass": pass_name, "N": N, "B": 1, **time_pass(fn, repeats),
-                       **profile_pass(fn)}
+        passes = {name: make_passes(encoders[name], x, g) for name in contenders}
+        for pass_name in ("train", "infer"):
+            times = time_interleaved({name: passes[name][pass_name] for name in contenders}, repeats)
+            for name in contenders:
+                row = {"contender": name, "pass": pass_name, "N": N, "B": 1, **times[name],
+                       **profile_pass(passes[name][pass_name])}
                 if name == "hmx":
                     row.update(gate_out_err=errs["out"], gate_dx_err=errs["dx"], backends=backend["backends"])
                 rows.append(row)
-                log(f"  {name:<12} {pass_name:<6} {row['ms']:9.1f} ms  peak {row['peak_mib']:8.1f} MiB  "
-                    f"mixer {100 * row['mixer_share']:5.1f} %")
-        del encoders
+                log(f"  {name:<12} {pass_name:<6} {row['ms']:9.1f} ms (min {row['ms_min']:.1f})  "
+                    f"peak {row['peak_mib']:8.1f} MiB  mixer {100 * row['mixer_share']:5.1f} %")
+        del encoders, passes
     return rows
 
 
@@ -303,7 +314,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.model", description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="600,1500,3000,6000")
     p.add_argument("--layers", type=int, default=None, help=f"encoder layers (default {RECIPE['layers']})")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--smoke", action="store_true", help="a tiny encoder at N 40, 1 repeat (seconds)")
     p.add_argument("--no-plot", action="store_true")
