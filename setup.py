@@ -69,18 +69,25 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
+    license_files=["LICENSE"],
     python_requires=">=3.9",
     packages=find_packages(include=["hmx_kernels", "hmx_kernels.*"]) + ["hmx_kernels.csrc"],
     # csrc/ lives at the top of the repository and is installed as the package data hmx_kernels/csrc
     package_dir={"hmx_kernels.csrc": "csrc"},
-    package_data={"hmx_kernels.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h", "*.hpp", "*.md", "**/*"]},
+    package_data={"hmx_kernels.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h", "*.hpp", "*.md", "**/*"],
+                  "hmx_kernels": ["py.typed"]},
     include_package_data=False,
     zip_safe=False,
     # no triton here: it is about 1 GB and a CPU-only machine has no use for it (CUDA builds of
     # torch on Linux bring their own); the `triton` extra installs it, and the tests need it for
     # the Triton interpreter
+    # torch floor: `import hmx_kernels` registers its ops with torch.library.custom_op, register_fake
+    # and register_autograd (torch 2.4); the `triton` backend also needs wrap_triton / triton_op and
+    # the device property shared_memory_per_block_optin (torch 2.6) and, on an older torch, reports
+    # itself unavailable with that reason (hmx_kernels/triton/backend.py), so "auto" uses the others.
+    # Tested: torch 2.13 (README, "Versions").
     install_requires=[
-        "torch>=2.1,<3",
+        "torch>=2.4,<3",
         "numpy",
         "ninja",
     ],
