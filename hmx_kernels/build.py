@@ -5,6 +5,9 @@
     python -m hmx_kernels.build --into-package   also copy the build into this installed package
                                                  (hmx_kernels/_prebuilt/, looked at first; no
                                                  compiler or ninja needed afterwards)
+    python -m hmx_kernels.build --x86-64         the x86-64-v4 (AVX-512) and x86-64-v3 (AVX2) flavours
+                                                 instead of this CPU's own, for images and wheels that
+                                                 run on other x86-64 CPU models (with --into-package)
     python -m hmx_kernels.build --clear-failed   forget failed fast builds (the `.failed` files),
                                                  so the next build tries the fast flavour again
 
@@ -23,6 +26,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hmx_kernels.build", description=__doc__.split("\n")[0])
     parser.add_argument("--into-package", action="store_true",
                         help="also copy the build into hmx_kernels/_prebuilt/ of this installation")
+    parser.add_argument("--x86-64", action="store_true",
+                        help="build the x86-64-v4 / -v3 flavours (any AVX-512 / AVX2 CPU) instead of -march=native")
     parser.add_argument("--clear-failed", action="store_true",
                         help="delete the records of failed builds in the cache, then exit")
     args = parser.parse_args(argv)
@@ -36,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{len(removed)} failed build record(s) cleared in {build.cache_dir()}")
         return 0
     try:
-        build.build_ahead(into=build.prebuilt_dir() if args.into_package else None)
+        build.build_ahead(into=build.prebuilt_dir() if args.into_package else None, x86_64=args.x86_64)
     except build.ExtensionBuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

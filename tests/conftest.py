@@ -15,6 +15,25 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
+# `make test-fast` runs `-m "not slow and not compile"`. The markers (registered in pyproject.toml)
+# are set per test with @pytest.mark.slow, or here for whole files and fixtures, so one place says
+# what the fast run leaves out:
+#   compile: GPU kernel compile reports (ptxas / nvcc for sm_80 and sm_90), minutes on 2 cores
+#   slow: fresh builds of the C++ extension (the prebuilt_cache fixture, new virtual environments),
+#         multi-process runs (torchrun, gloo) and sweeps that take more than a few seconds
+COMPILE_REPORT_FILES = {"test_kernel_resources.py", "test_cuda_compile.py"}
+SLOW_FILES = {"test_cpp_build.py", "test_examples.py"}
+SLOW_FIXTURES = {"prebuilt_cache", "repo_copy"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        if name in COMPILE_REPORT_FILES:
+            item.add_marker(pytest.mark.compile)
+        if name in SLOW_FILES or SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture
 def poisoned():

@@ -1,6 +1,8 @@
 """Installation facts: the declared torch floor, the triton backend's probe of what torch offers,
 the licence and typing marker that ship with the package."""
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,112 @@ def test_license_and_typing_marker_ship():
     assert 'license="MIT"' in (ROOT / "setup.py").read_text()
     assert (ROOT / "hmx_kernels" / "py.typed").is_file()
     assert re.search(r'"hmx_kernels":\s*\[[^\]]*"py\.typed"', (ROOT / "setup.py").read_text())
+
+
+# ---- ahead-of-time builds for any x86-64 CPU with AVX2 ---------------------------------------
+def test_x86_64_flavours_follow_the_cpu_flags(monkeypatch):
+    """AVX-512 hosts get v4 then v3, AVX2-only hosts v3, older CPUs none (they compile as usual)."""
+    from hmx_kernels.cpp import build
+
+    monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
+    v3, v4 = frozenset(build.X86_64_V3_CPU_FLAGS), frozenset(build.X86_64_V4_CPU_FLAGS)
+    assert [f[0] for f in build.x86_64_flavours(v4)] == ["x86-64-v4+openmp", "x86-64-v3+openmp"]
+    assert [f[0] for f in build.x86_64_flavours(v3 | {"avx512f"})] == ["x86-64-v3+openmp"]
+    assert build.x86_64_flavours(v3 - {"avx2"}) == []
+    monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
+    assert build.x86_64_flavours(v4) == []
+
+
+def test_x86_64_flavour_flags_and_keys(monkeypatch):
+    """The flavours target a level, not the build machine, and their cache key ignores the CPU
+    model and the OS release (so another host finds the build), while the native key does not."""
+    from hmx_kernels.cpp import build
+
+    for name, cflags, ldflags, _ in build.X86_64_FLAG_SETS:
+        level = name.split("+")[0]
+        assert f"-march={level}" in cflags and "-march=native" not in " ".join(cflags)
+        assert "-fopenmp" in cflags and "-fopenmp" in ldflags
+    cflags = build.X86_64_FLAG_SETS[1][1]
+    native = build.FLAG_SETS[0][1]
+    keys = (build._build_key(False, "", cflags, host_specific=False), build._build_key(False, "", native))
+    monkeypatch.setattr(build, "_cpu_fingerprint", lambda: "another CPU model")
+    monkeypatch.setattr(build.platform, "platform", lambda: "Linux-9.9-another-kernel")
+    assert build._build_key(False, "", cflags, host_specific=False) == keys[0]
+    assert build._build_key(False, "", native) != keys[1]
+
+
+def test_compiler_takes_the_x86_64_flavour_flags(tmp_path):
+    """The C++ compiler accepts each flavour's flags (OpenMP included) for a small program that uses
+    the same constructs as the twin (omp simd, a parallel loop)."""
+    import shutil
+    import subprocess
+
+    from hmx_kernels.cpp import build
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / "probe.cpp"
+    src.write_text("#include <omp.h>\nfloat f(float* x, int n) { float s = 0;\n#pragma omp simd reduction(+:s)\n"
+                   "for (int i = 0; i < n; ++i) s += x[i] * x[i];\nreturn s; }\n"
+                   "int main() { float x[64] = {1}; float t = 0;\n#pragma omp parallel for reduction(+:t)\n"
+                   "for (int i = 0; i < 4; ++i) t += f(x, 64);\nreturn t > 0 ? 0 : 1; }\n")
+    for name, cflags, ldflags, _ in build.X86_64_FLAG_SETS:
+        proc = subprocess.run([cxx, *cflags, str(src), "-o", str(tmp_path / name), *ldflags],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{name}: {proc.stderr}"
+
+
+@pytest.mark.slow
+def test_x86_64_build_loads_on_another_host(tmp_path, repo_copy):
+    """`python -m hmx_kernels.build --x86-64` on an AVX2-only CPU builds the x86-64-v3 flavour (and
+    says it skips v4); a process that sees another CPU model and OS release and has no compiler
+    loads that build, which computes what the reference computes. The v3 module holds no AVX-512
+    instruction (no zmm register), so it runs on any AVX2 CPU. One build (about 1 min on 2 cores)."""
+    import shutil
+    import subprocess
+
+    from envtools import clean_env, run_json
+
+    from hmx_kernels.cpp import build
+
+    if "x86-64-v3+openmp" not in [f[0] for f in build.x86_64_flavours()]:
+        pytest.skip("this CPU cannot run the x86-64-v3 flavour (no AVX2)")
+    if shutil.which(os.environ.get("CXX", "c++")) is None or build._find_ninja() is None:
+        pytest.skip("no C++ compiler or ninja")
+    env = clean_env(PYTHONPATH=repo_copy, HMX_KERNELS_NO_CUDA="1", HMX_KERNELS_CACHE=tmp_path / "cache")
+    avx2_only = "build.host_cpu_flags = lambda: frozenset(build.X86_64_V3_CPU_FLAGS)\n"
+    code = ("import json, sys\nfrom hmx_kernels.cpp import build\n" + avx2_only +
+            "from hmx_kernels import build as cli\n"
+            "sys.argv = ['python -m hmx_kernels.build', '--x86-64']\n"
+            "rc = cli.main(sys.argv[1:])\n"
+            "print('RESULT ' + json.dumps(rc))\n")
+    rc, proc = run_json(sys.executable, code, env, tmp_path)
+    assert rc == 0, proc.stderr
+    assert "x86-64-v4+openmp build): not built, this CPU lacks avx512" in proc.stdout, proc.stdout
+    line = [ln for ln in proc.stdout.splitlines() if "x86-64-v3+openmp build): compiled in" in ln]
+    assert line, proc.stdout
+    folder = Path(line[0].split(" in ", 1)[1].strip())
+    (so,) = folder.glob(f"{folder.name}*.so")
+    if shutil.which("objdump"):
+        asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so)], capture_output=True, text=True,
+                             timeout=300).stdout
+        assert "ymm" in asm and "zmm" not in asm
+
+    code = ("import json, torch\nfrom hmx_kernels.cpp import build\n" + avx2_only +
+            "build._cpu_fingerprint = lambda: 'another CPU model'\n"
+            "build.platform.platform = lambda: 'Linux-9.9-another-kernel'\n"
+            "build._missing_toolchain = lambda *a: ['no compiler here']\n"
+            "import hmx_kernels\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "x = torch.randn(2, 7, 8, generator=g)\n"
+            "w = [torch.randn(2, 4, 4, generator=g), torch.randn(2, 4, generator=g), "
+            "torch.randn(2, 6, 4, generator=g), torch.randn(2, 6, generator=g)]\n"
+            "ln = [torch.ones(8), torch.zeros(8)]\n"
+            "out = hmx_kernels.hyper_mixing(x, None, None, *w, *w, *ln, backend='cpu')\n"
+            "ref = hmx_kernels.hyper_mixing(x, None, None, *w, *w, *ln, backend='reference')\n"
+            "print('RESULT ' + json.dumps(dict(build.LOAD_INFO, err=(out - ref).abs().max().item())))\n")
+    info, proc = run_json(sys.executable, code, env, tmp_path)
+    assert info["flavour"] == "x86-64-v3+openmp" and info["source"] == "cache" and not info["built"], info
+    assert info["err"] < 1e-4, info
+    assert "RuntimeWarning" not in proc.stderr, proc.stderr
