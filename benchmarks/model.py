@@ -1,7 +1,7 @@
 """Model-level benchmark: a speechbrain HyperConformer encoder, three ways.
 
     python -m benchmarks.model                   # recipe size, N 600 / 1500 / 3000 / 6000 (CPU: ~15 min)
-    python -m benchmarks.model --smoke           # a tiny encoder, seconds (what CI runs)
+    python -m benchmarks.model --smoke           # a tiny encoder at N 40, seconds (what CI runs)
 
 Contenders, all speechbrain `ConformerEncoder`s of one size (the hyperconformer_8M recipe's encoder:
 d 144, 8 heads, d_ffn = hypernet size 576, conv kernel 31, GELU, 10 layers; no front-end, no decoder):
@@ -15,7 +15,7 @@ d 144, 8 heads, d_ffn = hypernet size 576, conv kernel 31, GELU, 10 layers; no f
 Per length N (batch 1, float32, one torch thread by default):
   train   one training step: zero_grad, forward, backward of sum(out * g), Adam step
   infer   one forward under torch.inference_mode()
-Reported: median (and minimum) wall time of `--repeats` repetitions after one warm-up, the
+Reported: median (and minimum) wall time of `--repeats` repetitions (5; 3 from N = 3000) after one warm-up, the
 contenders timed in turns (repetition r of each before repetition r + 1 of any: load from other
 processes falls on all of them alike); peak memory of the pass
 (PyTorch CPU allocator events replayed from torch.profiler, above what was allocated before: the
@@ -118,10 +118,10 @@ def build_encoders(size: dict, N: int, seed: int = 0) -> Dict[str, nn.Module]:
                   nhead=size["nhead"], kernel_size=size["kernel_size"], activation=nn.GELU, dropout=0.0)
     torch.manual_seed(seed)
     sb = ConformerEncoder(attention_type="hypermixing", **common)
-    for layer in sb.layers:  # the only change: positions for N > 3000
-        layer.mha_layer.positional_encoding = PositionalEncoding(size["d_model"], max(3000, N))
     hmx = ConformerEncoder(attention_type="hypermixing", **common)
     hmx.load_state_dict(sb.state_dict())
+    for layer in sb.layers:  # the only change: positions for N > 3000
+        layer.mha_layer.positional_encoding = PositionalEncoding(size["d_model"], max(3000, N))
     for layer in hmx.layers:
         layer.mha_layer = FusedHyperMixing.from_speechbrain(layer.mha_layer, backend="auto")
     torch.manual_seed(seed)
@@ -231,7 +231,9 @@ def profile_pass(fn: Callable[[], None]) -> Dict[str, float]:
             "mixer_fwd_ms": fwd_us / 1e3, "mixer_bwd_ms": bwd_us / 1e3, "profiled_ms": wall_us / 1e3}
 
 
-def run(size: dict, lengths: List[int], repeats: int, contenders=CONTENDERS, log=print) -> List[dict]:
+def run(size: dict, lengths: List[int], repeats: int, contenders=CONTENDERS, log=print,
+        done: Callable[[List[dict]], None] = lambda rows: None) -> List[dict]:
+    """Every length in turn; done(rows) after each (the results so far are written then)."""
     rows = []
     for N in lengths:
         encoders = build_encoders(size, N)
@@ -245,7 +247,8 @@ def run(size: dict, lengths: List[int], repeats: int, contenders=CONTENDERS, log
             f"ran {backend['backends']}")
         passes = {name: make_passes(encoders[name], x, g) for name in contenders}
         for pass_name in ("train", "infer"):
-            times = time_interleaved({name: passes[name][pass_name] for name in contenders}, repeats)
+            reps = repeats if N < 3000 else min(repeats, 3)  # few repeats where one step takes seconds
+            times = time_interleaved({name: passes[name][pass_name] for name in contenders}, reps)
             for name in contenders:
                 row = {"contender": name, "pass": pass_name, "N": N, "B": 1, **times[name],
                        **profile_pass(passes[name][pass_name])}
@@ -255,6 +258,7 @@ def run(size: dict, lengths: List[int], repeats: int, contenders=CONTENDERS, log
                 log(f"  {name:<12} {pass_name:<6} {row['ms']:9.1f} ms (min {row['ms_min']:.1f})  "
                     f"peak {row['peak_mib']:8.1f} MiB  mixer {100 * row['mixer_share']:5.1f} %")
         del encoders, passes
+        done(rows)
     return rows
 
 
@@ -314,7 +318,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.model", description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="600,1500,3000,6000")
     p.add_argument("--layers", type=int, default=None, help=f"encoder layers (default {RECIPE['layers']})")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (at most 3 from N = 3000)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--smoke", action="store_true", help="a tiny encoder at N 40, 1 repeat (seconds)")
     p.add_argument("--no-plot", action="store_true")
@@ -331,19 +335,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     load_before = runinfo.check_load(torch.get_num_threads())
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
-    rows = run(size, lengths, repeats, log=lambda m: print(m, file=sys.stderr, flush=True))
-    meta = {
-        **runinfo.machine_meta(),
-        "date_utc": started.isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.model"] + list(argv if argv is not None else sys.argv[1:])),
-        "size": size, "lengths": lengths, "repeats": repeats, "dtype": "float32",
-        "load": {"before": load_before, "after": list(os.getloadavg())},
-        "matmul_tflops_1thread": measured_cpu_peak_tflops(torch.float32, 1),
-        "gate_rtol": GATE_RTOL,
-        "wall_s": round(time.perf_counter() - t0, 1),
-    }
     name = f"model-{device_slug(torch.device('cpu'))}"
-    stem = runinfo.write_results(out_dir, name, meta, rows, markdown)
+
+    def metadata(rows):
+        return {
+            **runinfo.machine_meta(),
+            "date_utc": started.isoformat(timespec="seconds"),
+            "command": " ".join(["python -m benchmarks.model"] + list(argv if argv is not None else sys.argv[1:])),
+            "size": size, "lengths": lengths, "repeats": repeats, "dtype": "float32",
+            "load": {"before": load_before, "after": list(os.getloadavg())},
+            "matmul_tflops_1thread": measured_cpu_peak_tflops(torch.float32, 1),
+            "gate_rtol": GATE_RTOL,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "complete": len({r["N"] for r in rows}) == len(lengths),
+            }
+
+    def write(rows):
+        return runinfo.write_results(out_dir, name, metadata(rows), rows, markdown)
+
+    rows = run(size, lengths, repeats, log=lambda m: print(m, file=sys.stderr, flush=True), done=write)
+    meta = metadata(rows)
+    stem = os.path.join(out_dir, name)
     if not args.no_plot:
         try:
             plot(rows, stem + ".png", f"HyperConformer encoder ({size['layers']} layers, d {size['d_model']}), "
