@@ -18,20 +18,25 @@ torch.backends.cudnn.allow_tf32 = False
 # `make test-fast` runs `-m "not slow and not compile"`. The markers (registered in pyproject.toml)
 # are set per test with @pytest.mark.slow, or here for whole files and fixtures, so one place says
 # what the fast run leaves out:
-#   compile: GPU kernel compile reports (ptxas / nvcc for sm_80 and sm_90), minutes on 2 cores
+#   compile: GPU kernel compile reports and checks (ptxas / nvcc for sm_80 and sm_90), minutes on 2 cores
 #   slow: fresh builds of the C++ extension (the prebuilt_cache fixture, new virtual environments),
-#         multi-process runs (torchrun, gloo) and sweeps that take more than a few seconds
+#         multi-process runs (torchrun, gloo process groups), Inductor compiles (C++ code
+#         generation: a minute or more each on 2 cores) and sweeps that take more than a few seconds
 COMPILE_REPORT_FILES = {"test_kernel_resources.py", "test_cuda_compile.py"}
-SLOW_FILES = {"test_cpp_build.py", "test_examples.py"}
+COMPILE_TESTS = {"test_triton.py::test_kernels_compile_for_sm90_without_a_gpu"}
+SLOW_FILES = {"test_cpp_build.py", "test_examples.py", "test_sequence_parallel.py", "test_sp_comm.py"}
+SLOW_TESTS = {"test_ops.py::test_compile_layer_fullgraph_no_break_dynamic_lengths",
+              "test_ops.py::test_compile_functional_op_fullgraph"}
 SLOW_FIXTURES = {"prebuilt_cache", "repo_copy"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.path.name
-        if name in COMPILE_REPORT_FILES:
+        test = f"{name}::{item.originalname}"
+        if name in COMPILE_REPORT_FILES or test in COMPILE_TESTS:
             item.add_marker(pytest.mark.compile)
-        if name in SLOW_FILES or SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        if name in SLOW_FILES or test in SLOW_TESTS or SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 
