@@ -270,10 +270,11 @@ def markdown(meta: dict, rows: List[dict]) -> str:
            f"ConformerEncoder d {s['d_model']}, {s['nhead']} heads, d_ffn {s['d_ffn']}, kernel {s['kernel_size']}, "
            f"{s['layers']} layers; torch {meta['versions']['torch']}, git {meta['git_sha'][:10]}, "
            f"{meta['date_utc'][:10]}; load average {meta['load']['before'][0]:.2f} before, "
-           f"{meta['load']['after'][0]:.2f} after ({meta['cpu_count']} cores); {meta['repeats']} repeats, median.", ""]
+           f"{meta['load']['after'][0]:.2f} after ({meta['cpu_count']} cores); one-thread matmul rate at the end "
+           f"{meta['matmul_tflops_1thread']:.3f} TFLOP/s; {meta['repeats']} repeats (3 from N 3000), in turns.", ""]
     for p, title in (("train", "training step (forward + backward + Adam)"), ("infer", "inference (forward)")):
         out += [f"{title}: median ms / peak MiB / mixer share of the pass", "",
-                "| N | speechbrain | hmx | sdpa | hmx speed-up over speechbrain | over sdpa |",
+                "| N | speechbrain | hmx | sdpa | hmx speed-up over speechbrain: median (min) | over sdpa: median (min) |",
                 "|---|---|---|---|---|---|"]
         for N in lengths:
             cells = []
@@ -282,7 +283,8 @@ def markdown(meta: dict, rows: List[dict]) -> str:
                 cells.append("-" if r is None else
                              f"{r['ms']:.0f} / {r['peak_mib']:.0f} / {100 * r['mixer_share']:.0f} %")
             h, sb, sd = by.get(("hmx", p, N)), by.get(("speechbrain", p, N)), by.get(("sdpa", p, N))
-            sp = lambda a, b: f"{b['ms'] / a['ms']:.2f}x" if a and b else "-"  # noqa: E731
+            sp = lambda a, b: (f"{b['ms'] / a['ms']:.2f}x ({b['ms_min'] / a['ms_min']:.2f}x)"  # noqa: E731
+                               if a and b else "-")
             out.append(f"| {N} | " + " | ".join(cells) + f" | {sp(h, sb)} | {sp(h, sd)} |")
         out.append("")
     return "\n".join(out)
@@ -314,6 +316,20 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def rewrite(path: str) -> None:
+    """Rewrites <stem>.md and the plot from a results file (python -m benchmarks.model --rewrite FILE)."""
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    stem = path[:-len(".json")]
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(data["meta"], data["rows"]))
+    m = data["meta"]
+    plot(data["rows"], stem + ".png", f"HyperConformer encoder ({m['size']['layers']} layers, d {m['size']['d_model']}), "
+         f"{m['cpu_model']}, {m['torch_threads']} thread(s), B 1, fp32, {m['date_utc'][:10]}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.model", description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="600,1500,3000,6000")
@@ -322,8 +338,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--smoke", action="store_true", help="a tiny encoder at N 40, 1 repeat (seconds)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--rewrite", metavar="JSON", help="only rewrite the Markdown table and plot of a results file")
     runinfo.add_output_options(p)
     args = p.parse_args(argv)
+    if args.rewrite:
+        rewrite(args.rewrite)
+        return 0
     size = dict(SMOKE if args.smoke else RECIPE)
     if args.layers:
         size["layers"] = args.layers
