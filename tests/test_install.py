@@ -192,3 +192,31 @@ def test_x86_64_build_loads_on_another_host(tmp_path, repo_copy):
     assert info["flavour"] == "x86-64-v3+openmp" and info["source"] == "cache" and not info["built"], info
     assert info["err"] < 1e-4, info
     assert "RuntimeWarning" not in proc.stderr, proc.stderr
+
+
+# ---- developer loop ------------------------------------------------------------------------
+def _recipe(target):
+    text = (ROOT / "Makefile").read_text()
+    body = text.split(f"\n{target}:", 1)[1].split("\n\n", 1)[0]
+    return [ln.strip() for ln in body.splitlines()[1:] if ln.startswith("\t")]
+
+
+def test_setup_installs_speechbrain_last_so_pip_reports_no_unmet_requirements():
+    """pip checks the requirements of every installed package an installation touches: with
+    speechbrain installed (--no-deps, so torchaudio & co. are missing) any later `pip install`
+    prints an ERROR line listing them. The set-up removes it first and installs it last."""
+    lines = [ln for ln in _recipe("$(STAMP)") if "pip " in ln]
+    assert "uninstall" in lines[0] and "speechbrain" in lines[0]
+    assert "--no-deps" in lines[-1] and "SPEECHBRAIN_SPEC" in lines[-1]
+    assert not any("SPEECHBRAIN_SPEC" in ln or "speechbrain=" in ln for ln in lines[:-1])
+    assert "$(SPEECHBRAIN_DEPS)" in " ".join(lines[1:-1])
+
+
+def test_fast_target_uses_registered_markers():
+    (line,) = _recipe("test-fast")
+    assert '-m "not slow and not compile"' in line
+    text = (ROOT / "pyproject.toml").read_text()
+    for marker in ("slow", "compile"):
+        assert re.search(rf'^\s*"{marker}: ', text, flags=re.M), f"marker {marker} is not registered"
+    assert "--update-results" in (ROOT / "benchmarks" / "runinfo.py").read_text()
+    assert "HMX_BENCH_UPDATE=$(UPDATE)" in " ".join(_recipe("bench"))
