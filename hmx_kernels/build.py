@@ -13,7 +13,8 @@
 
 The work is done by `hmx_kernels.cpp.build` (`build_ahead`, `clear_failed`): the same build, cache
 folder and flavours as the first-use build. `HMX_KERNELS_BUILD_EXT=1 pip install
---no-build-isolation .` runs the same build during installation.
+--no-build-isolation .` runs the same build during installation, `HMX_KERNELS_BUILD_EXT=x86-64` the
+--x86-64 one.
 """
 from __future__ import annotations
 
