@@ -356,10 +356,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
     name = f"model-{device_slug(torch.device('cpu'))}"
+    machine = runinfo.machine_meta()  # at the start: the git sha of the code that runs
 
     def metadata(rows):
         return {
-            **runinfo.machine_meta(),
+            **machine,
             "date_utc": started.isoformat(timespec="seconds"),
             "command": " ".join(["python -m benchmarks.model"] + list(argv if argv is not None else sys.argv[1:])),
             "size": size, "lengths": lengths, "repeats": repeats, "dtype": "float32",
