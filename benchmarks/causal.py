@@ -24,8 +24,8 @@ Token-causal on the `reference` backend keeps a [k_h, d_h] state per token (B x 
 floats, 128 KiB per token at sb256, several copies for the backward): it is not run above
 `--token-causal-cap` tokens (default 4096) while the reference serves it; the cap is reported.
 
-Output: benchmarks/results/causal/<device-slug>-float32{.csv,.json,-crossover.csv,-time.png,
--memory.png} from the sweep, and <device-slug>-float32-summary.md: ratios of each causal mode to
+Output in benchmarks/results/local/causal/ (untracked; --update-results: the committed
+benchmarks/results/causal/): <device-slug>-float32{.csv,.json,-crossover.csv,-time.png, -memory.png} from the sweep, and <device-slug>-float32-summary.md: ratios of each causal mode to
 the non-causal `cpu` backend and to the non-causal layer on the same backend, the issue's targets
 at N = 4096 (chunk C = 32 at most 1.3x, token-causal at most 3x the non-causal `cpu` time), and the
 crossover against SDPA with is_causal=True.
@@ -206,7 +206,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--mode-backend", default="auto", help="backend= of the causal modes (default auto)")
     p.add_argument("--token-causal-cap", type=int, default=4096,
                    help="largest N for token-causal while the reference backend serves it (default 4096)")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "causal"))
+    from .runinfo import add_output_options, output_dir
+
+    add_output_options(p, "causal")
     p.add_argument("--time-cap", type=float, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -215,6 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--summary-only", action="store_true",
                    help="do not run the sweep: rewrite the summary from the results already in --out")
     args = p.parse_args(argv)
+    args.out = output_dir(args, "causal")
 
     extra = [mode_contender(n, args.mode_backend, args.token_causal_cap) for n in MODES] + [sdpa_causal_contender()]
     names = ["hmx-cpu", "hmx-reference", *MODES, "sdpa", "sdpa-causal"]

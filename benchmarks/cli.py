@@ -1,5 +1,8 @@
 """Command line: parse options, pick contenders, run the sweep, write and print the results.
 
+Output folder: benchmarks/results/local/ (untracked), so that a run leaves the repository clean;
+`--update-results` (or HMX_BENCH_UPDATE=1, `make bench UPDATE=1`) writes the committed reference
+results in benchmarks/results/ instead; `--quick` writes to benchmarks/results/quick/.
 Output files (deterministic names, overwritten by the next run on the same device and dtype):
   <out>/<device-slug>-<dtype>.csv / .json     every point (JSON adds the metadata and crossovers)
   <out>/<device-slug>-<dtype>-crossover.csv   crossover lengths
@@ -16,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from . import report
+from . import report, runinfo
 from .config import (DEFAULTS, DTYPES, QUICK, SHAPES, device_name, device_slug, dtype_name,
                      git_sha, library_versions, measured_cpu_peak_tflops, parse_shape,
                      peak_tflops)
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="B in the fixed-batch mode")
     p.add_argument("--tokens", type=int, default=None, help="B * N in the token-budget mode")
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a smoke run)")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results, quick: benchmarks/results/quick)")
+    runinfo.add_output_options(p)
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per pass (at most)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up forward+backward calls before timing")
     p.add_argument("--time-cap", type=float, default=None,
@@ -67,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls on GPU (off by default)")
     p.add_argument("--list", action="store_true", help="list the contenders for the device and exit")
     return p
+
+
+def _committed_peak(name: str, threads: int) -> Optional[float]:
+    """The matrix-multiply rate the committed results for this CPU model and dtype measured at the
+    same thread count (None when there are none): what this machine gives when it is quiet."""
+    import json
+
+    path = os.path.join(runinfo.RESULTS, name + ".json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)["meta"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return meta.get("peak_tflops") if meta.get("torch_threads") == threads else None
 
 
 def main(argv: Optional[List[str]] = None, extra_contenders=None) -> int:
@@ -124,10 +141,11 @@ def main(argv: Optional[List[str]] = None, extra_contenders=None) -> int:
         time_cap=args.time_cap or opts["time_cap"], measure_budget=args.measure_budget or opts["measure_budget"],
         compile_cap=args.compile_cap, memory=not args.no_memory, tf32=args.tf32, device_name=dname)
 
-    out_dir = args.out or os.path.join(HERE, "results", "quick" if args.quick else "")
+    out_dir = runinfo.output_dir(args, smoke=args.quick)
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{device_slug(dev)}-{dtype_name(dtype)}")
 
+    load_before = runinfo.check_load(torch.get_num_threads() if dev.type == "cpu" else 1)
     started = datetime.datetime.now(datetime.timezone.utc)
     print(f"device {dname} ({dev}), {dtype_name(dtype)}, torch threads {torch.get_num_threads()}", file=sys.stderr)
     print(f"contenders: {', '.join(names)}", file=sys.stderr)
@@ -137,6 +155,8 @@ def main(argv: Optional[List[str]] = None, extra_contenders=None) -> int:
     rows = run_sweep(cfg, contenders)
     wall = time.perf_counter() - t0
     cross = report.crossovers(rows)
+    peak_now = None if dev.type == "cuda" else measured_cpu_peak_tflops(dtype, torch.get_num_threads())
+    reference_peak = _committed_peak(os.path.basename(stem), torch.get_num_threads())
 
     meta = {
         "date_utc": started.isoformat(timespec="seconds"),
@@ -153,7 +173,9 @@ def main(argv: Optional[List[str]] = None, extra_contenders=None) -> int:
         "peak_tflops": (peak_tflops(dname, dtype, cfg.tf32) if dev.type == "cuda"
                         else measured_cpu_peak_tflops(dtype, torch.get_num_threads())),
         "peak_tflops_source": ("vendor data sheet (config.PEAK_TFLOPS)" if dev.type == "cuda"
-                               else "measured: best torch.mm 1024^3 at the sweep's thread count"),
+                               else "measured: best torch.mm 1024^3 at the sweep's thread count, before the sweep"),
+        "peak_tflops_after": peak_now,
+        "load_average": {"before": load_before, "after": list(os.getloadavg())},
         "versions": library_versions(),
         "contenders": names,
         "shapes": [vars(s) for s in shapes],
@@ -188,5 +210,15 @@ def main(argv: Optional[List[str]] = None, extra_contenders=None) -> int:
     print("\ncrossover: length from which HyperMixing stays faster (median times)")
     for c in cross:
         print("  " + report.format_crossover(c))
-    print(f"\nwall time {wall:.0f} s; wrote:\n  " + "\n  ".join(written))
+    print(f"\nwall time {wall:.0f} s; load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after "
+          f"({os.cpu_count()} cores); wrote:\n  " + "\n  ".join(written))
+    if reference_peak and meta["peak_tflops"] and meta["peak_tflops"] < 0.6 * reference_peak:
+        print(f"WARNING: the measured matrix-multiply rate ({meta['peak_tflops']:.3f} TFLOP/s) is "
+              f"{meta['peak_tflops'] / reference_peak:.0%} of the committed run's on this CPU model "
+              f"({reference_peak:.3f}): the machine is busy or throttled, and these timings are slow",
+              file=sys.stderr)
+    if peak_now and meta["peak_tflops"] and not 0.75 <= peak_now / meta["peak_tflops"] <= 1.33:
+        print(f"WARNING: the matrix-multiply rate changed during the run ({meta['peak_tflops']:.3f} TFLOP/s before, "
+              f"{peak_now:.3f} after): the machine's load changed, and the timings are not comparable with each "
+              "other", file=sys.stderr)
     return 0

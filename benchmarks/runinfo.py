@@ -25,6 +25,10 @@ from hmx_kernels.dispatch import _REGISTRY, backend_reasons, select_backend
 
 from .config import cpu_model, git_sha, library_versions
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+LOCAL_RESULTS = os.path.join(RESULTS, "local")  # gitignored: where a run writes unless told otherwise
+UPDATE_ENV = "HMX_BENCH_UPDATE"
+
 
 def resolved_backend(backend: str, *args, **kwargs) -> Dict[str, object]:
     """The backend `backend` ("auto" or a name) resolves to for `hyper_mixing(*args, **kwargs)`,
@@ -91,6 +95,42 @@ def record_run(fn) -> Dict[str, List[str]]:
     return rec.summary()
 
 
+def add_output_options(p, sub: str = "") -> None:
+    """--out / --update-results, shared by every benchmark that writes results."""
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: benchmarks/results/local/{sub}, untracked by git; "
+                        f"--update-results: the committed benchmarks/results/{sub})")
+    p.add_argument("--update-results", action="store_true",
+                   help=f"write into the committed benchmarks/results/{sub} (also: {UPDATE_ENV}=1, "
+                        f"`make bench UPDATE=1`), replacing the reference results there")
+
+
+def output_dir(args, sub: str = "", smoke: bool = False) -> str:
+    """Where results go: --out; a smoke run: benchmarks/results/quick/ (untracked); with
+    --update-results or HMX_BENCH_UPDATE=1: the committed benchmarks/results/<sub>; otherwise
+    benchmarks/results/local/<sub> (gitignored), so a first run leaves the repository clean."""
+    if args.out:
+        return args.out
+    if smoke:
+        return os.path.join(RESULTS, "quick", sub)
+    if args.update_results or os.environ.get(UPDATE_ENV, "0") not in ("", "0"):
+        return os.path.join(RESULTS, sub)
+    return os.path.join(LOCAL_RESULTS, sub)
+
+
+def check_load(threads: int, warn=None) -> List[float]:
+    """The 1/5/15-minute load averages before a run; warns (stderr) when other work already keeps
+    cores busy: load above cores - threads means the run's threads share cores with it and the
+    timings are not comparable with a quiet machine's."""
+    load = list(os.getloadavg())
+    cores = os.cpu_count() or 1
+    if load[0] > max(cores - threads, 0) + 0.5:
+        msg = (f"WARNING: the machine is busy (load average {load[0]:.2f} over {cores} cores, this run uses "
+               f"{threads} thread(s)): timings will be slower and noisier than on a quiet machine")
+        (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+    return load
+
+
 def machine_meta(threads: Optional[int] = None) -> Dict[str, object]:
     """Machine and software description written into every result file."""
     import datetime
@@ -103,6 +143,7 @@ def machine_meta(threads: Optional[int] = None) -> Dict[str, object]:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
         "versions": library_versions(),
     }
 

@@ -24,7 +24,7 @@ used by tests/test_sp_comm.py). The issue's target is W = 2 at most 0.6x the tim
 With more processes than cores the processes share cores and the scaling says nothing about the
 method: the output says so (`oversubscribed`).
 
-Results: benchmarks/results/sequence-parallel-<device-slug>.{json,md} (--out to change).
+Results: benchmarks/results/sequence-parallel-<device-slug>.{json,md} (benchmarks/results/local/ unless --update-results; --out to change).
 """
 from __future__ import annotations
 
@@ -277,8 +277,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-baseline", action="store_true", help="skip the single-process run without a group")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    from .runinfo import add_output_options, output_dir
+
+    add_output_options(p)
     args = p.parse_args(argv)
+    args.out = output_dir(args)
 
     worlds = [int(w) for w in args.worlds.split(",") if w]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -91,7 +91,9 @@ def _empty_row(cfg: SweepConfig, c: Contender, shape: Shape, mode: str, B: int, 
     row.update({"mem_fwd_mib": None, "mem_fwd_bwd_mib": None})
     for p in ("fwd", "fwd_bwd"):
         row.update({f"{p}_flops": c.flops(shape, B, N, p), f"{p}_tokens_per_s": None,
-                    f"{p}_tflops": None, f"{p}_peak_share": None})
+                    f"{p}_tflops": None, f"{p}_peak_share": None,
+                    f"{p}_exec_flops": (c.executed_flops or c.flops)(shape, B, N, p),
+                    f"{p}_exec_tflops": None, f"{p}_exec_peak_share": None})
     return row
 
 
@@ -212,6 +214,8 @@ def _run_point(cfg, c: Contender, shape, B, N, row, series, stop, last_ok, peak,
         if s > 0:
             row[f"{p}_tokens_per_s"] = B * N / s
             row[f"{p}_tflops"] = row[f"{p}_flops"] / s / 1e12
+            row[f"{p}_exec_tflops"] = row[f"{p}_exec_flops"] / s / 1e12
             if peak:
                 row[f"{p}_peak_share"] = row[f"{p}_tflops"] / peak
+                row[f"{p}_exec_peak_share"] = row[f"{p}_exec_tflops"] / peak
     last_ok[series] = (times["fwd_bwd"]["p50"], row["fwd_bwd_flops"])

@@ -19,7 +19,7 @@ longest), the padded time scaled down to the tokens actually present. Reported a
 `packed / ideal`. Before timing, the packed output and token gradient are checked against the
 padded ones on the kept rows (scale-relative error, reported; above 1e-4 the run stops).
 
-Results: benchmarks/results/varlen-<device-slug>.{json,md} (--out to change).
+Results: benchmarks/results/varlen-<device-slug>.{json,md} (benchmarks/results/local/ unless --update-results; --out to change).
 """
 from __future__ import annotations
 
@@ -84,8 +84,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--measure-budget", type=float, default=20.0, help="seconds per timed pass before repetitions are cut (3 at least)")
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    from .runinfo import add_output_options, output_dir
+
+    add_output_options(p)
     args = p.parse_args(argv)
+    args.out = output_dir(args)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,6 +18,46 @@ os.environ.setdefault("HMX_KERNELS_TRITON_PIN", "1")  # read when hmx_kernels is
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
+# `make test-fast` runs `-m "not slow and not compile"`. The markers (registered in pyproject.toml)
+# are set per test with @pytest.mark.slow, or here for whole files and fixtures, so one place says
+# what the fast run leaves out:
+#   compile: GPU kernel compile reports and checks (ptxas / nvcc for sm_80 and sm_90), minutes on 2 cores
+#   slow: fresh builds of the C++ extension (the prebuilt_cache fixture, new virtual environments),
+#         multi-process runs (torchrun, gloo process groups), Inductor compiles (C++ code
+#         generation: a minute or more each on 2 cores) and sweeps that take more than a few seconds
+COMPILE_REPORT_FILES = {"test_kernel_resources.py", "test_cuda_compile.py"}
+COMPILE_TESTS = {"test_triton.py::test_kernels_compile_for_sm90_without_a_gpu"}
+SLOW_FILES = {"test_cpp_build.py", "test_examples.py", "test_sequence_parallel.py", "test_sp_comm.py"}
+SLOW_TESTS = {"test_ops.py::test_compile_layer_fullgraph_no_break_dynamic_lengths",
+              "test_ops.py::test_compile_functional_op_fullgraph"}
+# the longest cases of the fast selection (measured, 2 cores at load 3 to 7: 6 to 32 s each): the
+# token-causal scan and the split kernels under the Triton interpreter, a long sequence, an
+# aot_eager compile of a Conformer encoder, the two-process benchmark
+SLOW_CASES = {
+    "test_causal.py::test_triton_modes_with_the_split_kernels[token]",
+    "test_causal.py::test_triton_modes_float32_awkward_sizes[token]",
+    "test_causal.py::test_triton_matches_the_masked_formulation[idiap-token]",
+    "test_causal.py::test_triton_matches_the_masked_formulation[speechbrain-token]",
+    "test_varlen.py::test_triton_packed_gradients_equal_the_reference[token]",
+    "test_varlen.py::test_triton_packed_gradients_equal_the_reference[chunk4_L1]",
+    "test_varlen.py::test_triton_packed_with_the_split_kernels[chunk4_L1]",
+    "test_bench_modes.py::test_sequence_parallel_benchmark_one_and_two_processes",
+    "test_ops.py::test_compile_speechbrain_conformer_encoder_with_converted_layers",
+    "test_triton.py::test_long_sequence[cpu-fp32]",
+}
+SLOW_FIXTURES = {"prebuilt_cache", "repo_copy"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        test = f"{name}::{item.originalname}"
+        if name in COMPILE_REPORT_FILES or test in COMPILE_TESTS:
+            item.add_marker(pytest.mark.compile)
+        if (name in SLOW_FILES or test in SLOW_TESTS or f"{name}::{item.name}" in SLOW_CASES
+                or SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture
 def poisoned():

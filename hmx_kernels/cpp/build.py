@@ -20,6 +20,16 @@ Whenever a slower flavour is used, a RuntimeWarning (once per process) says why 
 fix the cause, then delete the `.failed` file, call `clear_failed()` or run
 `python -m hmx_kernels.build --clear-failed`.
 
+Ahead-of-time builds for other CPUs (`python -m hmx_kernels.build --x86-64`,
+`HMX_KERNELS_BUILD_EXT=x86-64 pip install --no-build-isolation .`): the fast build is made for the
+build machine's CPU, so an image built on one CPU model would compile again on another. The
+x86-64 flavours target the x86-64 micro-architecture levels instead: x86-64-v4 (AVX-512 F, BW, CD,
+DQ, VL) and x86-64-v3 (AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE), both with OpenMP, keyed without the
+CPU model (only the machine type and C library). At load time the best x86-64 build the host CPU
+runs (by /proc/cpuinfo flags) is used, ahead of a native one; a CPU without AVX2 compiles as usual.
+A flavour is built only where the build machine's CPU runs it (the build imports what it compiles):
+build on an AVX-512 machine to ship both.
+
 Concurrent builders: a lock file (fcntl) serialises builders of one key; the build runs in a
 temporary folder that is renamed into place atomically, so a reader never sees a half-written
 build and a killed build leaves only a stale temporary folder behind.
@@ -85,6 +95,19 @@ FLAG_SETS = [
     ("portable", ["-O3", "-fno-trapping-math", "-std=c++17"], []),
 ]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
+
+# x86-64 psABI micro-architecture levels, as /proc/cpuinfo names their features (lzcnt is "abm")
+X86_64_V3_CPU_FLAGS = ("cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3",  # v2
+                       "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave")
+X86_64_V4_CPU_FLAGS = X86_64_V3_CPU_FLAGS + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
+# ahead-of-time flavours for any x86-64 CPU of a level, best first:
+# (name, compiler flags, linker flags, the CPU flags a host needs to run it)
+X86_64_FLAG_SETS = [
+    ("x86-64-v4+openmp", ["-O3", "-march=x86-64-v4", "-mtune=generic", "-fopenmp", "-fno-trapping-math",
+                          "-std=c++17"], ["-fopenmp"], X86_64_V4_CPU_FLAGS),
+    ("x86-64-v3+openmp", ["-O3", "-march=x86-64-v3", "-mtune=generic", "-fopenmp", "-fno-trapping-math",
+                          "-std=c++17"], ["-fopenmp"], X86_64_V3_CPU_FLAGS),
+]
 
 # how the last load_extension() call that loaded a module got it: {"key", "path", "built": bool,
 # "source": "prebuilt" | "cache" | "compiled", "flavour", "seconds"}
@@ -171,6 +194,24 @@ def _cpu_fingerprint() -> str:
     return info
 
 
+def host_cpu_flags() -> frozenset:
+    """The host CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def x86_64_flavours(cpu_flags: Optional[frozenset] = None) -> List[Tuple[str, List[str], List[str]]]:
+    """The x86-64 ahead-of-time flavours a CPU with `cpu_flags` (default: this host's) runs, best first."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    flags = host_cpu_flags() if cpu_flags is None else cpu_flags
+    return [(name, cflags, ldflags) for name, cflags, ldflags, needs in X86_64_FLAG_SETS
+            if flags.issuperset(needs)]
+
+
 def _nvcc() -> Optional[str]:
     home = SETTINGS.cuda_home
     if home and (Path(home) / "bin" / "nvcc").is_file():
@@ -223,15 +264,20 @@ def gencode_flags(arch: str) -> List[str]:
     return flags
 
 
-def _build_key(with_cuda: bool, arch: str, cflags: List[str]) -> str:
+def _build_key(with_cuda: bool, arch: str, cflags: List[str], host_specific: bool = True) -> str:
+    """A hash of everything the binary depends on. host_specific=False (the x86-64 flavours):
+    without the CPU model and the OS release, so that a build made on one machine is found on another."""
     src = source_dir()
     h = hashlib.sha256()
     for name in CPU_SOURCES + HEADERS + (CUDA_SOURCES if with_cuda else []):
         path = src / name
         h.update(name.encode())
         h.update(path.read_bytes() if path.is_file() else b"<missing>")
+    # host_specific=False: the machine type and C library only ("portable" marks such keys)
+    host = ([platform.platform(), _cpu_fingerprint()] if host_specific
+            else [platform.machine(), "-".join(platform.libc_ver()), "portable"])
     parts = [
-        torch.__version__, sys.version, platform.platform(), str(cflags), _cpu_fingerprint(),
+        torch.__version__, sys.version, *host[:1], str(cflags), *host[1:],
         f"cuda={with_cuda}", str(torch.version.cuda), arch, str(NVCC_FLAGS) if with_cuda else "",
     ]
     h.update("\0".join(parts).encode())
@@ -491,6 +537,12 @@ def _load_or_build(with_cuda: bool):
     # failure every flavour shares (no Python headers, a broken compiler) is not the fast flags'
     to_mark: List[Tuple[Path, str, List[str], _CompileFailed]] = []
     missing: Optional[List[str]] = None
+    # 0. an x86-64 ahead-of-time build this CPU runs (made on another machine, e.g. in an image)
+    for flavour, cflags, _ in x86_64_flavours():
+        key = _build_key(with_cuda, arch, cflags, host_specific=False)
+        module, folder, source, _ = _load_finished(f"{_NAME}_{key}")
+        if module is not None:
+            return module, _record(key, folder, False, source, flavour, t0, skipped)
     for index, (flavour, cflags, ldflags) in enumerate(FLAG_SETS):
         key = _build_key(with_cuda, arch, cflags)
         name = f"{_NAME}_{key}"
@@ -638,7 +690,7 @@ def _build(with_cuda: bool, arch: str, key: str, cflags: List[str], ldflags: Lis
 
 
 def build_ahead(into: Optional[Path] = None, with_cuda: Optional[bool] = None,
-                log: Callable[[str], None] = print) -> List[Path]:
+                log: Callable[[str], None] = print, x86_64: bool = False) -> List[Path]:
     """Builds the extension now, exactly as first use would (same flavours, same cache folder), and
     returns where each build is. `into`: also copy each build's module there (a `_prebuilt`
     folder, which `load_extension` reads first), replacing the builds that folder held.
@@ -651,6 +703,10 @@ def build_ahead(into: Optional[Path] = None, with_cuda: Optional[bool] = None,
     places = []
     with _lock:
         for wc in variants:
+            if x86_64:
+                places += [_copy_build(p, Path(into)) if into is not None else p
+                           for p in _build_x86_64(wc, log)]
+                continue
             load_extension(with_cuda=wc)
             info = _infos[wc]
             what = "CPU + CUDA" if wc else "CPU"
@@ -666,6 +722,44 @@ def build_ahead(into: Optional[Path] = None, with_cuda: Optional[bool] = None,
                 if stale.is_dir() and stale.resolve() not in {p.resolve() for p in places}:
                     shutil.rmtree(stale, ignore_errors=True)
     return places
+
+
+def _build_x86_64(with_cuda: bool, log: Callable[[str], None]) -> List[Path]:
+    """Builds (or finds built) each x86-64 flavour the host CPU runs; returns the build folders."""
+    if with_cuda:
+        why = cuda_run_possible()
+        if why:
+            raise ExtensionBuildError("cannot build the CUDA kernels: " + "; ".join(why))
+    arch = _cuda_arch_list() if with_cuda else ""
+    runnable = {name for name, _, _ in x86_64_flavours()}
+    if not runnable:
+        raise ExtensionBuildError(f"no x86-64 flavour runs on this CPU ({platform.machine()}; they need "
+                                  "x86-64 with AVX2): build the default flavour instead")
+    what = "CPU + CUDA" if with_cuda else "CPU"
+    folders = []
+    for flavour, cflags, ldflags, needs in X86_64_FLAG_SETS:
+        if flavour not in runnable:
+            lacks = sorted(set(needs) - host_cpu_flags())
+            log(f"hmx_kernels C++ extension ({what}, {flavour} build): not built, this CPU lacks {', '.join(lacks)} "
+                "(a build is imported once to check it); build on a CPU that has them to ship this flavour too")
+            continue
+        key = _build_key(with_cuda, arch, cflags, host_specific=False)
+        name = f"{_NAME}_{key}"
+        module, folder, source, problems = _load_finished(name)
+        if module is None:
+            missing = _missing_toolchain(with_cuda)
+            if missing:
+                raise ExtensionBuildError(f"cannot build the {flavour} flavour here: " + "; ".join(missing))
+            try:
+                _build(with_cuda, arch, key, cflags, ldflags, flavour, problems)
+            except _CompileFailed as e:
+                raise ExtensionBuildError(f"the {flavour} build failed: {e.summary[0]}") from e
+            folder, verb = cache_dir() / name, "compiled"
+        else:
+            verb = f"found already built ({source})"
+        log(f"hmx_kernels C++ extension ({what}, {flavour} build): {verb} in {folder}")
+        folders.append(folder)
+    return folders
 
 
 def _copy_build(folder: Path, into: Path) -> Path:

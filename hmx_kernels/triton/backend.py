@@ -36,6 +36,12 @@ FP32_MODE_TOLERANCES = {
     ),
 }
 
+# The torch this backend needs: 2.6 brought torch.library.wrap_triton / triton_op (the launchers are
+# written for them) and the device property shared_memory_per_block_optin (the fit check). An older
+# torch imports hmx_kernels (2.4+) and runs the other backends; this one then reports itself
+# unavailable with the reason, so `auto` moves on instead of failing on the first call.
+TORCH_FOR_TRITON = "2.6"
+
 _AVAILABLE: Dict[str, Tuple[str, ...]] = {}
 _function = None  # hmx_kernels.triton.function, once imported
 
@@ -54,6 +60,19 @@ def _import_error() -> str:
     return ""
 
 
+def torch_missing_for_triton(torch_module=torch) -> str:
+    """"" when `torch_module` has what the Triton launchers use, else which names it lacks."""
+    missing = [f"torch.library.{name}" for name in ("wrap_triton", "triton_op")
+               if not hasattr(torch_module.library, name)]
+    props = getattr(torch_module._C, "_CudaDeviceProperties", None)  # None in CPU-only builds
+    if props is not None and not hasattr(props, "shared_memory_per_block_optin"):
+        missing.append("torch.cuda device property shared_memory_per_block_optin")
+    if not missing:
+        return ""
+    return (f"torch {torch_module.__version__} lacks {', '.join(missing)}: the triton backend needs "
+            f"torch >= {TORCH_FOR_TRITON}")
+
+
 def _interpreting() -> bool:
     """TRITON_INTERPRET=1 at import, and the kernels (if already created) were created under it."""
     config = sys.modules.get(__package__ + ".config")
@@ -69,7 +88,7 @@ def triton_available(device_type: str) -> Tuple[str, ...]:
             reasons = ("CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before triton is "
                        "imported; slow, for testing); use backend='cpu' or 'reference' for CPU tensors",)
         else:
-            err = _import_error()
+            err = torch_missing_for_triton() or _import_error()
             reasons = (err,) if err else ()
         _AVAILABLE[device_type] = reasons
     return reasons
