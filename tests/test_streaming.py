@@ -62,3 +62,175 @@ def test_streaming_misuse():
     _, s = hyper_mixing_stream(x[:, :4], *w, chunk_size=2)
     with pytest.raises(ValueError, match="was started for"):
         hyper_mixing_stream(x[:, 4:], *w, state=s, causal=True)
+
+
+# ---- the layer streams: FusedHyperMixing.stream() and layer(piece, state=state) ------------------
+from hmx_kernels import FusedHyperMixing  # noqa: E402
+from hmx_kernels.dispatch import get_backend  # noqa: E402
+from hmx_kernels.streaming import StreamingState, StreamingStateMismatch  # noqa: E402
+
+LAYER_MODES = {"token": dict(causal=True), "chunk3": dict(chunk_size=3), "chunk4_L1": dict(chunk_size=4, left_context_chunks=1)}
+
+
+def _layer(variant, mode_kw, dtype, backend, H=2, d_h=18, k_h=72, seed=0):
+    torch.manual_seed(seed)
+    layer = FusedHyperMixing(H * d_h, H * k_h, num_heads=H, variant=variant, backend=backend, **mode_kw)
+    with torch.no_grad():  # non-zero biases and LayerNorm parameters, so every gradient is exercised
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return layer.to(dtype)
+
+
+def _pieces(N, C, seed):
+    rng, start, out = random.Random(seed), 0, []
+    while start < N:
+        n = min(N - start, C * rng.randint(1, 3))
+        out.append((start, n))
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode_name", list(LAYER_MODES))
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_layer_stream_equals_one_pass(variant, mode_name, dtype):
+    """A layer fed a prime-length sequence (d_h 18, k_h 72, padded tails) in random whole-chunk
+    pieces, through layer.stream() (speechbrain) or layer(piece, state=...) (idiap), equals the
+    layer's one pass, output and every gradient (input and every parameter), with the same upstream
+    gradient. float64: one pass on the reference, 1e-12 (the same sums grouped by piece). float32:
+    one pass on the default backend (cpu), within its declared float32 tolerance."""
+    kw = LAYER_MODES[mode_name]
+    C = kw.get("chunk_size", 1)
+    B, N = 2, 23
+    backend = "reference" if dtype == torch.float64 else "auto"
+    layer = _layer(variant, kw, dtype, backend)
+    x = (0.5 * torch.randn(B, N, layer.input_output_dim, generator=torch.Generator().manual_seed(1))).to(dtype)
+    x.requires_grad_(True)
+    pad = torch.zeros(B, N, dtype=torch.bool)
+    pad[1, 17:] = True
+    if variant == "speechbrain":
+        full = layer(x, key_padding_mask=pad)[0]
+        stream = layer.stream()
+        streamed = torch.cat([stream(x[:, s:s + n], key_padding_mask=pad[:, s:s + n]) for s, n in _pieces(N, C, 3)], 1)
+        assert stream.state.position == N
+    else:
+        full = layer(x, x, x, pad, pad)
+        state, outs = layer.initial_state(), []
+        for s, n in _pieces(N, C, 4):
+            y, state = layer(x[:, s:s + n], key_padding_mask=pad[:, s:s + n], state=state)
+            outs.append(y)
+        streamed = torch.cat(outs, 1)
+        assert state.position == N and state.batch == B and state.hidden_per_head == 72
+    if dtype == torch.float64:
+        tol_out = tol_grad = 1e-12
+    else:
+        tol = get_backend("cpu").tolerances[("cpu", torch.float32)]
+        tol_out, tol_grad = tol.out, tol.grad
+    assert_close("out", streamed, full, tol_out)
+    g = torch.randn_like(full)
+    leaves = [x] + list(layer.parameters())
+    ga = torch.autograd.grad(full, leaves, g)
+    gb = torch.autograd.grad(streamed, leaves, g)
+    for (name, _), a, b in zip([("x", x)] + list(layer.named_parameters()), gb, ga):
+        assert_close(f"grad {name}", a, b, tol_grad)
+
+
+def test_layer_stream_needs_a_mode_and_matches_the_layer():
+    plain = FusedHyperMixing(8, 16, num_heads=2)
+    with pytest.raises(ValueError, match="streaming needs a causal mode"):
+        plain.initial_state()
+    s = plain.initial_state(chunk_size=4, left_context_chunks=2)  # a layer without a mode takes one here
+    assert s.mode.chunk_size == 4 and (s.heads, s.head_dim, s.hidden_per_head, s.variant) == (2, 4, 8, "speechbrain")
+    causal = FusedHyperMixing(8, 16, num_heads=2, causal=True)
+    with pytest.raises(ValueError, match="cannot stream chunk-causal"):
+        causal.initial_state(chunk_size=4)
+    with pytest.raises(StreamingStateMismatch, match="does not fit this layer, which mixes token-causal"):
+        causal(torch.randn(1, 4, 8), state=s)
+    with pytest.raises(ValueError, match="no attn_mask"):
+        causal(torch.randn(1, 4, 8), None, None, None, state=causal.initial_state())
+    with pytest.raises(TypeError, match="StreamingState"):
+        causal(torch.randn(1, 4, 8), state="start")
+
+
+# ---- a state that does not fit the piece is refused, naming the state and the mismatch -------------
+def _weights(H, d_h, k_h, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = [torch.randn(H, d_h, d_h, generator=g), torch.randn(H, d_h, generator=g),
+         torch.randn(H, k_h, d_h, generator=g), torch.randn(H, k_h, generator=g)]
+    w = [t.to(dtype=dtype, device=device) for t in w]
+    ln = [torch.ones(H * d_h, dtype=dtype, device=device), torch.zeros(H * d_h, dtype=dtype, device=device)]
+    return [*w, None, None, None, None, *ln]
+
+
+def _started(B=1, H=2, d_h=4, k_h=6, dtype=torch.float32, variant="speechbrain", **mode):
+    x = torch.randn(B, 4, H * d_h, dtype=dtype)
+    return hyper_mixing_stream(x, *_weights(H, d_h, k_h, dtype), variant=variant, **(mode or dict(causal=True)))[1]
+
+
+@pytest.mark.parametrize("mode", [dict(causal=True), dict(chunk_size=2, left_context_chunks=1)])
+def test_state_from_batch_of_one_is_not_broadcast(mode):
+    state = _started(B=1, **mode)
+    with pytest.raises(StreamingStateMismatch, match=r"streaming state \(.*batch 1.*batch size: the state has 1, the piece 3"):
+        hyper_mixing_stream(torch.randn(3, 4, 8), *_weights(2, 4, 6), state=state)
+
+
+@pytest.mark.parametrize("mode", [dict(causal=True), dict(chunk_size=2, left_context_chunks=1)])
+def test_state_from_one_k_h_is_not_broadcast_onto_another(mode):
+    state = _started(k_h=1, **mode)
+    with pytest.raises(StreamingStateMismatch, match="k_h: the state has 1, the piece 8"):
+        hyper_mixing_stream(torch.randn(1, 4, 8), *_weights(2, 4, 8), state=state)
+    # the same through layers: a state of a k_h=1 layer handed to a k_h=8 layer
+    narrow = FusedHyperMixing(8, 2, num_heads=2, **mode)
+    wide = FusedHyperMixing(8, 16, num_heads=2, **mode)
+    _, s = narrow(torch.randn(1, 4, 8), state=narrow.initial_state())
+    with pytest.raises(StreamingStateMismatch, match="k_h: the state has 1, the piece 8"):
+        wide(torch.randn(1, 4, 8), state=s)
+    with pytest.raises(StreamingStateMismatch, match="k_h: the state has 1, the piece 8"):
+        wide(torch.randn(1, 4, 8), state=narrow.initial_state())  # before any piece: the layer's shape
+
+
+def test_mismatched_states_name_the_state_and_the_mismatch():
+    state = _started(B=2)
+    with pytest.raises(StreamingStateMismatch, match=r"streaming state .*batch size: the state has 2, the piece 3"):
+        hyper_mixing_stream(torch.randn(3, 4, 8), *_weights(2, 4, 6), state=state)
+    with pytest.raises(StreamingStateMismatch, match="heads: the state has 2, the piece 4; d_h: the state has 4, the piece 2"):
+        hyper_mixing_stream(torch.randn(2, 4, 8), *_weights(4, 2, 6), state=state)
+    state64 = _started(dtype=torch.float64)
+    with pytest.raises(StreamingStateMismatch, match="dtype: the state is torch.float64, the piece torch.float32"):
+        hyper_mixing_stream(torch.randn(1, 4, 8), *_weights(2, 4, 6), state=state64)
+    meta = torch.empty(1, 4, 8, device="meta")
+    with pytest.raises(StreamingStateMismatch, match="device: the state is on cpu, the piece on meta"):
+        hyper_mixing_stream(meta, *_weights(2, 4, 6, device="meta"), state=_started())
+
+
+def test_speechbrain_state_does_not_continue_under_idiap():
+    state = _started(variant="speechbrain")
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(StreamingStateMismatch, match="variant: the state is 'speechbrain', the piece 'idiap'"):
+        hyper_mixing_stream(x, *_weights(2, 4, 6), state=state, variant="idiap")
+    sb_layer = FusedHyperMixing(8, 12, num_heads=2, causal=True)
+    idiap_layer = FusedHyperMixing(8, 12, num_heads=2, causal=True, variant="idiap")
+    _, s = sb_layer(x, state=sb_layer.initial_state())
+    with pytest.raises(StreamingStateMismatch, match="variant: the state is 'speechbrain', the layer 'idiap'"):
+        idiap_layer(x, state=s)
+
+
+def test_hand_built_state_with_a_wrong_carry_is_refused():
+    from hmx_kernels.causal import MixingMode
+
+    bad = StreamingState(MixingMode(1), position=4, carry=torch.zeros(1, 2, 1, 4))  # k_h 1 carry, k_h 6 piece
+    with pytest.raises(StreamingStateMismatch, match=r"carry shape: \[1, 2, 1, 4\], the piece needs \[B, H, k_h, d_h\] = \[1, 2, 6, 4\]"):
+        hyper_mixing_stream(torch.randn(1, 4, 8), *_weights(2, 4, 6), state=bad)
+    bad = StreamingState(MixingMode(2, 1), position=4, carry=torch.zeros(1, 2, 2, 6, 4))  # 2 chunks kept, L = 1
+    with pytest.raises(StreamingStateMismatch, match=r"r <= 1"):
+        hyper_mixing_stream(torch.randn(1, 4, 8), *_weights(2, 4, 6), state=bad)
+
+
+def test_state_records_what_it_belongs_to():
+    state = _started(B=1, H=2, d_h=4, k_h=6, dtype=torch.float64, chunk_size=2)
+    assert (state.variant, state.batch, state.heads, state.head_dim, state.hidden_per_head, state.dtype,
+            state.device, state.position) == ("speechbrain", 1, 2, 4, 6, torch.float64, torch.device("cpu"), 4)
+    assert state.detach().batch == 1 and not state.detach().carry.requires_grad
+    text = state.describe()
+    for part in ("chunk-causal (chunk_size 2", "batch 1", "H 2", "d_h 4", "k_h 6", "float64", "on cpu", "next position 4"):
+        assert part in text, (part, text)
