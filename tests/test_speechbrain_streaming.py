@@ -20,6 +20,16 @@ from utils import assert_close, import_speechbrain
 RTOL = 1e-12
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These encoders are tiny: on a shared machine torch's default thread count makes its float64
+    depthwise convolution (and OpenMP in general) wait on busy cores for most of the test's time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _sb():
     T = import_speechbrain("speechbrain.lobes.models.transformer.TransformerASR")
     C = import_speechbrain("speechbrain.lobes.models.transformer.Conformer")
@@ -47,7 +57,7 @@ def _inputs(B=2, N=37, d=64, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, N, d, generator=g, dtype=torch.float64)
     pad = torch.zeros(B, N, dtype=torch.bool)
-    pad[1, 29:] = True
+    pad[1, N - 8:] = True
     return x, pad
 
 
@@ -62,10 +72,10 @@ def _stream_in_pieces(s, x, pad, C, seed):
     return outs
 
 
-@pytest.mark.parametrize("C,L,kernel_size", [(4, 1, 7), (4, None, 7), (2, 2, 7), (5, 0, 3)])
+@pytest.mark.parametrize("C,L,kernel_size", [(4, 1, 7), (2, None, 7), (5, 0, 3)])
 def test_conformer_stream_equals_dct_full_pass(C, L, kernel_size):
     """Chunks of 4 with a convolution of 7 (3 frames of left context), chunks of 2 (the
-    convolution's left context spans two chunks), unlimited and no left context."""
+    convolution's left context spans two chunks) with unlimited left context, and no left context."""
     T, _, _, DCT = _sb()
     enc = _conformer(kernel_size)
     x, pad = _inputs()
@@ -87,7 +97,7 @@ def test_causal_conformer_stream_equals_causal_full_pass():
     """An encoder built causal (causal convolutions) under the causal mask: pieces of any length."""
     T, _, _, _ = _sb()
     enc = _conformer(kernel_size=5, causal=True)
-    x, pad = _inputs()
+    x, pad = _inputs(N=23)
     with torch.no_grad():
         full = enc(x, src_mask=T.make_transformer_src_mask(x, causal=True), src_key_padding_mask=pad)[0]
         s = stream(enc, causal=True)

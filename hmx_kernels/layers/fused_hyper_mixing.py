@@ -156,6 +156,9 @@ class FusedHyperMixing(nn.Module):
     [1, total, d]) and cu_seqlens int32 [num_seqs + 1] (flash-attn's convention): each sequence
     mixes with itself only, positions from its own start, in the layer's mode
     (hmx_kernels.varlen.hyper_mixing_varlen); no padding masks then.
+    Streaming (causal modes, hmx_kernels.streaming): `y, state = layer(piece, state=state)` starting
+    from `layer.initial_state()`, or `s = layer.stream(); y = s(piece)`; self-mixing, one padding
+    mask (key_padding_mask) per piece; the state carries the mode and the next position.
     """
 
     def __init__(
