@@ -40,7 +40,7 @@ class StreamingStateMismatch(ValueError):
     """A streaming state was handed a piece (or a layer) it does not belong to."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: it holds a tensor
 class StreamingState:
     """What the next piece of a streamed sequence needs, and what it belongs to.
 
