@@ -173,3 +173,11 @@ def test_speechbrains_own_streaming_with_hypermixing():
     asr.encode_streaming(torch.randn(2, 4, 20), ctx)  # the first chunk runs
     with pytest.raises(RuntimeError, match="must match the size"):
         asr.encode_streaming(torch.randn(2, 4, 20), ctx)  # PE of left context + chunk added to the chunk
+    common = dict(tgt_vocab=10, input_size=20, d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=0,
+                  d_ffn=32, attention_type="hypermixing", normalize_before=True, dropout=0.0, causal=False)
+    asr = T.TransformerASR(encoder_module="conformer", kernel_size=3, positional_encoding=None, **common).eval()
+    with pytest.raises(UnboundLocalError):
+        asr.encode_streaming(torch.randn(2, 4, 20), asr.make_streaming_context(DCT(4, 1)))
+    asr = T.TransformerASR(encoder_module="transformer", **common).eval()
+    with pytest.raises(AttributeError, match="make_streaming_context"):
+        asr.make_streaming_context(DCT(4, 1))
