@@ -234,3 +234,23 @@ def test_state_records_what_it_belongs_to():
     text = state.describe()
     for part in ("chunk-causal (chunk_size 2", "batch 1", "H 2", "d_h 4", "k_h 6", "float64", "on cpu", "next position 4"):
         assert part in text, (part, text)
+
+
+def test_layer_streams_under_inference_mode_and_autocast():
+    """Streaming inference: under torch.inference_mode the pieces equal the one pass; under
+    autocast the state records the autocast dtype (its carry stays float32), and a piece outside
+    autocast is then refused, naming the dtypes."""
+    layer = FusedHyperMixing(16, 32, num_heads=2, chunk_size=4, backend="reference")
+    x = torch.randn(2, 12, 16)
+    with torch.inference_mode():
+        s = layer.stream()
+        y = torch.cat([s(x[:, i:i + 4]) for i in range(0, 12, 4)], 1)
+        assert_close("inference_mode", y, layer(x)[0], 1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = layer.stream()
+        y = torch.cat([s(x[:, i:i + 4]) for i in range(0, 12, 4)], 1)
+        full = layer(x)[0]
+    assert y.dtype == torch.bfloat16 and s.state.dtype == torch.bfloat16 and s.state.carry.dtype == torch.float32
+    assert_close("autocast", y.float(), full.float(), 1e-2)
+    with pytest.raises(StreamingStateMismatch, match="dtype: the state is torch.bfloat16, the piece torch.float32"):
+        layer(x[:, :4], state=s.state)
