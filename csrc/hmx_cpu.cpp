@@ -974,6 +974,14 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads, const R
       stack_rows(win.data(), nb, dh, st.data(), sv.data());
       T* pt = p + bh * NB * psz;  // [nb][d_h, k_h]: P_j^T
       expand_fc2(mm, head_weights<T>(pb.g1, h, dh, kh), st.data(), sv.data(), nb * dh, dh, kh, pt);
+      if (fp.p_init) {  // a carried state (unbounded left context): in every block's window
+        const T* pi = static_cast<const T*>(fp.p_init) + bh * psz;
+        for (int64_t j = 0; j < nb; ++j) {
+          T* pj = pt + j * psz;
+#pragma omp simd
+          for (int64_t i = 0; i < psz; ++i) pj[i] += pi[i];
+        }
+      }
       std::fill(pt + nb * psz, pt + NB * psz, T(0));  // unused block slots
       const int64_t n = nb * psz;
       T* a = at.data();
@@ -1123,6 +1131,20 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
         gelu_both(pt[i], &g, &gd);
         a[i] = g;
         dp[i] *= gd;
+      }
+      if (bp.dp_extra) {  // the saved state's own gradient (streaming: the next piece's carried state)
+        const T* de = static_cast<const T*>(bp.dp_extra) + bh * NB * psz;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) dp[i] += de[i];
+      }
+      if (bp.dp_init) {  // the carried state was in every block's window: sum of dP over the blocks, in order
+        T* di = static_cast<T*>(bp.dp_init) + bh * psz;
+        std::copy(dp, dp + psz, di);
+        for (int64_t j = 1; j < nb; ++j) {
+          const T* dj = dp + j * psz;
+#pragma omp simd
+          for (int64_t i = 0; i < psz; ++i) di[i] += dj[i];
+        }
       }
       T* g2 = g2_fc2.data() + bh * fsz;
       if (reduce) stack_rows(town.data() + bh * nb * ssz, nb, dh, tt.data(), sdy.data());

@@ -79,6 +79,10 @@ struct ForwardParams {
   ProblemParams pb;
   void* y;  // [B, M, d] output: Y = W2 GELU(P), before LayerNorm
   void* p;  // [B, H, k_h, d_h] output: P = W1^T V
+  // CPU twin, chunk-causal mixing with unbounded left context (chunk_size >= 2, left_context -1,
+  // no cu_seqlens): a carried state (streaming) [B, H, d_h, k_h] = P_0^T of the chunks before
+  // these tokens, added to every block's P; nullptr = none
+  const void* p_init = nullptr;
 };
 
 struct BackwardParams {
@@ -90,6 +94,11 @@ struct BackwardParams {
   void* dv;        // [B, N, d]
   GeneratorGrads dg1;
   GeneratorGrads dg2;
+  // CPU twin, blocked (not token-scan) mixing: the gradient of the saved state p itself
+  // [B, H, num_blocks, d_h, k_h] (p's layout), added to dP; nullptr = none. dp_init: output
+  // [B, H, d_h, k_h], the gradient of ForwardParams::p_init = the sum of every block's dP^T
+  const void* dp_extra = nullptr;
+  void* dp_init = nullptr;
 };
 
 // Token tiles and the split of a sequence into a fixed number of chunks: chunk c of L tokens

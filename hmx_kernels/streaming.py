@@ -14,10 +14,17 @@ device, the other variant) raises `StreamingStateMismatch` naming the state and 
 instead of broadcasting the carried sums onto the wrong shape or failing deep inside torch.
 
 A chunk's output depends on its whole chunk, so every piece but the last must hold whole chunks
-(a multiple of chunk_size tokens; any length for the token-causal mode). The reference backend
-computes the pieces (`hyper_mixing_ref`'s initial_state / output_final_state): the fused
-backends run the causal modes over whole sequences (and packed ones) but take no carried state
-yet. Layers stream with `FusedHyperMixing.stream()` or `layer(piece, state=state)`.
+(a multiple of chunk_size tokens; any length for the token-causal mode). Layers stream with
+`FusedHyperMixing.stream()` or `layer(piece, state=state)`.
+
+Which backend computes a piece: backends declare the modes in which they take a carried state
+(`Capabilities.carried_state`) and compute a piece with `Backend.stream_forward`; backend="auto"
+takes the first of the device's auto order that can. The `cpu` backend (the C++ twin) takes one in
+chunk-causal mixing with unbounded left context (the state enters every chunk's window, and the
+next state is the last chunk's P, so forward and backward pass through it); the `reference` takes
+every mode. Both keep the state in the same form (P, compute dtype), so a stream may change
+backend between pieces. Token-causal and limited-left-context streams, and the `triton` and
+`cuda` backends, run on the reference.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .causal import MixingMode, resolve_mode
-from .reference.hyper_mixing import hyper_mixing_ref
+from .dispatch import AUTO_ORDER, BackendNotSupportedError, check_backend_name, get_backend, registered_backends
 from .validation import HyperMixingProblem, check_inputs
 from .variants import get_variant
 
@@ -142,13 +149,15 @@ def hyper_mixing_stream(
     key_padding_mask: Optional[Tensor] = None,  # [B, n] for this piece
     use_layer_norm: bool = True,
     eps: float = 1e-5,
+    backend: str = "auto",
 ) -> Tuple[Tensor, StreamingState]:
     """Mix the next piece of a sequence causally; returns (output [B, n, d], the new state).
 
     `weights` are `hyper_mixing`'s ten parameter tensors; self-mixing (both variants). The first
     call takes state=None and the mode arguments (or a fresh `StreamingState(mode)`); later calls
     take the returned state (its mode wins; passing a different mode is an error). A state that
-    does not fit the piece raises StreamingStateMismatch.
+    does not fit the piece raises StreamingStateMismatch. backend: "auto" (the first backend of
+    the device's auto order that streams this mode, see the module docstring) or a name.
 
     Example (token-causal, pieces of any length):
         >>> import torch, hmx_kernels
@@ -183,16 +192,41 @@ def hyper_mixing_stream(
                      use_layer_norm=use_layer_norm, eps=eps, chunk_size=mode.chunk_size,
                      left_context_chunks=mode.left_context_chunks, position_offset=state.position)
     state.check_fits(p)
-    pad = key_padding_mask if key_padding_mask is None else p.key_keep == 0
-    y, carry = hyper_mixing_ref(p.query, p.key, p.value, *p.generator_weights(), p.ln_weight, p.ln_bias,
-                                variant=p.variant.name, key_padding_mask=pad, query_padding_mask=pad,
-                                use_layer_norm=p.use_layer_norm, eps=p.eps, mode=mode,
-                                position_offset=state.position, initial_state=state.carry,
-                                output_final_state=True)
+    y, carry = select_stream_backend(backend, p).stream_forward(p, state.carry)
     new = StreamingState(mode, state.position + n, carry, finished=n % mode.chunk_size != 0,
                          variant=p.variant.name, batch=p.B, heads=p.H, head_dim=p.d_h, hidden_per_head=p.k_h,
                          dtype=p.dtype, device=p.device)
     return y.to(p.out_dtype), new
+
+
+def stream_reasons(name: str, p: HyperMixingProblem) -> List[str]:
+    """Why backend `name` cannot compute the streamed piece `p` with a carried state ([]: it can)."""
+    b = get_backend(name)
+    caps = b.capabilities
+    if caps.carried_state is None or b.stream_forward is None:
+        return ["takes no carried state (streaming) yet"]
+    if not caps.carried_state(p.mode):
+        return [f"takes no carried state in {p.mode.describe()} mixing"]
+    if "*" not in caps.devices and p.dtype not in caps.dtypes:
+        names = ", ".join(str(t).replace("torch.", "") for t in caps.dtypes)
+        return [f"streams {names} only, not {p.dtype}"]
+    return b.not_supported_reasons(p)
+
+
+def select_stream_backend(name: str, p: HyperMixingProblem):
+    """The backend that computes streamed piece `p`: for "auto" the first of the device's auto order
+    that can, else the named one or BackendNotSupportedError with its reasons."""
+    check_backend_name(name)
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(p.device.type, ["reference"]):
+            if candidate in registered_backends() and not stream_reasons(candidate, p):
+                return get_backend(candidate)
+        name = "reference"
+    reasons = stream_reasons(name, p)
+    if reasons:
+        raise BackendNotSupportedError(f"backend {name!r} cannot stream this piece: " + "; ".join(reasons)
+                                       + " (backend='auto' picks one that can; 'reference' streams every mode)")
+    return get_backend(name)
 
 
 class LayerStream:

@@ -254,3 +254,110 @@ def test_layer_streams_under_inference_mode_and_autocast():
     assert_close("autocast", y.float(), full.float(), 1e-2)
     with pytest.raises(StreamingStateMismatch, match="dtype: the state is torch.bfloat16, the piece torch.float32"):
         layer(x[:, :4], state=s.state)
+
+
+# ---- the cpu backend carries the state itself (chunk-causal, unbounded left context) --------------
+from hmx_kernels.dispatch import BackendNotSupportedError  # noqa: E402
+from hmx_kernels.streaming import select_stream_backend  # noqa: E402
+
+CPU_MODES = {"chunk3": dict(chunk_size=3), "chunk5": dict(chunk_size=5)}
+
+
+def _cpu_available():
+    from hmx_kernels.cpp.backend import extension_reasons
+
+    return not extension_reasons("cpu")
+
+
+needs_cpu = pytest.mark.skipif(not _cpu_available(), reason="the C++ extension does not build here")
+
+
+def _stream_case(variant, dtype, N=23, seed=0):
+    case = make_case(variant=variant, B=2, M=N, N=N, d=36, H=2, k_h=72, dtype=dtype, input_scale=0.5, seed=seed)
+    x = case.tensors["query"]
+    return x, [case.tensors[k] for k in WEIGHT_NAMES], case.key_padding_mask
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode_name", list(CPU_MODES))
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_cpu_stream_equals_one_pass(variant, mode_name, dtype):
+    """Pieces streamed on the cpu backend (the twin adds the carried state to every chunk's P and
+    hands on its last chunk's P) equal one cpu pass over the whole prime-length sequence (d_h 18,
+    k_h 72, padded tails), output and every gradient across pieces, same upstream gradient.
+    float64: 1e-12 (the same sums, the carried part added once more per chunk); float32: the cpu
+    backend's declared tolerance."""
+    kw = CPU_MODES[mode_name]
+    C = kw["chunk_size"]
+    x, w, pad = _stream_case(variant, dtype)
+    N = x.shape[1]
+    q = None if variant == "speechbrain" else x
+    full = hmx_kernels.hyper_mixing(x, q, q, *w, variant=variant, key_padding_mask=pad, backend="cpu",
+                                    query_padding_mask=None if variant == "speechbrain" else pad, **kw)
+    outs, state, start, rng = [], None, 0, random.Random(C)
+    while start < N:
+        n = min(N - start, C * rng.randint(1, 3))
+        y, state = hyper_mixing_stream(x[:, start:start + n], *w, state=state, variant=variant, backend="cpu",
+                                       key_padding_mask=pad[:, start:start + n], **(kw if state is None else {}))
+        outs.append(y)
+        start += n
+    streamed = torch.cat(outs, dim=1)
+    if dtype == torch.float64:
+        tol_out = tol_grad = 1e-12
+    else:
+        tol = get_backend("cpu").tolerances[("cpu", torch.float32)]
+        tol_out, tol_grad = tol.out, tol.grad
+    assert_close("out", streamed, full, tol_out)
+    g = torch.randn_like(full)
+    leaves = [x] + [t for t in w if t is not None]
+    ga = torch.autograd.grad(full, leaves, g)
+    gb = torch.autograd.grad(streamed, leaves, g)
+    for i, (a, b) in enumerate(zip(gb, ga)):
+        assert_close(f"grad {i}", a, b, tol_grad)
+
+
+@needs_cpu
+def test_stream_backends_share_the_state_and_auto_picks_cpu_where_it_can():
+    """A stream may change backend between pieces (both keep P in the compute dtype); "auto" streams
+    chunk-causal mixing with unbounded left context on the cpu backend, the rest on the reference;
+    a named backend that cannot stream the mode says why."""
+    x, w, pad = _stream_case("speechbrain", torch.float64, N=20)
+    full = hmx_kernels.hyper_mixing(x, None, None, *w, key_padding_mask=pad, chunk_size=4, backend="reference")
+    outs, state = [], None
+    for i, start in enumerate(range(0, 20, 4)):
+        y, state = hyper_mixing_stream(x[:, start:start + 4], *w, state=state, key_padding_mask=pad[:, start:start + 4],
+                                       backend=("cpu", "reference")[i % 2], **({} if state else dict(chunk_size=4)))
+        outs.append(y)
+    streamed = torch.cat(outs, 1)
+    assert_close("out", streamed, full, 1e-12)
+    g = torch.randn_like(full)
+    for a, b in zip(torch.autograd.grad(streamed, [x, w[2]], g), torch.autograd.grad(full, [x, w[2]], g)):
+        assert_close("grad", a, b, 1e-12)
+
+    def picked(**mode):
+        p = hmx_kernels.check_inputs(x[:, :4], None, None, *w, **mode)
+        return select_stream_backend("auto", p).name
+
+    assert picked(chunk_size=4) == "cpu"
+    assert picked(chunk_size=4, left_context_chunks=1) == "reference"
+    assert picked(causal=True) == "reference"
+    with pytest.raises(BackendNotSupportedError, match="'cpu' cannot stream this piece: takes no carried state in token-causal"):
+        hyper_mixing_stream(x[:, :4], *w, causal=True, backend="cpu")
+    with pytest.raises(BackendNotSupportedError, match="'triton' cannot stream this piece: takes no carried state"):
+        hyper_mixing_stream(x[:, :4], *w, chunk_size=4, backend="triton")
+
+
+@needs_cpu
+def test_cpu_op_refuses_a_carried_state_where_it_has_none():
+    from hmx_kernels.cpp.backend import CPP_OPS
+
+    x, w, _ = _stream_case("speechbrain", torch.float64, N=8)
+    x = x.detach()
+    gen = [None if t is None else t.detach() for t in w[:4]] * 2
+    init = torch.zeros(2, 2, 18, 72, dtype=torch.float64)
+    for chunk_size, left in ((1, -1), (4, 1), (0, -1)):
+        with pytest.raises(ValueError, match="carried state"):
+            CPP_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", chunk_size, left, None, 0, "", init)
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[2, 2, 18, 72\]"):
+        CPP_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 4, -1, None, 0, "", init[:1])

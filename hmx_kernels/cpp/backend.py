@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..config import SETTINGS, on_change
 from ..dispatch import Backend, Capabilities, Tolerance, constant_result, register_backend
-from ..fused import define_fused_ops, run_fused, state_blocks
+from ..fused import define_fused_ops, layer_norm_epilogue, run_fused, state_blocks
 from ..reference.positional import cached_positional_encoding
 from ..validation import HyperMixingProblem
 from ..variants import get_variant
@@ -150,19 +150,20 @@ def _ctype(q: Tensor) -> torch.dtype:
 
 
 def _cpp_fwd_impl(query, key, value, query_keep, key_keep, *rest):
-    *gen, variant, chunk_size, left_context, cu_seqlens, position_offset, sp_group = rest
+    *gen, variant, chunk_size, left_context, cu_seqlens, position_offset, sp_group, initial_state = rest
     ext = extension(query.device.type)
     ctype = _ctype(query)
     blocks, rows = _blocks(query, key, chunk_size, left_context, cu_seqlens)
     pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype, rows, position_offset)
     q, k, v = _tokens(query), _tokens(key), _tokens(value)
     y, state = ext.forward(q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep), *[_c(w) for w in gen], float(scale),
-                           *blocks, reduce=_reducer(sp_group))
+                           *blocks, reduce=_reducer(sp_group), p_init=_c(initial_state))
     return y.to(ctype), state
 
 
 def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
-    *gen, state, variant, chunk_size, left_context, cu_seqlens, position_offset, sp_group = rest
+    *gen, state, variant, chunk_size, left_context, cu_seqlens, position_offset, sp_group, initial_state, \
+        grad_state = rest
     ext = extension(query.device.type)
     ctype = _ctype(query)
     blocks, rows = _blocks(query, key, chunk_size, left_context, cu_seqlens)
@@ -170,14 +171,42 @@ def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     q, k, v = _tokens(query), _tokens(key), _tokens(value)
     grads = ext.backward(grad_y.to(query.dtype).contiguous(), q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep),
                          *[_c(w) for w in gen], state.contiguous(), float(scale), *blocks,
-                         reduce=_reducer(sp_group))
+                         reduce=_reducer(sp_group), dp_extra=_c(grad_state),
+                         want_dp_init=initial_state is not None)
     out = [g.to(ctype) for g in grads[:3]]
-    out += [query.new_empty((0,), dtype=ctype) if g is None else g for g in grads[3:]]
+    out += [query.new_empty((0,), dtype=ctype) if g is None else g for g in grads[3:11]]
+    if initial_state is not None:
+        out.append(grads[11])
     return out
 
 
+def cpu_carries_state(chunk_size: int, left_context: int, cu_seqlens) -> bool:
+    """The cpp ops take a carried state (initial_state; streaming) for CPU tensors in chunk-causal
+    mixing with unbounded left context: every chunk's window holds it (csrc/hmx_params.h)."""
+    return chunk_size >= 2 and left_context < 0 and cu_seqlens is None
+
+
 CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("cpu", "cuda"), blocks=True,
-                           sequence_parallel=True, state_slots=cpu_state_slots)
+                           sequence_parallel=True, state_slots=cpu_state_slots, carried_state=cpu_carries_state)
+
+
+def cpu_stream_forward(p: HyperMixingProblem, carry):
+    """One streamed piece on the CPU twin (hmx_kernels.streaming; chunk-causal, unbounded left
+    context): the carried state P [B, H, k_h, d_h] enters every block's window, and the state after
+    the piece is its last block's P (the carry plus every chunk of the piece), a differentiable view
+    of the op's state output."""
+    C = p.mode.chunk_size
+    init = None if carry is None else carry.transpose(-1, -2).contiguous()  # the twin keeps P^T
+    y, state = CPP_OPS.fwd(p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(),
+                           p.variant.name, C, -1, None, p.position_offset, "", init)
+    nb = (p.N + C - 1) // C
+    final = state.view(p.B, p.H, nb, p.d_h, p.k_h)[:, :, nb - 1].transpose(-1, -2)
+    return layer_norm_epilogue(y, p), final
+
+
+def _cpu_carries(mode) -> bool:
+    return cpu_carries_state(mode.chunk_size, -1 if mode.left_context_chunks is None else mode.left_context_chunks,
+                             None)
 
 
 def cpp_forward(p: HyperMixingProblem) -> Tensor:
@@ -221,6 +250,7 @@ register_backend(
         description="C++ CPU twin of the fused kernels (OpenMP, tiled, no [N, k] tensor); "
                     "float32/float64, float16/bfloat16 computed in float32",
         forward=cpp_forward,
+        stream_forward=cpu_stream_forward,
         capabilities=Capabilities(
             devices=("cpu", "meta"),
             dtypes=(torch.float32, torch.float64),
@@ -228,6 +258,7 @@ register_backend(
             causal=True,
             varlen=True,
             sequence_parallel=True,
+            carried_state=_cpu_carries,
             device_note=" (use backend='cuda' or 'triton' for CUDA tensors)",
             available=_cpu_available,
         ),

@@ -426,7 +426,7 @@ class FusedHyperMixing(nn.Module):
                                          f"{self.mode.describe()}")
         return hyper_mixing_stream(query, *self._weights(), state=state, variant=self.variant,
                                    key_padding_mask=key_padding_mask, use_layer_norm=self.use_layer_norm,
-                                   eps=self.eps)
+                                   eps=self.eps, backend=self.backend)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
