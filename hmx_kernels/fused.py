@@ -313,8 +313,13 @@ def define_fused_ops(
         if grad_y is None:
             grad_y = torch.zeros(tensors[0].shape, dtype=compute_dtype_of(tensors[0].dtype), device=tensors[0].device)
         extra = ()
-        if initial_state is not None or grad_state is not None:
-            extra = (initial_state, None if grad_state is None else grad_state.contiguous())
+        # the state output's gradient counts where the ops carry a state (elsewhere the state holds
+        # saved intermediates only, e.g. the token scan's checkpoints, and its gradient is dropped,
+        # as it is when tracing materialises it as zeros)
+        if carried_state is not None and not ctx.sp_group and carried_state(ctx.chunk_size, ctx.left_context,
+                                                                             cu_seqlens):
+            if initial_state is not None or grad_state is not None:
+                extra = (initial_state, None if grad_state is None else grad_state.contiguous())
         grads = bwd_op(grad_y.contiguous(), *tensors, state, ctx.variant, ctx.chunk_size, ctx.left_context,
                        cu_seqlens, ctx.position_offset, ctx.sp_group, *extra)
         dq, dk, dv = grads[:3]
