@@ -313,10 +313,11 @@ struct PyReducer {
   hmx::cpu::Reducer reducer() { return fn.is_none() ? hmx::cpu::Reducer() : hmx::cpu::Reducer{&PyReducer::call, this}; }
 };
 
-// Where the CPU twin takes a carried state: chunk-causal blocks with unbounded left context (every
-// block's window holds the state), not the token-causal scan, packed sequences or CUDA tensors.
+// Where the CPU twin takes a carried state: causal / chunk-causal mixing with unbounded left
+// context (every block's window holds the state; the token scan starts from it), not limited
+// windows, packed sequences or CUDA tensors.
 bool carried_state_ok(const at::Tensor& q, const hmx::ProblemParams& pb) {
-  return !q.is_cuda() && pb.chunk_size >= 2 && pb.left_context < 0 && pb.cu_seqlens == nullptr;
+  return !q.is_cuda() && pb.chunk_size >= 1 && pb.left_context < 0 && pb.cu_seqlens == nullptr;
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -334,7 +335,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   if (p_init) {
     TORCH_CHECK(carried_state_ok(q, pb) && reduce.is_none(),
                 "hmx_kernels: a carried state (p_init) is implemented by the CPU twin for chunk-causal mixing with "
-                "unbounded left context (chunk_size >= 2, left_context -1, no cu_seqlens)");
+                "unbounded left context (chunk_size >= 1, left_context -1, no cu_seqlens)");
     check_same("p_init", *p_init, q, compute_type(q));
     check_shape("p_init", *p_init, {pb.B, pb.H, pb.d_h, pb.k_h});
     check_contiguous("p_init", *p_init);
@@ -395,7 +396,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
   if (dp_extra || want_dp_init) {
     TORCH_CHECK(carried_state_ok(q, pb) && reduce.is_none(),
                 "hmx_kernels: the gradient of the state (dp_extra, dp_init) is implemented by the CPU twin for "
-                "chunk-causal mixing with unbounded left context (chunk_size >= 2, left_context -1, no cu_seqlens)");
+                "chunk-causal mixing with unbounded left context (chunk_size >= 1, left_context -1, no cu_seqlens)");
   }
   if (dp_extra) {
     check_same("dp_extra", *dp_extra, q, ctype);

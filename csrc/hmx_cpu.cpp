@@ -782,13 +782,18 @@ void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
       const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
       T* P = sb.P.data();
       std::fill(P, P + psz, T(0));
+      if (fp.p_init) {  // a carried state P_0^T [d_h, k_h] (streaming): the scan starts from it
+        const T* pi = static_cast<const T*>(fp.p_init) + bh * psz;
+        for (int64_t j = 0; j < kh; ++j)
+          for (int64_t c = 0; c < dh; ++c) P[j * dh + c] = pi[c * kh + j];
+      }
       std::fill(p + (bh * NB + tiles) * psz, p + (bh + 1) * NB * psz, T(0));  // unused slots
       for (int64_t ti = 0; ti < tiles; ++ti) {
         const int64_t t0 = ti * kCpuTile, tn = std::min(kCpuTile, N - t0);
         std::memcpy(p + (bh * NB + ti) * psz, P, psz * sizeof(T));  // checkpoint: P before t0
         scan_generators(mm, pb, bm, ks, qs, h, t0, tn, false, sb);
         for (int64_t t = t0; t < t0 + tn; ++t) {
-          if (starts_sequence(bm, t)) std::fill(P, P + psz, T(0));
+          if (starts_sequence(bm, t) && !(t == 0 && fp.p_init)) std::fill(P, P + psz, T(0));
           const T* __restrict__ v = vx + t * pb.v_rstride;
           const T* w1 = sb.w1.data() + (t - t0) * kh;
           const T* w2 = sb.w2.data() + (t - t0) * kh;
@@ -806,6 +811,9 @@ void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
           std::memcpy(y + (b * N + t) * d + h * dh, acc, dh * sizeof(T));
         }
       }
+      T* fin = p + (bh * NB + NB - 1) * psz;  // the last slot: the state after the last token, P^T
+      for (int64_t j = 0; j < kh; ++j)
+        for (int64_t c = 0; c < dh; ++c) fin[c * kh + j] = P[j * dh + c];
     }
   }
 }
@@ -838,7 +846,16 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
       const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
       const HeadWeights<T> g1 = head_weights<T>(pb.g1, h, dh, kh), g2 = head_weights<T>(pb.g2, h, dh, kh);
       T* G = sb.G.data();
-      std::fill(G, G + psz, T(0));
+      // the gradient of the last slot (the state after the last token) starts the reverse scan;
+      // the checkpoints' own gradients are not used (they are saved intermediates)
+      const T* dfin = bp.dp_extra ? static_cast<const T*>(bp.dp_extra) + (bh * NB + NB - 1) * psz : nullptr;
+      auto reset_g = [&]() {
+        if (!dfin) return std::fill(G, G + psz, T(0));
+        for (int64_t j = 0; j < kh; ++j)
+          for (int64_t c = 0; c < dh; ++c) G[j * dh + c] = dfin[c * kh + j];
+      };
+      reset_g();
+      const bool carried = bp.dp_init != nullptr;  // the forward started from a carried state
       for (int64_t ti = tiles - 1; ti >= 0; --ti) {
         const int64_t t0 = ti * kCpuTile, tn = std::min(kCpuTile, N - t0);
         scan_generators(mm, pb, bm, ks, qs, h, t0, tn, true, sb);
@@ -846,7 +863,7 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
         T* P = sb.P.data();
         std::memcpy(P, p + (bh * NB + ti) * psz, psz * sizeof(T));
         for (int64_t t = t0; t < t0 + tn; ++t) {
-          if (starts_sequence(bm, t)) std::fill(P, P + psz, T(0));
+          if (starts_sequence(bm, t) && !(t == 0 && carried)) std::fill(P, P + psz, T(0));
           const T* __restrict__ v = vx + t * pb.v_rstride;
           const T* w1 = sb.w1.data() + (t - t0) * kh;
           T* __restrict__ pt = sb.pt.data() + (t - t0) * psz;
@@ -860,7 +877,10 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
         }
         // reverse scan
         for (int64_t t = t0 + tn - 1; t >= t0; --t) {
-          if (starts_sequence(bm, t + 1)) std::fill(G, G + psz, T(0));  // t ends its sequence
+          if (starts_sequence(bm, t + 1)) {  // t ends its sequence
+            if (t + 1 == N) reset_g();  // the row's last token: G starts from the last slot's gradient
+            else std::fill(G, G + psz, T(0));
+          }
           const T* __restrict__ v = vx + t * pb.v_rstride;
           const T* __restrict__ g = dy + (b * N + t) * d + h * dh;
           const T* w1 = sb.w1.data() + (t - t0) * kh;
@@ -924,6 +944,11 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
           Fc1Partial<T> f1(sd.fc1p, dh);
           fc1_backward(mm, sd.fc1t, tn, dh, sd.st.scale, sd.z + h * dh, d, sb.buf, f1, sd.dx, d);
         }
+      }
+      if (carried) {  // the carried state entered every P_t: its gradient is G after the first token
+        T* di = static_cast<T*>(bp.dp_init) + bh * psz;
+        for (int64_t j = 0; j < kh; ++j)
+          for (int64_t c = 0; c < dh; ++c) di[c * kh + j] = G[j * dh + c];
       }
     }
   }

@@ -24,7 +24,7 @@
         tensor) and grad_state, the gradient of the forward's state output (added to dP), so the
         state output is differentiable and a piece's final state (its last block's P) can feed
         the next piece. Only backends defined with carried_state=... take them, in the modes that
-        function accepts (the cpu twin: chunk-causal with unbounded left context).
+        function accepts (the cpu twin: causal / chunk-causal with unbounded left context).
 
 Shapes and dtypes of both are given by shared fake implementations (`make_fwd_fake`, `bwd_fake`), which
 also serves the meta device; autograd is registered on the forward op (its backward calls the

@@ -349,11 +349,11 @@ def test_stream_backends_share_the_state_and_auto_picks_cpu_where_it_can():
         p = hmx_kernels.check_inputs(x[:, :4], None, None, *w, **mode)
         return select_stream_backend("auto", p).name
 
-    assert picked(chunk_size=4) == "cpu"
+    assert picked(chunk_size=4) == "cpu" and picked(causal=True) == "cpu"
     assert picked(chunk_size=4, left_context_chunks=1) == "reference"
-    assert picked(causal=True) == "reference"
-    with pytest.raises(BackendNotSupportedError, match="'cpu' cannot stream this piece: takes no carried state in token-causal"):
-        hyper_mixing_stream(x[:, :4], *w, causal=True, backend="cpu")
+    with pytest.raises(BackendNotSupportedError, match="'cpu' cannot stream this piece: takes no carried state in "
+                                                       "chunk-causal"):
+        hyper_mixing_stream(x[:, :4], *w, chunk_size=2, left_context_chunks=1, backend="cpu")
     with pytest.raises(BackendNotSupportedError, match="'triton' cannot stream this piece: takes no carried state"):
         hyper_mixing_stream(x[:, :4], *w, chunk_size=4, backend="triton")
 
@@ -366,8 +366,30 @@ def test_cpu_op_refuses_a_carried_state_where_it_has_none():
     x = x.detach()
     gen = [None if t is None else t.detach() for t in w[:4]] * 2
     init = torch.zeros(2, 2, 18, 72, dtype=torch.float64)
-    for chunk_size, left in ((1, -1), (4, 1), (0, -1)):
+    for chunk_size, left in ((4, 1), (0, -1)):
         with pytest.raises(ValueError, match="carried state"):
             CPP_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", chunk_size, left, None, 0, "", init)
     with pytest.raises(ValueError, match=r"initial_state must have shape \[2, 2, 18, 72\]"):
         CPP_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 4, -1, None, 0, "", init[:1])
+
+
+@needs_cpu
+def test_cpu_token_stream_across_scan_tiles():
+    """The token scan's pieces span several tiles of CPU_TILE tokens (checkpoints, the final slot,
+    the reverse scan starting from the final state's gradient): 3 pieces of 290, 1 and 310 tokens
+    equal one cpu pass, output and every gradient, float64."""
+    case = make_case(variant="speechbrain", B=2, M=601, d=8, H=2, k_h=5, dtype=torch.float64, input_scale=0.5)
+    x, w, pad = case.tensors["query"], [case.tensors[k] for k in WEIGHT_NAMES], case.key_padding_mask
+    full = hmx_kernels.hyper_mixing(x, None, None, *w, key_padding_mask=pad, causal=True, backend="cpu")
+    outs, state, start = [], None, 0
+    for n in (290, 1, 310):
+        y, state = hyper_mixing_stream(x[:, start:start + n], *w, state=state, key_padding_mask=pad[:, start:start + n],
+                                       backend="cpu", **({} if state else dict(causal=True)))
+        outs.append(y)
+        start += n
+    streamed = torch.cat(outs, 1)
+    assert_close("out", streamed, full, 1e-12)
+    g = torch.randn_like(full)
+    leaves = [x] + [t for t in w if t is not None]
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(streamed, leaves, g), torch.autograd.grad(full, leaves, g))):
+        assert_close(f"grad {i}", a, b, 1e-12)

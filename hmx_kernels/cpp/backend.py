@@ -128,9 +128,9 @@ CPU_TILE = 256
 def cpu_state_slots(N, chunk_size: int, cu_seqlens, left_context: int = -1):
     """[k_h, d_h] state slots per (b, h) of the cpp ops: one per mixing block (`state_blocks`),
     except token-causal mixing, which the twin runs as a scan keeping one checkpoint of P per tile
-    of CPU_TILE tokens (csrc/hmx_cpu.cpp)."""
+    of CPU_TILE tokens (csrc/hmx_cpu.cpp) and, last, the state after the last token."""
     if chunk_size == 1 and left_context < 0:
-        return (N + CPU_TILE - 1) // CPU_TILE
+        return (N + CPU_TILE - 1) // CPU_TILE + 1
     return state_blocks(N, chunk_size, cu_seqlens, left_context)
 
 
@@ -181,9 +181,10 @@ def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
 
 
 def cpu_carries_state(chunk_size: int, left_context: int, cu_seqlens) -> bool:
-    """The cpp ops take a carried state (initial_state; streaming) for CPU tensors in chunk-causal
-    mixing with unbounded left context: every chunk's window holds it (csrc/hmx_params.h)."""
-    return chunk_size >= 2 and left_context < 0 and cu_seqlens is None
+    """The cpp ops take a carried state (initial_state; streaming) for CPU tensors in causal and
+    chunk-causal mixing with unbounded left context: every chunk's window holds it, and the token
+    scan starts from it (csrc/hmx_params.h)."""
+    return chunk_size >= 1 and left_context < 0 and cu_seqlens is None
 
 
 CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("cpu", "cuda"), blocks=True,
@@ -191,16 +192,16 @@ CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("c
 
 
 def cpu_stream_forward(p: HyperMixingProblem, carry):
-    """One streamed piece on the CPU twin (hmx_kernels.streaming; chunk-causal, unbounded left
-    context): the carried state P [B, H, k_h, d_h] enters every block's window, and the state after
-    the piece is its last block's P (the carry plus every chunk of the piece), a differentiable view
-    of the op's state output."""
+    """One streamed piece on the CPU twin (hmx_kernels.streaming; causal or chunk-causal with
+    unbounded left context): the carried state P [B, H, k_h, d_h] enters every block's window (the
+    token scan starts from it), and the state after the piece is the op state's last slot (the
+    last block's P, or the scan's P after the last token), a differentiable view of it."""
     C = p.mode.chunk_size
     init = None if carry is None else carry.transpose(-1, -2).contiguous()  # the twin keeps P^T
     y, state = CPP_OPS.fwd(p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(),
                            p.variant.name, C, -1, None, p.position_offset, "", init)
-    nb = (p.N + C - 1) // C
-    final = state.view(p.B, p.H, nb, p.d_h, p.k_h)[:, :, nb - 1].transpose(-1, -2)
+    slots = cpu_state_slots(p.N, C, None, -1)
+    final = state.view(p.B, p.H, slots, p.d_h, p.k_h)[:, :, slots - 1].transpose(-1, -2)
     return layer_norm_epilogue(y, p), final
 
 
