@@ -999,12 +999,13 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads, const R
       stack_rows(win.data(), nb, dh, st.data(), sv.data());
       T* pt = p + bh * NB * psz;  // [nb][d_h, k_h]: P_j^T
       expand_fc2(mm, head_weights<T>(pb.g1, h, dh, kh), st.data(), sv.data(), nb * dh, dh, kh, pt);
-      if (fp.p_init) {  // a carried state (unbounded left context): in every block's window
-        const T* pi = static_cast<const T*>(fp.p_init) + bh * psz;
+      if (fp.p_init) {  // a carried state: one term for every block's window, or one per block
+        const T* pi = static_cast<const T*>(fp.p_init) + bh * std::max<int64_t>(fp.n_init, 1) * psz;
         for (int64_t j = 0; j < nb; ++j) {
           T* pj = pt + j * psz;
+          const T* ij = pi + (fp.n_init == 0 ? 0 : j) * psz;
 #pragma omp simd
-          for (int64_t i = 0; i < psz; ++i) pj[i] += pi[i];
+          for (int64_t i = 0; i < psz; ++i) pj[i] += ij[i];
         }
       }
       std::fill(pt + nb * psz, pt + NB * psz, T(0));  // unused block slots
@@ -1162,10 +1163,11 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) dp[i] += de[i];
       }
-      if (bp.dp_init) {  // the carried state was in every block's window: sum of dP over the blocks, in order
-        T* di = static_cast<T*>(bp.dp_init) + bh * psz;
-        std::copy(dp, dp + psz, di);
-        for (int64_t j = 1; j < nb; ++j) {
+      if (bp.dp_init) {  // the carried state's gradient: per block its dP, or (one term in every
+                         // block's window) the sum of dP over the blocks, in block order
+        T* di = static_cast<T*>(bp.dp_init) + bh * std::max<int64_t>(bp.n_init, 1) * psz;
+        std::copy(dp, dp + (bp.n_init == 0 ? psz : n), di);
+        for (int64_t j = 1; bp.n_init == 0 && j < nb; ++j) {
           const T* dj = dp + j * psz;
 #pragma omp simd
           for (int64_t i = 0; i < psz; ++i) di[i] += dj[i];

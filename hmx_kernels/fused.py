@@ -20,11 +20,11 @@
         block arguments; only backends defined with sequence_parallel=True take non-defaults.
     Carried state (streaming, hmx_kernels.streaming), last: the forward's initial_state
         [B, H, d_h, k_h] (P^T of the chunks before these tokens, compute dtype) is added to every
-        block's P; the backward takes initial_state (whether to return its gradient, as a 12th
+        block's P (unbounded left context), or [B, H, num_blocks, d_h, k_h] one term per block; the backward takes initial_state (whether to return its gradient, as a 12th
         tensor) and grad_state, the gradient of the forward's state output (added to dP), so the
         state output is differentiable and a piece's final state (its last block's P) can feed
         the next piece. Only backends defined with carried_state=... take them, in the modes that
-        function accepts (the cpu twin: causal / chunk-causal with unbounded left context).
+        function accepts (the cpu twin: causal / chunk-causal mixing, no packed sequences).
 
 Shapes and dtypes of both are given by shared fake implementations (`make_fwd_fake`, `bwd_fake`), which
 also serves the meta device; autograd is registered on the forward op (its backward calls the
@@ -269,10 +269,20 @@ def define_fused_ops(
                              "or sequence parallelism" if carried_state is not None else
                              f"hmx_kernels op: the {backend} ops do not take a carried state (initial_state, "
                              "grad_state)")
-        B = query.shape[0]
+        B, N = query.shape[0], query.shape[1]
         H, k_h, d_h = fc2_w.shape
         cdt = compute_dtype_of(query.dtype)
-        for name, t, shape in (("initial_state", initial_state, (B, H, d_h, k_h)),
+        init_shape = (B, H, d_h, k_h)  # one state in every block's window
+        if initial_state is not None and initial_state.dim() == 5:  # one term per block
+            if chunk_size == 1 and left_context < 0:
+                raise ValueError("hmx_kernels op: token-causal mixing takes one carried state [B, H, d_h, k_h], "
+                                 "not one per block")
+            init_shape = (B, H, state_slots(N, chunk_size, cu_seqlens, left_context), d_h, k_h)
+        elif initial_state is not None and left_context >= 0:
+            raise ValueError("hmx_kernels op: one carried state in every block's window [B, H, d_h, k_h] needs "
+                             "unbounded left context; with limited windows pass one term per block "
+                             "[B, H, num_blocks, d_h, k_h]")
+        for name, t, shape in (("initial_state", initial_state, init_shape),
                                ("grad_state", grad_state, None if state is None else tuple(state.shape))):
             if t is None:
                 continue

@@ -20,11 +20,13 @@ A chunk's output depends on its whole chunk, so every piece but the last must ho
 Which backend computes a piece: backends declare the modes in which they take a carried state
 (`Capabilities.carried_state`) and compute a piece with `Backend.stream_forward`; backend="auto"
 takes the first of the device's auto order that can. The `cpu` backend (the C++ twin) takes one in
-token-causal and chunk-causal mixing with unbounded left context (the state enters every chunk's
-window, or starts the token scan, and the next state is the op state's last slot, so forward and
-backward pass through it); the `reference` takes every mode. Both keep the state in the same form
-(P, compute dtype), so a stream may change backend between pieces. Limited-left-context streams,
-and every stream of the `triton` and `cuda` backends, run on the reference.
+every causal mode: with unbounded left context the state enters every chunk's window (or starts
+the token scan) and the next state is the op state's last slot; with L chunks of left context a
+first pass gives every chunk's own partial state Q_j and a second pass adds each chunk's window
+terms (hmx_kernels/cpp/backend.py, cpu_stream_forward); forward and backward pass through the
+state either way. The `reference` takes every mode. Both keep the state in the same form (P,
+compute dtype), so a stream may change backend between pieces. The `triton` and `cuda` backends
+take no carried state yet.
 """
 from __future__ import annotations
 

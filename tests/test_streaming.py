@@ -349,11 +349,13 @@ def test_stream_backends_share_the_state_and_auto_picks_cpu_where_it_can():
         p = hmx_kernels.check_inputs(x[:, :4], None, None, *w, **mode)
         return select_stream_backend("auto", p).name
 
-    assert picked(chunk_size=4) == "cpu" and picked(causal=True) == "cpu"
-    assert picked(chunk_size=4, left_context_chunks=1) == "reference"
-    with pytest.raises(BackendNotSupportedError, match="'cpu' cannot stream this piece: takes no carried state in "
-                                                       "chunk-causal"):
-        hyper_mixing_stream(x[:, :4], *w, chunk_size=2, left_context_chunks=1, backend="cpu")
+    assert picked(chunk_size=4) == picked(causal=True) == picked(chunk_size=4, left_context_chunks=1) == "cpu"
+    half = [None if t is None else t.detach().half() for t in w]
+    with pytest.raises(BackendNotSupportedError, match="'cpu' cannot stream this piece: streams float32, float64 "
+                                                       "only, not torch.float16"):
+        hyper_mixing_stream(x[:, :4].detach().half(), *half, chunk_size=4, backend="cpu")
+    p16 = hmx_kernels.check_inputs(x[:, :4].detach().half(), None, None, *half, chunk_size=4)
+    assert select_stream_backend("auto", p16).name == "reference"
     with pytest.raises(BackendNotSupportedError, match="'triton' cannot stream this piece: takes no carried state"):
         hyper_mixing_stream(x[:, :4], *w, chunk_size=4, backend="triton")
 
@@ -371,6 +373,10 @@ def test_cpu_op_refuses_a_carried_state_where_it_has_none():
             CPP_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", chunk_size, left, None, 0, "", init)
     with pytest.raises(ValueError, match=r"initial_state must have shape \[2, 2, 18, 72\]"):
         CPP_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 4, -1, None, 0, "", init[:1])
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[2, 2, 2, 18, 72\]"):  # one per chunk
+        CPP_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 4, 1, None, 0, "", init[:, :, None])
+    with pytest.raises(ValueError, match="token-causal mixing takes one carried state"):
+        CPP_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 1, -1, None, 0, "", init[:, :, None])
 
 
 @needs_cpu
