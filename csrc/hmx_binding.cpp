@@ -8,7 +8,11 @@
 //       -> (y [B, M, d] before LayerNorm, p [B, H, num_blocks * k_h, d_h] saved for the backward)
 //   backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, w1 x4, w2 x4, p, scale, chunk_size, left_context,
 //            cu_seqlens, num_blocks)
-//       -> [dq, dk, dv, dw1 fc1_w, fc1_b, fc2_w, fc2_b, dw2 (same 4)] (None for absent biases)
+//       -> [dq, dk, dv, dw1 fc1_w, fc1_b, fc2_w, fc2_b, dw2 (same 4), dp_init] (None for absent biases;
+//          dp_init None unless want_dp_init)
+//   p_init (forward), dp_extra / want_dp_init (backward), keywords, CPU twin, chunk-causal with
+//   unbounded left context: a carried state added to every block's P (streaming), the gradient of
+//   the saved state P added to dP, and the carried state's gradient (hmx_params.h).
 //   chunk_size, left_context, cu_seqlens (int64 CPU or None), num_blocks: the mixing blocks of
 //   hmx_params.h (0, -1, None, 1: non-causal); the CUDA kernels take only those defaults.
 //   reduce (keyword, CPU, non-causal): a callable that sums a 1-D tensor in place over the ranks of
@@ -309,24 +313,47 @@ struct PyReducer {
   hmx::cpu::Reducer reducer() { return fn.is_none() ? hmx::cpu::Reducer() : hmx::cpu::Reducer{&PyReducer::call, this}; }
 };
 
+// Where the CPU twin takes a carried state (not packed sequences or CUDA tensors):
+// n_init 0: one state in every block's window (unbounded left context; the token scan starts from
+// it); n_init = the block count: one term per block (blocked mixing, any window).
+bool carried_state_ok(const at::Tensor& q, const hmx::ProblemParams& pb, int64_t n_init) {
+  if (q.is_cuda() || pb.chunk_size < 1 || pb.cu_seqlens != nullptr) return false;
+  if (n_init == 0) return pb.left_context < 0;
+  return !hmx::cpu::token_scan(pb) && n_init == pb.num_blocks;
+}
+
+// The carried-state terms of a p_init tensor: [B, H, d_h, k_h] -> 0 (one state), [B, H, n, d_h, k_h] -> n.
+int64_t init_terms(const OptT& p_init) { return p_init && p_init->dim() == 5 ? p_init->size(2) : 0; }
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& pe_q, const at::Tensor& pe_k, const OptT& m_q, const OptT& m_k,
                                 const at::Tensor& w1_fc1_w, const OptT& w1_fc1_b, const at::Tensor& w1_fc2_w,
                                 const OptT& w1_fc2_b, const at::Tensor& w2_fc1_w, const OptT& w2_fc1_b,
                                 const at::Tensor& w2_fc2_w, const OptT& w2_fc2_b, double scale, int64_t chunk_size,
                                 int64_t left_context, const OptT& cu_seqlens, int64_t num_blocks,
-                                const py::object& reduce) {
+                                const py::object& reduce, const OptT& p_init) {
   Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
                             w2_fc1_b, w2_fc2_w, w2_fc2_b, scale, chunk_size, left_context, cu_seqlens, num_blocks);
   TORCH_CHECK(reduce.is_none() || (!q.is_cuda() && !pr.pb.blocked()),
               "hmx_kernels: sequence parallelism (reduce) is implemented for non-causal, unpacked mixing on the CPU");
   const auto& pb = pr.pb;
+  const int64_t n_init = init_terms(p_init);
+  if (p_init) {
+    TORCH_CHECK(carried_state_ok(q, pb, n_init) && reduce.is_none(),
+                "hmx_kernels: a carried state (p_init) is implemented by the CPU twin for causal and chunk-causal "
+                "mixing without cu_seqlens: [B, H, d_h, k_h] with unbounded left context, [B, H, num_blocks, d_h, "
+                "k_h] (one term per block) for chunks");
+    check_same("p_init", *p_init, q, compute_type(q));
+    check_shape("p_init", *p_init, n_init == 0 ? std::vector<int64_t>{pb.B, pb.H, pb.d_h, pb.k_h}
+                                              : std::vector<int64_t>{pb.B, pb.H, n_init, pb.d_h, pb.k_h});
+    check_contiguous("p_init", *p_init);
+  }
 #ifdef HMX_WITH_CUDA
   if (q.is_cuda() && cuda_fma_fallback(q)) {
     std::vector<at::Tensor> r = forward(up(q), up(k), up(v), pe_q, pe_k, m_q, m_k, up(w1_fc1_w), up(w1_fc1_b),
                                         up(w1_fc2_w), up(w1_fc2_b), up(w2_fc1_w), up(w2_fc1_b), up(w2_fc2_w),
                                         up(w2_fc2_b), scale, chunk_size, left_context, cu_seqlens, num_blocks,
-                                        reduce);
+                                        reduce, p_init);
     return r;  // y in fp32, the compute type
   }
 #endif
@@ -334,6 +361,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor y = new_buffer({pb.B, pb.M, pb.d}, q.options().dtype(compute_type(q)));
   at::Tensor p = new_buffer({pb.B, pb.H, pb.num_blocks * pb.k_h, pb.d_h}, q.options().dtype(compute_type(q)));
   hmx::ForwardParams fp{pb, y.data_ptr(), p.data_ptr()};
+  fp.p_init = p_init ? p_init->data_ptr() : nullptr;
+  fp.n_init = n_init;
   if (q.is_cuda()) {
 #ifdef HMX_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
@@ -361,7 +390,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
                                  const at::Tensor& w2_fc1_w, const OptT& w2_fc1_b, const at::Tensor& w2_fc2_w,
                                  const OptT& w2_fc2_b, const at::Tensor& p, double scale, int64_t chunk_size,
                                  int64_t left_context, const OptT& cu_seqlens, int64_t num_blocks,
-                                const py::object& reduce) {
+                                const py::object& reduce, const OptT& dp_extra, bool want_dp_init,
+                                int64_t n_init) {
   Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
                             w2_fc1_b, w2_fc2_w, w2_fc2_b, scale, chunk_size, left_context, cu_seqlens, num_blocks);
   TORCH_CHECK(reduce.is_none() || (!q.is_cuda() && !pr.pb.blocked()),
@@ -374,12 +404,25 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
   check_same("p", p, q, ctype);
   check_shape("p", p, {pb.B, pb.H, pb.num_blocks * pb.k_h, pb.d_h});
   check_contiguous("p", p);
+  if (dp_extra || want_dp_init) {
+    const bool ok = want_dp_init ? carried_state_ok(q, pb, n_init)
+                                 : !q.is_cuda() && pb.chunk_size >= 1 && pb.cu_seqlens == nullptr;
+    TORCH_CHECK(ok && reduce.is_none(),
+                "hmx_kernels: the gradient of the state (dp_extra, dp_init) is implemented by the CPU twin for "
+                "causal and chunk-causal mixing without cu_seqlens (dp_init: one state with unbounded left context, "
+                "or one term per block)");
+  }
+  if (dp_extra) {
+    check_same("dp_extra", *dp_extra, q, ctype);
+    check_shape("dp_extra", *dp_extra, {pb.B, pb.H, pb.num_blocks * pb.k_h, pb.d_h});
+    check_contiguous("dp_extra", *dp_extra);
+  }
 #ifdef HMX_WITH_CUDA
   if (q.is_cuda() && cuda_fma_fallback(q)) {
     std::vector<at::Tensor> r =
         backward(up(dy), up(q), up(k), up(v), pe_q, pe_k, m_q, m_k, up(w1_fc1_w), up(w1_fc1_b), up(w1_fc2_w),
                  up(w1_fc2_b), up(w2_fc1_w), up(w2_fc1_b), up(w2_fc2_w), up(w2_fc2_b), p, scale, chunk_size,
-                 left_context, cu_seqlens, num_blocks, reduce);
+                 left_context, cu_seqlens, num_blocks, reduce, dp_extra, want_dp_init, n_init);
     for (int i = 0; i < 3; ++i) r[i] = r[i].to(q.scalar_type());
     return r;
   }
@@ -407,6 +450,12 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
   bp.dv = dv.data_ptr();
   bp.dg1 = {gp(g[0]), gp(g[1]), gp(g[2]), gp(g[3])};
   bp.dg2 = {gp(g[4]), gp(g[5]), gp(g[6]), gp(g[7])};
+  at::Tensor dp_init = !want_dp_init ? at::Tensor()
+                       : n_init == 0 ? new_buffer({pb.B, pb.H, pb.d_h, pb.k_h}, gopt)
+                                     : new_buffer({pb.B, pb.H, n_init, pb.d_h, pb.k_h}, gopt);
+  bp.n_init = n_init;
+  bp.dp_extra = dp_extra ? dp_extra->data_ptr() : nullptr;
+  bp.dp_init = gp(dp_init);
   if (q.is_cuda()) {
 #ifdef HMX_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
@@ -426,6 +475,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
   }
   std::vector<at::Tensor> out = {dq, dk, dv};
   out.insert(out.end(), g.begin(), g.end());
+  out.push_back(dp_init);  // undefined (None) unless want_dp_init
   return out;
 }
 
@@ -447,13 +497,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w1_fc1_b"), py::arg("w1_fc2_w"), py::arg("w1_fc2_b"), py::arg("w2_fc1_w"), py::arg("w2_fc1_b"),
         py::arg("w2_fc2_w"), py::arg("w2_fc2_b"), py::arg("scale"), py::arg("chunk_size") = 0,
         py::arg("left_context") = -1, py::arg("cu_seqlens") = py::none(), py::arg("num_blocks") = 1,
-        py::arg("reduce") = py::none());
+        py::arg("reduce") = py::none(), py::arg("p_init") = py::none());
   m.def("backward", &backward, "fused HyperMixing backward: [dq, dk, dv, 4 generator-1 grads, 4 generator-2 grads]",
         py::arg("dy"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pe_q"), py::arg("pe_k"), py::arg("m_q"),
         py::arg("m_k"), py::arg("w1_fc1_w"), py::arg("w1_fc1_b"), py::arg("w1_fc2_w"), py::arg("w1_fc2_b"),
         py::arg("w2_fc1_w"), py::arg("w2_fc1_b"), py::arg("w2_fc2_w"), py::arg("w2_fc2_b"), py::arg("p"),
         py::arg("scale"), py::arg("chunk_size") = 0, py::arg("left_context") = -1, py::arg("cu_seqlens") = py::none(),
-        py::arg("num_blocks") = 1, py::arg("reduce") = py::none());
+        py::arg("num_blocks") = 1, py::arg("reduce") = py::none(), py::arg("dp_extra") = py::none(),
+        py::arg("want_dp_init") = false, py::arg("n_init") = 0);
   m.def("_set_cpu_blas", &set_cpu_blas,
         "use the BLAS gemm for the CPU twin's tile products (default) or its plain loops; returns whether a BLAS "
         "is available");

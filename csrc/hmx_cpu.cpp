@@ -857,6 +857,11 @@ void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
       const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
       T *P = sb.P.data(), *Plo = sb.Plo.data(), *Pb = sb.Pb.data(), *Pq = sb.Pq.data();
       zero_all({P, Plo}, psz);
+      if (fp.p_init) {  // a carried state P_0^T [d_h, k_h] (streaming): the scan starts from it
+        const T* pi = static_cast<const T*>(fp.p_init) + bh * psz;
+        for (int64_t j = 0; j < kh; ++j)
+          for (int64_t c = 0; c < dh; ++c) P[j * dh + c] = pi[c * kh + j];
+      }
       std::fill(p + (bh * NB + tiles) * psz, p + (bh + 1) * NB * psz, T(0));  // unused slots
       for (int64_t ti = 0; ti < tiles; ++ti) {
         const int64_t t0 = ti * kCpuTile, tn = std::min(kCpuTile, N - t0);
@@ -864,7 +869,7 @@ void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
         std::memcpy(p + (bh * NB + ti) * psz, Pb, psz * sizeof(T));  // checkpoint: P before t0
         scan_generators(mm, pb, bm, ks, qs, h, t0, tn, false, sb);
         for (int64_t t = t0; t < t0 + tn; ++t) {
-          if (starts_sequence(bm, t)) zero_all({P, Plo, Pb, Pq}, psz);
+          if (starts_sequence(bm, t) && !(t == 0 && fp.p_init)) zero_all({P, Plo, Pb, Pq}, psz);
           const T* __restrict__ v = ks.m(t) == T(0) ? sb.zero.data() : vx + t * pb.v_rstride;  // select
           const T* w1 = sb.w1.data() + (t - t0) * kh;
           const T* w2 = sb.w2.data() + (t - t0) * kh;
@@ -884,6 +889,9 @@ void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
         }
         kahan_add(P, Plo, Pq, psz);
       }
+      T* fin = p + (bh * NB + NB - 1) * psz;  // the last slot: the state after the last token, P^T
+      for (int64_t j = 0; j < kh; ++j)
+        for (int64_t c = 0; c < dh; ++c) fin[c * kh + j] = P[j * dh + c] + Plo[j * dh + c];
     }
   }
 }
@@ -917,7 +925,18 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
       const HeadWeights<T> g1 = head_weights<T>(pb.g1, h, dh, kh), g2 = head_weights<T>(pb.g2, h, dh, kh);
       T *G = sb.G.data(), *Glo = sb.Glo.data(), *Gb = sb.Gb.data(), *Gq = sb.Gq.data();
       T *Pb = sb.Pb.data(), *Pq = sb.Pq.data();
-      zero_all({G, Glo}, psz);
+      // the gradient of the last slot (the state after the last token) starts the reverse scan;
+      // the checkpoints' own gradients are not used (they are saved intermediates)
+      const T* dfin = bp.dp_extra ? static_cast<const T*>(bp.dp_extra) + (bh * NB + NB - 1) * psz : nullptr;
+      auto reset_g = [&]() {  // G (= hi + lo = base + tile terms) restarts from the last slot's gradient
+        zero_all({G, Glo, Gq}, psz);
+        if (dfin)
+          for (int64_t j = 0; j < kh; ++j)
+            for (int64_t c = 0; c < dh; ++c) G[j * dh + c] = dfin[c * kh + j];
+        std::memcpy(Gb, G, psz * sizeof(T));
+      };
+      reset_g();
+      const bool carried = bp.dp_init != nullptr;  // the forward started from a carried state
       for (int64_t ti = tiles - 1; ti >= 0; --ti) {
         const int64_t t0 = ti * kCpuTile, tn = std::min(kCpuTile, N - t0);
         scan_generators(mm, pb, bm, ks, qs, h, t0, tn, true, sb);
@@ -925,7 +944,7 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
         std::memcpy(Pb, p + (bh * NB + ti) * psz, psz * sizeof(T));
         std::fill(Pq, Pq + psz, T(0));
         for (int64_t t = t0; t < t0 + tn; ++t) {
-          if (starts_sequence(bm, t)) zero_all({Pb, Pq}, psz);
+          if (starts_sequence(bm, t) && !(t == 0 && carried)) zero_all({Pb, Pq}, psz);
           const T* __restrict__ v = ks.m(t) == T(0) ? sb.zero.data() : vx + t * pb.v_rstride;  // select
           const T* w1 = sb.w1.data() + (t - t0) * kh;
           T* __restrict__ pt = sb.pt.data() + (t - t0) * psz;
@@ -944,7 +963,10 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
         // reverse scan: G_t = base + Q_t likewise (base: the later tiles' sum)
         start_tile(G, Glo, Gb, Gq, psz);
         for (int64_t t = t0 + tn - 1; t >= t0; --t) {
-          if (starts_sequence(bm, t + 1)) zero_all({G, Glo, Gb, Gq}, psz);  // t ends its sequence
+          if (starts_sequence(bm, t + 1)) {  // t ends its sequence
+            if (t + 1 == N) reset_g();  // the row's last token: G starts from the last slot's gradient
+            else zero_all({G, Glo, Gb, Gq}, psz);
+          }
           const T* __restrict__ v = ks.m(t) == T(0) ? sb.zero.data() : vx + t * pb.v_rstride;  // select
           const T* __restrict__ g = dy + (b * N + t) * d + h * dh;
           const T* w1 = sb.w1.data() + (t - t0) * kh;
@@ -1012,6 +1034,11 @@ void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) 
           fc1_backward(mm, sd.fc1t, tn, dh, sd.st.scale, sd.z + h * dh, d, sb.buf, f1, sd.dx, d);
         }
       }
+      if (carried) {  // the carried state entered every P_t: its gradient is G after the first token
+        T* di = static_cast<T*>(bp.dp_init) + bh * psz;
+        for (int64_t j = 0; j < kh; ++j)
+          for (int64_t c = 0; c < dh; ++c) di[c * kh + j] = G[j * dh + c] + Glo[j * dh + c];
+      }
     }
   }
   reduce_generator_grads<T>(fc1_1, fc2_1, B, H, 1, dh, kh, bp.dg1, nthreads);
@@ -1061,6 +1088,15 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads, const R
       stack_rows(win.data(), nb, dh, st.data(), sv.data());
       T* pt = p + bh * NB * psz;  // [nb][d_h, k_h]: P_j^T
       expand_fc2(mm, head_weights<T>(pb.g1, h, dh, kh), st.data(), sv.data(), nb * dh, dh, kh, pt);
+      if (fp.p_init) {  // a carried state: one term for every block's window, or one per block
+        const T* pi = static_cast<const T*>(fp.p_init) + bh * std::max<int64_t>(fp.n_init, 1) * psz;
+        for (int64_t j = 0; j < nb; ++j) {
+          T* pj = pt + j * psz;
+          const T* ij = pi + (fp.n_init == 0 ? 0 : j) * psz;
+#pragma omp simd
+          for (int64_t i = 0; i < psz; ++i) pj[i] += ij[i];
+        }
+      }
       std::fill(pt + nb * psz, pt + NB * psz, T(0));  // unused block slots
       const int64_t n = nb * psz;
       T* a = at.data();
@@ -1210,6 +1246,21 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
         gelu_both(pt[i], &g, &gd);
         a[i] = g;
         dp[i] *= gd;
+      }
+      if (bp.dp_extra) {  // the saved state's own gradient (streaming: the next piece's carried state)
+        const T* de = static_cast<const T*>(bp.dp_extra) + bh * NB * psz;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) dp[i] += de[i];
+      }
+      if (bp.dp_init) {  // the carried state's gradient: per block its dP, or (one term in every
+                         // block's window) the sum of dP over the blocks, in block order
+        T* di = static_cast<T*>(bp.dp_init) + bh * std::max<int64_t>(bp.n_init, 1) * psz;
+        std::copy(dp, dp + (bp.n_init == 0 ? psz : n), di);
+        for (int64_t j = 1; bp.n_init == 0 && j < nb; ++j) {
+          const T* dj = dp + j * psz;
+#pragma omp simd
+          for (int64_t i = 0; i < psz; ++i) di[i] += dj[i];
+        }
       }
       T* g2 = g2_fc2.data() + bh * fsz;
       if (reduce) stack_rows(town.data() + bh * nb * ssz, nb, dh, tt.data(), sdy.data());

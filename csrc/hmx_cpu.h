@@ -25,9 +25,10 @@ inline bool token_scan(int64_t chunk_size, int64_t left_context) { return chunk_
 inline bool token_scan(const ProblemParams& pb) { return token_scan(pb.chunk_size, pb.left_context); }
 
 // [k_h, d_h] state slots per (b, h) the forward writes to p (the op's state) for N tokens per
-// row: one per mixing block (`blocks` of them), or one per tile for the token scan.
+// row: one per mixing block (`blocks` of them), or for the token scan one per tile and, last, the
+// state after the last token (P^T, as a block's; streaming hands it to the next piece).
 inline int64_t state_slots(int64_t N, int64_t chunk_size, int64_t left_context, int64_t blocks) {
-  return token_scan(chunk_size, left_context) ? (N + kCpuTile - 1) / kCpuTile : blocks;
+  return token_scan(chunk_size, left_context) ? (N + kCpuTile - 1) / kCpuTile + 1 : blocks;
 }
 
 // Column-major BLAS convention: C = alpha op(A) op(B) + beta C, op(A) [m, k], op(B) [k, n],

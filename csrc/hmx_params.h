@@ -80,6 +80,13 @@ struct ForwardParams {
   ProblemParams pb;
   void* y;  // [B, M, d] output: Y = W2 GELU(P), before LayerNorm
   void* p;  // [B, H, k_h, d_h] output: P = W1^T V
+  // CPU twin, causal / chunk-causal mixing without cu_seqlens: a carried state (streaming)
+  // added to the blocks' P (before the GELU): n_init 0, [B, H, d_h, k_h], the state P_0^T of the
+  // chunks before these tokens, added to every block (unbounded left context; the token scan starts
+  // from it); n_init = the block count, [B, H, n_init, d_h, k_h], one term per block (blocked
+  // mixing). nullptr = none
+  const void* p_init = nullptr;
+  int64_t n_init = 0;
 };
 
 struct BackwardParams {
@@ -91,6 +98,13 @@ struct BackwardParams {
   void* dv;        // [B, N, d]
   GeneratorGrads dg1;
   GeneratorGrads dg2;
+  // CPU twin: the gradient of the saved state p itself [B, H, num_blocks, d_h, k_h] (p's layout),
+  // added to dP (the token scan: only its last slot, the state after the last token); nullptr =
+  // none. dp_init: output, the gradient of ForwardParams::p_init in its layout (n_init 0: the sum
+  // of every block's dP^T; else each block's own)
+  const void* dp_extra = nullptr;
+  void* dp_init = nullptr;
+  int64_t n_init = 0;
 };
 
 // Token tiles and the split of a sequence into a fixed number of chunks: chunk c of L tokens

@@ -67,6 +67,9 @@ class Capabilities:
     causal: bool = False  # implements the causal / chunk-causal modes (hmx_kernels.causal)
     sequence_parallel: bool = False  # takes a position offset and a sequence-parallel group
     varlen: bool = False  # takes packed sequences (cu_seqlens) without padding them
+    # streaming (hmx_kernels.streaming): mode -> whether it computes a piece with a carried state in
+    # that causal mode (Backend.stream_forward); None: it takes no carried state
+    carried_state: Optional[Callable] = None
     device_note: str = ""  # appended to the device reason
     available: Optional[Callable[[str], Tuple[str, ...]]] = None
 
@@ -117,6 +120,9 @@ class Backend:
     extra_reasons: Callable[[HyperMixingProblem], List[str]] = field(default=lambda p: [])
     # (device type, operand dtype) -> the tolerance the conformance suite checks against the reference
     tolerances: Dict[Tuple[str, torch.dtype], Tolerance] = field(default_factory=dict)
+    # (problem, carried state or None) -> (output, the next carried state): one streamed piece, in the
+    # modes capabilities.carried_state accepts (hmx_kernels.streaming)
+    stream_forward: Optional[Callable] = None
 
     def not_supported_reasons(self, p: HyperMixingProblem) -> List[str]:
         reasons = self.capabilities.reasons(p)

@@ -16,8 +16,15 @@
         several sequences into the one row, each mixed on its own with positions from its start.
         A backend defined with blocks=False takes only the defaults (0, -1, None).
     Sequence parallelism: position_offset (global position of the first token) and sp_group (the
-        name of a torch.distributed group whose ranks hold the other slices, "" = none), last in
-        both schemas; only backends defined with sequence_parallel=True take non-defaults.
+        name of a torch.distributed group whose ranks hold the other slices, "" = none), after the
+        block arguments; only backends defined with sequence_parallel=True take non-defaults.
+    Carried state (streaming, hmx_kernels.streaming), last: the forward's initial_state
+        [B, H, d_h, k_h] (P^T of the chunks before these tokens, compute dtype) is added to every
+        block's P (unbounded left context), or [B, H, num_blocks, d_h, k_h] one term per block; the backward takes initial_state (whether to return its gradient, as a 12th
+        tensor) and grad_state, the gradient of the forward's state output (added to dP), so the
+        state output is differentiable and a piece's final state (its last block's P) can feed
+        the next piece. Only backends defined with carried_state=... take them, in the modes that
+        function accepts (the cpu twin: causal / chunk-causal mixing, no packed sequences).
 
 Shapes and dtypes of both are given by shared fake implementations (`make_fwd_fake`, `bwd_fake`), which
 also serves the meta device; autograd is registered on the forward op (its backward calls the
@@ -138,7 +145,7 @@ def make_fwd_fake(state_slots=state_blocks):
     `state_slots(N, chunk_size, cu_seqlens, left_context)` [k_h, d_h] slots per (b, h)."""
     def fwd_fake(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
                  w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant, chunk_size=0, left_context=-1, cu_seqlens=None,
-                 position_offset=0, sp_group=""):
+                 position_offset=0, sp_group="", initial_state=None):
         B, M, N, d, H, d_h, k_h = _sizes(query, key, w1_fc2_w)
         cdt = compute_dtype_of(query.dtype)
         nb = state_slots(N, chunk_size, cu_seqlens, left_context)
@@ -148,12 +155,14 @@ def make_fwd_fake(state_slots=state_blocks):
 
 def bwd_fake(grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
              w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant, chunk_size=0, left_context=-1,
-             cu_seqlens=None, position_offset=0, sp_group=""):
+             cu_seqlens=None, position_offset=0, sp_group="", initial_state=None, grad_state=None):
     cdt = compute_dtype_of(query.dtype)
     out = [query.new_empty(query.shape, dtype=cdt), key.new_empty(key.shape, dtype=cdt),
            value.new_empty(value.shape, dtype=cdt)]
     for w in (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b):
         out.append(query.new_empty((0,), dtype=cdt) if w is None else w.new_empty(w.shape, dtype=cdt))
+    if initial_state is not None:
+        out.append(initial_state.new_empty(initial_state.shape, dtype=cdt))
     return out
 
 
@@ -175,6 +184,7 @@ def define_fused_ops(
     blocks: bool = False,
     sequence_parallel: bool = False,
     state_slots: Callable = state_blocks,
+    carried_state: Optional[Callable] = None,
 ) -> FusedOps:
     """Define hmx_kernels::<backend>_fwd / _bwd over `fwd_impl` / `bwd_impl` (same signatures as
     `make_fwd_fake`'s function / `bwd_fake`), with the shared fake implementations and autograd.
@@ -186,6 +196,9 @@ def define_fused_ops(
     the cross-slice token sums over ("" = none; `group.group_name`); the ops' own backward then
     sums the gradient's sums over the same group. state_slots(N, chunk_size, cu_seqlens,
     left_context): the [k_h, d_h] slots per (b, h) of the state (default `state_blocks`).
+    carried_state(chunk_size, left_context, cu_seqlens) -> bool: the modes in which the impls take
+    a carried state (initial_state last in the forward; initial_state, grad_state last in the
+    backward); None: the ops refuse one.
 
     triton=True: `torch.library.triton_op` (the impls launch kernels through `wrap_triton`, and
     torch.compile can see into them); the impls then double as their own fake implementations
@@ -196,7 +209,7 @@ def define_fused_ops(
             w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor, w2_fc2_b: Optional[Tensor],
             variant: str, chunk_size: int = 0, left_context: int = -1,
             cu_seqlens: Optional[Tensor] = None, position_offset: int = 0,
-            sp_group: str = "") -> Tuple[Tensor, Tensor]:
+            sp_group: str = "", initial_state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         check_op_args(query, key, value, query_keep, key_keep,
                       (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b),
                       chunk_size=chunk_size, left_context=left_context, cu_seqlens=cu_seqlens,
@@ -204,22 +217,27 @@ def define_fused_ops(
         args = (query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
                 w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant)
         return fwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens),
-                        *_sp_args(position_offset, sp_group, variant, max(query.shape[1], key.shape[1])))
+                        *_sp_args(position_offset, sp_group, variant, max(query.shape[1], key.shape[1])),
+                        *_state_args(query, w1_fc2_w, chunk_size, left_context, cu_seqlens, sp_group,
+                                     initial_state))
 
     def bwd(grad_y: Tensor, query: Tensor, key: Tensor, value: Tensor, query_keep: Optional[Tensor],
             key_keep: Optional[Tensor], w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor,
             w1_fc2_b: Optional[Tensor], w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor,
             w2_fc2_b: Optional[Tensor], state: Tensor, variant: str, chunk_size: int = 0,
             left_context: int = -1, cu_seqlens: Optional[Tensor] = None, position_offset: int = 0,
-            sp_group: str = "") -> List[Tensor]:
+            sp_group: str = "", initial_state: Optional[Tensor] = None,
+            grad_state: Optional[Tensor] = None) -> List[Tensor]:
         check_op_args(query, key, value, query_keep, key_keep,
                       (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b),
                       state=state, grad_y=grad_y, chunk_size=chunk_size, left_context=left_context,
                       cu_seqlens=cu_seqlens, state_slots=state_slots)
         args = (grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w,
                 w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant)
+        extra = _state_args(query, w1_fc2_w, chunk_size, left_context, cu_seqlens, sp_group, initial_state,
+                            grad_state, state)
         return bwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens),
-                        *_sp_args(position_offset, sp_group, variant, max(query.shape[1], key.shape[1])))
+                        *_sp_args(position_offset, sp_group, variant, max(query.shape[1], key.shape[1])), *extra)
 
     def _block_args(chunk_size, left_context, cu_seqlens):
         if blocks:
@@ -241,6 +259,46 @@ def define_fused_ops(
                              "parallelism (position_offset, sp_group)")
         return ()
 
+    def _state_args(query, fc2_w, chunk_size, left_context, cu_seqlens, sp_group, initial_state,
+                    grad_state=None, state=None):
+        """The impls' carried-state arguments: (initial_state,) in the forward, (initial_state,
+        grad_state) in the backward (state given), () for a backend without carried_state."""
+        is_backward = state is not None
+        if initial_state is None and grad_state is None:
+            if carried_state is None:
+                return ()
+            return (None, None) if is_backward else (None,)
+        if carried_state is None or not carried_state(chunk_size, left_context, cu_seqlens) or sp_group:
+            raise ValueError(f"hmx_kernels op: the {backend} ops take a carried state (initial_state, grad_state) "
+                             "only in chunk-causal mixing with unbounded left context, without packed sequences "
+                             "or sequence parallelism" if carried_state is not None else
+                             f"hmx_kernels op: the {backend} ops do not take a carried state (initial_state, "
+                             "grad_state)")
+        B, N = query.shape[0], query.shape[1]
+        H, k_h, d_h = fc2_w.shape
+        cdt = compute_dtype_of(query.dtype)
+        init_shape = (B, H, d_h, k_h)  # one state in every block's window
+        if initial_state is not None and initial_state.dim() == 5:  # one term per block
+            if chunk_size == 1 and left_context < 0:
+                raise ValueError("hmx_kernels op: token-causal mixing takes one carried state [B, H, d_h, k_h], "
+                                 "not one per block")
+            init_shape = (B, H, state_slots(N, chunk_size, cu_seqlens, left_context), d_h, k_h)
+        elif initial_state is not None and left_context >= 0:
+            raise ValueError("hmx_kernels op: one carried state in every block's window [B, H, d_h, k_h] needs "
+                             "unbounded left context; with limited windows pass one term per block "
+                             "[B, H, num_blocks, d_h, k_h]")
+        for name, t, shape in (("initial_state", initial_state, init_shape),
+                               ("grad_state", grad_state, None if state is None else tuple(state.shape))):
+            if t is None:
+                continue
+            if tuple(t.shape) != shape:
+                raise ValueError(f"hmx_kernels op: {name} must have shape {list(shape)}, got {list(t.shape)}")
+            if t.dtype != cdt:
+                raise TypeError(f"hmx_kernels op: {name} must have dtype {cdt}, got {t.dtype}")
+            if t.device != query.device:
+                raise ValueError(f"hmx_kernels op: {name} is on {t.device} but query is on {query.device}")
+        return (initial_state, grad_state) if is_backward else (initial_state,)
+
     fwd_name, bwd_name = f"{NAMESPACE}::{backend}_fwd", f"{NAMESPACE}::{backend}_bwd"
     if triton:
         fwd_op = torch.library.triton_op(fwd_name, fwd, mutates_args=())
@@ -254,21 +312,37 @@ def define_fused_ops(
     n_tensors = 13  # query, key, value, 2 keeps, 8 generator tensors
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:n_tensors], output[1], inputs[n_tensors + 3])
+        initial_state = inputs[n_tensors + 6] if len(inputs) > n_tensors + 6 else None
+        ctx.save_for_backward(*inputs[:n_tensors], output[1], inputs[n_tensors + 3], initial_state)
         ctx.variant, ctx.chunk_size, ctx.left_context = inputs[n_tensors:n_tensors + 3]
         ctx.position_offset, ctx.sp_group = inputs[n_tensors + 4:n_tensors + 6]
         ctx.dtypes = [None if t is None else t.dtype for t in inputs[:n_tensors]]
+        # an unused output's gradient comes as None, not zeros: the state's gradient is passed to the
+        # backward op only where the state output was used (streaming)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_y, grad_state):
         saved = ctx.saved_tensors
         tensors, state, cu_seqlens = saved[:n_tensors], saved[n_tensors], saved[n_tensors + 1]
+        initial_state = saved[n_tensors + 2]
+        if grad_y is None:
+            grad_y = torch.zeros(tensors[0].shape, dtype=compute_dtype_of(tensors[0].dtype), device=tensors[0].device)
+        extra = ()
+        # the state output's gradient counts where the ops carry a state (elsewhere the state holds
+        # saved intermediates only, e.g. the token scan's checkpoints, and its gradient is dropped,
+        # as it is when tracing materialises it as zeros)
+        if carried_state is not None and not ctx.sp_group and carried_state(ctx.chunk_size, ctx.left_context,
+                                                                             cu_seqlens):
+            if initial_state is not None or grad_state is not None:
+                extra = (initial_state, None if grad_state is None else grad_state.contiguous())
         grads = bwd_op(grad_y.contiguous(), *tensors, state, ctx.variant, ctx.chunk_size, ctx.left_context,
-                       cu_seqlens, ctx.position_offset, ctx.sp_group)
+                       cu_seqlens, ctx.position_offset, ctx.sp_group, *extra)
         dq, dk, dv = grads[:3]
-        gen = [None if t is None else g for g, t in zip(grads[3:], tensors[5:])]
+        gen = [None if t is None else g for g, t in zip(grads[3:11], tensors[5:])]
         out = [dq, dk, dv, None, None] + gen
         out = [None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes)]
-        return (*out, None, None, None, None, None, None)
+        d_init = grads[11] if initial_state is not None else None
+        return (*out, None, None, None, None, None, None, d_init)
 
     def bwd_setup_context(ctx, inputs, output):
         pass

@@ -62,3 +62,340 @@ def test_streaming_misuse():
     _, s = hyper_mixing_stream(x[:, :4], *w, chunk_size=2)
     with pytest.raises(ValueError, match="was started for"):
         hyper_mixing_stream(x[:, 4:], *w, state=s, causal=True)
+
+
+# ---- the layer streams: FusedHyperMixing.stream() and layer(piece, state=state) ------------------
+from hmx_kernels import FusedHyperMixing  # noqa: E402
+from hmx_kernels.dispatch import get_backend  # noqa: E402
+from hmx_kernels.streaming import StreamingState, StreamingStateMismatch  # noqa: E402
+
+LAYER_MODES = {"token": dict(causal=True), "chunk3": dict(chunk_size=3), "chunk4_L1": dict(chunk_size=4, left_context_chunks=1)}
+
+
+def _layer(variant, mode_kw, dtype, backend, H=2, d_h=18, k_h=72, seed=0):
+    torch.manual_seed(seed)
+    layer = FusedHyperMixing(H * d_h, H * k_h, num_heads=H, variant=variant, backend=backend, **mode_kw)
+    with torch.no_grad():  # non-zero biases and LayerNorm parameters, so every gradient is exercised
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return layer.to(dtype)
+
+
+def _pieces(N, C, seed):
+    rng, start, out = random.Random(seed), 0, []
+    while start < N:
+        n = min(N - start, C * rng.randint(1, 3))
+        out.append((start, n))
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode_name", list(LAYER_MODES))
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_layer_stream_equals_one_pass(variant, mode_name, dtype):
+    """A layer fed a prime-length sequence (d_h 18, k_h 72, padded tails) in random whole-chunk
+    pieces, through layer.stream() (speechbrain) or layer(piece, state=...) (idiap), equals the
+    layer's one pass, output and every gradient (input and every parameter), with the same upstream
+    gradient. float64: one pass on the reference, 1e-12 (the same sums grouped by piece). float32:
+    one pass on the default backend (cpu), within its declared float32 tolerance."""
+    kw = LAYER_MODES[mode_name]
+    C = kw.get("chunk_size", 1)
+    B, N = 2, 23
+    backend = "reference" if dtype == torch.float64 else "auto"
+    layer = _layer(variant, kw, dtype, backend)
+    x = (0.5 * torch.randn(B, N, layer.input_output_dim, generator=torch.Generator().manual_seed(1))).to(dtype)
+    x.requires_grad_(True)
+    pad = torch.zeros(B, N, dtype=torch.bool)
+    pad[1, 17:] = True
+    if variant == "speechbrain":
+        full = layer(x, key_padding_mask=pad)[0]
+        stream = layer.stream()
+        streamed = torch.cat([stream(x[:, s:s + n], key_padding_mask=pad[:, s:s + n]) for s, n in _pieces(N, C, 3)], 1)
+        assert stream.state.position == N
+    else:
+        full = layer(x, x, x, pad, pad)
+        state, outs = layer.initial_state(), []
+        for s, n in _pieces(N, C, 4):
+            y, state = layer(x[:, s:s + n], key_padding_mask=pad[:, s:s + n], state=state)
+            outs.append(y)
+        streamed = torch.cat(outs, 1)
+        assert state.position == N and state.batch == B and state.hidden_per_head == 72
+    if dtype == torch.float64:
+        tol_out = tol_grad = 1e-12
+    else:
+        tol = get_backend("cpu").tolerances[("cpu", torch.float32)]
+        tol_out, tol_grad = tol.out, tol.grad
+    assert_close("out", streamed, full, tol_out)
+    g = torch.randn_like(full)
+    leaves = [x] + list(layer.parameters())
+    ga = torch.autograd.grad(full, leaves, g)
+    gb = torch.autograd.grad(streamed, leaves, g)
+    for (name, _), a, b in zip([("x", x)] + list(layer.named_parameters()), gb, ga):
+        assert_close(f"grad {name}", a, b, tol_grad)
+
+
+def test_layer_stream_needs_a_mode_and_matches_the_layer():
+    plain = FusedHyperMixing(8, 16, num_heads=2)
+    with pytest.raises(ValueError, match="streaming needs a causal mode"):
+        plain.initial_state()
+    s = plain.initial_state(chunk_size=4, left_context_chunks=2)  # a layer without a mode takes one here
+    assert s.mode.chunk_size == 4 and (s.heads, s.head_dim, s.hidden_per_head, s.variant) == (2, 4, 8, "speechbrain")
+    causal = FusedHyperMixing(8, 16, num_heads=2, causal=True)
+    with pytest.raises(ValueError, match="cannot stream chunk-causal"):
+        causal.initial_state(chunk_size=4)
+    with pytest.raises(StreamingStateMismatch, match="does not fit this layer, which mixes token-causal"):
+        causal(torch.randn(1, 4, 8), state=s)
+    with pytest.raises(ValueError, match="no attn_mask"):
+        causal(torch.randn(1, 4, 8), None, None, None, state=causal.initial_state())
+    with pytest.raises(TypeError, match="StreamingState"):
+        causal(torch.randn(1, 4, 8), state="start")
+
+
+# ---- a state that does not fit the piece is refused, naming the state and the mismatch -------------
+def _weights(H, d_h, k_h, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = [torch.randn(H, d_h, d_h, generator=g), torch.randn(H, d_h, generator=g),
+         torch.randn(H, k_h, d_h, generator=g), torch.randn(H, k_h, generator=g)]
+    w = [t.to(dtype=dtype, device=device) for t in w]
+    ln = [torch.ones(H * d_h, dtype=dtype, device=device), torch.zeros(H * d_h, dtype=dtype, device=device)]
+    return [*w, None, None, None, None, *ln]
+
+
+def _started(B=1, H=2, d_h=4, k_h=6, dtype=torch.float32, variant="speechbrain", **mode):
+    x = torch.randn(B, 4, H * d_h, dtype=dtype)
+    return hyper_mixing_stream(x, *_weights(H, d_h, k_h, dtype), variant=variant, **(mode or dict(causal=True)))[1]
+
+
+@pytest.mark.parametrize("mode", [dict(causal=True), dict(chunk_size=2, left_context_chunks=1)])
+def test_state_from_batch_of_one_is_not_broadcast(mode):
+    state = _started(B=1, **mode)
+    with pytest.raises(StreamingStateMismatch, match=r"streaming state \(.*batch 1.*batch size: the state has 1, the piece 3"):
+        hyper_mixing_stream(torch.randn(3, 4, 8), *_weights(2, 4, 6), state=state)
+
+
+@pytest.mark.parametrize("mode", [dict(causal=True), dict(chunk_size=2, left_context_chunks=1)])
+def test_state_from_one_k_h_is_not_broadcast_onto_another(mode):
+    state = _started(k_h=1, **mode)
+    with pytest.raises(StreamingStateMismatch, match="k_h: the state has 1, the piece 8"):
+        hyper_mixing_stream(torch.randn(1, 4, 8), *_weights(2, 4, 8), state=state)
+    # the same through layers: a state of a k_h=1 layer handed to a k_h=8 layer
+    narrow = FusedHyperMixing(8, 2, num_heads=2, **mode)
+    wide = FusedHyperMixing(8, 16, num_heads=2, **mode)
+    _, s = narrow(torch.randn(1, 4, 8), state=narrow.initial_state())
+    with pytest.raises(StreamingStateMismatch, match="k_h: the state has 1, the piece 8"):
+        wide(torch.randn(1, 4, 8), state=s)
+    with pytest.raises(StreamingStateMismatch, match="k_h: the state has 1, the piece 8"):
+        wide(torch.randn(1, 4, 8), state=narrow.initial_state())  # before any piece: the layer's shape
+
+
+def test_mismatched_states_name_the_state_and_the_mismatch():
+    state = _started(B=2)
+    with pytest.raises(StreamingStateMismatch, match=r"streaming state .*batch size: the state has 2, the piece 3"):
+        hyper_mixing_stream(torch.randn(3, 4, 8), *_weights(2, 4, 6), state=state)
+    with pytest.raises(StreamingStateMismatch, match="heads: the state has 2, the piece 4; d_h: the state has 4, the piece 2"):
+        hyper_mixing_stream(torch.randn(2, 4, 8), *_weights(4, 2, 6), state=state)
+    state64 = _started(dtype=torch.float64)
+    with pytest.raises(StreamingStateMismatch, match="dtype: the state is torch.float64, the piece torch.float32"):
+        hyper_mixing_stream(torch.randn(1, 4, 8), *_weights(2, 4, 6), state=state64)
+    meta = torch.empty(1, 4, 8, device="meta")
+    with pytest.raises(StreamingStateMismatch, match="device: the state is on cpu, the piece on meta"):
+        hyper_mixing_stream(meta, *_weights(2, 4, 6, device="meta"), state=_started())
+
+
+def test_speechbrain_state_does_not_continue_under_idiap():
+    state = _started(variant="speechbrain")
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(StreamingStateMismatch, match="variant: the state is 'speechbrain', the piece 'idiap'"):
+        hyper_mixing_stream(x, *_weights(2, 4, 6), state=state, variant="idiap")
+    sb_layer = FusedHyperMixing(8, 12, num_heads=2, causal=True)
+    idiap_layer = FusedHyperMixing(8, 12, num_heads=2, causal=True, variant="idiap")
+    _, s = sb_layer(x, state=sb_layer.initial_state())
+    with pytest.raises(StreamingStateMismatch, match="variant: the state is 'speechbrain', the layer 'idiap'"):
+        idiap_layer(x, state=s)
+
+
+def test_hand_built_state_with_a_wrong_carry_is_refused():
+    from hmx_kernels.causal import MixingMode
+
+    bad = StreamingState(MixingMode(1), position=4, carry=torch.zeros(1, 2, 1, 4))  # k_h 1 carry, k_h 6 piece
+    with pytest.raises(StreamingStateMismatch, match=r"carry shape: \[1, 2, 1, 4\], the piece needs \[B, H, k_h, d_h\] = \[1, 2, 6, 4\]"):
+        hyper_mixing_stream(torch.randn(1, 4, 8), *_weights(2, 4, 6), state=bad)
+    bad = StreamingState(MixingMode(2, 1), position=4, carry=torch.zeros(1, 2, 2, 6, 4))  # 2 chunks kept, L = 1
+    with pytest.raises(StreamingStateMismatch, match=r"r <= 1"):
+        hyper_mixing_stream(torch.randn(1, 4, 8), *_weights(2, 4, 6), state=bad)
+
+
+def test_state_records_what_it_belongs_to():
+    state = _started(B=1, H=2, d_h=4, k_h=6, dtype=torch.float64, chunk_size=2)
+    assert (state.variant, state.batch, state.heads, state.head_dim, state.hidden_per_head, state.dtype,
+            state.device, state.position) == ("speechbrain", 1, 2, 4, 6, torch.float64, torch.device("cpu"), 4)
+    assert state.detach().batch == 1 and not state.detach().carry.requires_grad
+    text = state.describe()
+    for part in ("chunk-causal (chunk_size 2", "batch 1", "H 2", "d_h 4", "k_h 6", "float64", "on cpu", "next position 4"):
+        assert part in text, (part, text)
+
+
+def test_layer_streams_under_inference_mode_and_autocast():
+    """Streaming inference: under torch.inference_mode the pieces equal the one pass; under
+    autocast the state records the autocast dtype (its carry stays float32), and a piece outside
+    autocast is then refused, naming the dtypes."""
+    layer = FusedHyperMixing(16, 32, num_heads=2, chunk_size=4, backend="reference")
+    x = torch.randn(2, 12, 16)
+    with torch.inference_mode():
+        s = layer.stream()
+        y = torch.cat([s(x[:, i:i + 4]) for i in range(0, 12, 4)], 1)
+        assert_close("inference_mode", y, layer(x)[0], 1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = layer.stream()
+        y = torch.cat([s(x[:, i:i + 4]) for i in range(0, 12, 4)], 1)
+        full = layer(x)[0]
+    assert y.dtype == torch.bfloat16 and s.state.dtype == torch.bfloat16 and s.state.carry.dtype == torch.float32
+    assert_close("autocast", y.float(), full.float(), 1e-2)
+    with pytest.raises(StreamingStateMismatch, match="dtype: the state is torch.bfloat16, the piece torch.float32"):
+        layer(x[:, :4], state=s.state)
+
+
+# ---- the cpu backend carries the state itself (chunk-causal, unbounded left context) --------------
+from hmx_kernels.dispatch import BackendNotSupportedError  # noqa: E402
+from hmx_kernels.streaming import select_stream_backend  # noqa: E402
+
+STREAM_MODES = {"token": dict(causal=True), "chunk3": dict(chunk_size=3), "chunk5": dict(chunk_size=5),
+                "chunk4_L1": dict(chunk_size=4, left_context_chunks=1)}
+
+
+def _cpu_available():
+    from hmx_kernels.cpp.backend import extension_reasons
+
+    return not extension_reasons("cpu")
+
+
+needs_cpu = pytest.mark.skipif(not _cpu_available(), reason="the C++ extension does not build here")
+
+
+def _stream_case(variant, dtype, N=23, seed=0):
+    case = make_case(variant=variant, B=2, M=N, N=N, d=36, H=2, k_h=72, dtype=dtype, input_scale=0.5, seed=seed)
+    x = case.tensors["query"]
+    return x, [case.tensors[k] for k in WEIGHT_NAMES], case.key_padding_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode_name", list(STREAM_MODES))
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+@pytest.mark.parametrize("backend", hmx_kernels.registered_backends())
+def test_backend_stream_equals_one_pass(backend, variant, mode_name, dtype):
+    """Generated from the capabilities: every backend that declares a carried state for the mode
+    (Capabilities.carried_state) streams a prime-length sequence (d_h 18, k_h 72, padded tails) in
+    random whole-chunk pieces, and the pieces equal one pass of the same backend over the whole
+    sequence, output and every gradient across pieces, same upstream gradient. float64: 1e-12 (the
+    same sums grouped by piece; the cpu twin adds the carried part once per chunk); float32: the
+    backend's declared tolerance (the reference, which declares none: 1e-5, the same fp32 sums
+    grouped by piece)."""
+    from hmx_kernels.streaming import stream_reasons
+
+    kw = STREAM_MODES[mode_name]
+    C = kw.get("chunk_size", 1)
+    x, w, pad = _stream_case(variant, dtype)
+    probe = hmx_kernels.check_inputs(x[:, :C], None if variant == "speechbrain" else x[:, :C],
+                                     None if variant == "speechbrain" else x[:, :C], *w, variant=variant, **kw)
+    why = stream_reasons(backend, probe)
+    if why:
+        pytest.skip(f"{backend} does not stream this: {'; '.join(why)}")
+    N = x.shape[1]
+    q = None if variant == "speechbrain" else x
+    full = hmx_kernels.hyper_mixing(x, q, q, *w, variant=variant, key_padding_mask=pad, backend=backend,
+                                    query_padding_mask=None if variant == "speechbrain" else pad, **kw)
+    outs, state, start, rng = [], None, 0, random.Random(C)
+    while start < N:
+        n = min(N - start, C * rng.randint(1, 3))
+        y, state = hyper_mixing_stream(x[:, start:start + n], *w, state=state, variant=variant, backend=backend,
+                                       key_padding_mask=pad[:, start:start + n], **(kw if state is None else {}))
+        outs.append(y)
+        start += n
+    streamed = torch.cat(outs, dim=1)
+    if dtype == torch.float64:
+        tol_out = tol_grad = 1e-12
+    else:
+        tol = get_backend(backend).tolerances.get(("cpu", torch.float32))
+        tol_out, tol_grad = (tol.out, tol.grad) if tol is not None else (1e-5, 1e-5)
+    assert_close("out", streamed, full, tol_out)
+    g = torch.randn_like(full)
+    leaves = [x] + [t for t in w if t is not None]
+    ga = torch.autograd.grad(full, leaves, g)
+    gb = torch.autograd.grad(streamed, leaves, g)
+    for i, (a, b) in enumerate(zip(gb, ga)):
+        assert_close(f"grad {i}", a, b, tol_grad)
+
+
+@needs_cpu
+def test_stream_backends_share_the_state_and_auto_picks_cpu_where_it_can():
+    """A stream may change backend between pieces (both keep P in the compute dtype); "auto" streams
+    chunk-causal mixing with unbounded left context on the cpu backend, the rest on the reference;
+    a named backend that cannot stream the mode says why."""
+    x, w, pad = _stream_case("speechbrain", torch.float64, N=20)
+    full = hmx_kernels.hyper_mixing(x, None, None, *w, key_padding_mask=pad, chunk_size=4, backend="reference")
+    outs, state = [], None
+    for i, start in enumerate(range(0, 20, 4)):
+        y, state = hyper_mixing_stream(x[:, start:start + 4], *w, state=state, key_padding_mask=pad[:, start:start + 4],
+                                       backend=("cpu", "reference")[i % 2], **({} if state else dict(chunk_size=4)))
+        outs.append(y)
+    streamed = torch.cat(outs, 1)
+    assert_close("out", streamed, full, 1e-12)
+    g = torch.randn_like(full)
+    for a, b in zip(torch.autograd.grad(streamed, [x, w[2]], g), torch.autograd.grad(full, [x, w[2]], g)):
+        assert_close("grad", a, b, 1e-12)
+
+    def picked(**mode):
+        p = hmx_kernels.check_inputs(x[:, :4], None, None, *w, **mode)
+        return select_stream_backend("auto", p).name
+
+    assert picked(chunk_size=4) == picked(causal=True) == picked(chunk_size=4, left_context_chunks=1) == "cpu"
+    half = [None if t is None else t.detach().half() for t in w]
+    with pytest.raises(BackendNotSupportedError, match="'cpu' cannot stream this piece: streams float32, float64 "
+                                                       "only, not torch.float16"):
+        hyper_mixing_stream(x[:, :4].detach().half(), *half, chunk_size=4, backend="cpu")
+    p16 = hmx_kernels.check_inputs(x[:, :4].detach().half(), None, None, *half, chunk_size=4)
+    assert select_stream_backend("auto", p16).name == "reference"
+    with pytest.raises(BackendNotSupportedError, match="'triton' cannot stream this piece: takes no carried state"):
+        hyper_mixing_stream(x[:, :4], *w, chunk_size=4, backend="triton")
+
+
+@needs_cpu
+def test_cpu_op_refuses_a_carried_state_where_it_has_none():
+    from hmx_kernels.cpp.backend import CPP_OPS
+
+    x, w, _ = _stream_case("speechbrain", torch.float64, N=8)
+    x = x.detach()
+    gen = [None if t is None else t.detach() for t in w[:4]] * 2
+    init = torch.zeros(2, 2, 18, 72, dtype=torch.float64)
+    for chunk_size, left in ((4, 1), (0, -1)):
+        with pytest.raises(ValueError, match="carried state"):
+            CPP_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", chunk_size, left, None, 0, "", init)
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[2, 2, 18, 72\]"):
+        CPP_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 4, -1, None, 0, "", init[:1])
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[2, 2, 2, 18, 72\]"):  # one per chunk
+        CPP_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 4, 1, None, 0, "", init[:, :, None])
+    with pytest.raises(ValueError, match="token-causal mixing takes one carried state"):
+        CPP_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 1, -1, None, 0, "", init[:, :, None])
+
+
+@needs_cpu
+def test_cpu_token_stream_across_scan_tiles():
+    """The token scan's pieces span several tiles of CPU_TILE tokens (checkpoints, the final slot,
+    the reverse scan starting from the final state's gradient): 3 pieces of 290, 1 and 310 tokens
+    equal one cpu pass, output and every gradient, float64."""
+    case = make_case(variant="speechbrain", B=2, M=601, d=8, H=2, k_h=5, dtype=torch.float64, input_scale=0.5)
+    x, w, pad = case.tensors["query"], [case.tensors[k] for k in WEIGHT_NAMES], case.key_padding_mask
+    full = hmx_kernels.hyper_mixing(x, None, None, *w, key_padding_mask=pad, causal=True, backend="cpu")
+    outs, state, start = [], None, 0
+    for n in (290, 1, 310):
+        y, state = hyper_mixing_stream(x[:, start:start + n], *w, state=state, key_padding_mask=pad[:, start:start + n],
+                                       backend="cpu", **({} if state else dict(causal=True)))
+        outs.append(y)
+        start += n
+    streamed = torch.cat(outs, 1)
+    assert_close("out", streamed, full, 1e-12)
+    g = torch.randn_like(full)
+    leaves = [x] + [t for t in w if t is not None]
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(streamed, leaves, g), torch.autograd.grad(full, leaves, g))):
+        assert_close(f"grad {i}", a, b, 1e-12)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..config import SETTINGS, on_change
 from ..dispatch import Backend, Capabilities, Tolerance, constant_result, register_backend
-from ..fused import define_fused_ops, run_fused, state_blocks
+from ..fused import define_fused_ops, layer_norm_epilogue, run_fused, state_blocks
 from ..reference.positional import cached_positional_encoding, positional_encoding
 from ..validation import HyperMixingProblem
 from ..variants import get_variant
@@ -132,9 +132,9 @@ CPU_TILE = 256
 def cpu_state_slots(N, chunk_size: int, cu_seqlens, left_context: int = -1):
     """[k_h, d_h] state slots per (b, h) of the cpp ops: one per mixing block (`state_blocks`),
     except token-causal mixing, which the twin runs as a scan keeping one checkpoint of P per tile
-    of CPU_TILE tokens (csrc/hmx_cpu.cpp)."""
+    of CPU_TILE tokens (csrc/hmx_cpu.cpp) and, last, the state after the last token."""
     if chunk_size == 1 and left_context < 0:
-        return (N + CPU_TILE - 1) // CPU_TILE
+        return (N + CPU_TILE - 1) // CPU_TILE + 1
     return state_blocks(N, chunk_size, cu_seqlens, left_context)
 
 
@@ -182,7 +182,7 @@ def _empty_slice_bwd(query, key, value, gen, sp_group):
 
 
 def _cpp_fwd_impl(query, key, value, query_keep, key_keep, *rest):
-    *gen, variant, chunk_size, left_context, cu_seqlens, position_offset, sp_group = rest
+    *gen, variant, chunk_size, left_context, cu_seqlens, position_offset, sp_group, initial_state = rest
     if query.shape[1] == 0 and key.shape[1] == 0:
         return _empty_slice_fwd(query, gen, sp_group)
     ext = extension(query.device.type)
@@ -191,14 +191,16 @@ def _cpp_fwd_impl(query, key, value, query_keep, key_keep, *rest):
     pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype, rows, position_offset)
     q, k, v = _tokens(query), _tokens(key), _tokens(value)
     y, state = ext.forward(q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep), *[_c(w) for w in gen], float(scale),
-                           *blocks, reduce=_reducer(sp_group))
+                           *blocks, reduce=_reducer(sp_group), p_init=_c(initial_state))
     return y.to(ctype), state
 
 
 def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
-    *gen, state, variant, chunk_size, left_context, cu_seqlens, position_offset, sp_group = rest
+    *gen, state, variant, chunk_size, left_context, cu_seqlens, position_offset, sp_group, initial_state, \
+        grad_state = rest
     if query.shape[1] == 0 and key.shape[1] == 0:
-        return _empty_slice_bwd(query, key, value, gen, sp_group)
+        grads = _empty_slice_bwd(query, key, value, gen, sp_group)
+        return grads if initial_state is None else grads + [torch.zeros_like(initial_state)]
     ext = extension(query.device.type)
     ctype = _ctype(query)
     blocks, rows = _blocks(query, key, chunk_size, left_context, cu_seqlens)
@@ -207,14 +209,65 @@ def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     # dY in the compute type: fp32 on CUDA, so a small dY is not flushed to zero in fp16
     grads = ext.backward(grad_y.to(ctype).contiguous(), q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep),
                          *[_c(w) for w in gen], state.contiguous(), float(scale), *blocks,
-                         reduce=_reducer(sp_group))
+                         reduce=_reducer(sp_group), dp_extra=_c(grad_state),
+                         want_dp_init=initial_state is not None,
+                         n_init=initial_state.shape[2] if initial_state is not None and initial_state.dim() == 5 else 0)
     out = [g.to(ctype) for g in grads[:3]]
-    out += [query.new_empty((0,), dtype=ctype) if g is None else g for g in grads[3:]]
+    out += [query.new_empty((0,), dtype=ctype) if g is None else g for g in grads[3:11]]
+    if initial_state is not None:
+        out.append(grads[11])
     return out
 
 
+def cpu_carries_state(chunk_size: int, left_context: int, cu_seqlens) -> bool:
+    """The cpp ops take a carried state (initial_state; streaming) and the gradient of their state
+    output for CPU tensors in causal and chunk-causal mixing without packed sequences: a state in
+    every block's window [B, H, d_h, k_h] with unbounded left context (the token scan starts from
+    it), or one term per block [B, H, num_blocks, d_h, k_h] (csrc/hmx_params.h)."""
+    return chunk_size >= 1 and cu_seqlens is None
+
+
 CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("cpu", "cuda"), blocks=True,
-                           sequence_parallel=True, state_slots=cpu_state_slots)
+                           sequence_parallel=True, state_slots=cpu_state_slots, carried_state=cpu_carries_state)
+
+
+def cpu_stream_forward(p: HyperMixingProblem, carry):
+    """One streamed piece on the CPU twin (hmx_kernels.streaming; causal or chunk-causal with
+    unbounded left context): the carried state P [B, H, k_h, d_h] enters every block's window (the
+    token scan starts from it), and the state after the piece is the op state's last slot (the
+    last block's P, or the scan's P after the last token), a differentiable view of it."""
+    C, L = p.mode.chunk_size, p.mode.left_context_chunks
+    args = (p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(), p.variant.name)
+    if L is None:
+        init = None if carry is None else carry.transpose(-1, -2).contiguous()  # the twin keeps P^T
+        y, state = CPP_OPS.fwd(*args, C, -1, None, p.position_offset, "", init)
+        slots = cpu_state_slots(p.N, C, None, -1)
+        final = state.view(p.B, p.H, slots, p.d_h, p.k_h)[:, :, slots - 1].transpose(-1, -2)
+        return layer_norm_epilogue(y, p), final
+    # L chunks of left context: the next state is the last L chunks' own partial states Q_j, which
+    # no window sum holds. A first pass with block-local windows (L = 0) gives every chunk's Q_j^T
+    # as its state; the window terms E_j = the L chunks before chunk j (carried and this piece's),
+    # summed explicitly in chunk order, go into a second pass with block-local windows, so that
+    # P_j = Q_j + E_j. Two passes: about twice the cost of a pass without a carried state.
+    nb = (p.N + C - 1) // C
+    y, own = CPP_OPS.fwd(*args, C, 0, None, p.position_offset, "")  # y is final when L = 0
+    q_t = own.view(p.B, p.H, nb, p.d_h, p.k_h)  # Q_j^T of this piece's chunks
+    r = 0 if carry is None else carry.shape[2]
+    chunks = q_t if carry is None else torch.cat([carry.transpose(-1, -2), q_t], dim=2)  # [B, H, r + nb, ...]
+    if L > 0:
+        terms = torch.zeros_like(q_t)
+        for shift in range(1, L + 1):  # E_j += Q_{j - shift}, every chunk before j within L
+            j0 = max(0, shift - r)
+            if j0 < nb:
+                terms[:, :, j0:] = terms[:, :, j0:] + chunks[:, :, r + j0 - shift:r + nb - shift]
+        y, _ = CPP_OPS.fwd(*args, C, 0, None, p.position_offset, "", terms.contiguous())
+    final = chunks[:, :, chunks.shape[2] - min(L, chunks.shape[2]):].transpose(-1, -2)
+    return layer_norm_epilogue(y, p), final
+
+
+def _cpu_carries(mode) -> bool:
+    return cpu_carries_state(mode.chunk_size, -1 if mode.left_context_chunks is None else mode.left_context_chunks,
+                             None)  # every causal mode (limited left context by two passes)
 
 
 def cpp_forward(p: HyperMixingProblem) -> Tensor:
@@ -258,6 +311,7 @@ register_backend(
         description="C++ CPU twin of the fused kernels (OpenMP, tiled, no [N, k] tensor); "
                     "float32/float64, float16/bfloat16 computed in float32",
         forward=cpp_forward,
+        stream_forward=cpu_stream_forward,
         capabilities=Capabilities(
             devices=("cpu", "meta"),
             dtypes=(torch.float32, torch.float64),
@@ -265,6 +319,7 @@ register_backend(
             causal=True,
             varlen=True,
             sequence_parallel=True,
+            carried_state=_cpu_carries,
             device_note=" (use backend='cuda' or 'triton' for CUDA tensors)",
             available=_cpu_available,
         ),

@@ -21,6 +21,7 @@ from ..dispatch import check_backend_name, select_backend
 from ..functional import hyper_mixing
 from ..reference.positional import positional_encoding
 from ..validation import check_inputs
+from ..streaming import LayerStream, StreamingState, StreamingStateMismatch, hyper_mixing_stream
 from ..variants import get_variant
 from ..varlen import hyper_mixing_varlen
 
@@ -195,6 +196,9 @@ class FusedHyperMixing(nn.Module):
     [1, total, d]) and cu_seqlens int32 [num_seqs + 1] (flash-attn's convention): each sequence
     mixes with itself only, positions from its own start, in the layer's mode
     (hmx_kernels.varlen.hyper_mixing_varlen); no padding masks then.
+    Streaming (causal modes, hmx_kernels.streaming): `y, state = layer(piece, state=state)` starting
+    from `layer.initial_state()`, or `s = layer.stream(); y = s(piece)`; self-mixing, one padding
+    mask (key_padding_mask) per piece; the state carries the mode and the next position.
     """
 
     def __init__(
@@ -302,6 +306,7 @@ class FusedHyperMixing(nn.Module):
         position_offset: Optional[int] = None,
         cu_seqlens: Optional[Tensor] = None,
         max_seqlen: Optional[int] = None,
+        state: Optional[StreamingState] = None,
     ):
         # the masks (None = not given; an argument given positionally and by keyword is a TypeError)
         if self.variant == "speechbrain":
@@ -317,6 +322,9 @@ class FusedHyperMixing(nn.Module):
             query_padding_mask = given["query_padding_mask"]
             given["attn_mask"] = None if attn_mask is _UNSET else attn_mask
         attn_mask, key_padding_mask = given["attn_mask"], given["key_padding_mask"]
+        if state is not None:
+            return self._mix_stream(query, key, value, (), attn_mask, key_padding_mask, query_padding_mask,
+                                    position_offset, cu_seqlens, state)
         if cu_seqlens is not None:
             out = self._mix_packed(query, key, value, attn_mask, key_padding_mask, query_padding_mask,
                                    position_offset, cu_seqlens, max_seqlen)
@@ -437,6 +445,58 @@ class FusedHyperMixing(nn.Module):
         if self._dispatch_probe is not None and not torch.compiler.is_compiling():
             self._dispatch_probe(problem, chosen.name)
         return chosen.forward(problem)
+
+    # ------------------------------------------------------------------------------------------
+    # streaming (hmx_kernels.streaming): the layer's weights, a carried state per batch of sequences
+    def initial_state(self, *, causal: bool = False, chunk_size: Optional[int] = None,
+                      left_context_chunks: Optional[int] = None) -> StreamingState:
+        """A fresh streaming state for this layer: `y, state = layer(piece, state=state)` per piece.
+
+        The mode is the layer's own (causal / chunk_size given at construction); a layer built
+        without one (e.g. converted from speechbrain, which gets its mode from attn_mask) takes
+        it here. The state records the layer's variant, heads, d_h and k_h at once, and the batch
+        size, dtype and device of the first piece."""
+        mode = resolve_mode(causal, chunk_size, left_context_chunks)
+        if mode is None:
+            mode = self.mode
+        elif self.mode is not None and mode != self.mode:
+            raise ValueError(f"the layer mixes {self.mode.describe()}, so it cannot stream {mode.describe()}")
+        if mode is None:
+            raise ValueError("streaming needs a causal mode: build the layer with causal=True or chunk_size=..., or "
+                             "pass causal=True / chunk_size=... (and left_context_chunks=...) here")
+        return StreamingState(mode, variant=self.variant, heads=self.num_heads, head_dim=self.head_dim,
+                              hidden_per_head=self.hidden_per_head)
+
+    def stream(self, **mode) -> LayerStream:
+        """A `LayerStream` over this layer: `y = s(piece, key_padding_mask=None)` per piece, state kept
+        in `s.state`. Keyword arguments as `initial_state`."""
+        return LayerStream(self, self.initial_state(**mode))
+
+    def _mix_stream(self, query, key, value, args, attn_mask, key_padding_mask, query_padding_mask,
+                    position_offset, cu_seqlens, state) -> tuple:
+        """forward with state=: the next piece of every sequence (self-mixing); returns (out, new state)."""
+        if not isinstance(state, StreamingState):
+            raise TypeError(f"state must be a hmx_kernels.streaming.StreamingState (layer.initial_state()), "
+                            f"got {type(state).__name__}")
+        if args or attn_mask is not None:
+            raise ValueError("with state= pass the padding mask by keyword and no attn_mask: the state carries the "
+                             "mixing mode")
+        if cu_seqlens is not None or position_offset is not None or self.sequence_parallel_group is not None:
+            raise ValueError("with state= the positions continue from the state: packed sequences (cu_seqlens), "
+                             "position_offset and sequence parallelism do not combine with streaming")
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise ValueError("streaming is self-mixing: pass the piece as query only")
+        if query_padding_mask is not None and query_padding_mask is not key_padding_mask:
+            raise ValueError("streaming is self-mixing: pass the piece's one padding mask as key_padding_mask")
+        if state.variant is not None and state.variant != self.variant:
+            raise StreamingStateMismatch(f"the {state.describe()} does not fit this layer: variant: the state is "
+                                         f"{state.variant!r}, the layer {self.variant!r}")
+        if self.mode is not None and state.mode != self.mode:
+            raise StreamingStateMismatch(f"the {state.describe()} does not fit this layer, which mixes "
+                                         f"{self.mode.describe()}")
+        return hyper_mixing_stream(query, *self._weights(), state=state, variant=self.variant,
+                                   key_padding_mask=key_padding_mask, use_layer_norm=self.use_layer_norm,
+                                   eps=self.eps, backend=self.backend)
 
     # ------------------------------------------------------------------------------------------
     @classmethod

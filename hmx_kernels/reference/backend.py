@@ -52,6 +52,18 @@ def _packed_forward(p: HyperMixingProblem) -> Tensor:
     return torch.cat(outs, dim=1)
 
 
+def reference_stream_forward(p: HyperMixingProblem, carry):
+    """One streamed piece (hmx_kernels.streaming): (output, the carried state after it)."""
+    pad = _padding(p.key_keep)
+    y, final = hyper_mixing_ref(
+        p.query, p.key, p.value, *p.generator_weights(), p.ln_weight, p.ln_bias,
+        variant=p.variant.name, key_padding_mask=pad, query_padding_mask=pad,
+        use_layer_norm=p.use_layer_norm, eps=p.eps, mode=p.mode, position_offset=p.position_offset,
+        initial_state=carry, output_final_state=True,
+    )
+    return (y if y.dtype == p.out_dtype else y.to(p.out_dtype)), final
+
+
 register_backend(
     Backend(
         name="reference",
@@ -59,6 +71,7 @@ register_backend(
                     "the only backend with double backward",
         forward=reference_forward,
         capabilities=Capabilities(devices=("*",), dtypes=FLOAT_DTYPES, causal=True,
-                                  sequence_parallel=True, varlen=True),
+                                  sequence_parallel=True, varlen=True, carried_state=lambda mode: True),
+        stream_forward=reference_stream_forward,
     )
 )

@@ -59,7 +59,7 @@ def generator_mlp_ref(
     return w
 
 
-def _chunk_causal_mix(w1: Tensor, w2: Tensor, v: Tensor, mode: MixingMode, past=None):
+def _chunk_causal_mix(w1: Tensor, w2: Tensor, v: Tensor, mode: MixingMode, past: Optional[Tensor] = None):
     """Y for a causal / chunk-causal mode. w1, w2 [B, H, N, k_h] (masked), v [B, H, N, d_h].
 
     Per chunk j of C tokens the partial state Q_j = sum_{s in chunk j} W1_s^T V_s; the chunk's
@@ -67,9 +67,10 @@ def _chunk_causal_mix(w1: Tensor, w2: Tensor, v: Tensor, mode: MixingMode, past=
     Y_t = W2_t GELU(P_{c(t)}). Memory O(N / C * k_h * d_h) per (b, h): written for clarity (the
     token-causal mode, C = 1, keeps a [k_h, d_h] state per token).
 
-    past: what earlier pieces of the same sequence left (streaming, hmx_kernels.streaming): L None:
-    the sum of every earlier chunk's Q [B, H, k_h, d_h]; L given: the last <= L chunks' Q
-    [B, H, r, k_h, d_h]. Returns (Y [B, N, d], the same for the chunks seen so far)."""
+    past: the carried state that earlier pieces of the same sequence left (streaming,
+    hmx_kernels.streaming): L None: the sum of every earlier chunk's Q [B, H, k_h, d_h]; L given:
+    the last r <= L chunks' Q [B, H, r, k_h, d_h]. Returns (Y [B, N, d], the same state for the
+    chunks seen so far)."""
     B, H, N, k_h = w1.shape
     d_h = v.shape[-1]
     C = mode.chunk_size
@@ -127,8 +128,9 @@ def hyper_mixing_ref(
     mode: Optional[MixingMode] = None,
     position_offset: int = 0,
     sequence_parallel_group=None,
-    _stream_past=None,
-) -> Tensor:  # [B, M, d], dtype of query
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+):  # [B, M, d], dtype of query; with output_final_state: (that, the final state)
     """Reference HyperMixing (no input validation: use `hmx_kernels.hyper_mixing` for that).
 
     For the speechbrain variant pass query for key and value (as its module does) and the same
@@ -142,7 +144,16 @@ def hyper_mixing_ref(
     whose ranks each hold one contiguous slice of every sequence (self-mixing, non-causal): the
     state P is summed over the group (a differentiable all-reduce, so the backward sums dP the same
     way), and every rank gets its slice of the unsplit result. Pass each rank's own offset.
+
+    initial_state / output_final_state (a causal mode only; hmx_kernels.streaming wraps them with
+    the checks): the carried state of the chunks before this piece, in the compute dtype — the sum
+    of every earlier chunk's partial state Q_j = sum_s W1_s^T V_s, [B, H, k_h, d_h], when the left
+    context is unlimited, or the last r <= L chunks' Q, [B, H, r, k_h, d_h] — and whether to return
+    (output, the same state after this piece). The piece must start at a chunk boundary; its
+    positions start at position_offset. Gradients flow into initial_state.
     """
+    if mode is None and (initial_state is not None or output_final_state):
+        raise ValueError("a carried state needs a causal or chunk-causal mode")
     v = get_variant(variant)
     out_dtype = query.dtype
     cdt = _compute_dtype(query.dtype)
@@ -200,9 +211,9 @@ def hyper_mixing_ref(
             y = y.reshape(B, d, M).transpose(1, 2)  # [B, M, d]
         else:
             y, carry = _chunk_causal_mix(w1, w2, val.reshape(B, N, H, d_h).transpose(1, 2), mode,
-                                         None if _stream_past is None else _stream_past[0])
-            if _stream_past is not None:
-                _stream_past[1] = carry  # what the next piece of this sequence starts from
+                                         up(initial_state))
         if use_layer_norm:
             y = F.layer_norm(y, (d,), up(ln_weight), up(ln_bias), eps)
+    if output_final_state:
+        return y.to(out_dtype), carry  # carry: what the next piece of this sequence starts from
     return y.to(out_dtype)
