@@ -323,7 +323,7 @@ class FusedHyperMixing(nn.Module):
             given["attn_mask"] = None if attn_mask is _UNSET else attn_mask
         attn_mask, key_padding_mask = given["attn_mask"], given["key_padding_mask"]
         if state is not None:
-            return self._mix_stream(query, key, value, (), attn_mask, key_padding_mask, query_padding_mask,
+            return self._mix_stream(query, key, value, args, attn_mask, key_padding_mask, query_padding_mask,
                                     position_offset, cu_seqlens, state)
         if cu_seqlens is not None:
             out = self._mix_packed(query, key, value, attn_mask, key_padding_mask, query_padding_mask,
