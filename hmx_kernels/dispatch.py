@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .validation import FLOAT_DTYPES, HyperMixingProblem
+from .problem import FLOAT_DTYPES, HyperMixingProblem
 
 __all__ = [
     "Backend",

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .dispatch import AUTO_ORDER, check_backend_name, get_backend, registered_backends, select_backend
 from .functional import hyper_mixing
-from .validation import check_inputs
+from .problem import check_inputs
 
 __all__ = ["unpad", "pad", "hyper_mixing_varlen", "cu_seqlens_from_lengths", "COMPILE_NOTE"]
 

@@ -7,7 +7,7 @@ same fp32 values through another layout: 1e-5 of the largest magnitude (the stat
 a padded length, so BLAS blocks them differently: measured up to 1.1e-6; triton: the packed call
 runs the mixing-block kernels, the per-sequence call the plain ones, sums in other orders);
 float64 on a backend that takes it: 1e-12; cpu / triton vs reference: the backend's declared
-tolerances (hmx_kernels/cpp/backend.py, hmx_kernels/triton/backend.py)."""
+tolerances (hmx_kernels/cpp/{ops,cpu,cuda}.py, hmx_kernels/triton/backend.py)."""
 from __future__ import annotations
 
 import pytest
@@ -112,8 +112,8 @@ def test_triton_packed_with_the_split_kernels(mode, monkeypatch):
     """The same through the kernels the launcher runs from config.SPLIT_BLOCK_D on (d_h 128 on a
     GPU; the threshold lowered to D 32 here): S and T rows over two programs per piece, T and sdy
     from hmx_bwd_kernel_tsum, the backward's per-block S and sv from the state pass."""
-    from hmx_kernels.triton import config as tconfig
-    from hmx_kernels.triton import function as tfn
+    from hmx_kernels.triton import autotune as tconfig
+    from hmx_kernels.triton import launch as tfn
 
     monkeypatch.setattr(tconfig, "SPLIT_BLOCK_D", 32)
     launched = []
@@ -130,7 +130,7 @@ def test_triton_packed_with_the_split_kernels(mode, monkeypatch):
 
 
 def _triton_packed_vs_reference(mode, monkeypatch):
-    from hmx_kernels.triton import function as tfn
+    from hmx_kernels.triton import launch as tfn
 
     monkeypatch.setattr(tfn, "CHUNK_MIN", 15)
     tfn.set_nan_poison(True)

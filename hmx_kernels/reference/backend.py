@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import Backend, Capabilities, register_backend
-from ..validation import FLOAT_DTYPES, HyperMixingProblem
+from ..problem import FLOAT_DTYPES, HyperMixingProblem
 from .hyper_mixing import hyper_mixing_ref
 
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .validation import WEIGHT_NAMES, HyperMixingProblem, check_position_range, compute_dtype_of
+from .problem import WEIGHT_NAMES, HyperMixingProblem, check_position_range, compute_dtype_of
 
 __all__ = ["define_fused_ops", "run_fused", "FusedOps", "DOUBLE_BACKWARD_ERROR", "state_blocks"]
 
