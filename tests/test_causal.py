@@ -60,7 +60,20 @@ def _cpu_reasons():
 
 
 needs_cpu = pytest.mark.skipif(bool(_cpu_reasons()), reason=f"cpu backend unavailable: {_cpu_reasons()}")
-BACKENDS = ["reference", pytest.param("cpu", marks=needs_cpu)]
+
+
+def _causal_float64_backends():
+    """Generated from the capabilities: every backend that declares the causal block kinds and
+    takes float64 CPU tensors (triton, float32 / float16 only, has its own cases below)."""
+    out = []
+    for name in hmx_kernels.registered_backends():
+        caps = get_backend(name).capabilities
+        if caps.causal and torch.float64 in caps.dtypes and ("*" in caps.devices or "cpu" in caps.devices):
+            out.append(pytest.param(name, marks=needs_cpu) if name == "cpu" else name)
+    return out
+
+
+BACKENDS = _causal_float64_backends()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

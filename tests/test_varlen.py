@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hmx_kernels.blocks import MixingBlocks
+
 import hmx_kernels
 import hmx_kernels.varlen as varlen
 from hmx_kernels.dispatch import get_backend
@@ -161,7 +163,7 @@ def test_backends_without_packing_run_a_padded_batch():
     case = make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4)
     p = hmx_kernels.check_inputs(**case.kwargs())
     import dataclasses
-    packed = dataclasses.replace(p, cu_seqlens=torch.tensor([0, 1, 4]))
+    packed = dataclasses.replace(p, blocks=MixingBlocks(p.mode, torch.tensor([0, 1, 4])))
     if "cuda" in hmx_kernels.registered_backends():
         assert any("packed sequences" in r for r in hmx_kernels.backend_reasons(packed)["cuda"])
     if "triton" in hmx_kernels.registered_backends():

@@ -8,6 +8,7 @@ from typing import Tuple
 
 import torch
 
+from ..blocks import ALL_KINDS
 from ..dispatch import Backend, Capabilities, Tolerance, register_backend
 from .ops import HALF_DTYPES, _cpu_carries, cpp_forward, cpu_stream_forward, extension_reasons
 
@@ -28,8 +29,7 @@ register_backend(
             devices=("cpu", "meta"),
             dtypes=(torch.float32, torch.float64),
             upcast_dtypes=HALF_DTYPES,
-            causal=True,
-            varlen=True,
+            blocks=ALL_KINDS,
             sequence_parallel=True,
             carried_state=_cpu_carries,
             device_note=" (use backend='cuda' or 'triton' for CUDA tensors)",

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..config import SETTINGS
+from ..blocks import ALL_KINDS
 from ..dispatch import Backend, Capabilities, Tolerance, constant_result, register_backend
 from ..problem import HyperMixingProblem
 
@@ -138,8 +139,7 @@ _BACKEND = Backend(
         dtypes=SUPPORTED_DTYPES,
         max_d_h=MAX_HEAD_DIM,
         max_k_h=MAX_HYPERNET_PER_HEAD,
-        causal=True,
-        varlen=True,
+        blocks=ALL_KINDS,
         available=triton_available,
     ),
     extra_reasons=fit_reasons,
