@@ -204,7 +204,7 @@ def backend_refusal(backend: str, t, **mode) -> str:
 
 
 def _weights(t):
-    from hmx_kernels.validation import WEIGHT_NAMES
+    from hmx_kernels.problem import WEIGHT_NAMES
 
     return [t[k] for k in WEIGHT_NAMES]
 

@@ -160,7 +160,7 @@ def timings_tables(directory: Path) -> List[str]:
 def breakdown_table(directory: Path) -> List[str]:
     rows = _rows(directory, "breakdown")
     out = ["Per-kernel breakdown (torch.profiler, forward+backward, per iteration; GB/s against the Triton "
-           "kernels' byte model, benchmarks.kernels.token_bytes):", ""]
+           "kernels' byte model, tools.kernels.token_bytes):", ""]
     for total in (r for r in rows if str(r.get("id", "")).endswith("/total")):
         backend = total["backend"]
         if total["status"] != "ok":

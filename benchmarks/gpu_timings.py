@@ -121,7 +121,7 @@ def _capture(fn, before):
 def step_timings(ctx) -> None:
     import torch
 
-    from hmx_kernels.triton.config import chosen_configs
+    from hmx_kernels.triton.autotune import chosen_configs
 
     device, dry = ctx.device, ctx.dry
     dtype = torch.bfloat16 if not dry else torch.float32
@@ -265,7 +265,7 @@ def step_breakdown(ctx) -> None:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from hmx_kernels.triton.config import chosen_configs
+    from hmx_kernels.triton.autotune import chosen_configs
 
     from .kernels import token_bytes
 
@@ -331,7 +331,7 @@ def step_breakdown(ctx) -> None:
                           "model_bytes": nbytes, "gbps": round(nbytes / us / 1e3, 1) if nbytes and us else None})
         ctx.rows.add({"id": total_id, **base, "status": "ok", "kernels_per_iter": sum(v[1] for v in per_kernel.values()) / iters,
                       "kernel_us_per_iter": round(total, 1), "wall_us_per_iter": round(wall_us, 1),
-                      "byte_model": "benchmarks.kernels.token_bytes (the Triton kernels' own byte count)"})
+                      "byte_model": "tools.kernels.token_bytes (the Triton kernels' own byte count)"})
         fwd = leaves = grad = prof = None  # free this backend's tensors before the next one
     if "triton/configs" not in ctx.rows.done:
         ctx.rows.start("triton/configs")

@@ -9,7 +9,7 @@ Runs `FusedHyperMixing` forward + backward (self-mixing, as benchmarks/contender
 asked to do:
 
 - every kernel launch: the Triton backend's launches through its launcher
-  (`hmx_kernels.triton.function._launch`, hooked: recorded, not run) and every aten op, through a
+  (`hmx_kernels.triton.launch._launch`, hooked: recorded, not run) and every aten op, through a
   `TorchDispatchMode` that also steps into the hmx_kernels custom ops (their Python impls run under
   the mode, so the torch ops of the finalize are seen one by one, attributed to the op);
 - the bytes each launch reads and writes, from its tensor arguments: every distinct tensor once per
@@ -366,7 +366,7 @@ def triton_on(device_type: str, account: Optional[Account] = None, counter: Opti
     """The triton backend allowed on `device_type` tensors (meta: the GPU path's Python without a
     GPU), its launches recorded into `account` (or counted into counter[0]) instead of run."""
     from hmx_kernels import dispatch
-    from hmx_kernels.triton import function as fn
+    from hmx_kernels.triton import launch as fn
 
     backend = dispatch.get_backend("triton")
     caps = backend.capabilities
@@ -564,7 +564,7 @@ def host_time_us(shape: Shape = SHAPES["sb256"], B: int = 1, N: int = 64, repeat
 # ---- GPU estimates (README "GPU estimates") -------------------------------------------------------------
 
 GPU_MODEL = {
-    "H100": dict(hbm_tb_s=3.35, fa3_tflop_s=670.0),  # HBM as benchmarks/kernels.py HBM_TBPS
+    "H100": dict(hbm_tb_s=3.35, fa3_tflop_s=670.0),  # HBM as tools/kernels.py HBM_TBPS
     "H200": dict(hbm_tb_s=4.8, fa3_tflop_s=670.0),  # FA3 bf16 fwd+bwd sustained, same chip (H200: same SMs)
     "bandwidth_share": 0.70,  # achieved / peak HBM bandwidth for these small-tile token kernels
     "launch_gap_us": 4.5,  # GPU time per launch beyond its bytes (launch latency, tail, small kernels)
@@ -616,7 +616,7 @@ def layer_estimates(rows: List[dict]) -> List[dict]:
     """Per (shape, dtype) of the triton rows of traffic.csv (two lengths at least) and GPU: the
     layer today, eager on this CPU's host time too, and after the planned fusions
     (fused_bytes, fused_launches); with the kernels-only bound of kernels.md for comparison."""
-    from benchmarks import kernels as K
+    from tools import kernels as K
 
     out = []
     keys = sorted({(r["shape"], r["dtype"]) for r in rows}, key=lambda k: (list(SHAPES).index(k[0]), k[1]))

@@ -1,6 +1,6 @@
 // CPU twin of the fused HyperMixing kernels, in the reassociated form (docs/HYPERMIXING.md,
-// "Reassociated form"). The CUDA kernels form W1 / W2 per token (the direct form); fc2 is linear,
-// so the twin never does: per (batch b, head h), with hid_t = GELU(z_t fc1^T + b1) [d_h] and the
+// "Reassociated form"), as the CUDA and Triton kernels are: fc2 is linear, so none of them forms
+// W1 / W2 per token: per (batch b, head h), with hid_t = GELU(z_t fc1^T + b1) [d_h] and the
 // keep mask m_t, only d_h x d_h products run per token and k_h appears in per-(b, h, block)
 // products.
 //

@@ -1,6 +1,8 @@
 """hmx_kernels: fused, linear-time HyperMixing for PyTorch.
 
-- `hyper_mixing(...)`: the functional op, dispatched to the best backend for the inputs.
+- `hyper_mixing(...)`: the functional op, dispatched to the best backend for the inputs;
+  `hyper_mixing_varlen(tokens, cu_seqlens, ...)` for packed sequences and
+  `hyper_mixing_stream(piece, ..., state=...)` for a causal sequence fed in pieces.
 - `FusedHyperMixing`: drop-in layer for speechbrain's / idiap's HyperMixing (loads their checkpoints).
 - `convert_speechbrain(model)` / `to_speechbrain(model)`: every speechbrain HyperMixing of a model
   to FusedHyperMixing and back, in place (hmx_kernels.integrations.speechbrain).
@@ -11,28 +13,34 @@ from . import reference
 from .dispatch import BackendNotSupportedError, backend_reasons, registered_backends, select_backend
 from .flops import hyper_mixing_flops
 from .functional import hyper_mixing
+from .streaming import StreamingState, hyper_mixing_stream
+from .varlen import hyper_mixing_varlen
 from .parallel import sequence_parallel_offset
-from .layers import FusedHyperMixing
+from .layer import FusedHyperMixing
 from .integrations.speechbrain import convert_speechbrain, to_speechbrain
 from .introspection import BackendReport, explain
 from .reference import hyper_mixing_ref, positional_encoding
 from .reference import backend as _reference_backend  # noqa: F401  (registers "reference")
 from .triton import backend as _triton_backend  # noqa: F401  (registers "triton")
-from .validation import check_inputs
+from .problem import check_inputs
 from .variants import VARIANTS
-from .cpp import backend as _cpp_backend  # noqa: F401  (registers "cpu" and "cuda")
+from .cpp import cpu as _cpu_backend  # noqa: F401  (registers "cpu")
+from .cpp import cuda as _cuda_backend  # noqa: F401  (registers "cuda")
 
 __version__ = "0.1.0"
 
 
 def clear_caches() -> None:
-    """Drop the positional-encoding tables kept by `hmx_kernels.reference.positional` (every device)."""
-    from .reference.positional import positional_encoding_cache
+    """Drop the positional-encoding tables kept by `hmx_kernels.positional` (every device)."""
+    from .positional import positional_encoding_cache
 
     positional_encoding_cache().clear()
 
 __all__ = [
     "hyper_mixing",
+    "hyper_mixing_varlen",
+    "hyper_mixing_stream",
+    "StreamingState",
     "hyper_mixing_ref",
     "positional_encoding",
     "FusedHyperMixing",

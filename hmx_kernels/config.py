@@ -185,7 +185,7 @@ def set_allow_mma(enabled: bool) -> None:
 
 
 def set_triton_pin(enabled: bool) -> None:
-    """Pin one tested config per Triton kernel (no autotuning; hmx_kernels.triton.config.pinned_candidate)
+    """Pin one tested config per Triton kernel (no autotuning; hmx_kernels.triton.autotune.pinned_candidate)
     or let the autotuner choose (default). Chosen configs remembered so far are forgotten."""
     SETTINGS.triton_pin = bool(enabled)
     SETTINGS._changed()

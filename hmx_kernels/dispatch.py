@@ -18,12 +18,13 @@ graph break.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .validation import FLOAT_DTYPES, HyperMixingProblem
+from .blocks import CHUNK_CAUSAL, FULL, PACKED, TOKEN_CAUSAL
+from .problem import FLOAT_DTYPES, HyperMixingProblem
 
 __all__ = [
     "Backend",
@@ -64,14 +65,25 @@ class Capabilities:
     max_d_h: Optional[int] = None
     max_k_h: Optional[int] = None
     partial_biases: bool = True
-    causal: bool = False  # implements the causal / chunk-causal modes (hmx_kernels.causal)
+    # the mixing-block kinds it runs (hmx_kernels.blocks: full, token-causal, chunk-causal, packed);
+    # a call is taken when every kind of its MixingBlocks is listed
+    blocks: FrozenSet[str] = frozenset({FULL})
     sequence_parallel: bool = False  # takes a position offset and a sequence-parallel group
-    varlen: bool = False  # takes packed sequences (cu_seqlens) without padding them
     # streaming (hmx_kernels.streaming): mode -> whether it computes a piece with a carried state in
     # that causal mode (Backend.stream_forward); None: it takes no carried state
     carried_state: Optional[Callable] = None
     device_note: str = ""  # appended to the device reason
     available: Optional[Callable[[str], Tuple[str, ...]]] = None
+
+    @property
+    def causal(self) -> bool:
+        """Runs token-causal and chunk-causal mixing."""
+        return {TOKEN_CAUSAL, CHUNK_CAUSAL} <= self.blocks
+
+    @property
+    def varlen(self) -> bool:
+        """Runs packed sequences (cu_seqlens) without padding them."""
+        return PACKED in self.blocks
 
     def reasons(self, p: HyperMixingProblem) -> List[str]:
         out = []
@@ -84,12 +96,13 @@ class Capabilities:
             out.append(f"head size d_h = d/H = {p.d_h} exceeds its limit {self.max_d_h} (use more heads)")
         if self.max_k_h is not None and p.k_h > self.max_k_h:
             out.append(f"hypernetwork size per head k_h = {p.k_h} exceeds its limit {self.max_k_h}")
-        if not self.causal and p.mode is not None:
+        missing = p.blocks.kinds - self.blocks
+        if missing & {TOKEN_CAUSAL, CHUNK_CAUSAL}:
             out.append(f"{p.mode.describe()} mixing is not implemented by this backend yet (backend='reference' has it)")
         if not self.sequence_parallel and (p.position_offset or p.sequence_parallel_group is not None):
             out.append("position offsets and sequence parallelism are not implemented by this backend yet "
                        "(backend='reference' has them)")
-        if not self.varlen and p.cu_seqlens is not None:
+        if PACKED in missing:
             out.append("packed sequences (cu_seqlens) are not implemented by this backend yet (hyper_mixing_varlen "
                        "runs it on a padded batch instead)")
         if not self.partial_biases and p.partial_biases:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .dispatch import BackendNotSupportedError, check_backend_name, select_backend
 from .parallel import agree_on_slices, call_signature
-from .validation import check_inputs
+from .problem import check_inputs
 
 __all__ = ["hyper_mixing"]
 
@@ -75,7 +75,7 @@ def hyper_mixing(
 
     Dtypes: parameters must have the tokens' dtype, except under torch.autocast, where tokens and
     hypernetwork weights are cast to the autocast dtype and the result has that dtype (the rule
-    is in `hmx_kernels.validation`). Works under torch.compile (fullgraph, dynamic lengths; with a
+    is in `hmx_kernels.problem`). Works under torch.compile (fullgraph, dynamic lengths; with a
     sequence_parallel_group the agreement all-gather breaks the graph) and torch.export: the fused backends are torch.library ops (`torch.ops.hmx_kernels.*`).
 
     Example:

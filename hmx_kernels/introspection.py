@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .dispatch import AUTO_ORDER, backend_reasons
-from .layers.fused_hyper_mixing import FusedHyperMixing
+from .layer import FusedHyperMixing
 
 __all__ = ["BackendReport", "explain"]
 

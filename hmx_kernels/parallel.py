@@ -1,8 +1,12 @@
 """Sequence parallelism helpers: each rank of a group holds one contiguous slice of every sequence.
 
-HyperMixing's whole cross-token state is P = sum_t m_t W1_t^T V_t, [B, H, k_h, d_h] per layer: the
-ranks all-reduce it in the forward (and autograd all-reduces its gradient in the backward), so a
-layer communicates 2 x B x H x k_h x d_h values per step whatever the sequence length. A slice's
+HyperMixing's whole cross-token state is a sum over tokens, so the ranks all-reduce sums in the
+forward and the backward, and a layer's communication per step does not depend on the sequence
+length. How much it is depends on the backend: the reference all-reduces its state
+P = sum_t m_t W1_t^T V_t and autograd its gradient, 2 x B x H x k_h x d_h values per step; the
+`cpu` backend (reassociated form) all-reduces the key sums S = sum m hid^T V and sv in the forward
+and the query sums T and sdy in the backward, 2 x B x H x (d_h^2 + d_h) values, about k_h / d_h times
+less (tests/test_sp_comm.py counts both). A slice's
 positional encoding continues from its global offset, the number of tokens on lower ranks.
 
 Before those all-reduces, every call with a group runs one small all-gather (`agree_on_slices`):
@@ -125,7 +129,7 @@ def agree_on_slices(query_length: int, key_length: int, signature: Optional[Sequ
             f"at {key_offsets}; split queries and keys alike on every rank but the last"
         )
     if variant is not None:
-        from .validation import check_position_range
+        from .problem import check_position_range
 
         for r, row in enumerate(table):
             try:

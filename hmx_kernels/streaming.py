@@ -23,7 +23,7 @@ takes the first of the device's auto order that can. The `cpu` backend (the C++ 
 every causal mode: with unbounded left context the state enters every chunk's window (or starts
 the token scan) and the next state is the op state's last slot; with L chunks of left context a
 first pass gives every chunk's own partial state Q_j and a second pass adds each chunk's window
-terms (hmx_kernels/cpp/backend.py, cpu_stream_forward); forward and backward pass through the
+terms (hmx_kernels/cpp/{ops,cpu,cuda}.py, cpu_stream_forward); forward and backward pass through the
 state either way. The `reference` takes every mode. Both keep the state in the same form (P,
 compute dtype), so a stream may change backend between pieces. The `triton` and `cuda` backends
 take no carried state yet.
@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .causal import MixingMode, resolve_mode
 from .dispatch import AUTO_ORDER, BackendNotSupportedError, check_backend_name, get_backend, registered_backends
-from .validation import HyperMixingProblem, check_inputs
+from .problem import HyperMixingProblem, check_inputs
 from .variants import get_variant
 
 __all__ = ["StreamingState", "StreamingStateMismatch", "LayerStream", "hyper_mixing_stream"]

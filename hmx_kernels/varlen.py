@@ -21,9 +21,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .blocks import MixingBlocks
 from .dispatch import AUTO_ORDER, check_backend_name, get_backend, registered_backends, select_backend
 from .functional import hyper_mixing
-from .validation import check_inputs
+from .problem import check_inputs
 
 __all__ = ["unpad", "pad", "hyper_mixing_varlen", "cu_seqlens_from_lengths", "COMPILE_NOTE"]
 
@@ -112,7 +113,7 @@ def hyper_mixing_varlen(tokens: Tensor, cu_seqlens: Tensor, max_seqlen: Optional
     x = tokens.unsqueeze(0)  # [1, total, d]: one row holding every sequence
     tok = (x, None, None) if variant == "speechbrain" else (x, x, x)
     unpacked = check_inputs(*tok, *weights, variant=variant, **kwargs)
-    packed = dataclasses.replace(unpacked, cu_seqlens=cu)
+    packed = dataclasses.replace(unpacked, blocks=MixingBlocks(unpacked.mode, cu))
     names = AUTO_ORDER.get(x.device.type, ["reference"]) if backend == "auto" else [backend]
     for name in names:
         if name not in registered_backends():

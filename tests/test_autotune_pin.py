@@ -1,4 +1,4 @@
-"""The Triton autotuner's key and the pinned-config setting (hmx_kernels/triton/config.py).
+"""The Triton autotuner's key and the pinned-config setting (hmx_kernels/triton/autotune.py).
 
 - Every kernel tunes per padded head block (BLOCK_D), not per raw d_h: the key names BLOCK_D and
   not D_H, and the pruner keeps the same candidates for every d_h of one block.
@@ -15,7 +15,7 @@ import torch
 import triton
 
 from hmx_kernels import config as hmx_config
-from hmx_kernels.triton import config as tconfig
+from hmx_kernels.triton import autotune as tconfig
 from hmx_kernels.triton import hyper_mixing_bwd, hyper_mixing_fwd  # noqa: F401  (creates the autotuners)
 
 

@@ -4,11 +4,11 @@ outputs and every gradient, speechbrain's masks recognised, and the attn_mask po
 converted speechbrain layer.
 
 The cpu and triton backends run the modes as mixing blocks (csrc/hmx_cpu.cpp,
-hmx_kernels/triton/function.py); cuda declines them with a reason. Tolerances: float64 on both
+hmx_kernels/triton/launch.py); cuda declines them with a reason. Tolerances: float64 on both
 sides, the same generator arithmetic, sums in other orders (the cpu backend also in the
 reassociated form): 1e-12 of the largest magnitude. float32 (cpu backend vs the float32
 reference, longer sequences): the cpu backend's declared float32 tolerance
-(hmx_kernels/cpp/backend.py, 1e-5 output / 5e-5 gradients, reasons there). triton (float32 /
+(hmx_kernels/cpp/{ops,cpu,cuda}.py, 1e-5 output / 5e-5 gradients, reasons there). triton (float32 /
 float16 only; under Triton's interpreter on CPU tensors, on a GPU where there is one): its declared
 tolerance for the device and dtype (hmx_kernels/triton/backend.py), against the masked formulation
 in float64 on the same values, or against the reference on the same rounded values.
@@ -60,7 +60,20 @@ def _cpu_reasons():
 
 
 needs_cpu = pytest.mark.skipif(bool(_cpu_reasons()), reason=f"cpu backend unavailable: {_cpu_reasons()}")
-BACKENDS = ["reference", pytest.param("cpu", marks=needs_cpu)]
+
+
+def _causal_float64_backends():
+    """Generated from the capabilities: every backend that declares the causal block kinds and
+    takes float64 CPU tensors (triton, float32 / float16 only, has its own cases below)."""
+    out = []
+    for name in hmx_kernels.registered_backends():
+        caps = get_backend(name).capabilities
+        if caps.causal and torch.float64 in caps.dtypes and ("*" in caps.devices or "cpu" in caps.devices):
+            out.append(pytest.param(name, marks=needs_cpu) if name == "cpu" else name)
+    return out
+
+
+BACKENDS = _causal_float64_backends()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -246,7 +259,7 @@ def test_cpu_token_causal_runs_as_a_scan_with_tile_checkpoints():
     """Token-causal mixing on the cpu backend is the scan (csrc/hmx_cpu.cpp): its state holds one
     [k_h, d_h] checkpoint per tile of CPU_TILE tokens, not one per token; chunk-causal mixing keeps
     one per chunk. The Python shape function and the extension agree on the tile."""
-    from hmx_kernels.cpp.backend import CPP_OPS, CPU_TILE, extension
+    from hmx_kernels.cpp.ops import CPP_OPS, CPU_TILE, extension
 
     assert extension("cpu").CPU_TILE == CPU_TILE
     case = make_case(variant="speechbrain", B=1, M=600, d=8, H=2, k_h=5, masks=False)
@@ -348,7 +361,7 @@ def small_pieces(monkeypatch):
     """Plain chunks (and so the longest piece of a mixing block) of 14 tokens at N = 67: blocks
     longer than that run as several programs whose partials are summed per block; every buffer
     the backend allocates is poisoned with NaN, so an element a kernel forgets to write fails."""
-    from hmx_kernels.triton import function as tfn
+    from hmx_kernels.triton import launch as tfn
 
     monkeypatch.setattr(tfn, "CHUNK_MIN", 14)
     tfn.set_nan_poison(True)
@@ -430,7 +443,7 @@ def split_kernels(small_pieces, monkeypatch):
     """The kernels the launcher runs from config.SPLIT_BLOCK_D on (d_h 128 on a GPU), at d_h 18
     (D 32) here: the state and tsum programs split S's / T's rows over two programs per piece, the
     query and key passes leave their token sums out. Records every launch."""
-    from hmx_kernels.triton import config as tconfig
+    from hmx_kernels.triton import autotune as tconfig
 
     monkeypatch.setattr(tconfig, "SPLIT_BLOCK_D", 32)
     launched = []

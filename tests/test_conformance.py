@@ -4,7 +4,7 @@ Parametrised over `hmx_kernels.registered_backends()` (minus "reference", the gr
 CASES x the (device type, dtype) pairs the backend declares in its `Backend.tolerances`. The
 tolerances, and the written reason for each number (what both sides compute, what differs, what
 was measured), live beside the backend's `register_backend(...)` call:
-hmx_kernels/cpp/backend.py ("cpu", "cuda") and hmx_kernels/triton/backend.py ("triton").
+hmx_kernels/cpp/{ops,cpu,cuda}.py ("cpu", "cuda") and hmx_kernels/triton/backend.py ("triton").
 
 For each (backend, device, dtype, case) the suite asserts, on the same rounded inputs and with
 the same upstream gradient on both sides (tests/utils.check_against_reference):

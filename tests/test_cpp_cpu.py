@@ -2,7 +2,7 @@
 
 The generic comparison with the reference (every case, every dtype, non-contiguous inputs) is in
 tests/test_conformance.py; the tolerances and their reasons are declared with the backend in
-hmx_kernels/cpp/backend.py. Here: the extension builds (once per machine, about a minute on 2
+hmx_kernels/cpp/{ops,cpu,cuda}.py. Here: the extension builds (once per machine, about a minute on 2
 cores, cached on disk; every test shares that build), gradcheck in float64, bitwise determinism
 across thread counts, the BLAS-free loop fallback, no-grad and layer use, dispatch, the fallback
 to the reference when the build fails, the binding's own argument checks, and that every output
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import hmx_kernels
-from hmx_kernels.cpp import backend as cpp_backend
+from hmx_kernels.cpp import ops as cpp_backend
 from hmx_kernels.cpp import build
 from hmx_kernels.dispatch import BackendNotSupportedError, get_backend, select_backend
 from utils import assert_close, check_against_reference, forward_backward, make_case

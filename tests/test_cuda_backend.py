@@ -4,7 +4,7 @@ Skipped (with the reason) where torch has no CUDA device or the kernels cannot b
 generic comparison with the reference (every case in fp32 / fp16 / bf16) is in
 tests/test_conformance.py; the tolerances and their reasons (including the emulation of the
 kernels' rounding points, tests/test_cuda_math.py) are declared with the backend in
-hmx_kernels/cpp/backend.py. Here: bitwise determinism, every head block (d_h up to 128, k_h up to
+hmx_kernels/cpp/{ops,cpu,cuda}.py. Here: bitwise determinism, every head block (d_h up to 128, k_h up to
 512) and many token chunks against the reference, the tensor-core path against the FMA path
 (tensor cores off: the fp32 kernels on upcast copies; the same tolerances), fp32 ignoring the
 switch, and the shared-memory decline of fp32 kernels at d_h > 64 on GPUs with less than
@@ -18,7 +18,7 @@ import torch
 import hmx_kernels
 from hmx_kernels import config
 from hmx_kernels.cpp import build
-from hmx_kernels.cpp.backend import CUDA_WIDE_FP32_SMEM_BYTES
+from hmx_kernels.cpp.cuda import CUDA_WIDE_FP32_SMEM_BYTES
 from hmx_kernels.dispatch import get_backend
 from utils import assert_close, check_against_reference, forward_backward, make_case
 

@@ -6,12 +6,12 @@ whenever nvcc is on PATH: a CUDA syntax or type error fails CI. Whether the kern
 right thing is checked by tests/test_cuda_backend.py, on a GPU only (tests/test_cuda_math.py checks
 the algebra they implement, on the CPU).
 
-Invariants, per kernel and for (d_h, k_h) in benchmarks.cuda_resources.SHAPES (18,72, 32,128,
+Invariants, per kernel and for (d_h, k_h) in tools.cuda_resources.SHAPES (18,72, 32,128,
 64,256, 128,512), fp32 / fp16 / bf16, sm_80 / sm_90:
 - 0 spill bytes and at most 255 registers (ptxas -v);
 - dynamic (the kernels' own size function, run on the host) + static shared memory within the
   arch's opt-in limit (sm_80 163 KB, sm_90 227 KB), except where the backend declines the shape
-  (fp32 kernels at d_h > 64 on sm_80: benchmarks.cuda_resources.unsupported, the backend's
+  (fp32 kernels at d_h > 64 on sm_80: tools.cuda_resources.unsupported, the backend's
   CUDA_WIDE_FP32_SMEM_BYTES and hmx::cuda::not_supported say the same);
 - fp16 / bf16: tensor-core instructions (HMMA) in the SASS of every kernel that multiplies
   matrices, and `mma.sync` in its compute_80 PTX; fp32: none (plain FMA, no TF32);
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of the repository, not an installed package
 
-from benchmarks import cuda_resources as cr  # noqa: E402
+from tools import cuda_resources as cr  # noqa: E402
 
 CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
@@ -93,7 +93,7 @@ def test_nvcc_compiles_every_cu_for_sm80_and_sm90(compiled):
 
 def _check_rows(rows, where):
     """The invariants on report rows; returns the rows checked."""
-    from hmx_kernels.cpp.backend import CUDA_WIDE_FP32_SMEM_BYTES
+    from hmx_kernels.cpp.cuda import CUDA_WIDE_FP32_SMEM_BYTES
 
     assert rows, f"{where}: no rows"
     keys = {(r["arch"], r["shape"], r["dtype"], r["kernel"]) for r in rows}
@@ -120,7 +120,7 @@ def _check_rows(rows, where):
             assert tc > 0, f"{what}: no HMMA / HGMMA: the tensor-core path was dropped"
     # the backend's decline threshold is the largest fp32 kernel at d_h > 64
     wide = [r["smem_bytes"] for r in rows if r["dtype"] == "fp32" and int(r["shape"].split(",")[0]) > 64]
-    assert max(wide) == CUDA_WIDE_FP32_SMEM_BYTES, "hmx_kernels/cpp/backend.py CUDA_WIDE_FP32_SMEM_BYTES is stale"
+    assert max(wide) == CUDA_WIDE_FP32_SMEM_BYTES, "hmx_kernels/cpp/cuda.py CUDA_WIDE_FP32_SMEM_BYTES is stale"
     assert cr.SMEM_LIMITS["sm_80"] < CUDA_WIDE_FP32_SMEM_BYTES <= cr.SMEM_LIMITS["sm_90"]
     return rows
 
@@ -144,7 +144,7 @@ def test_committed_csv_meets_the_invariants():
 def test_committed_csv_matches_a_fresh_compile(fresh_rows):
     """Rows, tiles and shared memory do not depend on the nvcc version; registers and instruction
     counts may, so only their invariants are compared (above). Regenerate the CSVs with
-    `python -m benchmarks.kernels` after changing the kernels."""
+    `python -m tools.kernels` after changing the kernels."""
     stable = lambda r: (r["arch"], r["shape"], r["dtype"], r["kernel"], r["config"], r["smem_bytes"])  # noqa: E731
     assert sorted(map(stable, cr.read_csv())) == sorted(map(stable, fresh_rows))
 

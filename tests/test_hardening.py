@@ -14,7 +14,7 @@ import torch
 
 import hmx_kernels
 from hmx_kernels import FusedHyperMixing
-from hmx_kernels.reference.positional import (
+from hmx_kernels.positional import (
     cached_positional_encoding,
     positional_encoding,
     positional_encoding_cache,
@@ -113,7 +113,7 @@ def test_duplicated_and_malformed_arguments_are_rejected():
 
 
 def test_binding_refuses_rows_closer_than_d():
-    from hmx_kernels.cpp.backend import extension
+    from hmx_kernels.cpp.ops import extension
 
     ext = extension("cpu")
     B, L, d, H, d_h, k_h = 1, 4, 4, 2, 2, 3
@@ -150,12 +150,12 @@ def test_what_is_bitwise_reproducible_across_thread_counts():
 def test_ops_check_their_own_inputs(backend):
     """Calling an op directly with sizes larger than the tensors is an error, never an
     out-of-bounds read (it used to be garbage or a segfault for the Triton Function)."""
-    from hmx_kernels.cpp.backend import CPP_OPS
+    from hmx_kernels.cpp.ops import CPP_OPS
 
     if backend == "cpu":
         ops = CPP_OPS
     else:
-        from hmx_kernels.triton.function import TRITON_OPS as ops
+        from hmx_kernels.triton.launch import TRITON_OPS as ops
     H, d_h, k_h = 2, 4, 6
     q = torch.randn(2, 5, H * d_h)
     gen = [torch.randn(H, d_h, d_h), torch.randn(H, d_h), torch.randn(H, k_h, d_h), torch.randn(H, k_h)] * 2

@@ -1,5 +1,5 @@
 """Compile-level resource checks of the fused GPU kernels, Triton and CUDA C++, without a GPU
-(benchmarks/kernels.py, benchmarks/cuda_resources.py).
+(tools/kernels.py, tools/cuda_resources.py).
 
 - The committed report, benchmarks/results/kernels.csv: the exact columns; a row for every kernel x
   config x shape x dtype x arch a backend may run, and no other: for Triton every kept autotune
@@ -34,10 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # benchmarks/ is a folder of the repository, not an installed package
 
-from benchmarks import cuda_resources as cr  # noqa: E402
-from benchmarks import kernels as K  # noqa: E402
+from tools import cuda_resources as cr  # noqa: E402
+from tools import kernels as K  # noqa: E402
 from hmx_kernels.triton.backend import MAX_FP32_HEAD_DIM  # noqa: E402
-from hmx_kernels.triton.config import (SMEM_LIMIT, kept_candidates, launched_kernels,  # noqa: E402
+from hmx_kernels.triton.autotune import (SMEM_LIMIT, kept_candidates, launched_kernels,  # noqa: E402
                                        precision_name, smem_bound)
 
 CSV = os.path.join(K.RESULTS, "kernels.csv")
@@ -115,7 +115,7 @@ def test_committed_report_covers_every_kernel_config_shape_dtype_arch():
     assert len(triton) == len(set(triton)), "duplicate Triton rows"
     expected = expected_triton_rows()
     assert set(triton) == expected, (f"missing {sorted(expected - set(triton))[:5]}, "
-                                     f"unexpected {sorted(set(triton) - expected)[:5]}: rerun python -m benchmarks.kernels")
+                                     f"unexpected {sorted(set(triton) - expected)[:5]}: rerun python -m tools.kernels")
     assert {r[3] for r in triton} == TRITON_KERNELS
     # every Triton kernel the launcher runs, at every shape, dtype and arch, has a kept candidate
     for d_h, k_h in K.SHAPES + K.LIMIT_SHAPES:
@@ -164,7 +164,7 @@ def _parse_config(name: str):
 def test_smem_bound_covers_every_measurement(path):
     """The autotuner prunes candidates by config.smem_bound against the device's limit: it must
     never be below what the compiler actually allocates."""
-    from hmx_kernels.triton.config import block_d
+    from hmx_kernels.triton.autotune import block_d
 
     rows = [r for r in K.read_csv(path) if r["backend"] == "triton"]
     assert rows
@@ -176,7 +176,7 @@ def test_smem_bound_covers_every_measurement(path):
 
 _FRESH = r"""
 import json, sys
-from benchmarks import kernels as K
+from tools import kernels as K
 
 specs = json.loads(sys.argv[1])  # [arch, [d_h, k_h], dtype, kernel, precision, [BN, warps, stages]]
 jobs = [K.Job(a, tuple(shape), dt, kernel, prec, tuple(cfg)) for a, shape, dt, kernel, prec, cfg in specs]
@@ -193,7 +193,7 @@ def test_fresh_compiles_hold_the_invariants():
     candidates of each kernel the launcher runs there. A few minutes on 2 cores."""
     import torch
 
-    from hmx_kernels.triton.config import KERNEL_CANDIDATES, dot_precision
+    from hmx_kernels.triton.autotune import KERNEL_CANDIDATES, dot_precision
 
     specs = []
     for (d_h, k_h), dtypes in (((18, 72), ("fp32", "bf16")), ((64, 256), ("fp32", "bf16")), ((128, 512), ("bf16",))):
@@ -219,7 +219,7 @@ def test_fresh_compiles_hold_the_invariants():
 
 
 def test_readme_gpu_estimates_follow_the_roofline():
-    """README's table of GPU estimates states, per recipe shape, what benchmarks.kernels.roofline
+    """README's table of GPU estimates states, per recipe shape, what tools.kernels.roofline
     (the figures of kernels.md) gives: bound and time on H100 and H200."""
     import re
 
@@ -238,11 +238,11 @@ def test_readme_gpu_estimates_follow_the_roofline():
 
 
 def test_positional_encoding_stays_a_table_while_on_chip_spills():
-    """hmx_kernels.triton.function.PE_ON_CHIP may be on only if every kept candidate compiles
+    """hmx_kernels.triton.launch.PE_ON_CHIP may be on only if every kept candidate compiles
     without spills with the sinusoid computed on chip (benchmarks/results/kernels-pe-on-chip.csv:
-    the Triton rows of kernels.csv compiled again that way, `python -m benchmarks.kernels
+    the Triton rows of kernels.csv compiled again that way, `python -m tools.kernels
     --pe-on-chip`)."""
-    from hmx_kernels.triton import function as fn
+    from hmx_kernels.triton import launch as fn
 
     path = os.path.join(K.RESULTS, "kernels-pe-on-chip.csv")
     with open(path) as f:
@@ -250,7 +250,7 @@ def test_positional_encoding_stays_a_table_while_on_chip_spills():
     rows = K.read_csv(path)
     key = lambda r: (r["arch"], r["shape"], r["dtype"], r["kernel"], r["config"])  # noqa: E731
     assert sorted(map(key, rows)) == sorted(key(r) for r in K.read_csv(CSV) if r["backend"] == "triton"), \
-        "kernels-pe-on-chip.csv is stale: rerun python -m benchmarks.kernels --pe-on-chip"
+        "kernels-pe-on-chip.csv is stale: rerun python -m tools.kernels --pe-on-chip"
     spilling = [key(r) for r in rows if int(r["spill_bytes"])]
     assert fn.PE_ON_CHIP == (not spilling), spilling[:5]
 
@@ -258,8 +258,8 @@ def test_positional_encoding_stays_a_table_while_on_chip_spills():
 _FRESH_BLOCKED = r"""
 import json, sys
 import torch
-from benchmarks import kernels as K
-from hmx_kernels.triton import function as fn
+from tools import kernels as K
+from hmx_kernels.triton import launch as fn
 
 def capture(d_h, k_h, dtype):
     # the launches of a chunk-causal forward + backward (chunks of 32, 2 chunks of left context) at
@@ -302,7 +302,7 @@ def test_fresh_compiles_of_the_blocked_kernels_hold_the_invariants():
     cores unless IEEE fp32. A few minutes on 2 cores."""
     import torch
 
-    from hmx_kernels.triton.config import KERNEL_CANDIDATES, dot_precision
+    from hmx_kernels.triton.autotune import KERNEL_CANDIDATES, dot_precision
 
     def precision(dtype, d_h, kernel):
         return precision_name(*dot_precision(torch.float32, d_h, "highest", kernel)) if dtype == "fp32" else "half"

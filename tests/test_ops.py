@@ -24,9 +24,9 @@ import torch
 
 import hmx_kernels
 from hmx_kernels import FusedHyperMixing, config
-from hmx_kernels.cpp import backend as cpp_backend
+from hmx_kernels.cpp import ops as cpp_backend
 from hmx_kernels.dispatch import constant_result, select_backend
-from hmx_kernels.fused import DOUBLE_BACKWARD_ERROR
+from hmx_kernels.ops import DOUBLE_BACKWARD_ERROR
 from utils import WEIGHT_NAMES, assert_close, forward_backward, import_speechbrain, make_case
 
 INTERPRET = config.SETTINGS.triton_interpret
@@ -50,7 +50,7 @@ def _op_args(case, dtype=torch.float32, device="cpu"):
 def _ops(backend):
     if backend in ("cpu", "cuda"):
         return cpp_backend.CPP_OPS
-    from hmx_kernels.triton import function
+    from hmx_kernels.triton import launch
 
     return function.TRITON_OPS
 

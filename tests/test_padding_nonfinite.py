@@ -21,6 +21,8 @@ import dataclasses
 import pytest
 import torch
 
+from hmx_kernels.blocks import MixingBlocks
+
 import hmx_kernels
 from hmx_kernels.dispatch import get_backend
 from utils import WEIGHT_NAMES, make_case
@@ -121,7 +123,7 @@ def _problem_and_run(backend, device, dtype, kw, packed, variant, fill_values):
     if packed:
         problem = hmx_kernels.check_inputs(*args, variant=variant, **masks, **kw)
         cu = torch.tensor([0, 5, 6, 15, 22], dtype=torch.int64)
-        problem = dataclasses.replace(problem, cu_seqlens=cu)
+        problem = dataclasses.replace(problem, blocks=MixingBlocks(problem.mode, cu))
         reasons = get_backend(backend).not_supported_reasons(problem)
         if reasons:
             pytest.skip(f"{backend}: " + "; ".join(reasons))

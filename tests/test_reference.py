@@ -148,7 +148,7 @@ def test_half_inputs_are_computed_in_fp32_and_returned_in_input_dtype(dtype):
 
 
 def test_autocast_rule_on_the_reference():
-    # the dtype rule (hmx_kernels.validation): under autocast the tokens and hypernetwork weights
+    # the dtype rule (hmx_kernels.problem): under autocast the tokens and hypernetwork weights
     # are cast to the autocast dtype, the computation stays fp32 and the result has that dtype;
     # exactly the fp32 result for the bf16-rounded operands, rounded to bf16 once
     case = make_case(variant="speechbrain", B=2, M=9, d=8, H=2, k_h=4)

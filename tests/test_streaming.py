@@ -265,7 +265,7 @@ STREAM_MODES = {"token": dict(causal=True), "chunk3": dict(chunk_size=3), "chunk
 
 
 def _cpu_available():
-    from hmx_kernels.cpp.backend import extension_reasons
+    from hmx_kernels.cpp.ops import extension_reasons
 
     return not extension_reasons("cpu")
 
@@ -362,7 +362,7 @@ def test_stream_backends_share_the_state_and_auto_picks_cpu_where_it_can():
 
 @needs_cpu
 def test_cpu_op_refuses_a_carried_state_where_it_has_none():
-    from hmx_kernels.cpp.backend import CPP_OPS
+    from hmx_kernels.cpp.ops import CPP_OPS
 
     x, w, _ = _stream_case("speechbrain", torch.float64, N=8)
     x = x.detach()

@@ -20,11 +20,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import hmx_kernels
 from hmx_kernels import FusedHyperMixing
 from hmx_kernels.dispatch import BackendNotSupportedError, get_backend
-from hmx_kernels.reference.positional import cached_positional_encoding
+from hmx_kernels.positional import cached_positional_encoding
 from utils import assert_close, check_against_reference, forward_backward, make_case
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
-from hmx_kernels.triton import function as tfn  # noqa: E402  (after TRITON_INTERPRET is set)
+from hmx_kernels.triton import launch as tfn  # noqa: E402  (after TRITON_INTERPRET is set)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ def test_split_kernels_at_large_head_sizes(variant, dtype, monkeypatch):
     The threshold is lowered so that d_h 18 (D 32) takes that path here; several chunks; fp16
     exercises the tsum pass's per-tile scaling of dY. Checked against the reference, and the split
     launches are recorded to show they ran."""
-    from hmx_kernels.triton import config as tconfig
+    from hmx_kernels.triton import autotune as tconfig
 
     monkeypatch.setattr(tconfig, "SPLIT_BLOCK_D", 32)
     monkeypatch.setattr(tfn, "CHUNK_MIN", 20)
@@ -176,7 +176,7 @@ def test_fp32_matmul_precision_picks_the_dot_precision():
     (config.SPILLING): then the fallback (IEEE's query pass at d_h 64 -> 3xTF32, the 3xTF32 state
     pass at d_h 64 -> IEEE); half inputs take half operands (bf16 held in fp32 under the
     interpreter)."""
-    from hmx_kernels.triton.config import KERNEL_CANDIDATES, SPILLING, block_d, dot_precision
+    from hmx_kernels.triton.autotune import KERNEL_CANDIDATES, SPILLING, block_d, dot_precision
 
     for d_h in (8, 18, 32, 64, 128):
         for mode, asked in (("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")):
@@ -202,7 +202,7 @@ def test_fp32_matmul_precision_modes(mode, device, dtype, monkeypatch):
     "medium" is given to the kernels alone (torch's CPU matmuls, which the launcher's per-(b, h)
     products follow, take bf16 in "medium")."""
     from hmx_kernels.triton.backend import FP32_MODE_TOLERANCES
-    from hmx_kernels.triton.config import dot_precision
+    from hmx_kernels.triton.autotune import dot_precision
 
     case = make_case(variant="idiap", B=2, M=9, N=21, d=24, H=2, k_h=20, seed=11, input_scale=0.3).cast(dtype, device)
     ref_out, ref_grads = forward_backward(case, "reference")
@@ -305,7 +305,7 @@ def test_shapes_that_cannot_fit_are_refused_with_a_reason():
     from types import SimpleNamespace
 
     from hmx_kernels.triton.backend import fit_reasons
-    from hmx_kernels.triton.config import unfit_reason
+    from hmx_kernels.triton.autotune import unfit_reason
 
     (why,) = fit_reasons(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32, d_h=96))
     assert "d_h = 96 > 64" in why and "bfloat16" in why
@@ -329,7 +329,7 @@ def test_import_does_not_import_triton():
 
 
 _COMPILE_CHECK = r'''
-from benchmarks.kernels import capture_launches, compile_launch
+from tools.kernels import capture_launches, compile_launch
 
 # the launches of a small forward + backward (d_h 12, k_h 20), one candidate each, for sm_90
 for dtype, mode in (("bf16", "highest"), ("fp16", "highest"), ("fp32", "highest"), ("fp32", "medium")):
@@ -363,7 +363,7 @@ def test_poison_environment_switch():
     import subprocess
     import sys
 
-    code = ("import torch; from hmx_kernels.triton import function as f; "
+    code = ("import torch; from hmx_kernels.triton import launch as f; "
             "print(bool(torch.isnan(f._empty((3, 5), torch.float32, 'cpu')).all()))")
     for flag, expected in (("1", "True"), ("0", "False")):
         env = {**os.environ, "HMX_KERNELS_POISON": flag, "PYTHONPATH": os.pathsep.join(sys.path)}

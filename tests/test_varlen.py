@@ -7,11 +7,13 @@ same fp32 values through another layout: 1e-5 of the largest magnitude (the stat
 a padded length, so BLAS blocks them differently: measured up to 1.1e-6; triton: the packed call
 runs the mixing-block kernels, the per-sequence call the plain ones, sums in other orders);
 float64 on a backend that takes it: 1e-12; cpu / triton vs reference: the backend's declared
-tolerances (hmx_kernels/cpp/backend.py, hmx_kernels/triton/backend.py)."""
+tolerances (hmx_kernels/cpp/{ops,cpu,cuda}.py, hmx_kernels/triton/backend.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
+
+from hmx_kernels.blocks import MixingBlocks
 
 import hmx_kernels
 import hmx_kernels.varlen as varlen
@@ -112,8 +114,8 @@ def test_triton_packed_with_the_split_kernels(mode, monkeypatch):
     """The same through the kernels the launcher runs from config.SPLIT_BLOCK_D on (d_h 128 on a
     GPU; the threshold lowered to D 32 here): S and T rows over two programs per piece, T and sdy
     from hmx_bwd_kernel_tsum, the backward's per-block S and sv from the state pass."""
-    from hmx_kernels.triton import config as tconfig
-    from hmx_kernels.triton import function as tfn
+    from hmx_kernels.triton import autotune as tconfig
+    from hmx_kernels.triton import launch as tfn
 
     monkeypatch.setattr(tconfig, "SPLIT_BLOCK_D", 32)
     launched = []
@@ -130,7 +132,7 @@ def test_triton_packed_with_the_split_kernels(mode, monkeypatch):
 
 
 def _triton_packed_vs_reference(mode, monkeypatch):
-    from hmx_kernels.triton import function as tfn
+    from hmx_kernels.triton import launch as tfn
 
     monkeypatch.setattr(tfn, "CHUNK_MIN", 15)
     tfn.set_nan_poison(True)
@@ -161,7 +163,7 @@ def test_backends_without_packing_run_a_padded_batch():
     case = make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4)
     p = hmx_kernels.check_inputs(**case.kwargs())
     import dataclasses
-    packed = dataclasses.replace(p, cu_seqlens=torch.tensor([0, 1, 4]))
+    packed = dataclasses.replace(p, blocks=MixingBlocks(p.mode, torch.tensor([0, 1, 4])))
     if "cuda" in hmx_kernels.registered_backends():
         assert any("packed sequences" in r for r in hmx_kernels.backend_reasons(packed)["cuda"])
     if "triton" in hmx_kernels.registered_backends():

@@ -10,7 +10,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 import hmx_kernels
-from hmx_kernels.validation import WEIGHT_NAMES  # noqa: F401  (the one spelling of the ten names)
+from hmx_kernels.problem import WEIGHT_NAMES  # noqa: F401  (the one spelling of the ten names)
 
 
 @dataclass

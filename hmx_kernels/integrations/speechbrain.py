@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from ..layers.fused_hyper_mixing import FusedHyperMixing
+from ..layer import FusedHyperMixing
 
 __all__ = [
     "convert_speechbrain",

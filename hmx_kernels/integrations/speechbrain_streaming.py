@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..causal import MixingMode, resolve_mode
-from ..layers import FusedHyperMixing
+from ..layer import FusedHyperMixing
 from ..streaming import StreamingState
 
 __all__ = ["stream", "EncoderStream"]

@@ -6,8 +6,9 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from ..blocks import ALL_KINDS, MixingBlocks
 from ..dispatch import Backend, Capabilities, register_backend
-from ..validation import FLOAT_DTYPES, HyperMixingProblem
+from ..problem import FLOAT_DTYPES, HyperMixingProblem
 from .hyper_mixing import hyper_mixing_ref
 
 
@@ -48,7 +49,7 @@ def _packed_forward(p: HyperMixingProblem) -> Tensor:
             continue
         outs.append(reference_forward(dataclasses.replace(
             p, query=q, key=q if p.key is p.query else k, value=q if p.value is p.query else v,
-            query_keep=qk, key_keep=qk if p.key_keep is p.query_keep else kk, M=n, N=n, cu_seqlens=None)))
+            query_keep=qk, key_keep=qk if p.key_keep is p.query_keep else kk, M=n, N=n, blocks=MixingBlocks(p.mode))))
     return torch.cat(outs, dim=1)
 
 
@@ -70,8 +71,8 @@ register_backend(
         description="plain PyTorch (fp32 compute, materialises W1/W2: O(N*k) memory); any device; "
                     "the only backend with double backward",
         forward=reference_forward,
-        capabilities=Capabilities(devices=("*",), dtypes=FLOAT_DTYPES, causal=True,
-                                  sequence_parallel=True, varlen=True, carried_state=lambda mode: True),
+        capabilities=Capabilities(devices=("*",), dtypes=FLOAT_DTYPES, blocks=ALL_KINDS,
+                                  sequence_parallel=True, carried_state=lambda mode: True),
         stream_forward=reference_stream_forward,
     )
 )

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..causal import MixingMode
 from ..variants import get_variant
-from .positional import cached_positional_encoding, positional_encoding
+from ..positional import cached_positional_encoding, positional_encoding
 
 __all__ = ["hyper_mixing_ref", "generator_mlp_ref"]
 

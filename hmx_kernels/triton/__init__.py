@@ -10,13 +10,13 @@ k_h only in small per-(b, h) torch products.
   register spills and by the device's shared memory;
 - backend.py: registration as backend "triton" (limits, reasons, tolerances with their derivation).
 Compile-level evidence (registers, spills, shared memory, tensor-core instructions for sm_80 and
-sm_90): `python -m benchmarks.kernels` -> benchmarks/results/kernels.md.
+sm_90): `python -m tools.kernels` -> benchmarks/results/kernels.md.
 Nothing here imports triton at package import time."""
 
 
 def hyper_mixing_triton(problem):
     """Run a validated `HyperMixingProblem` (see `hmx_kernels.check_inputs`) with the Triton kernels."""
-    from .function import triton_forward as _run
+    from .launch import triton_forward as _run
 
     return _run(problem)
 

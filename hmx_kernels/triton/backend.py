@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from ..config import SETTINGS
+from ..blocks import ALL_KINDS
 from ..dispatch import Backend, Capabilities, Tolerance, constant_result, register_backend
-from ..validation import HyperMixingProblem
+from ..problem import HyperMixingProblem
 
 MAX_HEAD_DIM = 128  # d_h: [D, D] accumulators and operands per program (D = d_h padded to a power of two)
 MAX_HYPERNET_PER_HEAD = 512  # k_h: appears only in the per-(b, h) finalize products (torch)
@@ -43,7 +44,7 @@ FP32_MODE_TOLERANCES = {
 TORCH_FOR_TRITON = "2.6"
 
 _AVAILABLE: Dict[str, Tuple[str, ...]] = {}
-_function = None  # hmx_kernels.triton.function, once imported
+_function = None  # hmx_kernels.triton.launch, once imported
 
 
 def _import_error() -> str:
@@ -104,7 +105,7 @@ def fit_reasons(p: HyperMixingProblem):
     if p.device.type != "cuda":
         return []
     if getattr(p, "mode", None) is not None or getattr(p, "cu_seqlens", None) is not None:
-        from .config import row_split
+        from .autotune import row_split
 
         programs = p.B * p.H * row_split(p.d_h)
         if programs > 65535:
@@ -114,7 +115,7 @@ def fit_reasons(p: HyperMixingProblem):
         return [f"float32 inputs with head size d_h = {p.d_h} > {MAX_FP32_HEAD_DIM}: the backward kernels' "
                 "[128, 128] fp32 dot operands need 240 KB or more of shared memory per block (H100 gives "
                 "227 KB, A100 163 KB); use bfloat16 / float16 inputs or more heads"]
-    from .config import device_limits, unfit_reason
+    from .autotune import device_limits, unfit_reason
 
     why = unfit_reason(p.dtype, p.d_h, torch.get_float32_matmul_precision(), *device_limits(p.device.index or 0))
     return [why] if why else []
@@ -123,7 +124,7 @@ def fit_reasons(p: HyperMixingProblem):
 def triton_forward(p: HyperMixingProblem) -> Tensor:
     global _function
     if _function is None:
-        from . import function
+        from . import launch as function
 
         _function = function
     return _function.triton_forward(p)
@@ -138,8 +139,7 @@ _BACKEND = Backend(
         dtypes=SUPPORTED_DTYPES,
         max_d_h=MAX_HEAD_DIM,
         max_k_h=MAX_HYPERNET_PER_HEAD,
-        causal=True,
-        varlen=True,
+        blocks=ALL_KINDS,
         available=triton_available,
     ),
     extra_reasons=fit_reasons,

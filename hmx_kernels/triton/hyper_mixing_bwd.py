@@ -42,7 +42,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .config import autotuned
+from .autotune import autotuned
 from .hyper_mixing_fwd import (_LEN_ARGS, _gelu_grad, _hidden, _load_fc1, _load_hyper_input, _load_square,
                                _op, _piece, _pow2_of_max, _select_rows, _state_program, _store_square)
 

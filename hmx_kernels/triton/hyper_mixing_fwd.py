@@ -22,7 +22,7 @@ program reads its token range, its block and its sequence's first token from the
 table; the mix pass reads its block's C_j, c0_j. Plain mixing (BLOCKED False) compiles exactly as
 without blocks.
 The LayerNorm is not part of these kernels: every fused backend applies it the same way
-(hmx_kernels.fused: torch's LayerNorm in fp32 on the [B, M, d] output of the mix pass).
+(hmx_kernels.ops: torch's LayerNorm in fp32 on the [B, M, d] output of the mix pass).
 
 Trade-off: per token and head a forward pass does 2 d_h^2 multiply-adds instead of
 d_h^2 + 2 d_h k_h (forward + backward: 15 d_h^2 instead of 73 d_h^2 at k_h = 4 d_h, 4.9x fewer),
@@ -49,7 +49,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .config import autotuned
+from .autotune import autotuned
 
 # arguments whose value changes with the sequence length: never specialised, so a new length
 # neither recompiles nor re-tunes

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .validation import WEIGHT_NAMES, HyperMixingProblem, check_position_range, compute_dtype_of
+from .problem import WEIGHT_NAMES, HyperMixingProblem, check_position_range, compute_dtype_of
 
 __all__ = ["define_fused_ops", "run_fused", "FusedOps", "DOUBLE_BACKWARD_ERROR", "state_blocks"]
 
@@ -383,7 +383,7 @@ def run_fused(ops: FusedOps, p: HyperMixingProblem, operand_dtype: Optional[torc
     # The keep vectors are already in the compute dtype, which upcasting does not change. No
     # autocast context is needed: autocast does not touch custom ops, and it runs layer_norm in
     # fp32, as the epilogue does anyway.
-    y, _state = ops.fwd(*tokens, p.query_keep, p.key_keep, *gen, p.variant.name, *block_args(p),
+    y, _state = ops.fwd(*tokens, p.query_keep, p.key_keep, *gen, p.variant.name, *p.blocks.op_args(),
                         p.position_offset, _group_name(p.sequence_parallel_group))
     return layer_norm_epilogue(y, p)
 
@@ -397,12 +397,3 @@ def _group_name(group) -> str:
     if group is dist.group.WORLD:
         group = dist.distributed_c10d._get_default_group()
     return group.group_name
-
-
-def block_args(p: HyperMixingProblem) -> Tuple[int, int, Optional[Tensor]]:
-    """The ops' mixing-block arguments (chunk_size, left_context, cu_seqlens) of problem `p`."""
-    chunk_size, left_context = 0, -1
-    if p.mode is not None:
-        chunk_size = p.mode.chunk_size
-        left_context = -1 if p.mode.left_context_chunks is None else p.mode.left_context_chunks
-    return chunk_size, left_context, p.cu_seqlens

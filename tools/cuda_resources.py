@@ -15,9 +15,9 @@ kernel) with the keys of FIELDS:
 The kernels depend on d_h through its head block (32, 64, 128) and not on k_h (k_h is walked in
 blocks at run time), so shapes with the same block share their compiled kernels.
 
-`python -m benchmarks.kernels` puts these rows into benchmarks/results/kernels.csv (backend
+`python -m tools.kernels` puts these rows into benchmarks/results/kernels.csv (backend
 "cuda", next to the Triton rows), the ones the backend declines (`decline_reason`) into
-kernels-limit.csv with the reason; `python -m benchmarks.cuda_resources` compiles and prints a
+kernels-limit.csv with the reason; `python -m tools.cuda_resources` compiles and prints a
 summary only. Nothing here runs a kernel: this is evidence about registers, spills, shared memory and the
 instructions emitted, not about speed or correctness on a GPU.
 """
@@ -287,11 +287,11 @@ def decline_reason(row: dict) -> Optional[str]:
         return None
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from hmx_kernels.cpp.backend import CUDA_WIDE_FP32_SMEM_BYTES
+    from hmx_kernels.cpp.cuda import CUDA_WIDE_FP32_SMEM_BYTES
 
     return (f"declined on sm_80 (the whole shape, every kernel): fp32 kernels at d_h > 64 need "
             f"{CUDA_WIDE_FP32_SMEM_BYTES} B of shared memory per block (query / key), more than sm_80's "
-            f"{SMEM_LIMITS['sm_80']} B (hmx_kernels/cpp/backend.py _cuda_extra_reasons, hmx::cuda::not_supported)")
+            f"{SMEM_LIMITS['sm_80']} B (hmx_kernels/cpp/cuda.py _cuda_extra_reasons, hmx::cuda::not_supported)")
 
 
 def read_csv(path: Path = CSV_PATH, limit_path: Optional[Path] = LIMIT_CSV_PATH) -> List[dict]:
@@ -327,7 +327,7 @@ def summary(rows: List[dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = cuda_kernel_rows()
-    print(f"{len(rows)} rows compiled (python -m benchmarks.kernels writes them to benchmarks/results/kernels.csv)")
+    print(f"{len(rows)} rows compiled (python -m tools.kernels writes them to benchmarks/results/kernels.csv)")
     print(summary(rows))
     return 0
 

@@ -16,14 +16,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..causal import MixingMode, mode_from_attn_mask, resolve_mode
-from ..dispatch import check_backend_name, select_backend
-from ..functional import hyper_mixing
-from ..reference.positional import positional_encoding
-from ..validation import check_inputs
-from ..streaming import LayerStream, StreamingState, StreamingStateMismatch, hyper_mixing_stream
-from ..variants import get_variant
-from ..varlen import hyper_mixing_varlen
+from .causal import MixingMode, mode_from_attn_mask, resolve_mode
+from .dispatch import check_backend_name, select_backend
+from .functional import hyper_mixing
+from .positional import positional_encoding
+from .problem import check_inputs
+from .streaming import LayerStream, StreamingState, StreamingStateMismatch, hyper_mixing_stream
+from .variants import get_variant
+from .varlen import hyper_mixing_varlen
 
 __all__ = ["FusedHyperMixing", "GeneratorMLP", "HyperNetwork", "ATTN_MASK_POLICIES"]
 
@@ -508,7 +508,7 @@ class FusedHyperMixing(nn.Module):
 
         attn_mask_policy="ignore" (default) reproduces speechbrain exactly, which ignores attn_mask;
         "honour" mixes causally / chunk-causally as the mask says (see the class docstring)."""
-        from ..integrations.speechbrain import fused_from_speechbrain
+        from .integrations.speechbrain import fused_from_speechbrain
 
         return fused_from_speechbrain(module, backend=backend, attn_mask_policy=attn_mask_policy, cls=cls)
 

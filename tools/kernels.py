@@ -1,7 +1,7 @@
 """Kernel resource report: compile every fused kernel for sm_80 and sm_90 without a GPU and read
 what the compiler gives each one.
 
-    python -m benchmarks.kernels [--jobs 2] [--out benchmarks/results]
+    python -m tools.kernels [--jobs 2] [--out benchmarks/results]
 
 For each architecture (sm_80, sm_90), shape (d_h, k_h) in SHAPES (the recipe shapes) and
 LIMIT_SHAPES (d_h 128, k_h 512: the backends' limit), input dtype (fp32 in each dot precision the
@@ -13,11 +13,11 @@ tensors), and
 - smem_bytes: the compiled kernel's shared memory (metadata.shared);
 - tensor_core_instructions: HGMMA + HMMA instructions in `cuobjdump -sass` of the cubin.
 The CUDA C++ kernels (csrc/hmx_cuda_*.cu) are compiled with nvcc for the same archs, shapes and
-dtypes by benchmarks/cuda_resources.py (ROW_SOURCES["cuda"]; backend column "cuda").
+dtypes by tools/cuda_resources.py (ROW_SOURCES["cuda"]; backend column "cuda").
 
 Outputs (benchmarks/results):
 - kernels.csv: every row a backend may run, both backends, columns COLUMNS: the Triton candidates
-  the autotuner may run there (hmx_kernels.triton.config.kept_candidates) and every CUDA kernel
+  the autotuner may run there (hmx_kernels.triton.autotune.kept_candidates) and every CUDA kernel
   the CUDA backend does not decline;
 - kernels-limit.csv: rows compiled but never run, with the reason (COLUMNS + reason): Triton fp32
   at d_h 128 (refused by hmx_kernels/triton/backend.py; its TF32 kernels compiled to show why) and
@@ -62,7 +62,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 FP32_MODES = ("highest", "high", "medium")  # torch.get_float32_matmul_precision() values
 ROOFLINE = dict(B=4, N=16384, H=8)
 HBM_TBPS = {"H100": 3.35, "H200": 4.8}
-SMEM_LIMIT_KB = {"sm_80": 163, "sm_90": 227}  # opt-in shared memory per block (hmx_kernels.triton.config.SMEM_LIMIT)
+SMEM_LIMIT_KB = {"sm_80": 163, "sm_90": 227}  # opt-in shared memory per block (hmx_kernels.triton.autotune.SMEM_LIMIT)
 
 # backends other than Triton (whose candidates, pruning and fp32 precisions this module handles
 # itself): name -> function(archs, shapes) -> row dicts with COLUMNS and "reason" (None, or why
@@ -82,7 +82,7 @@ class Launch:
 
 def _check_not_interpreting() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("benchmarks.kernels compiles for GPUs: run it without TRITON_INTERPRET=1")
+        raise SystemExit("tools.kernels compiles for GPUs: run it without TRITON_INTERPRET=1")
 
 
 def _torch_dtype(name: str):
@@ -95,10 +95,10 @@ def _torch_dtype(name: str):
 def capture_launches(d_h: int, k_h: int, dtype: str, mode: str = "highest") -> Tuple[Launch, ...]:
     """The launches of one forward + backward (speechbrain, masks, biases) at d_h, k_h, B = 4,
     N = 16384, H = 8, under torch.set_float32_matmul_precision(mode): the launchers of
-    hmx_kernels.triton.function run on meta tensors with the launch recorded instead of made."""
+    hmx_kernels.triton.launch run on meta tensors with the launch recorded instead of made."""
     import torch
 
-    from hmx_kernels.triton import function as fn
+    from hmx_kernels.triton import launch as fn
 
     recorded: List[Launch] = []
 
@@ -217,7 +217,7 @@ def jobs(shapes: Iterable[Tuple[int, int]], dtypes: Iterable[str], archs: Iterab
     """Every (arch, shape, dtype, kernel, precision, candidate) to compile: fp32 in each dot
     precision of `precisions` (the ones the launcher does not pick are compiled too: their spills
     are what config.SPILLING and the fallback of config.dot_precision rest on)."""
-    from hmx_kernels.triton.config import KERNEL_CANDIDATES
+    from hmx_kernels.triton.autotune import KERNEL_CANDIDATES
 
     out = []
     for shape in shapes:
@@ -245,7 +245,7 @@ def distinct_launches(shape: Tuple[int, int], dtype: str, mode: str = "highest")
 
 
 def _precision_of(launch: Launch) -> str:
-    from hmx_kernels.triton.config import precision_name
+    from hmx_kernels.triton.autotune import precision_name
 
     kw = dict(launch.kwargs)
     return precision_name(kw["OPERAND"], kw["DOT_PREC"])
@@ -274,8 +274,8 @@ def run_job(job: Job) -> dict:
 
 
 def classify(row: dict) -> dict:
-    """Set row["chosen"] and row["kept"] from the current hmx_kernels.triton.config."""
-    from hmx_kernels.triton.config import SMEM_LIMIT, kept_candidates
+    """Set row["chosen"] and row["kept"] from the current hmx_kernels.triton.autotune."""
+    from hmx_kernels.triton.autotune import SMEM_LIMIT, kept_candidates
 
     shape = tuple(int(x) for x in row["shape"].split(","))
     arch = int(row["arch"].removeprefix("sm_"))
@@ -286,9 +286,9 @@ def classify(row: dict) -> dict:
 
 
 def set_pe_on_chip(on: bool) -> None:
-    """Compile the kernels with the positional encoding computed on chip (hmx_kernels.triton.function
+    """Compile the kernels with the positional encoding computed on chip (hmx_kernels.triton.launch
     PE_ON_CHIP) or read from the table (the default), in this process."""
-    from hmx_kernels.triton import function as fn
+    from hmx_kernels.triton import launch as fn
 
     if fn.PE_ON_CHIP != on:
         fn.PE_ON_CHIP = on
@@ -352,7 +352,7 @@ def token_flops(d_h: int) -> Dict[str, int]:
     multiply-add is 2): the tile products of each pass are [*, D] @ [D, D]. From
     config.SPLIT_BLOCK_D on, the backward's token sums T and S have passes of their own (two
     products each) and leave the query and key passes (one product fewer each)."""
-    from hmx_kernels.triton.config import block_d, split_state
+    from hmx_kernels.triton.autotune import block_d, split_state
 
     D = block_d(d_h)
     if split_state(d_h):
@@ -374,7 +374,7 @@ def token_bytes(d_h: int, H: int, elem: int, pe_table: bool = True) -> Dict[str,
     token_flops; the state pass's row groups (config.row_split) read the same tiles, counted once
     (the two programs of a (b, h, chunk) are neighbours in the grid, so the second read should hit
     L2: an assumption, not measured)."""
-    from hmx_kernels.triton.config import split_state
+    from hmx_kernels.triton.autotune import split_state
 
     d = H * d_h
     pe = 4 * d / ROOFLINE["B"] if pe_table else 0.0
@@ -386,7 +386,7 @@ def token_bytes(d_h: int, H: int, elem: int, pe_table: bool = True) -> Dict[str,
 
 
 def roofline(d_h: int, k_h: int, dtype: str, precision: str, gpu: str, pe_table: bool = True) -> dict:
-    from .config import PEAK_TFLOPS
+    from benchmarks.config import PEAK_TFLOPS
 
     B, N, H = ROOFLINE["B"], ROOFLINE["N"], ROOFLINE["H"]
     elem = 4 if dtype == "fp32" else 2
@@ -423,7 +423,7 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: D
     """kernels.md: invariants of both backends' rows, per shape a roofline estimate, the best kept
     Triton candidate per kernel and the CUDA kernels, the pruned Triton candidates, the fp32 dot
     precisions not picked, and the declined rows (kernels-limit.csv)."""
-    from . import cuda_resources as cr
+    from tools import cuda_resources as cr
 
     kept = [r for r in rows if r["kept"]]
     pruned = [r for r in rows if r["chosen"] and not r["kept"]]
@@ -431,17 +431,17 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: D
     cuda = other.get("cuda", [])
     cuda_run = [r for r in cuda if not r["reason"]]
     out = ["# Kernel resources: Triton and CUDA C++ (compiled for sm_80 and sm_90, no GPU)", "",
-           f"`python -m benchmarks.kernels`: triton {meta['triton']}, ptxas {meta['ptxas']}"
+           f"`python -m tools.kernels`: triton {meta['triton']}, ptxas {meta['ptxas']}"
            + (f", nvcc {meta['nvcc']}" if meta.get("nvcc") else "") + f", git {meta['git'][:10]}, "
            f"{meta['date']}, {meta['wall_s']:.0f} s. Nothing here ran on a GPU.", "",
            "Triton: every kernel x autotune candidate x shape (d_h, k_h) x input dtype (fp32 in each dot "
            "precision the launcher picks for some torch.get_float32_matmul_precision(): "
-           "hmx_kernels.triton.config.dot_precision) x arch, compiled with the launcher's own arguments for "
+           "hmx_kernels.triton.autotune.dot_precision) x arch, compiled with the launcher's own arguments for "
            "B = 4, N = 16384, H = 8. Registers and spills from ptxas -v, shared memory from the compiled "
            "kernel, tensor-core instructions = HGMMA + HMMA in cuobjdump -sass. kernels.csv holds the "
-           "candidates the autotuner may run (hmx_kernels.triton.config.kept_candidates); the pruned ones "
+           "candidates the autotuner may run (hmx_kernels.triton.autotune.kept_candidates); the pruned ones "
            "are listed below with the reason.", "",
-           "CUDA C++ (backend `cuda`, benchmarks/cuda_resources.py): every kernel of csrc/hmx_cuda_*.cu x shape "
+           "CUDA C++ (backend `cuda`, tools/cuda_resources.py): every kernel of csrc/hmx_cuda_*.cu x shape "
            "x dtype x arch, compiled by nvcc with the build's flags and -Xptxas -v; shared memory = the "
            "launcher's dynamic size (the kernels' own size function, run on the host) + ptxas' static size; "
            "one configuration per kernel (config: token tile T, 8 warps). The kernels depend on d_h through "
@@ -466,7 +466,7 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: D
             "B = 4, N = 16384, H = 8: an **estimate** from the algorithm's counts, not a measurement. "
             "FLOPs: the tile products of the Triton token passes at the padded head size D "
             "(2 + 2 + 5 + 6 products of [*, D] @ [D, D] per token and head; from d_h 128 on 2 + 2 + 2 + 4 + 2 "
-            "+ 5 over six passes, benchmarks/kernels.py token_flops) plus the per-(b, h) finalize products; "
+            "+ 5 over six passes, tools/kernels.py token_flops) plus the per-(b, h) finalize products; "
             "GELU, masks and the LayerNorm epilogue are not counted. Bytes: token tensors "
             "read in the input dtype, dY read and Y / dQ / dK / dV written in fp32, keep masks"
             + (", the PE table once per batch" if meta.get("pe_table", True) else " (the positional encoding is computed on chip)")
@@ -516,7 +516,7 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: D
         out.append("")
     out += ["## Pruned Triton candidates (the autotuner never runs them)", ""]
     if pruned:
-        from hmx_kernels.triton.config import SPILLING, block_d
+        from hmx_kernels.triton.autotune import SPILLING, block_d
 
         out += ["| arch | shape | dtype | kernel | config | registers | spill B | smem KB | why |",
                 "|---|---|---|---|---|---|---|---|---|"]
@@ -568,7 +568,7 @@ def measured_spilling(rows: List[dict]) -> dict:
     (recipe shapes and the limit shape's fp16 / bf16). Where every fp16 / bf16 candidate spills,
     the one with the fewest spill bytes (on its worse arch) is left out, so that one stays
     runnable; fp32 kernels fall back to another dot precision instead (config.dot_precision)."""
-    from hmx_kernels.triton.config import KERNEL_CANDIDATES, block_d
+    from hmx_kernels.triton.autotune import KERNEL_CANDIDATES, block_d
 
     worst: Dict[tuple, Dict[tuple, int]] = {}
     for r in rows:
@@ -597,10 +597,10 @@ def _meta(wall_s: float) -> dict:
 
     import triton
 
-    from hmx_kernels.triton import function as fn
+    from hmx_kernels.triton import launch as fn
 
-    from . import cuda_resources as cr
-    from .config import git_sha
+    from tools import cuda_resources as cr
+    from benchmarks.config import git_sha
 
     ptxas = subprocess.run([_tool("ptxas-blackwell") if os.path.exists(_tool("ptxas-blackwell")) else _tool("ptxas"),
                             "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -612,9 +612,9 @@ def _meta(wall_s: float) -> dict:
 
 
 def cuda_rows(archs: Tuple[int, ...], shapes: Tuple[Tuple[int, int], ...]) -> List[dict]:
-    """Every CUDA C++ kernel at `shapes` x DTYPES x `archs` (benchmarks/cuda_resources.py), with the
+    """Every CUDA C++ kernel at `shapes` x DTYPES x `archs` (tools/cuda_resources.py), with the
     reason the CUDA backend declines a row (None where it runs it)."""
-    from . import cuda_resources as cr
+    from tools import cuda_resources as cr
 
     rows = cr.cuda_kernel_rows(tuple(str(a) for a in archs), shapes)
     for r in rows:
@@ -643,7 +643,7 @@ def pe_on_chip_rows(kernels_csv: str, n_jobs: int = 1) -> List[dict]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     _check_not_interpreting()
-    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiler processes")
     p.add_argument("--out", default=RESULTS, help="folder for kernels.csv, kernels-limit.csv, kernels.md")
     p.add_argument("--no-limit", action="store_true", help="leave out the limit shape (d_h 128)")
@@ -651,7 +651,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="comma-separated backends to report (default: all; cuda needs nvcc)")
     p.add_argument("--pe-on-chip", action="store_true",
                    help="only compile the Triton rows of OUT/kernels.csv again with the positional encoding "
-                        "computed on chip (hmx_kernels.triton.function.PE_ON_CHIP) and write "
+                        "computed on chip (hmx_kernels.triton.launch.PE_ON_CHIP) and write "
                         "OUT/kernels-pe-on-chip.csv (the evidence for keeping the table)")
     p.add_argument("--save-json", default=None, help="also write every compiled row (pruned ones too) here")
     p.add_argument("--from-json", default=None,
@@ -709,7 +709,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"SPILLS ({r['backend']}): {r}", file=sys.stderr)
     if main_rows:
         spilling = measured_spilling(main_rows)
-        from hmx_kernels.triton.config import SPILLING
+        from hmx_kernels.triton.autotune import SPILLING
 
         if spilling != SPILLING:
             print("config.SPILLING differs from these measurements; measured:\n" + format_spilling(spilling),

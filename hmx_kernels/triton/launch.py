@@ -1,5 +1,5 @@
 """Launchers of the Triton HyperMixing backend, registered as torch.library triton ops
-(hmx_kernels::triton_fwd / triton_bwd, schema and autograd in `hmx_kernels.fused`).
+(hmx_kernels::triton_fwd / triton_bwd, schema and autograd in `hmx_kernels.ops`).
 
 Forward (`triton_fwd`), reassociated (see hyper_mixing_fwd.py): state pass over key chunks ->
 S, sv = sums of the chunk partials (fixed order) -> finalize with torch on [B, H, ...] tensors:
@@ -29,7 +29,7 @@ depends on L only (not on the tuned BLOCK_N), so partial buffers are config-inde
 partials (d_h^2 + d_h numbers per product) are smaller than its slice of an [L, k_h] tensor while
 d_h^2 < CHUNK_MIN * k_h (at the limits d_h 128, k_h 512: 16K against 64K).
 
-Mixing blocks (causal, chunk-causal and packed mixing; hmx_kernels.fused, csrc/hmx_params.h):
+Mixing blocks (causal, chunk-causal and packed mixing; hmx_kernels.ops, csrc/hmx_params.h):
 the same kernels with BLOCKED set run over pieces (token ranges inside one block, read from an
 int32 table, `_Blocks`); each block's piece partials are summed in piece order, the states are
 window sums of the blocks' own sums, and the finalize products of all blocks of a head run as one
@@ -56,12 +56,12 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from ..config import SETTINGS
-from ..fused import define_fused_ops, run_fused, state_blocks
-from ..reference.positional import cached_positional_encoding, frequencies, positional_encoding
-from ..validation import HyperMixingProblem
+from ..ops import define_fused_ops, run_fused, state_blocks
+from ..positional import cached_positional_encoding, frequencies, positional_encoding
+from ..problem import HyperMixingProblem
 from ..variants import get_variant
-from . import config as _config
-from .config import INTERPRETED_KERNELS, block_d, dot_precision
+from . import autotune as _config
+from .autotune import INTERPRETED_KERNELS, block_d, dot_precision
 from .hyper_mixing_bwd import hmx_bwd_kernel_key, hmx_bwd_kernel_query, hmx_bwd_kernel_tsum
 from .hyper_mixing_fwd import hmx_fwd_kernel_mix, hmx_fwd_kernel_state
 
@@ -75,7 +75,7 @@ CHUNK_MIN = 128  # fewest tokens per chunk (a chunk's d_h x d_h partials stay be
 # speechbrain sinusoid on chip from position x frequency instead (no table read; the GPU's sin/cos
 # may differ from torch's by a few ulp, more for angles in the thousands). It stays off because it
 # does not fit without spills: compiled for every candidate of kernels.csv
-# (benchmarks/results/kernels-pe-on-chip.csv, `python -m benchmarks.kernels --pe-on-chip`), 48 of
+# (benchmarks/results/kernels-pe-on-chip.csv, `python -m tools.kernels --pe-on-chip`), 48 of
 # the 508 Triton rows spill (8 to 1048 bytes), and 6 (arch, shape, dtype, kernel) have no
 # spill-free candidate left (d_h 64 fp32: mix, query, key; d_h 128 fp16 / bf16: key on sm_90);
 # every kernel also gets a 32 to 344 byte stack frame (libdevice sinf / cosf keep their argument
@@ -128,7 +128,7 @@ def _grid(s, length, bl, row_split=1):
 class _Blocks:
     """The mixing blocks of a row (the same for every batch row) and the pieces the token passes
     run over, built on the host from (N, chunk_size, left_context, cu_seqlens)
-    (hmx_kernels.fused; csrc/hmx_params.h): a sequence (the row, or a packed sequence
+    (hmx_kernels.ops; csrc/hmx_params.h): a sequence (the row, or a packed sequence
     [cu[s], cu[s + 1])) is cut into blocks of chunk_size tokens (0: one block); block j's state
     sums the blocks max(first block of its sequence, j - left_context) .. j. A piece is a token
     range inside one block of at most the plain chunk length (`_chunking(N)`), so a long block

@@ -1,12 +1,12 @@
-"""The C++ extension as torch.library ops (hmx_kernels::cpp_fwd / cpp_bwd) and the "cpu" and
-"cuda" backends that run them.
+"""The C++ extension as torch.library ops (hmx_kernels::cpp_fwd / cpp_bwd); the backends that run
+them are registered in cpp/cpu.py ("cpu") and cpp/cuda.py ("cuda").
 
 The extension computes Y = W2 GELU(W1^T V) per head in fused tiled passes (no [N, k] tensor) and
-its backward; `hmx_kernels.fused` gives the ops their schema, fake (meta) implementation and
+its backward; `hmx_kernels.ops` gives the ops their schema, fake (meta) implementation and
 autograd, and applies the LayerNorm. The op implementations below resolve the extension once per
 process (first call: build or load from the cache) and then only call it: no lock, no environment
 read, no file-system access per call. They compute the positional-encoding rows themselves (from
-the process-wide cache of `hmx_kernels.reference.positional`, so the rows equal the reference's;
+the process-wide cache of `hmx_kernels.positional`, so the rows equal the reference's;
 with a position offset only the slice's own rows, computed as the reference computes them).
 
 - "cpu": CPU tensors. float32 and float64 natively; float16 / bfloat16 (e.g. under autocast) are
@@ -26,14 +26,14 @@ import torch
 from torch import Tensor
 
 from ..config import SETTINGS, on_change
-from ..dispatch import Backend, Capabilities, Tolerance, constant_result, register_backend
-from ..fused import define_fused_ops, layer_norm_epilogue, run_fused, state_blocks
-from ..reference.positional import cached_positional_encoding, positional_encoding
-from ..validation import HyperMixingProblem
+from ..dispatch import constant_result
+from ..ops import define_fused_ops, layer_norm_epilogue, run_fused, state_blocks
+from ..positional import cached_positional_encoding, positional_encoding
+from ..problem import HyperMixingProblem
 from ..variants import get_variant
 from . import build
 
-__all__ = ["CPP_OPS", "cpp_forward", "extension"]
+__all__ = ["CPP_OPS", "cpp_forward", "extension", "extension_reasons", "HALF_DTYPES"]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -281,121 +281,3 @@ def cpp_forward(p: HyperMixingProblem) -> Tensor:
 # 163 KB, within an H100's 227 KB. fp16 / bf16 on tensor cores need at most 131 KB (fit sm_80).
 # The value is the kernels' own smem-size function (the sm_80 cuda rows of
 # benchmarks/results/kernels-limit.csv; a test checks the two agree); csrc's
-# hmx::cuda::not_supported gives the same verdict on the device.
-CUDA_WIDE_FP32_SMEM_BYTES = 170112
-
-
-def _cuda_extra_reasons(p: HyperMixingProblem) -> List[str]:
-    if p.device.type != "cuda" or p.d_h <= 64:
-        return []
-    if p.dtype in HALF_DTYPES and SETTINGS.allow_mma:
-        return []
-    props = torch.cuda.get_device_properties(p.device)
-    optin = getattr(props, "shared_memory_per_block_optin", None)
-    if optin is None:  # older torch: sm_90 allows 227 KB, sm_80 163 KB, others less
-        optin = 232448 if props.major >= 9 else 166912 if (props.major, props.minor) == (8, 0) else 101376
-    if optin >= CUDA_WIDE_FP32_SMEM_BYTES:
-        return []
-    return [f"d_h = {p.d_h} > 64 with fp32 kernels (float32, or tensor cores off) needs "
-            f"{CUDA_WIDE_FP32_SMEM_BYTES} bytes of shared memory per block, this GPU allows {optin} "
-            "(an sm_90-class GPU has enough; fp16 / bf16 with tensor cores fit)"]
-
-
-def _cpu_available(device_type: str) -> Tuple[str, ...]:
-    return () if device_type == "meta" else extension_reasons(device_type)
-
-
-register_backend(
-    Backend(
-        name="cpu",
-        description="C++ CPU twin of the fused kernels (OpenMP, tiled, no [N, k] tensor); "
-                    "float32/float64, float16/bfloat16 computed in float32",
-        forward=cpp_forward,
-        stream_forward=cpu_stream_forward,
-        capabilities=Capabilities(
-            devices=("cpu", "meta"),
-            dtypes=(torch.float32, torch.float64),
-            upcast_dtypes=HALF_DTYPES,
-            causal=True,
-            varlen=True,
-            sequence_parallel=True,
-            carried_state=_cpu_carries,
-            device_note=" (use backend='cuda' or 'triton' for CUDA tensors)",
-            available=_cpu_available,
-        ),
-        tolerances={
-            ("cpu", torch.float64): Tolerance(
-                1e-12, 1e-12,
-                "both sides compute in float64; the twin computes the reassociated form "
-                "(docs/HYPERMIXING.md), so the order of operations differs, not only the summation "
-                "order: measured <= 2e-14",
-            ),
-            ("cpu", torch.float32): Tolerance(
-                1e-5, 5e-5,
-                "both compute in fp32 with different summation orders over up to 4500 tokens (the "
-                "twin's token sums S, T and the weight gradients in the reassociated form, the "
-                "reference's P, dA; gradients pass through two of them), and the twin's fp32 GELU uses "
-                "a polynomial erf (abs. error <= 1.5e-7): measured <= 6.7e-7 (output) and 1.9e-6 "
-                "(gradients); against float64 the fp32 reference itself is off by up to 1.1e-6 and the "
-                "twin by 1.8e-6 (at B=1, N=8192, d=256, k=1024 the worst gradient, w1's fc2 bias, is off "
-                "by 1.1e-5 in the twin and 6.0e-6 in the reference). An indexing or masking bug (errors "
-                "of order 1) still fails by orders of magnitude",
-            ),
-            ("cpu", torch.float16): Tolerance(
-                4e-3, 4e-3,
-                "the same fp16 inputs on both sides, both computed in fp32 (the twin upcasts, as the "
-                "reference does); output and gradients are rounded to fp16 at the end (ulp ~1e-3 "
-                "relative), which dominates: measured <= 5.5e-4 (output), 9.8e-4 (gradients)",
-            ),
-            ("cpu", torch.bfloat16): Tolerance(
-                3e-2, 3e-2,
-                "the same bf16 inputs on both sides, both computed in fp32 (the twin upcasts, as the "
-                "reference does); output and gradients are rounded to bf16 at the end (8-bit mantissa, "
-                "ulp ~8e-3 relative), which dominates: measured <= 2.2e-3 (output), 6.8e-3 (gradients)",
-            ),
-        },
-    )
-)
-register_backend(
-    Backend(
-        name="cuda",
-        description="CUDA C++ fused kernels (reassociated form, tiles in shared memory, tensor cores for "
-                    "float16/bfloat16, fp32 accumulation); float32/float16/bfloat16",
-        forward=cpp_forward,
-        capabilities=Capabilities(
-            devices=("cuda",),
-            dtypes=(torch.float32, torch.float16, torch.bfloat16),
-            max_d_h=128,
-            available=extension_reasons,
-        ),
-        extra_reasons=_cuda_extra_reasons,
-        tolerances={
-            ("cuda", torch.float32): Tolerance(
-                1e-4, 1e-4,
-                "plain fp32 FMA in the kernels (no TF32), reference with TF32 off (tests/conftest.py); "
-                "the kernels sum in the reassociated order (fc2 applied to token sums, "
-                "docs/HYPERMIXING.md), so summation orders differ, over up to ~5000 tokens. Not yet "
-                "measured on a GPU",
-            ),
-            ("cuda", torch.float16): Tolerance(
-                2e-2, 5e-2,
-                "inputs and outputs rounded to 11 significant bits; both accumulate in fp32, but the "
-                "reference rounds its intermediates differently and the LayerNorm backward amplifies "
-                "the rounding of Y's operands (Y itself is written in fp32). On sm_80+ the token "
-                "kernels' tensor-core operands are fp16 (z, GELU(U), m dY, dU and the d_h x d_h "
-                "matrices C, R, each <= 2^-11 relative; C, R, m dY and dU scaled by powers of two to "
-                "stay in fp16's range); the finalize kernels split their fp32 operands into bf16 hi + "
-                "lo (~2^-16). Emulating these roundings on the CPU (tests/test_cuda_math.py: d_h 18, "
-                "k_h 72, 450 keys, through LayerNorm) used 0.02 (output) and 0.02 (gradients) of these "
-                "tolerances; not yet measured on a GPU. The FMA path (tensor cores off: fp32 kernels on upcast copies) "
-                "has the same tolerances",
-            ),
-            ("cuda", torch.bfloat16): Tolerance(
-                5e-2, 1e-1,
-                "as fp16 with 8 significant bits (token-kernel tensor-core operands <= 2^-8 relative "
-                "per element; finalize operands as bf16 hi + lo); the emulated roundings used 0.07 "
-                "(output) and 0.07 (gradients) of these tolerances",
-            ),
-        },
-    )
-)

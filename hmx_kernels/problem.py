@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .blocks import MixingBlocks
 from .causal import MixingMode, resolve_mode
 from .variants import Variant, get_variant
 
@@ -106,12 +107,22 @@ class HyperMixingProblem:
     compute_dtype: torch.dtype  # accumulation dtype
     out_dtype: torch.dtype  # dtype of the result
     autocast: bool  # the autocast part of the dtype rule applied
-    mode: Optional[MixingMode] = None  # causal / chunk-causal mixing (hmx_kernels.causal); None: all tokens
+    # which tokens each token mixes with (hmx_kernels.blocks): full, token-causal, chunk-causal,
+    # packed sequences (cu_seqlens into the one row, B = 1, self-mixing, each sequence from
+    # position first_position) and their combinations; built here once, read by every backend
+    blocks: MixingBlocks = MixingBlocks()
     position_offset: int = 0  # global position of the first token (a slice of a longer sequence)
     sequence_parallel_group: object = None  # torch.distributed group holding the other slices, or None
-    # packed sequences (hmx_kernels.varlen): int [num_seqs + 1] token offsets into the one row
-    # (B = 1, self-mixing), each sequence mixed on its own from position first_position; or None
-    cu_seqlens: Optional[Tensor] = None
+
+    @property
+    def mode(self) -> Optional[MixingMode]:
+        """The causal / chunk-causal mode of the blocks (None: non-causal)."""
+        return self.blocks.mode
+
+    @property
+    def cu_seqlens(self) -> Optional[Tensor]:
+        """The packed sequences' offsets of the blocks, or None."""
+        return self.blocks.cu_seqlens
 
     @property
     def device(self) -> torch.device:
@@ -403,6 +414,6 @@ def check_inputs(
         variant=v, use_layer_norm=bool(use_layer_norm), eps=float(eps), tied=tied,
         self_mixing=self_mixing, scale=v.input_scale(d), first_position=v.first_position,
         B=B, M=M, N=N, d=d, H=H, d_h=d_h, k_h=k_h,
-        dtype=dtype, compute_dtype=cdt, out_dtype=dtype, autocast=cast_to is not None, mode=mode,
+        dtype=dtype, compute_dtype=cdt, out_dtype=dtype, autocast=cast_to is not None, blocks=MixingBlocks(mode),
         position_offset=position_offset, sequence_parallel_group=sequence_parallel_group,
     )

@@ -16,7 +16,7 @@ config compiles: for tests and short GPU runs, where tuning costs more than it g
 
 Before tuning, `early_config_prune` drops the candidates that
 - spill registers on sm_80 or sm_90 (SPILLING: measured by compiling every candidate for both,
-  `python -m benchmarks.kernels`; benchmarks/results/kernels.md lists the bytes), or
+  `python -m tools.kernels`; benchmarks/results/kernels.md lists the bytes), or
 - need more shared memory than the device gives one block (`smem_bound`: an upper bound fitted
   to the same measurements, checked against every one of them by tests/test_kernel_resources.py),
 so no call fails inside the autotuner. `unfit_reason` says when no candidate of a kernel is left
@@ -74,7 +74,7 @@ def launched_kernels(d_h: int) -> Tuple[str, ...]:
 
 # (kernel, BLOCK_D, precision) -> candidates that spill registers on sm_80 or sm_90, measured by
 # compiling all of them at the recipe head sizes (d_h 18, 32 -> D 32; 64 -> D 64) and at the limit
-# d_h 128 in fp16 / bf16 (see the module docstring; `python -m benchmarks.kernels` prints this
+# d_h 128 in fp16 / bf16 (see the module docstring; `python -m tools.kernels` prints this
 # table when it no longer matches); precision: "half" (fp16 / bf16 operands) or the fp32 dot
 # precision. At D 128 the split kernels (SPLIT_BLOCK_D) leave at least one spill-free candidate
 # of every kernel on both archs (BN16 w8 for the query and key passes); where every candidate of

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..variants import Variant, get_variant
+from .variants import Variant, get_variant
 
 __all__ = ["positional_encoding", "frequencies", "PositionalEncodingCache", "cached_positional_encoding",
            "positional_encoding_cache"]
@@ -105,7 +105,7 @@ class PositionalEncodingCache:
     def max_bytes(self) -> int:
         if self._max_bytes is not None:
             return self._max_bytes
-        from ..config import SETTINGS
+        from .config import SETTINGS
 
         return SETTINGS.pe_cache_bytes
 

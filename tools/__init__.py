@@ -1,0 +1,1 @@
+"""Compile-level tools: resource reports of the Triton and CUDA kernels (no GPU needed)."""
