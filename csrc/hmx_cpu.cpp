@@ -20,8 +20,9 @@
 //     per run of block j: S += hid^T value [d_h, d_h], sv += sum_t m_t value_t [d_h]  (pieces)
 //   per (b, h): block sums of the pieces in piece order, then window sums over blocks
 //     (deterministic for any thread count);
-//   per (b, h, block): P = fc2 S + b2 sv^T [k_h, d_h] (written to p), A = GELU(P),
-//     C = fc2_2^T A [d_h, d_h], c0 = A^T b2_2 [d_h]
+//   per (b, h, block), over groups of consecutive blocks (hmx_cpu_scan.h, "block stages"):
+//     P = fc2 S + b2 sv^T [k_h, d_h] (written to p), A = GELU(P), C = fc2_2^T A [d_h, d_h],
+//     c0 = A^T b2_2 [d_h]
 //   query pass: hid2 likewise, per run of block j: Y = hid2 C_j + m c0_j -> [T, d_h].
 // Backward (the caller applies LayerNorm's backward first), recomputing hid / hid2 per tile:
 //   per (b, h, block): A = GELU(P), C
@@ -37,8 +38,8 @@
 // Per token and head that is 15 [1, d_h] x [d_h, d_h] products in forward + backward (forward 2
 // per key and 2 per query, backward 5 per query and 6 per key; hmx_kernels/flops.py); per block
 // and head 7 [k_h, d_h] x [d_h, d_h] products (forward 2, backward 5), which is what blocks of a
-// few tokens pay for; token-causal mixing runs as a scan in the direct form instead (below,
-// "token-causal mixing as a scan"). Every tile product is one call of the
+// few tokens pay for; token-causal mixing runs as a scan in the direct form instead
+// (hmx_cpu_scan.h, "token-causal mixing as a scan"). Every tile product is one call of the
 // BLAS gemm passed in (hmx_cpu.h), on tiles of kCpuTile tokens (runs of one block inside a tile);
 // element-wise work (mask, bias, GELU) runs between the calls. The keep masks hold only 0 and 1
 // (the op contract), which the folding of masks below relies on (m^2 = m).
@@ -259,17 +260,24 @@ inline PassItems pass_items(int64_t B, int64_t L, int64_t H, int nthreads) {
 }
 
 // 64-byte aligned buffer (equal alignment on every thread and call: the BLAS kernels it is passed
-// to may take alignment-dependent paths).
+// to may take alignment-dependent paths); uninitialised, or zeroed by zero(). (Transparent huge
+// pages for the large ones cut the page faults of chunked mixing at N 16384 by a tenth of its
+// time, but under memory pressure the kernel's compaction for them stalled a call for 50 % more:
+// not asked for.)
 template <typename T>
 class Buffer {
  public:
-  explicit Buffer(int64_t n) : p_(static_cast<T*>(::operator new[](sizeof(T) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {}
+  explicit Buffer(int64_t n)
+      : n_(std::max<int64_t>(n, 1)), p_(static_cast<T*>(::operator new[](sizeof(T) * n_, std::align_val_t(64)))) {}
   ~Buffer() { ::operator delete[](p_, std::align_val_t(64)); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   T* data() const { return p_; }
+  // every value zero (the buffers whose partial sums accumulate)
+  void zero() { std::fill(p_, p_ + n_, T(0)); }
 
  private:
+  int64_t n_;
   T* p_;
 };
 
@@ -597,11 +605,11 @@ std::vector<T> fc1_transposed(const GeneratorParams& g, int64_t H, int64_t dh) {
   return out;
 }
 
-// The k_h-wide products of one (b, h), every block at once. Per block j the token sums come
-// transposed (S_j^T [d_h(x), d_h(hid)], accumulate_state) and everything k_h-wide is kept
-// transposed too (P_j^T [d_h, k_h], ...), so the blocks stack into rows: [nb * d_h, ...]
-// matrices, and each product below is one gemm over all blocks (blocks of a few tokens would
-// otherwise pay for nb small gemms).
+// The k_h-wide products of one (b, h), a group of blocks at once (hmx_cpu_scan.h, "block
+// stages"). Per block j the token sums come transposed (S_j^T [d_h(x), d_h(hid)],
+// accumulate_state) and everything k_h-wide is kept transposed too (P_j^T [d_h, k_h], ...), so the
+// blocks stack into rows: [nb * d_h, ...] matrices (nb: the blocks of the group), and each product
+// below is one gemm over them (blocks of a few tokens would otherwise pay for nb small gemms).
 //   stack_rows: [nb][d_h^2 + d_h] window sums -> st [nb * d_h, d_h] (S^T rows), sv [nb * d_h]
 template <typename T>
 void stack_rows(const T* win, int64_t nb, int64_t dh, T* st, T* sv) {
@@ -731,319 +739,9 @@ void state_windows(const T* part, const Pieces& pc, const BlockMap& bm, int64_t 
   stack_rows(win, nb, dh, st, sv);
 }
 
-// ---- token-causal mixing as a scan (the direct form) ------------------------------------------
-// Token-causal mixing (chunk_size 1, unbounded left context) gives every token its own state
-// P_t = sum_{s <= t} W1_s^T V_s and applies GELU to all k_h x d_h of it, so the reassociated
-// blocks would pay 7 [k_h, d_h] x [d_h, d_h] products per token on top of that element-wise
-// work. The scan forms W1, W2 per token instead (one [T, d_h] x [d_h, k_h] product per tile and
-// generator) and walks the tokens of a (b, h) in order:
-//   P += W1_t^T v_t (rank 1), Y_t = W2_t GELU(P)  (one pass over P per token).
-// The forward keeps P at the start of every tile of kCpuTile tokens (the op's state: one
-// [k_h, d_h] slot per tile); the backward walks the tiles in reverse, recomputes the tile's P_t
-// from that checkpoint, and runs the reverse scan with G = sum_{s >= t} dP_s:
-//   dW2_t = GELU(P_t) dY_t, dP_t = (W2_t dY_t^T) * GELU'(P_t), G += dP_t,
-//   dW1_t = G v_t, dV_t = G^T W1_t,
-// then the generators' backward per tile (dhid = dW fc2, dfc2 += dW^T hid, the fc1 chain).
-// Packed sequences restart P (and G) at each sequence's first (last) token. Work is parallel over
-// (b, h) only: the scan is sequential along the tokens.
-// Blocked, compensated running sums: one fp32 sum of N rank-1 terms drifts (its rounding error
-// grows with N: on steadily growing states the output was off from fp64 by 7.8e-7 at 1000 tokens,
-// 8.7e-6 at 300k; now 3e-7 and 2e-7). So P_t = base + Q_t, with Q_t the sum over
-// the tile's own tokens so far (at most kCpuTile terms) and base the sum of all earlier tiles,
-// kept as a Kahan pair (hi, lo: TwoSum, one update per tile, not per token); the tile's base
-// hi + lo is what the checkpoint holds, and the backward forms P_t from it with the same
-// operations. G in the backward likewise. The price: one more add per element and token (next
-// to a GELU) and a few [k_h, d_h] passes per tile.
-// The scan's blocks are single tokens (chunk_size 1), so token t starts a sequence when its
-// block's sequence begins at t; t == N counts as a start (one past the end of the row).
-inline bool starts_sequence(const BlockMap& bm, int64_t t) { return t == bm.nb() || bm.seq0[t] == t; }
-
-// Per-thread buffers of the scan: both generators' tiles.
-template <typename T>
-struct ScanBuffers {
-  TileBuffers<T> buf;
-  Buffer<T> zk, zq, hid1, gd1, hid2, gd2, w1, w2, dw1, dw2;
-  // running state P = base + Q: hi, lo (sum of the finished tiles, compensated), base (this
-  // tile's, hi + lo), Q (the tile's own tokens); the same four for the running gradient G; the
-  // tile's states P_t (backward)
-  std::vector<T> P, Plo, Pb, Pq, G, Glo, Gb, Gq, pt;
-  std::vector<T> acc;       // one token's Y (forward) or dV (backward) [d_h]
-  std::vector<T> zero;      // [d_h] zeros: a padded token's value row (selected, not multiplied)
-  ScanBuffers(int64_t d, int64_t dh, int64_t kh, bool backward)
-      : buf(d, dh), zk(kCpuTile * d), zq(kCpuTile * d), hid1(kCpuTile * dh), gd1(kCpuTile * dh),
-        hid2(kCpuTile * dh), gd2(kCpuTile * dh), w1(kCpuTile * kh), w2(kCpuTile * kh),
-        dw1(backward ? kCpuTile * kh : 1), dw2(backward ? kCpuTile * kh : 1), P(kh * dh), Plo(kh * dh),
-        Pb(kh * dh), Pq(kh * dh), G(kh * dh), Glo(kh * dh), Gb(kh * dh), Gq(kh * dh),
-        pt(backward ? kCpuTile * kh * dh : 0), acc(dh), zero(dh, T(0)) {}
-};
-
-// One generator on a tile: hid = m GELU(z fc1^T + b1) (and GELU' with grad) into hid / gd, and
-// W = hid fc2^T + m b2 [T, k_h] into w.
-template <typename T>
-void scan_generator(const Mm<T>& mm, const HeadWeights<T>& w, const Stream<T>& st, const BlockMap& bm, int64_t t0,
-                    int64_t tn, int64_t h, int64_t dh, int64_t kh, int64_t d, bool grad, T* z, TileBuffers<T>& buf,
-                    T* hid, T* gd, T* wout) {
-  load_z(st, bm, t0, tn, h * dh, (h + 1) * dh, d, z);
-  hidden(mm, w, st, t0, tn, dh, z + h * dh, d, buf, grad);
-  std::memcpy(hid, buf.hd.data(), tn * dh * sizeof(T));
-  if (grad) std::memcpy(gd, buf.gd.data(), tn * dh * sizeof(T));
-  // [T, d_h] @ [d_h, k_h] -> [T, k_h]
-  mm(false, true, tn, kh, dh, hid, dh, w.fc2_w, dh, wout, kh, false);
-  if (!w.fc2_b) return;
-  for (int64_t t = 0; t < tn; ++t) {
-    const T mt = st.m(t0 + t);
-    T* wt = wout + t * kh;
-#pragma omp simd
-    for (int64_t j = 0; j < kh; ++j) wt[j] += mt * w.fc2_b[j];
-  }
-}
-
-// Both generators on tile [t0, t0 + tn) of (b, h): W1 from the keys into sb.w1 (hidden layer in
-// sb.hid1 / sb.gd1, z in sb.zk), W2 from the queries into sb.w2 (sb.hid2 / sb.gd2, sb.zq).
-template <typename T>
-void scan_generators(const Mm<T>& mm, const ProblemParams& pb, const BlockMap& bm, const Stream<T>& ks,
-                     const Stream<T>& qs, int64_t h, int64_t t0, int64_t tn, bool grad, ScanBuffers<T>& sb) {
-  const int64_t dh = pb.d_h, kh = pb.k_h, d = pb.d;
-  scan_generator(mm, head_weights<T>(pb.g1, h, dh, kh), ks, bm, t0, tn, h, dh, kh, d, grad, sb.zk.data(), sb.buf,
-                 sb.hid1.data(), sb.gd1.data(), sb.w1.data());
-  scan_generator(mm, head_weights<T>(pb.g2, h, dh, kh), qs, bm, t0, tn, h, dh, kh, d, grad, sb.zq.data(), sb.buf,
-                 sb.hid2.data(), sb.gd2.data(), sb.w2.data());
-}
-
-// (hi, lo) += q elementwise, compensated (TwoSum: hi + lo is the exact sum up to lo's rounding).
-// Plain IEEE arithmetic (the build has no -ffast-math, which would reassociate it away).
-template <typename T>
-void kahan_add(T* __restrict__ hi, T* __restrict__ lo, const T* __restrict__ q, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const T s = hi[i] + q[i];
-    const T bp = s - hi[i];
-    lo[i] += (hi[i] - (s - bp)) + (q[i] - bp);
-    hi[i] = s;
-  }
-}
-
-// base = hi + lo (the running sum before this tile), q = 0 (the tile's own terms)
-template <typename T>
-void start_tile(const T* __restrict__ hi, const T* __restrict__ lo, T* __restrict__ base, T* __restrict__ q,
-                int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) base[i] = hi[i] + lo[i];
-  std::fill(q, q + n, T(0));
-}
-
-template <typename T>
-void zero_all(std::initializer_list<T*> arrays, int64_t n) {
-  for (T* a : arrays) std::fill(a, a + n, T(0));
-}
-
-template <typename T>
-void scan_forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads) {
-  const ProblemParams& pb = fp.pb;
-  const int64_t B = pb.B, H = pb.H, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d, psz = kh * dh;
-  const int64_t tiles = num_tiles(N, kCpuTile), NB = pb.num_blocks;
-  const Mm<T> mm{gemm};
-  const BlockMap bm = make_blocks(pb);
-  T* p = static_cast<T*>(fp.p);
-  T* y = static_cast<T*>(fp.y);
-#pragma omp parallel num_threads(nthreads)
-  {
-    ScanBuffers<T> sb(d, dh, kh, false);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const Stream<T> ks = make_stream<T>(pb, pb.k, pb.k_bstride, pb.k_rstride, pb.pe_k, pb.m_k, N, b);
-      const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, N, b);
-      const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
-      T *P = sb.P.data(), *Plo = sb.Plo.data(), *Pb = sb.Pb.data(), *Pq = sb.Pq.data();
-      zero_all({P, Plo}, psz);
-      if (fp.p_init) {  // a carried state P_0^T [d_h, k_h] (streaming): the scan starts from it
-        const T* pi = static_cast<const T*>(fp.p_init) + bh * psz;
-        for (int64_t j = 0; j < kh; ++j)
-          for (int64_t c = 0; c < dh; ++c) P[j * dh + c] = pi[c * kh + j];
-      }
-      std::fill(p + (bh * NB + tiles) * psz, p + (bh + 1) * NB * psz, T(0));  // unused slots
-      for (int64_t ti = 0; ti < tiles; ++ti) {
-        const int64_t t0 = ti * kCpuTile, tn = std::min(kCpuTile, N - t0);
-        start_tile(P, Plo, Pb, Pq, psz);
-        std::memcpy(p + (bh * NB + ti) * psz, Pb, psz * sizeof(T));  // checkpoint: P before t0
-        scan_generators(mm, pb, bm, ks, qs, h, t0, tn, false, sb);
-        for (int64_t t = t0; t < t0 + tn; ++t) {
-          if (starts_sequence(bm, t) && !(t == 0 && fp.p_init)) zero_all({P, Plo, Pb, Pq}, psz);
-          const T* __restrict__ v = ks.m(t) == T(0) ? sb.zero.data() : vx + t * pb.v_rstride;  // select
-          const T* w1 = sb.w1.data() + (t - t0) * kh;
-          const T* w2 = sb.w2.data() + (t - t0) * kh;
-          T* __restrict__ acc = sb.acc.data();
-          std::fill(acc, acc + dh, T(0));
-          for (int64_t j = 0; j < kh; ++j) {
-            T* __restrict__ qj = Pq + j * dh;
-            const T* __restrict__ bj = Pb + j * dh;
-            const T a1 = w1[j], a2 = w2[j];
-#pragma omp simd
-            for (int64_t c = 0; c < dh; ++c) {
-              qj[c] += a1 * v[c];
-              acc[c] += a2 * gelu(bj[c] + qj[c]);
-            }
-          }
-          std::memcpy(y + (b * N + t) * d + h * dh, acc, dh * sizeof(T));
-        }
-        kahan_add(P, Plo, Pq, psz);
-      }
-      T* fin = p + (bh * NB + NB - 1) * psz;  // the last slot: the state after the last token, P^T
-      for (int64_t j = 0; j < kh; ++j)
-        for (int64_t c = 0; c < dh; ++c) fin[c * kh + j] = P[j * dh + c] + Plo[j * dh + c];
-    }
-  }
-}
-
-template <typename T>
-void scan_backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads) {
-  const ProblemParams& pb = bp.pb;
-  const int64_t B = pb.B, H = pb.H, N = pb.N, dh = pb.d_h, kh = pb.k_h, d = pb.d, psz = kh * dh;
-  const int64_t tiles = num_tiles(N, kCpuTile), NB = pb.num_blocks, gsq = dh * dh, fsz = kh * dh + kh;
-  const int64_t f1sz = Fc1Partial<T>::size(dh);
-  const Mm<T> mm{gemm};
-  const BlockMap bm = make_blocks(pb);
-  const T* p = static_cast<const T*>(bp.p);
-  const T* dy = static_cast<const T*>(bp.dy);
-  T* dq = static_cast<T*>(bp.dq);
-  T* dk = static_cast<T*>(bp.dk);
-  T* dv = static_cast<T*>(bp.dv);
-  // per (b, h): fc1 partials (one "chunk") and fc2 gradients of each generator; summed over b after
-  std::vector<T> fc1_1(B * H * f1sz, T(0)), fc1_2(B * H * f1sz, T(0));
-  std::vector<T> fc2_1(B * H * fsz, T(0)), fc2_2(B * H * fsz, T(0));
-  const std::vector<T> fc1t_1 = fc1_transposed<T>(pb.g1, H, dh), fc1t_2 = fc1_transposed<T>(pb.g2, H, dh);
-#pragma omp parallel num_threads(nthreads)
-  {
-    ScanBuffers<T> sb(d, dh, kh, true);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const Stream<T> ks = make_stream<T>(pb, pb.k, pb.k_bstride, pb.k_rstride, pb.pe_k, pb.m_k, N, b);
-      const Stream<T> qs = make_stream<T>(pb, pb.q, pb.q_bstride, pb.q_rstride, pb.pe_q, pb.m_q, N, b);
-      const T* vx = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
-      const HeadWeights<T> g1 = head_weights<T>(pb.g1, h, dh, kh), g2 = head_weights<T>(pb.g2, h, dh, kh);
-      T *G = sb.G.data(), *Glo = sb.Glo.data(), *Gb = sb.Gb.data(), *Gq = sb.Gq.data();
-      T *Pb = sb.Pb.data(), *Pq = sb.Pq.data();
-      // the gradient of the last slot (the state after the last token) starts the reverse scan;
-      // the checkpoints' own gradients are not used (they are saved intermediates)
-      const T* dfin = bp.dp_extra ? static_cast<const T*>(bp.dp_extra) + (bh * NB + NB - 1) * psz : nullptr;
-      auto reset_g = [&]() {  // G (= hi + lo = base + tile terms) restarts from the last slot's gradient
-        zero_all({G, Glo, Gq}, psz);
-        if (dfin)
-          for (int64_t j = 0; j < kh; ++j)
-            for (int64_t c = 0; c < dh; ++c) G[j * dh + c] = dfin[c * kh + j];
-        std::memcpy(Gb, G, psz * sizeof(T));
-      };
-      reset_g();
-      const bool carried = bp.dp_init != nullptr;  // the forward started from a carried state
-      for (int64_t ti = tiles - 1; ti >= 0; --ti) {
-        const int64_t t0 = ti * kCpuTile, tn = std::min(kCpuTile, N - t0);
-        scan_generators(mm, pb, bm, ks, qs, h, t0, tn, true, sb);
-        // the tile's states P_t = base + Q_t, from its checkpoint (the forward's operations)
-        std::memcpy(Pb, p + (bh * NB + ti) * psz, psz * sizeof(T));
-        std::fill(Pq, Pq + psz, T(0));
-        for (int64_t t = t0; t < t0 + tn; ++t) {
-          if (starts_sequence(bm, t) && !(t == 0 && carried)) zero_all({Pb, Pq}, psz);
-          const T* __restrict__ v = ks.m(t) == T(0) ? sb.zero.data() : vx + t * pb.v_rstride;  // select
-          const T* w1 = sb.w1.data() + (t - t0) * kh;
-          T* __restrict__ pt = sb.pt.data() + (t - t0) * psz;
-          for (int64_t j = 0; j < kh; ++j) {
-            T* __restrict__ qj = Pq + j * dh;
-            const T* __restrict__ bj = Pb + j * dh;
-            T* __restrict__ ptj = pt + j * dh;
-            const T a1 = w1[j];
-#pragma omp simd
-            for (int64_t c = 0; c < dh; ++c) {
-              qj[c] += a1 * v[c];
-              ptj[c] = bj[c] + qj[c];
-            }
-          }
-        }
-        // reverse scan: G_t = base + Q_t likewise (base: the later tiles' sum)
-        start_tile(G, Glo, Gb, Gq, psz);
-        for (int64_t t = t0 + tn - 1; t >= t0; --t) {
-          if (starts_sequence(bm, t + 1)) {  // t ends its sequence
-            if (t + 1 == N) reset_g();  // the row's last token: G starts from the last slot's gradient
-            else zero_all({G, Glo, Gb, Gq}, psz);
-          }
-          const T* __restrict__ v = ks.m(t) == T(0) ? sb.zero.data() : vx + t * pb.v_rstride;  // select
-          const T* __restrict__ g = dy + (b * N + t) * d + h * dh;
-          const T* w1 = sb.w1.data() + (t - t0) * kh;
-          const T* w2 = sb.w2.data() + (t - t0) * kh;
-          T* dw1 = sb.dw1.data() + (t - t0) * kh;
-          T* dw2 = sb.dw2.data() + (t - t0) * kh;
-          const T* pt = sb.pt.data() + (t - t0) * psz;
-          T* __restrict__ dvt = sb.acc.data();
-          std::fill(dvt, dvt + dh, T(0));
-          for (int64_t j = 0; j < kh; ++j) {
-            const T* __restrict__ pj = pt + j * dh;
-            T* __restrict__ qj = Gq + j * dh;
-            const T* __restrict__ bj = Gb + j * dh;
-            const T a1 = w1[j], a2 = w2[j];
-            T s1 = T(0), s2 = T(0);
-#pragma omp simd reduction(+ : s1, s2)
-            for (int64_t c = 0; c < dh; ++c) {
-              T a, ad;
-              gelu_both(pj[c], &a, &ad);
-              s2 += a * g[c];
-              qj[c] += a2 * g[c] * ad;
-              const T gj = bj[c] + qj[c];
-              s1 += gj * v[c];
-              dvt[c] += a1 * gj;
-            }
-            dw1[j] = s1;
-            dw2[j] = s2;
-          }
-          std::memcpy(dv + (b * N + t) * d + h * dh, dvt, dh * sizeof(T));
-        }
-        kahan_add(G, Glo, Gq, psz);
-        // the generators' backward: dW masked (W = m (hid fc2^T + b2)), dhid = dW fc2,
-        // dfc2 += dW^T hid, db2 += sum dW, then the fc1 chain
-        struct Side {
-          const HeadWeights<T>& w;
-          const Stream<T>& st;
-          T* dw;
-          const T* hid;
-          const T* gd;
-          const T* z;
-          const T* fc1t;
-          T* fc1p;
-          T* fc2p;
-          T* dx;
-        };
-        const Side sides[2] = {
-            {g1, ks, sb.dw1.data(), sb.hid1.data(), sb.gd1.data(), sb.zk.data(), fc1t_1.data() + h * gsq,
-             fc1_1.data() + bh * f1sz, fc2_1.data() + bh * fsz, dk + (b * N + t0) * d + h * dh},
-            {g2, qs, sb.dw2.data(), sb.hid2.data(), sb.gd2.data(), sb.zq.data(), fc1t_2.data() + h * gsq,
-             fc1_2.data() + bh * f1sz, fc2_2.data() + bh * fsz, dq + (b * N + t0) * d + h * dh}};
-        for (const Side& sd : sides) {
-          if (sd.st.mask)
-            for (int64_t t = 0; t < tn; ++t) {
-              const T mt = sd.st.m(t0 + t);
-#pragma omp simd
-              for (int64_t j = 0; j < kh; ++j) sd.dw[t * kh + j] *= mt;
-            }
-          // dhid = dW fc2: [T, k_h] @ [k_h, d_h] -> [T, d_h]
-          mm(false, false, tn, dh, kh, sd.dw, kh, sd.w.fc2_w, dh, sb.buf.dhd.data(), dh, false);
-          // dfc2 += dW^T hid: [k_h, T] @ [T, d_h] -> [k_h, d_h]; db2 += sum_t dW_t
-          mm(true, false, kh, dh, tn, sd.dw, kh, sd.hid, dh, sd.fc2p, dh, true);
-          add_rows(sd.dw, kh, tn, kh, static_cast<const T*>(nullptr), sd.fc2p + kh * dh);
-          std::memcpy(sb.buf.gd.data(), sd.gd, tn * dh * sizeof(T));
-          Fc1Partial<T> f1(sd.fc1p, dh);
-          fc1_backward(mm, sd.fc1t, tn, dh, sd.st.scale, sd.z + h * dh, d, sb.buf, f1, sd.dx, d);
-        }
-      }
-      if (carried) {  // the carried state entered every P_t: its gradient is G after the first token
-        T* di = static_cast<T*>(bp.dp_init) + bh * psz;
-        for (int64_t j = 0; j < kh; ++j)
-          for (int64_t c = 0; c < dh; ++c) di[c * kh + j] = G[j * dh + c] + Glo[j * dh + c];
-      }
-    }
-  }
-  reduce_generator_grads<T>(fc1_1, fc2_1, B, H, 1, dh, kh, bp.dg1, nthreads);
-  reduce_generator_grads<T>(fc1_2, fc2_2, B, H, 1, dh, kh, bp.dg2, nthreads);
-}
+// The token-causal scan and the per-(b, h) block stages of chunked mixing (hmx_cpu_scan.h): they
+// use the helpers above, so the file is included here, inside this namespace.
+#include "hmx_cpu_scan.h"
 
 template <typename T>
 void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads, const Reducer& reduce) {
@@ -1058,7 +756,8 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads, const R
   const PassItems kitems = pass_items(B, N, H, nthreads), qitems = pass_items(B, M, H, nthreads);
   const Pieces kpc = make_pieces(bm, N, kitems.C);
   const int64_t ssz = state_size(dh), gsq = dh * dh;
-  std::vector<T> part(B * H * kpc.count * ssz, T(0));          // token sums per piece
+  Buffer<T> part(B * H * kpc.count * ssz);  // token sums per piece (zeroed: they accumulate)
+  part.zero();
   // every buffer below is written before it is read (uninitialised, no zero pass over them)
   Buffer<T> blk(B * H * nb * ssz);                        // token sums per block
   Buffer<T> cmt(B * H * nb * gsq), c0(B * H * nb * dh);  // per block C^T (C = fc2_2^T A), c0 = A^T b2_2
@@ -1078,32 +777,15 @@ void forward_impl(const ForwardParams& fp, GemmFn<T> gemm, int nthreads, const R
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(d, dh);
-    Buffer<T> win(nb * ssz), st(nb * gsq), sv(nb * dh), at(nb * psz);  // one (b, h) at a time
-    // per (b, h), all blocks at once: P^T = (fc2 S + b2 sv^T)^T (written to p), A^T = GELU(P^T),
-    // C^T = A^T fc2_2, c0 = A^T b2_2
+    BlockStageBuffers<T> sb(nb, dh, kh);  // one (b, h) at a time
+    // per (b, h), in groups of blocks: P^T = (fc2 S + b2 sv^T)^T (+ a carried state; written to
+    // p), A^T = GELU(P^T), C^T = A^T fc2_2, c0 = A^T b2_2
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t h = bh % H;
-      window_sums(blk.data() + bh * nb * ssz, bm, ssz, false, win.data());
-      stack_rows(win.data(), nb, dh, st.data(), sv.data());
-      T* pt = p + bh * NB * psz;  // [nb][d_h, k_h]: P_j^T
-      expand_fc2(mm, head_weights<T>(pb.g1, h, dh, kh), st.data(), sv.data(), nb * dh, dh, kh, pt);
-      if (fp.p_init) {  // a carried state: one term for every block's window, or one per block
-        const T* pi = static_cast<const T*>(fp.p_init) + bh * std::max<int64_t>(fp.n_init, 1) * psz;
-        for (int64_t j = 0; j < nb; ++j) {
-          T* pj = pt + j * psz;
-          const T* ij = pi + (fp.n_init == 0 ? 0 : j) * psz;
-#pragma omp simd
-          for (int64_t i = 0; i < psz; ++i) pj[i] += ij[i];
-        }
-      }
-      std::fill(pt + nb * psz, pt + NB * psz, T(0));  // unused block slots
-      const int64_t n = nb * psz;
-      T* a = at.data();
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) a[i] = gelu(pt[i]);
-      fold_fc2(mm, head_weights<T>(pb.g2, h, dh, kh), at.data(), nb * dh, dh, kh, cmt.data() + bh * nb * gsq,
-               c0.data() + bh * nb * dh);
+      const T* pi = fp.p_init ? static_cast<const T*>(fp.p_init) + bh * std::max<int64_t>(fp.n_init, 1) * psz
+                              : nullptr;
+      forward_block_stage(pb, mm, bm, bh % H, blk.data() + bh * nb * ssz, pi, fp.n_init, p + bh * NB * psz,
+                          cmt.data() + bh * nb * gsq, c0.data() + bh * nb * dh, sb);
     }
     // query pass: Y = hid2 C_j + m c0_j, per block j of the rows
 #pragma omp for schedule(dynamic, 1)
@@ -1152,10 +834,12 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
   // per block, R^T then r0 (R = sum of R' = fc2^T dP over the blocks whose window holds it)
   Buffer<T> rk(B * H * nb * ssz);
   // token sums per piece and fc1 partials per (b, h, work chunk): zero, they accumulate
-  std::vector<T> q_part(B * H * qpc.count * ssz, T(0)), k_part(B * H * kpc.count * ssz, T(0));
+  Buffer<T> q_part(B * H * qpc.count * ssz), k_part(B * H * kpc.count * ssz);
+  q_part.zero();
+  k_part.zero();
   std::vector<T> q_fc1(B * H * Cq * f1sz, T(0)), k_fc1(B * H * Ck * f1sz, T(0));
   std::vector<T> g2_fc2(B * H * fsz), g1_fc2(B * H * fsz);
-  std::vector<T> tblk(B * H * nb * ssz);  // T^T, sdy per block (summed over the ranks: tblk; own: tloc)
+  Buffer<T> tblk(B * H * nb * ssz);  // T^T, sdy per block (summed over the ranks: tblk; own: tloc)
   const T* dy = static_cast<const T*>(bp.dy);
   T* dq = static_cast<T*>(bp.dq);
   T* dk = static_cast<T*>(bp.dk);
@@ -1166,19 +850,11 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(d, dh);
-    Buffer<T> at(nb * psz), ctb(nb * gsq);  // one (b, h) at a time
-    // ---- per (b, h), all blocks: C^T = GELU(P^T) fc2_2 ----
+    BlockStageBuffers<T> sb(nb, dh, kh);  // one (b, h) at a time
+    // ---- per (b, h), in groups of blocks: C^T = GELU(P^T) fc2_2 ----
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      const T* pt = p + bh * NB * psz;
-      T* a = at.data();
-      const int64_t n = nb * psz;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) a[i] = gelu(pt[i]);
-      fold_fc2(mm, head_weights<T>(pb.g2, bh % H, dh, kh), at.data(), nb * dh, dh, kh, ctb.data(),
-               static_cast<T*>(nullptr));
-      for (int64_t j = 0; j < nb; ++j) transpose(ctb.data() + j * gsq, dh, cm.data() + (bh * nb + j) * gsq);
-    }
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      backward_block_c(pb, mm, nb, bh % H, p + bh * NB * psz, cm.data() + bh * nb * gsq, sb);
     // ---- query pass: T^T, sdy per piece, generator-2 fc1 partials, dquery ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < qitems.count(B); ++item) {
@@ -1216,63 +892,26 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
   // sequence parallel: dA needs every rank's queries; this rank's generator-2 fc2 gradients its own
   std::vector<T> tloc;
   if (reduce) {
-    tloc = tblk;
-    reduce(tblk.data(), static_cast<int64_t>(tblk.size()));
+    tloc.assign(tblk.data(), tblk.data() + B * H * nb * ssz);
+    reduce(tblk.data(), B * H * nb * ssz);
   }
-  const std::vector<T>& town = reduce ? tloc : tblk;
+  const T* town = reduce ? tloc.data() : tblk.data();
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers<T> buf(d, dh);
-    // one (b, h) at a time; rb and the window buffers are written before they are read
-    Buffer<T> tt(nb * gsq), sdy(nb * dh), at(nb * psz), rb(nb * ssz), rtp(nb * gsq), r0p(nb * dh);
-    Buffer<T> blk(nb * ssz), win(nb * ssz), st(nb * gsq), sv(nb * dh);
-    // ---- per (b, h), all blocks: dA^T = T^T fc2_2^T + sdy b2_2^T, generator-2 fc2 grads,
-    //      dP^T = dA^T * GELU'(P^T), R'^T = dP^T fc2, r0' = dP^T b2; R, r0 per block ----
+    // one (b, h) at a time; the buffers are written before they are read
+    BlockStageBuffers<T> sb(nb, dh, kh);
+    Buffer<T> blk(nb * ssz), st(nb * gsq), sv(nb * dh);
+    // ---- per (b, h), in groups of blocks: dA^T = T^T fc2_2^T + sdy b2_2^T, generator-2 fc2
+    //      grads, dP^T = dA^T * GELU'(P^T) (+ the saved state's own gradient), R'^T = dP^T fc2,
+    //      r0' = dP^T b2; R, r0 per block; the carried state's gradient ----
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t h = bh % H;
-      if (!b2_1) std::fill(r0p.data(), r0p.data() + nb * dh, T(0));  // fold_fc2 leaves r0' alone then
-      stack_rows(tblk.data() + bh * nb * ssz, nb, dh, tt.data(), sdy.data());
-      const HeadWeights<T> w2 = head_weights<T>(pb.g2, h, dh, kh);
-      const HeadWeights<T> w1 = head_weights<T>(pb.g1, h, dh, kh);
-      const T* pt = p + bh * NB * psz;
-      T* dp = dpt.data() + bh * nb * psz;
-      expand_fc2(mm, w2, tt.data(), sdy.data(), nb * dh, dh, kh, dp);  // dA^T
-      const int64_t n = nb * psz;
-      T* a = at.data();
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        T g, gd;
-        gelu_both(pt[i], &g, &gd);
-        a[i] = g;
-        dp[i] *= gd;
-      }
-      if (bp.dp_extra) {  // the saved state's own gradient (streaming: the next piece's carried state)
-        const T* de = static_cast<const T*>(bp.dp_extra) + bh * NB * psz;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) dp[i] += de[i];
-      }
-      if (bp.dp_init) {  // the carried state's gradient: per block its dP, or (one term in every
-                         // block's window) the sum of dP over the blocks, in block order
-        T* di = static_cast<T*>(bp.dp_init) + bh * std::max<int64_t>(bp.n_init, 1) * psz;
-        std::copy(dp, dp + (bp.n_init == 0 ? psz : n), di);
-        for (int64_t j = 1; bp.n_init == 0 && j < nb; ++j) {
-          const T* dj = dp + j * psz;
-#pragma omp simd
-          for (int64_t i = 0; i < psz; ++i) di[i] += dj[i];
-        }
-      }
-      T* g2 = g2_fc2.data() + bh * fsz;
-      if (reduce) stack_rows(town.data() + bh * nb * ssz, nb, dh, tt.data(), sdy.data());
-      fc2_grads(mm, at.data(), tt.data(), sdy.data(), nb * dh, dh, kh, g2, g2 + kh * dh);  // dfc2_2, db2_2
-      fold_fc2(mm, w1, dp, nb * dh, dh, kh, rtp.data(), r0p.data());                     // R'^T, r0'
-      for (int64_t j = 0; j < nb; ++j) {
-        std::memcpy(rb.data() + j * ssz, rtp.data() + j * gsq, gsq * sizeof(T));
-        std::memcpy(rb.data() + j * ssz + gsq, r0p.data() + j * dh, dh * sizeof(T));
-      }
-      window_sums(rb.data(), bm, ssz, true, rk.data() + bh * nb * ssz);
-      for (int64_t j = 0; j < nb; ++j)  // R_j (C is no longer needed)
-        transpose(rk.data() + (bh * nb + j) * ssz, dh, cm.data() + (bh * nb + j) * gsq);
+      const T* de = bp.dp_extra ? static_cast<const T*>(bp.dp_extra) + bh * NB * psz : nullptr;
+      T* di = bp.dp_init ? static_cast<T*>(bp.dp_init) + bh * std::max<int64_t>(bp.n_init, 1) * psz : nullptr;
+      backward_block_grads(pb, mm, bm, bh % H, p + bh * NB * psz, tblk.data() + bh * nb * ssz,
+                           town + bh * nb * ssz, de, di, bp.n_init, dpt.data() + bh * nb * psz,
+                           g2_fc2.data() + bh * fsz, rk.data() + bh * nb * ssz, cm.data() + bh * nb * gsq, sb);
     }
     // ---- key pass: S^T, sv per piece, generator-1 fc1 partials, dkey, dvalue ----
 #pragma omp for schedule(dynamic, 1)
@@ -1283,11 +922,9 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
     // ---- per (b, h): generator-1 fc2 grads dfc2 = sum_j dP_j S_j^T, db2 = sum_j dP_j sv_j over
     //      the state windows ----
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      state_windows(k_part.data() + bh * kpc.count * ssz, kpc, bm, dh, blk.data(), win.data(), st.data(), sv.data());
-      T* g1 = g1_fc2.data() + bh * fsz;
-      fc2_grads(mm, dpt.data() + bh * nb * psz, st.data(), sv.data(), nb * dh, dh, kh, g1, g1 + kh * dh);
-    }
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      backward_block_fc2(pb, mm, bm, kpc, k_part.data() + bh * kpc.count * ssz, dpt.data() + bh * nb * psz,
+                         g1_fc2.data() + bh * fsz, sb, blk.data(), st.data(), sv.data());
   }
   reduce_generator_grads<T>(q_fc1, g2_fc2, B, H, Cq, dh, kh, bp.dg2, nthreads);
   reduce_generator_grads<T>(k_fc1, g1_fc2, B, H, Ck, dh, kh, bp.dg1, nthreads);

@@ -19,7 +19,7 @@ namespace cpu {
 constexpr int64_t kCpuTile = 256;
 
 // Token-causal mixing (chunk_size 1, unbounded left context) runs as a scan over the tokens
-// (hmx_cpu.cpp, "token-causal mixing as a scan"); its state slots are checkpoints of P, one per
+// (hmx_cpu_scan.h, "token-causal mixing as a scan"); its state slots are checkpoints of P, one per
 // tile of kCpuTile tokens, not one per token.
 inline bool token_scan(int64_t chunk_size, int64_t left_context) { return chunk_size == 1 && left_context < 0; }
 inline bool token_scan(const ProblemParams& pb) { return token_scan(pb.chunk_size, pb.left_context); }

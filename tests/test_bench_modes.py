@@ -102,3 +102,29 @@ def test_sequence_parallel_benchmark_one_and_two_processes(tmp_path):
     assert two["bytes_per_step_per_rank"] == data["meta"]["documented_bytes_per_step"] == 2 * 2 * per_reduce * 4
     assert two["ran"]["backends"] == [two["resolved_backend"]]
     assert 0 <= two["comm_share_p50"] <= 1
+
+
+def test_causal_side_by_side_reports_ratios_and_targets(tmp_path):
+    """A tiny run writes one row per length with each contender's CPU and wall medians, ratios of
+    the medians, and the targets' verdicts from them (a growing chunk ratio fails its target)."""
+    from benchmarks import causal_side_by_side as sbs
+
+    sbs.main(["--lengths", "40,48", "--repeats", "2", "--d", "8", "--k", "16", "--heads", "2", "--sdpa-max-n", "40",
+              "--out", str(tmp_path)])
+    (name,) = [f for f in os.listdir(tmp_path) if f.endswith("-side-by-side.json")]
+    data = json.load(open(tmp_path / name))
+    rows = {r["N"]: r for r in data["rows"]}
+    assert set(rows) == {40, 48} and "sdpa-causal" not in rows[48]["times"]
+    t = rows[40]["times"]
+    assert rows[40]["ratios"]["chunk32"] == pytest.approx(t["chunk32"]["cpu_ms_p50"] / t["full"]["cpu_ms_p50"])
+    assert rows[40]["ratios"]["causal/sdpa-causal"] == pytest.approx(
+        t["causal"]["cpu_ms_p50"] / t["sdpa-causal"]["cpu_ms_p50"])
+    assert len(t["causal"]["cpu_ms"]) == 2
+    assert (tmp_path / name.replace(".json", ".md")).exists()
+    fake = [{"N": 4096, "ratios": {"chunk32": 2.0, "causal": 9.0, "causal/sdpa-causal": 0.5}},
+            {"N": 16384, "ratios": {"chunk32": 2.4, "causal": 9.0, "causal/sdpa-causal": None}}]
+    s = sbs.summarize(fake)
+    assert s["chunk32"]["met"] is False  # under the limit, but growing with N
+    assert s["causal"]["met"] is True and s["causal_vs_sdpa"]["met"] is True
+    fake[1]["ratios"]["chunk32"] = 2.05
+    assert sbs.summarize(fake)["chunk32"]["met"] is True

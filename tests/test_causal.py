@@ -140,6 +140,31 @@ def test_cpu_backend_modes_float32_awkward_sizes(variant, mode_name):
         assert_close(name, grads[name], exp_grads[name], tol.grad)
 
 
+LONG_MODES = {
+    "token": dict(causal=True),  # two tiles, the backward's 16-token sub-tiles, a partial last one
+    "chunk7": dict(chunk_size=7),  # 43 blocks: groups of 12 blocks (fp64, d_h 18, k_h 72) and a partial one
+    "chunk5_L2": dict(chunk_size=5, left_context_chunks=2),
+}
+
+
+@needs_cpu
+@pytest.mark.parametrize("mode_name", list(LONG_MODES))
+def test_cpu_backend_long_modes_float64_match_the_masked_formulation(mode_name):
+    """The cpu backend's scan and grouped block stages (csrc/hmx_cpu_scan.h) at a length where
+    they take more than one step: several tiles and sub-tiles (token-causal), more blocks than one
+    group holds (chunked); fp64, padding masks, against the O(N^2) masked formulation."""
+    kw = LONG_MODES[mode_name]
+    case = make_case(variant="speechbrain", B=2, M=301, d=36, H=2, k_h=72, dtype=torch.float64, input_scale=0.5,
+                     seed=11)
+    grad_out = torch.randn(2, 301, 36, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    out, grads = forward_backward(case, "cpu", grad_out,
+                                  fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend="cpu", **kw))
+    exp, exp_grads = forward_backward(case, "reference", grad_out, fn=_masked(case, _mode(kw)))
+    assert_close("out", out, exp, RTOL)
+    for name in exp_grads:
+        assert_close(name, grads[name], exp_grads[name], RTOL)
+
+
 @needs_cpu
 def test_cpu_backend_modes_are_deterministic_across_thread_counts():
     # without the LayerNorm epilogue: torch's own layer_norm backward sums its weight gradients in
@@ -256,7 +281,7 @@ def test_converted_speechbrain_layer_attn_mask_policies(config):
 
 @needs_cpu
 def test_cpu_token_causal_runs_as_a_scan_with_tile_checkpoints():
-    """Token-causal mixing on the cpu backend is the scan (csrc/hmx_cpu.cpp): its state holds one
+    """Token-causal mixing on the cpu backend is the scan (csrc/hmx_cpu_scan.h): its state holds one
     [k_h, d_h] checkpoint per tile of CPU_TILE tokens, not one per token; chunk-causal mixing keeps
     one per chunk. The Python shape function and the extension agree on the tile."""
     from hmx_kernels.cpp.ops import CPP_OPS, CPU_TILE, extension

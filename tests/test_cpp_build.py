@@ -357,3 +357,15 @@ def test_damaged_builds_are_rebuilt_not_marked_failed(prebuilt_cache, tmp_path):
     assert "portable" not in proc.stderr and "uses the" not in proc.stderr, proc.stderr
     assert not list(cache.glob("*.failed"))
     assert sorted(p.name for p in cache.iterdir()) == [name, name + ".lock"]  # the broken copy is gone
+
+
+def test_every_csrc_file_is_in_the_build_key():
+    """Every C++/CUDA source and header in csrc/ is listed in hmx_kernels.cpp.build (sources or
+    headers), so an edit to any of them (hmx_cpu_scan.h is included by hmx_cpu.cpp) changes the
+    build key and rebuilds, never reusing a stale cached binary."""
+    from hmx_kernels.cpp import build
+
+    listed = set(build.CPU_SOURCES + build.CUDA_SOURCES + build.HEADERS)
+    present = {p.name for p in (REPO / "csrc").iterdir() if p.suffix in (".cpp", ".cu", ".h", ".cuh")}
+    assert present - listed == set(), sorted(present - listed)
+    assert listed - present == set(), sorted(listed - present)

@@ -5,7 +5,7 @@
   reference's there.
 - Token-causal mixing keeps a running [k_h, d_h] state over every token. In fp32 a plain running
   sum drifts with N; the scan sums blocks of CPU_TILE tokens and compensates the sum over blocks
-  (csrc/hmx_cpu.cpp), so its error against float64 stays flat in N. The inputs make the state
+  (csrc/hmx_cpu_scan.h), so its error against float64 stays flat in N. The inputs make the state
   grow steadily (positive values, a large fc2 bias: every token adds about the same positive
   amount), which is where a running fp32 sum loses the most.
 """

@@ -132,7 +132,7 @@ CPU_TILE = 256
 def cpu_state_slots(N, chunk_size: int, cu_seqlens, left_context: int = -1):
     """[k_h, d_h] state slots per (b, h) of the cpp ops: one per mixing block (`state_blocks`),
     except token-causal mixing, which the twin runs as a scan keeping one checkpoint of P per tile
-    of CPU_TILE tokens (csrc/hmx_cpu.cpp) and, last, the state after the last token."""
+    of CPU_TILE tokens (csrc/hmx_cpu_scan.h) and, last, the state after the last token."""
     if chunk_size == 1 and left_context < 0:
         return (N + CPU_TILE - 1) // CPU_TILE + 1
     return state_blocks(N, chunk_size, cu_seqlens, left_context)
