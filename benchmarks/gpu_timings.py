@@ -267,7 +267,7 @@ def step_breakdown(ctx) -> None:
 
     from hmx_kernels.triton.autotune import chosen_configs
 
-    from .kernels import token_bytes
+    from tools.kernels import token_bytes
 
     device, dry = ctx.device, ctx.dry
     shape = timing_shapes(dry)["tiny" if dry else "sb256"]
