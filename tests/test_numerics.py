@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import hmx_kernels
-from hmx_kernels.reference import positional
+from hmx_kernels import positional
 from utils import WEIGHT_NAMES, assert_close, make_case
 
 
