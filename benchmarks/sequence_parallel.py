@@ -164,8 +164,11 @@ def state_bytes_per_layer_step(B: int, d: int, k: int, H: int, element_size: int
                                backend: str = "reference") -> int:
     """The documented volume per layer and step: two all-reduces (forward, backward) of
     `state_values_per_all_reduce` values in the compute dtype (fp32 for fp32/fp16/bf16, fp64 for
-    fp64)."""
-    return 2 * state_values_per_all_reduce(B, d, k, H, backend) * element_size
+    fp64), and the call's one agreement all-gather (hmx_kernels.parallel: slice lengths and call
+    signature, AGREEMENT_BYTES_PER_RANK int64 bytes)."""
+    from hmx_kernels.parallel import AGREEMENT_BYTES_PER_RANK
+
+    return 2 * state_values_per_all_reduce(B, d, k, H, backend) * element_size + AGREEMENT_BYTES_PER_RANK
 
 
 # ---- one process ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["sequence_parallel_offset", "agree_on_slices", "RankMismatchError"]
+__all__ = ["sequence_parallel_offset", "agree_on_slices", "RankMismatchError", "AGREEMENT_BYTES_PER_RANK"]
 
 
 class RankMismatchError(RuntimeError):
@@ -47,6 +47,8 @@ def sequence_parallel_offset(local_length: int, group=None, device=None) -> int:
 
 # the signature's fields, in the order they are sent; names for the error message
 SIGNATURE_FIELDS = ("backend", "variant", "dtype", "B", "H", "d_h", "k_h", "chunk_size", "left_context", "backward")
+# what each rank sends in the one all-gather per call: its two slice lengths and the signature
+AGREEMENT_BYTES_PER_RANK = (2 + len(SIGNATURE_FIELDS)) * 8
 _KNOWN_NAMES = ("reference", "cpu", "cuda", "triton", "speechbrain", "idiap", "torch.float16", "torch.bfloat16",
                 "torch.float32", "torch.float64")
 _REFUSED = -1  # the first slot of a rank whose own inputs were refused

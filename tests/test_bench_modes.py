@@ -88,6 +88,7 @@ def test_causal_summary_ratios():
 
 def test_sequence_parallel_benchmark_one_and_two_processes(tmp_path):
     from benchmarks import sequence_parallel
+    from hmx_kernels.parallel import SIGNATURE_FIELDS
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     sequence_parallel.main(["--length", "64", "--worlds", "2", "--d", "16", "--k", "32", "--heads", "2",
@@ -99,7 +100,8 @@ def test_sequence_parallel_benchmark_one_and_two_processes(tmp_path):
     assert two["world"] == 2 and two["slices"] == [[0, 32], [32, 64]]
     d_h, k_h = 8, 16
     per_reduce = d_h * d_h + d_h if two["resolved_backend"] == "cpu" else k_h * d_h  # per (b, h); H = 2, B = 1
-    assert two["bytes_per_step_per_rank"] == data["meta"]["documented_bytes_per_step"] == 2 * 2 * per_reduce * 4
+    agreement = (2 + len(SIGNATURE_FIELDS)) * 8  # the one all-gather per call: slice lengths and signature
+    assert two["bytes_per_step_per_rank"] == data["meta"]["documented_bytes_per_step"] == 2 * 2 * per_reduce * 4 + agreement
     assert two["ran"]["backends"] == [two["resolved_backend"]]
     assert 0 <= two["comm_share_p50"] <= 1
 
