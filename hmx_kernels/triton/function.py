@@ -1,31 +1,40 @@
 """Launchers of the Triton HyperMixing backend, registered as torch.library triton ops
 (hmx_kernels::triton_fwd / triton_bwd, schema and autograd in `hmx_kernels.fused`).
 
-Forward (`triton_fwd`), reassociated (see hyper_mixing_fwd.py): state pass over key chunks ->
-S, sv = sums of the chunk partials (fixed order) -> finalize with torch on [B, H, ...] tensors:
-P = fc2 S + b2 sv^T, A = GELU(P), C = fc2_2^T A, c0 = b2_2^T A -> mix pass over query chunks,
-writing Y [B, M, d] fp32 (the LayerNorm is applied by the common epilogue). The op returns
-P [B, H, k_h, d_h] fp32, which autograd saves: nothing of size [N, k_h].
-Backward (`triton_bwd`), reassociated (see hyper_mixing_bwd.py): A, C from the saved P; the query
-pass (T, sdy, MLP2's fc1 gradients, dquery) -> finalize: dA, MLP2's fc2 gradients, dP = dA * GELU'(P),
-R, r0 -> the key pass (S, sv, MLP1's fc1 gradients, dkey, dvalue) -> finalize: MLP1's fc2
-gradients. From d_h 128 on (config.SPLIT_BLOCK_D) the state pass splits S's rows over two programs
-per (b, h, chunk), the backward takes T, sdy from `hmx_bwd_kernel_tsum` and S, sv from the state
-pass run again, and the query and key passes leave those sums out (ACC_T / ACC_S), so that every
-program fits its registers. All token reductions are per-program fp32 partials ([D, D] and [D] per chunk) summed
-here with torch.sum in a fixed order (deterministic, no atomics); the finalize products are torch
-matmuls on [B, H, k_h, d_h] tensors (`_matmul`: fp32 as torch's float32 matmul precision allows,
-fp64 in "high"). Tied hypernetworks and self-mixing (speechbrain: query = key = value) need no
-special case: the same tensor appears in several argument slots and autograd adds the gradients
-of those slots.
+Forward (`triton_fwd`), reassociated (see hyper_mixing_fwd.py): state pass over key chunks
+(per-chunk fp32 partials of S, sv) -> one finalize kernel (finalize.py, grid B*H): the chunk
+partials summed in chunk order, P = fc2 S + b2 sv^T, A = GELU(P), C = fc2_2^T A, c0 = b2_2^T A ->
+mix pass over query chunks, writing Y [B, M, d] fp32 (the LayerNorm is applied by the common
+epilogue). The op returns P [B, H, k_h, d_h] fp32, which autograd saves: nothing of size [N, k_h].
+Backward (`triton_bwd`), reassociated (see hyper_mixing_bwd.py): finalize (C, c0 from the saved P)
+-> the query pass (partials of T, sdy, MLP2's fc1 gradients; dquery) -> finalize (T, sdy summed,
+dA, dP = dA * GELU'(P), R, r0) -> the key pass (partials of S, sv, MLP1's fc1 gradients; dkey,
+dvalue) -> finalize (every generator gradient, summed over the batch in batch order). Three
+Triton launches forward, five backward, and no torch op between them. From d_h 128 on
+(config.SPLIT_BLOCK_D) the state pass splits S's rows over two programs per (b, h, chunk), the
+backward takes T, sdy from `hmx_bwd_kernel_tsum` and S, sv from the state pass run again, and the
+query and key passes leave those sums out (ACC_T / ACC_S), so that every program fits its
+registers; there the finalize stays in torch ops (the finalize kernels' two [128, 128] fp32 sums
+per program would spill): chunk sums by torch.sum in a fixed order, products as torch matmuls on
+[B, H, k_h, d_h] tensors (`_matmul`: fp32 as torch's float32 matmul precision allows, fp64 in
+"high"). Every token reduction is a per-program fp32 partial ([D, D] and [D] per chunk), summed
+in a fixed order (deterministic, no atomics). Tied hypernetworks and self-mixing (speechbrain:
+query = key = value) need no special case: the same tensor appears in several argument slots and
+autograd adds the gradients of those slots.
+
+Host synchronisation: plain and chunked mixing read no tensor value on the host (the chunked
+modes' block tables are built from sizes and kept per device, `_blocks`), so the step can be
+captured in a CUDA graph after a warm-up call; packed sequences copy cu_seqlens to the host once
+per call to build their table (tests/test_launch_count.py).
 
 Precision and tensor cores: config.dot_precision (fp16 / bf16 operands, or fp32 in the dot
 precision torch.get_float32_matmul_precision() asks for); C and R are passed divided by a power
 of two per (b, h) (`_pow2_scale`), so that fp16 operands stay in range.
 
-The sequence is split into n_chunks = min(64, ceil(L / CHUNK_MIN)) chunks, one program per
+The sequence is split into n_chunks = min(64, ceil(L / CHUNK_MIN)) chunks (on a GPU also at most
+about PROGRAMS_PER_SM programs per SM over the B*H rows, `_plain_chunking`), one program per
 (batch, head, chunk); each program loops over its chunk in tiles of BLOCK_N tokens. The chunking
-depends on L only (not on the tuned BLOCK_N), so partial buffers are config-independent; a chunk's
+depends on the sizes only (not on the tuned BLOCK_N), so partial buffers are config-independent; a chunk's
 partials (d_h^2 + d_h numbers per product) are smaller than its slice of an [L, k_h] tensor while
 d_h^2 < CHUNK_MIN * k_h (at the limits d_h 128, k_h 512: 16K against 64K).
 
