@@ -26,8 +26,8 @@ from hmx_kernels import FusedHyperMixing
 triton = pytest.importorskip("triton", reason="triton is not installed")
 from hmx_kernels.triton import function as tfn  # noqa: E402  (after TRITON_INTERPRET is set)
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                                reason="counts the ops on CPU tensors under the Triton interpreter")
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                       reason="counts the ops on CPU tensors under the Triton interpreter")
 
 # aten ops that launch no kernel: views, allocations without a fill, metadata, and `to`, whose
 # copy (if any) is recorded as its own op
@@ -118,6 +118,7 @@ def _speechbrain(**mode):
     return FusedHyperMixing(36, 144, num_heads=2, backend="triton", **mode)
 
 
+@needs_interpreter
 @pytest.mark.parametrize("mode", [{}, dict(chunk_size=4), dict(chunk_size=3, left_context_chunks=1),
                                   dict(causal=True)], ids=["dense", "chunk4", "chunk3_L1", "causal"])
 def test_no_host_sync_in_dense_and_chunked_mixing(recorder, mode):
@@ -129,6 +130,7 @@ def test_no_host_sync_in_dense_and_chunked_mixing(recorder, mode):
     assert rec.syncs() == [], f"host synchronisations in a {mode or 'dense'} step: {rec.syncs()}"
 
 
+@needs_interpreter
 def test_no_host_sync_in_cross_mixing_with_masks(recorder):
     torch.manual_seed(0)
     layer = FusedHyperMixing(32, 128, num_heads=2, variant="idiap", backend="triton", hypernetwork_bias=True)
@@ -142,12 +144,13 @@ def test_no_host_sync_in_cross_mixing_with_masks(recorder):
     assert rec.syncs() == []
 
 
+@needs_interpreter
 def test_launches_per_step_of_the_dense_layer(recorder):
     """Forward: state pass, finalize, mix pass (+ the LayerNorm). Backward: finalize (C from the
     saved P), query pass, finalize (dP, R), key pass, finalize (weight gradients) (+ the LayerNorm
     backward, autograd's zero gradient of the unused state output and its two adds of
-    dq + dk + dv for self-mixing). Before the finalize kernels: 2 + 2 Triton launches and 22 + 66
-    aten kernels (this count)."""
+    dq + dk + dv for self-mixing). Counted the same way before the finalize kernels: forward 2
+    Triton + 15 aten, backward 2 Triton + 51 aten (70 in all); now 3 + 1 and 5 + 4 (13)."""
     x = torch.randn(2, 11, 36, requires_grad=True)
     rec = _step(recorder, _speechbrain(), x, None, None)
     names = [n for _, n in rec.launches]
@@ -161,3 +164,26 @@ def test_launches_per_step_of_the_dense_layer(recorder):
     assert sorted(bwd) == ["add", "add", "native_layer_norm_backward", "zeros"], bwd
     total = len(rec.launches) + len(fwd) + len(bwd)
     assert total <= 13, total
+
+
+@pytest.mark.parametrize("rows,length,sms,expected", [
+    (8, 16384, 132, 33),  # B 1, H 8 on an H100: about 2 programs per SM
+    (32, 16384, 132, 9),
+    (512, 16384, 132, 1),  # enough rows to fill the GPU: one chunk, the fewest partials
+    (8, 1000, 132, 8),  # short: at least CHUNK_MIN tokens per chunk
+    (1, 1 << 20, 132, 64),  # never more than MAX_CHUNKS
+])
+def test_gpu_chunk_count_follows_the_sm_count(monkeypatch, rows, length, sms, expected):
+    """The plain-mixing chunk count on a GPU (`_plain_chunking`): the partial buffers, and so the
+    finalize kernels' reads, shrink when B*H alone fills the device. The chunks cover the
+    sequence exactly: none empty, none past the end."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(tfn, "INTERPRETED_KERNELS", False)
+    monkeypatch.setattr(tfn, "_sm_count", lambda device: sms)
+    s = SimpleNamespace(B=1, H=rows, dummy=SimpleNamespace(device=torch.device("cuda", 0)))
+    n_chunks, chunk_len = tfn._plain_chunking(s, length)
+    assert n_chunks == expected
+    assert n_chunks * chunk_len >= length and (n_chunks - 1) * chunk_len < length
+    s.dummy = SimpleNamespace(device=torch.device("cpu"))  # elsewhere: the fixed count
+    assert tfn._plain_chunking(s, length) == tfn._chunking(length)
