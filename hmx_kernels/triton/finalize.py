@@ -30,7 +30,14 @@ from .hyper_mixing_fwd import _gelu, _gelu_grad
 
 BLOCK_K = 32  # rows of fc2 per step: [BLOCK_K, BLOCK_D] fp32 tiles beside [BLOCK_D, BLOCK_D] sums
 NUM_WARPS = 8  # hmx_fwd_finalize, hmx_bwd_finalize_mid
-WEIGHTS_NUM_WARPS = 4  # hmx_bwd_finalize_weights (8 warps: ptxas keeps 64 registers and spills at BLOCK_D 32)
+
+
+def weights_num_warps(block_d: int) -> int:
+    """hmx_bwd_finalize_weights: 4 warps at BLOCK_D 32 (with 8, ptxas keeps 64 registers and spills
+    8 B on sm_90), 8 at 64 (with 4, 255 registers and 52 B of spills on sm_80)."""
+    return 4 if block_d <= 32 else 8
+
+
 # Compiled for sm_90 / sm_80 at (d_h, k_h) = (18, 72), (32, 128), (64, 256) in bf16 and fp32: no
 # spills (the backward's middle kernel, the largest, at 128 / 190 registers for BLOCK_D 32 / 64;
 # figures: `capture_launches(..., finalize=True)` in benchmarks/kernels.py).
@@ -183,7 +190,7 @@ def _sum_fc1(part_ptr, bpart_ptr, dw_ptr, db_ptr, i_h, B, H, n_chunks, o_r, o_c,
     acc_w = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for b in range(B):
-        row = b * H + i_h
+        row = (b * H + i_h).to(tl.int64)
         acc_w += _sum_chunks(part_ptr, row, n_chunks, o_r, o_c, D_H, BLOCK_D)
         if HAS_B:
             acc_b += _sum_chunks_vec(bpart_ptr, row, n_chunks, o_c, D_H, BLOCK_D)

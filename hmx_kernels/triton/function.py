@@ -74,7 +74,7 @@ from .config import INTERPRETED_KERNELS, block_d, dot_precision
 from .hyper_mixing_bwd import hmx_bwd_kernel_key, hmx_bwd_kernel_query, hmx_bwd_kernel_tsum
 from .finalize import BLOCK_K as FINALIZE_BLOCK_K
 from .finalize import NUM_WARPS as FINALIZE_WARPS
-from .finalize import WEIGHTS_NUM_WARPS as FINALIZE_WEIGHTS_WARPS
+from .finalize import weights_num_warps
 from .finalize import hmx_bwd_finalize_mid, hmx_bwd_finalize_weights, hmx_fwd_finalize
 from .hyper_mixing_fwd import hmx_fwd_kernel_mix, hmx_fwd_kernel_state
 
@@ -640,7 +640,7 @@ def _finalize_weights(s, P, dP, T, sdy, s_part, sv_part, fc1_parts1, fc1_parts2,
     """One launch (hmx_bwd_finalize_weights): the eight generator gradients of the fused-op
     contract, summed over the batch (an absent bias: an empty tensor)."""
     device = P.device
-    flags = dict(_fin_flags(s, gen), num_warps=FINALIZE_WEIGHTS_WARPS)
+    flags = dict(_fin_flags(s, gen), num_warps=weights_num_warps(block_d(s.d_h)))
     n_kb = triton.cdiv(s.k_h, flags["BLOCK_K"])
     dfc2w1 = _empty((s.H, s.k_h, s.d_h), torch.float32, device)
     dfc2w2 = _empty((s.H, s.k_h, s.d_h), torch.float32, device)
