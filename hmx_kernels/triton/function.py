@@ -646,11 +646,11 @@ def _finalize_weights(s, P, dP, T, sdy, s_part, sv_part, fc1_parts1, fc1_parts2,
     dfc2w2 = _empty((s.H, s.k_h, s.d_h), torch.float32, device)
     dfc1w1 = _empty((s.H, s.d_h, s.d_h), torch.float32, device)
     dfc1w2 = _empty((s.H, s.d_h, s.d_h), torch.float32, device)
-    empty = P.new_empty((0,))
-    dfc2b1 = _empty((s.H, s.k_h), torch.float32, device) if gen[3] is not None else empty
-    dfc2b2 = _empty((s.H, s.k_h), torch.float32, device) if gen[7] is not None else empty
-    dfc1b1 = _empty((s.H, s.d_h), torch.float32, device) if gen[1] is not None else empty
-    dfc1b2 = _empty((s.H, s.d_h), torch.float32, device) if gen[5] is not None else empty
+    def bias_grad(bias, size):  # an absent bias: an empty tensor of its own (returns may not alias)
+        return _empty((s.H, size), torch.float32, device) if bias is not None else P.new_empty((0,))
+
+    dfc2b1, dfc2b2 = bias_grad(gen[3], s.k_h), bias_grad(gen[7], s.k_h)
+    dfc1b1, dfc1b2 = bias_grad(gen[1], s.d_h), bias_grad(gen[5], s.d_h)
     _launch(hmx_bwd_finalize_weights, (s.H, 2 * n_kb + 1),
         P, dP, T, sdy, s_part, sv_part, *fc1_parts1, *fc1_parts2,
         dfc2w1, dfc2b1 if gen[3] is not None else dfc2w1, dfc2w2, dfc2b2 if gen[7] is not None else dfc2w2,
