@@ -6,7 +6,9 @@
 `hyper_mixing_varlen` is the functional op on packed tokens. The "cpu" and "triton" backends walk
 cu_seqlens in their kernels (each sequence is a mixing block of its own: csrc/hmx_params.h), the
 reference mixes the sequences one by one; the other backends run a padded [num_seqs, max_seqlen, d]
-view with a padding mask (exact, but it spends compute on the padding).
+view with a padding mask (exact, but it spends compute on the padding). The fused backends copy
+cu_seqlens to the host once per call to build their tables: one host synchronisation per packed
+call (plain and chunked mixing have none on the triton backend).
 
 Empty sequences (equal neighbours in cu_seqlens, as `unpad` makes of a fully padded row) are
 allowed: they hold no tokens and produce none. Checking cu_seqlens and sizing the work reads its

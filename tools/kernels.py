@@ -92,10 +92,14 @@ def _torch_dtype(name: str):
 
 
 @lru_cache(maxsize=None)
-def capture_launches(d_h: int, k_h: int, dtype: str, mode: str = "highest") -> Tuple[Launch, ...]:
+def capture_launches(d_h: int, k_h: int, dtype: str, mode: str = "highest",
+                     finalize: bool = False) -> Tuple[Launch, ...]:
     """The launches of one forward + backward (speechbrain, masks, biases) at d_h, k_h, B = 4,
     N = 16384, H = 8, under torch.set_float32_matmul_precision(mode): the launchers of
-    hmx_kernels.triton.launch run on meta tensors with the launch recorded instead of made."""
+    hmx_kernels.triton.launch run on meta tensors with the launch recorded instead of made.
+    The token passes only (the autotuned kernels this report is about), unless `finalize`: then
+    only the per-(b, h) finalize kernels (hmx_kernels.triton.finalize: one fixed config each, its
+    num_warps among the launch keywords; fp32 IEEE dots, so no tensor-core instructions)."""
     import torch
 
     from hmx_kernels.triton import launch as fn
@@ -105,7 +109,8 @@ def capture_launches(d_h: int, k_h: int, dtype: str, mode: str = "highest") -> T
     def record(kernel, grid, *args, **kwargs):
         args = tuple(("tensor", str(a.dtype).replace("torch.", "")) if isinstance(a, torch.Tensor) else a
                      for a in args)
-        recorded.append(Launch(kernel.fn.__name__, args, tuple(sorted(kwargs.items()))))
+        if (kernel.fn.__name__ in FINALIZE_KERNELS) == finalize:
+            recorded.append(Launch(kernel.fn.__name__, args, tuple(sorted(kwargs.items()))))
 
     B, N, H = ROOFLINE["B"], ROOFLINE["N"], ROOFLINE["H"]
     dt = _torch_dtype(dtype)
@@ -129,10 +134,16 @@ def capture_launches(d_h: int, k_h: int, dtype: str, mode: str = "highest") -> T
     return tuple(recorded)
 
 
-def _kernel(name: str):
-    from hmx_kernels.triton import hyper_mixing_bwd, hyper_mixing_fwd
+FINALIZE_KERNELS = ("hmx_fwd_finalize", "hmx_bwd_finalize_mid", "hmx_bwd_finalize_weights")
 
-    return getattr(hyper_mixing_fwd, name, None) or getattr(hyper_mixing_bwd, name)
+
+def _kernel(name: str):
+    """The kernel's JITFunction."""
+    from hmx_kernels.triton import finalize, hyper_mixing_bwd, hyper_mixing_fwd
+
+    if name in FINALIZE_KERNELS:
+        return getattr(finalize, name)
+    return (getattr(hyper_mixing_fwd, name, None) or getattr(hyper_mixing_bwd, name)).fn
 
 
 def _tool(name: str) -> str:
@@ -151,9 +162,10 @@ def compile_launch(launch: Launch, config: Tuple[int, int, int], arch: int) -> d
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime.jit import MockTensor, native_specialize_impl
 
-    jf = _kernel(launch.kernel).fn
+    jf = _kernel(launch.kernel)
     block_n, num_warps, num_stages = config
     kwargs = dict(launch.kwargs, BLOCK_N=block_n)
+    num_warps = kwargs.pop("num_warps", num_warps)  # a fixed-config kernel's own (the finalize kernels)
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(jf.params):
         if p.is_constexpr:

@@ -1,31 +1,40 @@
 """Launchers of the Triton HyperMixing backend, registered as torch.library triton ops
 (hmx_kernels::triton_fwd / triton_bwd, schema and autograd in `hmx_kernels.ops`).
 
-Forward (`triton_fwd`), reassociated (see hyper_mixing_fwd.py): state pass over key chunks ->
-S, sv = sums of the chunk partials (fixed order) -> finalize with torch on [B, H, ...] tensors:
-P = fc2 S + b2 sv^T, A = GELU(P), C = fc2_2^T A, c0 = b2_2^T A -> mix pass over query chunks,
-writing Y [B, M, d] fp32 (the LayerNorm is applied by the common epilogue). The op returns
-P [B, H, k_h, d_h] fp32, which autograd saves: nothing of size [N, k_h].
-Backward (`triton_bwd`), reassociated (see hyper_mixing_bwd.py): A, C from the saved P; the query
-pass (T, sdy, MLP2's fc1 gradients, dquery) -> finalize: dA, MLP2's fc2 gradients, dP = dA * GELU'(P),
-R, r0 -> the key pass (S, sv, MLP1's fc1 gradients, dkey, dvalue) -> finalize: MLP1's fc2
-gradients. From d_h 128 on (config.SPLIT_BLOCK_D) the state pass splits S's rows over two programs
-per (b, h, chunk), the backward takes T, sdy from `hmx_bwd_kernel_tsum` and S, sv from the state
-pass run again, and the query and key passes leave those sums out (ACC_T / ACC_S), so that every
-program fits its registers. All token reductions are per-program fp32 partials ([D, D] and [D] per chunk) summed
-here with torch.sum in a fixed order (deterministic, no atomics); the finalize products are torch
-matmuls on [B, H, k_h, d_h] tensors (`_matmul`: fp32 as torch's float32 matmul precision allows,
-fp64 in "high"). Tied hypernetworks and self-mixing (speechbrain: query = key = value) need no
-special case: the same tensor appears in several argument slots and autograd adds the gradients
-of those slots.
+Forward (`triton_fwd`), reassociated (see hyper_mixing_fwd.py): state pass over key chunks
+(per-chunk fp32 partials of S, sv) -> one finalize kernel (finalize.py, grid B*H): the chunk
+partials summed in chunk order, P = fc2 S + b2 sv^T, A = GELU(P), C = fc2_2^T A, c0 = b2_2^T A ->
+mix pass over query chunks, writing Y [B, M, d] fp32 (the LayerNorm is applied by the common
+epilogue). The op returns P [B, H, k_h, d_h] fp32, which autograd saves: nothing of size [N, k_h].
+Backward (`triton_bwd`), reassociated (see hyper_mixing_bwd.py): finalize (C, c0 from the saved P)
+-> the query pass (partials of T, sdy, MLP2's fc1 gradients; dquery) -> finalize (T, sdy summed,
+dA, dP = dA * GELU'(P), R, r0) -> the key pass (partials of S, sv, MLP1's fc1 gradients; dkey,
+dvalue) -> finalize (every generator gradient, summed over the batch in batch order). Three
+Triton launches forward, five backward, and no torch op between them. From d_h 128 on
+(config.SPLIT_BLOCK_D) the state pass splits S's rows over two programs per (b, h, chunk), the
+backward takes T, sdy from `hmx_bwd_kernel_tsum` and S, sv from the state pass run again, and the
+query and key passes leave those sums out (ACC_T / ACC_S), so that every program fits its
+registers; there the finalize stays in torch ops (the finalize kernels' two [128, 128] fp32 sums
+per program would spill): chunk sums by torch.sum in a fixed order, products as torch matmuls on
+[B, H, k_h, d_h] tensors (`_matmul`: fp32 as torch's float32 matmul precision allows, fp64 in
+"high"). Every token reduction is a per-program fp32 partial ([D, D] and [D] per chunk), summed
+in a fixed order (deterministic, no atomics). Tied hypernetworks and self-mixing (speechbrain:
+query = key = value) need no special case: the same tensor appears in several argument slots and
+autograd adds the gradients of those slots.
+
+Host synchronisation: plain and chunked mixing read no tensor value on the host (the chunked
+modes' block tables are built from sizes and kept per device, `_blocks`), so the step can be
+captured in a CUDA graph after a warm-up call; packed sequences copy cu_seqlens to the host once
+per call to build their table (tests/test_launch_count.py).
 
 Precision and tensor cores: config.dot_precision (fp16 / bf16 operands, or fp32 in the dot
 precision torch.get_float32_matmul_precision() asks for); C and R are passed divided by a power
 of two per (b, h) (`_pow2_scale`), so that fp16 operands stay in range.
 
-The sequence is split into n_chunks = min(64, ceil(L / CHUNK_MIN)) chunks, one program per
+The sequence is split into n_chunks = min(64, ceil(L / CHUNK_MIN)) chunks (on a GPU also at most
+about PROGRAMS_PER_SM programs per SM over the B*H rows, `_plain_chunking`), one program per
 (batch, head, chunk); each program loops over its chunk in tiles of BLOCK_N tokens. The chunking
-depends on L only (not on the tuned BLOCK_N), so partial buffers are config-independent; a chunk's
+depends on the sizes only (not on the tuned BLOCK_N), so partial buffers are config-independent; a chunk's
 partials (d_h^2 + d_h numbers per product) are smaller than its slice of an [L, k_h] tensor while
 d_h^2 < CHUNK_MIN * k_h (at the limits d_h 128, k_h 512: 16K against 64K).
 
@@ -63,6 +72,10 @@ from ..variants import get_variant
 from . import autotune as _config
 from .autotune import INTERPRETED_KERNELS, block_d, dot_precision
 from .hyper_mixing_bwd import hmx_bwd_kernel_key, hmx_bwd_kernel_query, hmx_bwd_kernel_tsum
+from .finalize import BLOCK_K as FINALIZE_BLOCK_K
+from .finalize import NUM_WARPS as FINALIZE_WARPS
+from .finalize import weights_num_warps
+from .finalize import hmx_bwd_finalize_mid, hmx_bwd_finalize_weights, hmx_fwd_finalize
 from .hyper_mixing_fwd import hmx_fwd_kernel_mix, hmx_fwd_kernel_state
 
 __all__ = ["TRITON_OPS", "triton_forward", "set_nan_poison"]
@@ -112,6 +125,34 @@ def _chunking(length):
     return triton.cdiv(length, chunk_len), chunk_len
 
 
+_SM_COUNTS = {}
+
+
+def _sm_count(device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def _plain_chunking(s, length):
+    """(n_chunks, chunk_len) of plain mixing. On a GPU the chunk count fills the device: about
+    two programs per SM over the B*H rows (`PROGRAMS_PER_SM`), never more than `_chunking`'s
+    (MAX_CHUNKS, at least CHUNK_MIN tokens per chunk), so short or many-row inputs write fewer
+    partials. Elsewhere (CPU tensors, the interpreter) `_chunking`'s fixed count."""
+    n, chunk_len = _chunking(length)
+    device = s.dummy.device
+    if device.type != "cuda" or INTERPRETED_KERNELS:
+        return n, chunk_len
+    fill = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), s.B * s.H)
+    n = max(1, min(n, fill))
+    chunk_len = triton.cdiv(length, n)
+    return triton.cdiv(length, chunk_len), chunk_len
+
+
+PROGRAMS_PER_SM = 2  # token-pass programs per SM the GPU chunk count aims at (GPU_DESIGN.md section 5)
+
+
 def _grid(s, length, bl, row_split=1):
     """(grid, chunk_len, n_chunks, (piece table, n_blocks, BLOCKED)) of a token pass over `length`
     tokens: plain mixing, (B*H*row_split, n_chunks) programs over the row's chunks (the
@@ -120,7 +161,7 @@ def _grid(s, length, bl, row_split=1):
     mixing has one piece per token). row_split: the state programs' ROW_SPLIT row groups per
     (b, h) (config.row_split; 1 for the other passes)."""
     if bl is None:
-        n_chunks, chunk_len = _chunking(length)
+        n_chunks, chunk_len = _plain_chunking(s, length)
         return (s.B * s.H * row_split, n_chunks), chunk_len, n_chunks, (s.dummy, 1, False)
     return (bl.n_pieces, s.B * s.H * row_split), 0, bl.n_pieces, (bl.table, bl.nb, True)
 
@@ -143,47 +184,58 @@ class _Blocks:
       shifted adds of whole [B*H, nb, ...] tensors, a fixed association."""
 
     def __init__(self, N: int, chunk_size: int, left_context: int, cu_seqlens, device):
+        # Built with Python integers: no tensor value is read here except cu_seqlens (packed
+        # sequences: one device-to-host copy per call, the one host sync of those modes).
         if cu_seqlens is None:
-            starts, lengths = torch.zeros(1, dtype=torch.int64), torch.full((1,), N, dtype=torch.int64)
+            cu = [0, N]
         else:
-            cu = cu_seqlens.to("cpu", torch.int64)
-            if int(cu[0]) != 0 or int(cu[-1]) != N or bool((cu[1:] < cu[:-1]).any()):
+            cu = [int(c) for c in cu_seqlens.to("cpu", torch.int64).tolist()]
+            if cu[0] != 0 or cu[-1] != N or any(b < a for a, b in zip(cu, cu[1:])):
                 raise ValueError(f"hmx_kernels op: cu_seqlens must start at 0, never decrease and end at the token "
-                                 f"count {N}, got {cu.tolist()[:8]}")
-            starts, lengths = cu[:-1], cu[1:] - cu[:-1]
-        step = lengths.clamp(min=1) if chunk_size <= 0 else torch.full_like(lengths, chunk_size)
-        nbs = (lengths + step - 1) // step  # blocks per sequence (none for an empty one)
-        self.nb = nb = int(nbs.sum())
+                                 f"count {N}, got {cu[:8]}")
+        starts, lengths = cu[:-1], [b - a for a, b in zip(cu, cu[1:])]
+        steps = [max(n, 1) if chunk_size <= 0 else chunk_size for n in lengths]
+        nbs = [-(-n // st) for n, st in zip(lengths, steps)]  # blocks per sequence (none for an empty one)
+        self.nb = nb = sum(nbs)
         self.slots = state_blocks(N, chunk_size, cu_seqlens, left_context)  # the op's state slots (>= nb)
-        seq = torch.repeat_interleave(torch.arange(nbs.numel()), nbs)  # sequence of each block
-        j0 = torch.cumsum(nbs, 0) - nbs  # first block of each sequence
-        bstart = starts[seq] + (torch.arange(nb) - j0[seq]) * step[seq]
-        bend = torch.minimum(bstart + step[seq], (starts + lengths)[seq])
         _, piece_len = _chunking(N)
-        per_block = (bend - bstart + piece_len - 1) // piece_len  # >= 1
-        self.n_pieces = n_pieces = int(per_block.sum())
-        pblock = torch.repeat_interleave(torch.arange(nb), per_block)
-        pfirst = torch.cumsum(per_block, 0) - per_block  # first piece of each block
-        pstart = bstart[pblock] + (torch.arange(n_pieces) - pfirst[pblock]) * piece_len
-        pend = torch.minimum(pstart + piece_len, bend[pblock])
-        table = torch.stack([pstart, pend, pblock, starts[seq][pblock]], dim=1)
-        self.table = table.to(torch.int32).to(device)
+        seq_first, seq_last, rows, per_block, pfirst = [], [], [], [], []
+        j0 = 0
+        for q, (start, n, st, nbq) in enumerate(zip(starts, lengths, steps, nbs)):
+            for i in range(nbq):  # block j = j0 + i of sequence q
+                bstart = start + i * st
+                bend = min(bstart + st, start + n)
+                count = -(-(bend - bstart) // piece_len)  # >= 1
+                pfirst.append(len(rows))
+                per_block.append(count)
+                for r in range(count):
+                    rows.append((bstart + r * piece_len, min(bstart + (r + 1) * piece_len, bend), j0 + i, start))
+                seq_first.append(j0)
+                seq_last.append(j0 + nbq - 1)
+            j0 += nbq
+        self.n_pieces = n_pieces = len(rows)
+        self.table = torch.tensor(rows, dtype=torch.int32).reshape(n_pieces, 4).to(device)
         # block sums: blocks ordered by piece count (most first), so that the blocks with more
         # than r pieces are a prefix of that order for every r
-        order = torch.argsort(-per_block, stable=True)
-        self._first = pfirst[order].to(device)
-        self._unorder = torch.argsort(order).to(device)
-        self._ranks = [(int((per_block > r).sum()), (pfirst[order] + r)[: int((per_block > r).sum())].to(device))
-                       for r in range(1, int(per_block.max()))]
+        order = sorted(range(nb), key=lambda j: -per_block[j])  # stable
+        unorder = [0] * nb
+        for rank, j in enumerate(order):
+            unorder[j] = rank
+        first = [pfirst[j] for j in order]
+        self._first = torch.tensor(first, dtype=torch.int64).to(device)
+        self._unorder = torch.tensor(unorder, dtype=torch.int64).to(device)
+        most = max(per_block) if per_block else 1
+        self._ranks = []
+        for r in range(1, most):
+            count = sum(1 for c in per_block if c > r)
+            self._ranks.append((count, torch.tensor([f + r for f in first[:count]], dtype=torch.int64).to(device)))
         self._trivial = n_pieces == nb
         # windows: width in blocks (no window needs more blocks than the longest sequence has)
-        longest = int(nbs.max())
+        longest = max(nbs)
         self._width = (1 << max(longest - 1, 0).bit_length()) if left_context < 0 else min(left_context + 1, longest)
-        seq_first = j0[seq]
-        seq_last = (j0 + nbs - 1)[seq]
         self._pos = torch.arange(nb).to(device)
-        self._seg_first = seq_first.to(device)
-        self._seg_first_rev = (nb - 1 - seq_last).flip(0).to(device)
+        self._seg_first = torch.tensor(seq_first, dtype=torch.int64).to(device)
+        self._seg_first_rev = torch.tensor([nb - 1 - x for x in seq_last][::-1], dtype=torch.int64).to(device)
 
     def block_sums(self, part: torch.Tensor) -> torch.Tensor:
         if self._trivial:
@@ -278,7 +330,7 @@ def _pow2_scale(x: torch.Tensor, dims):
     return (x / scale).contiguous(), scale.reshape(-1).contiguous()
 
 
-def _state(s, key, value, key_keep, w1, pe, pe_table, bl=None):
+def _state(s, key, value, key_keep, w1, pe, pe_table, bl=None, raw=False):
     """S [B*H, d_h, d_h] and sv [B*H, d_h] (fp32): fixed-order sums of the state pass's chunk
     partials of S = sum_t m_t hid_t^T V_t and sv = sum_t m_t V_t. With mixing blocks `bl`: each
     block's own sums, [B*H, nb, d_h, d_h] and [B*H, nb, d_h]."""
@@ -301,6 +353,8 @@ def _state(s, key, value, key_keep, w1, pe, pe_table, bl=None):
     )
     if bl is not None:
         return bl.block_sums(s_part), bl.block_sums(sv_part)
+    if raw:  # the chunk partials, for the finalize kernels
+        return s_part, sv_part
     return s_part.sum(dim=1), sv_part.sum(dim=1)  # fixed-order sums over the chunks
 
 
@@ -365,15 +419,20 @@ def _triton_fwd_impl(query, key, value, query_keep, key_keep, *rest):
     bl = _blocks(s, rest[9:], device)
     if bl is not None:
         return _blocked_fwd(s, query, key, value, query_keep, key_keep, gen, pe, pe_table, bl)
-    S, sv = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table)
-    P = _state_to_p(s, S, sv, gen[2], gen[3])  # [B, H, k_h, d_h] fp32
-    mix_ops = _mix_operands(s, F.gelu(P), gen[6], gen[7])
+    if _config.split_state(s.d_h):  # the torch finalize (finalize.py: its kernels would spill here)
+        S, sv = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table)
+        P = _state_to_p(s, S, sv, gen[2], gen[3])  # [B, H, k_h, d_h] fp32
+        mix_ops = _mix_operands(s, F.gelu(P), gen[6], gen[7])
+    else:  # one finalize launch
+        s_part, sv_part = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table, raw=True)
+        P = _empty((s.B, s.H, s.k_h, s.d_h), torch.float32, device)  # the op's saved state
+        mix_ops = _finalize_fwd(s, s_part, sv_part, P, gen)
     y = _empty((s.B, s.M, s.d), torch.float32, device)
     _mix(s, query, query_keep, _fc1_args(gen[4], gen[5]), mix_ops, pe, pe_table, y)
     return y, P
 
 
-def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table, bl=None):
+def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table, bl=None, raw=False):
     """dquery [B, M, d] fp32, T [B, H, d_h, d_h], sdy [B, H, d_h] and the MLP2 fc1 gradients
     (with `bl`: T, sdy per block of its own queries, [B, H, nb, d_h, d_h], [B, H, nb, d_h])."""
     device = query.device
@@ -416,6 +475,8 @@ def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table, bl=None):
         T = bl.block_sums(t_part).view(s.B, s.H, bl.nb, s.d_h, s.d_h)
         sdy = bl.block_sums(sdy_part).view(s.B, s.H, bl.nb, s.d_h)
         return dq, T, sdy, _fc1_grads(s, fc1_parts, flags["HAS_FC1_BIAS"])
+    if raw:  # the chunk partials, for the finalize kernels
+        return dq, t_part, sdy_part, fc1_parts
     T = t_part.sum(dim=1).view(s.B, s.H, s.d_h, s.d_h)  # fixed-order sums over the chunks
     sdy = sdy_part.sum(dim=1).view(s.B, s.H, s.d_h)
     return dq, T, sdy, _fc1_grads(s, fc1_parts, flags["HAS_FC1_BIAS"])
@@ -427,7 +488,7 @@ def _gelu_grad(x):
     return cdf + x * pdf
 
 
-def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table, bl=None):
+def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table, bl=None, raw=False):
     """dkey, dvalue [B, N, d] fp32, S [B, H, d_h, d_h], sv [B, H, d_h] and the MLP1 fc1
     gradients (with `bl`: S, sv per block of its own keys, [B*H, nb, d_h, d_h], [B*H, nb, d_h])."""
     device = key.device
@@ -453,6 +514,10 @@ def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table, bl=None):
         HAS_FC2_BIAS=r0 is not None, ACC_S=not split, OPERAND=precision[0], DOT_PREC=precision[1],
         BLOCKED=blocked[2], BLOCK_D=block_d(s.d_h),
     )
+    if raw:  # the chunk partials, for the finalize kernels (split: from the state pass again)
+        if split:
+            s_part, sv_part = _state(s, key, value, key_keep, w1, pe, pe_table, raw=True)
+        return dk, dv, s_part, sv_part, fc1_parts
     if split:  # S, sv from the state pass again (config.SPLIT_BLOCK_D; per block with `bl`)
         S, sv = _state(s, key, value, key_keep, w1, pe, pe_table, bl)
     elif bl is not None:
@@ -492,7 +557,20 @@ def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     bl = _blocks(s, rest[10:], query.device)
     if bl is not None:
         return _blocked_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, state, pe, pe_table, bl)
-    P = state.float()  # [B, H, k_h, d_h]
+    P = state.float().contiguous()  # [B, H, k_h, d_h]
+    if _config.split_state(s.d_h):  # the torch finalize (finalize.py: its kernels would spill here)
+        return _torch_finalize_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, P, pe, pe_table)
+    w1, w2 = _fc1_args(gen[0], gen[1]), _fc1_args(gen[4], gen[5])
+    dq, t_part, sdy_part, fc1_parts2 = _query_pass(s, query, query_keep, w2, _finalize_fwd(s, None, None, P, gen),
+                                                   grad_y.contiguous(), pe, pe_table, raw=True)
+    dP, T, sdy, key_ops = _finalize_mid(s, t_part, sdy_part, P, gen)
+    dk, dv, s_part, sv_part, fc1_parts1 = _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table, raw=True)
+    weights = _finalize_weights(s, P, dP, T, sdy, s_part, sv_part, fc1_parts1, fc1_parts2, gen)
+    return [dq, dk, dv, *weights]
+
+
+def _torch_finalize_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, P, pe, pe_table):
+    """The backward with its finalize in torch ops (the split head sizes)."""
     A = F.gelu(P)
     fc2w2, fc2b2 = gen[6], gen[7]
     dq, T, sdy, (dfc1w2, dfc1b2) = _query_pass(s, query, query_keep, _fc1_args(gen[4], gen[5]),
@@ -510,6 +588,79 @@ def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     return [dq, dk, dv, dfc1w1, dfc1b1, dfc2w1, dfc2b1, dfc1w2, dfc1b2, dfc2w2, dfc2b2]
 
 
+def _fin_flags(s, gen):
+    return dict(HAS_B1=gen[3] is not None, HAS_B2=gen[7] is not None, D_H=s.d_h,
+                BLOCK_K=FINALIZE_BLOCK_K, BLOCK_D=block_d(s.d_h), num_warps=FINALIZE_WARPS)
+
+
+def _fc2_args(gen):
+    """fc2 weights and biases of both generators, contiguous (a missing bias: a dummy pointer)."""
+    w1, w2 = gen[2].contiguous(), gen[6].contiguous()
+    return (w1, w1 if gen[3] is None else gen[3].contiguous(), w2, w2 if gen[7] is None else gen[7].contiguous())
+
+
+def _finalize_fwd(s, s_part, sv_part, P, gen):
+    """One launch (hmx_fwd_finalize): P (written, or read when s_part is None), and the mix
+    operands (C / 2^e [B*H, d_h, d_h], 2^e [B*H], c0 [B*H, d_h] or None)."""
+    device = P.device
+    rows = s.B * s.H
+    C = _empty((rows, s.d_h, s.d_h), torch.float32, device)
+    c_scale = _empty((rows,), torch.float32, device)
+    c0 = _empty((rows, s.d_h), torch.float32, device) if gen[7] is not None else None
+    from_p = s_part is None
+    _launch(hmx_fwd_finalize, (rows,),
+        P if from_p else s_part, P if from_p else sv_part, P, *_fc2_args(gen),
+        C, c_scale, C if c0 is None else c0,
+        1 if from_p else s_part.shape[1], s.H, s.k_h,
+        FROM_P=from_p, **_fin_flags(s, gen),
+    )
+    return C, c_scale, c0
+
+
+def _finalize_mid(s, t_part, sdy_part, P, gen):
+    """One launch (hmx_bwd_finalize_mid): dP [B, H, k_h, d_h], T, sdy (chunk sums) and the key
+    pass's operands (R / 2^e, 2^e, r0 or None)."""
+    device = P.device
+    rows = s.B * s.H
+    T = _empty((rows, s.d_h, s.d_h), torch.float32, device)
+    sdy = _empty((rows, s.d_h), torch.float32, device)
+    dP = _empty(P.shape, torch.float32, device)
+    R = _empty((rows, s.d_h, s.d_h), torch.float32, device)
+    r_scale = _empty((rows,), torch.float32, device)
+    r0 = _empty((rows, s.d_h), torch.float32, device) if gen[3] is not None else None
+    _launch(hmx_bwd_finalize_mid, (rows,),
+        t_part, sdy_part, T, sdy, P, dP, *_fc2_args(gen),
+        R, r_scale, R if r0 is None else r0,
+        t_part.shape[1], s.H, s.k_h, **_fin_flags(s, gen),
+    )
+    return dP, T, sdy, (R, r_scale, r0)
+
+
+def _finalize_weights(s, P, dP, T, sdy, s_part, sv_part, fc1_parts1, fc1_parts2, gen):
+    """One launch (hmx_bwd_finalize_weights): the eight generator gradients of the fused-op
+    contract, summed over the batch (an absent bias: an empty tensor)."""
+    device = P.device
+    flags = dict(_fin_flags(s, gen), num_warps=weights_num_warps(block_d(s.d_h)))
+    n_kb = triton.cdiv(s.k_h, flags["BLOCK_K"])
+    dfc2w1 = _empty((s.H, s.k_h, s.d_h), torch.float32, device)
+    dfc2w2 = _empty((s.H, s.k_h, s.d_h), torch.float32, device)
+    dfc1w1 = _empty((s.H, s.d_h, s.d_h), torch.float32, device)
+    dfc1w2 = _empty((s.H, s.d_h, s.d_h), torch.float32, device)
+    def bias_grad(bias, size):  # an absent bias: an empty tensor of its own (returns may not alias)
+        return _empty((s.H, size), torch.float32, device) if bias is not None else P.new_empty((0,))
+
+    dfc2b1, dfc2b2 = bias_grad(gen[3], s.k_h), bias_grad(gen[7], s.k_h)
+    dfc1b1, dfc1b2 = bias_grad(gen[1], s.d_h), bias_grad(gen[5], s.d_h)
+    _launch(hmx_bwd_finalize_weights, (s.H, 2 * n_kb + 1),
+        P, dP, T, sdy, s_part, sv_part, *fc1_parts1, *fc1_parts2,
+        dfc2w1, dfc2b1 if gen[3] is not None else dfc2w1, dfc2w2, dfc2b2 if gen[7] is not None else dfc2w2,
+        dfc1w1, dfc1b1 if gen[1] is not None else dfc1w1, dfc1w2, dfc1b2 if gen[5] is not None else dfc1w2,
+        s.B, s.H, s.k_h, s_part.shape[1], fc1_parts1[0].shape[1], fc1_parts2[0].shape[1],
+        HAS_FC1_B1=gen[1] is not None, HAS_FC1_B2=gen[5] is not None, **flags,
+    )
+    return [dfc1w1, dfc1b1, dfc2w1, dfc2b1, dfc1w2, dfc1b2, dfc2w2, dfc2b2]
+
+
 # ---- mixing blocks (causal, chunk-causal, packed sequences) ----------------------------------
 def _blocks(s, block_args, device):
     """The `_Blocks` of the ops' mixing-block arguments (chunk_size, left_context, cu_seqlens), or
@@ -517,7 +668,22 @@ def _blocks(s, block_args, device):
     chunk_size, left_context, cu_seqlens = (tuple(block_args) + (0, -1, None)[len(block_args):])
     if chunk_size <= 0 and cu_seqlens is None:
         return None
-    return _Blocks(s.N, chunk_size, left_context, cu_seqlens, device)
+    if cu_seqlens is not None:
+        return _Blocks(s.N, chunk_size, left_context, cu_seqlens, device)
+    # chunked modes: the blocks depend on sizes only; kept per device, so that repeated calls
+    # (and a CUDA graph capture after a warm-up call) copy nothing to the device
+    key = (s.N, chunk_size, left_context, str(device))
+    blocks = _BLOCK_CACHE.get(key)
+    if blocks is None or _is_fake(s.dummy):
+        blocks = _Blocks(s.N, chunk_size, left_context, None, device)
+        if not _is_fake(s.dummy):
+            if len(_BLOCK_CACHE) >= 64:
+                _BLOCK_CACHE.pop(next(iter(_BLOCK_CACHE)))
+            _BLOCK_CACHE[key] = blocks
+    return blocks
+
+
+_BLOCK_CACHE = {}
 
 
 def _head_mm(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
