@@ -321,6 +321,13 @@ class _Recorder(TorchDispatchMode):
 
 _TRITON_OUTPUTS = ("y_ptr", "dx_ptr", "dk_ptr", "dv_ptr", "s_part_ptr", "sv_part_ptr", "t_part_ptr",
                    "sdy_part_ptr", "dfc1w_ptr", "dfc1b_ptr")
+# the per-(b, h) finalize kernels (hmx_kernels/triton/finalize.py) write these and read the rest
+_FINALIZE_OUTPUTS = {
+    "hmx_fwd_finalize": ("p_ptr", "c_ptr", "cscale_ptr", "c0_ptr"),
+    "hmx_bwd_finalize_mid": ("t_ptr", "sdy_ptr", "dp_ptr", "r_ptr", "rscale_ptr", "r0_ptr"),
+    "hmx_bwd_finalize_weights": ("dfc2w_ptr", "dfc2b_ptr", "dfc2w2_ptr", "dfc2b2_ptr", "dfc1w_ptr", "dfc1b_ptr",
+                                 "dfc1w2_ptr", "dfc1b2_ptr"),
+}
 
 
 def _triton_unused(name: str, flags: dict) -> bool:
@@ -346,15 +353,20 @@ def _triton_unused(name: str, flags: dict) -> bool:
 
 def triton_launch_bytes(kernel, args, flags) -> Tuple[str, int, int]:
     """(kernel name, bytes read, bytes written) of one launch, from its pointer arguments."""
-    jf = kernel.fn if hasattr(kernel, "fn") else kernel  # autotuner -> JIT (or interpreted) function
+    jf = kernel  # autotuner -> JIT (or interpreted) function; a plain JIT function has its names
+    while not hasattr(jf, "arg_names") and hasattr(jf, "fn"):
+        jf = jf.fn
     names = list(jf.arg_names)  # the positional arguments are the leading, non-constexpr ones
     kernel_name = getattr(jf, "__name__", None) or jf.fn.__name__
+    outputs = _FINALIZE_OUTPUTS.get(kernel_name, _TRITON_OUTPUTS)
+    if kernel_name == "hmx_fwd_finalize" and flags.get("FROM_P"):
+        outputs = tuple(n for n in outputs if n != "p_ptr")  # P read back from the saved state
     read_set, write_set = set(), set()
     read = write = 0
     for name, value in zip(names, args):
         if not isinstance(value, torch.Tensor) or _triton_unused(name, flags):
             continue
-        if name in _TRITON_OUTPUTS:
+        if name in outputs:
             write += _distinct_bytes([value], write_set)
         else:
             read += _distinct_bytes([value], read_set)

@@ -52,7 +52,7 @@ def _ops(backend):
         return cpp_backend.CPP_OPS
     from hmx_kernels.triton import launch
 
-    return function.TRITON_OPS
+    return launch.TRITON_OPS
 
 
 # ---- torch.library ----------------------------------------------------------------------------

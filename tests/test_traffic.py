@@ -28,20 +28,24 @@ def test_triton_account_counts_launches_bytes_and_syncs(dtype):
     acc = traffic.account_layer(SMALL, dtype, N, B, "triton")
     row = traffic.summarize(acc, SMALL, dtype, N, B, "triton", False)
     names = [e.name for e in acc.select(kind="triton")]
-    # the four token passes, in order (d_h < 128: no split T pass)
-    assert names == ["hmx_fwd_kernel_state", "hmx_fwd_kernel_mix", "hmx_bwd_kernel_query", "hmx_bwd_kernel_key"]
-    assert [e.phase for e in acc.select(kind="triton")] == ["fwd", "fwd", "bwd", "bwd"]
+    # the four token passes and the finalize kernels between them, in order (d_h < 128: no split
+    # T pass; the backward's first finalize recomputes C from the saved P)
+    assert names == ["hmx_fwd_kernel_state", "hmx_fwd_finalize", "hmx_fwd_kernel_mix",
+                     "hmx_fwd_finalize", "hmx_bwd_kernel_query", "hmx_bwd_finalize_mid", "hmx_bwd_kernel_key",
+                     "hmx_bwd_finalize_weights"]
+    assert [e.phase for e in acc.select(kind="triton")] == ["fwd"] * 3 + ["bwd"] * 5
     assert all(e.scope in ("triton_fwd", "triton_bwd") for e in acc.select(kind="triton"))
+    assert all(e.write_bytes > 0 for e in acc.select(kind="triton"))
     # bytes from the arguments: the mix pass writes Y [B, N, d] in fp32 (and nothing else); the
     # state pass reads x (key = value: once) and the fp32 PE table [N, d]
-    mix = acc.select(kind="triton")[1]
+    mix = acc.select(kind="triton")[2]
     assert mix.write_bytes == B * N * SMALL.d * 4
     es = torch.empty(0, dtype=dtype).element_size()
     state = acc.select(kind="triton")[0]
     fc1 = SMALL.H * (SMALL.d_h ** 2 + SMALL.d_h) * es
     assert state.read_bytes == B * N * SMALL.d * es + N * SMALL.d * 4 + fc1
-    # the finalize's torch ops are attributed to the ops, the LayerNorm to the layer
-    assert row["fwd_aten_in_op_launches"] > 0 and row["bwd_aten_in_op_launches"] > 0
+    # the finalize runs in its kernels: no torch op launches inside the ops; the LayerNorm is the layer's
+    assert row["fwd_aten_in_op_launches"] == 0 and row["bwd_aten_in_op_launches"] == 0
     layer_ops = {e.name for e in acc.select(kind="aten", inside_ops=False)}
     assert {"native_layer_norm", "native_layer_norm_backward"} <= layer_ops
     assert row["launches"] == sum(e.launches for e in acc.events if e.kind in ("triton", "aten"))
@@ -67,13 +71,14 @@ def test_account_finds_a_host_sync():
 
 
 def test_chunked_path_has_no_sync_and_copies_its_piece_table():
-    """Chunk-causal mixing builds its piece table on the host from the block arguments: no host
-    synchronisation, host-to-device copies (the table and its index vectors), and the host-side
-    CPU ops that build it are neither launches nor syncs."""
+    """Chunk-causal mixing builds its piece table on the host from the block arguments (Python ints,
+    cached per length, chunk size, left context and device): no host synchronisation, any
+    host-to-device copy is the table's, and the host-side CPU ops that build it are neither
+    launches nor syncs."""
     acc = traffic.account_layer(SMALL, torch.float32, N, B, "triton", mode="chunk32")
     row = traffic.summarize(acc, SMALL, torch.float32, N, B, "triton", False, "chunk32")
     assert row["mode"] == "chunk32" and row["host_syncs"] == 0
-    assert row["h2d_copies"] > 0 and all(e.scope.startswith("triton_blocks") for e in acc.h2d())
+    assert all(e.scope.startswith("triton_blocks") for e in acc.h2d())
     assert [e.name for e in acc.select(kind="triton")] == [
         "hmx_fwd_kernel_state", "hmx_fwd_kernel_mix", "hmx_bwd_kernel_query", "hmx_bwd_kernel_key"]
 
@@ -93,7 +98,7 @@ def test_footprint_counts_broadcast_elements_once():
 
 def test_host_time_counts_launches():
     us, launches = traffic.host_time_us(SMALL, B=1, N=16, repeats=2)
-    assert launches == 4 and us > 0
+    assert launches == 8 and us > 0  # 4 token passes, 4 finalize kernels
 
 
 def test_gpu_estimate_crossover_is_where_the_times_meet():
