@@ -453,9 +453,9 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: D
     cuda = other.get("cuda", [])
     cuda_run = [r for r in cuda if not r["reason"]]
     csv_name, limit_name = meta.get("csv", "kernels.csv"), meta.get("limit_csv", "kernels-limit.csv")
-    out = ["# Kernel resources: Triton and CUDA C++ (compiled for sm_80 and sm_90, no GPU)", "",
+    out = [f"# Kernel resources: Triton{' and CUDA C++' if cuda else ''} (compiled for sm_80 and sm_90, no GPU)", "",
            f"`python -m benchmarks.kernels`: triton {meta['triton']}, ptxas {meta['ptxas']}"
-           + (f", nvcc {meta['nvcc']}" if meta.get("nvcc") else "") + f", git {meta['git'][:10]}, "
+           + (f", nvcc {meta['nvcc']}" if meta.get("nvcc") and cuda else "") + f", git {meta['git'][:10]}, "
            f"{meta['date']}, {meta['wall_s']:.0f} s. Nothing here ran on a GPU.", "",
            "Triton: every kernel x autotune candidate x shape (d_h, k_h) x input dtype (fp32 in each dot "
            "precision the launcher picks for some torch.get_float32_matmul_precision(): "
@@ -464,11 +464,11 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: D
            f"kernel, tensor-core instructions = HGMMA + HMMA in cuobjdump -sass. {csv_name} holds the "
            "candidates the autotuner may run (hmx_kernels.triton.config.kept_candidates); the pruned ones "
            "are listed below with the reason.", "",
-           "CUDA C++ (backend `cuda`, benchmarks/cuda_resources.py): every kernel of csrc/hmx_cuda_*.cu x shape "
+           *([] if not cuda else ["CUDA C++ (backend `cuda`, benchmarks/cuda_resources.py): every kernel of csrc/hmx_cuda_*.cu x shape "
            "x dtype x arch, compiled by nvcc with the build's flags and -Xptxas -v; shared memory = the "
            "launcher's dynamic size (the kernels' own size function, run on the host) + ptxas' static size; "
            "one configuration per kernel (config: token tile T, 8 warps). The kernels depend on d_h through "
-           "its head block (32, 64, 128) only.", "",
+           "its head block (32, 64, 128) only.", ""]),
            f"{limit_name} holds the rows compiled but never run, with the reason (last section).", ""]
     out += [f"## Invariants of {csv_name}", "", "Triton:"]
     out += _invariant_lines(kept, lambda r: "ieee" not in r["config"],

@@ -402,3 +402,74 @@ def test_fresh_compiles_of_the_blocked_kernels_hold_the_invariants():
         assert_invariants({**{k: str(v) for k, v in row.items()}, "backend": "triton",
                            "config": K.config_name(tuple(cfg), prec)})
 
+
+def test_tables_follow_the_installed_triton_and_fall_back_to_the_nearest():
+    import triton
+
+    from hmx_kernels.triton import config as tc
+
+    assert tc.INSTALLED_TRITON == tc.triton_version(triton.__version__)
+    assert tc.SPILLING is tc.SPILLING_BY_TRITON[tc.tables_version()]
+    assert tc.triton_version("3.6.0+git1a2b3c") == (3, 6) and tc.triton_version("3.10.1") == (3, 10)
+    assert set(tc.SPILLING_BY_TRITON) == set(tc._SMEM_MODEL_BY_TRITON) == set(VERSIONS)
+    for version in VERSIONS:
+        assert tc.tables_version(version) == version
+        assert os.path.exists(os.path.join(K.RESULTS, TRITON_REPORTS[version])), TRITON_REPORTS[version]
+        # a shared-memory model for every kernel and precision of every version
+        assert set(tc._SMEM_MODEL_BY_TRITON[version]) == set(tc._SMEM_MODEL_BY_TRITON[K.PRIMARY_TRITON])
+    # an unmeasured release takes the nearest measured one (a newer major: the newest), with a warning
+    assert tc.tables_version((3, 7)) == (3, 6) and tc.tables_version((3, 3)) == (3, 6)
+    assert tc.tables_version((3, 8)) == (3, 9) and tc.tables_version((3, 11)) == (3, 9)
+    assert tc.tables_version((4, 0)) == (3, 9)
+    with pytest.warns(UserWarning, match=r"triton 3\.7 uses 3\.6's"):
+        tc.warn_if_unmeasured((3, 7))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tc.warn_if_unmeasured((3, 9))
+
+
+def test_configurations_that_spill_in_every_candidate_are_declined_per_version(monkeypatch):
+    """Under triton 3.6 every candidate of the fp32 backward key pass spills at D 64 in IEEE and in
+    3xTF32 (its fallback; kernels-triton3.6.md): fp32 at d_h 33..64 is declined in the "highest"
+    and "high" float32 matmul modes with a reason naming the kernel and the spills, and runs with
+    TF32 dots ("medium"). Triton 3.9 declines none of them; fp16 / bf16 are never declined."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from hmx_kernels.triton import config as tc
+    from hmx_kernels.triton.backend import fit_reasons
+
+    for d_h in (18, 32, 64):
+        for mode in K.FP32_MODES:
+            assert unfit_reason(torch.float32, d_h, mode, None, version=(3, 9)) is None, (d_h, mode)
+    for d_h in (18, 32, 64, 128):
+        for dtype in (torch.float16, torch.bfloat16):
+            for version in VERSIONS:
+                assert unfit_reason(dtype, d_h, "highest", None, version=version) is None
+    for d_h in (33, 64):
+        for mode in ("highest", "high"):
+            why = unfit_reason(torch.float32, d_h, mode, None, version=(3, 6))
+            assert why and "hmx_bwd_kernel_key" in why and "spills registers in every" in why, why
+            assert "triton 3.6" in why and "kernels-triton3.6.md" in why and "'cuda'" in why, why
+            assert "'medium'" in why, why  # TF32 dots have spill-free candidates there
+        assert unfit_reason(torch.float32, d_h, "medium", None, version=(3, 6)) is None
+    assert unfit_reason(torch.float32, 32, "highest", None, version=(3, 6)) is None
+    # the backend refuses it on a GPU when 3.6 is the installed triton (so `auto` moves on)
+    monkeypatch.setattr(tc, "SPILLING", tc.SPILLING_BY_TRITON[(3, 6)])
+    monkeypatch.setattr(tc, "INSTALLED_TRITON", (3, 6))
+    monkeypatch.setattr(tc, "device_limits", lambda index: (SMEM_LIMIT[90], 90))
+    gpu = dict(device=torch.device("cuda"), B=2, H=4)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        (why,) = fit_reasons(SimpleNamespace(dtype=torch.float32, d_h=64, **gpu))
+        assert "hmx_bwd_kernel_key" in why and "triton 3.6" in why, why
+        assert fit_reasons(SimpleNamespace(dtype=torch.bfloat16, d_h=64, **gpu)) == []
+        assert fit_reasons(SimpleNamespace(dtype=torch.float32, d_h=32, **gpu)) == []
+        torch.set_float32_matmul_precision("medium")
+        assert fit_reasons(SimpleNamespace(dtype=torch.float32, d_h=64, **gpu)) == []
+    finally:
+        torch.set_float32_matmul_precision(old)

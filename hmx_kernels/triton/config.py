@@ -116,6 +116,30 @@ SPILLING_BY_TRITON = {
         ("hmx_fwd_kernel_state", 64, "tf32"): frozenset({(64, 8, 2)}),
         ("hmx_fwd_kernel_state", 64, "tf32x3"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)}),
     },
+    # triton 3.6.0 (ptxas 12.8 for both archs): benchmarks/results/kernels-triton3.6.md. Every candidate
+    # of the backward key pass spills at D 64 in IEEE and 3xTF32: unfit_reason declines those.
+    (3, 6): {
+        ("hmx_bwd_kernel_key", 32, "ieee"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2)}),
+        ("hmx_bwd_kernel_key", 32, "tf32"): frozenset({(32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_key", 32, "tf32x3"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_key", 64, "half"): frozenset({(32, 4, 2)}),
+        ("hmx_bwd_kernel_key", 64, "ieee"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_key", 64, "tf32"): frozenset({(32, 4, 2)}),
+        ("hmx_bwd_kernel_key", 64, "tf32x3"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_key", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_query", 32, "ieee"): frozenset({(16, 4, 2), (32, 4, 2)}),
+        ("hmx_bwd_kernel_query", 32, "tf32x3"): frozenset({(32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_query", 64, "ieee"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_query", 64, "tf32"): frozenset({(32, 4, 2)}),
+        ("hmx_bwd_kernel_query", 64, "tf32x3"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_query", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2)}),
+        ("hmx_fwd_kernel_mix", 64, "tf32x3"): frozenset({(64, 8, 2)}),
+        ("hmx_fwd_kernel_state", 32, "ieee"): frozenset({(16, 4, 2)}),
+        ("hmx_fwd_kernel_state", 32, "tf32"): frozenset({(32, 8, 2)}),
+        ("hmx_fwd_kernel_state", 64, "ieee"): frozenset({(32, 4, 2), (64, 8, 2)}),
+        ("hmx_fwd_kernel_state", 64, "tf32"): frozenset({(64, 8, 2)}),
+        ("hmx_fwd_kernel_state", 64, "tf32x3"): frozenset({(16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)}),
+    },
 }
 
 # The same for the kernels as the mixing-block modes launch them (BLOCKED: piece-table loads and
@@ -129,7 +153,7 @@ BLOCKED_SPILLING = {
 }
 
 # triton (major, minor) -> its resource report (benchmarks/results): the versions measured
-TRITON_REPORTS = {(3, 9): "kernels.md"}
+TRITON_REPORTS = {(3, 9): "kernels.md", (3, 6): "kernels-triton3.6.md"}
 
 
 def triton_version(text: Optional[str] = None) -> Tuple[int, int]:
@@ -266,6 +290,29 @@ _SMEM_MODEL_BY_TRITON = {
         ("hmx_bwd_kernel_key", "tf32"): {80: (4.0, 3.0), 90: (4.0, 3.5)},
         ("hmx_bwd_kernel_key", "tf32x3"): {80: (8.0, 3.5), 90: (8.0, 4.5)},
     },
+    # triton 3.6.0, fitted by benchmarks.kernels.fit_smem_model to every compiled row of its report
+    (3, 6): {
+        ("hmx_fwd_kernel_state", "half"): {80: (1.0, 1.75), 90: (1.0, 2.0)},
+        ("hmx_fwd_kernel_state", "ieee"): {80: (1.0, 2.5), 90: (1.0, 2.5)},
+        ("hmx_fwd_kernel_state", "tf32"): {80: (1.0, 2.0), 90: (1.0, 2.5)},
+        ("hmx_fwd_kernel_state", "tf32x3"): {80: (2.0, 2.5), 90: (2.0, 3.5)},
+        ("hmx_fwd_kernel_mix", "half"): {80: (2.0, 2.0), 90: (2.0, 2.0)},
+        ("hmx_bwd_kernel_tsum", "half"): {80: (0.5, 2.5), 90: (0.5, 2.75)},
+        ("hmx_bwd_kernel_tsum", "ieee"): {80: (1.0, 2.25), 90: (1.0, 2.25)},  # not compiled under 3.6 (never launched): 3.9's
+        ("hmx_bwd_kernel_tsum", "tf32"): {80: (0.5, 2.0), 90: (0.5, 2.25)},
+        ("hmx_bwd_kernel_tsum", "tf32x3"): {80: (1.0, 2.5), 90: (1.0, 3.0)},
+        ("hmx_fwd_kernel_mix", "ieee"): {80: (2.0, 1.5), 90: (2.0, 1.5)},
+        ("hmx_fwd_kernel_mix", "tf32"): {80: (2.0, 1.5), 90: (2.0, 1.5)},
+        ("hmx_fwd_kernel_mix", "tf32x3"): {80: (4.0, 2.0), 90: (4.0, 2.0)},
+        ("hmx_bwd_kernel_query", "half"): {80: (3.0, 3.5), 90: (3.0, 4.0)},
+        ("hmx_bwd_kernel_query", "ieee"): {80: (2.0, 3.0), 90: (2.0, 3.0)},
+        ("hmx_bwd_kernel_query", "tf32"): {80: (3.0, 3.0), 90: (3.0, 3.0)},
+        ("hmx_bwd_kernel_query", "tf32x3"): {80: (6.0, 3.5), 90: (6.0, 4.5)},
+        ("hmx_bwd_kernel_key", "half"): {80: (4.0, 2.5), 90: (4.0, 3.0)},
+        ("hmx_bwd_kernel_key", "ieee"): {80: (2.25, 3.0), 90: (2.25, 3.0)},
+        ("hmx_bwd_kernel_key", "tf32"): {80: (4.0, 3.0), 90: (4.0, 3.5)},
+        ("hmx_bwd_kernel_key", "tf32x3"): {80: (8.0, 3.5), 90: (8.0, 4.5)},
+    },
 }
 
 
@@ -306,9 +353,12 @@ def unfit_reason(dtype, d_h: int, matmul_precision: str, smem_limit: Optional[in
         candidates = KERNEL_CANDIDATES[kernel]
         precision = precision_name(*dot_precision(dtype, d_h, matmul_precision, kernel, version))
         if not kept_candidates(kernel, d_h, precision, None, arch, blocked, version):
+            tf32 = (matmul_precision != "medium" and precision != "half"
+                    and unfit_reason(dtype, d_h, "medium", None, arch, blocked, version) is None)
             return (f"{kernel} at d_h = {d_h} (padded to {bd}) with {precision} dot operands spills registers in "
                     f"every autotune candidate under triton {shown} (measured compiles: benchmarks/results/"
-                    f"{TRITON_REPORTS[tables_version(version)]}); backend 'cuda' or float16 / bfloat16 inputs run it")
+                    f"{TRITON_REPORTS[tables_version(version)]}); backend 'cuda', float16 / bfloat16 inputs"
+                    + (" or torch.set_float32_matmul_precision('medium') (TF32 dots)" if tf32 else "") + " run it")
         if smem_limit is not None and not kept_candidates(kernel, d_h, precision, smem_limit, arch, blocked, version):
             need = min(smem_bound(kernel, c[0], bd, c[2], precision, arch, version) for c in candidates)
             return (f"{kernel} at d_h = {d_h} (padded to {bd}) with {precision} dot operands needs about "
