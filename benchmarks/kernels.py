@@ -556,7 +556,8 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: D
             "device when its shared-memory bound exceeds what the device gives a block (config.smem_bound).",
             "", "## fp32 dot precisions the launcher does not pick (compiled for config.SPILLING)", "",
             "config.dot_precision falls back to the next more precise dot precision where every "
-            "candidate of the asked one spills. Fewest spill bytes over the candidates, per arch:", "",
+            "candidate of the asked one spills; precisions used only by a mode the backend declines (last "
+            "sections) are listed here too. Fewest spill bytes over the candidates, per arch:", "",
             "| shape | kernel | precision | sm_80 | sm_90 |", "|---|---|---|---|---|"]
     for key in dict.fromkeys((r["shape"], r["kernel"], r["precision"]) for r in unpicked):
         sel = [r for r in unpicked if (r["shape"], r["kernel"], r["precision"]) == key]

@@ -200,10 +200,11 @@ def _spilling(version: Optional[Tuple[int, int]]) -> dict:
 SMEM_LIMIT = {80: 166912, 90: 232448}  # bytes per block (opt-in): 163 KB (A100), 227 KB (H100)
 
 # torch.get_float32_matmul_precision() -> the tl.dot input_precision asked for fp32 inputs, and the
-# order in which a kernel falls back when every candidate of the asked one spills (SPILLING). At
-# D = 64 the IEEE (FMA) query pass spills in every candidate (ptxas even falls back to 32 registers
-# and kilobytes of spills) and takes 3xTF32, which meets the fp32 tolerance; the 3xTF32 state pass
-# spills on sm_80 in every candidate and takes IEEE.
+# order in which a kernel falls back when every candidate of the asked one spills (SPILLING). Under
+# triton 3.9, at D = 64 the IEEE (FMA) query pass spills in every candidate (ptxas even falls back
+# to 32 registers and kilobytes of spills) and takes 3xTF32, which meets the fp32 tolerance; the
+# 3xTF32 state pass spills on sm_80 in every candidate and takes IEEE. Under triton 3.6 the IEEE
+# query pass keeps BN16-w8, and the key pass spills in every IEEE and 3xTF32 candidate (declined).
 FP32_DOT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 FP32_FALLBACK = {"ieee": ("ieee", "tf32x3"), "tf32x3": ("tf32x3", "ieee"), "tf32": ("tf32", "tf32x3", "ieee")}
 
