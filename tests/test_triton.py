@@ -320,7 +320,8 @@ def test_shapes_that_cannot_fit_are_refused_with_a_reason():
     assert unfit_reason(torch.bfloat16, 128, "highest", *a100) is None
     why = unfit_reason(torch.bfloat16, 128, "highest", *consumer)
     assert "d_h = 128" in why and "this GPU gives 99 KB" in why, why
-    assert "needs about" in unfit_reason(torch.float32, 64, "highest", *consumer)
+    # triton 3.9's tables (under 3.6 fp32 d_h 64 "highest" is declined for spills first)
+    assert "needs about" in unfit_reason(torch.float32, 64, "highest", *consumer, version=(3, 9))
 
 
 def test_import_does_not_import_triton():
