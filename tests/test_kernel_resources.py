@@ -411,7 +411,8 @@ def test_tables_follow_the_installed_triton_and_fall_back_to_the_nearest():
     assert tc.INSTALLED_TRITON == tc.triton_version(triton.__version__)
     assert tc.SPILLING is tc.SPILLING_BY_TRITON[tc.tables_version()]
     assert tc.triton_version("3.6.0+git1a2b3c") == (3, 6) and tc.triton_version("3.10.1") == (3, 10)
-    assert set(tc.SPILLING_BY_TRITON) == set(tc._SMEM_MODEL_BY_TRITON) == set(VERSIONS)
+    assert set(tc.SPILLING_BY_TRITON) == set(tc._SMEM_MODEL_BY_TRITON) == set(tc.BLOCKED_SPILLING_BY_TRITON) == set(VERSIONS)
+    assert tc.BLOCKED_SPILLING is tc.BLOCKED_SPILLING_BY_TRITON[tc.tables_version()]
     for version in VERSIONS:
         assert tc.tables_version(version) == version
         assert os.path.exists(os.path.join(K.RESULTS, TRITON_REPORTS[version])), TRITON_REPORTS[version]

@@ -143,13 +143,17 @@ SPILLING_BY_TRITON = {
 }
 
 # The same for the kernels as the mixing-block modes launch them (BLOCKED: piece-table loads and
-# per-block operand rows; the plain launches are unaffected), on top of SPILLING: every candidate
-# that SPILLING keeps, compiled with BLOCKED at the shapes and dtypes above for sm_80 and sm_90,
-# spills in this one case only (32 bytes on sm_90); the autotuner prunes it for BLOCKED launches.
-# Measured with triton 3.9 only; other versions take these entries (the blocked launches differ from
-# the plain ones by a few registers of piece-table addressing).
-BLOCKED_SPILLING = {
-    ("hmx_bwd_kernel_query", 32, "ieee"): frozenset({(32, 8, 2)}),
+# per-block operand rows; the plain launches are unaffected), on top of SPILLING: the candidates
+# that SPILLING keeps, compiled with BLOCKED at (18, 72) and (64, 256) in fp32 (the precision
+# "highest" picks) and bf16 and at (128, 512) in bf16, for sm_80 and sm_90; the autotuner prunes
+# these for BLOCKED launches.
+BLOCKED_SPILLING_BY_TRITON = {
+    (3, 9): {  # 32 bytes on sm_90
+        ("hmx_bwd_kernel_query", 32, "ieee"): frozenset({(32, 8, 2)}),
+    },
+    (3, 6): {  # 8 bytes on sm_90 (the 3.9 entry's candidate compiles without spills here)
+        ("hmx_fwd_kernel_mix", 128, "half"): frozenset({(16, 4, 2)}),
+    },
 }
 
 # triton (major, minor) -> its resource report (benchmarks/results): the versions measured
@@ -193,7 +197,12 @@ warn_if_unmeasured(INSTALLED_TRITON)
 SPILLING = SPILLING_BY_TRITON[TABLES_TRITON]
 
 
-def _spilling(version: Optional[Tuple[int, int]]) -> dict:
+BLOCKED_SPILLING = BLOCKED_SPILLING_BY_TRITON[TABLES_TRITON]
+
+
+def _spilling(version: Optional[Tuple[int, int]], blocked: bool = False) -> dict:
+    if blocked:
+        return BLOCKED_SPILLING_BY_TRITON[tables_version(version)] if version else BLOCKED_SPILLING
     return SPILLING_BY_TRITON[tables_version(version)] if version else SPILLING
 
 
@@ -336,7 +345,7 @@ def kept_candidates(kernel: str, d_h: int, precision: str, smem_limit: Optional[
     bd = block_d(d_h)
     spilling = _spilling(version).get((kernel, bd, precision), frozenset())
     if blocked:
-        spilling = spilling | BLOCKED_SPILLING.get((kernel, bd, precision), frozenset())
+        spilling = spilling | _spilling(version, blocked=True).get((kernel, bd, precision), frozenset())
     return [c for c in KERNEL_CANDIDATES[kernel] if c not in spilling
             and (smem_limit is None or smem_bound(kernel, c[0], bd, c[2], precision, arch, version) <= smem_limit)]
 
