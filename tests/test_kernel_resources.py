@@ -13,6 +13,11 @@
   over the limit).
 - config.smem_bound, by which the Triton autotuner prunes per device, bounds every measured
   shared-memory size on its arch.
+- Per triton version: the report of every version the config has tables for (kernels.csv for the
+  dev environment's triton 3.9, kernels-triton3.6.csv ... for the others, Triton rows only) is
+  checked against that version's tables (config.SPILLING_BY_TRITON, the shared-memory model), so
+  the tables of the triton on the GPU machines are checked here without that triton; the fresh
+  compiles check the installed triton's.
 - Fresh compiles (slow): a representative subset of the Triton kernels, compiled now for sm_80
   and sm_90 at (18, 72), (64, 256) (fp32 and bf16) and (128, 512) (bf16), two kept candidates per
   kernel, holds the same invariants; so do the Triton kernels as the causal / chunked / packed
@@ -37,11 +42,21 @@ if ROOT not in sys.path:
 from tools import cuda_resources as cr  # noqa: E402
 from tools import kernels as K  # noqa: E402
 from hmx_kernels.triton.backend import MAX_FP32_HEAD_DIM  # noqa: E402
-from hmx_kernels.triton.autotune import (SMEM_LIMIT, kept_candidates, launched_kernels,  # noqa: E402
-                                       precision_name, smem_bound)
+from hmx_kernels.triton.autotune import (SMEM_LIMIT, TRITON_REPORTS, dot_precision,  # noqa: E402
+                                       kept_candidates, launched_kernels, precision_name, smem_bound,
+                                       unfit_reason)
 
 CSV = os.path.join(K.RESULTS, "kernels.csv")
 LIMIT_CSV = os.path.join(K.RESULTS, "kernels-limit.csv")
+VERSIONS = sorted(TRITON_REPORTS)  # every triton version with tables (and a committed report)
+
+
+def _csv(version, base="kernels.csv"):
+    return os.path.join(K.RESULTS, K.report_name(base, version))
+
+
+def _vid(version):
+    return "triton%d.%d" % version
 TRITON_KERNELS = {"hmx_fwd_kernel_state", "hmx_fwd_kernel_mix", "hmx_bwd_kernel_tsum", "hmx_bwd_kernel_query",
                   "hmx_bwd_kernel_key"}
 
@@ -75,21 +90,58 @@ def assert_invariants(row) -> None:
         assert tc == 0, f"{what}: {tc} tensor-core instructions (the CUDA fp32 kernels stay on FMA)"
 
 
-def expected_triton_rows():
-    """(arch, shape, dtype, kernel, config) of every Triton row kernels.csv must hold."""
+def run_modes(d_h, dtype, version):
+    """The float32 matmul modes (one for half dtypes) the triton backend runs at d_h under triton
+    `version`: not declined for spills (config.unfit_reason)."""
+    import torch
+
+    modes = K.FP32_MODES if dtype == "fp32" else ("highest",)
+    return [m for m in modes if unfit_reason(getattr(torch, {"fp32": "float32", "fp16": "float16",
+                                                             "bf16": "bfloat16"}[dtype]), d_h, m, None,
+                                             version=version) is None]
+
+
+def expected_triton_rows(version=None):
+    """(arch, shape, dtype, kernel, config) of every Triton row the report of triton `version`
+    (default: the installed one) must hold: the candidates its tables keep, in every precision the
+    launcher picks (config.dot_precision) under a float32 matmul mode the backend does not decline."""
+    import torch
+
     out = set()
     for d_h, k_h in K.SHAPES + K.LIMIT_SHAPES:
         for dtype in K.DTYPES:
             if dtype == "fp32" and d_h > MAX_FP32_HEAD_DIM:
                 continue  # refused by the backend: kernels-limit.csv
-            for mode in (K.FP32_MODES if dtype == "fp32" else ("highest",)):
+            tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+            for mode in run_modes(d_h, dtype, version):
+                for kernel in launched_kernels(d_h):
+                    operand, dot_prec = dot_precision(tdtype, d_h, mode, kernel, version)
+                    precision = "half" if dtype != "fp32" else precision_name(operand, dot_prec)
+                    for arch in K.ARCHS:
+                        for config in kept_candidates(kernel, d_h, precision, SMEM_LIMIT[arch], arch, version=version):
+                            out.add((f"sm_{arch}", f"{d_h},{k_h}", dtype, kernel, K.config_name(config, precision)))
+    return out
+
+
+def test_expected_rows_follow_the_launcher():
+    """expected_triton_rows (from config.dot_precision per kernel) agrees with the launches the
+    report compiles (captured from the launcher) under the installed triton."""
+    from hmx_kernels.triton.autotune import INSTALLED_TRITON
+
+    captured = set()
+    for d_h, k_h in K.SHAPES + K.LIMIT_SHAPES:
+        for dtype in K.DTYPES:
+            if dtype == "fp32" and d_h > MAX_FP32_HEAD_DIM:
+                continue
+            for mode in run_modes(d_h, dtype, None):
                 for launch in K.capture_launches(d_h, k_h, dtype, mode):
                     kw = dict(launch.kwargs)
                     precision = precision_name(kw["OPERAND"], kw["DOT_PREC"])
                     for arch in K.ARCHS:
                         for config in kept_candidates(launch.kernel, d_h, precision, SMEM_LIMIT[arch], arch):
-                            out.add((f"sm_{arch}", f"{d_h},{k_h}", dtype, launch.kernel, K.config_name(config, precision)))
-    return out
+                            captured.add((f"sm_{arch}", f"{d_h},{k_h}", dtype, launch.kernel,
+                                          K.config_name(config, precision)))
+    assert captured == expected_triton_rows() == expected_triton_rows(INSTALLED_TRITON)
 
 
 def all_cuda_rows():
@@ -98,33 +150,42 @@ def all_cuda_rows():
             for t in K.DTYPES for kn in cr.KERNELS}
 
 
-def test_committed_report_columns_and_invariants():
-    with open(CSV) as f:
+@pytest.mark.parametrize("version", VERSIONS, ids=_vid)
+def test_committed_report_columns_and_invariants(version):
+    path = _csv(version)
+    with open(path) as f:
         assert f.readline().strip().split(",") == K.COLUMNS
-    rows = K.read_csv(CSV)
-    assert {r["backend"] for r in rows} == {"triton", "cuda"}
+    rows = K.read_csv(path)
+    # the dev environment's report carries the CUDA rows too (they do not depend on triton)
+    assert {r["backend"] for r in rows} == ({"triton", "cuda"} if version == K.PRIMARY_TRITON else {"triton"})
     for row in rows:
         assert_invariants(row)
     # the report's own spelling of shapes, shared by both backends
     assert {r["shape"] for r in rows} == {f"{d},{k}" for d, k in K.SHAPES + K.LIMIT_SHAPES}
 
 
-def test_committed_report_covers_every_kernel_config_shape_dtype_arch():
-    rows = K.read_csv(CSV)
+@pytest.mark.parametrize("version", VERSIONS, ids=_vid)
+def test_committed_report_covers_every_kernel_config_shape_dtype_arch(version):
+    rows = K.read_csv(_csv(version))
     triton = [(r["arch"], r["shape"], r["dtype"], r["kernel"], r["config"]) for r in rows if r["backend"] == "triton"]
     assert len(triton) == len(set(triton)), "duplicate Triton rows"
-    expected = expected_triton_rows()
+    expected = expected_triton_rows(version)
     assert set(triton) == expected, (f"missing {sorted(expected - set(triton))[:5]}, "
-                                     f"unexpected {sorted(set(triton) - expected)[:5]}: rerun python -m tools.kernels")
+                                     f"unexpected {sorted(set(triton) - expected)[:5]}: rerun python -m tools.kernels "
+                                     f"under triton {version}")
     assert {r[3] for r in triton} == TRITON_KERNELS
-    # every Triton kernel the launcher runs, at every shape, dtype and arch, has a kept candidate
+    # every Triton kernel the launcher runs, at every shape, dtype and arch the backend does not
+    # decline, has a kept candidate
     for d_h, k_h in K.SHAPES + K.LIMIT_SHAPES:
         for dtype in K.DTYPES:
             if dtype == "fp32" and d_h > MAX_FP32_HEAD_DIM:
                 continue
             for arch in K.ARCHS:
                 got = {r[3] for r in triton if r[:3] == (f"sm_{arch}", f"{d_h},{k_h}", dtype)}
-                assert got == set(launched_kernels(d_h)), (arch, d_h, dtype, got)
+                want = set(launched_kernels(d_h)) if run_modes(d_h, dtype, version) else set()
+                assert got == want, (arch, d_h, dtype, got)
+    if version != K.PRIMARY_TRITON:
+        return
     cuda = [(r["arch"], r["shape"], r["dtype"], r["kernel"]) for r in rows if r["backend"] == "cuda"]
     assert len(cuda) == len(set(cuda)), "duplicate CUDA rows"
     declined = {key for key in all_cuda_rows()
@@ -133,10 +194,12 @@ def test_committed_report_covers_every_kernel_config_shape_dtype_arch():
     assert set(cuda) == all_cuda_rows() - declined
 
 
-def test_limit_file_lists_exactly_the_declined_rows_with_true_reasons():
-    with open(LIMIT_CSV) as f:
+@pytest.mark.parametrize("version", VERSIONS, ids=_vid)
+def test_limit_file_lists_exactly_the_declined_rows_with_true_reasons(version):
+    path = _csv(version, "kernels-limit.csv")
+    with open(path) as f:
         assert f.readline().strip().split(",") == K.COLUMNS + ["reason"]
-    rows = K.read_csv(LIMIT_CSV)
+    rows = K.read_csv(path)
     assert rows and all(r["reason"] for r in rows)
     triton = [r for r in rows if r["backend"] == "triton"]
     assert {(r["dtype"], _d_h(r)) for r in triton} == {("fp32", d) for d, _ in K.LIMIT_SHAPES}
@@ -147,6 +210,9 @@ def test_limit_file_lists_exactly_the_declined_rows_with_true_reasons():
         for kernel in ("hmx_bwd_kernel_query", "hmx_bwd_kernel_key"):
             sel = [int(r["smem_bytes"]) for r in triton if r["arch"] == f"sm_{arch}" and r["kernel"] == kernel]
             assert sel and min(sel) > SMEM_LIMIT[arch], (arch, kernel, sel)
+    if version != K.PRIMARY_TRITON:
+        assert {r["backend"] for r in rows} == {"triton"}
+        return
     cuda = [r for r in rows if r["backend"] == "cuda"]
     assert {(r["arch"], r["shape"], r["dtype"], r["kernel"]) for r in cuda} == {
         key for key in all_cuda_rows() if cr.unsupported(dict(arch=key[0], shape=key[1], dtype=key[2]))}
@@ -160,17 +226,18 @@ def _parse_config(name: str):
     return int(parts[0][2:]), int(parts[1][1:]), int(parts[2][1:]), precision
 
 
-@pytest.mark.parametrize("path", [CSV, LIMIT_CSV], ids=["kernels", "limit"])
-def test_smem_bound_covers_every_measurement(path):
+@pytest.mark.parametrize("version", VERSIONS, ids=_vid)
+@pytest.mark.parametrize("base", ["kernels.csv", "kernels-limit.csv"], ids=["kernels", "limit"])
+def test_smem_bound_covers_every_measurement(base, version):
     """The autotuner prunes candidates by config.smem_bound against the device's limit: it must
-    never be below what the compiler actually allocates."""
+    never be below what the compiler actually allocates, under each triton version's model."""
     from hmx_kernels.triton.autotune import block_d
 
-    rows = [r for r in K.read_csv(path) if r["backend"] == "triton"]
+    rows = [r for r in K.read_csv(_csv(version, base)) if r["backend"] == "triton"]
     assert rows
     for row in rows:
         block_n, _, stages, precision = _parse_config(row["config"])
-        bound = smem_bound(row["kernel"], block_n, block_d(_d_h(row)), stages, precision, _arch(row))
+        bound = smem_bound(row["kernel"], block_n, block_d(_d_h(row)), stages, precision, _arch(row), version)
         assert bound >= int(row["smem_bytes"]), (row, bound)
 
 
@@ -198,6 +265,8 @@ def test_fresh_compiles_hold_the_invariants():
     specs = []
     for (d_h, k_h), dtypes in (((18, 72), ("fp32", "bf16")), ((64, 256), ("fp32", "bf16")), ((128, 512), ("bf16",))):
         for dtype in dtypes:
+            if "highest" not in run_modes(d_h, dtype, None):
+                continue  # declined by the backend under the installed triton (every candidate spills)
             for kernel in launched_kernels(d_h):
                 prec = precision_name(*dot_precision(torch.float32, d_h, "highest", kernel)) if dtype == "fp32" else "half"
                 keep = [c for c in KERNEL_CANDIDATES[kernel]
@@ -310,6 +379,8 @@ def test_fresh_compiles_of_the_blocked_kernels_hold_the_invariants():
     specs = []
     for (d_h, k_h), dtypes in (((18, 72), ("fp32", "bf16")), ((64, 256), ("fp32", "bf16")), ((128, 512), ("bf16",))):
         for dtype in dtypes:
+            if "highest" not in run_modes(d_h, dtype, None):
+                continue  # declined by the backend under the installed triton (every candidate spills)
             for kernel in launched_kernels(d_h):
                 prec = precision(dtype, d_h, kernel)
                 keep = [c for c in KERNEL_CANDIDATES[kernel] if all(
@@ -330,3 +401,76 @@ def test_fresh_compiles_of_the_blocked_kernels_hold_the_invariants():
         prec = precision(row["dtype"], int(row["shape"].split(",")[0]), row["kernel"])
         assert_invariants({**{k: str(v) for k, v in row.items()}, "backend": "triton",
                            "config": K.config_name(tuple(cfg), prec)})
+
+
+def test_tables_follow_the_installed_triton_and_fall_back_to_the_nearest():
+    import triton
+
+    from hmx_kernels.triton import autotune as tc
+
+    assert tc.INSTALLED_TRITON == tc.triton_version(triton.__version__)
+    assert tc.SPILLING is tc.SPILLING_BY_TRITON[tc.tables_version()]
+    assert tc.triton_version("3.6.0+git1a2b3c") == (3, 6) and tc.triton_version("3.10.1") == (3, 10)
+    assert set(tc.SPILLING_BY_TRITON) == set(tc._SMEM_MODEL_BY_TRITON) == set(tc.BLOCKED_SPILLING_BY_TRITON) == set(VERSIONS)
+    assert tc.BLOCKED_SPILLING is tc.BLOCKED_SPILLING_BY_TRITON[tc.tables_version()]
+    for version in VERSIONS:
+        assert tc.tables_version(version) == version
+        assert os.path.exists(os.path.join(K.RESULTS, TRITON_REPORTS[version])), TRITON_REPORTS[version]
+        # a shared-memory model for every kernel and precision of every version
+        assert set(tc._SMEM_MODEL_BY_TRITON[version]) == set(tc._SMEM_MODEL_BY_TRITON[K.PRIMARY_TRITON])
+    # an unmeasured release takes the nearest measured one (a newer major: the newest), with a warning
+    assert tc.tables_version((3, 7)) == (3, 6) and tc.tables_version((3, 3)) == (3, 6)
+    assert tc.tables_version((3, 8)) == (3, 9) and tc.tables_version((3, 11)) == (3, 9)
+    assert tc.tables_version((4, 0)) == (3, 9)
+    with pytest.warns(UserWarning, match=r"triton 3\.7 uses 3\.6's"):
+        tc.warn_if_unmeasured((3, 7))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tc.warn_if_unmeasured((3, 9))
+
+
+def test_configurations_that_spill_in_every_candidate_are_declined_per_version(monkeypatch):
+    """Under triton 3.6 every candidate of the fp32 backward key pass spills at D 64 in IEEE and in
+    3xTF32 (its fallback; kernels-triton3.6.md): fp32 at d_h 33..64 is declined in the "highest"
+    and "high" float32 matmul modes with a reason naming the kernel and the spills, and runs with
+    TF32 dots ("medium"). Triton 3.9 declines none of them; fp16 / bf16 are never declined."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from hmx_kernels.triton import autotune as tc
+    from hmx_kernels.triton.backend import fit_reasons
+
+    for d_h in (18, 32, 64):
+        for mode in K.FP32_MODES:
+            assert unfit_reason(torch.float32, d_h, mode, None, version=(3, 9)) is None, (d_h, mode)
+    for d_h in (18, 32, 64, 128):
+        for dtype in (torch.float16, torch.bfloat16):
+            for version in VERSIONS:
+                assert unfit_reason(dtype, d_h, "highest", None, version=version) is None
+    for d_h in (33, 64):
+        for mode in ("highest", "high"):
+            why = unfit_reason(torch.float32, d_h, mode, None, version=(3, 6))
+            assert why and "hmx_bwd_kernel_key" in why and "spills registers in every" in why, why
+            assert "triton 3.6" in why and "kernels-triton3.6.md" in why and "'cuda'" in why, why
+            assert "'medium'" in why, why  # TF32 dots have spill-free candidates there
+        assert unfit_reason(torch.float32, d_h, "medium", None, version=(3, 6)) is None
+    assert unfit_reason(torch.float32, 32, "highest", None, version=(3, 6)) is None
+    # the backend refuses it on a GPU when 3.6 is the installed triton (so `auto` moves on)
+    monkeypatch.setattr(tc, "SPILLING", tc.SPILLING_BY_TRITON[(3, 6)])
+    monkeypatch.setattr(tc, "INSTALLED_TRITON", (3, 6))
+    monkeypatch.setattr(tc, "device_limits", lambda index: (SMEM_LIMIT[90], 90))
+    gpu = dict(device=torch.device("cuda"), B=2, H=4)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        (why,) = fit_reasons(SimpleNamespace(dtype=torch.float32, d_h=64, **gpu))
+        assert "hmx_bwd_kernel_key" in why and "triton 3.6" in why, why
+        assert fit_reasons(SimpleNamespace(dtype=torch.bfloat16, d_h=64, **gpu)) == []
+        assert fit_reasons(SimpleNamespace(dtype=torch.float32, d_h=32, **gpu)) == []
+        torch.set_float32_matmul_precision("medium")
+        assert fit_reasons(SimpleNamespace(dtype=torch.float32, d_h=64, **gpu)) == []
+    finally:
+        torch.set_float32_matmul_precision(old)

@@ -176,7 +176,7 @@ def test_fp32_matmul_precision_picks_the_dot_precision():
     (config.SPILLING): then the fallback (IEEE's query pass at d_h 64 -> 3xTF32, the 3xTF32 state
     pass at d_h 64 -> IEEE); half inputs take half operands (bf16 held in fp32 under the
     interpreter)."""
-    from hmx_kernels.triton.autotune import KERNEL_CANDIDATES, SPILLING, block_d, dot_precision
+    from hmx_kernels.triton.autotune import KERNEL_CANDIDATES, SPILLING, block_d, dot_precision, unfit_reason
 
     for d_h in (8, 18, 32, 64, 128):
         for mode, asked in (("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")):
@@ -184,10 +184,15 @@ def test_fp32_matmul_precision_picks_the_dot_precision():
                 operand, prec = dot_precision(torch.float32, d_h, mode, kernel)
                 assert operand == "fp32"
                 spills_all = set(candidates) <= SPILLING.get((kernel, block_d(d_h), asked), frozenset())
+                if not set(candidates) - SPILLING.get((kernel, block_d(d_h), prec), frozenset()):
+                    # every fallback spills too (under some triton versions): asked kept, and the
+                    # backend declines the configuration on a GPU (config.unfit_reason)
+                    assert prec == asked and unfit_reason(torch.float32, d_h, mode, None), (d_h, mode, kernel)
+                    continue
                 assert (prec == asked) != spills_all, (d_h, mode, kernel, prec)
-                assert set(candidates) - SPILLING.get((kernel, block_d(d_h), prec), frozenset()), (d_h, mode, kernel)
-    assert dot_precision(torch.float32, 18, "highest", "hmx_bwd_kernel_key") == ("fp32", "ieee")
-    assert dot_precision(torch.float32, 64, "highest", "hmx_bwd_kernel_query") == ("fp32", "tf32x3")
+    # triton 3.9's tables (the other versions' fallbacks: tests/test_kernel_resources.py)
+    assert dot_precision(torch.float32, 18, "highest", "hmx_bwd_kernel_key", (3, 9)) == ("fp32", "ieee")
+    assert dot_precision(torch.float32, 64, "highest", "hmx_bwd_kernel_query", (3, 9)) == ("fp32", "tf32x3")
     assert dot_precision(torch.float16, 64, "medium", "hmx_bwd_kernel_key")[0] == "half"
     expected = "bf16-as-fp32" if INTERPRET else "half"
     assert dot_precision(torch.bfloat16, 64, "highest", "hmx_fwd_kernel_mix")[0] == expected
@@ -315,7 +320,8 @@ def test_shapes_that_cannot_fit_are_refused_with_a_reason():
     assert unfit_reason(torch.bfloat16, 128, "highest", *a100) is None
     why = unfit_reason(torch.bfloat16, 128, "highest", *consumer)
     assert "d_h = 128" in why and "this GPU gives 99 KB" in why, why
-    assert "needs about" in unfit_reason(torch.float32, 64, "highest", *consumer)
+    # triton 3.9's tables (under 3.6 fp32 d_h 64 "highest" is declined for spills first)
+    assert "needs about" in unfit_reason(torch.float32, 64, "highest", *consumer, version=(3, 9))
 
 
 def test_import_does_not_import_triton():

@@ -15,7 +15,12 @@ tensors), and
 The CUDA C++ kernels (csrc/hmx_cuda_*.cu) are compiled with nvcc for the same archs, shapes and
 dtypes by tools/cuda_resources.py (ROW_SOURCES["cuda"]; backend column "cuda").
 
-Outputs (benchmarks/results):
+Outputs (benchmarks/results), one set per triton version: the names below under the dev
+environment's triton (PRIMARY_TRITON, 3.9), which also carries the CUDA rows; under another triton
+the Triton rows only, with the version in the name (kernels-triton3.6.csv, kernels-limit-triton3.6.csv,
+kernels-triton3.6.md: `report_name`). hmx_kernels.triton.autotune keeps the spill table and the
+shared-memory model per measured version; the report says when the installed version's differ
+from what it measured, and prints the measured ones.
 - kernels.csv: every row a backend may run, both backends, columns COLUMNS: the Triton candidates
   the autotuner may run there (hmx_kernels.triton.autotune.kept_candidates) and every CUDA kernel
   the CUDA backend does not decline;
@@ -63,6 +68,19 @@ FP32_MODES = ("highest", "high", "medium")  # torch.get_float32_matmul_precision
 ROOFLINE = dict(B=4, N=16384, H=8)
 HBM_TBPS = {"H100": 3.35, "H200": 4.8}
 SMEM_LIMIT_KB = {"sm_80": 163, "sm_90": 227}  # opt-in shared memory per block (hmx_kernels.triton.autotune.SMEM_LIMIT)
+PRIMARY_TRITON = (3, 9)  # the dev environment's triton: its report keeps the plain file names
+
+
+def report_name(base: str, version: Optional[Tuple[int, int]] = None) -> str:
+    """The file name of report `base` (kernels.csv, kernels-limit.csv, kernels.md) for triton
+    `version` (default: the installed one): `base` under PRIMARY_TRITON, else with -triton<M.m>."""
+    from hmx_kernels.triton.autotune import INSTALLED_TRITON
+
+    version = version or INSTALLED_TRITON
+    if version == PRIMARY_TRITON:
+        return base
+    stem, ext = os.path.splitext(base)
+    return f"{stem}-triton{version[0]}.{version[1]}{ext}"
 
 # backends other than Triton (whose candidates, pruning and fp32 precisions this module handles
 # itself): name -> function(archs, shapes) -> row dicts with COLUMNS and "reason" (None, or why
@@ -264,8 +282,12 @@ def _precision_of(launch: Launch) -> str:
 
 
 def chosen_precisions(shape: Tuple[int, int], dtype: str, kernel: str) -> List[str]:
-    """The precisions the launcher picks for `kernel` under the three float32 matmul modes."""
-    modes = FP32_MODES if dtype == "fp32" else ("highest",)
+    """The precisions the launcher picks for `kernel` under the float32 matmul modes the backend
+    does not decline at this shape (config.unfit_reason: some kernel spills in every candidate)."""
+    from hmx_kernels.triton.autotune import unfit_reason
+
+    modes = [m for m in (FP32_MODES if dtype == "fp32" else ("highest",))
+             if unfit_reason(_torch_dtype(dtype), shape[0], m, None) is None]
     return list(dict.fromkeys(_precision_of(lc) for m in modes for lc in capture_launches(*shape, dtype, m)
                               if lc.kernel == kernel))
 
@@ -442,24 +464,25 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: D
     unpicked = [r for r in rows if not r["chosen"]]
     cuda = other.get("cuda", [])
     cuda_run = [r for r in cuda if not r["reason"]]
-    out = ["# Kernel resources: Triton and CUDA C++ (compiled for sm_80 and sm_90, no GPU)", "",
+    csv_name, limit_name = meta.get("csv", "kernels.csv"), meta.get("limit_csv", "kernels-limit.csv")
+    out = [f"# Kernel resources: Triton{' and CUDA C++' if cuda else ''} (compiled for sm_80 and sm_90, no GPU)", "",
            f"`python -m tools.kernels`: triton {meta['triton']}, ptxas {meta['ptxas']}"
-           + (f", nvcc {meta['nvcc']}" if meta.get("nvcc") else "") + f", git {meta['git'][:10]}, "
+           + (f", nvcc {meta['nvcc']}" if meta.get("nvcc") and cuda else "") + f", git {meta['git'][:10]}, "
            f"{meta['date']}, {meta['wall_s']:.0f} s. Nothing here ran on a GPU.", "",
            "Triton: every kernel x autotune candidate x shape (d_h, k_h) x input dtype (fp32 in each dot "
            "precision the launcher picks for some torch.get_float32_matmul_precision(): "
            "hmx_kernels.triton.autotune.dot_precision) x arch, compiled with the launcher's own arguments for "
            "B = 4, N = 16384, H = 8. Registers and spills from ptxas -v, shared memory from the compiled "
-           "kernel, tensor-core instructions = HGMMA + HMMA in cuobjdump -sass. kernels.csv holds the "
+           f"kernel, tensor-core instructions = HGMMA + HMMA in cuobjdump -sass. {csv_name} holds the "
            "candidates the autotuner may run (hmx_kernels.triton.autotune.kept_candidates); the pruned ones "
            "are listed below with the reason.", "",
-           "CUDA C++ (backend `cuda`, tools/cuda_resources.py): every kernel of csrc/hmx_cuda_*.cu x shape "
+           *([] if not cuda else ["CUDA C++ (backend `cuda`, tools/cuda_resources.py): every kernel of csrc/hmx_cuda_*.cu x shape "
            "x dtype x arch, compiled by nvcc with the build's flags and -Xptxas -v; shared memory = the "
            "launcher's dynamic size (the kernels' own size function, run on the host) + ptxas' static size; "
            "one configuration per kernel (config: token tile T, 8 warps). The kernels depend on d_h through "
-           "its head block (32, 64, 128) only.", "",
-           "kernels-limit.csv holds the rows compiled but never run, with the reason (last section).", ""]
-    out += ["## Invariants of kernels.csv", "", "Triton:"]
+           "its head block (32, 64, 128) only.", ""]),
+           f"{limit_name} holds the rows compiled but never run, with the reason (last section).", ""]
+    out += [f"## Invariants of {csv_name}", "", "Triton:"]
     out += _invariant_lines(kept, lambda r: "ieee" not in r["config"],
                             "outside IEEE fp32 (IEEE rows: FFMA only, "
                             f"{max((r['tensor_core_instructions'] for r in kept if 'ieee' in r['config']), default=0)} TC)")
@@ -471,8 +494,9 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: D
                                 "sum_parts only adds)")
     stack = [r.get("stack_bytes", 0) for r in kept]
     if any(stack):
-        out += ["", f"Triton stack frames (ptxas -v, not spills: local arrays of libdevice's sin/cos argument "
-                f"reduction, touched only for angles beyond its fast range): up to {max(stack)} B."]
+        what = ("local arrays of libdevice's sin/cos argument reduction, touched only for angles beyond its fast "
+                "range" if not meta.get("pe_table", True) else "spill slots")
+        out += ["", f"Triton stack frames (ptxas -v: {what}): up to {max(stack)} B."]
     out += ["", "## Per shape: roofline estimate, best kept Triton candidate per kernel, CUDA kernels", "",
             "Roofline = max(FLOPs / peak, bytes / HBM bandwidth) for one forward + backward at "
             "B = 4, N = 16384, H = 8: an **estimate** from the algorithm's counts, not a measurement. "
@@ -544,15 +568,24 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: D
             "device when its shared-memory bound exceeds what the device gives a block (config.smem_bound).",
             "", "## fp32 dot precisions the launcher does not pick (compiled for config.SPILLING)", "",
             "config.dot_precision falls back to the next more precise dot precision where every "
-            "candidate of the asked one spills. Fewest spill bytes over the candidates, per arch:", "",
+            "candidate of the asked one spills; precisions used only by a mode the backend declines (last "
+            "sections) are listed here too. Fewest spill bytes over the candidates, per arch:", "",
             "| shape | kernel | precision | sm_80 | sm_90 |", "|---|---|---|---|---|"]
     for key in dict.fromkeys((r["shape"], r["kernel"], r["precision"]) for r in unpicked):
         sel = [r for r in unpicked if (r["shape"], r["kernel"], r["precision"]) == key]
         cells = [f"{min(r['spill_bytes'] for r in sel if r['arch'] == a)} B" for a in ("sm_80", "sm_90")]
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {cells[0]} | {cells[1]} |")
+    refused = declined_fp32_modes(dict.fromkeys(tuple(map(int, r["shape"].split(","))) for r in rows))
+    if refused:
+        out += ["", "## fp32 configurations the triton backend declines under this triton", "",
+                "Every candidate of some kernel spills in every dot precision the mode may use (the table "
+                "above, config.SPILLING_BY_TRITON); the backend refuses them with the reason "
+                "(config.unfit_reason), so `auto` moves on to the next backend:", ""]
+        out += [f"- (d_h, k_h) = {shape}, torch.get_float32_matmul_precision() '{mode}': {why}"
+                for shape, mode, why in refused]
     declined = [r for r in cuda if r["reason"]]
     if limit_rows or declined:
-        out += ["", "## Compiled but never run (kernels-limit.csv)", ""]
+        out += ["", f"## Compiled but never run ({limit_name})", ""]
     if limit_rows:
         out += [f"Triton, fp32 at d_h 128: {triton_limit_reason(limit_rows[0])}. Smallest shared memory over the "
                 "TF32 / 3xTF32 candidates of the backward kernels:"]
@@ -573,6 +606,18 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: D
         out += [""] + [f"Reason: {why}" for why in dict.fromkeys(r["reason"] for r in declined)]
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
+
+
+def declined_fp32_modes(shapes: Iterable[Tuple[int, int]]) -> List[Tuple[Tuple[int, int], str, str]]:
+    """(shape, float32 matmul mode, reason) of every fp32 configuration the triton backend declines
+    under the installed triton for spills (config.unfit_reason without a shared-memory limit)."""
+    import torch
+
+    from hmx_kernels.triton.backend import MAX_FP32_HEAD_DIM
+    from hmx_kernels.triton.autotune import unfit_reason
+
+    return [(shape, mode, why) for shape in shapes if shape[0] <= MAX_FP32_HEAD_DIM for mode in FP32_MODES
+            for why in [unfit_reason(torch.float32, shape[0], mode, None)] if why]
 
 
 def measured_spilling(rows: List[dict]) -> dict:
@@ -604,6 +649,59 @@ def format_spilling(spilling: dict) -> str:
     return "\n".join(lines + ["}"])
 
 
+def fit_smem_model(rows: List[dict]) -> Dict[Tuple[str, str], Dict[int, Tuple[float, float]]]:
+    """(kernel, precision) -> {arch: (squares, tiles)} of config.smem_bound fitted to compiled rows:
+    per arch the counts on a 0.25 grid whose bound covers every row's shared memory with the
+    smallest mean ratio bound / measured (the form of config._SMEM_MODEL_BY_TRITON)."""
+    from hmx_kernels.triton.autotune import block_d
+
+    groups: Dict[Tuple[str, str], Dict[int, List[Tuple[int, int, int, int]]]] = {}
+    for r in rows:
+        n, _, stages = r["candidate"]
+        arch = int(r["arch"].removeprefix("sm_"))
+        groups.setdefault((r["kernel"], r["precision"]), {}).setdefault(arch, []).append(
+            (n, block_d(int(r["shape"].split(",")[0])), stages, int(r["smem_bytes"])))
+    grid = [q / 4 for q in range(0, 49)]
+    out = {}
+    for (kernel, prec), by_arch in sorted(groups.items()):
+        width = 2 if prec == "half" else 4
+        fits = {}
+        for arch, pts in sorted(by_arch.items()):
+            best = None
+            for sq in grid:
+                for ti in grid:
+                    bounds = [width * (sq * d * d + ti * n * d * st) + 1024 for n, d, st, _ in pts]
+                    if all(b >= m for b, (*_, m) in zip(bounds, pts)):
+                        score = sum(b / max(m, 1) for b, (*_, m) in zip(bounds, pts)) / len(pts)
+                        if best is None or score < best[0]:
+                            best = (score, sq, ti)
+                        break  # a larger tile count only loosens the bound
+            if best is None:
+                raise RuntimeError(f"no smem model on the grid covers {kernel} {prec} sm_{arch}")
+            fits[arch] = (best[1], best[2])
+        out[(kernel, prec)] = fits
+    return out
+
+
+def format_smem_model(model: dict) -> str:
+    return "\n".join(["{"] + [f'    ("{k}", "{p}"): {{{", ".join(f"{a}: {v}" for a, v in fits.items())}}},'
+                              for (k, p), fits in model.items()] + ["}"])
+
+
+def smem_above_model(rows: List[dict]) -> List[dict]:
+    """The rows whose shared memory exceeds config.smem_bound (the installed triton's model)."""
+    from hmx_kernels.triton.autotune import block_d, smem_bound
+
+    out = []
+    for r in rows:
+        n, _, stages = r["candidate"]
+        bound = smem_bound(r["kernel"], n, block_d(int(r["shape"].split(",")[0])), stages, r["precision"],
+                           int(r["arch"].removeprefix("sm_")))
+        if int(r["smem_bytes"]) > bound:
+            out.append(r)
+    return out
+
+
 def _meta(wall_s: float) -> dict:
     import datetime
 
@@ -614,8 +712,13 @@ def _meta(wall_s: float) -> dict:
     from tools import cuda_resources as cr
     from benchmarks.config import git_sha
 
-    ptxas = subprocess.run([_tool("ptxas-blackwell") if os.path.exists(_tool("ptxas-blackwell")) else _tool("ptxas"),
-                            "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    try:  # the ptxas triton runs per arch (3.9: ptxas for sm_80, ptxas-blackwell for sm_90)
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = ", ".join(f"{get_ptxas(a).version.strip().splitlines()[-1]} (sm_{a})" for a in ARCHS)
+    except (ImportError, AttributeError, TypeError):
+        ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True,
+                               text=True).stdout.strip().splitlines()[-1]
     nvcc = cr.find_nvcc()
     if nvcc:
         nvcc = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -659,8 +762,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiler processes")
     p.add_argument("--out", default=RESULTS, help="folder for kernels.csv, kernels-limit.csv, kernels.md")
     p.add_argument("--no-limit", action="store_true", help="leave out the limit shape (d_h 128)")
-    p.add_argument("--backends", default="triton," + ",".join(ROW_SOURCES),
-                   help="comma-separated backends to report (default: all; cuda needs nvcc)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated backends to report (default: all under PRIMARY_TRITON, else triton "
+                        "only: the other backends do not depend on triton; cuda needs nvcc)")
     p.add_argument("--pe-on-chip", action="store_true",
                    help="only compile the Triton rows of OUT/kernels.csv again with the positional encoding "
                         "computed on chip (hmx_kernels.triton.launch.PE_ON_CHIP) and write "
@@ -670,13 +774,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="rewrite the reports from rows saved by --save-json (no compiling, except backends "
                         "missing there), classified by the current config (after editing config.SPILLING, say)")
     a = p.parse_args(argv)
+    from hmx_kernels.triton.autotune import INSTALLED_TRITON
+
+    if a.backends is None:
+        a.backends = "triton," + ",".join(ROW_SOURCES) if INSTALLED_TRITON == PRIMARY_TRITON else "triton"
     backends = [b for b in a.backends.split(",") if b]
+    names = {base: report_name(base) for base in ("kernels.csv", "kernels-limit.csv", "kernels.md")}
     unknown = set(backends) - {"triton", *ROW_SOURCES}
     if unknown:
         p.error(f"unknown backends {sorted(unknown)}")
     shapes = SHAPES + (() if a.no_limit else LIMIT_SHAPES)
     if a.pe_on_chip:
-        rows = pe_on_chip_rows(os.path.join(a.out, "kernels.csv"), a.jobs)
+        rows = pe_on_chip_rows(os.path.join(a.out, names["kernels.csv"]), a.jobs)
         write_csv(os.path.join(a.out, "kernels-pe-on-chip.csv"), rows, COLUMNS + ["stack_bytes"])
         print(f"wrote {a.out}/kernels-pe-on-chip.csv: {len(rows)} rows, {sum(1 for r in rows if r['spill_bytes'])} "
               "with spills")
@@ -705,14 +814,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             other[name] = ROW_SOURCES[name](ARCHS, shapes)
     if a.save_json:
         with open(a.save_json, "w") as f:
-            json.dump(dict(main=main_rows, limit=limit_rows, other=other, wall_s=time.time() - t0), f)
+            json.dump(dict(main=main_rows, limit=limit_rows, other=other, wall_s=time.time() - t0,
+                           triton="%d.%d" % INSTALLED_TRITON), f)
     os.makedirs(a.out, exist_ok=True)
     other_rows = [r for name in other for r in other[name]]
-    write_csv(os.path.join(a.out, "kernels.csv"),
+    write_csv(os.path.join(a.out, names["kernels.csv"]),
               [r for r in main_rows if r["kept"]] + [r for r in other_rows if not r["reason"]])
-    write_csv(os.path.join(a.out, "kernels-limit.csv"), limit_rows + [r for r in other_rows if r["reason"]],
+    write_csv(os.path.join(a.out, names["kernels-limit.csv"]), limit_rows + [r for r in other_rows if r["reason"]],
               COLUMNS + ["reason"])
-    write_markdown(os.path.join(a.out, "kernels.md"), main_rows, limit_rows, other, _meta(time.time() - t0))
+    write_markdown(os.path.join(a.out, names["kernels.md"]), main_rows, limit_rows, other,
+                   dict(_meta(time.time() - t0), csv=names["kernels.csv"], limit_csv=names["kernels-limit.csv"]))
     bad = [r for r in main_rows if r["kept"] and r["spill_bytes"]]
     for r in bad:
         print("SPILLS (add to config.SPILLING or fix the kernel): " + _describe(r), file=sys.stderr)
@@ -724,11 +835,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         from hmx_kernels.triton.autotune import SPILLING
 
         if spilling != SPILLING:
-            print("config.SPILLING differs from these measurements; measured:\n" + format_spilling(spilling),
-                  file=sys.stderr)
+            print(f"config.SPILLING_BY_TRITON[{INSTALLED_TRITON}] differs from these measurements; measured:\n"
+                  + format_spilling(spilling), file=sys.stderr)
+    above = smem_above_model(main_rows + limit_rows)
+    for r in above:
+        print("SHARED MEMORY ABOVE config.smem_bound: " + _describe(r), file=sys.stderr)
+    if above:
+        print(f"fitted to these measurements (config._SMEM_MODEL_BY_TRITON[{INSTALLED_TRITON}]):\n"
+              + format_smem_model(fit_smem_model(main_rows + limit_rows)), file=sys.stderr)
     n = sum(r["kept"] for r in main_rows) + sum(not r["reason"] for r in other_rows)
-    print(f"wrote {a.out}/kernels.csv ({n} rows), kernels-limit.csv, kernels.md in {time.time() - t0:.0f} s")
-    return 1 if bad or bad_other else 0
+    print(f"wrote {a.out}/{names['kernels.csv']} ({n} rows), {names['kernels-limit.csv']}, {names['kernels.md']} "
+          f"in {time.time() - t0:.0f} s")
+    return 1 if bad or bad_other or above else 0
 
 
 if __name__ == "__main__":

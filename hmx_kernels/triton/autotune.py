@@ -21,10 +21,20 @@ Before tuning, `early_config_prune` drops the candidates that
   to the same measurements, checked against every one of them by tests/test_kernel_resources.py),
 so no call fails inside the autotuner. `unfit_reason` says when no candidate of a kernel is left
 for a shape and device; the backend reports that as a reason before any kernel is launched.
+
+Both tables depend on the triton (and so ptxas) version: the same kernel and candidate can take
+100 more registers, spill, or use a quarter more shared memory under another release. They are
+kept per measured version (SPILLING_BY_TRITON, _SMEM_MODEL_BY_TRITON; TRITON_REPORTS names each
+version's report) and the installed triton's are used (TABLES_TRITON); an unmeasured version takes
+the nearest measured one, with a warning. Where every candidate of some kernel spills under the
+installed version (fp32 d_h 33..64 under triton 3.6: the backward key pass in IEEE and 3xTF32),
+the backend declines that configuration with the reason (unfit_reason), so `auto` moves on.
 """
 from __future__ import annotations
 
 import inspect
+import re
+import warnings
 from functools import lru_cache
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
@@ -79,47 +89,130 @@ def launched_kernels(d_h: int) -> Tuple[str, ...]:
 # precision. At D 128 the split kernels (SPLIT_BLOCK_D) leave at least one spill-free candidate
 # of every kernel on both archs (BN16 w8 for the query and key passes); where every candidate of
 # an fp32 dot precision spills, dot_precision falls back to another. D 16 was not measured.
-SPILLING = {
-    ("hmx_bwd_kernel_key", 32, "ieee"): frozenset({(32, 4, 2)}),
-    ("hmx_bwd_kernel_key", 32, "tf32"): frozenset({(32, 4, 2), (32, 8, 2)}),
-    ("hmx_bwd_kernel_key", 32, "tf32x3"): frozenset({(32, 4, 2), (32, 8, 2)}),
-    ("hmx_bwd_kernel_key", 64, "half"): frozenset({(32, 4, 2)}),
-    ("hmx_bwd_kernel_key", 64, "ieee"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
-    ("hmx_bwd_kernel_key", 64, "tf32"): frozenset({(32, 4, 2)}),
-    ("hmx_bwd_kernel_key", 64, "tf32x3"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
-    ("hmx_bwd_kernel_key", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
-    ("hmx_bwd_kernel_query", 32, "ieee"): frozenset({(32, 4, 2)}),
-    ("hmx_bwd_kernel_query", 32, "tf32"): frozenset({(32, 4, 2)}),
-    ("hmx_bwd_kernel_query", 32, "tf32x3"): frozenset({(32, 4, 2), (32, 8, 2)}),
-    ("hmx_bwd_kernel_query", 64, "half"): frozenset({(32, 4, 2)}),
-    ("hmx_bwd_kernel_query", 64, "ieee"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2)}),
-    ("hmx_bwd_kernel_query", 64, "tf32x3"): frozenset({(16, 4, 2), (32, 4, 2)}),
-    ("hmx_bwd_kernel_query", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2)}),
-    ("hmx_fwd_kernel_mix", 64, "ieee"): frozenset({(32, 4, 2), (64, 8, 2)}),
-    ("hmx_fwd_kernel_mix", 64, "tf32x3"): frozenset({(64, 8, 2)}),
-    ("hmx_fwd_kernel_mix", 128, "half"): frozenset({(32, 4, 2), (64, 8, 2)}),
-    ("hmx_fwd_kernel_state", 32, "tf32x3"): frozenset({(64, 8, 2)}),
-    ("hmx_fwd_kernel_state", 64, "ieee"): frozenset({(32, 4, 2), (64, 8, 2)}),
-    ("hmx_fwd_kernel_state", 64, "tf32"): frozenset({(64, 8, 2)}),
-    ("hmx_fwd_kernel_state", 64, "tf32x3"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)}),
+SPILLING_BY_TRITON = {
+    # triton 3.9.0 (ptxas 12.9 for sm_80, 13.4 for sm_90): benchmarks/results/kernels.md
+    (3, 9): {
+        ("hmx_bwd_kernel_key", 32, "ieee"): frozenset({(32, 4, 2)}),
+        ("hmx_bwd_kernel_key", 32, "tf32"): frozenset({(32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_key", 32, "tf32x3"): frozenset({(32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_key", 64, "half"): frozenset({(32, 4, 2)}),
+        ("hmx_bwd_kernel_key", 64, "ieee"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_key", 64, "tf32"): frozenset({(32, 4, 2)}),
+        ("hmx_bwd_kernel_key", 64, "tf32x3"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_key", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_query", 32, "ieee"): frozenset({(32, 4, 2)}),
+        ("hmx_bwd_kernel_query", 32, "tf32"): frozenset({(32, 4, 2)}),
+        ("hmx_bwd_kernel_query", 32, "tf32x3"): frozenset({(32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_query", 64, "half"): frozenset({(32, 4, 2)}),
+        ("hmx_bwd_kernel_query", 64, "ieee"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_query", 64, "tf32x3"): frozenset({(16, 4, 2), (32, 4, 2)}),
+        ("hmx_bwd_kernel_query", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2)}),
+        ("hmx_fwd_kernel_mix", 64, "ieee"): frozenset({(32, 4, 2), (64, 8, 2)}),
+        ("hmx_fwd_kernel_mix", 64, "tf32x3"): frozenset({(64, 8, 2)}),
+        ("hmx_fwd_kernel_mix", 128, "half"): frozenset({(32, 4, 2), (64, 8, 2)}),
+        ("hmx_fwd_kernel_state", 32, "tf32x3"): frozenset({(64, 8, 2)}),
+        ("hmx_fwd_kernel_state", 64, "ieee"): frozenset({(32, 4, 2), (64, 8, 2)}),
+        ("hmx_fwd_kernel_state", 64, "tf32"): frozenset({(64, 8, 2)}),
+        ("hmx_fwd_kernel_state", 64, "tf32x3"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)}),
+    },
+    # triton 3.6.0 (ptxas 12.8 for both archs): benchmarks/results/kernels-triton3.6.md. Every candidate
+    # of the backward key pass spills at D 64 in IEEE and 3xTF32: unfit_reason declines those.
+    (3, 6): {
+        ("hmx_bwd_kernel_key", 32, "ieee"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2)}),
+        ("hmx_bwd_kernel_key", 32, "tf32"): frozenset({(32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_key", 32, "tf32x3"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_key", 64, "half"): frozenset({(32, 4, 2)}),
+        ("hmx_bwd_kernel_key", 64, "ieee"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_key", 64, "tf32"): frozenset({(32, 4, 2)}),
+        ("hmx_bwd_kernel_key", 64, "tf32x3"): frozenset({(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_key", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_query", 32, "ieee"): frozenset({(16, 4, 2), (32, 4, 2)}),
+        ("hmx_bwd_kernel_query", 32, "tf32x3"): frozenset({(32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_query", 64, "ieee"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_query", 64, "tf32"): frozenset({(32, 4, 2)}),
+        ("hmx_bwd_kernel_query", 64, "tf32x3"): frozenset({(16, 4, 2), (32, 4, 2), (32, 8, 2)}),
+        ("hmx_bwd_kernel_query", 128, "half"): frozenset({(16, 4, 2), (32, 4, 2)}),
+        ("hmx_fwd_kernel_mix", 64, "tf32x3"): frozenset({(64, 8, 2)}),
+        ("hmx_fwd_kernel_state", 32, "ieee"): frozenset({(16, 4, 2)}),
+        ("hmx_fwd_kernel_state", 32, "tf32"): frozenset({(32, 8, 2)}),
+        ("hmx_fwd_kernel_state", 64, "ieee"): frozenset({(32, 4, 2), (64, 8, 2)}),
+        ("hmx_fwd_kernel_state", 64, "tf32"): frozenset({(64, 8, 2)}),
+        ("hmx_fwd_kernel_state", 64, "tf32x3"): frozenset({(16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)}),
+    },
 }
 
 # The same for the kernels as the mixing-block modes launch them (BLOCKED: piece-table loads and
-# per-block operand rows; the plain launches are unaffected), on top of SPILLING: every candidate
-# that SPILLING keeps, compiled with BLOCKED at the shapes and dtypes above for sm_80 and sm_90,
-# spills in this one case only (32 bytes on sm_90); the autotuner prunes it for BLOCKED launches.
-BLOCKED_SPILLING = {
-    ("hmx_bwd_kernel_query", 32, "ieee"): frozenset({(32, 8, 2)}),
+# per-block operand rows; the plain launches are unaffected), on top of SPILLING: the candidates
+# that SPILLING keeps, compiled with BLOCKED at (18, 72) and (64, 256) in fp32 (the precision
+# "highest" picks) and bf16 and at (128, 512) in bf16, for sm_80 and sm_90; the autotuner prunes
+# these for BLOCKED launches.
+BLOCKED_SPILLING_BY_TRITON = {
+    (3, 9): {  # 32 bytes on sm_90
+        ("hmx_bwd_kernel_query", 32, "ieee"): frozenset({(32, 8, 2)}),
+    },
+    (3, 6): {  # 8 bytes on sm_90 (the 3.9 entry's candidate compiles without spills here)
+        ("hmx_fwd_kernel_mix", 128, "half"): frozenset({(16, 4, 2)}),
+    },
 }
+
+# triton (major, minor) -> its resource report (benchmarks/results): the versions measured
+TRITON_REPORTS = {(3, 9): "kernels.md", (3, 6): "kernels-triton3.6.md"}
+
+
+def triton_version(text: Optional[str] = None) -> Tuple[int, int]:
+    """(major, minor) of a triton version string (default: the installed triton's)."""
+    m = re.match(r"(\d+)\.(\d+)", text if text is not None else triton.__version__)
+    if m is None:
+        raise ValueError(f"not a triton version: {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def tables_version(version: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    """The measured version whose tables serve triton `version` (default: the installed one):
+    itself if measured, else the nearest measured release (by minor version within a major, else
+    the newest of the nearest major)."""
+    version = version or INSTALLED_TRITON
+    if version in TRITON_REPORTS:
+        return version
+    return min(TRITON_REPORTS, key=lambda v: (abs(v[0] - version[0]), abs(v[1] - version[1]) if v[0] == version[0] else 0,
+                                              -v[0], -v[1]))
+
+
+def warn_if_unmeasured(version: Tuple[int, int]) -> None:
+    """Warn when triton `version` has no tables of its own (tables_version)."""
+    used = tables_version(version)
+    if used != version:
+        warnings.warn(f"hmx_kernels: the Triton spill and shared-memory tables were measured with triton "
+                      f"{', '.join('%d.%d' % v for v in sorted(TRITON_REPORTS))}; triton {'%d.%d' % version} uses "
+                      f"{'%d.%d' % used}'s, so its autotune candidates may spill: measure them with "
+                      "`python -m tools.kernels` (hmx_kernels/triton/autotune.py SPILLING_BY_TRITON)", stacklevel=3)
+
+
+INSTALLED_TRITON = triton_version()
+TABLES_TRITON = tables_version(INSTALLED_TRITON)
+warn_if_unmeasured(INSTALLED_TRITON)
+
+# the installed triton's table: (kernel, BLOCK_D, precision) -> candidates that spill
+SPILLING = SPILLING_BY_TRITON[TABLES_TRITON]
+
+
+BLOCKED_SPILLING = BLOCKED_SPILLING_BY_TRITON[TABLES_TRITON]
+
+
+def _spilling(version: Optional[Tuple[int, int]], blocked: bool = False) -> dict:
+    if blocked:
+        return BLOCKED_SPILLING_BY_TRITON[tables_version(version)] if version else BLOCKED_SPILLING
+    return SPILLING_BY_TRITON[tables_version(version)] if version else SPILLING
 
 
 SMEM_LIMIT = {80: 166912, 90: 232448}  # bytes per block (opt-in): 163 KB (A100), 227 KB (H100)
 
 # torch.get_float32_matmul_precision() -> the tl.dot input_precision asked for fp32 inputs, and the
-# order in which a kernel falls back when every candidate of the asked one spills (SPILLING). At
-# D = 64 the IEEE (FMA) query pass spills in every candidate (ptxas even falls back to 32 registers
-# and kilobytes of spills) and takes 3xTF32, which meets the fp32 tolerance; the 3xTF32 state pass
-# spills on sm_80 in every candidate and takes IEEE.
+# order in which a kernel falls back when every candidate of the asked one spills (SPILLING). Under
+# triton 3.9, at D = 64 the IEEE (FMA) query pass spills in every candidate (ptxas even falls back
+# to 32 registers and kilobytes of spills) and takes 3xTF32, which meets the fp32 tolerance; the
+# 3xTF32 state pass spills on sm_80 in every candidate and takes IEEE. Under triton 3.6 the IEEE
+# query pass keeps BN16-w8, and the key pass spills in every IEEE and 3xTF32 candidate (declined).
 FP32_DOT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 FP32_FALLBACK = {"ieee": ("ieee", "tf32x3"), "tf32x3": ("tf32x3", "ieee"), "tf32": ("tf32", "tf32x3", "ieee")}
 
@@ -136,18 +229,21 @@ def interpreting() -> bool:
 INTERPRETED_KERNELS = interpreting()
 
 
-def dot_precision(dtype, d_h: int, matmul_precision: str, kernel: str) -> Tuple[str, str]:
+def dot_precision(dtype, d_h: int, matmul_precision: str, kernel: str,
+                  version: Optional[Tuple[int, int]] = None) -> Tuple[str, str]:
     """(OPERAND, DOT_PREC) constexprs of `kernel` (hyper_mixing_fwd._op) for inputs of torch
     `dtype`: fp16 / bf16 inputs multiply half operands on tensor cores ("half"; bf16 rounded and
     held in fp32 under the interpreter, whose bf16 x bf16 tl.dot is broken); fp32 inputs follow
     `matmul_precision` (torch.get_float32_matmul_precision()) through FP32_DOT_PRECISION, falling
-    back along FP32_FALLBACK where every candidate of that precision spills at this head size."""
+    back along FP32_FALLBACK where every candidate of that precision spills at this head size
+    (under triton `version`, default the installed one; where every precision spills, the asked
+    one: the backend declines that configuration, unfit_reason)."""
     import torch
 
     if dtype == torch.float32:
         asked = FP32_DOT_PRECISION[matmul_precision]
         for prec in FP32_FALLBACK[asked]:
-            if kept_candidates(kernel, d_h, prec, None):
+            if kept_candidates(kernel, d_h, prec, None, version=version):
                 return "fp32", prec
         return "fp32", asked
     if dtype == torch.bfloat16 and INTERPRETED_KERNELS:
@@ -166,43 +262,69 @@ def block_d(d_h: int) -> int:
 
 
 def smem_bound(kernel: str, block_n: int, block_d_: int, num_stages: int, precision: str,
-               arch: Optional[int] = None) -> int:
+               arch: Optional[int] = None, version: Optional[Tuple[int, int]] = None) -> int:
     """An upper bound of the shared memory (bytes) one block of `kernel` uses on sm_<arch>:
     `squares` [D, D] operands (the weights and C / R staged for the dots) plus `tiles` [BN, D]
     tiles per pipeline stage (operands and layout conversions), in the operand width (2 bytes for
-    fp16 / bf16, 4 for fp32), + 1 KB. The counts are fitted per arch to every compiled kernel of the
-    resource report (D 32 to 128; on average 1.01x to 1.2x the measured size) and checked against
-    all of them by tests/test_kernel_resources.py. sm_8x takes sm_80's fit (mma.sync like it),
-    sm_9x sm_90's, any other arch the larger of the two."""
-    models = _SMEM_MODEL[(kernel, precision)]
+    fp16 / bf16, 4 for fp32), + 1 KB. The counts are fitted per arch and triton version (`version`,
+    default the installed one) to every compiled kernel of that version's resource report (D 32 to
+    128; on average 1.01x to 1.2x the measured size) and checked against all of them by
+    tests/test_kernel_resources.py. sm_8x takes sm_80's fit (mma.sync like it), sm_9x sm_90's, any
+    other arch the larger of the two."""
+    models = _SMEM_MODEL_BY_TRITON[tables_version(version)][(kernel, precision)]
     family = 80 if arch is not None and 80 <= arch < 90 else 90 if arch is not None and 90 <= arch < 100 else None
     width = 2 if precision == "half" else 4
     return max(int(width * (sq * block_d_ * block_d_ + ti * block_n * block_d_ * num_stages)) + 1024
                for fam, (sq, ti) in models.items() if family is None or fam == family)
 
 
-# (kernel, precision) -> {arch: (squares, tiles)} of smem_bound
-_SMEM_MODEL = {
-    ("hmx_fwd_kernel_state", "half"): {80: (1.75, 1.25), 90: (1.75, 1.25)},
-    ("hmx_fwd_kernel_state", "ieee"): {80: (1.0, 2.25), 90: (1.0, 2.25)},
-    ("hmx_fwd_kernel_state", "tf32"): {80: (1.0, 2.0), 90: (1.0, 2.5)},
-    ("hmx_fwd_kernel_state", "tf32x3"): {80: (2.0, 2.5), 90: (3.25, 2.25)},
-    ("hmx_fwd_kernel_mix", "half"): {80: (2.0, 2.0), 90: (2.25, 1.75)},
-    ("hmx_bwd_kernel_tsum", "half"): {80: (1.75, 2.5), 90: (1.75, 2.5)},
-    ("hmx_bwd_kernel_tsum", "ieee"): {80: (1.0, 2.25), 90: (1.0, 2.25)},
-    ("hmx_bwd_kernel_tsum", "tf32"): {80: (1.0, 2.5), 90: (1.0, 2.5)},
-    ("hmx_bwd_kernel_tsum", "tf32x3"): {80: (3.25, 2.5), 90: (3.25, 2.5)},
-    ("hmx_fwd_kernel_mix", "ieee"): {80: (2.0, 1.5), 90: (2.0, 1.5)},
-    ("hmx_fwd_kernel_mix", "tf32"): {80: (2.0, 1.5), 90: (2.0, 1.5)},
-    ("hmx_fwd_kernel_mix", "tf32x3"): {80: (4.0, 2.0), 90: (4.0, 2.0)},
-    ("hmx_bwd_kernel_query", "half"): {80: (3.0, 3.5), 90: (3.0, 4.0)},
-    ("hmx_bwd_kernel_query", "ieee"): {80: (2.0, 2.5), 90: (2.0, 2.5)},
-    ("hmx_bwd_kernel_query", "tf32"): {80: (3.0, 3.0), 90: (3.0, 3.0)},
-    ("hmx_bwd_kernel_query", "tf32x3"): {80: (6.0, 3.5), 90: (6.0, 4.5)},
-    ("hmx_bwd_kernel_key", "half"): {80: (4.0, 2.5), 90: (4.0, 3.0)},
-    ("hmx_bwd_kernel_key", "ieee"): {80: (2.25, 3.0), 90: (2.25, 3.0)},
-    ("hmx_bwd_kernel_key", "tf32"): {80: (4.0, 3.0), 90: (4.0, 3.5)},
-    ("hmx_bwd_kernel_key", "tf32x3"): {80: (8.0, 3.5), 90: (8.0, 4.5)},
+# triton (major, minor) -> (kernel, precision) -> {arch: (squares, tiles)} of smem_bound
+_SMEM_MODEL_BY_TRITON = {
+    (3, 9): {
+        ("hmx_fwd_kernel_state", "half"): {80: (1.75, 1.25), 90: (1.75, 1.25)},
+        ("hmx_fwd_kernel_state", "ieee"): {80: (1.0, 2.25), 90: (1.0, 2.25)},
+        ("hmx_fwd_kernel_state", "tf32"): {80: (1.0, 2.0), 90: (1.0, 2.5)},
+        ("hmx_fwd_kernel_state", "tf32x3"): {80: (2.0, 2.5), 90: (3.25, 2.25)},
+        ("hmx_fwd_kernel_mix", "half"): {80: (2.0, 2.0), 90: (2.25, 1.75)},
+        ("hmx_bwd_kernel_tsum", "half"): {80: (1.75, 2.5), 90: (1.75, 2.5)},
+        ("hmx_bwd_kernel_tsum", "ieee"): {80: (1.0, 2.25), 90: (1.0, 2.25)},
+        ("hmx_bwd_kernel_tsum", "tf32"): {80: (1.0, 2.5), 90: (1.0, 2.5)},
+        ("hmx_bwd_kernel_tsum", "tf32x3"): {80: (3.25, 2.5), 90: (3.25, 2.5)},
+        ("hmx_fwd_kernel_mix", "ieee"): {80: (2.0, 1.5), 90: (2.0, 1.5)},
+        ("hmx_fwd_kernel_mix", "tf32"): {80: (2.0, 1.5), 90: (2.0, 1.5)},
+        ("hmx_fwd_kernel_mix", "tf32x3"): {80: (4.0, 2.0), 90: (4.0, 2.0)},
+        ("hmx_bwd_kernel_query", "half"): {80: (3.0, 3.5), 90: (3.0, 4.0)},
+        ("hmx_bwd_kernel_query", "ieee"): {80: (2.0, 2.5), 90: (2.0, 2.5)},
+        ("hmx_bwd_kernel_query", "tf32"): {80: (3.0, 3.0), 90: (3.0, 3.0)},
+        ("hmx_bwd_kernel_query", "tf32x3"): {80: (6.0, 3.5), 90: (6.0, 4.5)},
+        ("hmx_bwd_kernel_key", "half"): {80: (4.0, 2.5), 90: (4.0, 3.0)},
+        ("hmx_bwd_kernel_key", "ieee"): {80: (2.25, 3.0), 90: (2.25, 3.0)},
+        ("hmx_bwd_kernel_key", "tf32"): {80: (4.0, 3.0), 90: (4.0, 3.5)},
+        ("hmx_bwd_kernel_key", "tf32x3"): {80: (8.0, 3.5), 90: (8.0, 4.5)},
+    },
+    # triton 3.6.0, fitted by tools.kernels.fit_smem_model to every compiled row of its report
+    (3, 6): {
+        ("hmx_fwd_kernel_state", "half"): {80: (1.0, 1.75), 90: (1.0, 2.0)},
+        ("hmx_fwd_kernel_state", "ieee"): {80: (1.0, 2.5), 90: (1.0, 2.5)},
+        ("hmx_fwd_kernel_state", "tf32"): {80: (1.0, 2.0), 90: (1.0, 2.5)},
+        ("hmx_fwd_kernel_state", "tf32x3"): {80: (2.0, 2.5), 90: (2.0, 3.5)},
+        ("hmx_fwd_kernel_mix", "half"): {80: (2.0, 2.0), 90: (2.0, 2.0)},
+        ("hmx_bwd_kernel_tsum", "half"): {80: (0.5, 2.5), 90: (0.5, 2.75)},
+        ("hmx_bwd_kernel_tsum", "ieee"): {80: (1.0, 2.25), 90: (1.0, 2.25)},  # not compiled under 3.6 (never launched): 3.9's
+        ("hmx_bwd_kernel_tsum", "tf32"): {80: (0.5, 2.0), 90: (0.5, 2.25)},
+        ("hmx_bwd_kernel_tsum", "tf32x3"): {80: (1.0, 2.5), 90: (1.0, 3.0)},
+        ("hmx_fwd_kernel_mix", "ieee"): {80: (2.0, 1.5), 90: (2.0, 1.5)},
+        ("hmx_fwd_kernel_mix", "tf32"): {80: (2.0, 1.5), 90: (2.0, 1.5)},
+        ("hmx_fwd_kernel_mix", "tf32x3"): {80: (4.0, 2.0), 90: (4.0, 2.0)},
+        ("hmx_bwd_kernel_query", "half"): {80: (3.0, 3.5), 90: (3.0, 4.0)},
+        ("hmx_bwd_kernel_query", "ieee"): {80: (2.0, 3.0), 90: (2.0, 3.0)},
+        ("hmx_bwd_kernel_query", "tf32"): {80: (3.0, 3.0), 90: (3.0, 3.0)},
+        ("hmx_bwd_kernel_query", "tf32x3"): {80: (6.0, 3.5), 90: (6.0, 4.5)},
+        ("hmx_bwd_kernel_key", "half"): {80: (4.0, 2.5), 90: (4.0, 3.0)},
+        ("hmx_bwd_kernel_key", "ieee"): {80: (2.25, 3.0), 90: (2.25, 3.0)},
+        ("hmx_bwd_kernel_key", "tf32"): {80: (4.0, 3.0), 90: (4.0, 3.5)},
+        ("hmx_bwd_kernel_key", "tf32x3"): {80: (8.0, 3.5), 90: (8.0, 4.5)},
+    },
 }
 
 
@@ -216,29 +338,43 @@ def device_limits(index: int) -> Tuple[int, int]:
 
 
 def kept_candidates(kernel: str, d_h: int, precision: str, smem_limit: Optional[int] = None,
-                    arch: Optional[int] = None, blocked: bool = False) -> List[Tuple[int, int, int]]:
+                    arch: Optional[int] = None, blocked: bool = False,
+                    version: Optional[Tuple[int, int]] = None) -> List[Tuple[int, int, int]]:
     """The candidates of `kernel` the autotuner may run for head size d_h and `precision` on an
     sm_<arch> device giving `smem_limit` bytes of shared memory per block (None: no limit), as the
-    plain mode launches it or, blocked=True, as the mixing-block modes do (BLOCKED_SPILLING too)."""
+    plain mode launches it or, blocked=True, as the mixing-block modes do (BLOCKED_SPILLING too),
+    under triton `version` (default: the installed one)."""
     bd = block_d(d_h)
-    spilling = SPILLING.get((kernel, bd, precision), frozenset())
+    spilling = _spilling(version).get((kernel, bd, precision), frozenset())
     if blocked:
-        spilling = spilling | BLOCKED_SPILLING.get((kernel, bd, precision), frozenset())
+        spilling = spilling | _spilling(version, blocked=True).get((kernel, bd, precision), frozenset())
     return [c for c in KERNEL_CANDIDATES[kernel] if c not in spilling
-            and (smem_limit is None or smem_bound(kernel, c[0], bd, c[2], precision, arch) <= smem_limit)]
+            and (smem_limit is None or smem_bound(kernel, c[0], bd, c[2], precision, arch, version) <= smem_limit)]
 
 
 def unfit_reason(dtype, d_h: int, matmul_precision: str, smem_limit: Optional[int],
-                 arch: Optional[int] = None) -> Optional[str]:
-    """Why no candidate of some kernel fits (dtype, d_h) on an sm_<arch> device, or None."""
+                 arch: Optional[int] = None, blocked: bool = False,
+                 version: Optional[Tuple[int, int]] = None) -> Optional[str]:
+    """Why no candidate of some kernel fits (dtype, d_h) on an sm_<arch> device under triton
+    `version` (default: the installed one), or None: every candidate spills registers there (in
+    every dot precision dot_precision may fall back to), or needs more shared memory per block than
+    `smem_limit` (None: not checked)."""
     bd = block_d(d_h)
+    shown = "%d.%d" % (version or INSTALLED_TRITON)
     for kernel in launched_kernels(d_h):
         candidates = KERNEL_CANDIDATES[kernel]
-        precision = precision_name(*dot_precision(dtype, d_h, matmul_precision, kernel))
-        if not kept_candidates(kernel, d_h, precision, smem_limit, arch):
-            need = min(smem_bound(kernel, c[0], bd, c[2], precision, arch) for c in candidates)
+        precision = precision_name(*dot_precision(dtype, d_h, matmul_precision, kernel, version))
+        if not kept_candidates(kernel, d_h, precision, None, arch, blocked, version):
+            tf32 = (matmul_precision != "medium" and precision != "half"
+                    and unfit_reason(dtype, d_h, "medium", None, arch, blocked, version) is None)
+            return (f"{kernel} at d_h = {d_h} (padded to {bd}) with {precision} dot operands spills registers in "
+                    f"every autotune candidate under triton {shown} (measured compiles: benchmarks/results/"
+                    f"{TRITON_REPORTS[tables_version(version)]}); backend 'cuda', float16 / bfloat16 inputs"
+                    + (" or torch.set_float32_matmul_precision('medium') (TF32 dots)" if tf32 else "") + " run it")
+        if smem_limit is not None and not kept_candidates(kernel, d_h, precision, smem_limit, arch, blocked, version):
+            need = min(smem_bound(kernel, c[0], bd, c[2], precision, arch, version) for c in candidates)
             return (f"{kernel} at d_h = {d_h} (padded to {bd}) with {precision} dot operands needs about "
-                    f"{need // 1024} KB of shared memory per block, this GPU gives {(smem_limit or 0) // 1024} KB")
+                    f"{need // 1024} KB of shared memory per block, this GPU gives {smem_limit // 1024} KB")
     return None
 
 

@@ -98,8 +98,8 @@ def triton_available(device_type: str) -> Tuple[str, ...]:
 def fit_reasons(p: HyperMixingProblem):
     """Shapes whose kernels cannot fit the GPU, refused here instead of failing inside the
     autotuner: fp32 inputs at d_h > MAX_FP32_HEAD_DIM, and any shape for which every autotune
-    candidate of some kernel needs more shared memory per block than the device gives
-    (config.unfit_reason; consumer GPUs give 99 KB); in the mixing-block modes (causal, chunked,
+    candidate of some kernel spills registers under the installed triton or needs more shared
+    memory per block than the device gives (config.unfit_reason; consumer GPUs give 99 KB); in the mixing-block modes (causal, chunked,
     packed), more (b, h) programs per piece than CUDA's grid axis 1 takes (B*H*ROW_SPLIT <= 65535,
     ROW_SPLIT 2 from d_h 128 on: config.row_split)."""
     if p.device.type != "cuda":
@@ -117,7 +117,9 @@ def fit_reasons(p: HyperMixingProblem):
                 "227 KB, A100 163 KB); use bfloat16 / float16 inputs or more heads"]
     from .autotune import device_limits, unfit_reason
 
-    why = unfit_reason(p.dtype, p.d_h, torch.get_float32_matmul_precision(), *device_limits(p.device.index or 0))
+    blocked = getattr(p, "mode", None) is not None or getattr(p, "cu_seqlens", None) is not None
+    why = unfit_reason(p.dtype, p.d_h, torch.get_float32_matmul_precision(), *device_limits(p.device.index or 0),
+                       blocked=blocked)
     return [why] if why else []
 
 
