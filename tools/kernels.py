@@ -54,7 +54,7 @@ from functools import lru_cache
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+RESULTS = os.path.join(os.path.dirname(HERE), "benchmarks", "results")  # the reports live with the other results
 
 COLUMNS = ["arch", "shape", "dtype", "backend", "kernel", "config", "registers", "spill_bytes",
            "smem_bytes", "tensor_core_instructions"]
