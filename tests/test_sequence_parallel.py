@@ -222,16 +222,16 @@ def _disagreeing_worker(rank, world, init_file, cpu_ok):
             _raises_on_this_rank(lambda: same(x, key_padding_mask=bad_mask), RankMismatchError, "rank(s) [1]")
         # a slice whose global positions leave the encoding's exact range (the limit lowered here to
         # 15; really 2**24 for speechbrain): rank 1's offset 5 is known only after the gather
-        from hmx_kernels import validation
+        from hmx_kernels import problem
 
-        limit = validation.MAX_POSITION["speechbrain"]
-        validation.MAX_POSITION["speechbrain"] = 15
+        limit = problem.MAX_POSITION["speechbrain"]
+        problem.MAX_POSITION["speechbrain"] = 15
         try:
             xl = torch.randn(2, 5 if rank == 0 else 14, 12, dtype=torch.float64)
             _raises_on_this_rank(lambda: same(xl), RankMismatchError, "rank 1 of the sequence-parallel group",
                                  "reaches position 18, beyond 15")
         finally:
-            validation.MAX_POSITION["speechbrain"] = limit
+            problem.MAX_POSITION["speechbrain"] = limit
         # after all that, the group still works: the same call on both ranks runs
         out = same(x)[0]
         assert out.shape == x.shape and torch.isfinite(out).all()
