@@ -10,7 +10,7 @@ launch is not recorded: on a GPU it does not exist).
   / data-dependent-shape op anywhere in the step, so the step can be captured in a CUDA graph.
   Packed sequences read cu_seqlens once per call to build their piece table (documented there).
 - Launch count of the dense layer: the per-(b, h) finalize work runs in one Triton kernel per
-  step (function.py, finalize.py), so the op impls issue no aten kernel at all; the bound
+  step (launch.py, finalize.py), so the op impls issue no aten kernel at all; the bound
   below is the whole step, the layer's LayerNorm and autograd's gradient sums included.
 """
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """Fused Triton HyperMixing (forward and backward), reassociated so that the hypernetworks' k_h
 never enters a token loop: per-token kernels with [D, D] accumulators (d_h padded to D), tensor
 cores for fp16 / bf16 (and TF32 / 3xTF32 for fp32 as torch.get_float32_matmul_precision() asks),
-k_h only in small per-(b, h) torch products.
+k_h only in small per-(b, h) finalize kernels.
 
 - hyper_mixing_fwd.py / hyper_mixing_bwd.py: the token kernels (state, mix; query, key, and at
   d_h 128 tsum) and the algorithm, with a shape comment on every dot;
-- function.py: the launchers and finalize steps, registered as torch.library ops;
-- config.py: autotune candidates, the dot precision per dtype and mode, pruning by measured
-  register spills and by the device's shared memory;
+- finalize.py: the per-(b, h) finalize kernels between the token passes (d_h up to 64);
+- launch.py: the launchers, registered as torch.library ops (and the torch finalize at d_h 128);
+- autotune.py: autotune candidates, the dot precision per dtype and mode, pruning by the register
+  spills and shared memory measured per triton version;
 - backend.py: registration as backend "triton" (limits, reasons, tolerances with their derivation).
 Compile-level evidence (registers, spills, shared memory, tensor-core instructions for sm_80 and
 sm_90): `python -m tools.kernels` -> benchmarks/results/kernels.md.

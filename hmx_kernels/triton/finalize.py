@@ -1,5 +1,5 @@
 """Finalize kernels of the Triton backend: the per-(b, h) work between the token passes, one
-launch each instead of a chain of small torch ops (function.py, plain mixing).
+launch each instead of a chain of small torch ops (launch.py, plain mixing).
 
 Reassociated form (docs/HYPERMIXING.md; S, T are d_h x d_h token sums of the passes):
 - `hmx_fwd_finalize` (grid B*H): S, sv = fixed-order sums of the state pass's chunk partials;
@@ -42,7 +42,7 @@ def weights_num_warps(block_d: int) -> int:
 # spills (the backward's middle kernel, the largest, at 128 / 190 registers for BLOCK_D 32 / 64;
 # figures: `capture_launches(..., finalize=True)` in tools/kernels.py).
 # At BLOCK_D 128 two [128, 128] fp32 sums per program spill whatever the warps, so the split head
-# sizes (config.SPLIT_BLOCK_D) keep the torch finalize (function.py).
+# sizes (autotune.SPLIT_BLOCK_D) keep the torch finalize (launch.py).
 
 
 @triton.jit

@@ -17,11 +17,11 @@ db1 = sum dpre, dz = dpre fc1, dx = s m dz.
 - key pass (`hmx_bwd_kernel_key`, grid [B*H, n_chunks]): recomputes hid per key tile, accumulates
   S, sv (for dfc2, db2: the op saves only P) and the fc1 gradients of MLP1, writes dvalue and
   dkey. Six tile products: z fc1^T, hid^T V, hid R, V R^T, dpre^T z, dpre fc1.
-- from d_h 128 on (config.SPLIT_BLOCK_D), T and sdy come from a pass of their own
+- from d_h 128 on (autotune.SPLIT_BLOCK_D), T and sdy come from a pass of their own
   (`hmx_bwd_kernel_tsum`: the forward's state program on query and dY, rows split) and S, sv from
   the forward's state pass run again; the query and key passes then hold one [D, D] accumulator
   (the fc1 gradient) instead of two (ACC_T / ACC_S False), which is what keeps them spill-free.
-- finalize (torch in the launcher, function.py): the [k_h, d_h] products above, on the chunk
+- finalize (the finalize kernels, finalize.py; torch in launch.py at d_h 128): the [k_h, d_h] products above, on the chunk
   partials summed in a fixed order.
 Mixing blocks (BLOCKED, see hyper_mixing_fwd.py): a program covers a piece of one block and reads
 that block's C_j (query pass) or R_i, r0_i (key pass); its partials are summed per block by the
