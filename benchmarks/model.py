@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import statistics
 import sys
@@ -49,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import runinfo
-from .config import device_slug, git_sha, library_versions, measured_cpu_peak_tflops
+from .config import device_slug, measured_cpu_peak_tflops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONTENDERS = ("speechbrain", "hmx", "sdpa")

@@ -20,7 +20,7 @@ works, both backends report why; "auto" falls back to the reference and warns on
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import Tensor

@@ -19,7 +19,6 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Dict, List, Tuple
 
-import torch
 from torch import nn
 
 from ..layer import FusedHyperMixing

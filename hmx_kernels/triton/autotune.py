@@ -36,7 +36,7 @@ import inspect
 import re
 import warnings
 from functools import lru_cache
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import triton
 
