@@ -10,6 +10,14 @@ is derived from that data, so every backend reads a problem the same way.
 and takes the first that supports the call; an explicit name runs that backend or raises an error
 that lists its reasons. `backend_reasons(problem)` reports every backend and its reasons.
 
+`run(name, problem)` is the one route every call takes (hyper_mixing, the layer, packed
+sequences): it chooses (`choose`) and runs. It also owns the packed-to-padded fallback: a packed
+problem (cu_seqlens) goes to the first candidate that takes packed sequences, or to one that
+declares no `packed` kind but takes everything else, which then runs a padded
+[num_seqs, max_len, d] batch with a padding mask (`_run_padded`: same result, compute spent on the
+padding). Sequence-parallel calls choose first, agree with the other ranks, then run
+(hmx_kernels.functional).
+
 The availability probes run once per process and key (they may build the extension: a lock, the
 file system); they are marked with `constant_result` (= torch.compiler.assume_constant_result),
 so under torch.compile they run at trace time, outside the graph, and the call itself has no
@@ -17,13 +25,14 @@ graph break.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .blocks import CHUNK_CAUSAL, FULL, PACKED, TOKEN_CAUSAL
+from .blocks import CHUNK_CAUSAL, FULL, PACKED, TOKEN_CAUSAL, MixingBlocks
 from .problem import FLOAT_DTYPES, HyperMixingProblem
 
 __all__ = [
@@ -34,6 +43,8 @@ __all__ = [
     "registered_backends",
     "get_backend",
     "select_backend",
+    "choose",
+    "run",
     "backend_reasons",
     "check_backend_name",
     "AUTO_ORDER",
@@ -103,7 +114,7 @@ class Capabilities:
             out.append("position offsets and sequence parallelism are not implemented by this backend yet "
                        "(backend='reference' has them)")
         if PACKED in missing:
-            out.append("packed sequences (cu_seqlens) are not implemented by this backend yet (hyper_mixing_varlen "
+            out.append("packed sequences (cu_seqlens) are not implemented by this backend yet (the dispatcher "
                        "runs it on a padded batch instead)")
         if not self.partial_biases and p.partial_biases:
             out.append("a generator with an fc1 bias but no fc2 bias (or the reverse) is not supported")
@@ -203,3 +214,59 @@ def select_backend(name: str, problem: HyperMixingProblem) -> Backend:
             + "\nall backends:\n" + _format_reasons(backend_reasons(problem))
         )
     return backend
+
+
+def choose(name: str, problem: HyperMixingProblem) -> Tuple[Backend, bool]:
+    """(the backend that runs `problem`, whether it runs a padded copy of a packed problem).
+
+    Unpacked problems: `select_backend`. Packed problems (cu_seqlens): the candidates in order
+    (AUTO_ORDER for "auto", else the one named); the first that takes them packed, or that takes
+    no packed sequences but everything else, wins; none: the error of `select_backend`."""
+    if problem.cu_seqlens is None:
+        return select_backend(name, problem), False
+    check_backend_name(name)
+    unpacked = dataclasses.replace(problem, blocks=MixingBlocks(problem.mode))
+    names = AUTO_ORDER.get(problem.device.type, ["reference"]) if name == "auto" else [name]
+    for candidate in names:
+        backend = _REGISTRY.get(candidate)
+        if backend is None:
+            continue
+        if not backend.not_supported_reasons(problem):
+            return backend, False
+        if PACKED not in backend.capabilities.blocks and not backend.not_supported_reasons(unpacked):
+            return backend, True
+    return select_backend(name, problem), False  # raises, naming every backend's reasons
+
+
+def run(name: str, problem: HyperMixingProblem, on_chosen: Optional[Callable] = None) -> Tensor:
+    """Choose a backend for `problem` and run it; `on_chosen(problem, backend_name)`, if given, is
+    called with the choice before the run (the layer's `last_backend`, hmx_kernels.explain)."""
+    backend, padded = choose(name, problem)
+    if on_chosen is not None:
+        on_chosen(problem, backend.name)
+    return _run_padded(backend, problem) if padded else backend.forward(problem)
+
+
+def _run_padded(backend: Backend, problem: HyperMixingProblem) -> Tensor:
+    """A packed problem (B = 1, self-mixing, cu_seqlens) through `backend` as a padded batch: the
+    sequences as rows of [num_seqs, L, d] (L the longest), a keep mask, the same weights, mode and
+    options; the kept rows of the result, in packed order [1, total, d]. Differentiable (index_copy
+    and index_select). Empty sequences are fully padded rows."""
+    cu = problem.cu_seqlens.to("cpu", torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    n, L = lengths.numel(), max(int(lengths.max()), 1)
+    keep = torch.arange(L)[None, :] < lengths[:, None]  # [n, L]
+    rows = torch.nonzero(keep.reshape(-1), as_tuple=False).squeeze(1).to(problem.device)
+
+    def padded(t: Tensor) -> Tensor:  # [1, total, d] -> [n, L, d], zeros at the padding
+        return t.new_zeros(n * L, t.shape[-1]).index_copy(0, rows, t[0]).view(n, L, t.shape[-1])
+
+    query = padded(problem.query)
+    key = query if problem.key is problem.query else padded(problem.key)
+    value = query if problem.value is problem.query else key if problem.value is problem.key else padded(problem.value)
+    keep_c = keep.to(problem.device, problem.compute_dtype)
+    rows_problem = dataclasses.replace(
+        problem, query=query, key=key, value=value, query_keep=keep_c, key_keep=keep_c, B=n, M=L, N=L,
+        blocks=MixingBlocks(problem.mode))
+    y = backend.forward(rows_problem)  # [n, L, d]
+    return y.reshape(n * L, -1).index_select(0, rows).unsqueeze(0)

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .dispatch import BackendNotSupportedError, check_backend_name, select_backend
+from .dispatch import BackendNotSupportedError, check_backend_name, run, select_backend
 from .parallel import agree_on_slices, call_signature
 from .problem import check_inputs
 
-__all__ = ["hyper_mixing"]
+__all__ = ["hyper_mixing", "mix"]
 
 
 def hyper_mixing(
@@ -88,30 +88,25 @@ def hyper_mixing(
         torch.Size([2, 5, 8])
     """
     check_backend_name(backend)
+    return mix((query, key, value, w1_fc1_weight, w1_fc1_bias, w1_fc2_weight, w1_fc2_bias,
+                w2_fc1_weight, w2_fc1_bias, w2_fc2_weight, w2_fc2_bias, ln_weight, ln_bias),
+               backend=backend, position_offset=position_offset, sequence_parallel_group=sequence_parallel_group,
+               variant=variant, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+               use_layer_norm=use_layer_norm, eps=eps, causal=causal, chunk_size=chunk_size,
+               left_context_chunks=left_context_chunks)
+
+
+def mix(tensors, *, backend: str, position_offset: Optional[int] = None, sequence_parallel_group=None,
+        on_chosen: Optional[Callable] = None, **options) -> Tensor:
+    """The one route of `hyper_mixing` and the layer: the 13 tensors, validated into a problem,
+    run by the dispatcher (hmx_kernels.dispatch.run) or, with a sequence-parallel group, agreed
+    with the other ranks first. `on_chosen(problem, backend_name)` sees the choice before the run."""
     group = sequence_parallel_group
     if group is not None:
-        return _sequence_parallel(query, key, value, w1_fc1_weight, w1_fc1_bias, w1_fc2_weight, w1_fc2_bias,
-                                  w2_fc1_weight, w2_fc1_bias, w2_fc2_weight, w2_fc2_bias, ln_weight, ln_bias,
-                                  backend=backend, position_offset=position_offset, group=group,
-                                  variant=variant, key_padding_mask=key_padding_mask,
-                                  query_padding_mask=query_padding_mask, use_layer_norm=use_layer_norm, eps=eps,
-                                  causal=causal, chunk_size=chunk_size, left_context_chunks=left_context_chunks)
-    problem = check_inputs(
-        query, key, value,
-        w1_fc1_weight, w1_fc1_bias, w1_fc2_weight, w1_fc2_bias,
-        w2_fc1_weight, w2_fc1_bias, w2_fc2_weight, w2_fc2_bias,
-        ln_weight, ln_bias,
-        variant=variant,
-        key_padding_mask=key_padding_mask,
-        query_padding_mask=query_padding_mask,
-        use_layer_norm=use_layer_norm,
-        eps=eps,
-        causal=causal,
-        chunk_size=chunk_size,
-        left_context_chunks=left_context_chunks,
-        position_offset=0 if position_offset is None else position_offset,
-    )
-    return select_backend(backend, problem).forward(problem)
+        return _sequence_parallel(*tensors, backend=backend, position_offset=position_offset, group=group,
+                                  on_chosen=on_chosen, **options)
+    problem = check_inputs(*tensors, **options, position_offset=0 if position_offset is None else position_offset)
+    return run(backend, problem, on_chosen)
 
 
 # what a rank's own input check raises; such a rank still joins the group's all-gather
@@ -125,7 +120,8 @@ SEQUENCE_PARALLEL_COMPILE_NOTE = (
 )
 
 
-def _sequence_parallel(*tensors, backend: str, position_offset: Optional[int], group, **options) -> Tensor:
+def _sequence_parallel(*tensors, backend: str, position_offset: Optional[int], group, on_chosen=None,
+                       **options) -> Tensor:
     """hyper_mixing over a sequence-parallel group: check locally, agree with the other ranks in
     one all-gather (every rank raises together on any refusal or mismatch), then run."""
     if torch.compiler.is_compiling():
@@ -149,4 +145,6 @@ def _sequence_parallel(*tensors, backend: str, position_offset: Optional[int], g
         raise refusal
     if position_offset is None and offset != problem.position_offset:
         problem = dataclasses.replace(problem, position_offset=offset)
+    if on_chosen is not None:
+        on_chosen(problem, chosen.name)
     return chosen.forward(problem)

@@ -58,8 +58,9 @@ def explain(module: nn.Module, *args, **kwargs) -> Union[BackendReport, Dict[str
     FusedHyperMixing call ran and why the others did not.
 
     module: a FusedHyperMixing (returns one BackendReport, for its last call in the run) or any
-    model containing some (returns {qualified name: BackendReport} for those that ran). Packed
-    calls (cu_seqlens) are not reported (hmx_kernels.varlen chooses among padded and packed runs)."""
+    model containing some (returns {qualified name: BackendReport} for those that ran). Every call
+    is reported: padded batches, packed sequences (cu_seqlens; `reasons` are those of the packed
+    problem, and a backend without the `packed` kind runs them padded) and sequence-parallel calls."""
     if isinstance(module, FusedHyperMixing):
         layers = {"": module}
     else:
@@ -86,9 +87,8 @@ def explain(module: nn.Module, *args, **kwargs) -> Union[BackendReport, Dict[str
             layer._dispatch_probe = None
     if isinstance(module, FusedHyperMixing):
         if not reports:
-            raise ValueError("the call ran no padded-batch HyperMixing (packed calls with cu_seqlens are not "
-                             "explained)")
+            raise ValueError("the call ran no HyperMixing")
         return reports[""]
     if not reports:
-        raise ValueError("no FusedHyperMixing layer of the model ran a padded-batch call")
+        raise ValueError("no FusedHyperMixing layer of the model ran")
     return reports

@@ -16,14 +16,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .causal import MixingMode, mode_from_attn_mask, resolve_mode
-from .dispatch import check_backend_name, select_backend
-from .functional import hyper_mixing
+from .causal import MixingMode, resolve_mode
+from .dispatch import check_backend_name
+from .functional import mix
+from .integrations.speechbrain import mode_from_attn_mask
 from .positional import positional_encoding
-from .problem import check_inputs
 from .streaming import LayerStream, StreamingState, StreamingStateMismatch, hyper_mixing_stream
 from .variants import get_variant
-from .varlen import hyper_mixing_varlen
+from .varlen import _varlen
 
 __all__ = ["FusedHyperMixing", "GeneratorMLP", "HyperNetwork", "ATTN_MASK_POLICIES"]
 
@@ -267,8 +267,9 @@ class FusedHyperMixing(nn.Module):
         # the public implementations' PE buffer, under their module name (checkpoint compatibility)
         self.add_module(v.pe_module_name, _PositionalEncodingBuffer(v, self.max_length, d))
         self._warned_key_value = False
-        # the backend the last forward ran (None before the first; packed calls, which may pad or
-        # walk the sequences, leave it unchanged); hmx_kernels.explain says why
+        # the backend the last forward ran (None before the first): every route records it, padded,
+        # packed (run as they are or padded: hmx_kernels.dispatch.run) and sequence-parallel;
+        # hmx_kernels.explain says why
         self.last_backend: Optional[str] = None
         self._dispatch_probe = None  # hmx_kernels.explain: a callable given each call's problem
 
@@ -369,10 +370,10 @@ class FusedHyperMixing(nn.Module):
         if squeeze and query.shape[0] != 1:
             raise ValueError(f"packed tokens must be [total, d] or [1, total, d], got {list(query.shape)}")
         tokens = query[0] if squeeze else query
-        out = hyper_mixing_varlen(
+        out = _varlen(
             tokens, cu_seqlens, max_seqlen, *self._weights(),
             variant=self.variant, backend=self.backend, use_layer_norm=self.use_layer_norm, eps=self.eps,
-            **_mode_arguments(self.mode),
+            on_chosen=self._record_choice, **_mode_arguments(self.mode),
         )
         return out[None] if squeeze else out
 
@@ -417,34 +418,23 @@ class FusedHyperMixing(nn.Module):
 
     def _mix(self, query, key, value, key_padding_mask, query_padding_mask, mode=None,
              position_offset: Optional[int] = None) -> Tensor:
-        group = self.sequence_parallel_group
-        options = dict(
-            variant=self.variant,
-            key_padding_mask=key_padding_mask,
-            query_padding_mask=query_padding_mask,
-            use_layer_norm=self.use_layer_norm,
-            eps=self.eps,
-            **_mode_arguments(mode),
+        """hmx_kernels.hyper_mixing's one route (functional.mix), with or without a sequence-parallel
+        group (whose all-gather computes the offset when none is given)."""
+        return mix(
+            (query, key, value, *self._weights()), backend=self.backend, position_offset=position_offset,
+            sequence_parallel_group=self.sequence_parallel_group, on_chosen=self._record_choice,
+            variant=self.variant, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+            use_layer_norm=self.use_layer_norm, eps=self.eps, **_mode_arguments(mode),
         )
-        if group is not None:
-            # hyper_mixing's one all-gather agrees with the other ranks (slices, offsets, call
-            # signature) and computes the offset when none is given; last_backend is not recorded
-            return hyper_mixing(query, key, value, *self._weights(), backend=self.backend, **options,
-                                position_offset=position_offset, sequence_parallel_group=group)
-        return self._dispatch(query, key, value, *self._weights(), backend=self.backend, **options,
-                              position_offset=position_offset or 0, sequence_parallel_group=None)
 
-    def _dispatch(self, *tensors, backend: str, **options) -> Tensor:
-        """hmx_kernels.hyper_mixing, recording the backend that runs in `last_backend`: also under
-        torch.compile (Dynamo replays the assignment after the graph, no graph break), not while
-        torch.export traces (an exported program has no module state to set)."""
-        problem = check_inputs(*tensors, **options)
-        chosen = select_backend(backend, problem)
+    def _record_choice(self, problem, backend_name: str) -> None:
+        """The dispatcher's choice for this call, in `last_backend`: also under torch.compile (Dynamo
+        replays the assignment after the graph, no graph break), not while torch.export traces (an
+        exported program has no module state to set); and to hmx_kernels.explain's probe."""
         if not torch.compiler.is_exporting():
-            self.last_backend = chosen.name
+            self.last_backend = backend_name
         if self._dispatch_probe is not None and not torch.compiler.is_compiling():
-            self._dispatch_probe(problem, chosen.name)
-        return chosen.forward(problem)
+            self._dispatch_probe(problem, backend_name)
 
     # ------------------------------------------------------------------------------------------
     # streaming (hmx_kernels.streaming): the layer's weights, a carried state per batch of sequences

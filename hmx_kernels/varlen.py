@@ -3,10 +3,11 @@
 (speechbrain) or 1 (idiap).
 
 `unpad` / `pad` convert between a padded batch with a padding mask and the packed form.
-`hyper_mixing_varlen` is the functional op on packed tokens. The "cpu" and "triton" backends walk
-cu_seqlens in their kernels (each sequence is a mixing block of its own: csrc/hmx_params.h), the
-reference mixes the sequences one by one; the other backends run a padded [num_seqs, max_seqlen, d]
-view with a padding mask (exact, but it spends compute on the padding). The fused backends copy
+`hyper_mixing_varlen` is the functional op on packed tokens. Backends that declare the
+`packed` kind walk cu_seqlens in their kernels (each sequence is a mixing block of its own:
+csrc/hmx_params.h) or, the reference, mix the sequences one by one; for the others the dispatcher
+runs a padded [num_seqs, max_seqlen, d] view with a padding mask (hmx_kernels.dispatch.run: exact,
+but it spends compute on the padding). The fused backends copy
 cu_seqlens to the host once per call to build their tables: one host synchronisation per packed
 call (plain and chunked mixing have none on the triton backend).
 
@@ -24,8 +25,7 @@ import torch
 from torch import Tensor
 
 from .blocks import MixingBlocks
-from .dispatch import AUTO_ORDER, check_backend_name, get_backend, registered_backends, select_backend
-from .functional import hyper_mixing
+from .dispatch import check_backend_name, run
 from .problem import check_inputs
 
 __all__ = ["unpad", "pad", "hyper_mixing_varlen", "cu_seqlens_from_lengths", "COMPILE_NOTE"]
@@ -88,10 +88,16 @@ def hyper_mixing_varlen(tokens: Tensor, cu_seqlens: Tensor, max_seqlen: Optional
     `hyper_mixing` (use_layer_norm, eps, causal, chunk_size, left_context_chunks: the causal
     modes apply per sequence).
 
-    Backends that take packed sequences ("cpu", "triton", "reference") run them as they are: no compute on
-    padding. Any other backend runs a padded [num_seqs, max_seqlen, d] batch with a padding mask
-    (same result). backend="auto" takes the device's first backend (AUTO_ORDER) that can run the
-    call either way, packed where it can."""
+    Backends that take packed sequences (`packed` in their Capabilities.blocks) run them as they
+    are: no compute on padding. Any other backend runs a padded [num_seqs, max_seqlen, d] batch
+    with a padding mask (same result; hmx_kernels.dispatch.run). backend="auto" takes the device's
+    first backend (AUTO_ORDER) that can run the call either way."""
+    return _varlen(tokens, cu_seqlens, max_seqlen, *weights, variant=variant, backend=backend, **kwargs)
+
+
+def _varlen(tokens: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int], *weights, variant: str, backend: str,
+            on_chosen=None, **kwargs) -> Tensor:
+    """`hyper_mixing_varlen`, reporting the chosen backend to `on_chosen` (the layer)."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         shape = list(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be packed [total, d], got {shape}")
@@ -116,35 +122,8 @@ def hyper_mixing_varlen(tokens: Tensor, cu_seqlens: Tensor, max_seqlen: Optional
     tok = (x, None, None) if variant == "speechbrain" else (x, x, x)
     unpacked = check_inputs(*tok, *weights, variant=variant, **kwargs)
     packed = dataclasses.replace(unpacked, blocks=MixingBlocks(unpacked.mode, cu))
-    names = AUTO_ORDER.get(x.device.type, ["reference"]) if backend == "auto" else [backend]
-    for name in names:
-        if name not in registered_backends():
-            continue
-        b = get_backend(name)
-        if not b.not_supported_reasons(packed):
-            return b.forward(packed)[0]
-        if not b.capabilities.varlen and not b.not_supported_reasons(unpacked):
-            return _padded(tokens, lengths, L, weights, variant, name, kwargs)
-    select_backend(backend, packed)  # raises, naming every backend's reasons
-    raise AssertionError("unreachable")
+    return run(backend, packed, on_chosen)[0]  # packed, or padded where the backend takes no packing
 
 
 def _is_zero(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value == 0
-
-
-def _padded(tokens: Tensor, lengths: Tensor, L: int, weights, variant: str, backend: str, kwargs) -> Tensor:
-    """Packed sequences through a padded [num_seqs, L, d] batch with a padding mask."""
-    n = lengths.numel()
-    pos = torch.arange(L)
-    keep = pos[None, :] < lengths[:, None]  # [n, L]
-    indices = torch.nonzero(keep.reshape(-1), as_tuple=False).squeeze(1).to(tokens.device)
-    x = pad(tokens, indices, n, L)  # [n, L, d]
-    padding = (~keep).to(tokens.device)
-    if variant == "speechbrain":
-        y = hyper_mixing(x, None, None, *weights, variant=variant, key_padding_mask=padding, backend=backend,
-                         **kwargs)
-    else:
-        y = hyper_mixing(x, x, x, *weights, variant=variant, key_padding_mask=padding,
-                         query_padding_mask=padding, backend=backend, **kwargs)
-    return y.reshape(n * L, -1).index_select(0, indices)

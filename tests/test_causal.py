@@ -20,7 +20,8 @@ import torch
 
 import hmx_kernels
 from hmx_kernels import FusedHyperMixing
-from hmx_kernels.causal import MixingMode, allowed_matrix, mode_from_attn_mask
+from hmx_kernels.causal import MixingMode, allowed_matrix
+from hmx_kernels.integrations.speechbrain import mode_from_attn_mask
 from hmx_kernels.dispatch import get_backend
 from naive import masked_hyper_mixing
 from utils import WEIGHT_NAMES, assert_close, forward_backward, import_speechbrain, make_case
@@ -232,6 +233,19 @@ def test_speechbrain_masks_are_recognised(N):
             mode = mode_from_attn_mask(mask)
             # the recognised mode allows exactly what the mask allows
             assert torch.equal(allowed_matrix(mode, N), ~mask), (C, L, mode)
+
+
+def test_mask_recognition_lives_in_the_speechbrain_integration():
+    """mode_from_attn_mask moved to hmx_kernels.integrations.speechbrain; the old name still
+    resolves there, with a DeprecationWarning, and hmx_kernels.causal holds only the modes."""
+    import hmx_kernels.causal as causal_module
+    from hmx_kernels.integrations import speechbrain as sb
+
+    with pytest.warns(DeprecationWarning, match="moved to hmx_kernels.integrations.speechbrain"):
+        assert causal_module.mode_from_attn_mask is sb.mode_from_attn_mask
+    assert "mode_from_attn_mask" not in causal_module.__all__
+    with pytest.raises(AttributeError):
+        causal_module.no_such_name
 
 
 def test_other_masks_are_refused():

@@ -368,7 +368,7 @@ def test_compile_honour_policy_packed_sequences_and_groups_break_the_graph_with_
     skipped WeakIdKeyDictionary, a data-dependent guard); without fullgraph they compile with
     graph breaks and equal eager. backend="eager":
     dynamo's capture, which decides graph breaks, is the same for every compiler backend."""
-    from hmx_kernels.causal import COMPILE_NOTE as HONOUR_NOTE
+    from hmx_kernels.integrations.speechbrain import HONOUR_COMPILE_NOTE as HONOUR_NOTE
     from hmx_kernels.varlen import COMPILE_NOTE as PACKED_NOTE, cu_seqlens_from_lengths
 
     torch.manual_seed(0)

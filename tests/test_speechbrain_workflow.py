@@ -335,13 +335,16 @@ def test_last_backend_and_explain():
     assert report.backend == "reference" and "backend='reference' was requested" in report.why_not("cpu")
     assert set(report.reasons) == set(hmx_kernels.registered_backends())
 
-    # packed sequences are not reported: last_backend stays, explain says so
+    # packed sequences take the same route: recorded and explained, with the packed problem's reasons
     packed, cu = torch.randn(12, 16), torch.tensor([0, 5, 12], dtype=torch.int32)
+    layer.backend = "auto"
     layer.last_backend = None
     layer(packed, cu_seqlens=cu, max_seqlen=7)
-    assert layer.last_backend is None
-    with pytest.raises(ValueError, match="packed"):
-        explain(layer, packed, cu_seqlens=cu, max_seqlen=7)
+    assert layer.last_backend == "cpu"
+    report = explain(layer, packed, cu_seqlens=cu, max_seqlen=7)
+    assert report.backend == "cpu" and report.reasons["cpu"] == []
+    if "cuda" in report.reasons:
+        assert any("cuda" in r for r in report.reasons["cuda"])
 
 
 def test_explain_a_converted_model(sb):

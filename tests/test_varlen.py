@@ -10,14 +10,18 @@ float64 on a backend that takes it: 1e-12; cpu / triton vs reference: the backen
 tolerances (hmx_kernels/cpp/{ops,cpu,cuda}.py, hmx_kernels/triton/backend.py)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from hmx_kernels.blocks import MixingBlocks
 
 import hmx_kernels
-import hmx_kernels.varlen as varlen
-from hmx_kernels.dispatch import get_backend
+import hmx_kernels.dispatch as dispatch
+from hmx_kernels.blocks import ALL_KINDS, CHUNK_CAUSAL
+from hmx_kernels.blocks import PACKED as PACKED_KIND
+from hmx_kernels.dispatch import Backend, get_backend
 from hmx_kernels.varlen import cu_seqlens_from_lengths, hyper_mixing_varlen, pad, unpad
 from utils import WEIGHT_NAMES, assert_close, make_case
 
@@ -60,7 +64,7 @@ def test_packed_backends_never_pad_and_match_per_sequence(variant, backend, mode
     in every mode."""
     def no_padding(*a, **k):
         raise AssertionError("the packed path padded the batch")
-    monkeypatch.setattr(varlen, "_padded", no_padding)
+    monkeypatch.setattr(dispatch, "_run_padded", no_padding)
     kw = MODES[mode]
     lengths = [9, 1, 14, 6]
     dtype = torch.float64 if torch.float64 in get_backend(backend).capabilities.dtypes else torch.float32
@@ -170,6 +174,73 @@ def test_backends_without_packing_run_a_padded_batch():
         assert get_backend("triton").capabilities.varlen
         assert not any("packed sequences" in r for r in hmx_kernels.backend_reasons(packed)["triton"])
     assert not hmx_kernels.backend_reasons(packed)["reference"]
+
+
+@pytest.fixture
+def unpacked_backend(monkeypatch):
+    """A backend "cpu-nopack": the cpu backend declaring every block kind but `packed`, recording
+    the problems it is given; registered for the test only, and first in the CPU auto order."""
+    cpu = get_backend("cpu")
+    seen = []
+
+    def forward(p):
+        seen.append(p)
+        return cpu.forward(p)
+
+    caps = dataclasses.replace(cpu.capabilities, blocks=ALL_KINDS - {PACKED_KIND})
+    monkeypatch.setitem(dispatch._REGISTRY, "cpu-nopack",
+                        Backend("cpu-nopack", "cpu without packed sequences", forward, caps))
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ["cpu-nopack"] + dispatch.AUTO_ORDER["cpu"])
+    return seen
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_the_dispatcher_pads_for_backends_without_packing(unpacked_backend, variant, mode):
+    """A backend that declares no `packed` kind gets a padded batch (one row per sequence, empty
+    sequences fully padded, a keep mask, the call's mode) from the dispatcher, by name and under
+    auto, from hyper_mixing_varlen and the layer alike; outputs and every gradient (same upstream
+    gradient) equal the packed run of the cpu backend in float64 (1e-12: the same twin on the same
+    values, rows laid out differently)."""
+    lengths = [9, 0, 14, 1, 6]
+    cu = cu_seqlens_from_lengths(torch.tensor(lengths))
+    case = make_case(variant=variant, B=1, M=sum(lengths), d=12, H=2, k_h=6, input_scale=0.5, masks=False,
+                     dtype=torch.float64)
+    w = [case.tensors[k] for k in WEIGHT_NAMES]
+    tokens = case.tensors["query"][0].detach().requires_grad_()
+    leaves = [tokens] + [t for t in w if t is not None]
+    grad_out = torch.randn(tokens.shape, dtype=torch.float64)
+    results = {}
+    for backend in ("cpu", "cpu-nopack", "auto"):
+        del unpacked_backend[:]
+        out = hyper_mixing_varlen(tokens, cu, max(lengths), *w, variant=variant, backend=backend, **MODES[mode])
+        results[backend] = [out] + list(torch.autograd.grad(out, leaves, grad_out))
+        if backend == "cpu":
+            assert not unpacked_backend
+        else:  # padded: [num_seqs, longest, d], a keep row per sequence, no cu_seqlens, the call's mode
+            (p,) = unpacked_backend
+            assert (p.B, p.M, p.N) == (len(lengths), max(lengths), max(lengths)) and p.cu_seqlens is None
+            assert p.mode == hmx_kernels.check_inputs(**case.kwargs(), **MODES[mode]).mode
+            assert p.key_keep.sum(1).tolist() == lengths
+    for backend in ("cpu-nopack", "auto"):
+        for i, (a, b) in enumerate(zip(results[backend], results["cpu"])):
+            assert_close(f"{backend} {'out' if i == 0 else f'grad {i}'}", a, b, 1e-12)
+
+    layer = hmx_kernels.FusedHyperMixing(12, 12, num_heads=2, variant=variant, backend="cpu-nopack").double()
+    layer(tokens.detach(), cu_seqlens=cu, max_seqlen=max(lengths))
+    assert layer.last_backend == "cpu-nopack" and unpacked_backend[-1].B == len(lengths)
+
+
+def test_a_backend_without_packing_or_the_mode_is_refused_with_both_reasons(monkeypatch):
+    cpu = get_backend("cpu")
+    caps = dataclasses.replace(cpu.capabilities, blocks=ALL_KINDS - {PACKED_KIND, CHUNK_CAUSAL})
+    monkeypatch.setitem(dispatch._REGISTRY, "cpu-narrow", Backend("cpu-narrow", "narrow", cpu.forward, caps))
+    case = make_case(variant="speechbrain", B=1, M=6, d=8, H=2, k_h=4, masks=False)
+    w = [case.tensors[k] for k in WEIGHT_NAMES]
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(hmx_kernels.BackendNotSupportedError) as err:
+        hyper_mixing_varlen(case.tensors["query"][0], cu, 4, *w, backend="cpu-narrow", chunk_size=2)
+    assert "packed sequences" in str(err.value) and "chunk-causal" in str(err.value)
 
 
 def test_unpad_pad_round_trip_and_padded_batch_rows():

@@ -10,6 +10,18 @@ its parameters in speechbrain's order with speechbrain's names, so `model.named_
 (names, order, shapes) is the same on both sides, and an optimizer state_dict saved on one side
 (speechbrain's Checkpointer saves it by parameter position) resumes on the other.
 
+`mode_from_attn_mask(attn_mask)` recognises the attention masks speechbrain hands its layers
+([N, N]; float with -inf where a query may not see a key, or bool with True there): those of
+`get_lookahead_mask` (token-causal) and `make_transformer_src_mask` (Dynamic Chunk Training), as a
+`MixingMode`; any other mask is an error (HyperMixing's state is a sum over tokens: it can only
+restrict which tokens enter the sum in these chunk patterns), and so is a mask of another size
+than the sequence's. Recognition reads the mask once and remembers the result for that tensor
+version, since every layer of an encoder gets the same mask; an inference tensor (made under
+torch.inference_mode) has no version counter and is read on every call. The mode depends on the
+mask's values, so under torch.compile the recognition runs outside the graph (graph breaks), and
+torch.compile(fullgraph=True) raises, saying so (build the layer with causal= / chunk_size=).
+FusedHyperMixing(attn_mask_policy="honour") calls it.
+
 Nothing here imports speechbrain except `to_speechbrain`, which needs its HyperMixing class; a
 speechbrain HyperMixing is recognised by its class (speechbrain.nnet.hypermixing.HyperMixing,
 exactly: a subclass may compute something else and is left alone).
@@ -17,11 +29,16 @@ exactly: a subclass may compute something else and is left alone).
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-from ..layer import FusedHyperMixing
+from ..causal import MixingMode, allowed_matrix
+
+if TYPE_CHECKING:  # the layer imports this module (mask recognition); conversion imports it lazily
+    from ..layer import FusedHyperMixing
 
 __all__ = [
     "convert_speechbrain",
@@ -29,9 +46,16 @@ __all__ = [
     "fused_from_speechbrain",
     "speechbrain_from_fused",
     "is_speechbrain_hypermixing",
+    "mode_from_attn_mask",
 ]
 
 _SB_MODULE, _SB_CLASS = "speechbrain.nnet.hypermixing", "HyperMixing"
+
+
+def _fused_class():
+    from ..layer import FusedHyperMixing  # here, not at import: the layer imports this module
+
+    return FusedHyperMixing
 
 
 def is_speechbrain_hypermixing(module) -> bool:
@@ -50,9 +74,10 @@ def _copy_module_state(src: nn.Module, dst: nn.Module) -> nn.Module:
 
 
 def fused_from_speechbrain(module: nn.Module, *, backend: str = "auto", attn_mask_policy: str = "ignore",
-                           cls=FusedHyperMixing) -> FusedHyperMixing:
-    """One speechbrain HyperMixing (duck-typed) as a FusedHyperMixing with its weights, on its
-    device and dtype (FusedHyperMixing.from_speechbrain)."""
+                           cls=None) -> FusedHyperMixing:
+    """One speechbrain HyperMixing (duck-typed) as a FusedHyperMixing (or `cls`, a subclass) with
+    its weights, on its device and dtype (FusedHyperMixing.from_speechbrain)."""
+    cls = cls or _fused_class()
     try:
         w1 = module.hyper.w1_gen
         d = module.input_output_dim
@@ -158,10 +183,90 @@ def to_speechbrain(model: nn.Module) -> int:
     """Replace every FusedHyperMixing in `model` by a speechbrain HyperMixing with its weights, in
     place; returns how many were replaced. Raises ValueError, changing nothing, if one of them
     has no speechbrain equivalent (see `speechbrain_from_fused`)."""
+    fused = _fused_class()
     for name, m in model.named_modules() if isinstance(model, nn.Module) else ():
-        if isinstance(m, FusedHyperMixing) and m is not model:
+        if isinstance(m, fused) and m is not model:
             problem = _export_problem(m)
             if problem:
                 raise ValueError(f"{name} has no speechbrain equivalent: {problem}; nothing was replaced")
-    return _replace_all(model, lambda m: isinstance(m, FusedHyperMixing), speechbrain_from_fused,
+    return _replace_all(model, lambda m: isinstance(m, fused), speechbrain_from_fused,
                         "FusedHyperMixing (use hmx_kernels.integrations.speechbrain.speechbrain_from_fused)")
+
+
+# ---- attention masks as mixing modes ----------------------------------------------------------
+# mask tensor -> (its version when read, mode); weak: a freed mask leaves, and a new tensor at the
+# same address is never mistaken for it
+_RECOGNISED = WeakIdKeyDictionary()
+
+
+HONOUR_COMPILE_NOTE = (
+    "hmx_kernels: attn_mask_policy='honour' reads the attn_mask's values to find the mixing mode, which "
+    "torch.compile cannot capture in the graph; build the layer with causal=True or chunk_size=... (and "
+    "left_context_chunks=...) for one graph"
+)
+
+
+def mode_from_attn_mask(attn_mask: Tensor, length: Optional[int] = None) -> Optional[MixingMode]:
+    """The mode an [N, N] speechbrain attention mask describes (None: it blocks nothing).
+
+    Accepts float masks (0 = allowed, -inf = blocked) and bool masks (True = blocked), as
+    speechbrain's get_lookahead_mask and make_transformer_src_mask build them; raises ValueError
+    for any other pattern, and for a mask that is not [length, length] when `length` (the
+    sequence's N) is given."""
+    if not isinstance(attn_mask, Tensor) or attn_mask.dim() != 2 or attn_mask.shape[0] != attn_mask.shape[1]:
+        shape = list(attn_mask.shape) if isinstance(attn_mask, Tensor) else type(attn_mask).__name__
+        raise ValueError(f"attn_mask must be an [N, N] tensor, got {shape}")
+    if length is not None and attn_mask.shape[0] != length:
+        raise ValueError(
+            f"attn_mask is {list(attn_mask.shape)} but the sequence has N = {length} tokens: an honoured attn_mask "
+            f"must be [N, N] = [{length}, {length}] (one row per query, one column per key)"
+        )
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break(msg=HONOUR_COMPILE_NOTE)
+    if attn_mask.is_inference():  # no version counter: read it every time
+        return _recognise(attn_mask)
+    seen = _RECOGNISED.get(attn_mask)
+    if seen is not None and seen[0] == attn_mask._version:
+        return seen[1]
+    mode = _recognise(attn_mask)
+    _RECOGNISED[attn_mask] = (attn_mask._version, mode)
+    return mode
+
+
+def _recognise(attn_mask: Tensor) -> Optional[MixingMode]:
+    if attn_mask.dtype == torch.bool:
+        allowed = ~attn_mask
+    elif attn_mask.is_floating_point():
+        if not bool(((attn_mask == 0) | (attn_mask == float("-inf"))).all()):
+            raise ValueError("a float attn_mask must hold only 0 (allowed) and -inf (blocked): HyperMixing cannot "
+                             "weight tokens, only leave them out of its sum")
+        allowed = attn_mask == 0
+    else:
+        raise TypeError(f"attn_mask must be float (0 / -inf) or bool (True = blocked), got {attn_mask.dtype}")
+    n = allowed.shape[0]
+    allowed = allowed.cpu()
+    if bool(allowed.all()):
+        mode = None
+    else:
+        first_row = allowed[0]
+        C = int(first_row.sum())  # chunk 0 sees exactly its own chunk
+        if C < 1 or not bool(first_row[:C].all()):
+            raise ValueError(_UNRECOGNISED)
+        lo = allowed.int().argmax(dim=1)  # first allowed key of each query
+        ct = torch.arange(n) // C
+        if bool((lo == 0).all()):
+            L = None
+        else:
+            L = int((ct - lo // C).max())
+        mode = MixingMode(C, L)
+        if not torch.equal(allowed, allowed_matrix(mode, n)):
+            raise ValueError(_UNRECOGNISED)
+    return mode
+
+
+_UNRECOGNISED = (
+    "attn_mask is not a causal or chunk-causal mask: HyperMixing honours speechbrain's causal mask "
+    "(get_lookahead_mask) and its Dynamic Chunk Training masks (make_transformer_src_mask with a chunk "
+    "size and left context), where every query sees whole chunks up to its own; other masks cannot be "
+    "expressed as a restriction of its token sum"
+)
