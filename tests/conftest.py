@@ -37,9 +37,9 @@ SLOW_CASES = {
     "test_causal.py::test_triton_modes_with_the_split_kernels[token]",
     "test_padding_nonfinite.py::test_nonfinite_padding_does_not_reach_kept_results[triton-cpu-token_causal-idiap]",
     "test_padding_nonfinite.py::test_nonfinite_padding_does_not_reach_kept_results[triton-cpu-token_causal-speechbrain]",
-    "test_causal.py::test_triton_modes_float32_awkward_sizes[token]",
-    "test_causal.py::test_triton_matches_the_masked_formulation[idiap-token]",
-    "test_causal.py::test_triton_matches_the_masked_formulation[speechbrain-token]",
+    *(f"test_causal.py::test_modes_at_awkward_sizes[token-triton-cpu-{t}]" for t in ("float32", "float16", "bfloat16")),
+    *(f"test_causal.py::test_matches_the_masked_formulation[{v}-token-triton-cpu-{t}]"
+      for v in ("speechbrain", "idiap") for t in ("float32", "float16", "bfloat16")),
     "test_varlen.py::test_triton_packed_gradients_equal_the_reference[token]",
     "test_varlen.py::test_triton_packed_gradients_equal_the_reference[chunk4_L1]",
     "test_varlen.py::test_triton_packed_with_the_split_kernels[chunk4_L1]",

@@ -1,17 +1,18 @@
-"""Causal and chunk-causal mixing (hmx_kernels.causal): the reference and the fused cpu and triton
-backends against the explicit O(N^2) masked formulation (tests/naive.py masked_hyper_mixing) on
+"""Causal and chunk-causal mixing (hmx_kernels.causal): every backend that declares the causal
+block kinds against the explicit O(N^2) masked formulation (tests/naive.py masked_hyper_mixing) on
 outputs and every gradient, speechbrain's masks recognised, and the attn_mask policies of a
 converted speechbrain layer.
 
-The cpu and triton backends run the modes as mixing blocks (csrc/hmx_cpu.cpp,
-hmx_kernels/triton/launch.py); cuda declines them with a reason. Tolerances: float64 on both
-sides, the same generator arithmetic, sums in other orders (the cpu backend also in the
-reassociated form): 1e-12 of the largest magnitude. float32 (cpu backend vs the float32
-reference, longer sequences): the cpu backend's declared float32 tolerance
-(hmx_kernels/cpp/{ops,cpu,cuda}.py, 1e-5 output / 5e-5 gradients, reasons there). triton (float32 /
-float16 only; under Triton's interpreter on CPU tensors, on a GPU where there is one): its declared
-tolerance for the device and dtype (hmx_kernels/triton/backend.py), against the masked formulation
-in float64 on the same values, or against the reference on the same rounded values.
+The mode tests are generated from the capabilities (`DECLARED`): backend x (device, dtype) of its
+declared tolerances x mode x variant, so a backend that declares the kinds is tested in them with
+no edit here; one that cannot run here is skipped with its reasons. Tolerances: float64 against the
+masked formulation in float64 (same generator arithmetic, sums in other orders, the fused backends
+also in the reassociated form): the declared float64 tolerance, or 1e-12 of the largest magnitude
+for the reference; float32 against the masked formulation in float64 on the same values, and
+float16 / bfloat16 against the reference on the same rounded values, at the backend's declared
+tolerance for the device and dtype (hmx_kernels/cpp/{cpu,cuda}.py, hmx_kernels/triton/backend.py,
+with their reasons). Backend-specific cases follow (the cpu twin's tiles, scan and thread counts;
+the Triton backend's pieces and split kernels).
 """
 from __future__ import annotations
 
@@ -63,41 +64,105 @@ def _cpu_reasons():
 needs_cpu = pytest.mark.skipif(bool(_cpu_reasons()), reason=f"cpu backend unavailable: {_cpu_reasons()}")
 
 
-def _causal_float64_backends():
-    """Generated from the capabilities: every backend that declares the causal block kinds and
-    takes float64 CPU tensors (triton, float32 / float16 only, has its own cases below)."""
+# ---- generated from the capabilities: backend x device x dtype x mode ---------------------------
+def _probe_reasons(name, device, dtype):
+    case = make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4).cast(dtype, device)
+    return hmx_kernels.backend_reasons(hmx_kernels.check_inputs(**case.kwargs(), chunk_size=2))[name]
+
+
+def _declared_combos():
+    """(backend, device, dtype) for every registered backend that declares the causal block kinds:
+    every (device, dtype) of its declared tolerances, and float64 on the CPU for a backend that
+    takes it with none declared (the reference: exact up to summation order). A combination that
+    cannot run here (no GPU, no compiler, no triton) is collected and skipped with its reasons, so
+    a backend that declares the kinds is tested in them with no edit here."""
     out = []
     for name in hmx_kernels.registered_backends():
-        caps = get_backend(name).capabilities
-        if caps.causal and torch.float64 in caps.dtypes and ("*" in caps.devices or "cpu" in caps.devices):
-            out.append(pytest.param(name, marks=needs_cpu) if name == "cpu" else name)
+        backend = get_backend(name)
+        if not backend.capabilities.causal:
+            continue
+        pairs = list(backend.tolerances) or [("cpu", torch.float64)]
+        for device, dtype in pairs:
+            if device == "cuda" and not torch.cuda.is_available():
+                reasons = ["no CUDA device"]
+            else:
+                reasons = _probe_reasons(name, device, dtype)
+            out.append(pytest.param(name, device, dtype, id=f"{name}-{device}-{str(dtype).replace('torch.', '')}",
+                                    marks=pytest.mark.skipif(bool(reasons), reason="; ".join(reasons) or "-")))
     return out
 
 
-BACKENDS = _causal_float64_backends()
+DECLARED = _declared_combos()
+# backends declaring the causal kinds that run float64 CPU tensors here (the whole-model tests)
+BACKENDS = [name for name in hmx_kernels.registered_backends()
+            if get_backend(name).capabilities.causal and torch.float64 in get_backend(name).capabilities.dtypes
+            and not _probe_reasons(name, "cpu", torch.float64)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _tolerance(backend, device, dtype):
+    """(output, gradient) tolerance: the backend's declared one, or RTOL for float64 where it
+    declares none (the reference)."""
+    tol = get_backend(backend).tolerances.get((device, dtype))
+    return (tol.out, tol.grad) if tol is not None else (RTOL, RTOL)
+
+
+def _expected(case, device, dtype, kw, grad_out):
+    """What a backend must give: float64 / float32 against the O(N^2) masked formulation in float64
+    on the same values; float16 / bfloat16 against the reference on the same rounded values (their
+    declared tolerances are defined against it: both round the result to the half type)."""
+    if dtype in (torch.float64, torch.float32):
+        exact = case.cast(torch.float64, "cpu")
+        return forward_backward(exact, "reference", grad_out.to(torch.float64).cpu(), fn=_masked(exact, _mode(kw)))
+    return forward_backward(case, "reference", grad_out,
+                            fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend="reference", **kw))
+
+
+def _check_mode(backend, device, dtype, case, kw, grad_out):
+    out, grads = forward_backward(case, backend, grad_out,
+                                  fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend=backend, **kw))
+    exp, exp_grads = _expected(case, device, dtype, kw, grad_out)
+    tol_out, tol_grad = _tolerance(backend, device, dtype)
+    assert out.dtype == dtype and out.device.type == device
+    assert_close("out", out, exp, tol_out)
+    assert set(grads) == set(exp_grads)
+    for name in exp_grads:
+        assert_close(name, grads[name], exp_grads[name], tol_grad)
+    return out
+
+
+@pytest.mark.parametrize("backend, device, dtype", DECLARED)
 @pytest.mark.parametrize("mode_name", list(MODES))
 @pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
-def test_matches_the_masked_formulation(variant, mode_name, backend):
+def test_matches_the_masked_formulation(variant, mode_name, backend, device, dtype):
+    """Every mode of MODES, masks, a fully padded batch row, tied generators in one case."""
     kw = MODES[mode_name]
     case = make_case(variant=variant, B=3, M=11, N=11, d=12, H=2, k_h=5, dtype=torch.float64,
-                     all_padded_batch=True, input_scale=0.5, tied=(mode_name == "chunk3"))
-    g = torch.Generator().manual_seed(5)
-    grad_out = torch.randn(3, 11, 12, generator=g, dtype=torch.float64)
-
-    def run(**k):
-        return hmx_kernels.hyper_mixing(**k, backend=backend, **kw)
-
-    out, grads = forward_backward(case, backend, grad_out, fn=run)
-    exp, exp_grads = forward_backward(case, "reference", grad_out, fn=_masked(case, _mode(kw)))
-    assert_close("out", out, exp, RTOL)
-    for name in exp_grads:
-        assert_close(name, grads[name], exp_grads[name], RTOL)
+                     all_padded_batch=True, input_scale=0.5, tied=(mode_name == "chunk3")).cast(dtype, device)
+    grad_out = torch.randn(3, 11, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = _check_mode(backend, device, dtype, case, kw, grad_out.to(dtype).to(device))
     if mode_name == "chunk_ge_N":  # one chunk is ordinary mixing
-        plain, _ = forward_backward(case, "reference", grad_out)
-        assert_close("non-causal", out, plain, RTOL)
+        plain, _ = forward_backward(case, backend, grad_out.to(dtype).to(device),
+                                    fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend=backend))
+        assert_close("non-causal", out, plain, _tolerance(backend, device, dtype)[0])
+
+
+AWKWARD_MODES = {
+    "token": ("speechbrain", 29, dict(causal=True)),  # one block per token: the interpreter's slowest, short
+    "chunk32_L1": ("idiap", 67, dict(chunk_size=32, left_context_chunks=1)),  # 32 does not divide 67
+    "chunk20": ("speechbrain", 67, dict(chunk_size=20)),  # every earlier block
+    "chunk5_L0": ("idiap", 67, dict(chunk_size=5, left_context_chunks=0)),
+}
+
+
+@pytest.mark.parametrize("backend, device, dtype", DECLARED)
+@pytest.mark.parametrize("mode_name", list(AWKWARD_MODES))
+def test_modes_at_awkward_sizes(mode_name, backend, device, dtype):
+    """d_h 18, k_h 72, a prime N, padding masks, in every declared dtype."""
+    variant, n, kw = AWKWARD_MODES[mode_name]
+    case = make_case(variant=variant, B=2, M=n, N=n, d=36, H=2, k_h=72, seed=3, dtype=torch.float64).cast(dtype,
+                                                                                                         device)
+    grad_out = torch.randn(2, n, 36, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    _check_mode(backend, device, dtype, case, kw, grad_out.to(dtype).to(device))
 
 
 def test_causal_output_does_not_depend_on_the_future():
@@ -186,14 +251,16 @@ def test_cpu_backend_modes_are_deterministic_across_thread_counts():
             assert (g is None and outs[0][1][name] is None) or torch.equal(g, outs[0][1][name]), name
 
 
-def test_other_fused_backends_decline_and_auto_runs_cpu():
+def test_backends_without_the_kinds_decline_and_auto_runs_cpu():
+    """A backend that does not declare the causal kinds declines a chunk-causal call with a reason
+    naming the mode; one that declares them gives no such reason."""
     case = make_case(variant="speechbrain", B=1, M=6, d=8, H=2, k_h=4)
     p = hmx_kernels.check_inputs(**case.kwargs(), chunk_size=2)
     reasons = hmx_kernels.backend_reasons(p)
     assert reasons["reference"] == []
-    assert any("chunk-causal" in r and "not implemented" in r for r in reasons["cuda"]), reasons["cuda"]
-    assert get_backend("triton").capabilities.causal
-    assert not any("not implemented" in r for r in reasons["triton"]), reasons["triton"]
+    for name, rs in reasons.items():
+        declines = any("chunk-causal" in r and "not implemented" in r for r in rs)
+        assert declines != get_backend(name).capabilities.causal, (name, rs)
     if not reasons["cpu"]:
         assert hmx_kernels.select_backend("auto", p).name == "cpu"
     else:
@@ -408,28 +475,6 @@ def small_pieces(monkeypatch):
     tfn.set_nan_poison(False)
 
 
-@needs_triton
-@pytest.mark.parametrize("mode_name", list(MODES))
-@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
-def test_triton_matches_the_masked_formulation(variant, mode_name, small_pieces):
-    """float32 through the Triton kernels against the masked formulation in float64 on the same
-    values: every mode of MODES, masks, a fully padded batch row, tied generators in one case."""
-    kw = MODES[mode_name]
-    case = make_case(variant=variant, B=3, M=11, N=11, d=12, H=2, k_h=5, all_padded_batch=True,
-                     input_scale=0.5, tied=(mode_name == "chunk3")).cast(torch.float32, TRITON_DEVICE)
-    exact = case.cast(torch.float64, "cpu")
-    grad_out = torch.randn(3, 11, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    out, grads = forward_backward(case, "triton", grad_out.to(torch.float32).to(TRITON_DEVICE),
-                                  fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend="triton", **kw))
-    exp, exp_grads = forward_backward(exact, "reference", grad_out, fn=_masked(exact, _mode(kw)))
-    tol = _triton_tolerance(torch.float32)
-    assert out.dtype == torch.float32
-    assert_close("out", out, exp, tol.out)
-    assert set(grads) == set(exp_grads)
-    for name in exp_grads:
-        assert_close(name, grads[name], exp_grads[name], tol.grad)
-
-
 TRITON_MODES = {
     "token": ("speechbrain", dict(causal=True)),
     "chunk32_L1": ("idiap", dict(chunk_size=32, left_context_chunks=1)),  # blocks of 3 pieces, 32 does not divide 67
@@ -439,42 +484,15 @@ TRITON_MODES = {
 
 
 @needs_triton
-@pytest.mark.parametrize("mode_name", list(TRITON_MODES))
-def test_triton_modes_float32_awkward_sizes(mode_name, small_pieces):
-    """d_h 18 (padded to 32 in the kernels), k_h 72, a prime N = 67 spanning 5 pieces of 14
-    tokens, padding masks; against the masked formulation in float64 on the same values."""
+@pytest.mark.parametrize("mode_name", ["chunk32_L1", "chunk20"])
+def test_triton_blocks_of_several_pieces(mode_name, small_pieces):
+    """Mixing blocks longer than one program's piece (14 tokens here): their piece partials are
+    summed per block; every buffer NaN-poisoned. float32, d_h 18, k_h 72, N 67, padding masks,
+    against the masked formulation in float64 on the same values."""
     variant, kw = TRITON_MODES[mode_name]
     case = make_case(variant=variant, B=2, M=67, N=67, d=36, H=2, k_h=72, seed=3).cast(torch.float32, TRITON_DEVICE)
-    exact = case.cast(torch.float64, "cpu")
-    grad_out = torch.randn(2, 67, 36, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    out, grads = forward_backward(case, "triton", grad_out.to(torch.float32).to(TRITON_DEVICE),
-                                  fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend="triton", **kw))
-    exp, exp_grads = forward_backward(exact, "reference", grad_out, fn=_masked(exact, _mode(kw)))
-    tol = _triton_tolerance(torch.float32)
-    assert_close("out", out, exp, tol.out)
-    for name in exp_grads:
-        assert_close(name, grads[name], exp_grads[name], tol.grad)
-
-
-@needs_triton
-def test_triton_modes_float16(small_pieces):
-    """The fp16 path (fp16 dot operands, C and R per block scaled by powers of two) in a
-    chunk-causal mode, against the reference on the same fp16 values."""
-    kw = dict(chunk_size=16, left_context_chunks=1)
-    case = make_case(variant="speechbrain", B=2, M=43, d=36, H=2, k_h=72, seed=6).cast(torch.float16, TRITON_DEVICE)
-    grad_out = torch.randn(2, 43, 36, generator=torch.Generator().manual_seed(2)).to(torch.float16).to(TRITON_DEVICE)
-
-    def run(backend):
-        return forward_backward(case, backend, grad_out,
-                                fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend=backend, **kw))
-
-    out, grads = run("triton")
-    exp, exp_grads = run("reference")
-    tol = _triton_tolerance(torch.float16)
-    assert out.dtype == torch.float16
-    assert_close("out", out, exp, tol.out)
-    for name in exp_grads:
-        assert_close(name, grads[name], exp_grads[name], tol.grad)
+    grad_out = torch.randn(2, 67, 36, generator=torch.Generator().manual_seed(9))
+    _check_mode("triton", TRITON_DEVICE, torch.float32, case, kw, grad_out.to(TRITON_DEVICE))
 
 
 @pytest.fixture
