@@ -167,11 +167,41 @@ def bwd_fake(grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b
 
 
 class FusedOps:
-    """The forward and backward op of one fused backend."""
+    """The forward and backward op of one fused backend, and `forward`: the forward op, or in plain
+    eager calls the same implementations through a torch.autograd.Function (`eager_path_allowed`)."""
 
-    def __init__(self, fwd, bwd):
+    def __init__(self, fwd, bwd, eager=None, device_types=()):
         self.fwd = fwd
         self.bwd = bwd
+        self._eager = eager  # the autograd.Function over the ops' Python implementations
+        self._eager_devices = frozenset(device_types)  # where the impls run (meta: the fake impl)
+
+    def forward(self, *args):
+        """(y, state) of the forward op for `args` (its schema, trailing defaults optional)."""
+        if self._eager is not None and eager_path_allowed(args[0]) and args[0].device.type in self._eager_devices:
+            return self._eager.apply(*args, *_FWD_DEFAULTS[len(args) - _FWD_REQUIRED:])
+        return self.fwd(*args)
+
+
+# The eager path. A torch.library op call in eager mode costs host time of its own: the custom-op
+# autograd wrapper, the dispatcher's redispatch and the schema's default filling, for the forward
+# and again for the backward op (measured on the 2-core EPYC VM, d_h 32, B 1, N 64, triton
+# backend with launches counted but not run: about 330 us of a 470 us forward op call and 245 us
+# of a 400 us backward op call). A plain eager call does not need the op: it runs the same
+# Python implementations (argument checks, impls, the same setup_context and backward) through a
+# torch.autograd.Function. Anything that needs the op itself takes the op: torch.compile and
+# export tracing, fake or subclass tensors, functorch transforms (vmap, grad), a dispatch mode
+# (e.g. the launch and traffic accounts). Both paths compute the same values
+# (tests/test_ops.py checks bitwise equality).
+EAGER_PATH = True  # module switch (tests compare both paths)
+_FWD_REQUIRED = 14  # the forward's arguments without defaults: 13 tensors and variant
+_FWD_DEFAULTS = (0, -1, None, 0, "", None)  # chunk_size .. initial_state
+
+
+def eager_path_allowed(query) -> bool:
+    """Whether a forward call on `query` may skip the torch.library op (see above)."""
+    return (EAGER_PATH and type(query) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active())
 
 
 def define_fused_ops(
@@ -321,7 +351,7 @@ def define_fused_ops(
         # backward op only where the state output was used (streaming)
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_y, grad_state):
+    def backward(ctx, grad_y, grad_state, bwd_call=None):
         saved = ctx.saved_tensors
         tensors, state, cu_seqlens = saved[:n_tensors], saved[n_tensors], saved[n_tensors + 1]
         initial_state = saved[n_tensors + 2]
@@ -335,8 +365,8 @@ def define_fused_ops(
                                                                              cu_seqlens):
             if initial_state is not None or grad_state is not None:
                 extra = (initial_state, None if grad_state is None else grad_state.contiguous())
-        grads = bwd_op(grad_y.contiguous(), *tensors, state, ctx.variant, ctx.chunk_size, ctx.left_context,
-                       cu_seqlens, ctx.position_offset, ctx.sp_group, *extra)
+        grads = (bwd_call or bwd_op)(grad_y.contiguous(), *tensors, state, ctx.variant, ctx.chunk_size,
+                                     ctx.left_context, cu_seqlens, ctx.position_offset, ctx.sp_group, *extra)
         dq, dk, dv = grads[:3]
         gen = [None if t is None else g for g, t in zip(grads[3:11], tensors[5:])]
         out = [dq, dk, dv, None, None] + gen
@@ -352,7 +382,24 @@ def define_fused_ops(
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
     bwd_op.register_autograd(bwd_backward, setup_context=bwd_setup_context)
-    return FusedOps(fwd_op, bwd_op)
+
+    class EagerFunction(torch.autograd.Function):
+        """The same implementations, checks, saved tensors and backward as the ops, without the
+        op dispatch (FusedOps.forward; the inputs come with every default filled in)."""
+
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = fwd(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, grad_y, grad_state):
+            # create_graph=True: through the backward op, whose own autograd raises the clear error
+            # if that graph is differentiated again (as on the op path)
+            return backward(ctx, grad_y, grad_state, bwd_call=None if torch.is_grad_enabled() else bwd)
+
+    return FusedOps(fwd_op, bwd_op, EagerFunction, device_types)
 
 
 def layer_norm_epilogue(y: Tensor, p: HyperMixingProblem) -> Tensor:
@@ -383,8 +430,8 @@ def run_fused(ops: FusedOps, p: HyperMixingProblem, operand_dtype: Optional[torc
     # The keep vectors are already in the compute dtype, which upcasting does not change. No
     # autocast context is needed: autocast does not touch custom ops, and it runs layer_norm in
     # fp32, as the epilogue does anyway.
-    y, _state = ops.fwd(*tokens, p.query_keep, p.key_keep, *gen, p.variant.name, *p.blocks.op_args(),
-                        p.position_offset, _group_name(p.sequence_parallel_group))
+    y, _state = ops.forward(*tokens, p.query_keep, p.key_keep, *gen, p.variant.name, *p.blocks.op_args(),
+                            p.position_offset, _group_name(p.sequence_parallel_group))
     return layer_norm_epilogue(y, p)
 
 

@@ -312,6 +312,72 @@ def test_layer_converted_to_bf16_runs_fused_on_cpu():
     assert layer(x)[0].dtype == torch.bfloat16
 
 
+# ---- the eager path: the same implementations without the op dispatch ---------------------------
+EAGER_MODES = {"plain": {}, "chunk3_L1": dict(chunk_size=3, left_context_chunks=1)}
+
+
+@pytest.mark.parametrize("mode", list(EAGER_MODES))
+@pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+def test_eager_path_equals_the_op_path_bitwise(backend, mode, monkeypatch):
+    """A plain eager call runs the ops' implementations through a torch.autograd.Function
+    (ops.FusedOps.forward), not the torch.library op: same values, bit for bit, on outputs and
+    every gradient (same upstream gradient), with masks; the op path is what compile, export and
+    dispatch modes see. The eager path is taken (a spy on the Function), and not when switched off."""
+    import hmx_kernels.ops as ops_module
+
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    case = make_case(variant="idiap", B=2, M=9, N=9, d=12, H=2, k_h=5, dtype=dtype, all_padded_batch=True)
+    grad_out = torch.randn(2, 9, 12, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    eager_calls = []
+    ops = _ops(backend)
+    if backend == "triton" and EAGER_MODES[mode]:
+        from hmx_kernels.triton import launch
+
+        ops = launch.TRITON_BLOCK_OPS
+    real_apply = ops._eager.apply
+
+    def spy(*args):
+        eager_calls.append(len(args))
+        return real_apply(*args)
+
+    monkeypatch.setattr(ops._eager, "apply", spy)
+    results = {}
+    for path in ("eager", "op"):
+        monkeypatch.setattr(ops_module, "EAGER_PATH", path == "eager")
+        results[path] = forward_backward(case, backend, grad_out, fn=lambda **k: hmx_kernels.hyper_mixing(
+            **k, backend=backend, **EAGER_MODES[mode]))
+        assert len(eager_calls) == 1, path  # the eager run's one call; the op run added none
+    (out_e, grads_e), (out_o, grads_o) = results["eager"], results["op"]
+    assert torch.equal(out_e, out_o)
+    assert set(grads_e) == set(grads_o)
+    for name in grads_o:
+        assert (grads_e[name] is None and grads_o[name] is None) or torch.equal(grads_e[name], grads_o[name]), name
+
+
+def test_eager_path_steps_aside_for_dispatch_modes_and_functorch():
+    """A dispatch mode (the launch and traffic accounts), functorch transforms and fake tensors
+    get the op itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hmx_kernels.ops import eager_path_allowed
+
+    x = torch.randn(2, 3)
+    assert eager_path_allowed(x)
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        assert not eager_path_allowed(x)
+    seen = []
+    torch.func.vmap(lambda t: seen.append(eager_path_allowed(t)) or t)(x)
+    assert seen == [False]
+    with torch._subclasses.FakeTensorMode() as fake_mode:
+        fake = fake_mode.from_tensor(x)
+    assert not eager_path_allowed(fake)
+
+
 # ---- double backward --------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
 def test_double_backward_raises_clearly(backend):
