@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
