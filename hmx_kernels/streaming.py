@@ -212,7 +212,10 @@ def stream_reasons(name: str, p: HyperMixingProblem) -> List[str]:
     if "*" not in caps.devices and p.dtype not in caps.dtypes:
         names = ", ".join(str(t).replace("torch.", "") for t in caps.dtypes)
         return [f"streams {names} only, not {p.dtype}"]
-    return b.not_supported_reasons(p)
+    # a streaming backend continues the positions itself (its stream_forward passes the piece's
+    # position offset to its ops), whether or not it takes position offsets otherwise (sequence
+    # parallelism, Capabilities.sequence_parallel)
+    return b.not_supported_reasons(dataclasses.replace(p, position_offset=0) if p.position_offset else p)
 
 
 def select_stream_backend(name: str, p: HyperMixingProblem):
