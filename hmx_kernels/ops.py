@@ -18,13 +18,19 @@
     Sequence parallelism: position_offset (global position of the first token) and sp_group (the
         name of a torch.distributed group whose ranks hold the other slices, "" = none), after the
         block arguments; only backends defined with sequence_parallel=True take non-defaults.
-    Carried state (streaming, hmx_kernels.streaming), last: the forward's initial_state
-        [B, H, d_h, k_h] (P^T of the chunks before these tokens, compute dtype) is added to every
-        block's P (unbounded left context), or [B, H, num_blocks, d_h, k_h] one term per block; the backward takes initial_state (whether to return its gradient, as a 12th
-        tensor) and grad_state, the gradient of the forward's state output (added to dP), so the
-        state output is differentiable and a piece's final state (its last block's P) can feed
-        the next piece. Only backends defined with carried_state=... take them, in the modes that
-        function accepts (the cpu twin: causal / chunk-causal mixing, no packed sequences).
+    Carried state (streaming, hmx_kernels.streaming), last: the forward's initial_state, in one
+        layout for every backend, P^T (d_h before k_h, compute dtype): [B, H, d_h, k_h] (the P of
+        the chunks before these tokens) is added to every block's P (unbounded left context; a
+        token scan starts from it), or [B, H, num_blocks, d_h, k_h] one term per block (any left
+        context; not token-causal); the backward takes initial_state (whether to return its
+        gradient, as a 12th tensor) and grad_state, the gradient of the forward's state output
+        (added to dP), so the state output is differentiable and a piece's final state (its last
+        slot) can feed the next piece. Only backends defined with carried_state=... take them, in
+        the modes that function accepts (the cpp and Triton mixing-block ops: causal /
+        chunk-causal mixing, no packed sequences, no sequence-parallel group). The state output's
+        slot layout is the backend's: the cpp ops keep P^T per [k_h, d_h]-sized slot, the Triton
+        ops P; `fused_stream_forward` takes that as a parameter (`slots_holding_p_t`,
+        `slots_holding_p`).
 
 Shapes and dtypes of both are given by shared fake implementations (`make_fwd_fake`, `bwd_fake`), which
 also serves the meta device; autograd is registered on the forward op (its backward calls the
@@ -271,8 +277,8 @@ def define_fused_ops(
             return (None, None) if is_backward else (None,)
         if carried_state is None or not carried_state(chunk_size, left_context, cu_seqlens) or sp_group:
             raise ValueError(f"hmx_kernels op: the {backend} ops take a carried state (initial_state, grad_state) "
-                             "only in chunk-causal mixing with unbounded left context, without packed sequences "
-                             "or sequence parallelism" if carried_state is not None else
+                             "only in causal and chunk-causal mixing, without packed sequences or sequence "
+                             "parallelism" if carried_state is not None else
                              f"hmx_kernels op: the {backend} ops do not take a carried state (initial_state, "
                              "grad_state)")
         B, N = query.shape[0], query.shape[1]

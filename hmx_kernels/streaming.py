@@ -19,14 +19,16 @@ A chunk's output depends on its whole chunk, so every piece but the last must ho
 
 Which backend computes a piece: backends declare the modes in which they take a carried state
 (`Capabilities.carried_state`) and compute a piece with `Backend.stream_forward`; backend="auto"
-takes the first of the device's auto order that can. The `cpu` backend (the C++ twin) takes one in
-every causal mode: with unbounded left context the state enters every chunk's window (or starts
-the token scan) and the next state is the op state's last slot; with L chunks of left context a
-first pass gives every chunk's own partial state Q_j and a second pass adds each chunk's window
-terms (hmx_kernels/cpp/{ops,cpu,cuda}.py, cpu_stream_forward); forward and backward pass through the
-state either way. The `reference` takes every mode. Both keep the state in the same form (P,
-compute dtype), so a stream may change backend between pieces. The `triton` and `cuda` backends
-take no carried state yet.
+takes the first of the device's auto order that can. The fused backends share one streamed-piece
+function over their ops (hmx_kernels.ops.fused_stream_forward): with unbounded left context the
+state enters every chunk's window (or starts the token scan) and the next state is the op state's
+last slot; with L chunks of left context a first call gives every chunk's own partial state Q_j
+and a second call adds each chunk's window terms; forward and backward pass through the state
+either way. The `cpu` backend (the C++ twin) and the `triton` backend (CUDA tensors; CPU tensors
+under TRITON_INTERPRET=1; float32 / float16 / bfloat16) stream every causal mode this way, the
+`reference` every mode with its own code. All keep the state in the same form (P, compute dtype),
+so a stream may change backend between pieces. The `cuda` backend takes no carried state yet (its
+kernels do not take the ops' initial_state).
 """
 from __future__ import annotations
 
