@@ -52,7 +52,7 @@ SLOW_CASES = {
 # calls: fp32) and the layer's stream(); the other modes, variants and dtypes run in make test
 _TRITON_STREAM_FAST = {"float16-chunk3-speechbrain", "float32-chunk3_L2-idiap"}
 SLOW_CASES |= {f"test_streaming.py::test_backend_stream_equals_one_pass[triton-cpu-{dtype}-{mode}-{variant}]"
-               for dtype in ("float32", "float16") for mode in ("token", "chunk3", "chunk5", "chunk4_L1", "chunk3_L2")
+               for dtype in ("float32", "float16", "bfloat16") for mode in ("token", "chunk3", "chunk5", "chunk4_L1", "chunk3_L2")
                for variant in ("speechbrain", "idiap")
                if f"{dtype}-{mode}-{variant}" not in _TRITON_STREAM_FAST}
 SLOW_CASES.add("test_streaming.py::test_layer_streams_on_each_fused_backend[triton-cpu-idiap-chunk3_L2]")

@@ -266,7 +266,7 @@ from hmx_kernels.streaming import select_stream_backend, stream_reasons  # noqa:
 STREAM_MODES = {"token": dict(causal=True), "chunk3": dict(chunk_size=3), "chunk5": dict(chunk_size=5),
                 "chunk4_L1": dict(chunk_size=4, left_context_chunks=1),
                 "chunk3_L2": dict(chunk_size=3, left_context_chunks=2)}
-STREAM_DTYPES = (torch.float64, torch.float32, torch.float16)
+STREAM_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # The reference declares no tolerances (it is the baseline): its pieces repeat the same sums grouped
 # by piece, so float64 1e-12, float32 1e-5 (a few fp32 roundings of the regrouped sums), float16
 # 2e-3 (computed in fp32 and rounded to fp16 at the end: one rounding, 2^-11 relative, may differ)
@@ -280,7 +280,8 @@ def _devices():
 def _stream_combos():
     """(backend, device, dtype, mode) for every registered backend and every causal mode its
     Capabilities.carried_state accepts, on every device present that it runs on, in every dtype of
-    STREAM_DTYPES it computes natively (upcast dtypes are not streamed)."""
+    STREAM_DTYPES it computes natively (upcast dtypes are not streamed) and has a tolerance for
+    (declared, or UNDECLARED_TOLERANCE: bfloat16 only where declared)."""
     out = []
     for name in hmx_kernels.registered_backends():
         backend = get_backend(name)
@@ -291,7 +292,8 @@ def _stream_combos():
             if "*" not in caps.devices and device not in caps.devices:
                 continue
             for dtype in STREAM_DTYPES:
-                if dtype not in caps.dtypes:
+                if dtype not in caps.dtypes or ((device, dtype) not in backend.tolerances
+                                                and dtype not in UNDECLARED_TOLERANCE):
                     continue
                 for mode_name, kw in STREAM_MODES.items():
                     if caps.carried_state(resolve_mode(**kw)):
@@ -547,3 +549,63 @@ def test_cpu_token_stream_across_scan_tiles():
     leaves = [x] + [t for t in w if t is not None]
     for i, (a, b) in enumerate(zip(torch.autograd.grad(streamed, leaves, g), torch.autograd.grad(full, leaves, g))):
         assert_close(f"grad {i}", a, b, 1e-12)
+
+
+def _triton_cpu_reasons():
+    from hmx_kernels.triton.backend import triton_available
+
+    return triton_available("cpu")
+
+
+@pytest.mark.skipif(bool(_triton_cpu_reasons()), reason="the Triton interpreter is off (TRITON_INTERPRET=1)")
+def test_triton_ops_refuse_a_carried_state_where_they_have_none():
+    """The Triton ops take initial_state / grad_state only in their mixing-block ops, causal or
+    chunk-causal without packed sequences, in the ops' shared P^T layout, and take a piece's
+    position offset but no sequence-parallel group; each refusal names the problem."""
+    from hmx_kernels.triton.launch import TRITON_BLOCK_OPS, TRITON_OPS
+
+    x, w, _ = _stream_case("speechbrain", torch.float32, N=8)
+    x = x.detach()
+    gen = [None if t is None else t.detach() for t in w[:4]] * 2
+    init = torch.zeros(2, 2, 18, 72)
+    with pytest.raises(ValueError, match="the triton ops do not take a carried state"):
+        TRITON_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 0, -1, None, 0, "", init)
+    with pytest.raises(ValueError, match="take a carried state .* only in causal and chunk-causal mixing"):
+        TRITON_BLOCK_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 0, -1, None, 0, "", init)
+    with pytest.raises(ValueError, match="only in causal and chunk-causal mixing, without packed sequences"):
+        TRITON_BLOCK_OPS.fwd(x[:1], x[:1], x[:1], None, None, *gen, "speechbrain", 4, -1,
+                             torch.tensor([0, 3, 8]), 0, "", init[:1])
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[2, 2, 18, 72\], got \[2, 2, 72, 18\]"):
+        TRITON_BLOCK_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 4, -1, None, 0, "", init.transpose(-1, -2))
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[2, 2, 2, 18, 72\]"):  # one per chunk
+        TRITON_BLOCK_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 4, 1, None, 0, "", init[:, :, None])
+    with pytest.raises(ValueError, match="no sequence-parallel group"):
+        TRITON_BLOCK_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 4, -1, None, 0, "some_group")
+
+
+@pytest.mark.skipif(bool(_triton_cpu_reasons()), reason="the Triton interpreter is off (TRITON_INTERPRET=1)")
+def test_triton_op_carried_state_equals_the_reference_window_terms():
+    """At the op level: the Triton mixing-block op with a carried state in every window equals the
+    cpu-independent definition, the reference fed the same state as its initial P (P form, the
+    transpose of the op's), chunk-causal, d_h 18, k_h 72, 11 tokens at position offset 7; output
+    and the state's gradient (the op's 12th) against torch.autograd through the reference."""
+    from hmx_kernels.ops import layer_norm_epilogue
+    from hmx_kernels.reference.hyper_mixing import hyper_mixing_ref
+    from hmx_kernels.triton.launch import TRITON_BLOCK_OPS
+
+    x, w, pad = _stream_case("speechbrain", torch.float32, N=11)
+    carry = (0.3 * torch.randn(2, 2, 72, 18, generator=torch.Generator().manual_seed(3))).requires_grad_(True)
+    p = hmx_kernels.check_inputs(x, x, x, *w, key_padding_mask=pad, chunk_size=4, position_offset=7)
+    y, state = TRITON_BLOCK_OPS.fwd(p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(),
+                                    "speechbrain", 4, -1, None, 7, "", carry.transpose(-1, -2))
+    y = layer_norm_epilogue(y, p)
+    ref, final = hyper_mixing_ref(x, x, x, *w, key_padding_mask=pad, query_padding_mask=pad,
+                                  mode=p.mode, position_offset=7, initial_state=carry, output_final_state=True)
+    tol = get_backend("triton").tolerances[("cpu", torch.float32)]
+    assert_close("out", y, ref, tol.out)
+    assert_close("final state", state.view(2, 2, 3, 72, 18)[:, :, -1], final, tol.out)
+    g = torch.randn_like(ref)
+    ga = torch.autograd.grad(y, [carry, x], g)
+    gb = torch.autograd.grad(ref, [carry, x], g)
+    assert_close("grad carry", ga[0], gb[0], tol.grad)
+    assert_close("grad x", ga[1], gb[1], tol.grad)
