@@ -12,6 +12,7 @@ from torch import Tensor
 from ..config import SETTINGS
 from ..blocks import ALL_KINDS
 from ..dispatch import Backend, Capabilities, Tolerance, constant_result, register_backend
+from ..ops import fused_stream_forward, slots_holding_p
 from ..problem import HyperMixingProblem
 
 MAX_HEAD_DIM = 128  # d_h: [D, D] accumulators and operands per program (D = d_h padded to a power of two)
@@ -139,8 +140,6 @@ def triton_forward(p: HyperMixingProblem) -> Tensor:
 def triton_stream_forward(p: HyperMixingProblem, carry):
     """One streamed piece (hmx_kernels.streaming) through the mixing-block ops, whose state slots
     hold P (hmx_kernels.ops.fused_stream_forward)."""
-    from ..ops import fused_stream_forward, slots_holding_p
-
     return fused_stream_forward(_launchers().TRITON_BLOCK_OPS, p, carry, slots_holding_p)
 
 

@@ -43,7 +43,11 @@ the same kernels with BLOCKED set run over pieces (token ranges inside one block
 int32 table, `_Blocks`); each block's piece partials are summed in piece order, the states are
 window sums of the blocks' own sums, and the finalize products of all blocks of a head run as one
 matmul each (`_blocked_fwd`, `_blocked_bwd`). The op's state holds P_j per block slot. These
-modes run through their own ops (TRITON_BLOCK_OPS, opaque custom ops; see there). The split
+modes run through their own ops (TRITON_BLOCK_OPS, opaque custom ops; see there), which also take
+what a streamed piece needs (hmx_kernels.streaming): its position offset (the PE table's rows
+start there) and a carried state, the ops' initial_state (P^T) added to P_j before the GELU, its
+gradient dP_j^T summed over the blocks (or per block), and the gradient of the state output added
+to dP_j. The split
 head sizes split the same way with blocks: the state and tsum programs run over (piece, b, h,
 row group), and the key pass takes its per-block S, sv from the state pass over the pieces.
 
