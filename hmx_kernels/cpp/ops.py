@@ -236,8 +236,9 @@ CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("c
 # scan starts from it) or, with L chunks of left context, two calls give the chunks' own partial
 # states and their window terms. The ops' state slots hold P^T; the last slot is the last block's
 # P, or the scan's P after the last token. The CUDA tensors of the same ops stream the same way
-# once the kernels take initial_state.
-cpu_stream_forward = stream_forward_of(CPP_OPS, slots_holding_p_t)
+# once the kernels take initial_state (Backend(stream_forward=cpp_stream_forward, ...)).
+cpp_stream_forward = stream_forward_of(CPP_OPS, slots_holding_p_t)
+cpu_stream_forward = cpp_stream_forward  # its earlier name
 
 
 def _cpu_carries(mode) -> bool:
