@@ -26,7 +26,7 @@ from .gpu_run import (REPO, RESTARTS, _fatal_cuda_error, _nvidia_smi, _short, _s
 
 # GPU test files, most GPU-specific first (pytest step)
 PYTEST_FILES = ("tests/test_cuda_backend.py", "tests/test_triton.py", "tests/test_causal.py",
-                "tests/test_varlen.py", "tests/test_conformance.py", "tests/test_ops.py")
+                "tests/test_varlen.py", "tests/test_conformance.py", "tests/test_ops.py", "tests/test_streaming.py")
 DRY_PYTEST_FILES = ("tests/test_autotune_pin.py",)
 
 

@@ -18,13 +18,19 @@
     Sequence parallelism: position_offset (global position of the first token) and sp_group (the
         name of a torch.distributed group whose ranks hold the other slices, "" = none), after the
         block arguments; only backends defined with sequence_parallel=True take non-defaults.
-    Carried state (streaming, hmx_kernels.streaming), last: the forward's initial_state
-        [B, H, d_h, k_h] (P^T of the chunks before these tokens, compute dtype) is added to every
-        block's P (unbounded left context), or [B, H, num_blocks, d_h, k_h] one term per block; the backward takes initial_state (whether to return its gradient, as a 12th
-        tensor) and grad_state, the gradient of the forward's state output (added to dP), so the
-        state output is differentiable and a piece's final state (its last block's P) can feed
-        the next piece. Only backends defined with carried_state=... take them, in the modes that
-        function accepts (the cpu twin: causal / chunk-causal mixing, no packed sequences).
+    Carried state (streaming, hmx_kernels.streaming), last: the forward's initial_state, in one
+        layout for every backend, P^T (d_h before k_h, compute dtype): [B, H, d_h, k_h] (the P of
+        the chunks before these tokens) is added to every block's P (unbounded left context; a
+        token scan starts from it), or [B, H, num_blocks, d_h, k_h] one term per block (any left
+        context; not token-causal); the backward takes initial_state (whether to return its
+        gradient, as a 12th tensor) and grad_state, the gradient of the forward's state output
+        (added to dP), so the state output is differentiable and a piece's final state (its last
+        slot) can feed the next piece. Only backends defined with carried_state=... take them, in
+        the modes that function accepts (the cpp and Triton mixing-block ops: causal /
+        chunk-causal mixing, no packed sequences, no sequence-parallel group). The state output's
+        slot layout is the backend's: the cpp ops keep P^T per [k_h, d_h]-sized slot, the Triton
+        ops P; `fused_stream_forward` takes that as a parameter (`slots_holding_p_t`,
+        `slots_holding_p`).
 
 Shapes and dtypes of both are given by shared fake implementations (`make_fwd_fake`, `bwd_fake`), which
 also serves the meta device; autograd is registered on the forward op (its backward calls the
@@ -47,7 +53,8 @@ from torch import Tensor
 
 from .problem import WEIGHT_NAMES, HyperMixingProblem, check_position_range, compute_dtype_of
 
-__all__ = ["define_fused_ops", "run_fused", "FusedOps", "DOUBLE_BACKWARD_ERROR", "state_blocks"]
+__all__ = ["define_fused_ops", "run_fused", "FusedOps", "DOUBLE_BACKWARD_ERROR", "state_blocks",
+           "fused_stream_forward", "stream_forward_of", "slots_holding_p", "slots_holding_p_t"]
 
 NAMESPACE = "hmx_kernels"
 DOUBLE_BACKWARD_ERROR = (
@@ -300,8 +307,8 @@ def define_fused_ops(
             return (None, None) if is_backward else (None,)
         if carried_state is None or not carried_state(chunk_size, left_context, cu_seqlens) or sp_group:
             raise ValueError(f"hmx_kernels op: the {backend} ops take a carried state (initial_state, grad_state) "
-                             "only in chunk-causal mixing with unbounded left context, without packed sequences "
-                             "or sequence parallelism" if carried_state is not None else
+                             "only in causal and chunk-causal mixing, without packed sequences or sequence "
+                             "parallelism" if carried_state is not None else
                              f"hmx_kernels op: the {backend} ops do not take a carried state (initial_state, "
                              "grad_state)")
         B, N = query.shape[0], query.shape[1]
@@ -433,6 +440,72 @@ def run_fused(ops: FusedOps, p: HyperMixingProblem, operand_dtype: Optional[torc
     y, _state = ops.forward(*tokens, p.query_keep, p.key_keep, *gen, p.variant.name, *p.blocks.op_args(),
                             p.position_offset, _group_name(p.sequence_parallel_group))
     return layer_norm_epilogue(y, p)
+
+
+# ---- one streamed piece on a fused backend (hmx_kernels.streaming) ---------------------------------
+def slots_holding_p_t(state: Tensor, p: HyperMixingProblem) -> Tensor:
+    """The op state [B, H, slots * k_h, d_h] of ops whose slots hold P^T (the cpp ops: cpu and
+    cuda) as P per slot, [B, H, slots, k_h, d_h] (a differentiable view)."""
+    return state.view(p.B, p.H, -1, p.d_h, p.k_h).transpose(-1, -2)
+
+
+def slots_holding_p(state: Tensor, p: HyperMixingProblem) -> Tensor:
+    """The op state of ops whose slots hold P itself (the Triton ops), [B, H, slots, k_h, d_h]."""
+    return state.view(p.B, p.H, -1, p.k_h, p.d_h)
+
+
+def fused_stream_forward(ops: FusedOps, p: HyperMixingProblem, carry: Optional[Tensor],
+                         slot_states: Callable[[Tensor, HyperMixingProblem], Tensor] = slots_holding_p_t
+                         ) -> Tuple[Tensor, Tensor]:
+    """One streamed piece `p` (hmx_kernels.streaming; causal or chunk-causal, no packed sequences,
+    p.position_offset = the piece's first position) through fused ops defined with
+    carried_state=... Returns (output [B, n, d] after the common epilogue, the next carry).
+
+    carry: None (the first piece) or the streaming state's carry in the compute dtype, P layout:
+    [B, H, k_h, d_h] (unbounded left context: the sum of every earlier chunk's partial state Q_j)
+    or [B, H, r <= L, k_h, d_h] (L chunks of left context: the last r chunks' own Q_j, oldest
+    first). slot_states(state, p) -> [B, H, slots, k_h, d_h]: the op's state output as P per slot
+    (`slots_holding_p_t` for the cpp ops, `slots_holding_p` for Triton's); its last slot must hold
+    the state after the piece's last token (the last block's P, or a token scan's final P). The
+    carry goes to the ops as initial_state in their shared layout, P^T, and the result is
+    differentiable through it: the ops' backward returns the carry's gradient and takes the
+    gradient of their state output.
+
+    Unbounded left context: the carry enters every block's window (or starts the token scan),
+    one op call; the next carry is the last slot. L chunks of left context: the next carry is the
+    last L chunks' own Q_j, which no window sum holds. A first call with block-local windows
+    (L = 0) gives every chunk's Q_j as its state; the window terms E_j = the L chunks before chunk
+    j (carried and this piece's), summed explicitly in chunk order, go into a second call with
+    block-local windows and one term per block, so that P_j = Q_j + E_j: about twice the cost of
+    a call without a carried state (one call when L = 0)."""
+    C, L = p.mode.chunk_size, p.mode.left_context_chunks
+    args = (p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(), p.variant.name)
+    if L is None:
+        init = None if carry is None else carry.transpose(-1, -2).contiguous()
+        y, state = ops.fwd(*args, C, -1, None, p.position_offset, "", init)
+        slots = slot_states(state, p)
+        return layer_norm_epilogue(y, p), slots[:, :, slots.shape[2] - 1]
+    nb = (p.N + C - 1) // C
+    y, own = ops.fwd(*args, C, 0, None, p.position_offset, "")  # y is final when L = 0
+    q = slot_states(own, p)[:, :, :nb]  # Q_j of this piece's chunks
+    r = 0 if carry is None else carry.shape[2]
+    chunks = q if carry is None else torch.cat([carry, q], dim=2)  # [B, H, r + nb, k_h, d_h]
+    if L > 0:
+        terms = torch.zeros_like(q)
+        for shift in range(1, L + 1):  # E_j += Q_{j - shift}, every chunk before j within L
+            j0 = max(0, shift - r)
+            if j0 < nb:
+                terms[:, :, j0:] = terms[:, :, j0:] + chunks[:, :, r + j0 - shift:r + nb - shift]
+        y, _ = ops.fwd(*args, C, 0, None, p.position_offset, "", terms.transpose(-1, -2).contiguous())
+    return layer_norm_epilogue(y, p), chunks[:, :, chunks.shape[2] - min(L, chunks.shape[2]):]
+
+
+def stream_forward_of(ops: FusedOps, slot_states: Callable[[Tensor, HyperMixingProblem], Tensor]) -> Callable:
+    """A `Backend.stream_forward` (problem, carry) -> (output, next carry) over `ops`: what a fused
+    backend registers, with `Capabilities.carried_state` saying in which modes its ops take one."""
+    def stream_forward(p: HyperMixingProblem, carry: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        return fused_stream_forward(ops, p, carry, slot_states)
+    return stream_forward
 
 
 def _group_name(group) -> str:

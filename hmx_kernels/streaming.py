@@ -19,14 +19,17 @@ A chunk's output depends on its whole chunk, so every piece but the last must ho
 
 Which backend computes a piece: backends declare the modes in which they take a carried state
 (`Capabilities.carried_state`) and compute a piece with `Backend.stream_forward`; backend="auto"
-takes the first of the device's auto order that can. The `cpu` backend (the C++ twin) takes one in
-every causal mode: with unbounded left context the state enters every chunk's window (or starts
-the token scan) and the next state is the op state's last slot; with L chunks of left context a
-first pass gives every chunk's own partial state Q_j and a second pass adds each chunk's window
-terms (hmx_kernels/cpp/{ops,cpu,cuda}.py, cpu_stream_forward); forward and backward pass through the
-state either way. The `reference` takes every mode. Both keep the state in the same form (P,
-compute dtype), so a stream may change backend between pieces. The `triton` and `cuda` backends
-take no carried state yet.
+takes the first of the device's auto order that can. The fused backends share one streamed-piece
+function over their ops (hmx_kernels.ops.fused_stream_forward): with unbounded left context the
+state enters every chunk's window (or starts the token scan) and the next state is the op state's
+last slot; with L chunks of left context a first call gives every chunk's own partial state Q_j
+and a second call adds each chunk's window terms; forward and backward pass through the state
+either way. The `cpu` backend (the C++ twin) and the `triton` backend (CUDA tensors; CPU tensors
+under TRITON_INTERPRET=1; float32 / float16 / bfloat16) stream every causal mode this way, the
+`reference` every mode with its own code. All keep the state in the same form (P, compute dtype),
+so a stream may change backend between pieces. The `cuda` backend declares no carried state yet;
+it runs the cpp ops, so `cpp_stream_forward` (hmx_kernels/cpp/ops.py: the same function over the
+same ops) serves it once its kernels take the ops' initial_state.
 """
 from __future__ import annotations
 
@@ -212,7 +215,10 @@ def stream_reasons(name: str, p: HyperMixingProblem) -> List[str]:
     if "*" not in caps.devices and p.dtype not in caps.dtypes:
         names = ", ".join(str(t).replace("torch.", "") for t in caps.dtypes)
         return [f"streams {names} only, not {p.dtype}"]
-    return b.not_supported_reasons(p)
+    # a streaming backend continues the positions itself (its stream_forward passes the piece's
+    # position offset to its ops), whether or not it takes position offsets otherwise (sequence
+    # parallelism, Capabilities.sequence_parallel)
+    return b.not_supported_reasons(dataclasses.replace(p, position_offset=0) if p.position_offset else p)
 
 
 def select_stream_backend(name: str, p: HyperMixingProblem):

@@ -256,12 +256,58 @@ def test_layer_streams_under_inference_mode_and_autocast():
         layer(x[:, :4], state=s.state)
 
 
-# ---- the cpu backend carries the state itself (chunk-causal, unbounded left context) --------------
+# ---- every backend that declares a carried state streams: generated from the capabilities ---------
+from hmx_kernels.causal import resolve_mode  # noqa: E402
 from hmx_kernels.dispatch import BackendNotSupportedError  # noqa: E402
-from hmx_kernels.streaming import select_stream_backend  # noqa: E402
+from hmx_kernels.streaming import select_stream_backend, stream_reasons  # noqa: E402
 
+# token-causal, chunk-causal with unbounded left context (two chunk sizes: different ragged last
+# pieces) and with L = 1, 2 chunks of left context
 STREAM_MODES = {"token": dict(causal=True), "chunk3": dict(chunk_size=3), "chunk5": dict(chunk_size=5),
-                "chunk4_L1": dict(chunk_size=4, left_context_chunks=1)}
+                "chunk4_L1": dict(chunk_size=4, left_context_chunks=1),
+                "chunk3_L2": dict(chunk_size=3, left_context_chunks=2)}
+STREAM_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# The reference declares no tolerances (it is the baseline): its pieces repeat the same sums grouped
+# by piece, so float64 1e-12, float32 1e-5 (a few fp32 roundings of the regrouped sums), float16
+# 2e-3 (computed in fp32 and rounded to fp16 at the end: one rounding, 2^-11 relative, may differ)
+UNDECLARED_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _stream_combos():
+    """(backend, device, dtype, mode) for every registered backend and every causal mode its
+    Capabilities.carried_state accepts, on every device present that it runs on, in every dtype of
+    STREAM_DTYPES it computes natively (upcast dtypes are not streamed) and has a tolerance for
+    (declared, or UNDECLARED_TOLERANCE: bfloat16 only where declared)."""
+    out = []
+    for name in hmx_kernels.registered_backends():
+        backend = get_backend(name)
+        caps = backend.capabilities
+        if caps.carried_state is None or backend.stream_forward is None:
+            continue
+        for device in _devices():
+            if "*" not in caps.devices and device not in caps.devices:
+                continue
+            for dtype in STREAM_DTYPES:
+                if dtype not in caps.dtypes or ((device, dtype) not in backend.tolerances
+                                                and dtype not in UNDECLARED_TOLERANCE):
+                    continue
+                for mode_name, kw in STREAM_MODES.items():
+                    if caps.carried_state(resolve_mode(**kw)):
+                        out.append(pytest.param(name, device, dtype, mode_name,
+                                                id=f"{name}-{device}-{str(dtype)[6:]}-{mode_name}"))
+    return out
+
+
+def _stream_tolerance(backend, device, dtype):
+    """The backend's declared (out, grad) tolerance for (device, dtype), else UNDECLARED_TOLERANCE."""
+    tol = get_backend(backend).tolerances.get((device, dtype))
+    if tol is not None:
+        return tol.out, tol.grad
+    return UNDECLARED_TOLERANCE[dtype], UNDECLARED_TOLERANCE[dtype]
 
 
 def _cpu_available():
@@ -273,51 +319,59 @@ def _cpu_available():
 needs_cpu = pytest.mark.skipif(not _cpu_available(), reason="the C++ extension does not build here")
 
 
-def _stream_case(variant, dtype, N=23, seed=0):
-    case = make_case(variant=variant, B=2, M=N, N=N, d=36, H=2, k_h=72, dtype=dtype, input_scale=0.5, seed=seed)
+def _stream_case(variant, dtype, N=23, seed=0, device="cpu"):
+    case = make_case(variant=variant, B=2, M=N, N=N, d=36, H=2, k_h=72, dtype=dtype, input_scale=0.5, seed=seed,
+                     device=device)
     x = case.tensors["query"]
     return x, [case.tensors[k] for k in WEIGHT_NAMES], case.key_padding_mask
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("mode_name", list(STREAM_MODES))
-@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
-@pytest.mark.parametrize("backend", hmx_kernels.registered_backends())
-def test_backend_stream_equals_one_pass(backend, variant, mode_name, dtype):
-    """Generated from the capabilities: every backend that declares a carried state for the mode
-    (Capabilities.carried_state) streams a prime-length sequence (d_h 18, k_h 72, padded tails) in
-    random whole-chunk pieces, and the pieces equal one pass of the same backend over the whole
-    sequence, output and every gradient across pieces, same upstream gradient. float64: 1e-12 (the
-    same sums grouped by piece; the cpu twin adds the carried part once per chunk); float32: the
-    backend's declared tolerance (the reference, which declares none: 1e-5, the same fp32 sums
-    grouped by piece)."""
-    from hmx_kernels.streaming import stream_reasons
+def _stream_pieces(N, C, seed):
+    """(start, length) of random whole-chunk pieces (1 to 3 chunks), then the N % C tokens left
+    (a last piece shorter than a chunk; none token-causal)."""
+    rng, start, out = random.Random(seed), 0, []
+    whole = N - N % C
+    while start < whole:
+        n = min(whole - start, C * rng.randint(1, 3))
+        out.append((start, n))
+        start += n
+    if N % C:
+        out.append((start, N % C))
+    assert len(out) >= 3, out
+    return out
 
+
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+@pytest.mark.parametrize("backend, device, dtype, mode_name", _stream_combos())
+def test_backend_stream_equals_one_pass(backend, device, dtype, mode_name, variant):
+    """Generated from the capabilities: every backend that declares a carried state for the mode
+    (Capabilities.carried_state) streams a prime-length sequence (d_h 18, k_h 72, padded tails; 23
+    tokens, 11 token-causal) in random whole-chunk pieces with a ragged last piece, and the pieces
+    equal one pass of the same backend over the whole sequence, output and every gradient across
+    pieces, same upstream gradient, within the backend's declared tolerance for the device and
+    dtype (UNDECLARED_TOLERANCE for the reference). A backend that cannot run here (no compiler,
+    no triton interpreter) is skipped with its reasons."""
     kw = STREAM_MODES[mode_name]
     C = kw.get("chunk_size", 1)
-    x, w, pad = _stream_case(variant, dtype)
+    x, w, pad = _stream_case(variant, dtype, N=11 if C == 1 else 23, device=device)
     probe = hmx_kernels.check_inputs(x[:, :C], None if variant == "speechbrain" else x[:, :C],
                                      None if variant == "speechbrain" else x[:, :C], *w, variant=variant, **kw)
     why = stream_reasons(backend, probe)
     if why:
-        pytest.skip(f"{backend} does not stream this: {'; '.join(why)}")
+        pytest.skip(f"{backend} does not stream this here: {'; '.join(why)}")
     N = x.shape[1]
     q = None if variant == "speechbrain" else x
     full = hmx_kernels.hyper_mixing(x, q, q, *w, variant=variant, key_padding_mask=pad, backend=backend,
                                     query_padding_mask=None if variant == "speechbrain" else pad, **kw)
-    outs, state, start, rng = [], None, 0, random.Random(C)
-    while start < N:
-        n = min(N - start, C * rng.randint(1, 3))
+    outs, state = [], None
+    for start, n in _stream_pieces(N, C, seed=C):
         y, state = hyper_mixing_stream(x[:, start:start + n], *w, state=state, variant=variant, backend=backend,
                                        key_padding_mask=pad[:, start:start + n], **(kw if state is None else {}))
         outs.append(y)
-        start += n
+    assert state.position == N
     streamed = torch.cat(outs, dim=1)
-    if dtype == torch.float64:
-        tol_out = tol_grad = 1e-12
-    else:
-        tol = get_backend(backend).tolerances.get(("cpu", torch.float32))
-        tol_out, tol_grad = (tol.out, tol.grad) if tol is not None else (1e-5, 1e-5)
+    tol_out, tol_grad = _stream_tolerance(backend, device, dtype)
+    assert streamed.dtype == full.dtype == dtype
     assert_close("out", streamed, full, tol_out)
     g = torch.randn_like(full)
     leaves = [x] + [t for t in w if t is not None]
@@ -325,6 +379,65 @@ def test_backend_stream_equals_one_pass(backend, variant, mode_name, dtype):
     gb = torch.autograd.grad(streamed, leaves, g)
     for i, (a, b) in enumerate(zip(gb, ga)):
         assert_close(f"grad {i}", a, b, tol_grad)
+
+
+def _layer_combos():
+    """(backend, device) for every registered fused backend that streams float32 (its carried
+    state in chunk-causal mixing), on every device present that it runs on."""
+    out = []
+    for name in hmx_kernels.registered_backends():
+        backend = get_backend(name)
+        caps = backend.capabilities
+        if name == "reference" or caps.carried_state is None or backend.stream_forward is None:
+            continue
+        if torch.float32 not in caps.dtypes or not caps.carried_state(resolve_mode(chunk_size=3)):
+            continue
+        out += [pytest.param(name, device, id=f"{name}-{device}") for device in _devices()
+                if "*" in caps.devices or device in caps.devices]
+    return out
+
+
+@pytest.mark.parametrize("variant, mode_name", [("speechbrain", "chunk3"), ("idiap", "chunk3_L2")])
+@pytest.mark.parametrize("backend, device", _layer_combos())
+def test_layer_streams_on_each_fused_backend(backend, device, variant, mode_name):
+    """A FusedHyperMixing layer with backend=<each fused backend that streams> fed a prime-length
+    sequence (d_h 18, k_h 72, a padded tail, a last piece shorter than a chunk) through
+    layer.stream() (speechbrain) or layer(piece, state=...) (idiap, two chunks of left context)
+    equals the layer's one pass on the same backend, output and the gradients of the input and
+    every parameter, same upstream gradient, within the backend's declared float32 tolerance."""
+    kw = STREAM_MODES[mode_name]
+    layer = _layer(variant, kw, torch.float32, backend).to(device)
+    B, N = 2, 17
+    x = (0.5 * torch.randn(B, N, layer.input_output_dim, generator=torch.Generator().manual_seed(2))).to(device)
+    x.requires_grad_(True)
+    pad = torch.zeros(B, N, dtype=torch.bool, device=device)
+    pad[1, 13:] = True
+    pieces = _stream_pieces(N, kw["chunk_size"], seed=6)
+    probe = hmx_kernels.check_inputs(x[:, :3], x[:, :3], x[:, :3], *layer._weights(), variant=variant, **kw)
+    why = stream_reasons(backend, probe)
+    if why:
+        pytest.skip(f"{backend} does not stream this here: {'; '.join(why)}")
+    if variant == "speechbrain":
+        full = layer(x, key_padding_mask=pad)[0]
+        stream = layer.stream()
+        streamed = torch.cat([stream(x[:, s:s + n], key_padding_mask=pad[:, s:s + n]) for s, n in pieces], 1)
+        state = stream.state
+    else:
+        full = layer(x, x, x, pad, pad)
+        state, outs = layer.initial_state(), []
+        for s, n in pieces:
+            y, state = layer(x[:, s:s + n], key_padding_mask=pad[:, s:s + n], state=state)
+            outs.append(y)
+        streamed = torch.cat(outs, 1)
+    assert state.position == N and state.carry.dtype == torch.float32
+    tol_out, tol_grad = _stream_tolerance(backend, device, torch.float32)
+    assert_close("out", streamed, full, tol_out)
+    g = torch.randn_like(full)
+    leaves = [x] + list(layer.parameters())
+    ga = torch.autograd.grad(full, leaves, g)
+    gb = torch.autograd.grad(streamed, leaves, g)
+    for (name, _), a, b in zip([("x", x)] + list(layer.named_parameters()), gb, ga):
+        assert_close(f"grad {name}", a, b, tol_grad)
 
 
 @needs_cpu
@@ -356,8 +469,45 @@ def test_stream_backends_share_the_state_and_auto_picks_cpu_where_it_can():
         hyper_mixing_stream(x[:, :4].detach().half(), *half, chunk_size=4, backend="cpu")
     p16 = hmx_kernels.check_inputs(x[:, :4].detach().half(), None, None, *half, chunk_size=4)
     assert select_stream_backend("auto", p16).name == "reference"
-    with pytest.raises(BackendNotSupportedError, match="'triton' cannot stream this piece: takes no carried state"):
+    with pytest.raises(BackendNotSupportedError, match="'triton' cannot stream this piece: streams float32, "
+                                                       "float16, bfloat16 only, not torch.float64"):
         hyper_mixing_stream(x[:, :4], *w, chunk_size=4, backend="triton")
+    for name in hmx_kernels.registered_backends():
+        if get_backend(name).capabilities.carried_state is None:
+            with pytest.raises(BackendNotSupportedError, match=f"'{name}' cannot stream this piece: takes no "
+                                                               "carried state"):
+                hyper_mixing_stream(x[:, :4], *w, chunk_size=4, backend=name)
+
+
+@pytest.mark.parametrize("mode_name", ["token", "chunk3", "chunk3_L2"])
+def test_stream_changes_backend_between_pieces(mode_name):
+    """Every backend that streams float32 CPU tensors here keeps the carry in one form (P, [k_h,
+    d_h] per head, float32): pieces computed in turn by each of them (and the reference) equal the
+    reference's one pass, output and every gradient, within the loosest of their declared float32
+    tolerances."""
+    kw = STREAM_MODES[mode_name]
+    C = kw.get("chunk_size", 1)
+    x, w, pad = _stream_case("speechbrain", torch.float32, N=11 if C == 1 else 17)
+    N = x.shape[1]
+    probe = hmx_kernels.check_inputs(x[:, :C], None, None, *w, **kw)
+    names = [n for n in hmx_kernels.registered_backends() if not stream_reasons(n, probe)]
+    fused = [n for n in names if n != "reference"]
+    if not fused:
+        pytest.skip("no fused backend streams float32 CPU tensors here")
+    order = fused + ["reference"]
+    tol = max([_stream_tolerance(n, "cpu", torch.float32) for n in names])
+    full = hmx_kernels.hyper_mixing(x, None, None, *w, key_padding_mask=pad, backend="reference", **kw)
+    outs, state = [], None
+    for i, (start, n) in enumerate(_stream_pieces(N, C, seed=5)):
+        y, state = hyper_mixing_stream(x[:, start:start + n], *w, state=state, key_padding_mask=pad[:, start:start + n],
+                                       backend=order[i % len(order)], **({} if state else kw))
+        outs.append(y)
+    streamed = torch.cat(outs, 1)
+    assert_close("out", streamed, full, tol[0])
+    g = torch.randn_like(full)
+    leaves = [x] + [t for t in w if t is not None]
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(streamed, leaves, g), torch.autograd.grad(full, leaves, g))):
+        assert_close(f"grad {i}", a, b, tol[1])
 
 
 @needs_cpu
@@ -399,3 +549,63 @@ def test_cpu_token_stream_across_scan_tiles():
     leaves = [x] + [t for t in w if t is not None]
     for i, (a, b) in enumerate(zip(torch.autograd.grad(streamed, leaves, g), torch.autograd.grad(full, leaves, g))):
         assert_close(f"grad {i}", a, b, 1e-12)
+
+
+def _triton_cpu_reasons():
+    from hmx_kernels.triton.backend import triton_available
+
+    return triton_available("cpu")
+
+
+@pytest.mark.skipif(bool(_triton_cpu_reasons()), reason="the Triton interpreter is off (TRITON_INTERPRET=1)")
+def test_triton_ops_refuse_a_carried_state_where_they_have_none():
+    """The Triton ops take initial_state / grad_state only in their mixing-block ops, causal or
+    chunk-causal without packed sequences, in the ops' shared P^T layout, and take a piece's
+    position offset but no sequence-parallel group; each refusal names the problem."""
+    from hmx_kernels.triton.launch import TRITON_BLOCK_OPS, TRITON_OPS
+
+    x, w, _ = _stream_case("speechbrain", torch.float32, N=8)
+    x = x.detach()
+    gen = [None if t is None else t.detach() for t in w[:4]] * 2
+    init = torch.zeros(2, 2, 18, 72)
+    with pytest.raises(ValueError, match="the triton ops do not take a carried state"):
+        TRITON_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 0, -1, None, 0, "", init)
+    with pytest.raises(ValueError, match="take a carried state .* only in causal and chunk-causal mixing"):
+        TRITON_BLOCK_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 0, -1, None, 0, "", init)
+    with pytest.raises(ValueError, match="only in causal and chunk-causal mixing, without packed sequences"):
+        TRITON_BLOCK_OPS.fwd(x[:1], x[:1], x[:1], None, None, *gen, "speechbrain", 4, -1,
+                             torch.tensor([0, 3, 8]), 0, "", init[:1])
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[2, 2, 18, 72\], got \[2, 2, 72, 18\]"):
+        TRITON_BLOCK_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 4, -1, None, 0, "", init.transpose(-1, -2))
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[2, 2, 2, 18, 72\]"):  # one per chunk
+        TRITON_BLOCK_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 4, 1, None, 0, "", init[:, :, None])
+    with pytest.raises(ValueError, match="no sequence-parallel group"):
+        TRITON_BLOCK_OPS.fwd(x, x, x, None, None, *gen, "speechbrain", 4, -1, None, 0, "some_group")
+
+
+@pytest.mark.skipif(bool(_triton_cpu_reasons()), reason="the Triton interpreter is off (TRITON_INTERPRET=1)")
+def test_triton_op_carried_state_equals_the_reference_window_terms():
+    """At the op level: the Triton mixing-block op with a carried state in every window equals the
+    cpu-independent definition, the reference fed the same state as its initial P (P form, the
+    transpose of the op's), chunk-causal, d_h 18, k_h 72, 11 tokens at position offset 7; output
+    and the state's gradient (the op's 12th) against torch.autograd through the reference."""
+    from hmx_kernels.ops import layer_norm_epilogue
+    from hmx_kernels.reference.hyper_mixing import hyper_mixing_ref
+    from hmx_kernels.triton.launch import TRITON_BLOCK_OPS
+
+    x, w, pad = _stream_case("speechbrain", torch.float32, N=11)
+    carry = (0.3 * torch.randn(2, 2, 72, 18, generator=torch.Generator().manual_seed(3))).requires_grad_(True)
+    p = hmx_kernels.check_inputs(x, x, x, *w, key_padding_mask=pad, chunk_size=4, position_offset=7)
+    y, state = TRITON_BLOCK_OPS.fwd(p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(),
+                                    "speechbrain", 4, -1, None, 7, "", carry.transpose(-1, -2))
+    y = layer_norm_epilogue(y, p)
+    ref, final = hyper_mixing_ref(x, x, x, *w, key_padding_mask=pad, query_padding_mask=pad,
+                                  mode=p.mode, position_offset=7, initial_state=carry, output_final_state=True)
+    tol = get_backend("triton").tolerances[("cpu", torch.float32)]
+    assert_close("out", y, ref, tol.out)
+    assert_close("final state", state.view(2, 2, 3, 72, 18)[:, :, -1], final, tol.out)
+    g = torch.randn_like(ref)
+    ga = torch.autograd.grad(y, [carry, x], g)
+    gb = torch.autograd.grad(ref, [carry, x], g)
+    assert_close("grad carry", ga[0], gb[0], tol.grad)
+    assert_close("grad x", ga[1], gb[1], tol.grad)

@@ -10,7 +10,7 @@ import torch
 
 from ..blocks import ALL_KINDS
 from ..dispatch import Backend, Capabilities, Tolerance, register_backend
-from .ops import HALF_DTYPES, _cpu_carries, cpp_forward, cpu_stream_forward, extension_reasons
+from .ops import HALF_DTYPES, _cpu_carries, cpp_forward, cpp_stream_forward, extension_reasons
 
 
 def _cpu_available(device_type: str) -> Tuple[str, ...]:
@@ -24,7 +24,7 @@ register_backend(
         description="C++ CPU twin of the fused kernels (OpenMP, tiled, no [N, k] tensor); "
                     "float32/float64, float16/bfloat16 computed in float32",
         forward=cpp_forward,
-        stream_forward=cpu_stream_forward,
+        stream_forward=cpp_stream_forward,
         capabilities=Capabilities(
             devices=("cpu", "meta"),
             dtypes=(torch.float32, torch.float64),

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..config import SETTINGS, on_change
 from ..dispatch import constant_result
-from ..ops import define_fused_ops, layer_norm_epilogue, run_fused, state_blocks
+from ..ops import define_fused_ops, run_fused, slots_holding_p_t, state_blocks, stream_forward_of
 from ..positional import cached_positional_encoding, positional_encoding
 from ..problem import HyperMixingProblem
 from ..variants import get_variant
@@ -231,38 +231,14 @@ CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("c
                            sequence_parallel=True, state_slots=cpu_state_slots, carried_state=cpu_carries_state)
 
 
-def cpu_stream_forward(p: HyperMixingProblem, carry):
-    """One streamed piece on the CPU twin (hmx_kernels.streaming; causal or chunk-causal with
-    unbounded left context): the carried state P [B, H, k_h, d_h] enters every block's window (the
-    token scan starts from it), and the state after the piece is the op state's last slot (the
-    last block's P, or the scan's P after the last token), a differentiable view of it."""
-    C, L = p.mode.chunk_size, p.mode.left_context_chunks
-    args = (p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(), p.variant.name)
-    if L is None:
-        init = None if carry is None else carry.transpose(-1, -2).contiguous()  # the twin keeps P^T
-        y, state = CPP_OPS.fwd(*args, C, -1, None, p.position_offset, "", init)
-        slots = cpu_state_slots(p.N, C, None, -1)
-        final = state.view(p.B, p.H, slots, p.d_h, p.k_h)[:, :, slots - 1].transpose(-1, -2)
-        return layer_norm_epilogue(y, p), final
-    # L chunks of left context: the next state is the last L chunks' own partial states Q_j, which
-    # no window sum holds. A first pass with block-local windows (L = 0) gives every chunk's Q_j^T
-    # as its state; the window terms E_j = the L chunks before chunk j (carried and this piece's),
-    # summed explicitly in chunk order, go into a second pass with block-local windows, so that
-    # P_j = Q_j + E_j. Two passes: about twice the cost of a pass without a carried state.
-    nb = (p.N + C - 1) // C
-    y, own = CPP_OPS.fwd(*args, C, 0, None, p.position_offset, "")  # y is final when L = 0
-    q_t = own.view(p.B, p.H, nb, p.d_h, p.k_h)  # Q_j^T of this piece's chunks
-    r = 0 if carry is None else carry.shape[2]
-    chunks = q_t if carry is None else torch.cat([carry.transpose(-1, -2), q_t], dim=2)  # [B, H, r + nb, ...]
-    if L > 0:
-        terms = torch.zeros_like(q_t)
-        for shift in range(1, L + 1):  # E_j += Q_{j - shift}, every chunk before j within L
-            j0 = max(0, shift - r)
-            if j0 < nb:
-                terms[:, :, j0:] = terms[:, :, j0:] + chunks[:, :, r + j0 - shift:r + nb - shift]
-        y, _ = CPP_OPS.fwd(*args, C, 0, None, p.position_offset, "", terms.contiguous())
-    final = chunks[:, :, chunks.shape[2] - min(L, chunks.shape[2]):].transpose(-1, -2)
-    return layer_norm_epilogue(y, p), final
+# One streamed piece on the cpp ops (hmx_kernels.streaming; the generic fused version,
+# hmx_kernels.ops.fused_stream_forward): the carried state enters every block's window (the token
+# scan starts from it) or, with L chunks of left context, two calls give the chunks' own partial
+# states and their window terms. The ops' state slots hold P^T; the last slot is the last block's
+# P, or the scan's P after the last token. The CUDA tensors of the same ops stream the same way
+# once the kernels take initial_state (Backend(stream_forward=cpp_stream_forward, ...)).
+cpp_stream_forward = stream_forward_of(CPP_OPS, slots_holding_p_t)
+cpu_stream_forward = cpp_stream_forward  # its earlier name
 
 
 def _cpu_carries(mode) -> bool:

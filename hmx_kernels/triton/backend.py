@@ -12,6 +12,7 @@ from torch import Tensor
 from ..config import SETTINGS
 from ..blocks import ALL_KINDS
 from ..dispatch import Backend, Capabilities, Tolerance, constant_result, register_backend
+from ..ops import fused_stream_forward, slots_holding_p
 from ..problem import HyperMixingProblem
 
 MAX_HEAD_DIM = 128  # d_h: [D, D] accumulators and operands per program (D = d_h padded to a power of two)
@@ -123,25 +124,43 @@ def fit_reasons(p: HyperMixingProblem):
     return [why] if why else []
 
 
-def triton_forward(p: HyperMixingProblem) -> Tensor:
+def _launchers():
     global _function
     if _function is None:
         from . import launch as function
 
         _function = function
-    return _function.triton_forward(p)
+    return _function
+
+
+def triton_forward(p: HyperMixingProblem) -> Tensor:
+    return _launchers().triton_forward(p)
+
+
+def triton_stream_forward(p: HyperMixingProblem, carry):
+    """One streamed piece (hmx_kernels.streaming) through the mixing-block ops, whose state slots
+    hold P (hmx_kernels.ops.fused_stream_forward)."""
+    return fused_stream_forward(_launchers().TRITON_BLOCK_OPS, p, carry, slots_holding_p)
+
+
+def _triton_carries(mode) -> bool:
+    """Streams every causal mode: token-causal and chunk-causal with unbounded left context by the
+    ops' carried state in every window, limited left context by two calls (one term per block)."""
+    return mode.chunk_size >= 1
 
 
 _BACKEND = Backend(
     name="triton",
     description="fused Triton kernels, linear time, O(B*H*k_h*d_h) state, fused backward; CUDA",
     forward=triton_forward,
+    stream_forward=triton_stream_forward,
     capabilities=Capabilities(
         devices=("cuda", "cpu"),
         dtypes=SUPPORTED_DTYPES,
         max_d_h=MAX_HEAD_DIM,
         max_k_h=MAX_HYPERNET_PER_HEAD,
         blocks=ALL_KINDS,
+        carried_state=_triton_carries,
         available=triton_available,
     ),
     extra_reasons=fit_reasons,

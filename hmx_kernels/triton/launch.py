@@ -43,7 +43,11 @@ the same kernels with BLOCKED set run over pieces (token ranges inside one block
 int32 table, `_Blocks`); each block's piece partials are summed in piece order, the states are
 window sums of the blocks' own sums, and the finalize products of all blocks of a head run as one
 matmul each (`_blocked_fwd`, `_blocked_bwd`). The op's state holds P_j per block slot. These
-modes run through their own ops (TRITON_BLOCK_OPS, opaque custom ops; see there). The split
+modes run through their own ops (TRITON_BLOCK_OPS, opaque custom ops; see there), which also take
+what a streamed piece needs (hmx_kernels.streaming): its position offset (the PE table's rows
+start there) and a carried state, the ops' initial_state (P^T) added to P_j before the GELU, its
+gradient dP_j^T summed over the blocks (or per block), and the gradient of the state output added
+to dP_j. The split
 head sizes split the same way with blocks: the state and tsum programs run over (piece, b, h,
 row group), and the key pass takes its per-block S, sv from the state pass over the pieces.
 
@@ -282,10 +286,14 @@ def _keep_args(keep, fallback: torch.Tensor):
     return keep, keep.stride(0), keep.stride(1), True
 
 
-def _pe_args(v, length, d, device, tracing: bool):
-    """(pe table [L, d] or frequency vector [d], pe_table flag)."""
+def _pe_args(v, length, d, device, tracing: bool, offset: int = 0):
+    """(pe table [L, d] or frequency vector [d], pe_table flag). offset: the global position of
+    the first token (a streamed piece): the table's rows then start there (only the piece's rows,
+    computed as the reference computes them; the cache holds tables from position 0 only)."""
     if v.name == "speechbrain" and PE_ON_CHIP:
         return frequencies(v, d, torch.float32).to(device), False  # [d] exact fp32 frequencies
+    if offset:
+        return positional_encoding(v, length, d, start=v.first_position + offset, device=device), True
     if tracing:  # fake tensors: no cache (a cached fake table would poison later eager calls)
         return positional_encoding(v, length, d, device=device), True
     # the variant's fp32 table (idiap: float64-computed), rows 0.. = positions first_position..
@@ -301,14 +309,31 @@ def _fc1_args(fc1w, fc1b):
 
 
 class _Sizes:
-    def __init__(self, query, key, fc2w, variant):
+    def __init__(self, query, key, fc2w, variant, position_offset: int = 0):
         self.B, self.M, self.d = query.shape
         self.N = key.shape[1]
         self.H, self.k_h, self.d_h = fc2w.shape
         self.variant = get_variant(variant)
         self.scale = float(self.variant.input_scale(self.d))
-        self.first_pos = self.variant.first_position
+        self.position_offset = position_offset
+        self.first_pos = self.variant.first_position + position_offset  # of the first token
         self.dummy = query  # stands in for the piece table of plain mixing (never read)
+
+
+def _op_extras(extras):
+    """The impls' arguments after `variant`: none (the plain ops), or (chunk_size, left_context,
+    cu_seqlens, position_offset, sp_group, initial_state[, grad_state]) (the mixing-block ops,
+    defined with sequence_parallel=True for the position offset of a streamed piece and with a
+    carried state). Returns (block args, position_offset, initial_state, grad_state)."""
+    extras = tuple(extras)
+    block_args, offset = extras[:3], extras[3] if len(extras) > 3 else 0
+    sp_group = extras[4] if len(extras) > 4 else ""
+    if sp_group:
+        raise ValueError("hmx_kernels op: the triton ops take a position offset (a streamed piece) but no "
+                         "sequence-parallel group (sp_group); use backend='cpu' or 'reference' for that")
+    init = extras[5] if len(extras) > 5 else None
+    grad_state = extras[6] if len(extras) > 6 else None
+    return block_args, offset, init, grad_state
 
 
 def _precision(dtype: torch.dtype, d_h: int, kernel: str):
@@ -417,12 +442,13 @@ def _fc1_grads(s, parts, has_bias):
 
 def _triton_fwd_impl(query, key, value, query_keep, key_keep, *rest):
     *gen, variant = rest[:9]
-    s = _Sizes(query, key, gen[2], variant)
+    block_args, offset, init, _ = _op_extras(rest[9:])
+    s = _Sizes(query, key, gen[2], variant, offset)
     device = query.device
-    pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device, _is_fake(query))
-    bl = _blocks(s, rest[9:], device)
+    pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device, _is_fake(query), offset)
+    bl = _blocks(s, block_args, device)
     if bl is not None:
-        return _blocked_fwd(s, query, key, value, query_keep, key_keep, gen, pe, pe_table, bl)
+        return _blocked_fwd(s, query, key, value, query_keep, key_keep, gen, pe, pe_table, bl, init)
     if _config.split_state(s.d_h):  # the torch finalize (finalize.py: its kernels would spill here)
         S, sv = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table)
         P = _state_to_p(s, S, sv, gen[2], gen[3])  # [B, H, k_h, d_h] fp32
@@ -556,11 +582,13 @@ def _key_operands(s, dP, fc2w, fc2b):
 
 def _triton_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     *gen, state, variant = rest[:10]
-    s = _Sizes(query, key, gen[2], variant)
-    pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, query.device, _is_fake(query))
-    bl = _blocks(s, rest[10:], query.device)
+    block_args, offset, init, grad_state = _op_extras(rest[10:])
+    s = _Sizes(query, key, gen[2], variant, offset)
+    pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, query.device, _is_fake(query), offset)
+    bl = _blocks(s, block_args, query.device)
     if bl is not None:
-        return _blocked_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, state, pe, pe_table, bl)
+        return _blocked_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, state, pe, pe_table, bl,
+                            init, grad_state)
     P = state.float().contiguous()  # [B, H, k_h, d_h]
     if _config.split_state(s.d_h):  # the torch finalize (finalize.py: its kernels would spill here)
         return _torch_finalize_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, P, pe, pe_table)
@@ -718,11 +746,19 @@ def _block_mix_operands(s, bl, A, fc2w, fc2b):
     return C, c_scale, c0
 
 
-def _blocked_fwd(s, query, key, value, query_keep, key_keep, gen, pe, pe_table, bl):
+def _carried_terms(init, nb):
+    """The op's initial_state (P^T: [B, H, d_h, k_h] for every block, or [B, H, nb, d_h, k_h] one
+    per block) as terms of P_j [B, H, nb or 1, k_h, d_h] (fp32)."""
+    init = init.float()
+    return init.transpose(-1, -2).unsqueeze(2) if init.dim() == 4 else init.transpose(-1, -2)
+
+
+def _blocked_fwd(s, query, key, value, query_keep, key_keep, gen, pe, pe_table, bl, init=None):
     """The forward over mixing blocks: each block's own sums S_j, sv_j (state pass over the
-    pieces, summed per block), their window sums, P_j = fc2 S^w_j + b2 sv^w_j^T, C_j, c0_j, and
-    the mix pass reading its block's C_j, c0_j. Returns y and the state [B, H, slots * k_h, d_h]
-    (P_j in block slot j, unused slots zero)."""
+    pieces, summed per block), their window sums, P_j = fc2 S^w_j + b2 sv^w_j^T (+ the carried
+    state `init`: the ops' initial_state, added before the GELU), C_j, c0_j, and the mix pass
+    reading its block's C_j, c0_j. Returns y and the state [B, H, slots * k_h, d_h] (P_j in block
+    slot j, unused slots zero)."""
     nb = bl.nb
     S, sv = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table, bl)
     S = bl.window(S).view(s.B, s.H, nb, s.d_h, s.d_h)
@@ -730,6 +766,8 @@ def _blocked_fwd(s, query, key, value, query_keep, key_keep, gen, pe, pe_table, 
     P = _head_mm(gen[2].float(), S)  # [B, H, nb, k_h, d_h]
     if gen[3] is not None:
         P = P + gen[3].float()[None, :, None, :, None] * sv
+    if init is not None:
+        P = P + _carried_terms(init, nb)
     y = _empty((s.B, s.M, s.d), torch.float32, query.device)
     _mix(s, query, query_keep, _fc1_args(gen[4], gen[5]), _block_mix_operands(s, bl, F.gelu(P), gen[6], gen[7]),
          pe, pe_table, y, bl)
@@ -738,11 +776,15 @@ def _blocked_fwd(s, query, key, value, query_keep, key_keep, gen, pe, pe_table, 
     return y, state.view(s.B, s.H, bl.slots * s.k_h, s.d_h)
 
 
-def _blocked_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, state, pe, pe_table, bl):
+def _blocked_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, state, pe, pe_table, bl, init=None,
+                 grad_state=None):
     """The backward over mixing blocks (docs/HYPERMIXING.md, "Causal and chunked mixing"): T_j,
-    sdy_j over block j's own queries; dA_j, dP_j; R'_j = fc2^T dP_j, r0'_j = b2^T dP_j; key block
-    i reads R_i, r0_i = the sums of R'_j, r0'_j over the blocks j whose window holds i; the
-    generator-1 fc2 gradients from dP_j and the window sums S^w_j, sv^w_j of the key pass."""
+    sdy_j over block j's own queries; dA_j, dP_j (plus grad_state, the gradient of the op's state
+    output, slot j); R'_j = fc2^T dP_j, r0'_j = b2^T dP_j; key block i reads R_i, r0_i = the sums
+    of R'_j, r0'_j over the blocks j whose window holds i; the generator-1 fc2 gradients from dP_j
+    and the window sums S^w_j, sv^w_j of the key pass. With a carried state `init` (the ops'
+    initial_state) a 12th gradient: dP_j^T summed over the blocks in block order ([B, H, d_h, k_h],
+    the state entered every block) or per block ([B, H, nb, d_h, k_h])."""
     nb, rows = bl.nb, s.B * s.H * bl.nb
     P = state.float().view(s.B, s.H, bl.slots, s.k_h, s.d_h)[:, :, :nb]
     A = F.gelu(P)
@@ -757,6 +799,11 @@ def _blocked_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, state,
     dfc2w2 = _sum_mm(A, T)
     dfc2b2 = _sum_mm(A, sdy).squeeze(-1) if fc2b2 is not None else A.new_empty((0,))
     dP = dA * _gelu_grad(P)
+    if grad_state is not None:  # the state output P_j is used beyond this op (a streamed piece's final state)
+        dP = dP + grad_state.float().view(s.B, s.H, bl.slots, s.k_h, s.d_h)[:, :, :nb]
+    d_init = None
+    if init is not None:
+        d_init = (dP.sum(dim=2) if init.dim() == 4 else dP).transpose(-1, -2).to(init.dtype).contiguous()
     fc2w1, fc2b1 = gen[2], gen[3]
     R = bl.reverse_window(_head_mm(fc2w1.float().transpose(-1, -2), dP).reshape(s.B * s.H, nb, s.d_h, s.d_h))
     R, r_scale = _pow2_scale(R.reshape(rows, s.d_h, s.d_h), dims=(-2, -1))
@@ -770,7 +817,8 @@ def _blocked_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, state,
     sv = bl.window(sv).view(s.B, s.H, nb, 1, s.d_h)
     dfc2w1 = _sum_mm(dP, S)
     dfc2b1 = _sum_mm(dP, sv).squeeze(-1) if fc2b1 is not None else dP.new_empty((0,))
-    return [dq, dk, dv, dfc1w1, dfc1b1, dfc2w1, dfc2b1, dfc1w2, dfc1b2, dfc2w2, dfc2b2]
+    grads = [dq, dk, dv, dfc1w1, dfc1b1, dfc2w1, dfc2b1, dfc1w2, dfc1b2, dfc2w2, dfc2b2]
+    return grads if d_init is None else grads + [d_init]
 
 
 # Compiled kernels: a triton_op, which torch.compile traces into (wrap_triton turns each launch
@@ -784,9 +832,22 @@ TRITON_OPS = define_fused_ops("triton", _triton_fwd_impl, _triton_bwd_impl, devi
 # implementation. Their piece table is built on the host from the block arguments and the values
 # of cu_seqlens, and the launch grid depends on it: a trace sees no values, so these ops are not
 # traced into (torch.compile keeps them as one node each, like the C++ ops), and the plain ops
-# above stay exactly as they were.
+# above stay exactly as they were. They take what a streamed piece needs (hmx_kernels.streaming):
+# a position offset (sequence_parallel=True for the argument; a sequence-parallel group is refused)
+# and a carried state (initial_state, in the ops' P^T layout, added to P_j before the GELU; its
+# gradient and that of the state output, `triton_carries_state`).
+
+
+def triton_carries_state(chunk_size: int, left_context: int, cu_seqlens) -> bool:
+    """The mixing-block ops take a carried state in causal and chunk-causal mixing without packed
+    sequences: [B, H, d_h, k_h] in every block's window (unbounded left context), or one term per
+    block [B, H, num_blocks, d_h, k_h] (any left context; not token-causal mixing), as the cpp ops."""
+    return chunk_size >= 1 and cu_seqlens is None
+
+
 TRITON_BLOCK_OPS = define_fused_ops("triton_blocks", _triton_fwd_impl, _triton_bwd_impl,
-                                    device_types=("cuda", "cpu"), blocks=True)
+                                    device_types=("cuda", "cpu"), blocks=True, sequence_parallel=True,
+                                    carried_state=triton_carries_state)
 
 
 def triton_forward(p: HyperMixingProblem) -> torch.Tensor:
