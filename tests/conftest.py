@@ -56,7 +56,8 @@ SLOW_CASES |= {f"test_streaming.py::test_backend_stream_equals_one_pass[triton-c
                for variant in ("speechbrain", "idiap")
                if f"{dtype}-{mode}-{variant}" not in _TRITON_STREAM_FAST}
 SLOW_CASES |= {"test_streaming.py::test_layer_streams_on_each_fused_backend[triton-cpu-idiap-chunk3_L2]",
-               "test_streaming.py::test_stream_changes_backend_between_pieces[chunk3]"}
+               "test_streaming.py::test_stream_changes_backend_between_pieces[chunk3]",
+               "test_streaming.py::test_triton_streams_with_the_split_kernels[chunk4]"}
 SLOW_FIXTURES = {"prebuilt_cache", "repo_copy"}
 
 
