@@ -609,3 +609,30 @@ def test_triton_op_carried_state_equals_the_reference_window_terms():
     gb = torch.autograd.grad(ref, [carry, x], g)
     assert_close("grad carry", ga[0], gb[0], tol.grad)
     assert_close("grad x", ga[1], gb[1], tol.grad)
+
+
+@pytest.mark.skipif(bool(_triton_cpu_reasons()), reason="the Triton interpreter is off (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("mode_name", ["chunk4", "chunk4_L1"])
+def test_triton_streams_with_the_split_kernels(mode_name):
+    """d_h 128 (config.SPLIT_BLOCK_D: the state pass split over row groups, S, sv and T, sdy from
+    passes of their own, the finalize in torch): three pieces (4, 4, 2 tokens) equal the
+    reference's one pass, output and every gradient, within the Triton float32 tolerance."""
+    from hmx_kernels.triton import autotune
+
+    assert autotune.split_state(128)
+    kw = dict(chunk_size=4) if mode_name == "chunk4" else dict(chunk_size=4, left_context_chunks=1)
+    case = make_case(variant="speechbrain", B=1, M=10, d=128, H=1, k_h=8, input_scale=0.5, masks=False)
+    x, w = case.tensors["query"], [case.tensors[k] for k in WEIGHT_NAMES]
+    full = hmx_kernels.hyper_mixing(x, None, None, *w, backend="reference", **kw)
+    outs, state = [], None
+    for start, n in ((0, 4), (4, 4), (8, 2)):
+        y, state = hyper_mixing_stream(x[:, start:start + n], *w, state=state, backend="triton",
+                                       **(kw if state is None else {}))
+        outs.append(y)
+    streamed = torch.cat(outs, 1)
+    tol = get_backend("triton").tolerances[("cpu", torch.float32)]
+    assert_close("out", streamed, full, tol.out)
+    g = torch.randn_like(full)
+    leaves = [x] + [t for t in w if t is not None]
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(streamed, leaves, g), torch.autograd.grad(full, leaves, g))):
+        assert_close(f"grad {i}", a, b, tol.grad)

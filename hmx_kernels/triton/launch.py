@@ -47,9 +47,9 @@ modes run through their own ops (TRITON_BLOCK_OPS, opaque custom ops; see there)
 what a streamed piece needs (hmx_kernels.streaming): its position offset (the PE table's rows
 start there) and a carried state, the ops' initial_state (P^T) added to P_j before the GELU, its
 gradient dP_j^T summed over the blocks (or per block), and the gradient of the state output added
-to dP_j. The split
-head sizes split the same way with blocks: the state and tsum programs run over (piece, b, h,
-row group), and the key pass takes its per-block S, sv from the state pass over the pieces.
+to dP_j. The split head sizes split the same way with blocks: the state and tsum programs run
+over (piece, b, h, row group), and the key pass takes its per-block S, sv from the state pass over
+the pieces.
 
 The launchers are written for `torch.library.triton_op`: kernels are launched through
 `wrap_triton`, and the functions run on fake tensors too (torch.compile traces them to see the
@@ -315,7 +315,6 @@ class _Sizes:
         self.H, self.k_h, self.d_h = fc2w.shape
         self.variant = get_variant(variant)
         self.scale = float(self.variant.input_scale(self.d))
-        self.position_offset = position_offset
         self.first_pos = self.variant.first_position + position_offset  # of the first token
         self.dummy = query  # stands in for the piece table of plain mixing (never read)
 
