@@ -482,11 +482,11 @@ def fused_stream_forward(ops: FusedOps, p: HyperMixingProblem, carry: Optional[T
     args = (p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(), p.variant.name)
     if L is None:
         init = None if carry is None else carry.transpose(-1, -2).contiguous()
-        y, state = ops.fwd(*args, C, -1, None, p.position_offset, "", init)
+        y, state = ops.forward(*args, C, -1, None, p.position_offset, "", init)
         slots = slot_states(state, p)
         return layer_norm_epilogue(y, p), slots[:, :, slots.shape[2] - 1]
     nb = (p.N + C - 1) // C
-    y, own = ops.fwd(*args, C, 0, None, p.position_offset, "")  # y is final when L = 0
+    y, own = ops.forward(*args, C, 0, None, p.position_offset, "")  # y is final when L = 0
     q = slot_states(own, p)[:, :, :nb]  # Q_j of this piece's chunks
     r = 0 if carry is None else carry.shape[2]
     chunks = q if carry is None else torch.cat([carry, q], dim=2)  # [B, H, r + nb, k_h, d_h]
@@ -496,7 +496,7 @@ def fused_stream_forward(ops: FusedOps, p: HyperMixingProblem, carry: Optional[T
             j0 = max(0, shift - r)
             if j0 < nb:
                 terms[:, :, j0:] = terms[:, :, j0:] + chunks[:, :, r + j0 - shift:r + nb - shift]
-        y, _ = ops.fwd(*args, C, 0, None, p.position_offset, "", terms.transpose(-1, -2).contiguous())
+        y, _ = ops.forward(*args, C, 0, None, p.position_offset, "", terms.transpose(-1, -2).contiguous())
     return layer_norm_epilogue(y, p), chunks[:, :, chunks.shape[2] - min(L, chunks.shape[2]):]
 
 
