@@ -17,7 +17,8 @@
 #include <cuda_runtime.h>
 
 #include "hmx_cuda.h"
-#include "hmx_cuda_common.cuh"
+#include "hmx_cuda_passes.cuh"
+#include "hmx_cuda_plan.cuh"
 
 namespace hmx {
 namespace cuda {

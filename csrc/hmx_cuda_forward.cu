@@ -15,7 +15,8 @@
 #include <cstdio>
 
 #include "hmx_cuda.h"
-#include "hmx_cuda_common.cuh"
+#include "hmx_cuda_passes.cuh"
+#include "hmx_cuda_plan.cuh"
 
 namespace hmx {
 namespace cuda {

@@ -74,7 +74,7 @@ class _Rounding:
 
 
 def _token_tile(d_h):
-    """The fp16 / bf16 token kernels' tile TT at head block D (csrc/hmx_cuda_common.cuh TokCfg)."""
+    """The fp16 / bf16 token kernels' tile TT at head block D (csrc/hmx_cuda_layout.cuh TokCfg)."""
     return 32 if d_h > 64 else 64
 
 
@@ -350,7 +350,7 @@ def test_fp16_range_large_state_and_small_gradients():
     """fp16 range: a large state makes C = fc2_2^T GELU(P) and the pre-LayerNorm Y exceed fp16's
     65504, and the LayerNorm then scales dY below fp16's normal range (2^-14). The kernels stage C /
     R divided by a power of two, write Y in fp32, read dY in fp32 and divide each m dY tile by its
-    power of two (csrc/hmx_cuda_common.cuh): output and every gradient finite and within the
+    power of two (csrc/hmx_cuda_passes.cuh): output and every gradient finite and within the
     "cuda" fp16 tolerances. Rounding C or Y to fp16 unscaled gives inf, then NaN after the
     LayerNorm; rounding dY unscaled flushes the gradients to zero. Two query tiles (M 70 > 64)
     whose dY have different powers of two exercise the accumulators' rescaling."""

@@ -188,7 +188,7 @@ def kernel_id(mangled: str) -> Optional[Tuple[str, Optional[str], Optional[int]]
 
 _DRIVER = r"""
 #include <cstdio>
-#include "hmx_cuda_common.cuh"
+#include "hmx_cuda_plan.cuh"
 using namespace hmx::cuda;
 int main() {
   const char* names[3] = {"fp32", "fp16", "bf16"};
@@ -215,7 +215,7 @@ int main() {
 
 
 def host_tables(d_hs: Iterable[int], work_dir: Path) -> List[dict]:
-    """Run the kernels' host-side size and grid functions (hmx_cuda_common.cuh) in a small program
+    """Run the kernels' host-side size and grid functions (hmx_cuda_plan.cuh) in a small program
     built with nvcc (host code only: no GPU needed): one dict per printed line."""
     src = Path(work_dir) / "hmx_cuda_sizes.cu"
     src.write_text(_DRIVER.replace("DHS", ", ".join(str(int(x)) for x in d_hs)))
