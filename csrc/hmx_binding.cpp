@@ -14,7 +14,11 @@
 //   unbounded left context: a carried state added to every block's P (streaming), the gradient of
 //   the saved state P added to dP, and the carried state's gradient (hmx_params.h).
 //   chunk_size, left_context, cu_seqlens (int64 CPU or None), num_blocks: the mixing blocks of
-//   hmx_params.h (0, -1, None, 1: non-causal); the CUDA kernels take only those defaults.
+//   hmx_params.h (0, -1, None, 1: non-causal). The CUDA kernels take chunk-causal and packed
+//   mixing (any left context; not token-causal): the binding builds their piece table
+//   (hmx_pieces.h) and copies it to the device once per call.
+//   _piece_table(N, chunk_size, cu_seqlens, piece_len) -> (int32 table, n_pieces, nb): that table on
+//   the CPU, for tests.
 //   reduce (keyword, CPU, non-causal): a callable that sums a 1-D tensor in place over the ranks of
 //   a sequence-parallel group (hmx_cpu.h, Reducer); None: no sequence parallelism.
 #include <torch/extension.h>
@@ -24,11 +28,13 @@
 #include <cstdlib>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "hmx_cpu.h"
 #include "hmx_params.h"
+#include "hmx_pieces.h"
 #ifdef HMX_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -175,6 +181,9 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   }
   TORCH_CHECK(chunk_size == 0 || M == N, "hmx_kernels: causal / chunked mixing needs as many queries as keys, got M = ",
               M, ", N = ", N);
+  TORCH_CHECK(!(q.is_cuda() && chunk_size == 1 && left_context < 0),
+              "hmx_kernels cuda: token-causal mixing (chunk_size 1, unbounded left context) is not implemented by the "
+              "CUDA kernels (chunk-causal and packed mixing are; use backend='triton' or 'reference')");
   const int64_t slots = q.is_cuda() ? blocks : hmx::cpu::state_slots(N, chunk_size, left_context, blocks);
   TORCH_CHECK(num_blocks >= std::max<int64_t>(slots, 1), "hmx_kernels: num_blocks = ", num_blocks,
               " is smaller than the ", slots, " state slots these mixing blocks need");
@@ -234,10 +243,38 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   pb.cu_seqlens = cu_seqlens ? cu_seqlens->data_ptr<int64_t>() : nullptr;
   pb.num_seqs = cu_seqlens ? cu_seqlens->numel() - 1 : 0;
   pb.num_blocks = num_blocks;
-  TORCH_CHECK(!(q.is_cuda() && pb.blocked()),
-              "hmx_kernels cuda: causal, chunked and packed-sequence mixing are not implemented by the CUDA kernels "
-              "(use backend='reference', or the cpu backend for CPU tensors)");
   return pr;
+}
+
+// The piece table of blocked mixing (hmx_pieces.h) as an int32 tensor on `device`, with its counts.
+struct PieceTensor {
+  at::Tensor table;
+  int64_t n_pieces = 0, nb = 0;
+};
+
+PieceTensor piece_tensor(int64_t N, int64_t chunk_size, const int64_t* cu, int64_t num_seqs, int64_t piece_len,
+                         const at::Device& device) {
+  TORCH_CHECK(piece_len >= 1 && N <= INT32_MAX, "hmx_kernels: piece table needs piece_len >= 1 and N < 2^31");
+  const hmx::PieceTable pt = hmx::build_piece_table(N, chunk_size, cu, num_seqs, piece_len);
+  at::Tensor host = at::from_blob(const_cast<int32_t*>(pt.data.data()), {(int64_t)pt.data.size()},
+                                  at::TensorOptions().dtype(at::kInt))
+                        .clone();
+  return {host.to(device), pt.n_pieces, pt.nb};
+}
+
+std::tuple<at::Tensor, int64_t, int64_t> piece_table_for_tests(int64_t N, int64_t chunk_size, const OptT& cu_seqlens,
+                                                                int64_t piece_len) {
+  const int64_t* cu = nullptr;
+  int64_t ns = 0;
+  if (cu_seqlens) {
+    TORCH_CHECK(cu_seqlens->device().is_cpu() && cu_seqlens->scalar_type() == at::kLong && cu_seqlens->dim() == 1 &&
+                    cu_seqlens->is_contiguous() && cu_seqlens->numel() >= 2,
+                "hmx_kernels: cu_seqlens must be a contiguous 1-D int64 CPU tensor");
+    cu = cu_seqlens->data_ptr<int64_t>();
+    ns = cu_seqlens->numel() - 1;
+  }
+  PieceTensor t = piece_tensor(N, chunk_size, cu, ns, piece_len, at::Device(at::kCPU));
+  return {t.table, t.n_pieces, t.nb};
 }
 
 // The CPU twin's tile products: the Fortran BLAS sgemm_ / dgemm_ that torch's CPU library exports
@@ -288,6 +325,19 @@ hmx::cuda::DType cuda_dtype(at::ScalarType t) {
 
 void check_cuda(int err, const char* what) {
   TORCH_CHECK(err == 0, "hmx_kernels cuda: ", what, " failed: ", hmx::cuda::error_string(err));
+}
+
+// The kernels' BlockPlan for pb (plain: the default, no table); `pieces` keeps the table alive
+hmx::cuda::BlockPlan cuda_block_plan(const hmx::ProblemParams& pb, hmx::cuda::DType dt, const at::Device& device,
+                                     PieceTensor* pieces) {
+  hmx::cuda::BlockPlan plan;
+  if (!pb.blocked()) return plan;
+  *pieces = piece_tensor(pb.N, pb.chunk_size, pb.cu_seqlens, pb.num_seqs, hmx::cuda::piece_tokens(pb, dt), device);
+  plan.table = pieces->table.data_ptr<int32_t>();
+  plan.n_pieces = pieces->n_pieces;
+  plan.nb = pieces->nb;
+  plan.width = pb.left_context < 0 ? 0 : pb.left_context + 1;
+  return plan;
 }
 
 // fp16 / bf16 with tensor cores switched off (set_options allow_mma = false): the fp32 kernels
@@ -369,8 +419,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     const hmx::cuda::DType dt = cuda_dtype(q.scalar_type());
     const char* why = hmx::cuda::not_supported(pb, dt);
     TORCH_CHECK(why == nullptr, "hmx_kernels cuda: ", why ? why : "");
-    at::Tensor ws = new_buffer({(int64_t)hmx::cuda::forward_workspace_bytes(pb, dt)}, q.options().dtype(at::kByte));
-    check_cuda(hmx::cuda::forward(fp, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()), "forward");
+    PieceTensor pieces;
+    const hmx::cuda::BlockPlan plan = cuda_block_plan(pb, dt, q.device(), &pieces);
+    at::Tensor ws =
+        new_buffer({(int64_t)hmx::cuda::forward_workspace_bytes(pb, plan, dt)}, q.options().dtype(at::kByte));
+    check_cuda(hmx::cuda::forward(fp, plan, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+               "forward");
 #else
     TORCH_CHECK(false, "hmx_kernels: this build of the extension has no CUDA kernels");
 #endif
@@ -462,8 +516,12 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
     const hmx::cuda::DType dt = cuda_dtype(q.scalar_type());
     const char* why = hmx::cuda::not_supported(pb, dt);
     TORCH_CHECK(why == nullptr, "hmx_kernels cuda: ", why ? why : "");
-    at::Tensor ws = new_buffer({(int64_t)hmx::cuda::backward_workspace_bytes(pb, dt)}, q.options().dtype(at::kByte));
-    check_cuda(hmx::cuda::backward(bp, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()), "backward");
+    PieceTensor pieces;
+    const hmx::cuda::BlockPlan plan = cuda_block_plan(pb, dt, q.device(), &pieces);
+    at::Tensor ws =
+        new_buffer({(int64_t)hmx::cuda::backward_workspace_bytes(pb, plan, dt)}, q.options().dtype(at::kByte));
+    check_cuda(hmx::cuda::backward(bp, plan, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+               "backward");
 #else
     TORCH_CHECK(false, "hmx_kernels: this build of the extension has no CUDA kernels");
 #endif
@@ -509,6 +567,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "use the BLAS gemm for the CPU twin's tile products (default) or its plain loops; returns whether a BLAS "
         "is available");
   m.def("set_options", &set_options, "set_options(poison, allow_mma): NaN-fill outputs/workspaces; tensor cores");
+  m.def("_piece_table", &piece_table_for_tests,
+        "the CUDA kernels' piece table of blocked mixing (hmx_pieces.h) on the CPU: (int32 table, n_pieces, nb)",
+        py::arg("N"), py::arg("chunk_size"), py::arg("cu_seqlens"), py::arg("piece_len"));
   m.def("has_cuda", &has_cuda, "whether this build contains the CUDA kernels");
   m.attr("CPU_TILE") = hmx::cpu::kCpuTile;  // the CPU twin's token tile (token-causal checkpoints)
 }

@@ -33,12 +33,17 @@ __device__ __forceinline__ void chunk_rows(int64_t L, int tile, int64_t C, int64
 }
 
 // ---- token passes ---------------------------------------------------------------------------
-// One block per (b h, token chunk): blockIdx.x = b * H + h, blockIdx.y = chunk.
+// Plain mixing: one block per (b h, token chunk), blockIdx.x = b * H + h, blockIdx.y = chunk.
+// Blocked mixing (kBlocked): one block per (piece, b h), blockIdx.x = piece, blockIdx.y = b * H + h
+// (hmx_pieces.h); the piece's tokens read their mixing block's matrices (row b h * nb + block) and
+// their PE rows from the first token of their sequence on; the partials are per piece (C = pieces).
 struct TokArgs {
   ProblemParams pb;
-  int64_t C;               // token chunks
-  const float* wmat;       // C (mix, query) or R (key) [BH][D * D]
-  const float* wvec;       // c0 (mix) or r0 (key) [BH][D]
+  int64_t C;               // token chunks (blocked: pieces)
+  const int32_t* pieces;   // blocked: the piece table [C][4] (start, end, block, sequence start)
+  int64_t nb;              // blocked: mixing blocks per batch row
+  const float* wmat;       // C (mix, query) or R (key) [BH][D * D] (blocked: [BH][nb][D * D])
+  const float* wvec;       // c0 (mix) or r0 (key) [BH][D] (blocked: [BH][nb][D])
   const float* dy;         // query: dY [B, M, d] fp32
   void* out1;              // mix: y (fp32), query: dq, key: dk [B, L, d]
   void* out2;              // key: dv [B, N, d]
@@ -54,7 +59,7 @@ struct TokArgs {
 //        dfc1_2 += dU^T z, db1_2 += sum dU, dquery = s m (dU fc1_2)
 // key:   hid; S += hid^T (V m^2), sv; dvalue = m^2 (hid R + r0); dU = (V m^2) R^T * GELU'(U);
 //        dfc1 += dU^T z, db1 += sum dU, dkey = s m (dU fc1)
-template <typename T, int D, Pass P>
+template <typename T, int D, Pass P, bool kBlocked = false>
 __device__ __forceinline__ void token_pass(const TokArgs& a) {
   using E = T;
   using Cfg = TokCfg<E, D>;
@@ -69,8 +74,17 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
   const ProblemParams& pb = a.pb;
   const int dh = (int)pb.d_h;
   const int64_t d = pb.d;
-  const int64_t bh = blockIdx.x, chunk = blockIdx.y;
+  const int64_t bh = kBlocked ? blockIdx.y : blockIdx.x, chunk = kBlocked ? blockIdx.x : blockIdx.y;
   const int64_t h = bh % pb.H, b = bh / pb.H;
+  // rows [r0, r1); the row of wmat / wvec; the first token of the sequence (its PE row 0)
+  int64_t r0 = 0, r1 = 0, wrow = bh, seq0 = 0;
+  if constexpr (kBlocked) {
+    const int32_t* pc = a.pieces + chunk * 4;
+    r0 = pc[0];
+    r1 = pc[1];
+    wrow = bh * a.nb + pc[2];
+    seq0 = pc[3];
+  }
   const int64_t L = kKeySide ? pb.N : pb.M;
   const GeneratorParams& gp = kKeySide ? pb.g1 : pb.g2;
   const T* __restrict__ x = static_cast<const T*>(kKeySide ? pb.k : pb.q) +
@@ -84,13 +98,13 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
   float* scr = s.scr != nullptr ? s.scr + warp * 256 : nullptr;
 
   // fp16: C / R staged divided by w_scale, the power of two of their largest element (one per
-  // (b, h), the same in every chunk); m dY tiles by g_scale, their own (query); see the header.
+  // (b, h) or per (b, h, block), the same in every chunk); m dY tiles by g_scale, their own (query); see the header.
   constexpr bool kPow2 = std::is_same<T, __half>::value;
   float w_scale = 1.f;
   if constexpr (kPow2 && P != Pass::kState) {
     float mx = 0.f;
 #pragma unroll 1
-    for (int i = tid; i < D * D; i += kThreads) mx = fmaxf(mx, fabsf(a.wmat[bh * D * D + i]));
+    for (int i = tid; i < D * D; i += kThreads) mx = fmaxf(mx, fabsf(a.wmat[wrow * D * D + i]));
     w_scale = pow2_of(block_max(mx, s.scr));
   }
   // weights of this head (zero-padded to D)
@@ -100,11 +114,11 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
     const int o = i / D, c = i % D;
     s.w1[o * LD + c] = (o < dh && c < dh) ? fc1[o * dh + c] : from_f<E>(0.f);
     if constexpr (P != Pass::kState)
-      s.w2[o * LD + c] = from_f<E>((o < dh && c < dh) ? a.wmat[bh * D * D + i] / w_scale : 0.f);
+      s.w2[o * LD + c] = from_f<E>((o < dh && c < dh) ? a.wmat[wrow * D * D + i] / w_scale : 0.f);
   }
   if (tid < D) {
     s.b1[tid] = (fb1 != nullptr && tid < dh) ? to_f(fb1[tid]) : 0.f;
-    s.vec[tid] = (P == Pass::kMix || P == Pass::kKey) && tid < dh ? a.wvec[bh * D + tid] : 0.f;
+    s.vec[tid] = (P == Pass::kMix || P == Pass::kKey) && tid < dh ? a.wvec[wrow * D + tid] : 0.f;
   }
 
   SAcc acc1, acc2;  // S or T; fc1 gradient
@@ -114,8 +128,7 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
   float cs1 = 0.f, cs2 = 0.f;
   float g_scale = 1.f;  // query, fp16: this tile's power of two of max |m dY|; acc1, acc2 in its units
 
-  int64_t r0, r1;
-  chunk_rows(L, TT, a.C, chunk, &r0, &r1);
+  if constexpr (!kBlocked) chunk_rows(L, TT, a.C, chunk, &r0, &r1);
   for (bool first = true; r0 < r1; r0 += TT, first = false) {
     const int tn = (int)((r1 - r0) < TT ? (r1 - r0) : TT);
     __syncthreads();  // the previous tile's readers are done (first tile: weights staged)
@@ -142,7 +155,7 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
       // a padded row's tokens are selected away (not read), never multiplied by its 0: NaN * 0 =
       // NaN would carry a NaN / inf in a padded position into every kept result
       const bool kept = ok && mt != 0.f;
-      s.z[t * LD + c] = from_f<E>(ok ? sc * (kept ? to_f(x[row * xrs + c]) : 0.f) + pe[row * d + c] : 0.f);
+      s.z[t * LD + c] = from_f<E>(ok ? sc * (kept ? to_f(x[row * xrs + c]) : 0.f) + pe[(row - seq0) * d + c] : 0.f);
       if constexpr (kKeySide) {
         const T* __restrict__ v = static_cast<const T*>(pb.v) + b * pb.v_bstride + h * dh;
         s.x[t * LD + c] = from_f<E>(kept ? to_f(v[row * pb.v_rstride + c]) : 0.f);
@@ -212,20 +225,22 @@ __device__ __forceinline__ void token_pass(const TokArgs& a) {
 }
 
 // ---- finalize passes ------------------------------------------------------------------------
-// One block per (b, h), walking k_h in blocks of J rows.
+// One block per row, walking k_h in blocks of J rows: a row is a (b, h) or, with mixing blocks,
+// a (b, h, block), row = (b H + h) nb + block; every per-row array below is indexed by the row.
 struct FinArgs {
   ProblemParams pb;
-  int64_t n_mat_parts;     // partials per (b, h) of the D x D state: chunks * KS
-  int64_t n_vec_parts;     // partials per (b, h) of its column sum: chunks * G
-  const float* mat_part;   // S (fwd, final) or T (mid) partials [BH][n_mat_parts][D * D]
-  const float* vec_part;   // sv or sdy partials [BH][n_vec_parts][D]
-  const float* p_in;       // saved P [BH][k_h][d_h] (prep, mid)
-  float* p_out;            // P (fwd) [BH][k_h][d_h]
-  float* mat_out;          // C (fwd, prep) or R (mid) [BH][D * D]
-  float* vec_out;          // c0 (fwd, prep) or r0 (mid) [BH][D]
-  float* dp;               // dP [BH][k_h][D]: written by mid, read by final
-  float* gw;               // fc2 weight-gradient partial per (b, h) [BH][k_h][d_h] (mid: gen 2, final: gen 1)
-  float* gb;               // fc2 bias-gradient partial per (b, h) [BH][k_h]
+  int64_t nb;              // blocked: rows per (b, h), the mixing blocks per batch row
+  int64_t n_mat_parts;     // partials per row of the D x D state: chunks * KS (blocks: 1, the window sum)
+  int64_t n_vec_parts;     // partials per row of its column sum: chunks * G (blocks: 1)
+  const float* mat_part;   // S (fwd, final) or T (mid) partials [rows][n_mat_parts][D * D]
+  const float* vec_part;   // sv or sdy partials [rows][n_vec_parts][D]
+  const float* p_in;       // saved P [rows][k_h][d_h] (prep, mid)
+  float* p_out;            // P (fwd) [rows][k_h][d_h]
+  float* mat_out;          // C (fwd, prep) or R (mid) [rows][D * D]
+  float* vec_out;          // c0 (fwd, prep) or r0 (mid) [rows][D]
+  float* dp;               // dP [rows][k_h][D]: written by mid, read by final
+  float* gw;               // fc2 weight-gradient partial per row [rows][k_h][d_h] (mid: gen 2, final: gen 1)
+  float* gb;               // fc2 bias-gradient partial per row [rows][k_h]
 };
 
 // fwd:   S, sv = sums of the state pass's partials; per row block: P = fc2 S + b2 sv^T (written),
@@ -235,7 +250,7 @@ struct FinArgs {
 //        dP = dA * GELU'(P) (written), dfc2_2 = A T^T, db2_2 = A sdy (written);
 //        R += fc2^T dP, r0 += b2^T dP
 // final: S, sv = sums of the key pass's partials; per row block: dfc2 = dP S^T, db2 = dP sv
-template <typename T, int D, Fin F>
+template <typename T, int D, Fin F, bool kBlocked = false>
 __device__ __forceinline__ void fin_pass(const FinArgs& a) {
   using Cfg = FinCfg<T, D>;
   using FE = typename Cfg::FE;
@@ -247,7 +262,7 @@ __device__ __forceinline__ void fin_pass(const FinArgs& a) {
   FinSmem<T, D, F>::carve(dyn_smem(), &s);
   const ProblemParams& pb = a.pb;
   const int dh = (int)pb.d_h, kh = (int)pb.k_h;
-  const int64_t bh = blockIdx.x, h = bh % pb.H;
+  const int64_t bh = blockIdx.x, h = kBlocked ? (bh / a.nb) % pb.H : bh % pb.H;
   const int tid = threadIdx.x, warp = tid >> 5;
   float* scr = s.scr != nullptr ? s.scr + warp * 256 : nullptr;
   const int cc = tid % D, gi = tid / D;

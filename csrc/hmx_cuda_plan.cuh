@@ -37,6 +37,8 @@ inline int64_t token_chunks(int64_t L, int64_t BH, int tile, int sms) {
 
 // Per kernel of one configuration (element type T, head block D): its name, tile (token tile or
 // k_h rows), dynamic shared memory. Used by the launchers, not_supported and the resource report.
+constexpr int kMaxKernels = 16;  // entries of the size table (Sizes::table)
+
 struct KernelSize {
   const char* name;
   int tile;
@@ -57,16 +59,22 @@ struct Sizes {
     dev::FinSmem<T, D, F> s;
     return dev::FinSmem<T, D, F>::carve(nullptr, &s);
   }
-  // forward: state, fwd_finalize, mix; backward: bwd_prep, query, bwd_mid, key, bwd_final
+  // forward: state, fwd_finalize, mix; backward: bwd_prep, query, bwd_mid, key, bwd_final; the
+  // passes of blocked mixing (same shared memory as their plain kernels)
   static int table(KernelSize* out) {
     const KernelSize t[] = {
         {"state", TC::TT, tok<dev::Pass::kState>()},     {"fwd_finalize", FC::J, fin<dev::Fin::kFwd>()},
         {"mix", TC::TT, tok<dev::Pass::kMix>()},         {"bwd_prep", FC::J, fin<dev::Fin::kPrep>()},
         {"query", TC::TT, tok<dev::Pass::kQuery>()},     {"bwd_mid", FC::J, fin<dev::Fin::kMid>()},
         {"key", TC::TT, tok<dev::Pass::kKey>()},         {"bwd_final", FC::J, fin<dev::Fin::kFinal>()},
+        {"state_blocked", TC::TT, tok<dev::Pass::kState>()}, {"mix_blocked", TC::TT, tok<dev::Pass::kMix>()},
+        {"query_blocked", TC::TT, tok<dev::Pass::kQuery>()}, {"key_blocked", TC::TT, tok<dev::Pass::kKey>()},
+        {"fwd_finalize_blocked", FC::J, fin<dev::Fin::kFwd>()}, {"bwd_prep_blocked", FC::J, fin<dev::Fin::kPrep>()},
+        {"bwd_mid_blocked", FC::J, fin<dev::Fin::kMid>()},     {"bwd_final_blocked", FC::J, fin<dev::Fin::kFinal>()},
     };
-    for (int i = 0; i < 8; ++i) out[i] = t[i];
-    return 8;
+    static_assert(sizeof(t) / sizeof(t[0]) == kMaxKernels, "kMaxKernels entries");
+    for (int i = 0; i < kMaxKernels; ++i) out[i] = t[i];
+    return kMaxKernels;
   }
 };
 
@@ -93,7 +101,7 @@ struct KernelTableFn {
   int operator()() const { return Sizes<T, D>::table(out); }
 };
 
-// Kernel table of (dtype, d_h): number of entries written to out[0..8), 0 if d_h is too large
+// Kernel table of (dtype, d_h): number of entries written to out[0..kMaxKernels), 0 if d_h is too large
 inline int kernel_table(DType dtype, int64_t dh, KernelSize* out) {
   const int D = head_block(dh);
   return D == 0 ? 0 : with_config(dtype, D, KernelTableFn{out});

@@ -17,8 +17,10 @@
 //   fc2_b [H, k_h] (nullptr = none): generator 1 makes W1 from keys, generator 2 W2 from queries
 //   y, dy, dq [B, M, d], dk, dv [B, N, d]: contiguous
 //   p [B, H, num_blocks, k_h, d_h]: P = W1^T V per (batch, head, mixing block), saved by the
-//     forward for the backward (num_blocks = 1 unless the mixing is blocked, see below)
-// Mixing blocks (CPU twin only; the CUDA kernels take the defaults and refuse anything else):
+//     forward for the backward (num_blocks = 1 unless the mixing is blocked, see below; the CPU
+//     twin keeps P^T per slot)
+// Mixing blocks (CPU twin: every kind; CUDA kernels: chunk-causal and packed, not token-causal,
+// through the piece table of hmx_pieces.h):
 //   a sequence is a batch row or, with cu_seqlens (B = 1, M = N), one of the packed sequences
 //   [cu_seqlens[s], cu_seqlens[s + 1]) whose PE positions restart at its first token. Each
 //   sequence is cut into blocks of chunk_size tokens (0: one block); the tokens of block j
