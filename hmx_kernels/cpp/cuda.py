@@ -1,6 +1,11 @@
 """Backend "cuda": the CUDA kernels of csrc/ on CUDA tensors (hmx_kernels/cpp/ops.py runs them),
 float32 / float16 / bfloat16 with fp32 accumulation, where torch has CUDA (and nvcc exists, unless
-a finished build is found). Its limits and tolerances, with their derivation, are declared here."""
+a finished build is found). Its limits and tolerances, with their derivation, are declared here.
+
+Mixing blocks: full, chunk-causal (any left context) and packed sequences, alone or together
+(csrc/README.md "Mixing blocks on CUDA"). Not yet: token-causal mixing (chunk_size 1 with every
+earlier token), a carried state (streaming), position offsets and sequence parallelism; the
+dispatcher declines those with a reason."""
 from __future__ import annotations
 
 from typing import List
@@ -8,6 +13,7 @@ from typing import List
 import torch
 
 from ..config import SETTINGS
+from ..blocks import CHUNK_CAUSAL, FULL, PACKED
 from ..dispatch import Backend, Capabilities, Tolerance, register_backend
 from ..problem import HyperMixingProblem
 from .ops import HALF_DTYPES, cpp_forward, extension_reasons
@@ -44,6 +50,7 @@ register_backend(
             devices=("cuda",),
             dtypes=(torch.float32, torch.float16, torch.bfloat16),
             max_d_h=128,
+            blocks=frozenset({FULL, CHUNK_CAUSAL, PACKED}),
             available=extension_reasons,
         ),
         extra_reasons=_cuda_extra_reasons,
