@@ -363,13 +363,14 @@ struct PyReducer {
   hmx::cpu::Reducer reducer() { return fn.is_none() ? hmx::cpu::Reducer() : hmx::cpu::Reducer{&PyReducer::call, this}; }
 };
 
-// Where the CPU twin takes a carried state (not packed sequences or CUDA tensors):
-// n_init 0: one state in every block's window (unbounded left context; the token scan starts from
-// it); n_init = the block count: one term per block (blocked mixing, any window).
+// Where a carried state is taken (causal / chunk-causal mixing, not packed sequences; CUDA: not
+// token-causal, which make_problem refuses there): n_init 0: one state in every block's window
+// (unbounded left context; the CPU twin's token scan starts from it); n_init = the block count:
+// one term per block (blocked mixing, any window).
 bool carried_state_ok(const at::Tensor& q, const hmx::ProblemParams& pb, int64_t n_init) {
-  if (q.is_cuda() || pb.chunk_size < 1 || pb.cu_seqlens != nullptr) return false;
+  if (pb.chunk_size < 1 || pb.cu_seqlens != nullptr) return false;
   if (n_init == 0) return pb.left_context < 0;
-  return !hmx::cpu::token_scan(pb) && n_init == pb.num_blocks;
+  return (q.is_cuda() || !hmx::cpu::token_scan(pb)) && n_init == pb.num_blocks;
 }
 
 // The carried-state terms of a p_init tensor: [B, H, d_h, k_h] -> 0 (one state), [B, H, n, d_h, k_h] -> n.
@@ -390,9 +391,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t n_init = init_terms(p_init);
   if (p_init) {
     TORCH_CHECK(carried_state_ok(q, pb, n_init) && reduce.is_none(),
-                "hmx_kernels: a carried state (p_init) is implemented by the CPU twin for causal and chunk-causal "
-                "mixing without cu_seqlens: [B, H, d_h, k_h] with unbounded left context, [B, H, num_blocks, d_h, "
-                "k_h] (one term per block) for chunks");
+                "hmx_kernels: a carried state (p_init) is implemented for causal (CPU twin) and chunk-causal mixing "
+                "without cu_seqlens: [B, H, d_h, k_h] with unbounded left context, [B, H, num_blocks, d_h, k_h] (one "
+                "term per block) for chunks");
     check_same("p_init", *p_init, q, compute_type(q));
     check_shape("p_init", *p_init, n_init == 0 ? std::vector<int64_t>{pb.B, pb.H, pb.d_h, pb.k_h}
                                               : std::vector<int64_t>{pb.B, pb.H, n_init, pb.d_h, pb.k_h});
@@ -411,7 +412,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor y = new_buffer({pb.B, pb.M, pb.d}, q.options().dtype(compute_type(q)));
   at::Tensor p = new_buffer({pb.B, pb.H, pb.num_blocks * pb.k_h, pb.d_h}, q.options().dtype(compute_type(q)));
   hmx::ForwardParams fp{pb, y.data_ptr(), p.data_ptr()};
-  fp.p_init = p_init ? p_init->data_ptr() : nullptr;
+  // the CUDA kernels take the carried state in P's layout [.., k_h, d_h] (hmx_params.h)
+  const at::Tensor p_init_k = !p_init ? at::Tensor() : q.is_cuda() ? p_init->transpose(-1, -2).contiguous() : *p_init;
+  fp.p_init = p_init ? p_init_k.data_ptr() : nullptr;
   fp.n_init = n_init;
   if (q.is_cuda()) {
 #ifdef HMX_WITH_CUDA
@@ -459,12 +462,11 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
   check_shape("p", p, {pb.B, pb.H, pb.num_blocks * pb.k_h, pb.d_h});
   check_contiguous("p", p);
   if (dp_extra || want_dp_init) {
-    const bool ok = want_dp_init ? carried_state_ok(q, pb, n_init)
-                                 : !q.is_cuda() && pb.chunk_size >= 1 && pb.cu_seqlens == nullptr;
+    const bool ok = want_dp_init ? carried_state_ok(q, pb, n_init) : pb.chunk_size >= 1 && pb.cu_seqlens == nullptr;
     TORCH_CHECK(ok && reduce.is_none(),
-                "hmx_kernels: the gradient of the state (dp_extra, dp_init) is implemented by the CPU twin for "
-                "causal and chunk-causal mixing without cu_seqlens (dp_init: one state with unbounded left context, "
-                "or one term per block)");
+                "hmx_kernels: the gradient of the state (dp_extra, dp_init) is implemented for causal (CPU twin) and "
+                "chunk-causal mixing without cu_seqlens (dp_init: one state with unbounded left context, or one "
+                "term per block)");
   }
   if (dp_extra) {
     check_same("dp_extra", *dp_extra, q, ctype);
@@ -504,12 +506,15 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
   bp.dv = dv.data_ptr();
   bp.dg1 = {gp(g[0]), gp(g[1]), gp(g[2]), gp(g[3])};
   bp.dg2 = {gp(g[4]), gp(g[5]), gp(g[6]), gp(g[7])};
-  at::Tensor dp_init = !want_dp_init ? at::Tensor()
-                       : n_init == 0 ? new_buffer({pb.B, pb.H, pb.d_h, pb.k_h}, gopt)
-                                     : new_buffer({pb.B, pb.H, n_init, pb.d_h, pb.k_h}, gopt);
+  // CUDA: the kernels write every block's dP [B, H, num_blocks, k_h, d_h]; dp_init is formed below
+  at::Tensor dp_blocks = want_dp_init && q.is_cuda() ? new_buffer({pb.B, pb.H, pb.num_blocks, pb.k_h, pb.d_h}, gopt)
+                                                     : at::Tensor();
+  at::Tensor dp_init = !want_dp_init || q.is_cuda() ? at::Tensor()
+                       : n_init == 0               ? new_buffer({pb.B, pb.H, pb.d_h, pb.k_h}, gopt)
+                                                   : new_buffer({pb.B, pb.H, n_init, pb.d_h, pb.k_h}, gopt);
   bp.n_init = n_init;
   bp.dp_extra = dp_extra ? dp_extra->data_ptr() : nullptr;
-  bp.dp_init = gp(dp_init);
+  bp.dp_init = q.is_cuda() ? gp(dp_blocks) : gp(dp_init);
   if (q.is_cuda()) {
 #ifdef HMX_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
@@ -522,6 +527,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
         new_buffer({(int64_t)hmx::cuda::backward_workspace_bytes(pb, plan, dt)}, q.options().dtype(at::kByte));
     check_cuda(hmx::cuda::backward(bp, plan, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
                "backward");
+    if (want_dp_init)  // P_0's gradient: the sum of every block's dP (one state) or each block's, as P^T
+      dp_init = (n_init == 0 ? dp_blocks.sum(2) : dp_blocks).transpose(-1, -2).contiguous();
 #else
     TORCH_CHECK(false, "hmx_kernels: this build of the extension has no CUDA kernels");
 #endif

@@ -337,6 +337,8 @@ int backward_blocked(const BackwardParams& bp, const BlockPlan& plan, void* work
   ma.dp = w.dp;
   ma.gw = w.g2fc2;
   ma.gb = w.g2fc2b;
+  ma.dp_extra = static_cast<const float*>(bp.dp_extra);  // p's layout: [B H][nb][k_h][d_h]
+  ma.dp_out = static_cast<float*>(bp.dp_init);          // each block's dP [B H][nb][k_h][d_h]
   bwd_mid_blocked_kernel<T, D><<<rows, kThreads, s_mid, stream>>>(ma);
   // R_i, r0_i: R'_j, r0'_j summed over the blocks j whose window holds block i (in place)
   if ((err = block_windows(plan, BH, {nullptr, 1, w.rmat, w.scratch, D * D, plan.width, true}, stream)) !=

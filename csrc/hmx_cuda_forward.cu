@@ -191,6 +191,8 @@ int forward_blocked(const ForwardParams& fp, const BlockPlan& plan, void* worksp
     fa.p_out = w.p_blocks != nullptr ? w.p_blocks : p;
     fa.mat_out = w.cmat;
     fa.vec_out = w.c0;
+    fa.p_init = static_cast<const float*>(fp.p_init);  // [B H][n_init or 1][k_h][d_h] (the binding's layout)
+    fa.init_div = fp.n_init == 0 ? nb : 1;
     fwd_finalize_blocked_kernel<T, D><<<(unsigned)(BH * nb), kThreads, s_fin, stream>>>(fa);
 
     dev::TokArgs ma{};

@@ -241,13 +241,18 @@ struct FinArgs {
   float* dp;               // dP [rows][k_h][D]: written by mid, read by final
   float* gw;               // fc2 weight-gradient partial per row [rows][k_h][d_h] (mid: gen 2, final: gen 1)
   float* gb;               // fc2 bias-gradient partial per row [rows][k_h]
+  // blocked only, a carried state (streaming; hmx_params.h p_init / dp_extra / dp_init):
+  const float* p_init;     // fwd: added to P, [rows / init_div][k_h][d_h], or nullptr
+  int64_t init_div;        // nb: one state per (b, h) in every block's window; 1: one term per block
+  const float* dp_extra;   // mid: the gradient of the saved state, added to dP [rows][k_h][d_h], or nullptr
+  float* dp_out;           // mid: dP written unpadded [rows][k_h][d_h] (the carried state's gradient), or nullptr
 };
 
-// fwd:   S, sv = sums of the state pass's partials; per row block: P = fc2 S + b2 sv^T (written),
+// fwd:   S, sv = sums of the state pass's partials; per row block: P = fc2 S + b2 sv^T (+ p_init) (written),
 //        A = GELU(P); C += fc2_2^T A, c0 += b2_2^T A
 // prep:  A = GELU(P) from the saved P; C, c0 as in fwd
 // mid:   T, sdy = sums of the query pass's partials; per row block: dA = fc2_2 T + b2_2 sdy^T,
-//        dP = dA * GELU'(P) (written), dfc2_2 = A T^T, db2_2 = A sdy (written);
+//        dP = dA * GELU'(P) (+ dp_extra) (written), dfc2_2 = A T^T, db2_2 = A sdy (written);
 //        R += fc2^T dP, r0 += b2^T dP
 // final: S, sv = sums of the key pass's partials; per row block: dfc2 = dP S^T, db2 = dP sv
 template <typename T, int D, Fin F, bool kBlocked = false>
@@ -324,7 +329,9 @@ __device__ __forceinline__ void fin_pass(const FinArgs& a) {
       // P = fc2 S + b2 sv^T ([J, D] @ [D, D]), A = GELU(P)
       block_gemm<FE, J, D, D, true, true, PL>(s.f2, LD, kPlB, s.smat, LD, kPlM, scr, [&](int j, int c, float v) {
         const bool ok = jb + j < kh && c < dh;
-        const float pv = v + s.b2[j] * s.sv[c];
+        float pv = v + s.b2[j] * s.sv[c];
+        if constexpr (kBlocked)
+          if (ok && a.p_init != nullptr) pv += a.p_init[((bh / a.init_div) * kh + jb + j) * dh + c];
         if (ok) a.p_out[(bh * kh + jb + j) * dh + c] = pv;
         const float av = ok ? gelu(pv) : 0.f;
         put<PL>(s.ab + j * LD + c, kPlB, av);
@@ -340,7 +347,11 @@ __device__ __forceinline__ void fin_pass(const FinArgs& a) {
       // dA = fc2_2 T + b2_2 sdy^T ([J, D] @ [D, D]); dP = dA * GELU'(P)
       block_gemm<FE, J, D, D, true, true, PL>(s.g2, LD, kPlB, s.smat, LD, kPlM, scr, [&](int j, int c, float v) {
         const bool ok = jb + j < kh && c < dh;
-        const float dpv = ok ? (v + s.b22[j] * s.sv[c]) * gelu_grad(s.pf[j * LDF + c]) : 0.f;
+        float dpv = ok ? (v + s.b22[j] * s.sv[c]) * gelu_grad(s.pf[j * LDF + c]) : 0.f;
+        if constexpr (kBlocked) {
+          if (ok && a.dp_extra != nullptr) dpv += a.dp_extra[(bh * kh + jb + j) * dh + c];
+          if (ok && a.dp_out != nullptr) a.dp_out[(bh * kh + jb + j) * dh + c] = dpv;
+        }
         if (jb + j < kh) a.dp[(bh * kh + jb + j) * D + c] = dpv;
         put<PL>(s.dpb + j * LD + c, kPlB, dpv);
         s.dpf[j * LDF + c] = dpv;

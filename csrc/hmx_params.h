@@ -86,7 +86,8 @@ struct ForwardParams {
   // added to the blocks' P (before the GELU): n_init 0, [B, H, d_h, k_h], the state P_0^T of the
   // chunks before these tokens, added to every block (unbounded left context; the token scan starts
   // from it); n_init = the block count, [B, H, n_init, d_h, k_h], one term per block (blocked
-  // mixing). nullptr = none
+  // mixing). nullptr = none. CUDA kernels (chunk-causal, not token-causal): the same terms in P's
+  // own layout, [B, H, k_h, d_h] or [B, H, n_init, k_h, d_h] (the binding transposes)
   const void* p_init = nullptr;
   int64_t n_init = 0;
 };
@@ -103,7 +104,9 @@ struct BackwardParams {
   // CPU twin: the gradient of the saved state p itself [B, H, num_blocks, d_h, k_h] (p's layout),
   // added to dP (the token scan: only its last slot, the state after the last token); nullptr =
   // none. dp_init: output, the gradient of ForwardParams::p_init in its layout (n_init 0: the sum
-  // of every block's dP^T; else each block's own)
+  // of every block's dP^T; else each block's own). CUDA kernels: dp_extra in their p's layout
+  // [B, H, num_blocks, k_h, d_h]; dp_init receives every block's dP [B, H, num_blocks, k_h, d_h]
+  // and the binding forms the gradient of p_init from it (sum over blocks, transpose)
   const void* dp_extra = nullptr;
   void* dp_init = nullptr;
   int64_t n_init = 0;

@@ -476,8 +476,10 @@ def _per_token(mat, bl):  # [B, H, nb, ...] -> [B, H, N, ...]: each token's bloc
     return mat.index_select(2, bl.block)
 
 
-def emulate_forward_blocked(q, k, v, pe, m_q, m_k, g1, g2, scale, r, bl):
-    """pe: the PE table (row = token - sequence start). Returns y and P [B, H, nb, k_h, d_h]."""
+def emulate_forward_blocked(q, k, v, pe, m_q, m_k, g1, g2, scale, r, bl, p_init=None):
+    """pe: the PE table (row = token - sequence start); p_init: a carried state in P's layout,
+    [B, H, k_h, d_h] (every block) or [B, H, nb, k_h, d_h] (one term per block), added to P in
+    the finalize pass. Returns y and P [B, H, nb, k_h, d_h]."""
     H = g1[0].shape[0]
     mq = m_q[:, None, :, None]
     pe_tok = pe.index_select(0, bl.pe_row)
@@ -488,6 +490,8 @@ def emulate_forward_blocked(q, k, v, pe, m_q, m_k, g1, g2, scale, r, bl):
     P = torch.einsum("hjo,bhnoc->bhnjc", r.fin(g1[2]), r.fin(S))
     if g1[3] is not None:
         P = P + g1[3][None, :, None, :, None] * sv[:, :, :, None, :]
+    if p_init is not None:
+        P = P + (p_init[:, :, None] if p_init.dim() == 4 else p_init)
     A = F.gelu(P)
     C = torch.einsum("hjo,bhnjc->bhnoc", r.fin(g2[2]), r.fin(A))
     c0 = 0.0 if g2[3] is None else _per_token(torch.einsum("hj,bhnjc->bhnc", g2[3], A), bl)
@@ -498,7 +502,10 @@ def emulate_forward_blocked(q, k, v, pe, m_q, m_k, g1, g2, scale, r, bl):
     return _merge(y), P
 
 
-def emulate_backward_blocked(dy, q, k, v, pe, m_q, m_k, g1, g2, P, scale, r, bl):
+def emulate_backward_blocked(dy, q, k, v, pe, m_q, m_k, g1, g2, P, scale, r, bl, dp_extra=None):
+    """dp_extra: the gradient of the saved state [B, H, nb, k_h, d_h], added to dP in the mid pass.
+    Returns the gradients of the binding's order and, last, every block's dP (what the kernels give
+    the binding for the carried state's gradient)."""
     H = g1[0].shape[0]
     mk, mq = m_k[:, None, :, None], m_q[:, None, :, None]
     pe_tok = pe.index_select(0, bl.pe_row)
@@ -524,6 +531,8 @@ def emulate_backward_blocked(dy, q, k, v, pe, m_q, m_k, g1, g2, P, scale, r, bl)
     if g2[3] is not None:
         dA = dA + g2[3][None, :, None, :, None] * sdy[:, :, :, None, :]
     dP = dA * gelu_grad(P)
+    if dp_extra is not None:
+        dP = dP + dp_extra
     dfc2_2 = torch.einsum("bhnjc,bhnoc->hjo", r.fin(A), r.fin(Tm))
     db2_2 = torch.einsum("bhnjc,bhnc->hj", A, sdy)
     # R_i, r0_i: the blocks j whose window holds i
@@ -545,14 +554,15 @@ def emulate_backward_blocked(dy, q, k, v, pe, m_q, m_k, g1, g2, P, scale, r, bl)
     dfc2 = torch.einsum("bhnjc,bhnoc->hjo", r.fin(dP), r.fin(S))
     db2 = torch.einsum("bhnjc,bhnc->hj", dP, sv)
     return [dq, dk, dv, dfc1, db1 if g1[1] is not None else None, dfc2, db2 if g1[3] is not None else None,
-            dfc1_2, db1_2 if g2[1] is not None else None, dfc2_2, db2_2 if g2[3] is not None else None]
+            dfc1_2, db1_2 if g2[1] is not None else None, dfc2_2, db2_2 if g2[3] is not None else None, dP]
 
 
-def direct_masked_form(q, k, v, pe, m_q, m_k, g1, g2, scale, blocks):
+def direct_masked_form(q, k, v, pe, m_q, m_k, g1, g2, scale, blocks, p_init_tok=None):
     """O(N^2) definition: token t mixes with the tokens s of allowed[t, s] (hmx_kernels.blocks
     MixingBlocks.allowed_matrix), P_t = sum_s allowed[t, s] W1_s^T (v_s m_s), y_t = W2_t GELU(P_t);
-    PE row of a token = its position in its packed sequence (from cu_seqlens). Returns y and P
-    [B, H, N, k_h, d_h] per token."""
+    PE row of a token = its position in its packed sequence (from cu_seqlens); p_init_tok: a
+    carried state [B, H, N, k_h, d_h] added to each token's P. Returns y and P [B, H, N, k_h, d_h]
+    per token."""
     H = g1[0].shape[0]
     N = k.shape[1]
     cu = [0, N] if blocks.cu_seqlens is None else blocks.cu_seqlens.tolist()
@@ -568,6 +578,8 @@ def direct_masked_form(q, k, v, pe, m_q, m_k, g1, g2, scale, blocks):
 
     w1, w2 = mlp(k, m_k, g1), mlp(q, m_q, g2)
     P = torch.einsum("ts,bhsj,bhsc->bhtjc", allowed, w1, _heads(v, H) * m_k[:, None, :, None])
+    if p_init_tok is not None:
+        P = P + p_init_tok
     return _merge(torch.einsum("bhtj,bhtjc->bhtc", w2, F.gelu(P))), P
 
 
@@ -618,7 +630,7 @@ def test_blocked_passes_match_the_masked_direct_form_fp64(name, piece_len):
     first_token = torch.tensor([bl.pieces[bp][0] for bp in bl.block_piece[:-1]])
     P_ref = P_ref.detach().index_select(2, first_token)  # every token of block j has P_j
     names = ["y", "p", "dq", "dk", "dv", "dfc1", "db1", "dfc2", "db2", "dfc1_2", "db1_2", "dfc2_2", "db2_2"]
-    for nm, a, e in zip(names, [y, P] + grads, [y_ref.detach(), P_ref] + list(g_ref)):
+    for nm, a, e in zip(names, [y, P] + grads[:-1], [y_ref.detach(), P_ref] + list(g_ref)):
         err = (a - e).abs().max().item() / e.abs().max().item()
         assert err < 1e-12, f"{name}: {nm} relative error {err:.2e}"
     # the masks: padded tokens give nothing and get zero gradients
@@ -687,7 +699,7 @@ def test_blocked_half_rounding_points_fit_the_cuda_tolerances(half, name):
     yl = y.detach().requires_grad_(True)
     out = F.layer_norm(yl, (d,), ln_w.float(), ln_b.float(), 1e-5)
     (dy,) = torch.autograd.grad(out, yl, grad_out.float())
-    grads = emulate_backward_blocked(r.dy_in(dy), q32, k32, v32, pe32, mq32, mk32, g1f, g2f, P, scale, r, bl)
+    grads = emulate_backward_blocked(r.dy_in(dy), q32, k32, v32, pe32, mq32, mk32, g1f, g2f, P, scale, r, bl)[:-1]
 
     tol = get_backend("cuda").tolerances[("cuda", half)]
     used_out = ((r.tok(out).double() - out_ref).abs().max() / out_ref.abs().max()).item() / tol.out
@@ -725,3 +737,40 @@ def test_piece_table_of_the_binding(N, chunk_size, left_context, cu):
     table, n_pieces, nb = ext._piece_table(N, chunk_size, cu_t, _chunking(N)[1])
     assert (n_pieces, nb) == (tb.n_pieces, tb.nb)
     assert torch.equal(table[:4 * n_pieces].view(n_pieces, 4), tb.table)
+
+
+@pytest.mark.parametrize("name, per_block", [("chunk-causal-all", False), ("chunk-causal-L2", True)],
+                         ids=["one-state-unbounded", "per-block-terms-L2"])
+def test_blocked_carried_state_matches_the_direct_form_fp64(name, per_block):
+    """Streaming on the CUDA kernels (hmx_params.h p_init / dp_extra / dp_init): a carried state
+    added to P in the finalize pass (one state in every block's window with unbounded left
+    context, or one term per block), the gradient of the saved state added to dP in the mid pass,
+    and P_0's gradient = the sum of every block's dP (or each block's): against autograd of the
+    masked direct form with the state added to every token's P and a loss that also weighs the
+    saved state (block j's P), fp64."""
+    prob, (_, N, C, L, cu), blocks = _blocked_problem(BLOCK_CASES[name])
+    q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale = prob
+    bl = _Blocks(N, C, L, cu, 3, tile=2)
+    B, H, kh, dh = q.shape[0], g1[0].shape[0], g1[2].shape[1], g1[2].shape[2]
+    gen = torch.Generator().manual_seed(8)
+    shape = (B, H, bl.nb, kh, dh) if per_block else (B, H, kh, dh)
+    p_init = torch.randn(shape, generator=gen, dtype=F64) * 0.5
+    exact = _Rounding(None)
+    y, P = emulate_forward_blocked(q, k, v, pe_k, m_q, m_k, g1, g2, scale, exact, bl, p_init=p_init)
+    dy = torch.randn(y.shape, generator=gen, dtype=F64)
+    dp_extra = torch.randn(P.shape, generator=gen, dtype=F64)
+    *grads, dP = emulate_backward_blocked(dy, q, k, v, pe_k, m_q, m_k, g1, g2, P, scale, exact, bl, dp_extra=dp_extra)
+    dp_init = dP if per_block else dP.sum(2)
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, *g1, *g2, p_init)]
+    init_tok = leaves[-1].index_select(2, bl.block) if per_block else leaves[-1][:, :, None].expand(B, H, N, kh, dh)
+    y_ref, P_tok = direct_masked_form(*leaves[:3], pe_k, m_q, m_k, tuple(leaves[3:7]), tuple(leaves[7:11]), scale,
+                                      blocks, p_init_tok=init_tok)
+    first_token = torch.tensor([bl.pieces[bp][0] for bp in bl.block_piece[:-1]])
+    P_ref = P_tok.index_select(2, first_token)
+    loss = (y_ref * dy).sum() + (P_ref * dp_extra).sum()
+    g_ref = torch.autograd.grad(loss, leaves)
+    names = ["y", "p", "dq", "dk", "dv", "dfc1", "db1", "dfc2", "db2", "dfc1_2", "db1_2", "dfc2_2", "db2_2", "dp_init"]
+    for nm, a, e in zip(names, [y, P] + grads + [dp_init], [y_ref.detach(), P_ref.detach()] + list(g_ref)):
+        err = (a - e).abs().max().item() / e.abs().max().item()
+        assert err < 1e-12, f"{name}: {nm} relative error {err:.2e}"

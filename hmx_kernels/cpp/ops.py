@@ -221,9 +221,10 @@ def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
 
 def cpu_carries_state(chunk_size: int, left_context: int, cu_seqlens) -> bool:
     """The cpp ops take a carried state (initial_state; streaming) and the gradient of their state
-    output for CPU tensors in causal and chunk-causal mixing without packed sequences: a state in
-    every block's window [B, H, d_h, k_h] with unbounded left context (the token scan starts from
-    it), or one term per block [B, H, num_blocks, d_h, k_h] (csrc/hmx_params.h)."""
+    output in causal and chunk-causal mixing without packed sequences (CUDA tensors: not
+    token-causal): a state in every block's window [B, H, d_h, k_h] with unbounded left context
+    (the CPU twin's token scan starts from it), or one term per block [B, H, num_blocks, d_h, k_h]
+    (csrc/hmx_params.h)."""
     return chunk_size >= 1 and cu_seqlens is None
 
 
@@ -231,43 +232,64 @@ CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("c
                            sequence_parallel=True, state_slots=cpu_state_slots, carried_state=cpu_carries_state)
 
 
-def cpu_stream_forward(p: HyperMixingProblem, carry):
-    """One streamed piece on the CPU twin (hmx_kernels.streaming; causal or chunk-causal with
-    unbounded left context): the carried state P [B, H, k_h, d_h] enters every block's window (the
-    token scan starts from it), and the state after the piece is the op state's last slot (the
-    last block's P, or the scan's P after the last token), a differentiable view of it."""
+def _stream_forward(p: HyperMixingProblem, carry, slot_transposed: bool):
+    """One streamed piece on the extension (hmx_kernels.streaming; causal or chunk-causal): the
+    carried state P [B, H, k_h, d_h] enters every block's window (the CPU twin's token scan starts
+    from it), and the state after the piece is the op state's last slot (the last block's P, or the
+    scan's P after the last token), a differentiable view of it. slot_transposed: the op's state
+    keeps each slot as P^T [d_h, k_h] (the CPU twin) rather than P [k_h, d_h] (the CUDA kernels)."""
     C, L = p.mode.chunk_size, p.mode.left_context_chunks
     args = (p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(), p.variant.name)
+
+    def slots_p(state, n):  # the op's state -> P per slot [B, H, n, k_h, d_h] (a view)
+        if slot_transposed:
+            return state.view(p.B, p.H, n, p.d_h, p.k_h).transpose(-1, -2)
+        return state.view(p.B, p.H, n, p.k_h, p.d_h)
+
     if L is None:
-        init = None if carry is None else carry.transpose(-1, -2).contiguous()  # the twin keeps P^T
+        init = None if carry is None else carry.transpose(-1, -2).contiguous()  # the ops take P^T
         y, state = CPP_OPS.fwd(*args, C, -1, None, p.position_offset, "", init)
         slots = cpu_state_slots(p.N, C, None, -1)
-        final = state.view(p.B, p.H, slots, p.d_h, p.k_h)[:, :, slots - 1].transpose(-1, -2)
-        return layer_norm_epilogue(y, p), final
+        return layer_norm_epilogue(y, p), slots_p(state, slots)[:, :, slots - 1]
     # L chunks of left context: the next state is the last L chunks' own partial states Q_j, which
-    # no window sum holds. A first pass with block-local windows (L = 0) gives every chunk's Q_j^T
+    # no window sum holds. A first pass with block-local windows (L = 0) gives every chunk's Q_j
     # as its state; the window terms E_j = the L chunks before chunk j (carried and this piece's),
     # summed explicitly in chunk order, go into a second pass with block-local windows, so that
     # P_j = Q_j + E_j. Two passes: about twice the cost of a pass without a carried state.
     nb = (p.N + C - 1) // C
     y, own = CPP_OPS.fwd(*args, C, 0, None, p.position_offset, "")  # y is final when L = 0
-    q_t = own.view(p.B, p.H, nb, p.d_h, p.k_h)  # Q_j^T of this piece's chunks
+    q_p = slots_p(own, nb)  # Q_j of this piece's chunks [B, H, nb, k_h, d_h]
     r = 0 if carry is None else carry.shape[2]
-    chunks = q_t if carry is None else torch.cat([carry.transpose(-1, -2), q_t], dim=2)  # [B, H, r + nb, ...]
+    chunks = q_p if carry is None else torch.cat([carry, q_p], dim=2)  # [B, H, r + nb, k_h, d_h]
     if L > 0:
-        terms = torch.zeros_like(q_t)
+        terms = torch.zeros_like(q_p)
         for shift in range(1, L + 1):  # E_j += Q_{j - shift}, every chunk before j within L
             j0 = max(0, shift - r)
             if j0 < nb:
                 terms[:, :, j0:] = terms[:, :, j0:] + chunks[:, :, r + j0 - shift:r + nb - shift]
-        y, _ = CPP_OPS.fwd(*args, C, 0, None, p.position_offset, "", terms.contiguous())
-    final = chunks[:, :, chunks.shape[2] - min(L, chunks.shape[2]):].transpose(-1, -2)
+        y, _ = CPP_OPS.fwd(*args, C, 0, None, p.position_offset, "", terms.transpose(-1, -2).contiguous())
+    final = chunks[:, :, chunks.shape[2] - min(L, chunks.shape[2]):]
     return layer_norm_epilogue(y, p), final
+
+
+def cpu_stream_forward(p: HyperMixingProblem, carry):
+    """One streamed piece on the CPU twin (_stream_forward; its state slots are P^T)."""
+    return _stream_forward(p, carry, slot_transposed=True)
+
+
+def cuda_stream_forward(p: HyperMixingProblem, carry):
+    """One streamed piece on the CUDA kernels (_stream_forward; chunk-causal only, their state
+    slots are P)."""
+    return _stream_forward(p, carry, slot_transposed=False)
 
 
 def _cpu_carries(mode) -> bool:
     return cpu_carries_state(mode.chunk_size, -1 if mode.left_context_chunks is None else mode.left_context_chunks,
                              None)  # every causal mode (limited left context by two passes)
+
+
+def _cuda_carries(mode) -> bool:
+    return _cpu_carries(mode) and not mode.token_causal  # the CUDA kernels: chunk-causal only
 
 
 def cpp_forward(p: HyperMixingProblem) -> Tensor:
