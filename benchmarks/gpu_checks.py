@@ -220,7 +220,7 @@ def _call_dense(t, backend, **mode):
                                     key_padding_mask=t.get("key_padding_mask"), backend=backend, **mode)
 
 
-def _call_packed(lengths):
+def _call_packed(lengths, **mode):
     def call(t, backend):
         import torch
 
@@ -228,7 +228,7 @@ def _call_packed(lengths):
 
         cu = cu_seqlens_from_lengths(torch.tensor(lengths)).to(t["query"].device)
         return hyper_mixing_varlen(t["query"][0], cu, max(lengths), *_weights(t), variant="speechbrain",
-                                   backend=backend)
+                                   backend=backend, **mode)
 
     return call
 
@@ -245,6 +245,7 @@ def correctness_cases(dry: bool) -> List[dict]:
     n_mode, n_causal = (20, 7) if dry else (1000, 1000)
     chunk = 8 if dry else 64
     packed = [7, 1, 9, 3] if dry else [300, 1, 457, 242]
+    packed_empty = [9, 0, 6, 5] if dry else [300, 0, 457, 242]  # with an empty sequence, for the chunked case
     mode_dtypes = (torch.float32,) if dry else (torch.bfloat16, torch.float32)
     cases = []
     for backend in ("triton", "cuda"):
@@ -263,10 +264,17 @@ def correctness_cases(dry: bool) -> List[dict]:
                               mode=dict(causal=True), problem=dict(base, M=n_causal, N=n_causal)))
             cases.append(dict(backend=backend, dtype=dtype, case=f"chunk{chunk}_left2_N{n_mode}", kind="dense",
                               mode=dict(chunk_size=chunk, left_context_chunks=2), problem=base))
+            cases.append(dict(backend=backend, dtype=dtype, case=f"chunk{chunk}_all_N{n_mode}", kind="dense",
+                              mode=dict(chunk_size=chunk), problem=base))
             cases.append(dict(backend=backend, dtype=dtype, case=f"packed_{'-'.join(map(str, packed))}",
                               kind="packed", lengths=packed,
                               problem=dict(variant="speechbrain", B=1, M=sum(packed), N=sum(packed), d=64, H=2,
                                            k_h=128, masks=False)))
+            cases.append(dict(backend=backend, dtype=dtype,
+                              case=f"packed_chunk{chunk}_left1_{'-'.join(map(str, packed_empty))}", kind="packed",
+                              lengths=packed_empty, mode=dict(chunk_size=chunk, left_context_chunks=1),
+                              problem=dict(variant="speechbrain", B=1, M=sum(packed_empty), N=sum(packed_empty),
+                                           d=64, H=2, k_h=128, masks=False)))
         cases.append(dict(backend=backend, dtype=torch.float16, case="fp16_large_state", kind="fp16_range",
                           problem=dict(variant="idiap", B=1, M=9, N=40, d=16, H=2, k_h=12, input_scale=0.3)))
     for c in cases:
@@ -356,7 +364,7 @@ def _correctness_case(ctx, case, device, hmx_kernels, get_backend) -> None:
     if case["kind"] == "fp16_range":  # tests/test_triton.py's case: C and the pre-LayerNorm Y exceed
         t["value"] = t["value"] * 64  # fp16's range, and dY falls below its normal range
         t["w2_fc2_weight"] = t["w2_fc2_weight"] * 256
-    call = _call_packed(case["lengths"]) if case["kind"] == "packed" else (
+    call = _call_packed(case["lengths"], **case.get("mode", {})) if case["kind"] == "packed" else (
         lambda tt, b, _m=case.get("mode", {}): _call_dense(tt, b, **_m))
     dtype = case["dtype"]
     tol = get_backend(case["backend"]).tolerances.get((device.type, dtype))

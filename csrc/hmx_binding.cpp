@@ -14,7 +14,11 @@
 //   unbounded left context: a carried state added to every block's P (streaming), the gradient of
 //   the saved state P added to dP, and the carried state's gradient (hmx_params.h).
 //   chunk_size, left_context, cu_seqlens (int64 CPU or None), num_blocks: the mixing blocks of
-//   hmx_params.h (0, -1, None, 1: non-causal); the CUDA kernels take only those defaults.
+//   hmx_params.h (0, -1, None, 1: non-causal). The CUDA kernels take chunk-causal and packed
+//   mixing (any left context; not token-causal): the binding builds their piece table
+//   (hmx_pieces.h) and copies it to the device once per call.
+//   _piece_table(N, chunk_size, cu_seqlens, piece_len) -> (int32 table, n_pieces, nb): that table on
+//   the CPU, for tests.
 //   reduce (keyword, CPU, non-causal): a callable that sums a 1-D tensor in place over the ranks of
 //   a sequence-parallel group (hmx_cpu.h, Reducer); None: no sequence parallelism.
 #include <torch/extension.h>
@@ -24,11 +28,13 @@
 #include <cstdlib>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "hmx_cpu.h"
 #include "hmx_params.h"
+#include "hmx_pieces.h"
 #ifdef HMX_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -175,6 +181,9 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   }
   TORCH_CHECK(chunk_size == 0 || M == N, "hmx_kernels: causal / chunked mixing needs as many queries as keys, got M = ",
               M, ", N = ", N);
+  TORCH_CHECK(!(q.is_cuda() && chunk_size == 1 && left_context < 0),
+              "hmx_kernels cuda: token-causal mixing (chunk_size 1, unbounded left context) is not implemented by the "
+              "CUDA kernels (chunk-causal and packed mixing are; use backend='triton' or 'reference')");
   const int64_t slots = q.is_cuda() ? blocks : hmx::cpu::state_slots(N, chunk_size, left_context, blocks);
   TORCH_CHECK(num_blocks >= std::max<int64_t>(slots, 1), "hmx_kernels: num_blocks = ", num_blocks,
               " is smaller than the ", slots, " state slots these mixing blocks need");
@@ -234,10 +243,38 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   pb.cu_seqlens = cu_seqlens ? cu_seqlens->data_ptr<int64_t>() : nullptr;
   pb.num_seqs = cu_seqlens ? cu_seqlens->numel() - 1 : 0;
   pb.num_blocks = num_blocks;
-  TORCH_CHECK(!(q.is_cuda() && pb.blocked()),
-              "hmx_kernels cuda: causal, chunked and packed-sequence mixing are not implemented by the CUDA kernels "
-              "(use backend='reference', or the cpu backend for CPU tensors)");
   return pr;
+}
+
+// The piece table of blocked mixing (hmx_pieces.h) as an int32 tensor on `device`, with its counts.
+struct PieceTensor {
+  at::Tensor table;
+  int64_t n_pieces = 0, nb = 0;
+};
+
+PieceTensor piece_tensor(int64_t N, int64_t chunk_size, const int64_t* cu, int64_t num_seqs, int64_t piece_len,
+                         const at::Device& device) {
+  TORCH_CHECK(piece_len >= 1 && N <= INT32_MAX, "hmx_kernels: piece table needs piece_len >= 1 and N < 2^31");
+  const hmx::PieceTable pt = hmx::build_piece_table(N, chunk_size, cu, num_seqs, piece_len);
+  at::Tensor host = at::from_blob(const_cast<int32_t*>(pt.data.data()), {(int64_t)pt.data.size()},
+                                  at::TensorOptions().dtype(at::kInt))
+                        .clone();
+  return {host.to(device), pt.n_pieces, pt.nb};
+}
+
+std::tuple<at::Tensor, int64_t, int64_t> piece_table_for_tests(int64_t N, int64_t chunk_size, const OptT& cu_seqlens,
+                                                                int64_t piece_len) {
+  const int64_t* cu = nullptr;
+  int64_t ns = 0;
+  if (cu_seqlens) {
+    TORCH_CHECK(cu_seqlens->device().is_cpu() && cu_seqlens->scalar_type() == at::kLong && cu_seqlens->dim() == 1 &&
+                    cu_seqlens->is_contiguous() && cu_seqlens->numel() >= 2,
+                "hmx_kernels: cu_seqlens must be a contiguous 1-D int64 CPU tensor");
+    cu = cu_seqlens->data_ptr<int64_t>();
+    ns = cu_seqlens->numel() - 1;
+  }
+  PieceTensor t = piece_tensor(N, chunk_size, cu, ns, piece_len, at::Device(at::kCPU));
+  return {t.table, t.n_pieces, t.nb};
 }
 
 // The CPU twin's tile products: the Fortran BLAS sgemm_ / dgemm_ that torch's CPU library exports
@@ -290,6 +327,19 @@ void check_cuda(int err, const char* what) {
   TORCH_CHECK(err == 0, "hmx_kernels cuda: ", what, " failed: ", hmx::cuda::error_string(err));
 }
 
+// The kernels' BlockPlan for pb (plain: the default, no table); `pieces` keeps the table alive
+hmx::cuda::BlockPlan cuda_block_plan(const hmx::ProblemParams& pb, hmx::cuda::DType dt, const at::Device& device,
+                                     PieceTensor* pieces) {
+  hmx::cuda::BlockPlan plan;
+  if (!pb.blocked()) return plan;
+  *pieces = piece_tensor(pb.N, pb.chunk_size, pb.cu_seqlens, pb.num_seqs, hmx::cuda::piece_tokens(pb, dt), device);
+  plan.table = pieces->table.data_ptr<int32_t>();
+  plan.n_pieces = pieces->n_pieces;
+  plan.nb = pieces->nb;
+  plan.width = pb.left_context < 0 ? 0 : pb.left_context + 1;
+  return plan;
+}
+
 // fp16 / bf16 with tensor cores switched off (set_options allow_mma = false): the fp32 kernels
 // (SIMT FMA) run on fp32 copies and the results are cast back to the input type
 bool cuda_fma_fallback(const at::Tensor& q) {
@@ -313,13 +363,14 @@ struct PyReducer {
   hmx::cpu::Reducer reducer() { return fn.is_none() ? hmx::cpu::Reducer() : hmx::cpu::Reducer{&PyReducer::call, this}; }
 };
 
-// Where the CPU twin takes a carried state (not packed sequences or CUDA tensors):
-// n_init 0: one state in every block's window (unbounded left context; the token scan starts from
-// it); n_init = the block count: one term per block (blocked mixing, any window).
+// Where a carried state is taken (causal / chunk-causal mixing, not packed sequences; CUDA: not
+// token-causal, which make_problem refuses there): n_init 0: one state in every block's window
+// (unbounded left context; the CPU twin's token scan starts from it); n_init = the block count:
+// one term per block (blocked mixing, any window).
 bool carried_state_ok(const at::Tensor& q, const hmx::ProblemParams& pb, int64_t n_init) {
-  if (q.is_cuda() || pb.chunk_size < 1 || pb.cu_seqlens != nullptr) return false;
+  if (pb.chunk_size < 1 || pb.cu_seqlens != nullptr) return false;
   if (n_init == 0) return pb.left_context < 0;
-  return !hmx::cpu::token_scan(pb) && n_init == pb.num_blocks;
+  return (q.is_cuda() || !hmx::cpu::token_scan(pb)) && n_init == pb.num_blocks;
 }
 
 // The carried-state terms of a p_init tensor: [B, H, d_h, k_h] -> 0 (one state), [B, H, n, d_h, k_h] -> n.
@@ -340,9 +391,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t n_init = init_terms(p_init);
   if (p_init) {
     TORCH_CHECK(carried_state_ok(q, pb, n_init) && reduce.is_none(),
-                "hmx_kernels: a carried state (p_init) is implemented by the CPU twin for causal and chunk-causal "
-                "mixing without cu_seqlens: [B, H, d_h, k_h] with unbounded left context, [B, H, num_blocks, d_h, "
-                "k_h] (one term per block) for chunks");
+                "hmx_kernels: a carried state (p_init) is implemented for causal (CPU twin) and chunk-causal mixing "
+                "without cu_seqlens: [B, H, d_h, k_h] with unbounded left context, [B, H, num_blocks, d_h, k_h] (one "
+                "term per block) for chunks");
     check_same("p_init", *p_init, q, compute_type(q));
     check_shape("p_init", *p_init, n_init == 0 ? std::vector<int64_t>{pb.B, pb.H, pb.d_h, pb.k_h}
                                               : std::vector<int64_t>{pb.B, pb.H, n_init, pb.d_h, pb.k_h});
@@ -361,7 +412,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor y = new_buffer({pb.B, pb.M, pb.d}, q.options().dtype(compute_type(q)));
   at::Tensor p = new_buffer({pb.B, pb.H, pb.num_blocks * pb.k_h, pb.d_h}, q.options().dtype(compute_type(q)));
   hmx::ForwardParams fp{pb, y.data_ptr(), p.data_ptr()};
-  fp.p_init = p_init ? p_init->data_ptr() : nullptr;
+  // the CUDA kernels take the carried state in P's layout [.., k_h, d_h] (hmx_params.h)
+  const at::Tensor p_init_k = !p_init ? at::Tensor() : q.is_cuda() ? p_init->transpose(-1, -2).contiguous() : *p_init;
+  fp.p_init = p_init ? p_init_k.data_ptr() : nullptr;
   fp.n_init = n_init;
   if (q.is_cuda()) {
 #ifdef HMX_WITH_CUDA
@@ -369,8 +422,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     const hmx::cuda::DType dt = cuda_dtype(q.scalar_type());
     const char* why = hmx::cuda::not_supported(pb, dt);
     TORCH_CHECK(why == nullptr, "hmx_kernels cuda: ", why ? why : "");
-    at::Tensor ws = new_buffer({(int64_t)hmx::cuda::forward_workspace_bytes(pb, dt)}, q.options().dtype(at::kByte));
-    check_cuda(hmx::cuda::forward(fp, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()), "forward");
+    PieceTensor pieces;
+    const hmx::cuda::BlockPlan plan = cuda_block_plan(pb, dt, q.device(), &pieces);
+    at::Tensor ws =
+        new_buffer({(int64_t)hmx::cuda::forward_workspace_bytes(pb, plan, dt)}, q.options().dtype(at::kByte));
+    check_cuda(hmx::cuda::forward(fp, plan, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+               "forward");
 #else
     TORCH_CHECK(false, "hmx_kernels: this build of the extension has no CUDA kernels");
 #endif
@@ -405,12 +462,11 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
   check_shape("p", p, {pb.B, pb.H, pb.num_blocks * pb.k_h, pb.d_h});
   check_contiguous("p", p);
   if (dp_extra || want_dp_init) {
-    const bool ok = want_dp_init ? carried_state_ok(q, pb, n_init)
-                                 : !q.is_cuda() && pb.chunk_size >= 1 && pb.cu_seqlens == nullptr;
+    const bool ok = want_dp_init ? carried_state_ok(q, pb, n_init) : pb.chunk_size >= 1 && pb.cu_seqlens == nullptr;
     TORCH_CHECK(ok && reduce.is_none(),
-                "hmx_kernels: the gradient of the state (dp_extra, dp_init) is implemented by the CPU twin for "
-                "causal and chunk-causal mixing without cu_seqlens (dp_init: one state with unbounded left context, "
-                "or one term per block)");
+                "hmx_kernels: the gradient of the state (dp_extra, dp_init) is implemented for causal (CPU twin) and "
+                "chunk-causal mixing without cu_seqlens (dp_init: one state with unbounded left context, or one "
+                "term per block)");
   }
   if (dp_extra) {
     check_same("dp_extra", *dp_extra, q, ctype);
@@ -450,20 +506,29 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
   bp.dv = dv.data_ptr();
   bp.dg1 = {gp(g[0]), gp(g[1]), gp(g[2]), gp(g[3])};
   bp.dg2 = {gp(g[4]), gp(g[5]), gp(g[6]), gp(g[7])};
-  at::Tensor dp_init = !want_dp_init ? at::Tensor()
-                       : n_init == 0 ? new_buffer({pb.B, pb.H, pb.d_h, pb.k_h}, gopt)
-                                     : new_buffer({pb.B, pb.H, n_init, pb.d_h, pb.k_h}, gopt);
+  // CUDA: the kernels write every block's dP [B, H, num_blocks, k_h, d_h]; dp_init is formed below
+  at::Tensor dp_blocks = want_dp_init && q.is_cuda() ? new_buffer({pb.B, pb.H, pb.num_blocks, pb.k_h, pb.d_h}, gopt)
+                                                     : at::Tensor();
+  at::Tensor dp_init = !want_dp_init || q.is_cuda() ? at::Tensor()
+                       : n_init == 0               ? new_buffer({pb.B, pb.H, pb.d_h, pb.k_h}, gopt)
+                                                   : new_buffer({pb.B, pb.H, n_init, pb.d_h, pb.k_h}, gopt);
   bp.n_init = n_init;
   bp.dp_extra = dp_extra ? dp_extra->data_ptr() : nullptr;
-  bp.dp_init = gp(dp_init);
+  bp.dp_init = q.is_cuda() ? gp(dp_blocks) : gp(dp_init);
   if (q.is_cuda()) {
 #ifdef HMX_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
     const hmx::cuda::DType dt = cuda_dtype(q.scalar_type());
     const char* why = hmx::cuda::not_supported(pb, dt);
     TORCH_CHECK(why == nullptr, "hmx_kernels cuda: ", why ? why : "");
-    at::Tensor ws = new_buffer({(int64_t)hmx::cuda::backward_workspace_bytes(pb, dt)}, q.options().dtype(at::kByte));
-    check_cuda(hmx::cuda::backward(bp, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()), "backward");
+    PieceTensor pieces;
+    const hmx::cuda::BlockPlan plan = cuda_block_plan(pb, dt, q.device(), &pieces);
+    at::Tensor ws =
+        new_buffer({(int64_t)hmx::cuda::backward_workspace_bytes(pb, plan, dt)}, q.options().dtype(at::kByte));
+    check_cuda(hmx::cuda::backward(bp, plan, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+               "backward");
+    if (want_dp_init)  // P_0's gradient: the sum of every block's dP (one state) or each block's, as P^T
+      dp_init = (n_init == 0 ? dp_blocks.sum(2) : dp_blocks).transpose(-1, -2).contiguous();
 #else
     TORCH_CHECK(false, "hmx_kernels: this build of the extension has no CUDA kernels");
 #endif
@@ -509,6 +574,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "use the BLAS gemm for the CPU twin's tile products (default) or its plain loops; returns whether a BLAS "
         "is available");
   m.def("set_options", &set_options, "set_options(poison, allow_mma): NaN-fill outputs/workspaces; tensor cores");
+  m.def("_piece_table", &piece_table_for_tests,
+        "the CUDA kernels' piece table of blocked mixing (hmx_pieces.h) on the CPU: (int32 table, n_pieces, nb)",
+        py::arg("N"), py::arg("chunk_size"), py::arg("cu_seqlens"), py::arg("piece_len"));
   m.def("has_cuda", &has_cuda, "whether this build contains the CUDA kernels");
   m.attr("CPU_TILE") = hmx::cpu::kCpuTile;  // the CPU twin's token tile (token-causal checkpoints)
 }

@@ -14,10 +14,19 @@
 //   6. sum_parts_kernel, grid (elements, H): every weight gradient = its partials summed over
 //      batch, chunk and K-split in a fixed order.
 // Every partial element has one owner: no atomics, bitwise reproducible on a given GPU model.
+//
+// Mixing blocks (BlockPlan, hmx_cuda.h; docs/HYPERMIXING.md "Causal and chunked mixing"): the
+// finalize passes run per (b, h, block j) on P_j (block slot j of p); the query pass over the
+// pieces reads its block's C_j; T_j, sdy_j = block j's own pieces summed; the mid pass gives dP_j
+// and R'_j = fc2^T dP_j, r0'_j; the key pass over the pieces of block i reads R_i, r0_i = the sums
+// of R'_j, r0'_j over the blocks j whose window holds i (reverse windows, hmx_cuda_blocks.cuh); the
+// final pass takes the window sums of the key pass's S, sv, as the forward did.
 #include <cuda_runtime.h>
 
 #include "hmx_cuda.h"
-#include "hmx_cuda_common.cuh"
+#include "hmx_cuda_blocks.cuh"
+#include "hmx_cuda_passes.cuh"
+#include "hmx_cuda_plan.cuh"
 
 namespace hmx {
 namespace cuda {
@@ -47,6 +56,16 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_final_kernel(dev::FinArgs a) 
   dev::fin_pass<T, D, dev::Fin::kFinal>(a);
 }
 
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, dev::kTokMinBlocks<D>) query_blocked_kernel(dev::TokArgs a) {
+  dev::token_pass<T, D, dev::Pass::kQuery, true>(a);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, dev::kTokMinBlocks<D>) key_blocked_kernel(dev::TokArgs a) {
+  dev::token_pass<T, D, dev::Pass::kKey, true>(a);
+}
+
 // out[h][i] (i = r * cols + c < rows * cols) = sum over b, then p < P, of
 // part[((b H + h) P + p) * stride + r * ld + c]
 __global__ void __launch_bounds__(kThreads) sum_parts_kernel(int64_t B, int64_t H, int64_t P, int64_t stride,
@@ -65,8 +84,24 @@ __global__ void __launch_bounds__(kThreads) sum_parts_kernel(int64_t B, int64_t 
   out[h * n + i] = acc;
 }
 
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) bwd_prep_blocked_kernel(dev::FinArgs a) {
+  dev::fin_pass<T, D, dev::Fin::kPrep, true>(a);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) bwd_mid_blocked_kernel(dev::FinArgs a) {
+  dev::fin_pass<T, D, dev::Fin::kMid, true>(a);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) bwd_final_blocked_kernel(dev::FinArgs a) {
+  dev::fin_pass<T, D, dev::Fin::kFinal, true>(a);
+}
+
 namespace {
 
+// Per-row arrays have BH * nb rows (nb = 1 without mixing blocks, whose chunks are the pieces).
 struct BwdWorkspace {
   float *cmat, *c0;               // [BH][D*D], [BH][D]
   float *t_part, *sdy_part;       // [BH][Cq][KS][D*D], [BH][Cq][G][D]
@@ -76,13 +111,19 @@ struct BwdWorkspace {
   float *s_part, *sv_part;        // [BH][Ck][KS][D*D], [BH][Ck][G][D]
   float *g1w_part, *g1b_part;     // generator-1 fc1 partials
   float *g1fc2, *g1fc2b;          // [BH][k_h][d_h], [BH][k_h]
+  float *t_blk, *sdy_blk;         // blocks: T_j, sdy_j [BH][nb][D*D], [BH][nb][D]
+  float *s_win, *sv_win;          // blocks: window sums of the key pass's S, sv
+  float *scratch;                 // blocks: the window pass's suffix sums [BH][nb][D*D]
+  float *p_blocks;                // blocks with more state slots than blocks: P_j [BH][nb][k_h][d_h]
   size_t bytes;
 };
 
 template <typename T, int D>
-BwdWorkspace carve_bwd(const ProblemParams& pb, void* base, int64_t Cq, int64_t Ck) {
+BwdWorkspace carve_bwd(const ProblemParams& pb, const BlockPlan& plan, void* base, int64_t Cq, int64_t Ck) {
   using TC = dev::TokCfg<T, D>;
-  const int64_t BH = pb.B * pb.H, kh = pb.k_h, dh = pb.d_h;
+  const int64_t nb = plan.blocked() ? plan.nb : 1, bl = plan.blocked() ? 1 : 0;
+  const int64_t pslots = plan.blocked() && pb.num_blocks != plan.nb ? 1 : 0;
+  const int64_t BH = pb.B * pb.H, R = BH * nb, kh = pb.k_h, dh = pb.d_h;
   size_t off = 0;
   auto take = [&](int64_t n) {
     float* p = base != nullptr ? reinterpret_cast<float*>(static_cast<char*>(base) + off) : nullptr;
@@ -90,23 +131,29 @@ BwdWorkspace carve_bwd(const ProblemParams& pb, void* base, int64_t Cq, int64_t 
     return p;
   };
   BwdWorkspace w;
-  w.cmat = take(BH * D * D);
-  w.c0 = take(BH * D);
+  w.cmat = take(R * D * D);
+  w.c0 = take(R * D);
   w.t_part = take(BH * Cq * TC::KS * D * D);
   w.sdy_part = take(BH * Cq * TC::G * D);
   w.g2w_part = take(BH * Cq * TC::KS * D * D);
   w.g2b_part = take(BH * Cq * TC::G * D);
-  w.g2fc2 = take(BH * kh * dh);
-  w.g2fc2b = take(BH * kh);
-  w.dp = take(BH * kh * D);
-  w.rmat = take(BH * D * D);
-  w.r0 = take(BH * D);
+  w.g2fc2 = take(R * kh * dh);
+  w.g2fc2b = take(R * kh);
+  w.dp = take(R * kh * D);
+  w.rmat = take(R * D * D);
+  w.r0 = take(R * D);
   w.s_part = take(BH * Ck * TC::KS * D * D);
   w.sv_part = take(BH * Ck * TC::G * D);
   w.g1w_part = take(BH * Ck * TC::KS * D * D);
   w.g1b_part = take(BH * Ck * TC::G * D);
-  w.g1fc2 = take(BH * kh * dh);
-  w.g1fc2b = take(BH * kh);
+  w.g1fc2 = take(R * kh * dh);
+  w.g1fc2b = take(R * kh);
+  w.t_blk = take(bl * R * D * D);
+  w.sdy_blk = take(bl * R * D);
+  w.s_win = take(bl * R * D * D);
+  w.sv_win = take(bl * R * D);
+  w.scratch = take(bl * R * D * D);
+  w.p_blocks = take(pslots * R * kh * dh);
   w.bytes = off;
   return w;
 }
@@ -126,14 +173,18 @@ void sum_parts(const ProblemParams& pb, int64_t P, int64_t stride, int64_t rows,
 }
 
 template <typename T, int D>
-int backward_t(const BackwardParams& bp, void* workspace, cudaStream_t stream) {
+int backward_blocked(const BackwardParams& bp, const BlockPlan& plan, void* workspace, cudaStream_t stream);
+
+template <typename T, int D>
+int backward_t(const BackwardParams& bp, const BlockPlan& plan, void* workspace, cudaStream_t stream) {
+  if (plan.blocked()) return backward_blocked<T, D>(bp, plan, workspace, stream);
   using TC = dev::TokCfg<T, D>;
   using SZ = Sizes<T, D>;
   const ProblemParams& pb = bp.pb;
   const int64_t BH = pb.B * pb.H, kh = pb.k_h, dh = pb.d_h;
   const int sms = device_sms();
   const int64_t Cq = token_chunks(pb.M, BH, TC::TT, sms), Ck = token_chunks(pb.N, BH, TC::TT, sms);
-  const BwdWorkspace w = carve_bwd<T, D>(pb, workspace, Cq, Ck);
+  const BwdWorkspace w = carve_bwd<T, D>(pb, plan, workspace, Cq, Ck);
 
   const size_t s_prep = SZ::template fin<dev::Fin::kPrep>(), s_mid = SZ::template fin<dev::Fin::kMid>();
   const size_t s_final = SZ::template fin<dev::Fin::kFinal>();
@@ -216,36 +267,163 @@ int backward_t(const BackwardParams& bp, void* workspace, cudaStream_t stream) {
   return (int)cudaGetLastError();
 }
 
+template <typename T, int D>
+int backward_blocked(const BackwardParams& bp, const BlockPlan& plan, void* workspace, cudaStream_t stream) {
+  using TC = dev::TokCfg<T, D>;
+  using SZ = Sizes<T, D>;
+  const ProblemParams& pb = bp.pb;
+  const int64_t BH = pb.B * pb.H, kh = pb.k_h, dh = pb.d_h, nb = plan.nb, np = plan.n_pieces;
+  const BwdWorkspace w = carve_bwd<T, D>(pb, plan, workspace, np, np);
+  cudaError_t err;
+  const GeneratorGrads* outs[2] = {&bp.dg1, &bp.dg2};
+  const size_t s_prep = SZ::template fin<dev::Fin::kPrep>(), s_mid = SZ::template fin<dev::Fin::kMid>();
+  const size_t s_final = SZ::template fin<dev::Fin::kFinal>();
+  const size_t s_query = SZ::template tok<dev::Pass::kQuery>(), s_key = SZ::template tok<dev::Pass::kKey>();
+  if ((err = prepare(bwd_prep_blocked_kernel<T, D>, s_prep)) != cudaSuccess) return (int)err;
+  if ((err = prepare(query_blocked_kernel<T, D>, s_query)) != cudaSuccess) return (int)err;
+  if ((err = prepare(bwd_mid_blocked_kernel<T, D>, s_mid)) != cudaSuccess) return (int)err;
+  if ((err = prepare(key_blocked_kernel<T, D>, s_key)) != cudaSuccess) return (int)err;
+  if ((err = prepare(bwd_final_blocked_kernel<T, D>, s_final)) != cudaSuccess) return (int)err;
+  const dim3 grid((unsigned)np, (unsigned)BH);
+  const unsigned rows = (unsigned)(BH * nb);
+
+  // P_j: block slot j of p [BH][num_blocks][k_h][d_h] (a packed copy when there are more slots)
+  const float* p = static_cast<const float*>(bp.p);
+  if (w.p_blocks != nullptr) {
+    const size_t blk = (size_t)kh * dh * sizeof(float);
+    if ((err = cudaMemcpy2DAsync(w.p_blocks, nb * blk, p, pb.num_blocks * blk, nb * blk, BH,
+                                 cudaMemcpyDeviceToDevice, stream)) != cudaSuccess)
+      return (int)err;
+    p = w.p_blocks;
+  }
+
+  dev::FinArgs pa{};
+  pa.pb = pb;
+  pa.nb = nb;
+  pa.p_in = p;
+  pa.mat_out = w.cmat;
+  pa.vec_out = w.c0;
+  bwd_prep_blocked_kernel<T, D><<<rows, kThreads, s_prep, stream>>>(pa);
+
+  dev::TokArgs qa{};
+  qa.pb = pb;
+  qa.C = np;
+  qa.pieces = plan.pieces();
+  qa.nb = nb;
+  qa.wmat = w.cmat;
+  qa.dy = static_cast<const float*>(bp.dy);
+  qa.out1 = bp.dq;
+  qa.acc_part = w.t_part;
+  qa.vec_part = w.sdy_part;
+  qa.g_part = w.g2w_part;
+  qa.gb_part = w.g2b_part;
+  query_blocked_kernel<T, D><<<grid, kThreads, s_query, stream>>>(qa);
+  // T_j, sdy_j: block j's own queries
+  if ((err = block_windows(plan, BH, {w.t_part, TC::KS, w.t_blk, w.scratch, D * D, 1, false}, stream)) != cudaSuccess)
+    return (int)err;
+  if ((err = block_windows(plan, BH, {w.sdy_part, TC::G, w.sdy_blk, w.scratch, D, 1, false}, stream)) != cudaSuccess)
+    return (int)err;
+
+  dev::FinArgs ma{};
+  ma.pb = pb;
+  ma.nb = nb;
+  ma.n_mat_parts = 1;
+  ma.n_vec_parts = 1;
+  ma.mat_part = w.t_blk;
+  ma.vec_part = w.sdy_blk;
+  ma.p_in = p;
+  ma.mat_out = w.rmat;
+  ma.vec_out = w.r0;
+  ma.dp = w.dp;
+  ma.gw = w.g2fc2;
+  ma.gb = w.g2fc2b;
+  ma.dp_extra = static_cast<const float*>(bp.dp_extra);  // p's layout: [B H][nb][k_h][d_h]
+  ma.dp_out = static_cast<float*>(bp.dp_init);          // each block's dP [B H][nb][k_h][d_h]
+  bwd_mid_blocked_kernel<T, D><<<rows, kThreads, s_mid, stream>>>(ma);
+  // R_i, r0_i: R'_j, r0'_j summed over the blocks j whose window holds block i (in place)
+  if ((err = block_windows(plan, BH, {nullptr, 1, w.rmat, w.scratch, D * D, plan.width, true}, stream)) !=
+      cudaSuccess)
+    return (int)err;
+  if ((err = block_windows(plan, BH, {nullptr, 1, w.r0, w.scratch, D, plan.width, true}, stream)) != cudaSuccess)
+    return (int)err;
+
+  dev::TokArgs ka{};
+  ka.pb = pb;
+  ka.C = np;
+  ka.pieces = plan.pieces();
+  ka.nb = nb;
+  ka.wmat = w.rmat;
+  ka.wvec = w.r0;
+  ka.out1 = bp.dk;
+  ka.out2 = bp.dv;
+  ka.acc_part = w.s_part;
+  ka.vec_part = w.sv_part;
+  ka.g_part = w.g1w_part;
+  ka.gb_part = w.g1b_part;
+  key_blocked_kernel<T, D><<<grid, kThreads, s_key, stream>>>(ka);
+  if ((err = block_windows(plan, BH, {w.s_part, TC::KS, w.s_win, w.scratch, D * D, plan.width, false}, stream)) !=
+      cudaSuccess)
+    return (int)err;
+  if ((err = block_windows(plan, BH, {w.sv_part, TC::G, w.sv_win, w.scratch, D, plan.width, false}, stream)) !=
+      cudaSuccess)
+    return (int)err;
+
+  dev::FinArgs fa{};
+  fa.pb = pb;
+  fa.nb = nb;
+  fa.n_mat_parts = 1;
+  fa.n_vec_parts = 1;
+  fa.mat_part = w.s_win;
+  fa.vec_part = w.sv_win;
+  fa.dp = w.dp;
+  fa.gw = w.g1fc2;
+  fa.gb = w.g1fc2b;
+  bwd_final_blocked_kernel<T, D><<<rows, kThreads, s_final, stream>>>(fa);
+
+  // weight gradients: fc1 from the pieces' partials, fc2 from the (b, h, block) partials
+  const float* parts[2][4] = {{w.g1w_part, w.g1b_part, w.g1fc2, w.g1fc2b}, {w.g2w_part, w.g2b_part, w.g2fc2, w.g2fc2b}};
+  for (int g = 0; g < 2; ++g) {
+    sum_parts(pb, np * TC::KS, D * D, dh, dh, D, parts[g][0], outs[g]->fc1_w, stream);
+    sum_parts(pb, np * TC::G, D, 1, dh, D, parts[g][1], outs[g]->fc1_b, stream);
+    sum_parts(pb, nb, kh * dh, kh, dh, dh, parts[g][2], outs[g]->fc2_w, stream);
+    sum_parts(pb, nb, kh, 1, kh, kh, parts[g][3], outs[g]->fc2_b, stream);
+  }
+  return (int)cudaGetLastError();
+}
+
 struct BackwardFn {
   const BackwardParams& bp;
+  const BlockPlan& plan;
   void* ws;
   cudaStream_t stream;
   template <typename T, int D>
-  int operator()() const { return backward_t<T, D>(bp, ws, stream); }
+  int operator()() const { return backward_t<T, D>(bp, plan, ws, stream); }
 };
 
 struct BwdBytesFn {
   const ProblemParams& pb;
+  const BlockPlan& plan;
   template <typename T, int D>
   size_t operator()() const {
+    if (plan.blocked()) return carve_bwd<T, D>(pb, plan, nullptr, plan.n_pieces, plan.n_pieces).bytes;
     const int sms = device_sms();
     const int64_t BH = pb.B * pb.H;
     const int tt = dev::TokCfg<T, D>::TT;
-    return carve_bwd<T, D>(pb, nullptr, token_chunks(pb.M, BH, tt, sms), token_chunks(pb.N, BH, tt, sms)).bytes;
+    return carve_bwd<T, D>(pb, plan, nullptr, token_chunks(pb.M, BH, tt, sms), token_chunks(pb.N, BH, tt, sms)).bytes;
   }
 };
 
 }  // namespace
 
-size_t backward_workspace_bytes(const ProblemParams& pb, DType dtype) {
+size_t backward_workspace_bytes(const ProblemParams& pb, const BlockPlan& plan, DType dtype) {
   const int D = head_block(pb.d_h);
-  return D == 0 ? 0 : with_config(dtype, D, BwdBytesFn{pb});
+  return D == 0 ? 0 : with_config(dtype, D, BwdBytesFn{pb, plan});
 }
 
-int backward(const BackwardParams& bp, DType dtype, void* workspace, cudaStream_t stream) {
+int backward(const BackwardParams& bp, const BlockPlan& plan, DType dtype, void* workspace, cudaStream_t stream) {
   const int D = head_block(bp.pb.d_h);
   if (D == 0) return (int)cudaErrorInvalidValue;
-  return with_config(dtype, D, BackwardFn{bp, workspace, stream});
+  return with_config(dtype, D, BackwardFn{bp, plan, workspace, stream});
 }
 
 }  // namespace cuda

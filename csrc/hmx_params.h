@@ -17,8 +17,10 @@
 //   fc2_b [H, k_h] (nullptr = none): generator 1 makes W1 from keys, generator 2 W2 from queries
 //   y, dy, dq [B, M, d], dk, dv [B, N, d]: contiguous
 //   p [B, H, num_blocks, k_h, d_h]: P = W1^T V per (batch, head, mixing block), saved by the
-//     forward for the backward (num_blocks = 1 unless the mixing is blocked, see below)
-// Mixing blocks (CPU twin only; the CUDA kernels take the defaults and refuse anything else):
+//     forward for the backward (num_blocks = 1 unless the mixing is blocked, see below; the CPU
+//     twin keeps P^T per slot)
+// Mixing blocks (CPU twin: every kind; CUDA kernels: chunk-causal and packed, not token-causal,
+// through the piece table of hmx_pieces.h):
 //   a sequence is a batch row or, with cu_seqlens (B = 1, M = N), one of the packed sequences
 //   [cu_seqlens[s], cu_seqlens[s + 1]) whose PE positions restart at its first token. Each
 //   sequence is cut into blocks of chunk_size tokens (0: one block); the tokens of block j
@@ -84,7 +86,8 @@ struct ForwardParams {
   // added to the blocks' P (before the GELU): n_init 0, [B, H, d_h, k_h], the state P_0^T of the
   // chunks before these tokens, added to every block (unbounded left context; the token scan starts
   // from it); n_init = the block count, [B, H, n_init, d_h, k_h], one term per block (blocked
-  // mixing). nullptr = none
+  // mixing). nullptr = none. CUDA kernels (chunk-causal, not token-causal): the same terms in P's
+  // own layout, [B, H, k_h, d_h] or [B, H, n_init, k_h, d_h] (the binding transposes)
   const void* p_init = nullptr;
   int64_t n_init = 0;
 };
@@ -101,7 +104,9 @@ struct BackwardParams {
   // CPU twin: the gradient of the saved state p itself [B, H, num_blocks, d_h, k_h] (p's layout),
   // added to dP (the token scan: only its last slot, the state after the last token); nullptr =
   // none. dp_init: output, the gradient of ForwardParams::p_init in its layout (n_init 0: the sum
-  // of every block's dP^T; else each block's own)
+  // of every block's dP^T; else each block's own). CUDA kernels: dp_extra in their p's layout
+  // [B, H, num_blocks, k_h, d_h]; dp_init receives every block's dP [B, H, num_blocks, k_h, d_h]
+  // and the binding forms the gradient of p_init from it (sum over blocks, transpose)
   const void* dp_extra = nullptr;
   void* dp_init = nullptr;
   int64_t n_init = 0;

@@ -444,13 +444,14 @@ def run_fused(ops: FusedOps, p: HyperMixingProblem, operand_dtype: Optional[torc
 
 # ---- one streamed piece on a fused backend (hmx_kernels.streaming) ---------------------------------
 def slots_holding_p_t(state: Tensor, p: HyperMixingProblem) -> Tensor:
-    """The op state [B, H, slots * k_h, d_h] of ops whose slots hold P^T (the cpp ops: cpu and
-    cuda) as P per slot, [B, H, slots, k_h, d_h] (a differentiable view)."""
+    """The op state [B, H, slots * k_h, d_h] of ops whose slots hold P^T (the cpp ops on CPU
+    tensors: the twin) as P per slot, [B, H, slots, k_h, d_h] (a differentiable view)."""
     return state.view(p.B, p.H, -1, p.d_h, p.k_h).transpose(-1, -2)
 
 
 def slots_holding_p(state: Tensor, p: HyperMixingProblem) -> Tensor:
-    """The op state of ops whose slots hold P itself (the Triton ops), [B, H, slots, k_h, d_h]."""
+    """The op state of ops whose slots hold P itself (the Triton ops; the cpp ops on CUDA tensors),
+    [B, H, slots, k_h, d_h]."""
     return state.view(p.B, p.H, -1, p.k_h, p.d_h)
 
 

@@ -27,9 +27,9 @@ and a second call adds each chunk's window terms; forward and backward pass thro
 either way. The `cpu` backend (the C++ twin) and the `triton` backend (CUDA tensors; CPU tensors
 under TRITON_INTERPRET=1; float32 / float16 / bfloat16) stream every causal mode this way, the
 `reference` every mode with its own code. All keep the state in the same form (P, compute dtype),
-so a stream may change backend between pieces. The `cuda` backend declares no carried state yet;
-it runs the cpp ops, so `cpp_stream_forward` (hmx_kernels/cpp/ops.py: the same function over the
-same ops) serves it once its kernels take the ops' initial_state.
+so a stream may change backend between pieces. The `cuda` backend (the cpp ops on CUDA tensors,
+`cuda_stream_forward` in hmx_kernels/cpp/ops.py) streams chunk-causal mixing the same way; it
+declines token-causal mixing.
 """
 from __future__ import annotations
 

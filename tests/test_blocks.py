@@ -58,6 +58,19 @@ def test_every_registered_backend_declares_known_block_kinds():
     assert hmx_kernels.dispatch.get_backend("reference").capabilities.blocks == ALL_KINDS
 
 
+@pytest.mark.skipif("cuda" not in hmx_kernels.registered_backends(), reason="cuda backend not registered")
+def test_cuda_declares_what_its_kernels_run():
+    """The CUDA kernels run full, chunk-causal and packed mixing (csrc/hmx_pieces.h, the *_blocked
+    kernels) and a carried state in chunk-causal modes; not token-causal mixing (declined with the
+    dispatcher's reason) nor sequence parallelism."""
+    caps = hmx_kernels.dispatch.get_backend("cuda").capabilities
+    assert caps.blocks == frozenset({FULL, CHUNK_CAUSAL, PACKED}) and TOKEN_CAUSAL not in caps.blocks
+    assert caps.varlen and not caps.causal and not caps.sequence_parallel
+    assert caps.carried_state(MixingMode(4)) and caps.carried_state(MixingMode(3, 2))
+    assert caps.carried_state(MixingMode(1, 2)) and not caps.carried_state(MixingMode(1))
+    assert hmx_kernels.dispatch.get_backend("cuda").stream_forward is not None
+
+
 @pytest.fixture
 def full_only_backend():
     """A backend that runs only full mixing and packed sequences (no causal kinds)."""

@@ -175,3 +175,101 @@ def test_cuda_fp16_range_large_state_and_small_gradients(mma, allow_mma):
     for name, rg in ref_grads.items():
         assert torch.isfinite(grads[name]).all(), name
         assert_close(f"grad {name}", grads[name], rg, tol.grad)
+
+
+def _rel(a, e):
+    a, e = a.double(), e.double()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+BLOCK_MODES = {"chunk64_all": dict(chunk_size=64), "chunk48_L2": dict(chunk_size=48, left_context_chunks=2),
+               "chunk1_L3": dict(chunk_size=1, left_context_chunks=3)}
+
+
+@pytest.mark.parametrize("mode", list(BLOCK_MODES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_chunked_mixing_matches_reference_and_is_deterministic(dtype, mode):
+    """Chunk-causal mixing on the CUDA kernels (piece table, *_blocked kernels, block_window):
+    against the reference in the declared tolerances (output and every gradient, masks, d_h 18,
+    k_h 72, 700 tokens: blocks longer than a piece at B = 1), and bitwise equal over two runs."""
+    kw = BLOCK_MODES[mode]
+    case = make_case(variant="speechbrain", B=2, M=700, d=36, H=2, k_h=72, input_scale=0.3).cast(dtype, "cuda")
+    run = lambda b: forward_backward(case, b, fn=lambda **k: hmx_kernels.hyper_mixing(**k, backend=b, **kw))  # noqa: E731
+    problem = hmx_kernels.check_inputs(**case.kwargs(), **kw)
+    assert not hmx_kernels.backend_reasons(problem)["cuda"]
+    out, grads = run("cuda")
+    out2, grads2 = run("cuda")
+    assert torch.equal(out, out2) and all(torch.equal(grads[n], grads2[n]) for n in grads if grads[n] is not None)
+    ref_out, ref_grads = run("reference")
+    tol = get_backend("cuda").tolerances[("cuda", dtype)]
+    assert _rel(out, ref_out) <= tol.out
+    for n, g in ref_grads.items():
+        if g is not None:
+            assert _rel(grads[n], g) <= tol.grad, n
+
+
+@pytest.mark.parametrize("kw", [{}, dict(chunk_size=32, left_context_chunks=1)], ids=["noncausal", "chunk32_L1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_packed_sequences_match_reference(dtype, kw):
+    """Packed sequences (one of them empty) on the CUDA kernels, PE rows from each sequence's
+    start, against the reference (which mixes the sequences one by one)."""
+    from hmx_kernels.varlen import cu_seqlens_from_lengths, hyper_mixing_varlen
+    from utils import WEIGHT_NAMES
+
+    lengths = [300, 0, 457, 1, 242]
+    case = make_case(variant="speechbrain", B=1, M=sum(lengths), d=36, H=2, k_h=72, masks=False,
+                     input_scale=0.3).cast(dtype, "cuda")
+    cu = cu_seqlens_from_lengths(torch.tensor(lengths)).to("cuda")
+    w = [case.tensors[k] for k in WEIGHT_NAMES]
+    tokens = case.tensors["query"][0]
+    leaves = [tokens] + [t for t in w if t is not None]
+    g = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(3)).to(tokens)
+    res = {}
+    for b in ("cuda", "reference"):
+        out = hyper_mixing_varlen(tokens, cu, max(lengths), *w, backend=b, **kw)
+        res[b] = [out] + list(torch.autograd.grad(out, leaves, g))
+    tol = get_backend("cuda").tolerances[("cuda", dtype)]
+    assert _rel(res["cuda"][0], res["reference"][0]) <= tol.out
+    for i, (a, e) in enumerate(zip(res["cuda"][1:], res["reference"][1:])):
+        assert _rel(a, e) <= tol.grad, i
+
+
+def test_token_causal_is_declined_with_a_reason():
+    case = make_case(variant="speechbrain", B=1, M=20, d=16, H=2, k_h=8).cast(torch.float32, "cuda")
+    reasons = hmx_kernels.backend_reasons(hmx_kernels.check_inputs(**case.kwargs(), causal=True))["cuda"]
+    assert any("token-causal" in r and "not implemented" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("kw", [dict(chunk_size=4), dict(chunk_size=3, left_context_chunks=2)],
+                         ids=["chunk4_all", "chunk3_L2"])
+def test_streaming_equals_one_pass(kw):
+    """A carried state on the CUDA kernels (p_init, dp_extra, dp_init; cuda_stream_forward): a
+    sequence streamed in whole-chunk pieces equals one pass, output and every gradient (fp32,
+    d_h 18, k_h 72, padded tails)."""
+    from hmx_kernels.streaming import hyper_mixing_stream
+    from utils import WEIGHT_NAMES
+
+    case = make_case(variant="speechbrain", B=2, M=41, d=36, H=2, k_h=72, input_scale=0.5).cast(torch.float32, "cuda")
+    x = case.tensors["query"].detach().requires_grad_(True)
+    w = [case.tensors[k] for k in WEIGHT_NAMES]
+    pad = case.key_padding_mask
+    leaves = [x] + [t for t in w if t is not None]
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x)
+    full = hmx_kernels.hyper_mixing(x, None, None, *w, key_padding_mask=pad, backend="cuda", **kw)
+    ref = torch.autograd.grad(full, leaves, g)
+    C = kw["chunk_size"]
+    outs, state, start = [], None, 0
+    for n in (C, 2 * C, C, 3 * C, 41):
+        n = min(n, 41 - start)
+        if n <= 0:
+            break
+        y, state = hyper_mixing_stream(x[:, start:start + n], *w, state=state, backend="cuda",
+                                       key_padding_mask=pad[:, start:start + n], **(kw if state is None else {}))
+        outs.append(y)
+        start += n
+    streamed = torch.cat(outs, dim=1)
+    got = torch.autograd.grad(streamed, leaves, g)
+    tol = get_backend("cuda").tolerances[("cuda", torch.float32)]
+    assert _rel(streamed, full) <= tol.out
+    for i, (a, e) in enumerate(zip(got, ref)):
+        assert _rel(a, e) <= tol.grad, i

@@ -74,7 +74,7 @@ class _Rounding:
 
 
 def _token_tile(d_h):
-    """The fp16 / bf16 token kernels' tile TT at head block D (csrc/hmx_cuda_common.cuh TokCfg)."""
+    """The fp16 / bf16 token kernels' tile TT at head block D (csrc/hmx_cuda_layout.cuh TokCfg)."""
     return 32 if d_h > 64 else 64
 
 
@@ -350,7 +350,7 @@ def test_fp16_range_large_state_and_small_gradients():
     """fp16 range: a large state makes C = fc2_2^T GELU(P) and the pre-LayerNorm Y exceed fp16's
     65504, and the LayerNorm then scales dY below fp16's normal range (2^-14). The kernels stage C /
     R divided by a power of two, write Y in fp32, read dY in fp32 and divide each m dY tile by its
-    power of two (csrc/hmx_cuda_common.cuh): output and every gradient finite and within the
+    power of two (csrc/hmx_cuda_passes.cuh): output and every gradient finite and within the
     "cuda" fp16 tolerances. Rounding C or Y to fp16 unscaled gives inf, then NaN after the
     LayerNorm; rounding dY unscaled flushes the gradients to zero. Two query tiles (M 70 > 64)
     whose dY have different powers of two exercise the accumulators' rescaling."""
@@ -376,3 +376,401 @@ def test_fp16_range_large_state_and_small_gradients():
         assert torch.isfinite(a).all(), f"{name} has inf / NaN"
         err = ((a.double() - e).abs().max() / e.abs().max()).item()
         assert err < tol.grad, f"{name}: error {err:.2e} over the tolerance {tol.grad}"
+
+
+# ---- mixing blocks (chunk-causal, packed sequences) -----------------------------------------------
+# The blocked passes of csrc/hmx_cuda_forward.cu / hmx_cuda_backward.cu: token passes over the pieces
+# of csrc/hmx_pieces.h (per-piece partials), block and window sums in the order of
+# csrc/hmx_cuda_blocks.cu, finalize passes per (b, h, block), the mix / query / key passes reading
+# their block's C_j, c0_j / R_i, r0_i, PE rows restarting at each packed sequence's first token.
+
+
+def piece_plan(N, chunk_size, cu, piece_len):
+    """csrc/hmx_pieces.h in Python: (pieces [(start, end, block, sequence start)], block_piece
+    [nb + 1], seq_first [nb], seq_last [nb])."""
+    cu = [0, N] if cu is None else list(cu)
+    pieces, block_piece, seq_first, seq_last, nb = [], [], [], [], 0
+    for start, stop in zip(cu[:-1], cu[1:]):
+        n = stop - start
+        step = chunk_size if chunk_size > 0 else max(n, 1)
+        nbs = -(-n // step)
+        for i in range(nbs):
+            b0, b1 = start + i * step, min(start + (i + 1) * step, stop)
+            block_piece.append(len(pieces))
+            pieces += [(r, min(r + piece_len, b1), nb + i, start) for r in range(b0, b1, piece_len)]
+            seq_first.append(nb)
+            seq_last.append(nb + nbs - 1)
+        nb += nbs
+    block_piece.append(len(pieces))
+    return pieces, block_piece, seq_first, seq_last
+
+
+def window_sums(x, width, seq_first, seq_last, reverse=False):
+    """block_window_kernel's windows on x [..., nb, *] (dimension 2 of [B, H, nb, ...]), in its
+    order: suffix sums within segments of `width` blocks (from each sequence's first block), prefix
+    sums, y_k = pre_k or suf_s + pre_k (width 0: unbounded; 1: x itself)."""
+    nb = x.shape[2]
+    if width == 1 or nb == 0:
+        return x
+    blk = (lambda k: nb - 1 - k) if reverse else (lambda k: k)
+    first = (lambda k: nb - 1 - seq_last[nb - 1 - k]) if reverse else (lambda k: seq_first[k])
+    y = [None] * nb
+    if width > 1:
+        run = None
+        for k in range(nb - 1, -1, -1):
+            f = first(k)
+            seg_end = k == nb - 1 or first(k + 1) != f or (k + 1 - f) % width == 0
+            xk = x[:, :, blk(k)]
+            run = xk if seg_end else xk + run
+            y[blk(k)] = run
+    out = [None] * nb
+    pre = None
+    for k in range(nb):
+        f = first(k)
+        g = f + (k - f) // width * width if width > 0 else f
+        xk = x[:, :, blk(k)]
+        pre = xk if k == g else pre + xk
+        s = max(f, k - width + 1) if width > 0 else f
+        out[blk(k)] = pre if s == g else y[blk(s)] + pre
+    return torch.stack(out, 2)
+
+
+class _Blocks:
+    """The blocked layout of one call: token -> block, token -> PE row, pieces and token tiles."""
+
+    def __init__(self, N, chunk_size, left_context, cu, piece_len, tile):
+        self.pieces, self.block_piece, self.seq_first, self.seq_last = piece_plan(N, chunk_size, cu, piece_len)
+        self.nb = len(self.seq_first)
+        self.width = 0 if left_context < 0 else left_context + 1
+        self.block = torch.empty(N, dtype=torch.long)
+        self.pe_row = torch.empty(N, dtype=torch.long)
+        self.tiles = []  # token ranges of the token passes' tiles (each piece from its start)
+        for a, b, j, s0 in self.pieces:
+            self.block[a:b] = j
+            self.pe_row[a:b] = torch.arange(a - s0, b - s0)
+            self.tiles += [(r, min(r + tile, b)) for r in range(a, b, tile)]
+
+    def block_sums(self, x):
+        """x [B, H, N, ...] per token -> [B, H, nb, ...]: per-piece sums, added in piece order."""
+        parts = [x[:, :, a:b].sum(2) for a, b, _, _ in self.pieces]
+        out = []
+        for j in range(self.nb):
+            acc = parts[self.block_piece[j]]
+            for q in range(self.block_piece[j] + 1, self.block_piece[j + 1]):
+                acc = acc + parts[q]
+            out.append(acc)
+        return torch.stack(out, 2)
+
+    def window(self, x, reverse=False):
+        return window_sums(x, self.width, self.seq_first, self.seq_last, reverse)
+
+    def tile_pow2(self, r, x):
+        """_Rounding.pow2 of x [B, H, N, d_h] per (b, h, token tile), expanded to x's shape."""
+        out = torch.ones_like(x)
+        for a, b in self.tiles:
+            out[:, :, a:b] = r.pow2(x[:, :, a:b], (2, 3))
+        return out
+
+
+def _per_token(mat, bl):  # [B, H, nb, ...] -> [B, H, N, ...]: each token's block's value
+    return mat.index_select(2, bl.block)
+
+
+def emulate_forward_blocked(q, k, v, pe, m_q, m_k, g1, g2, scale, r, bl, p_init=None):
+    """pe: the PE table (row = token - sequence start); p_init: a carried state in P's layout,
+    [B, H, k_h, d_h] (every block) or [B, H, nb, k_h, d_h] (one term per block), added to P in
+    the finalize pass. Returns y and P [B, H, nb, k_h, d_h]."""
+    H = g1[0].shape[0]
+    mq = m_q[:, None, :, None]
+    pe_tok = pe.index_select(0, bl.pe_row)
+    _, _, hid = _token_hidden(k, m_k, pe_tok, g1, scale, H, r)
+    vx = r.tok(_heads(_sel(v, m_k), H))
+    S = bl.window(bl.block_sums(torch.einsum("bhlo,bhlc->bhloc", hid, vx)))
+    sv = bl.window(bl.block_sums(vx))
+    P = torch.einsum("hjo,bhnoc->bhnjc", r.fin(g1[2]), r.fin(S))
+    if g1[3] is not None:
+        P = P + g1[3][None, :, None, :, None] * sv[:, :, :, None, :]
+    if p_init is not None:
+        P = P + (p_init[:, :, None] if p_init.dim() == 4 else p_init)
+    A = F.gelu(P)
+    C = torch.einsum("hjo,bhnjc->bhnoc", r.fin(g2[2]), r.fin(A))
+    c0 = 0.0 if g2[3] is None else _per_token(torch.einsum("hj,bhnjc->bhnc", g2[3], A), bl)
+    _, _, hid2 = _token_hidden(q, m_q, pe_tok, g2, scale, H, r)
+    cs = r.pow2(C, (-2, -1))  # per (b, h, block)
+    Ct, cst = _per_token(r.tok(C / cs), bl), _per_token(cs, bl)[..., 0]
+    y = mq * (torch.einsum("bhlo,bhloc->bhlc", hid2, Ct) * cst + c0)
+    return _merge(y), P
+
+
+def emulate_backward_blocked(dy, q, k, v, pe, m_q, m_k, g1, g2, P, scale, r, bl, dp_extra=None):
+    """dp_extra: the gradient of the saved state [B, H, nb, k_h, d_h], added to dP in the mid pass.
+    Returns the gradients of the binding's order and, last, every block's dP (what the kernels give
+    the binding for the carried state's gradient)."""
+    H = g1[0].shape[0]
+    mk, mq = m_k[:, None, :, None], m_q[:, None, :, None]
+    pe_tok = pe.index_select(0, bl.pe_row)
+    # bwd_prep per block
+    A = F.gelu(P)
+    C = torch.einsum("hjo,bhnjc->bhnoc", r.fin(g2[2]), r.fin(A))
+    # query pass over the pieces, each token with its block's C
+    zq, u2, hid2 = _token_hidden(q, m_q, pe_tok, g2, scale, H, r)
+    dyt = _heads(_sel(dy, m_q), H)
+    g = bl.tile_pow2(r, dyt)
+    cs = r.pow2(C, (-2, -1))
+    Ct, cst = _per_token(r.tok(C / cs), bl), _per_token(cs, bl)[..., 0]
+    dyx = r.tok(dyt / g)
+    Tm = bl.block_sums(torch.einsum("bhlo,bhlc->bhloc", hid2, dyx * g))  # block j's own queries
+    sdy = bl.block_sums(dyx * g)
+    du2 = torch.einsum("bhlc,bhloc->bhlo", dyx, Ct) * gelu_grad(u2)  # units g cs
+    unit = g[..., :1] * cst
+    dfc1_2 = torch.einsum("bhlo,bhlc->hoc", r.tok(du2) * unit, zq)
+    db1_2 = (du2 * unit).sum((0, 2))
+    dq = r.tok(_merge(scale * mq * torch.einsum("bhlo,hoc->bhlc", r.tok(du2), r.tok(g2[0])) * unit))
+    # bwd_mid per block
+    dA = torch.einsum("hjo,bhnoc->bhnjc", r.fin(g2[2]), r.fin(Tm))
+    if g2[3] is not None:
+        dA = dA + g2[3][None, :, None, :, None] * sdy[:, :, :, None, :]
+    dP = dA * gelu_grad(P)
+    if dp_extra is not None:
+        dP = dP + dp_extra
+    dfc2_2 = torch.einsum("bhnjc,bhnoc->hjo", r.fin(A), r.fin(Tm))
+    db2_2 = torch.einsum("bhnjc,bhnc->hj", A, sdy)
+    # R_i, r0_i: the blocks j whose window holds i
+    R = bl.window(torch.einsum("hjo,bhnjc->bhnoc", r.fin(g1[2]), r.fin(dP)), reverse=True)
+    r0 = 0.0 if g1[3] is None else _per_token(bl.window(torch.einsum("hj,bhnjc->bhnc", g1[3], dP), reverse=True), bl)
+    # key pass over the pieces, each token with its block's R
+    zk, u, hid = _token_hidden(k, m_k, pe_tok, g1, scale, H, r)
+    vx = r.tok(_heads(_sel(v, m_k), H))
+    S = bl.window(bl.block_sums(torch.einsum("bhlo,bhlc->bhloc", hid, vx)))
+    sv = bl.window(bl.block_sums(vx))
+    rs = r.pow2(R, (-2, -1))
+    Rt, rst = _per_token(r.tok(R / rs), bl), _per_token(rs, bl)[..., 0]
+    dv = r.tok(_merge(mk * mk * (torch.einsum("bhlo,bhloc->bhlc", hid, Rt) * rst + r0)))
+    du = torch.einsum("bhlc,bhloc->bhlo", vx, Rt) * gelu_grad(u)  # units rs
+    dfc1 = torch.einsum("bhlo,bhlc->hoc", r.tok(du) * rst, zk)
+    db1 = (du * rst).sum((0, 2))
+    dk = r.tok(_merge(scale * mk * torch.einsum("bhlo,hoc->bhlc", r.tok(du), r.tok(g1[0])) * rst))
+    # bwd_final per block: the window sums of the key pass's S, sv
+    dfc2 = torch.einsum("bhnjc,bhnoc->hjo", r.fin(dP), r.fin(S))
+    db2 = torch.einsum("bhnjc,bhnc->hj", dP, sv)
+    return [dq, dk, dv, dfc1, db1 if g1[1] is not None else None, dfc2, db2 if g1[3] is not None else None,
+            dfc1_2, db1_2 if g2[1] is not None else None, dfc2_2, db2_2 if g2[3] is not None else None, dP]
+
+
+def direct_masked_form(q, k, v, pe, m_q, m_k, g1, g2, scale, blocks, p_init_tok=None):
+    """O(N^2) definition: token t mixes with the tokens s of allowed[t, s] (hmx_kernels.blocks
+    MixingBlocks.allowed_matrix), P_t = sum_s allowed[t, s] W1_s^T (v_s m_s), y_t = W2_t GELU(P_t);
+    PE row of a token = its position in its packed sequence (from cu_seqlens); p_init_tok: a
+    carried state [B, H, N, k_h, d_h] added to each token's P. Returns y and P [B, H, N, k_h, d_h]
+    per token."""
+    H = g1[0].shape[0]
+    N = k.shape[1]
+    cu = [0, N] if blocks.cu_seqlens is None else blocks.cu_seqlens.tolist()
+    rows = torch.cat([torch.arange(b - a) for a, b in zip(cu[:-1], cu[1:])])
+    pe_tok = pe.index_select(0, rows)
+    allowed = blocks.allowed_matrix(N).to(q.dtype)
+
+    def mlp(x, m, gen):
+        z = _heads(scale * (x * m[..., None]) + pe_tok, H)
+        hid = F.gelu(torch.einsum("bhlc,hoc->bhlo", z, gen[0]) + _bias(gen[1], 1))
+        w = torch.einsum("bhlo,hjo->bhlj", hid, gen[2]) + _bias(gen[3], 1)
+        return w * m[:, None, :, None]
+
+    w1, w2 = mlp(k, m_k, g1), mlp(q, m_q, g2)
+    P = torch.einsum("ts,bhsj,bhsc->bhtjc", allowed, w1, _heads(v, H) * m_k[:, None, :, None])
+    if p_init_tok is not None:
+        P = P + p_init_tok
+    return _merge(torch.einsum("bhtj,bhtjc->bhtc", w2, F.gelu(P))), P
+
+
+BLOCK_CASES = {
+    # name: (B, N, chunk_size, left_context, cu_seqlens)
+    "chunk-causal-all": (2, 23, 4, -1, None),
+    "chunk-causal-L2": (2, 23, 3, 2, None),
+    "packed-noncausal-empty": (1, 21, 0, -1, [0, 7, 7, 16, 21]),
+    "packed-chunk-L1-empty": (1, 22, 3, 1, [0, 10, 10, 11, 22]),
+}
+
+
+def _blocked_problem(case, dh=6, kh=10, H=2, bias=True, seed=0, input_scale=1.0, dtype=F64):
+    """case (B, N, chunk_size, left_context, cu_seqlens) -> (problem, case, MixingBlocks)."""
+    from hmx_kernels.blocks import MixingBlocks
+    from hmx_kernels.causal import MixingMode
+
+    B, N, C, L, cu = case
+    prob = list(_problem(B=2, M=N, N=N, H=H, dh=dh, kh=kh, bias=bias, seed=seed, input_scale=input_scale,
+                         dtype=dtype))
+    if B == 1:  # packed: one row, padded tokens inside two of its sequences
+        prob[:3] = [x[:1] for x in prob[:3]]
+        prob[5], prob[6] = torch.ones(1, N, dtype=F64), torch.ones(1, N, dtype=F64)
+        prob[5][0, 14:16] = 0
+        prob[6][0, 3:5] = 0
+    mode = None if C == 0 else MixingMode(C, None if L < 0 else L)
+    blocks = MixingBlocks(mode, None if cu is None else torch.tensor(cu))
+    return prob, case, blocks
+
+
+@pytest.mark.parametrize("piece_len", [2, 5])
+@pytest.mark.parametrize("name", list(BLOCK_CASES))
+def test_blocked_passes_match_the_masked_direct_form_fp64(name, piece_len):
+    """The blocked passes (pieces shorter than blocks, so block sums add several pieces) against
+    autograd of the O(N^2) masked direct form, in fp64: output, P per block, every gradient."""
+    prob, (_, N, C, L, cu), blocks = _blocked_problem(BLOCK_CASES[name])
+    q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale = prob
+    bl = _Blocks(N, C, L, cu, piece_len, tile=2)
+    exact = _Rounding(None)
+    y, P = emulate_forward_blocked(q, k, v, pe_k, m_q, m_k, g1, g2, scale, exact, bl)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    grads = emulate_backward_blocked(dy, q, k, v, pe_k, m_q, m_k, g1, g2, P, scale, exact, bl)
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, *g1, *g2)]
+    y_ref, P_ref = direct_masked_form(*leaves[:3], pe_k, m_q, m_k, tuple(leaves[3:7]), tuple(leaves[7:]), scale,
+                                      blocks)
+    g_ref = torch.autograd.grad(y_ref, leaves, dy)
+    first_token = torch.tensor([bl.pieces[bp][0] for bp in bl.block_piece[:-1]])
+    P_ref = P_ref.detach().index_select(2, first_token)  # every token of block j has P_j
+    names = ["y", "p", "dq", "dk", "dv", "dfc1", "db1", "dfc2", "db2", "dfc1_2", "db1_2", "dfc2_2", "db2_2"]
+    for nm, a, e in zip(names, [y, P] + grads[:-1], [y_ref.detach(), P_ref] + list(g_ref)):
+        err = (a - e).abs().max().item() / e.abs().max().item()
+        assert err < 1e-12, f"{name}: {nm} relative error {err:.2e}"
+    # the masks: padded tokens give nothing and get zero gradients
+    for t, m in ((grads[1], m_k), (grads[2], m_k), (grads[0], m_q), (y, m_q)):
+        assert t[m == 0].abs().max() == 0
+
+
+def test_window_sums_are_the_window_definition():
+    """window_sums (the kernel's segment algorithm) against the plain definition, forward and
+    reverse, for widths 0 (unbounded), 1, 2, 3, 5 over sequences of 0, 1, 4 and 7 blocks: the
+    sums are exact in fp64 on integers."""
+    cu_blocks = [0, 4, 4, 5, 12]  # blocks per sequence 4, 0, 1, 7
+    nb = cu_blocks[-1]
+    seq_first = [a for a, b in zip(cu_blocks[:-1], cu_blocks[1:]) for _ in range(a, b)]
+    seq_last = [b - 1 for a, b in zip(cu_blocks[:-1], cu_blocks[1:]) for _ in range(a, b)]
+    x = torch.randint(-50, 50, (2, 3, nb, 4), generator=torch.Generator().manual_seed(1)).to(F64)
+    for width in (0, 1, 2, 3, 5):
+        want = torch.zeros_like(x)
+        want_rev = torch.zeros_like(x)
+        for j in range(nb):
+            lo = seq_first[j] if width == 0 else max(seq_first[j], j - width + 1)
+            want[:, :, j] = x[:, :, lo:j + 1].sum(2)
+            for i in range(lo, j + 1):  # block j's window holds i
+                want_rev[:, :, i] += x[:, :, j]
+        assert torch.equal(window_sums(x, width, seq_first, seq_last), want), width
+        assert torch.equal(window_sums(x, width, seq_first, seq_last, reverse=True), want_rev), width
+
+
+BLOCK_HALF_CASES = {
+    # name: (B, N, chunk_size, left_context, cu_seqlens): recipe-like lengths, several token tiles per block
+    "chunk-causal-L2": (2, 300, 96, 2, None),
+    "packed-chunk-causal": (1, 300, 80, -1, [0, 130, 130, 250, 300]),
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCK_HALF_CASES))
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_blocked_half_rounding_points_fit_the_cuda_tolerances(half, name):
+    """The blocked passes with the fp16 / bf16 roundings of _Rounding (per-block C / R powers of
+    two, per-tile m dY powers of two with tiles cut from each piece's start) through LayerNorm,
+    against the exact masked direct form on the same rounded inputs, in units of the "cuda"
+    tolerances (d_h 18, k_h 72)."""
+    prob, (_, N, C, L, cu), blocks = _blocked_problem(BLOCK_HALF_CASES[name], dh=18, kh=72, seed=3, input_scale=0.3)
+    q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale = prob
+    tile = _token_tile(18)
+    bl = _Blocks(N, C, L, cu, piece_len=tile, tile=tile)  # piece_tokens: whole tiles
+    g = torch.Generator().manual_seed(0)
+    rd = lambda t: None if t is None else t.to(half).to(F64)  # noqa: E731  (inputs in T)
+    qh, kh_, vh = rd(q), rd(k), rd(v)
+    g1h, g2h = tuple(rd(t) for t in g1), tuple(rd(t) for t in g2)
+    d = q.shape[2]
+    ln_w = 1 + 0.1 * torch.randn(d, generator=g, dtype=F64)
+    ln_b = 0.1 * torch.randn(d, generator=g, dtype=F64)
+    grad_out = torch.randn(q.shape, generator=g, dtype=F64)
+
+    leaves = [t.clone().requires_grad_(True) for t in (qh, kh_, vh, *g1h, *g2h)]
+    y_ref, _ = direct_masked_form(*leaves[:3], pe_k, m_q, m_k, tuple(leaves[3:7]), tuple(leaves[7:]), scale, blocks)
+    out_ref = F.layer_norm(y_ref, (d,), ln_w, ln_b, 1e-5)
+    g_ref = torch.autograd.grad(out_ref, leaves, grad_out)
+
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    r = _Rounding(half)
+    q32, k32, v32, pe32, mq32, mk32 = (f32(t) for t in (qh, kh_, vh, pe_k, m_q, m_k))
+    g1f, g2f = tuple(f32(t) for t in g1h), tuple(f32(t) for t in g2h)
+    y, P = emulate_forward_blocked(q32, k32, v32, pe32, mq32, mk32, g1f, g2f, scale, r, bl)
+    yl = y.detach().requires_grad_(True)
+    out = F.layer_norm(yl, (d,), ln_w.float(), ln_b.float(), 1e-5)
+    (dy,) = torch.autograd.grad(out, yl, grad_out.float())
+    grads = emulate_backward_blocked(r.dy_in(dy), q32, k32, v32, pe32, mq32, mk32, g1f, g2f, P, scale, r, bl)[:-1]
+
+    tol = get_backend("cuda").tolerances[("cuda", half)]
+    used_out = ((r.tok(out).double() - out_ref).abs().max() / out_ref.abs().max()).item() / tol.out
+    used_grad = max(((a.double() - e).abs().max() / e.abs().max()).item() / tol.grad
+                    for a, e in zip(grads, g_ref))
+    print(f"{name} {half}: output uses {used_out:.2f}, gradients {used_grad:.2f} of the tolerances")
+    assert used_out < 0.5 and used_grad < 0.5
+
+
+@pytest.mark.parametrize("N, chunk_size, left_context, cu", [
+    (23, 4, -1, None), (23, 3, 2, None), (300, 0, -1, [0, 7, 7, 16, 300]), (300, 40, 1, [0, 10, 10, 11, 300]),
+    (5000, 96, -1, [0, 3000, 5000]), (5000, 1, 3, None)])
+def test_piece_table_of_the_binding(N, chunk_size, left_context, cu):
+    """The binding's piece table (csrc/hmx_pieces.h through the extension's _piece_table, what the
+    CUDA kernels receive) equals piece_plan, the table the emulation above runs on, and, at the
+    Triton backend's piece length, the Triton backend's own table (hmx_kernels/triton/launch.py
+    _Blocks): the same blocks, pieces and sequence starts."""
+    from hmx_kernels.cpp.ops import extension, extension_reasons
+
+    if extension_reasons("cpu"):
+        pytest.skip("; ".join(extension_reasons("cpu")))
+    ext = extension("cpu")
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int64)
+    for piece_len in (64, 100, 4096):
+        table, n_pieces, nb = ext._piece_table(N, chunk_size, cu_t, piece_len)
+        pieces, block_piece, seq_first, seq_last = piece_plan(N, chunk_size, cu, piece_len)
+        assert (n_pieces, nb) == (len(pieces), len(seq_first))
+        want = [x for p in pieces for x in p] + block_piece + seq_first + seq_last
+        assert table.dtype == torch.int32 and table.tolist() == want
+    try:
+        from hmx_kernels.triton.launch import _Blocks as TritonBlocks, _chunking
+    except ImportError as e:  # triton not installed
+        pytest.skip(str(e))
+    tb = TritonBlocks(N, chunk_size, left_context, cu_t, "cpu")
+    table, n_pieces, nb = ext._piece_table(N, chunk_size, cu_t, _chunking(N)[1])
+    assert (n_pieces, nb) == (tb.n_pieces, tb.nb)
+    assert torch.equal(table[:4 * n_pieces].view(n_pieces, 4), tb.table)
+
+
+@pytest.mark.parametrize("name, per_block", [("chunk-causal-all", False), ("chunk-causal-L2", True)],
+                         ids=["one-state-unbounded", "per-block-terms-L2"])
+def test_blocked_carried_state_matches_the_direct_form_fp64(name, per_block):
+    """Streaming on the CUDA kernels (hmx_params.h p_init / dp_extra / dp_init): a carried state
+    added to P in the finalize pass (one state in every block's window with unbounded left
+    context, or one term per block), the gradient of the saved state added to dP in the mid pass,
+    and P_0's gradient = the sum of every block's dP (or each block's): against autograd of the
+    masked direct form with the state added to every token's P and a loss that also weighs the
+    saved state (block j's P), fp64."""
+    prob, (_, N, C, L, cu), blocks = _blocked_problem(BLOCK_CASES[name])
+    q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale = prob
+    bl = _Blocks(N, C, L, cu, 3, tile=2)
+    B, H, kh, dh = q.shape[0], g1[0].shape[0], g1[2].shape[1], g1[2].shape[2]
+    gen = torch.Generator().manual_seed(8)
+    shape = (B, H, bl.nb, kh, dh) if per_block else (B, H, kh, dh)
+    p_init = torch.randn(shape, generator=gen, dtype=F64) * 0.5
+    exact = _Rounding(None)
+    y, P = emulate_forward_blocked(q, k, v, pe_k, m_q, m_k, g1, g2, scale, exact, bl, p_init=p_init)
+    dy = torch.randn(y.shape, generator=gen, dtype=F64)
+    dp_extra = torch.randn(P.shape, generator=gen, dtype=F64)
+    *grads, dP = emulate_backward_blocked(dy, q, k, v, pe_k, m_q, m_k, g1, g2, P, scale, exact, bl, dp_extra=dp_extra)
+    dp_init = dP if per_block else dP.sum(2)
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, *g1, *g2, p_init)]
+    init_tok = leaves[-1].index_select(2, bl.block) if per_block else leaves[-1][:, :, None].expand(B, H, N, kh, dh)
+    y_ref, P_tok = direct_masked_form(*leaves[:3], pe_k, m_q, m_k, tuple(leaves[3:7]), tuple(leaves[7:11]), scale,
+                                      blocks, p_init_tok=init_tok)
+    first_token = torch.tensor([bl.pieces[bp][0] for bp in bl.block_piece[:-1]])
+    P_ref = P_tok.index_select(2, first_token)
+    loss = (y_ref * dy).sum() + (P_ref * dp_extra).sum()
+    g_ref = torch.autograd.grad(loss, leaves)
+    names = ["y", "p", "dq", "dk", "dv", "dfc1", "db1", "dfc2", "db2", "dfc1_2", "db1_2", "dfc2_2", "db2_2", "dp_init"]
+    for nm, a, e in zip(names, [y, P] + grads + [dp_init], [y_ref.detach(), P_ref.detach()] + list(g_ref)):
+        err = (a - e).abs().max().item() / e.abs().max().item()
+        assert err < 1e-12, f"{name}: {nm} relative error {err:.2e}"

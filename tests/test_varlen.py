@@ -163,13 +163,15 @@ def _triton_packed_vs_reference(mode, monkeypatch):
 
 def test_backends_without_packing_run_a_padded_batch():
     """A backend that takes no packed sequences is refused for the packed problem with a reason,
-    and hyper_mixing_varlen still runs it (padded)."""
+    and hyper_mixing_varlen still runs it (padded); the fused backends that declare packed
+    sequences (triton, cuda) are not refused."""
     case = make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4)
     p = hmx_kernels.check_inputs(**case.kwargs())
     import dataclasses
     packed = dataclasses.replace(p, blocks=MixingBlocks(p.mode, torch.tensor([0, 1, 4])))
-    if "cuda" in hmx_kernels.registered_backends():
-        assert any("packed sequences" in r for r in hmx_kernels.backend_reasons(packed)["cuda"])
+    if "cuda" in hmx_kernels.registered_backends():  # takes packed sequences (CUDA tensors only)
+        assert get_backend("cuda").capabilities.varlen
+        assert not any("packed sequences" in r for r in hmx_kernels.backend_reasons(packed)["cuda"])
     if "triton" in hmx_kernels.registered_backends():
         assert get_backend("triton").capabilities.varlen
         assert not any("packed sequences" in r for r in hmx_kernels.backend_reasons(packed)["triton"])

@@ -5,8 +5,8 @@
 and `-Xptxas -v`, one nvcc at a time under `nice`, and returns one dict per (arch, shape, dtype,
 kernel) with the keys of FIELDS:
 - arch "sm_80" / "sm_90", shape "d_h,k_h" (e.g. "18,72", as the Triton rows), dtype "fp32" / "fp16" / "bf16",
-  backend "cuda", kernel (state, fwd_finalize, mix, bwd_prep, query, bwd_mid, key, bwd_final,
-  sum_parts), config "T<tile>-w8" (token tile, or k_h rows per step of a finalize kernel; 8 warps);
+  backend "cuda", kernel (state, fwd_finalize, mix, bwd_prep, query, bwd_mid, key, bwd_final, their
+  *_blocked twins for mixing blocks, sum_parts, block_window), config "T<tile>-w8" (token tile, or k_h rows per step of a finalize kernel; 8 warps);
 - registers and spill_bytes (spill stores + spill loads) from ptxas;
 - smem_bytes: the dynamic shared memory the launcher asks for (the kernels' own size function,
   hmx::cuda::kernel_table, run on the host through a small nvcc-built program) plus ptxas' static
@@ -44,8 +44,13 @@ FIELDS = ["arch", "shape", "dtype", "backend", "kernel", "config", "registers", 
           "tensor_core_instructions"]
 SHAPES: Tuple[Tuple[int, int], ...] = ((18, 72), (32, 128), (64, 256), (128, 512))
 DTYPES = ("fp32", "fp16", "bf16")
-KERNELS = ("state", "fwd_finalize", "mix", "bwd_prep", "query", "bwd_mid", "key", "bwd_final", "sum_parts")
-MATMUL_KERNELS = KERNELS[:-1]  # every kernel but the weight-gradient sums multiplies matrices
+# the plain passes, the passes of blocked mixing (chunk-causal, packed: *_blocked), and the two that
+# only add: the weight-gradient sums and the block / window sums of blocked mixing
+KERNELS = ("state", "fwd_finalize", "mix", "bwd_prep", "query", "bwd_mid", "key", "bwd_final",
+           "state_blocked", "mix_blocked", "query_blocked", "key_blocked", "fwd_finalize_blocked", "bwd_prep_blocked",
+           "bwd_mid_blocked", "bwd_final_blocked", "sum_parts", "block_window")
+ADD_KERNELS = ("sum_parts", "block_window")  # not templates: one per arch, no matrix products
+MATMUL_KERNELS = tuple(k for k in KERNELS if k not in ADD_KERNELS)
 THREADS = 256
 # opt-in shared memory per block: A100 (sm_80) 163 KB, H100 / H200 (sm_90) 227 KB
 SMEM_LIMITS = {"sm_80": 166912, "sm_90": 232448}
@@ -53,7 +58,7 @@ MAX_REGISTERS = 255
 # Itanium mangling of the template argument T of kernel<T, D>
 _TYPE_TAGS = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
 _KERNEL_RE = re.compile(r"_ZN3hmx4cuda\d+(\w+?)_kernelI(f|6__half|13__nv_bfloat16)Li(\d+)EE")
-_SUM_RE = re.compile(r"_ZN3hmx4cuda\d+sum_parts_kernel")
+_ADD_RES = {k: re.compile(r"_ZN3hmx4cuda\d+" + k + "_kernel") for k in ADD_KERNELS}
 
 
 def head_block(d_h: int) -> int:
@@ -177,18 +182,19 @@ def tensor_core_count(sass: str) -> int:
 
 
 def kernel_id(mangled: str) -> Optional[Tuple[str, Optional[str], Optional[int]]]:
-    """(kernel, dtype, head block) of a mangled kernel name (dtype / block None for sum_parts)."""
+    """(kernel, dtype, head block) of a mangled kernel name (dtype / block None for ADD_KERNELS)."""
     m = _KERNEL_RE.search(mangled)
     if m:
         return m.group(1), _TYPE_TAGS[m.group(2)], int(m.group(3))
-    if _SUM_RE.search(mangled):
-        return "sum_parts", None, None
+    for kernel, rx in _ADD_RES.items():
+        if rx.search(mangled):
+            return kernel, None, None
     return None
 
 
 _DRIVER = r"""
 #include <cstdio>
-#include "hmx_cuda_common.cuh"
+#include "hmx_cuda_plan.cuh"
 using namespace hmx::cuda;
 int main() {
   const char* names[3] = {"fp32", "fp16", "bf16"};
@@ -196,7 +202,7 @@ int main() {
   const int dhs[] = {DHS};
   for (int i = 0; i < 3; ++i)
     for (int dh : dhs) {
-      KernelSize t[8];
+      KernelSize t[kMaxKernels];
       const int n = kernel_table(types[i], dh, t);
       for (int k = 0; k < n; ++k)
         printf("{\"kind\": \"smem\", \"dtype\": \"%s\", \"d_h\": %d, \"kernel\": \"%s\", \"tile\": %d, \"smem\": %zu}\n",
@@ -215,7 +221,7 @@ int main() {
 
 
 def host_tables(d_hs: Iterable[int], work_dir: Path) -> List[dict]:
-    """Run the kernels' host-side size and grid functions (hmx_cuda_common.cuh) in a small program
+    """Run the kernels' host-side size and grid functions (hmx_cuda_plan.cuh) in a small program
     built with nvcc (host code only: no GPU needed): one dict per printed line."""
     src = Path(work_dir) / "hmx_cuda_sizes.cu"
     src.write_text(_DRIVER.replace("DHS", ", ".join(str(int(x)) for x in d_hs)))
@@ -247,8 +253,8 @@ def rows_from(objects: Dict[str, Tuple[Path, str]], tables: List[dict], archs: I
             D = head_block(d_h)
             for dtype in DTYPES:
                 for kernel in KERNELS:
-                    if kernel == "sum_parts":
-                        name = by_id[(arch, "sum_parts", None, None)]
+                    if kernel in ADD_KERNELS:
+                        name = by_id[(arch, kernel, None, None)]
                         config, dyn = f"T1-w{THREADS // 32}", 0
                     else:
                         name = by_id[(arch, kernel, dtype, D)]

@@ -84,8 +84,10 @@ __all__ = [
 
 _NAME = "hmx_kernels_ext"
 CPU_SOURCES = ["hmx_binding.cpp", "hmx_cpu.cpp"]
-CUDA_SOURCES = ["hmx_cuda_forward.cu", "hmx_cuda_backward.cu"]
-HEADERS = ["hmx_params.h", "hmx_cpu.h", "hmx_cpu_scan.h", "hmx_cuda.h", "hmx_cuda_common.cuh"]
+CUDA_SOURCES = ["hmx_cuda_forward.cu", "hmx_cuda_backward.cu", "hmx_cuda_blocks.cu"]
+HEADERS = ["hmx_params.h", "hmx_cpu.h", "hmx_cpu_scan.h", "hmx_cuda.h", "hmx_cuda_tiles.cuh",
+           "hmx_cuda_layout.cuh", "hmx_cuda_passes.cuh", "hmx_cuda_plan.cuh", "hmx_cuda_blocks.cuh",
+           "hmx_pieces.h"]
 # -fno-trapping-math (as torch itself is built): lets branch-free float code (the twin's GELU)
 # vectorise; it assumes no floating-point traps are enabled and changes no results.
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-std=c++17"]

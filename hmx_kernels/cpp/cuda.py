@@ -1,6 +1,12 @@
 """Backend "cuda": the CUDA kernels of csrc/ on CUDA tensors (hmx_kernels/cpp/ops.py runs them),
 float32 / float16 / bfloat16 with fp32 accumulation, where torch has CUDA (and nvcc exists, unless
-a finished build is found). Its limits and tolerances, with their derivation, are declared here."""
+a finished build is found). Its limits and tolerances, with their derivation, are declared here.
+
+Mixing blocks: full, chunk-causal (any left context) and packed sequences, alone or together
+(csrc/README.md "Mixing blocks on CUDA"), and a carried state in chunk-causal mixing (streaming:
+cuda_stream_forward, the CPU twin's logic on the CUDA op). Not yet: token-causal mixing (chunk_size
+1 with every earlier token), position offsets and sequence parallelism; the dispatcher declines
+those with a reason."""
 from __future__ import annotations
 
 from typing import List
@@ -8,9 +14,10 @@ from typing import List
 import torch
 
 from ..config import SETTINGS
+from ..blocks import CHUNK_CAUSAL, FULL, PACKED
 from ..dispatch import Backend, Capabilities, Tolerance, register_backend
 from ..problem import HyperMixingProblem
-from .ops import HALF_DTYPES, cpp_forward, extension_reasons
+from .ops import HALF_DTYPES, _cuda_carries, cpp_forward, cuda_stream_forward, extension_reasons
 
 
 # hmx::cuda::not_supported gives the same verdict on the device.
@@ -40,10 +47,13 @@ register_backend(
         description="CUDA C++ fused kernels (reassociated form, tiles in shared memory, tensor cores for "
                     "float16/bfloat16, fp32 accumulation); float32/float16/bfloat16",
         forward=cpp_forward,
+        stream_forward=cuda_stream_forward,
         capabilities=Capabilities(
             devices=("cuda",),
             dtypes=(torch.float32, torch.float16, torch.bfloat16),
             max_d_h=128,
+            blocks=frozenset({FULL, CHUNK_CAUSAL, PACKED}),
+            carried_state=_cuda_carries,
             available=extension_reasons,
         ),
         extra_reasons=_cuda_extra_reasons,

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..config import SETTINGS, on_change
 from ..dispatch import constant_result
-from ..ops import define_fused_ops, run_fused, slots_holding_p_t, state_blocks, stream_forward_of
+from ..ops import define_fused_ops, run_fused, slots_holding_p, slots_holding_p_t, state_blocks, stream_forward_of
 from ..positional import cached_positional_encoding, positional_encoding
 from ..problem import HyperMixingProblem
 from ..variants import get_variant
@@ -221,9 +221,10 @@ def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
 
 def cpu_carries_state(chunk_size: int, left_context: int, cu_seqlens) -> bool:
     """The cpp ops take a carried state (initial_state; streaming) and the gradient of their state
-    output for CPU tensors in causal and chunk-causal mixing without packed sequences: a state in
-    every block's window [B, H, d_h, k_h] with unbounded left context (the token scan starts from
-    it), or one term per block [B, H, num_blocks, d_h, k_h] (csrc/hmx_params.h)."""
+    output in causal and chunk-causal mixing without packed sequences (CUDA tensors: not
+    token-causal): a state in every block's window [B, H, d_h, k_h] with unbounded left context
+    (the CPU twin's token scan starts from it), or one term per block [B, H, num_blocks, d_h, k_h]
+    (csrc/hmx_params.h)."""
     return chunk_size >= 1 and cu_seqlens is None
 
 
@@ -234,16 +235,21 @@ CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("c
 # One streamed piece on the cpp ops (hmx_kernels.streaming; the generic fused version,
 # hmx_kernels.ops.fused_stream_forward): the carried state enters every block's window (the token
 # scan starts from it) or, with L chunks of left context, two calls give the chunks' own partial
-# states and their window terms. The ops' state slots hold P^T; the last slot is the last block's
-# P, or the scan's P after the last token. The CUDA tensors of the same ops stream the same way
-# once the kernels take initial_state (Backend(stream_forward=cpp_stream_forward, ...)).
+# states and their window terms. The CPU twin's state slots hold P^T (the last slot is the last
+# block's P, or the scan's P after the last token); the CUDA kernels' slots hold P itself
+# (chunk-causal only: the CUDA kernels decline token-causal mixing).
 cpp_stream_forward = stream_forward_of(CPP_OPS, slots_holding_p_t)
 cpu_stream_forward = cpp_stream_forward  # its earlier name
+cuda_stream_forward = stream_forward_of(CPP_OPS, slots_holding_p)
 
 
 def _cpu_carries(mode) -> bool:
     return cpu_carries_state(mode.chunk_size, -1 if mode.left_context_chunks is None else mode.left_context_chunks,
                              None)  # every causal mode (limited left context by two passes)
+
+
+def _cuda_carries(mode) -> bool:
+    return _cpu_carries(mode) and not mode.token_causal  # the CUDA kernels: chunk-causal only
 
 
 def cpp_forward(p: HyperMixingProblem) -> Tensor:
