@@ -3,9 +3,9 @@ block kinds against the explicit O(N^2) masked formulation (tests/naive.py maske
 outputs and every gradient, speechbrain's masks recognised, and the attn_mask policies of a
 converted speechbrain layer.
 
-The mode tests are generated from the capabilities (`DECLARED`): backend x (device, dtype) of its
-declared tolerances x mode x variant, so a backend that declares the kinds is tested in them with
-no edit here; one that cannot run here is skipped with its reasons. Tolerances: float64 against the
+The mode tests are generated from the capabilities (`_declared_combos`): backend x (device, dtype)
+of its declared tolerances x every mode whose kind (token-causal, chunk-causal) it declares x
+variant, so a backend that declares a kind is tested in it with no edit here; one that cannot run here is skipped with its reasons. Tolerances: float64 against the
 masked formulation in float64 (same generator arithmetic, sums in other orders, the fused backends
 also in the reassociated form): the declared float64 tolerance, or 1e-12 of the largest magnitude
 for the reference; float32 against the masked formulation in float64 on the same values, and
@@ -21,6 +21,7 @@ import torch
 
 import hmx_kernels
 from hmx_kernels import FusedHyperMixing
+from hmx_kernels.blocks import CHUNK_CAUSAL, TOKEN_CAUSAL
 from hmx_kernels.causal import MixingMode, allowed_matrix
 from hmx_kernels.integrations.speechbrain import mode_from_attn_mask
 from hmx_kernels.dispatch import get_backend
@@ -70,29 +71,40 @@ def _probe_reasons(name, device, dtype):
     return hmx_kernels.backend_reasons(hmx_kernels.check_inputs(**case.kwargs(), chunk_size=2))[name]
 
 
-def _declared_combos():
-    """(backend, device, dtype) for every registered backend that declares the causal block kinds:
-    every (device, dtype) of its declared tolerances, and float64 on the CPU for a backend that
-    takes it with none declared (the reference: exact up to summation order). A combination that
-    cannot run here (no GPU, no compiler, no triton) is collected and skipped with its reasons, so
-    a backend that declares the kinds is tested in them with no edit here."""
+def _kind(kw) -> str:
+    return TOKEN_CAUSAL if kw.get("causal") else CHUNK_CAUSAL
+
+
+def _declared_combos(modes):
+    """(backend, device, dtype, mode name) for every registered backend and every mode of `modes`
+    whose block kind (token-causal, chunk-causal) the backend declares: every (device, dtype) of
+    its declared tolerances, and float64 on the CPU for a backend that takes it with none declared
+    (the reference: exact up to summation order). A combination that cannot run here (no GPU, no
+    compiler, no triton) is collected and skipped with its reasons, so a backend that declares a
+    kind is tested in it with no edit here."""
     out = []
     for name in hmx_kernels.registered_backends():
         backend = get_backend(name)
-        if not backend.capabilities.causal:
+        names = [m for m, kw in modes.items() if _kind(_mode_kwargs(kw)) in backend.capabilities.blocks]
+        if not names:
             continue
-        pairs = list(backend.tolerances) or [("cpu", torch.float64)]
-        for device, dtype in pairs:
+        for device, dtype in list(backend.tolerances) or [("cpu", torch.float64)]:
             if device == "cuda" and not torch.cuda.is_available():
                 reasons = ["no CUDA device"]
             else:
                 reasons = _probe_reasons(name, device, dtype)
-            out.append(pytest.param(name, device, dtype, id=f"{name}-{device}-{str(dtype).replace('torch.', '')}",
-                                    marks=pytest.mark.skipif(bool(reasons), reason="; ".join(reasons) or "-")))
+            for mode_name in names:
+                out.append(pytest.param(
+                    name, device, dtype, mode_name,
+                    id=f"{mode_name}-{name}-{device}-{str(dtype).replace('torch.', '')}",
+                    marks=pytest.mark.skipif(bool(reasons), reason="; ".join(reasons) or "-")))
     return out
 
 
-DECLARED = _declared_combos()
+def _mode_kwargs(entry):
+    return entry[-1] if isinstance(entry, tuple) else entry
+
+
 # backends declaring the causal kinds that run float64 CPU tensors here (the whole-model tests)
 BACKENDS = [name for name in hmx_kernels.registered_backends()
             if get_backend(name).capabilities.causal and torch.float64 in get_backend(name).capabilities.dtypes
@@ -130,8 +142,7 @@ def _check_mode(backend, device, dtype, case, kw, grad_out):
     return out
 
 
-@pytest.mark.parametrize("backend, device, dtype", DECLARED)
-@pytest.mark.parametrize("mode_name", list(MODES))
+@pytest.mark.parametrize("backend, device, dtype, mode_name", _declared_combos(MODES))
 @pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
 def test_matches_the_masked_formulation(variant, mode_name, backend, device, dtype):
     """Every mode of MODES, masks, a fully padded batch row, tied generators in one case."""
@@ -154,8 +165,7 @@ AWKWARD_MODES = {
 }
 
 
-@pytest.mark.parametrize("backend, device, dtype", DECLARED)
-@pytest.mark.parametrize("mode_name", list(AWKWARD_MODES))
+@pytest.mark.parametrize("backend, device, dtype, mode_name", _declared_combos(AWKWARD_MODES))
 def test_modes_at_awkward_sizes(mode_name, backend, device, dtype):
     """d_h 18, k_h 72, a prime N, padding masks, in every declared dtype."""
     variant, n, kw = AWKWARD_MODES[mode_name]
@@ -252,19 +262,18 @@ def test_cpu_backend_modes_are_deterministic_across_thread_counts():
 
 
 def test_backends_without_the_kinds_decline_and_auto_runs_cpu():
-    """A backend that does not declare the causal kinds declines a chunk-causal call with a reason
-    naming the mode; one that declares them gives no such reason."""
+    """A backend that does not declare a causal kind declines a call in it with a reason naming
+    the mode; one that declares it gives no such reason."""
     case = make_case(variant="speechbrain", B=1, M=6, d=8, H=2, k_h=4)
-    p = hmx_kernels.check_inputs(**case.kwargs(), chunk_size=2)
-    reasons = hmx_kernels.backend_reasons(p)
-    assert reasons["reference"] == []
-    for name, rs in reasons.items():
-        declines = any("chunk-causal" in r and "not implemented" in r for r in rs)
-        assert declines != get_backend(name).capabilities.causal, (name, rs)
-    if not reasons["cpu"]:
-        assert hmx_kernels.select_backend("auto", p).name == "cpu"
-    else:
-        assert hmx_kernels.select_backend("auto", p).name == "reference"
+    for kw, kind, words in ((dict(chunk_size=2), CHUNK_CAUSAL, "chunk-causal"),
+                            (dict(causal=True), TOKEN_CAUSAL, "token-causal")):
+        p = hmx_kernels.check_inputs(**case.kwargs(), **kw)
+        reasons = hmx_kernels.backend_reasons(p)
+        assert reasons["reference"] == []
+        for name, rs in reasons.items():
+            declines = any(words in r and "not implemented" in r for r in rs)
+            assert declines != (kind in get_backend(name).capabilities.blocks), (name, kind, rs)
+        assert hmx_kernels.select_backend("auto", p).name == ("cpu" if not reasons["cpu"] else "reference")
 
 
 def test_bad_mode_arguments():
