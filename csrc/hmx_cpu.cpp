@@ -884,6 +884,17 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
   const BlockMap bm = make_blocks(pb);
   const int64_t nb = bm.nb(), NB = pb.num_blocks;
   const int64_t psz = kh * dh, gsq = dh * dh, fsz = kh * dh + kh, ssz = state_size(dh);
+  // one carried term per block: p holds the blocks' own Q_j; P_j as the forward formed it
+  const bool own = bp.n_init > 0;
+  Buffer<T> pown(own ? B * H * NB * psz : 1);
+  if (own) {
+    const T* pi = static_cast<const T*>(bp.p_init);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t j = 0; j < nb; ++j)
+        own_window(p + bh * NB * psz, bm, j, psz, pi + (bh * NB + j) * psz, pown.data() + (bh * NB + j) * psz);
+    p = pown.data();
+  }
   const int64_t f1sz = Fc1Partial<T>::size(dh);
   const PassItems kitems = pass_items(B, N, H, nthreads), qitems = pass_items(B, M, H, nthreads);
   const Pieces kpc = make_pieces(bm, N, kitems.C), qpc = make_pieces(bm, M, qitems.C);
@@ -986,6 +997,7 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh)
       backward_block_fc2(pb, mm, bm, kpc, k_part.data() + bh * kpc.count * ssz, dpt.data() + bh * nb * psz,
+                         own && bp.dp_extra ? static_cast<const T*>(bp.dp_extra) + bh * NB * psz : nullptr,
                          g1_fc2.data() + bh * fsz, sb, blk.data(), st.data(), sv.data());
   }
   reduce_generator_grads<T>(q_fc1, g2_fc2, B, H, Cq, dh, kh, bp.dg2, nthreads);

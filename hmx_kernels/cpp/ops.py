@@ -29,7 +29,7 @@ from ..config import SETTINGS, on_change
 from ..dispatch import constant_result
 from ..ops import define_fused_ops, layer_norm_epilogue, run_fused, state_blocks
 from ..positional import cached_positional_encoding, positional_encoding
-from ..problem import HyperMixingProblem
+from ..problem import HyperMixingProblem, compute_dtype_of
 from ..variants import get_variant
 from . import build
 
@@ -206,12 +206,15 @@ def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     blocks, rows = _blocks(query, key, chunk_size, left_context, cu_seqlens)
     pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype, rows, position_offset)
     q, k, v = _tokens(query), _tokens(key), _tokens(value)
+    # one carried term per block: the state holds the blocks' own partial states, and the backward
+    # forms P from it and the same terms (csrc/hmx_params.h, ForwardParams::p_init)
+    n_init = initial_state.shape[2] if initial_state is not None and initial_state.dim() == 5 else 0
     # dY in the compute type: fp32 on CUDA, so a small dY is not flushed to zero in fp16
     grads = ext.backward(grad_y.to(ctype).contiguous(), q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep),
                          *[_c(w) for w in gen], state.contiguous(), float(scale), *blocks,
                          reduce=_reducer(sp_group), dp_extra=_c(grad_state),
-                         want_dp_init=initial_state is not None,
-                         n_init=initial_state.shape[2] if initial_state is not None and initial_state.dim() == 5 else 0)
+                         want_dp_init=initial_state is not None, n_init=n_init,
+                         p_init=_c(initial_state) if n_init else None)
     out = [g.to(ctype) for g in grads[:3]]
     out += [query.new_empty((0,), dtype=ctype) if g is None else g for g in grads[3:11]]
     if initial_state is not None:
@@ -232,10 +235,11 @@ CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("c
 
 
 def cpu_stream_forward(p: HyperMixingProblem, carry):
-    """One streamed piece on the CPU twin (hmx_kernels.streaming; causal or chunk-causal with
-    unbounded left context): the carried state P [B, H, k_h, d_h] enters every block's window (the
-    token scan starts from it), and the state after the piece is the op state's last slot (the
-    last block's P, or the scan's P after the last token), a differentiable view of it."""
+    """One streamed piece on the CPU twin (hmx_kernels.streaming), one pass of the op. Unbounded
+    left context: the carried state P [B, H, k_h, d_h] enters every block's window (the token scan
+    starts from it), and the state after the piece is the op state's last slot (the last block's P,
+    or the scan's P after the last token), a differentiable view of it. L chunks of left context:
+    the carry is the last L chunks' own partial states [B, H, r <= L, k_h, d_h] (below)."""
     C, L = p.mode.chunk_size, p.mode.left_context_chunks
     args = (p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(), p.variant.name)
     if L is None:
@@ -245,29 +249,32 @@ def cpu_stream_forward(p: HyperMixingProblem, carry):
         final = state.view(p.B, p.H, slots, p.d_h, p.k_h)[:, :, slots - 1].transpose(-1, -2)
         return layer_norm_epilogue(y, p), final
     # L chunks of left context: the next state is the last L chunks' own partial states Q_j, which
-    # no window sum holds. A first pass with block-local windows (L = 0) gives every chunk's Q_j^T
-    # as its state; the window terms E_j = the L chunks before chunk j (carried and this piece's),
-    # summed explicitly in chunk order, go into a second pass with block-local windows, so that
-    # P_j = Q_j + E_j. Two passes: about twice the cost of a pass without a carried state.
+    # no window sum holds. One pass with this piece's windows of L chunks and one term per chunk,
+    # E_j = the carried chunks within L of chunk j (summed here in chunk order): with one term per
+    # block the op's state is each chunk's own Q_j^T (csrc/hmx_params.h), so the output and the
+    # next carry come from the one pass.
     nb = (p.N + C - 1) // C
-    y, own = CPP_OPS.fwd(*args, C, 0, None, p.position_offset, "")  # y is final when L = 0
-    q_t = own.view(p.B, p.H, nb, p.d_h, p.k_h)  # Q_j^T of this piece's chunks
     r = 0 if carry is None else carry.shape[2]
-    chunks = q_t if carry is None else torch.cat([carry.transpose(-1, -2), q_t], dim=2)  # [B, H, r + nb, ...]
-    if L > 0:
-        terms = torch.zeros_like(q_t)
-        for shift in range(1, L + 1):  # E_j += Q_{j - shift}, every chunk before j within L
-            j0 = max(0, shift - r)
-            if j0 < nb:
-                terms[:, :, j0:] = terms[:, :, j0:] + chunks[:, :, r + j0 - shift:r + nb - shift]
-        y, _ = CPP_OPS.fwd(*args, C, 0, None, p.position_offset, "", terms.contiguous())
+    carried = None if carry is None else carry.transpose(-1, -2)  # [B, H, r, d_h, k_h]
+    terms = p.query.new_zeros((p.B, p.H, nb, p.d_h, p.k_h), dtype=compute_dtype_of(p.query.dtype))
+    if r > 0:
+        rows = []
+        for j in range(nb):  # E_j = the carried chunks r + j - L .. r - 1 (those within L of j), in order
+            e = terms[:, :, j]
+            for i in range(max(0, r + j - L), r):
+                e = e + carried[:, :, i]
+            rows.append(e)
+        terms = torch.stack(rows, dim=2).contiguous()
+    y, own = CPP_OPS.fwd(*args, C, L, None, p.position_offset, "", terms)
+    q_t = own.view(p.B, p.H, nb, p.d_h, p.k_h)  # Q_j^T of this piece's chunks
+    chunks = q_t if carried is None else torch.cat([carried, q_t], dim=2)  # [B, H, r + nb, ...]
     final = chunks[:, :, chunks.shape[2] - min(L, chunks.shape[2]):].transpose(-1, -2)
     return layer_norm_epilogue(y, p), final
 
 
 def _cpu_carries(mode) -> bool:
     return cpu_carries_state(mode.chunk_size, -1 if mode.left_context_chunks is None else mode.left_context_chunks,
-                             None)  # every causal mode (limited left context by two passes)
+                             None)  # every causal mode
 
 
 def cpp_forward(p: HyperMixingProblem) -> Tensor:
