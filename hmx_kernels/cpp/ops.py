@@ -255,20 +255,23 @@ def cpu_stream_forward(p: HyperMixingProblem, carry):
     # next carry come from the one pass.
     nb = (p.N + C - 1) // C
     r = 0 if carry is None else carry.shape[2]
-    carried = None if carry is None else carry.transpose(-1, -2)  # [B, H, r, d_h, k_h]
-    terms = p.query.new_zeros((p.B, p.H, nb, p.d_h, p.k_h), dtype=compute_dtype_of(p.query.dtype))
-    if r > 0:
+    if r == 0:
+        terms = p.query.new_zeros((p.B, p.H, nb, p.d_h, p.k_h), dtype=compute_dtype_of(p.query.dtype))
+    else:  # summed in the carry's own layout [.., k_h, d_h], then transposed once (the twin keeps P^T)
         rows = []
         for j in range(nb):  # E_j = the carried chunks r + j - L .. r - 1 (those within L of j), in order
-            e = terms[:, :, j]
-            for i in range(max(0, r + j - L), r):
-                e = e + carried[:, :, i]
+            lo = max(0, r + j - L)
+            e = carry[:, :, lo] if lo < r else carry.new_zeros(carry.shape[:2] + carry.shape[3:])
+            for i in range(lo + 1, r):
+                e = e + carry[:, :, i]
             rows.append(e)
-        terms = torch.stack(rows, dim=2).contiguous()
+        terms = torch.stack(rows, dim=2).transpose(-1, -2).contiguous()
     y, own = CPP_OPS.fwd(*args, C, L, None, p.position_offset, "", terms)
-    q_t = own.view(p.B, p.H, nb, p.d_h, p.k_h)  # Q_j^T of this piece's chunks
-    chunks = q_t if carried is None else torch.cat([carried, q_t], dim=2)  # [B, H, r + nb, ...]
-    final = chunks[:, :, chunks.shape[2] - min(L, chunks.shape[2]):].transpose(-1, -2)
+    q = own.view(p.B, p.H, nb, p.d_h, p.k_h).transpose(-1, -2)  # Q_j [.., k_h, d_h] of this piece's chunks
+    keep = min(L, r + nb)  # the next carry: the last L chunks, carried ones first
+    from_carry = max(0, keep - nb)
+    tail = q[:, :, nb - (keep - from_carry):]
+    final = torch.cat([carry[:, :, r - from_carry:], tail], dim=2) if from_carry else tail
     return layer_norm_epilogue(y, p), final
 
 
