@@ -226,7 +226,8 @@ def cpu_carries_state(chunk_size: int, left_context: int, cu_seqlens) -> bool:
     """The cpp ops take a carried state (initial_state; streaming) and the gradient of their state
     output for CPU tensors in causal and chunk-causal mixing without packed sequences: a state in
     every block's window [B, H, d_h, k_h] with unbounded left context (the token scan starts from
-    it), or one term per block [B, H, num_blocks, d_h, k_h] (csrc/hmx_params.h)."""
+    it), or one term per block [B, H, num_blocks, d_h, k_h], with which the state output holds each
+    block's own partial state Q_j^T instead of P_j^T (csrc/hmx_params.h, ForwardParams::p_init)."""
     return chunk_size >= 1 and cu_seqlens is None
 
 
