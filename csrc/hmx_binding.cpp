@@ -10,9 +10,10 @@
 //            cu_seqlens, num_blocks)
 //       -> [dq, dk, dv, dw1 fc1_w, fc1_b, fc2_w, fc2_b, dw2 (same 4), dp_init] (None for absent biases;
 //          dp_init None unless want_dp_init)
-//   p_init (forward), dp_extra / want_dp_init (backward), keywords, CPU twin, chunk-causal with
-//   unbounded left context: a carried state added to every block's P (streaming), the gradient of
-//   the saved state P added to dP, and the carried state's gradient (hmx_params.h).
+//   p_init (forward), dp_extra / want_dp_init / n_init / p_init (backward), keywords, CPU twin,
+//   chunk-causal: a carried state added to every block's P (streaming), the gradient of the saved
+//   state added to dP, and the carried state's gradient; with one term per block the state holds
+//   the blocks' own partial states and the backward takes the forward's p_init (hmx_params.h).
 //   chunk_size, left_context, cu_seqlens (int64 CPU or None), num_blocks: the mixing blocks of
 //   hmx_params.h (0, -1, None, 1: non-causal). The CUDA kernels take chunk-causal and packed
 //   mixing (any left context; not token-causal): the binding builds their piece table
@@ -448,7 +449,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
                                  const OptT& w2_fc2_b, const at::Tensor& p, double scale, int64_t chunk_size,
                                  int64_t left_context, const OptT& cu_seqlens, int64_t num_blocks,
                                 const py::object& reduce, const OptT& dp_extra, bool want_dp_init,
-                                int64_t n_init) {
+                                int64_t n_init, const OptT& p_init) {
   Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
                             w2_fc1_b, w2_fc2_w, w2_fc2_b, scale, chunk_size, left_context, cu_seqlens, num_blocks);
   TORCH_CHECK(reduce.is_none() || (!q.is_cuda() && !pr.pb.blocked()),
@@ -473,12 +474,20 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
     check_shape("dp_extra", *dp_extra, {pb.B, pb.H, pb.num_blocks * pb.k_h, pb.d_h});
     check_contiguous("dp_extra", *dp_extra);
   }
+  // one carried term per block: p holds the blocks' own states, P is formed again from p and p_init
+  TORCH_CHECK(n_init == 0 || (p_init && carried_state_ok(q, pb, n_init)),
+              "hmx_kernels: n_init > 0 (one carried term per block) needs the forward's p_init");
+  if (n_init > 0) {
+    check_same("p_init", *p_init, q, ctype);
+    check_shape("p_init", *p_init, {pb.B, pb.H, n_init, pb.d_h, pb.k_h});
+    check_contiguous("p_init", *p_init);
+  }
 #ifdef HMX_WITH_CUDA
   if (q.is_cuda() && cuda_fma_fallback(q)) {
     std::vector<at::Tensor> r =
         backward(up(dy), up(q), up(k), up(v), pe_q, pe_k, m_q, m_k, up(w1_fc1_w), up(w1_fc1_b), up(w1_fc2_w),
                  up(w1_fc2_b), up(w2_fc1_w), up(w2_fc1_b), up(w2_fc2_w), up(w2_fc2_b), p, scale, chunk_size,
-                 left_context, cu_seqlens, num_blocks, reduce, dp_extra, want_dp_init, n_init);
+                 left_context, cu_seqlens, num_blocks, reduce, dp_extra, want_dp_init, n_init, p_init);
     for (int i = 0; i < 3; ++i) r[i] = r[i].to(q.scalar_type());
     return r;
   }
@@ -515,6 +524,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
   bp.n_init = n_init;
   bp.dp_extra = dp_extra ? dp_extra->data_ptr() : nullptr;
   bp.dp_init = q.is_cuda() ? gp(dp_blocks) : gp(dp_init);
+  bp.p_init = n_init > 0 && !q.is_cuda() ? p_init->data_ptr() : nullptr;  // CPU twin: P_j formed again from it
   if (q.is_cuda()) {
 #ifdef HMX_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
@@ -569,7 +579,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w2_fc1_w"), py::arg("w2_fc1_b"), py::arg("w2_fc2_w"), py::arg("w2_fc2_b"), py::arg("p"),
         py::arg("scale"), py::arg("chunk_size") = 0, py::arg("left_context") = -1, py::arg("cu_seqlens") = py::none(),
         py::arg("num_blocks") = 1, py::arg("reduce") = py::none(), py::arg("dp_extra") = py::none(),
-        py::arg("want_dp_init") = false, py::arg("n_init") = 0);
+        py::arg("want_dp_init") = false, py::arg("n_init") = 0, py::arg("p_init") = py::none());
   m.def("_set_cpu_blas", &set_cpu_blas,
         "use the BLAS gemm for the CPU twin's tile products (default) or its plain loops; returns whether a BLAS "
         "is available");

@@ -51,6 +51,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <initializer_list>
 #include <new>
@@ -259,17 +260,75 @@ inline PassItems pass_items(int64_t B, int64_t L, int64_t H, int nthreads) {
   return p;
 }
 
+// Working memory kept between calls, per thread. A fresh buffer of the chunked modes' size (the
+// token sums per piece and per block, C and c0 per block, dP per block: 50 MiB at N 4096, C 32,
+// d 256, k 1024, B 1; 4x that at N 16384) came from the system on every call, and the first touch
+// of each of its pages was a page fault: here those faults cost about 2 us per 4 KiB page, 15 to
+// 20 % of a chunk-causal pass (benchmarks/README.md, "Causal modes side by side"). Freed buffers go
+// back to the pool of the thread that made them, up to kPoolBytes per thread (beyond that the
+// blocks given back longest ago are freed: sizes of earlier calls give way to the recent ones),
+// and a later buffer takes the smallest pooled block of at least its size and at most twice it. The price: up to kPoolBytes held per thread that runs the twin (the calling thread
+// holds the large ones; OpenMP workers only their per-thread tiles), until the thread exits.
+// Contents are never carried over: every buffer is written (or zeroed) before it is read, as before.
+// (Transparent huge pages for the large buffers cut the faults too, but under memory pressure the
+// kernel's compaction for them stalled a call for 50 % more: not asked for.)
+constexpr size_t kPoolBytes = size_t(256) << 20;
+
+class BufferPool {
+ public:
+  ~BufferPool() {
+    for (const Block& b : free_) ::operator delete[](b.p, std::align_val_t(64));
+  }
+  // a block of at least `bytes`; *got: its size (give() takes it back with that size)
+  void* take(size_t bytes, size_t* got) {
+    *got = bytes;
+    size_t best = free_.size();
+    for (size_t i = 0; i < free_.size(); ++i)
+      if (free_[i].bytes >= bytes && free_[i].bytes / 2 <= bytes &&
+          (best == free_.size() || free_[i].bytes < free_[best].bytes))
+        best = i;
+    if (best == free_.size()) return ::operator new[](bytes, std::align_val_t(64));
+    void* p = free_[best].p;
+    *got = free_[best].bytes;
+    held_ -= free_[best].bytes;
+    free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+    return p;
+  }
+  // back into the pool; over kPoolBytes, the blocks given back longest ago are freed
+  void give(void* p, size_t bytes) {
+    free_.push_back({p, bytes});
+    held_ += bytes;
+    while (held_ > kPoolBytes) {
+      ::operator delete[](free_.front().p, std::align_val_t(64));
+      held_ -= free_.front().bytes;
+      free_.erase(free_.begin());
+    }
+  }
+
+ private:
+  struct Block {
+    void* p;
+    size_t bytes;
+  };
+  std::vector<Block> free_;
+  size_t held_ = 0;
+};
+
+inline BufferPool& thread_pool() {
+  static thread_local BufferPool pool;
+  return pool;
+}
+
 // 64-byte aligned buffer (equal alignment on every thread and call: the BLAS kernels it is passed
-// to may take alignment-dependent paths); uninitialised, or zeroed by zero(). (Transparent huge
-// pages for the large ones cut the page faults of chunked mixing at N 16384 by a tenth of its
-// time, but under memory pressure the kernel's compaction for them stalled a call for 50 % more:
-// not asked for.)
+// to may take alignment-dependent paths) from the thread's pool (above); uninitialised, or zeroed
+// by zero(). Made and destroyed on one thread (a local of one function or parallel region).
 template <typename T>
 class Buffer {
  public:
   explicit Buffer(int64_t n)
-      : n_(std::max<int64_t>(n, 1)), p_(static_cast<T*>(::operator new[](sizeof(T) * n_, std::align_val_t(64)))) {}
-  ~Buffer() { ::operator delete[](p_, std::align_val_t(64)); }
+      : n_(std::max<int64_t>(n, 1)), bytes_(0),
+        p_(static_cast<T*>(thread_pool().take(sizeof(T) * static_cast<size_t>(n_), &bytes_))) {}
+  ~Buffer() { thread_pool().give(p_, bytes_); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   T* data() const { return p_; }
@@ -278,6 +337,7 @@ class Buffer {
 
  private:
   int64_t n_;
+  size_t bytes_;
   T* p_;
 };
 
@@ -625,15 +685,17 @@ void stack_rows(const T* win, int64_t nb, int64_t dh, T* st, T* sv) {
 template <typename T>
 void expand_fc2(const Mm<T>& mm, const HeadWeights<T>& w, const T* st, const T* sv, int64_t rows, int64_t dh,
                 int64_t kh, T* out) {
-  // [nb * d_h, d_h] @ [d_h, k_h] -> [nb * d_h, k_h]
-  mm(false, true, rows, kh, dh, st, dh, w.fc2_w, dh, out, kh, false);
-  if (!w.fc2_b) return;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T s = sv[r];
-    T* o = out + r * kh;
+  // the bias term first, then the product added to it: a product into a zero output (beta = 0)
+  // has the BLAS scale the output first, an extra pass over it (its largest output here)
+  if (w.fc2_b)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T s = sv[r];
+      T* __restrict__ o = out + r * kh;
 #pragma omp simd
-    for (int64_t j = 0; j < kh; ++j) o[j] += s * w.fc2_b[j];
-  }
+      for (int64_t j = 0; j < kh; ++j) o[j] = s * w.fc2_b[j];
+    }
+  // [nb * d_h, d_h] @ [d_h, k_h] -> [nb * d_h, k_h]
+  mm(false, true, rows, kh, dh, st, dh, w.fc2_w, dh, out, kh, w.fc2_b != nullptr);
 }
 
 // g [nb * d_h, d_h] = ft fc2 and, with a bias and g0 != nullptr, g0 [nb * d_h] = ft b2, from
@@ -822,6 +884,17 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
   const BlockMap bm = make_blocks(pb);
   const int64_t nb = bm.nb(), NB = pb.num_blocks;
   const int64_t psz = kh * dh, gsq = dh * dh, fsz = kh * dh + kh, ssz = state_size(dh);
+  // one carried term per block: p holds the blocks' own Q_j; P_j as the forward formed it
+  const bool own = bp.n_init > 0;
+  Buffer<T> pown(own ? B * H * NB * psz : 1);
+  if (own) {
+    const T* pi = static_cast<const T*>(bp.p_init);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t j = 0; j < nb; ++j)
+        own_window(p + bh * NB * psz, bm, j, psz, pi + (bh * NB + j) * psz, pown.data() + (bh * NB + j) * psz);
+    p = pown.data();
+  }
   const int64_t f1sz = Fc1Partial<T>::size(dh);
   const PassItems kitems = pass_items(B, N, H, nthreads), qitems = pass_items(B, M, H, nthreads);
   const Pieces kpc = make_pieces(bm, N, kitems.C), qpc = make_pieces(bm, M, qitems.C);
@@ -924,6 +997,7 @@ void backward_impl(const BackwardParams& bp, GemmFn<T> gemm, int nthreads, const
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh)
       backward_block_fc2(pb, mm, bm, kpc, k_part.data() + bh * kpc.count * ssz, dpt.data() + bh * nb * psz,
+                         own && bp.dp_extra ? static_cast<const T*>(bp.dp_extra) + bh * NB * psz : nullptr,
                          g1_fc2.data() + bh * fsz, sb, blk.data(), st.data(), sv.data());
   }
   reduce_generator_grads<T>(q_fc1, g2_fc2, B, H, Cq, dh, kh, bp.dg2, nthreads);

@@ -405,32 +405,54 @@ struct BlockStageBuffers {
         r0p(nb * dh), st(G * dh * dh), sv(G * dh), at(G * kh * dh), ct(G * dh * dh) {}
 };
 
+// Own partial states (ForwardParams::p_init, one term per block): out = sum of q_i over block j's
+// window (i = first[j] .. j, in block order) + term, n values each; q [nb][n].
+template <typename T>
+void own_window(const T* q, const BlockMap& bm, int64_t j, int64_t n, const T* term, T* out) {
+  std::memcpy(out, q + bm.first[j] * n, n * sizeof(T));
+  for (int64_t i = bm.first[j] + 1; i <= j; ++i) {
+    const T* __restrict__ qi = q + i * n;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) out[c] += qi[c];
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) out[c] += term[c];
+}
+
 // Forward, one (b, h): from the block token sums blk ([nb][d_h^2 + d_h] of this (b, h)), per
 // block j: P_j^T = (fc2 S_j + b2 sv_j^T)^T over the window sums, plus a carried state pi (or
 // nullptr; ForwardParams::p_init of this (b, h): n_init 0, one [d_h, k_h] term for every block,
 // else one per block), written to pt ([NB][d_h, k_h], the op's state; slots past nb zeroed),
 // A = GELU(P), C_j^T = A^T fc2_2 into cmt [nb][d_h, d_h] and c0_j = A^T b2_2 into c0 [nb][d_h].
+// With one term per block (n_init > 0) pt gets each block's own Q_j^T instead, and P_j^T =
+// own_window(Q) + E_j is formed in the group's stack (hmx_params.h, ForwardParams::p_init).
 template <typename T>
 void forward_block_stage(const ProblemParams& pb, const Mm<T>& mm, const BlockMap& bm, int64_t h, const T* blk,
                          const T* pi, int64_t n_init, T* pt, T* cmt, T* c0, BlockStageBuffers<T>& sb) {
   const int64_t dh = pb.d_h, kh = pb.k_h, nb = bm.nb(), psz = kh * dh, gsq = dh * dh, ssz = state_size(dh);
   const HeadWeights<T> w1 = head_weights<T>(pb.g1, h, dh, kh), w2 = head_weights<T>(pb.g2, h, dh, kh);
-  window_sums(blk, bm, ssz, false, sb.win.data());
+  const bool own = pi && n_init > 0;
+  if (!own) window_sums(blk, bm, ssz, false, sb.win.data());
   std::fill(pt + nb * psz, pt + pb.num_blocks * psz, T(0));  // unused block slots
   for (int64_t j0 = 0; j0 < nb; j0 += sb.G) {
     const int64_t g = std::min(sb.G, nb - j0), n = g * psz;
-    stack_rows(sb.win.data() + j0 * ssz, g, dh, sb.st.data(), sb.sv.data());
+    stack_rows((own ? blk : sb.win.data()) + j0 * ssz, g, dh, sb.st.data(), sb.sv.data());
     T* __restrict__ pj = pt + j0 * psz;
-    expand_fc2(mm, w1, sb.st.data(), sb.sv.data(), g * dh, dh, kh, pj);
-    for (int64_t j = 0; pi && j < g; ++j) {  // a carried state: one term for every block's window, or one per block
-      T* __restrict__ pjj = pj + j * psz;
-      const T* __restrict__ ij = pi + (n_init == 0 ? 0 : j0 + j) * psz;
-#pragma omp simd
-      for (int64_t i = 0; i < psz; ++i) pjj[i] += ij[i];
-    }
+    expand_fc2(mm, w1, sb.st.data(), sb.sv.data(), g * dh, dh, kh, pj);  // P_j^T, or own: Q_j^T
     T* __restrict__ a = sb.at.data();
+    if (own) {  // P_j^T = the window's Q^T (earlier groups' and this one's) + E_j, then GELU in place
+      for (int64_t j = 0; j < g; ++j) own_window(pt, bm, j0 + j, psz, pi + (j0 + j) * psz, a + j * psz);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) a[i] = gelu(pj[i]);
+      for (int64_t i = 0; i < n; ++i) a[i] = gelu(a[i]);
+    } else {
+      for (int64_t j = 0; pi && j < g; ++j) {  // a carried state in every block's window
+        T* __restrict__ pjj = pj + j * psz;
+#pragma omp simd
+        for (int64_t i = 0; i < psz; ++i) pjj[i] += pi[i];
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) a[i] = gelu(pj[i]);
+    }
     fold_fc2(mm, w2, a, g * dh, dh, kh, cmt + j0 * gsq, c0 + j0 * dh);
   }
 }
@@ -486,7 +508,7 @@ void backward_block_grads(const ProblemParams& pb, const Mm<T>& mm, const BlockM
       a[i] = ga;
       dp[i] *= gd;
     }
-    if (de) {  // the saved state's own gradient (streaming: the next piece's carried state)
+    if (de && n_init == 0) {  // the saved state's own gradient (streaming: the next piece's carried state)
       const T* __restrict__ dej = de + j0 * psz;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) dp[i] += dej[i];
@@ -511,14 +533,33 @@ void backward_block_grads(const ProblemParams& pb, const Mm<T>& mm, const BlockM
     std::memcpy(rb + j * ssz + gsq, r0p + j * dh, dh * sizeof(T));
   }
   window_sums(rb, bm, ssz, true, rk);
+  if (de && n_init > 0) {  // own partial states: their gradient enters block j's own sums only
+    for (int64_t j0 = 0; j0 < nb; j0 += sb.G) {
+      const int64_t g = std::min(sb.G, nb - j0);
+      fold_fc2(mm, w1, de + j0 * psz, g * dh, dh, kh, sb.ct.data(), sb.sv.data());
+      for (int64_t j = 0; j < g; ++j) {
+        T* __restrict__ r = rk + (j0 + j) * ssz;
+        const T* __restrict__ x = sb.ct.data() + j * gsq;
+#pragma omp simd
+        for (int64_t i = 0; i < gsq; ++i) r[i] += x[i];
+        if (!w1.fc2_b) continue;
+        const T* __restrict__ x0 = sb.sv.data() + j * dh;
+#pragma omp simd
+        for (int64_t i = 0; i < dh; ++i) r[gsq + i] += x0[i];
+      }
+    }
+  }
   for (int64_t j = 0; j < nb; ++j) transpose(rk + j * ssz, dh, cm + j * gsq);  // R_j (C is no longer needed)
 }
 
 // Backward, one (b, h): generator-1 fc2 gradients g1 = (dfc2 = sum_j dP_j S_j^T, db2 = sum_j
 // dP_j sv_j) from dpt [nb][d_h, k_h] and the window sums of the key pass's token sums (pieces).
+// With own partial states (de: their gradient [nb][d_h, k_h], or nullptr) also + sum_j de_j Sblk_j^T,
+// + sum_j de_j svblk_j over the blocks' own token sums.
 template <typename T>
 void backward_block_fc2(const ProblemParams& pb, const Mm<T>& mm, const BlockMap& bm, const Pieces& pc,
-                        const T* part, const T* dpt, T* g1, BlockStageBuffers<T>& sb, T* blk, T* st, T* sv) {
+                        const T* part, const T* dpt, const T* de, T* g1, BlockStageBuffers<T>& sb, T* blk, T* st,
+                        T* sv) {
   const int64_t dh = pb.d_h, kh = pb.k_h, nb = bm.nb(), psz = kh * dh, gsq = dh * dh;
   state_windows(part, pc, bm, dh, blk, sb.win.data(), st, sv);
   for (int64_t j0 = 0; j0 < nb; j0 += sb.G) {
@@ -526,5 +567,12 @@ void backward_block_fc2(const ProblemParams& pb, const Mm<T>& mm, const BlockMap
     const bool acc = j0 > 0;
     mm(true, false, kh, dh, rows, dpt + j0 * psz, kh, st + j0 * gsq, dh, g1, dh, acc);
     mm(true, false, kh, 1, rows, dpt + j0 * psz, kh, sv + j0 * dh, 1, g1 + kh * dh, 1, acc);
+  }
+  if (!de) return;
+  stack_rows(blk, nb, dh, st, sv);  // the blocks' own token sums
+  for (int64_t j0 = 0; j0 < nb; j0 += sb.G) {
+    const int64_t g = std::min(sb.G, nb - j0), rows = g * dh;
+    mm(true, false, kh, dh, rows, de + j0 * psz, kh, st + j0 * gsq, dh, g1, dh, true);
+    mm(true, false, kh, 1, rows, de + j0 * psz, kh, sv + j0 * dh, 1, g1 + kh * dh, 1, true);
   }
 }

@@ -85,9 +85,16 @@ struct ForwardParams {
   // CPU twin, causal / chunk-causal mixing without cu_seqlens: a carried state (streaming)
   // added to the blocks' P (before the GELU): n_init 0, [B, H, d_h, k_h], the state P_0^T of the
   // chunks before these tokens, added to every block (unbounded left context; the token scan starts
-  // from it); n_init = the block count, [B, H, n_init, d_h, k_h], one term per block (blocked
-  // mixing). nullptr = none. CUDA kernels (chunk-causal, not token-causal): the same terms in P's
-  // own layout, [B, H, k_h, d_h] or [B, H, n_init, k_h, d_h] (the binding transposes)
+  // from it); n_init = the block count, [B, H, n_init, d_h, k_h], one term E_j per block (blocked
+  // mixing, any window). nullptr = none.
+  // CPU twin: with one term per block the state p holds each block's own partial state Q_j^T (its
+  // own tokens' fc2 S + b2 sv^T), not P_j: P_j^T = (sum of Q_i^T over j's window, in block order) +
+  // E_j, which the backward forms again from p and the same p_init (BackwardParams::p_init).
+  // Streaming with a limited left context carries the last L chunks' Q_j, which no window sum
+  // holds, so one pass gives both the output and the next carry.
+  // CUDA kernels (chunk-causal, not token-causal): the same terms in P's own layout,
+  // [B, H, k_h, d_h] or [B, H, n_init, k_h, d_h] (the binding transposes); their state p holds
+  // P_j (terms included) either way, so streaming with a limited left context makes two calls there
   const void* p_init = nullptr;
   int64_t n_init = 0;
 };
@@ -104,12 +111,17 @@ struct BackwardParams {
   // CPU twin: the gradient of the saved state p itself [B, H, num_blocks, d_h, k_h] (p's layout),
   // added to dP (the token scan: only its last slot, the state after the last token); nullptr =
   // none. dp_init: output, the gradient of ForwardParams::p_init in its layout (n_init 0: the sum
-  // of every block's dP^T; else each block's own). CUDA kernels: dp_extra in their p's layout
-  // [B, H, num_blocks, k_h, d_h]; dp_init receives every block's dP [B, H, num_blocks, k_h, d_h]
-  // and the binding forms the gradient of p_init from it (sum over blocks, transpose)
+  // of every block's dP^T; else each block's own).
+  // CPU twin with n_init > 0 (one term per block): p holds the blocks' own partial states Q_j (see
+  // ForwardParams::p_init), p_init the forward's terms E_j, and dp_extra is the gradient of Q_j (it
+  // enters block j's own token sums only, not dP); dp_init is each block's dP.
+  // CUDA kernels: dp_extra in their p's layout [B, H, num_blocks, k_h, d_h]; dp_init receives every
+  // block's dP [B, H, num_blocks, k_h, d_h] and the binding forms the gradient of p_init from it
+  // (sum over blocks, transpose)
   const void* dp_extra = nullptr;
   void* dp_init = nullptr;
   int64_t n_init = 0;
+  const void* p_init = nullptr;  // [B, H, n_init, d_h, k_h] with n_init > 0, else unused
 };
 
 // Token tiles and the split of a sequence into a fixed number of chunks: chunk c of L tokens

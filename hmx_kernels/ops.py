@@ -28,9 +28,12 @@
         slot) can feed the next piece. Only backends defined with carried_state=... take them, in
         the modes that function accepts (the cpp and Triton mixing-block ops: causal /
         chunk-causal mixing, no packed sequences, no sequence-parallel group). The state output's
-        slot layout is the backend's: the cpp ops keep P^T per [k_h, d_h]-sized slot, the Triton
-        ops P; `fused_stream_forward` takes that as a parameter (`slots_holding_p_t`,
-        `slots_holding_p`).
+        slot layout is the backend's: the cpp ops on CPU tensors (the twin) keep P^T per
+        [k_h, d_h]-sized slot, the cpp ops on CUDA tensors and the Triton ops P;
+        `fused_stream_forward` takes that as a parameter (`slots_holding_p_t`, `slots_holding_p`).
+        With one term per block, the twin's state holds each block's own partial state Q_j^T
+        instead of P_j^T (csrc/hmx_params.h), which its one-pass streaming of limited windows uses
+        (hmx_kernels/cpp/ops.py cpu_stream_forward); the other ops keep P_j.
 
 Shapes and dtypes of both are given by shared fake implementations (`make_fwd_fake`, `bwd_fake`), which
 also serves the meta device; autograd is registered on the forward op (its backward calls the

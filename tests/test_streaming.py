@@ -636,3 +636,33 @@ def test_triton_streams_with_the_split_kernels(mode_name):
     leaves = [x] + [t for t in w if t is not None]
     for i, (a, b) in enumerate(zip(torch.autograd.grad(streamed, leaves, g), torch.autograd.grad(full, leaves, g))):
         assert_close(f"grad {i}", a, b, tol.grad)
+
+
+@needs_cpu
+def test_cpu_op_with_one_term_per_chunk_returns_each_chunks_own_state():
+    """The cpu op with one carried term per chunk (limited left context, one pass per piece): its
+    state is each chunk's own partial state Q_j (that of block-local windows, L = 0), and output and
+    every gradient (inputs, weights, the terms; through the state as well) equal the two-pass form
+    P_j = Q_j + (Q_{j-1} + E_j) with Q from a block-local pass. float64, d_h 18, k_h 72, N 11 in
+    chunks of 3 (the last one short), padded tails, non-zero terms."""
+    from hmx_kernels.cpp.ops import CPP_OPS
+
+    x, w, pad = _stream_case("speechbrain", torch.float64, N=11, seed=3)
+    keep = (~pad).to(torch.float64)
+    gen = w[:8]  # both generators (fc1_w, fc1_b, fc2_w, fc2_b each)
+    B, H, nb, d_h, k_h = 2, 2, 4, 18, 72
+    init = (0.3 * torch.randn(B, H, nb, d_h, k_h, dtype=torch.float64)).requires_grad_(True)
+    args = (x, x, x, keep, keep, *gen, "speechbrain")
+    y1, s1 = CPP_OPS.fwd(*args, 3, 1, None, 0, "", init)
+    _, s0 = CPP_OPS.fwd(*args, 3, 0, None, 0, "")
+    q = s0.view(B, H, nb, d_h, k_h)
+    terms = torch.cat([init[:, :, :1], init[:, :, 1:] + q[:, :, :-1]], dim=2).contiguous()
+    y2, _ = CPP_OPS.fwd(*args, 3, 0, None, 0, "", terms)
+    assert_close("state", s1, s0, 1e-12)
+    assert_close("out", y1, y2, 1e-12)
+    g, gs = torch.randn_like(y1), torch.randn_like(s1)
+    leaves = [x, init] + [t for t in gen if t is not None]
+    ga = torch.autograd.grad((y1 * g).sum() + (s1 * gs).sum(), leaves)
+    gb = torch.autograd.grad((y2 * g).sum() + (s0 * gs).sum(), leaves)
+    for i, (a, b) in enumerate(zip(ga, gb)):
+        assert_close(f"grad {i}", a, b, 1e-12)

@@ -27,9 +27,10 @@ from torch import Tensor
 
 from ..config import SETTINGS, on_change
 from ..dispatch import constant_result
-from ..ops import define_fused_ops, run_fused, slots_holding_p, slots_holding_p_t, state_blocks, stream_forward_of
+from ..ops import (define_fused_ops, layer_norm_epilogue, run_fused, slots_holding_p, slots_holding_p_t,
+                   state_blocks, stream_forward_of)
 from ..positional import cached_positional_encoding, positional_encoding
-from ..problem import HyperMixingProblem
+from ..problem import HyperMixingProblem, compute_dtype_of
 from ..variants import get_variant
 from . import build
 
@@ -206,12 +207,15 @@ def _cpp_bwd_impl(grad_y, query, key, value, query_keep, key_keep, *rest):
     blocks, rows = _blocks(query, key, chunk_size, left_context, cu_seqlens)
     pe_q, pe_k, scale = _pe_rows(variant, query, key, ctype, rows, position_offset)
     q, k, v = _tokens(query), _tokens(key), _tokens(value)
+    # one carried term per block: the state holds the blocks' own partial states, and the backward
+    # forms P from it and the same terms (csrc/hmx_params.h, ForwardParams::p_init)
+    n_init = initial_state.shape[2] if initial_state is not None and initial_state.dim() == 5 else 0
     # dY in the compute type: fp32 on CUDA, so a small dY is not flushed to zero in fp16
     grads = ext.backward(grad_y.to(ctype).contiguous(), q, k, v, pe_q, pe_k, _c(query_keep), _c(key_keep),
                          *[_c(w) for w in gen], state.contiguous(), float(scale), *blocks,
                          reduce=_reducer(sp_group), dp_extra=_c(grad_state),
-                         want_dp_init=initial_state is not None,
-                         n_init=initial_state.shape[2] if initial_state is not None and initial_state.dim() == 5 else 0)
+                         want_dp_init=initial_state is not None, n_init=n_init,
+                         p_init=_c(initial_state) if n_init else None)
     out = [g.to(ctype) for g in grads[:3]]
     out += [query.new_empty((0,), dtype=ctype) if g is None else g for g in grads[3:11]]
     if initial_state is not None:
@@ -223,8 +227,9 @@ def cpu_carries_state(chunk_size: int, left_context: int, cu_seqlens) -> bool:
     """The cpp ops take a carried state (initial_state; streaming) and the gradient of their state
     output in causal and chunk-causal mixing without packed sequences (CUDA tensors: not
     token-causal): a state in every block's window [B, H, d_h, k_h] with unbounded left context
-    (the CPU twin's token scan starts from it), or one term per block [B, H, num_blocks, d_h, k_h]
-    (csrc/hmx_params.h)."""
+    (the CPU twin's token scan starts from it), or one term per block [B, H, num_blocks, d_h, k_h],
+    with which the CPU twin's state output holds each block's own partial state Q_j^T instead of
+    P_j^T (the CUDA kernels' keeps P_j; csrc/hmx_params.h, ForwardParams::p_init)."""
     return chunk_size >= 1 and cu_seqlens is None
 
 
@@ -232,20 +237,58 @@ CPP_OPS = define_fused_ops("cpp", _cpp_fwd_impl, _cpp_bwd_impl, device_types=("c
                            sequence_parallel=True, state_slots=cpu_state_slots, carried_state=cpu_carries_state)
 
 
-# One streamed piece on the cpp ops (hmx_kernels.streaming; the generic fused version,
-# hmx_kernels.ops.fused_stream_forward): the carried state enters every block's window (the token
-# scan starts from it) or, with L chunks of left context, two calls give the chunks' own partial
-# states and their window terms. The CPU twin's state slots hold P^T (the last slot is the last
-# block's P, or the scan's P after the last token); the CUDA kernels' slots hold P itself
-# (chunk-causal only: the CUDA kernels decline token-causal mixing).
-cpp_stream_forward = stream_forward_of(CPP_OPS, slots_holding_p_t)
-cpu_stream_forward = cpp_stream_forward  # its earlier name
+# One streamed piece on the cpp ops (hmx_kernels.streaming). The CUDA kernels' state slots hold P
+# (chunk-causal only: they decline token-causal mixing): the generic fused version,
+# hmx_kernels.ops.fused_stream_forward (two calls per piece with a limited left context). The CPU
+# twin's slots hold P^T, and with one carried term per block its state holds the chunks' own
+# partial states: one call per piece in every mode (cpu_stream_forward).
 cuda_stream_forward = stream_forward_of(CPP_OPS, slots_holding_p)
+_twin_stream_unbounded = stream_forward_of(CPP_OPS, slots_holding_p_t)
+
+
+def cpu_stream_forward(p: HyperMixingProblem, carry):
+    """One streamed piece on the CPU twin (hmx_kernels.streaming), one pass of the op. Unbounded
+    left context: the generic function (the carried state P [B, H, k_h, d_h] enters every block's
+    window, the token scan starts from it; the next state is the op state's last slot). L chunks of
+    left context: the carry is the last L chunks' own partial states [B, H, r <= L, k_h, d_h]
+    (below)."""
+    C, L = p.mode.chunk_size, p.mode.left_context_chunks
+    if L is None:
+        return _twin_stream_unbounded(p, carry)
+    args = (p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(), p.variant.name)
+    # L chunks of left context: the next state is the last L chunks' own partial states Q_j, which
+    # no window sum holds. One pass with this piece's windows of L chunks and one term per chunk,
+    # E_j = the carried chunks within L of chunk j (summed here in chunk order): with one term per
+    # block the op's state is each chunk's own Q_j^T (csrc/hmx_params.h), so the output and the
+    # next carry come from the one pass.
+    nb = (p.N + C - 1) // C
+    r = 0 if carry is None else carry.shape[2]
+    if r == 0:
+        terms = p.query.new_zeros((p.B, p.H, nb, p.d_h, p.k_h), dtype=compute_dtype_of(p.query.dtype))
+    else:  # summed in the carry's own layout [.., k_h, d_h], then transposed once (the twin keeps P^T)
+        rows = []
+        for j in range(nb):  # E_j = the carried chunks r + j - L .. r - 1 (those within L of j), in order
+            lo = max(0, r + j - L)
+            e = carry[:, :, lo] if lo < r else carry.new_zeros(carry.shape[:2] + carry.shape[3:])
+            for i in range(lo + 1, r):
+                e = e + carry[:, :, i]
+            rows.append(e)
+        terms = torch.stack(rows, dim=2).transpose(-1, -2).contiguous()
+    y, own = CPP_OPS.forward(*args, C, L, None, p.position_offset, "", terms)
+    q = own.view(p.B, p.H, nb, p.d_h, p.k_h).transpose(-1, -2)  # Q_j [.., k_h, d_h] of this piece's chunks
+    keep = min(L, r + nb)  # the next carry: the last L chunks, carried ones first
+    from_carry = max(0, keep - nb)
+    tail = q[:, :, nb - (keep - from_carry):]
+    final = torch.cat([carry[:, :, r - from_carry:], tail], dim=2) if from_carry else tail
+    return layer_norm_epilogue(y, p), final
+
+
+cpp_stream_forward = cpu_stream_forward  # the cpu backend's streamed-piece function
 
 
 def _cpu_carries(mode) -> bool:
     return cpu_carries_state(mode.chunk_size, -1 if mode.left_context_chunks is None else mode.left_context_chunks,
-                             None)  # every causal mode (limited left context by two passes)
+                             None)  # every causal mode
 
 
 def _cuda_carries(mode) -> bool:
