@@ -588,5 +588,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the CUDA kernels' piece table of blocked mixing (hmx_pieces.h) on the CPU: (int32 table, n_pieces, nb)",
         py::arg("N"), py::arg("chunk_size"), py::arg("cu_seqlens"), py::arg("piece_len"));
   m.def("has_cuda", &has_cuda, "whether this build contains the CUDA kernels");
+  m.def("release_buffers", &hmx::cpu::release_buffers,
+        "free the CPU twin's pooled working buffers of the calling thread; returns the bytes they held");
+  m.def("pooled_bytes", &hmx::cpu::pooled_bytes, "bytes the CPU twin's buffer pool of the calling thread holds");
   m.attr("CPU_TILE") = hmx::cpu::kCpuTile;  // the CPU twin's token tile (token-causal checkpoints)
 }

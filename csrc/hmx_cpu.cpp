@@ -294,6 +294,13 @@ class BufferPool {
     free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
     return p;
   }
+  // every pooled block back to the system (hmx_kernels.clear_caches)
+  void release() {
+    for (const Block& b : free_) ::operator delete[](b.p, std::align_val_t(64));
+    free_.clear();
+    held_ = 0;
+  }
+  size_t held() const { return held_; }
   // back into the pool; over kPoolBytes, the blocks given back longest ago are freed
   void give(void* p, size_t bytes) {
     free_.push_back({p, bytes});
@@ -318,6 +325,18 @@ inline BufferPool& thread_pool() {
   static thread_local BufferPool pool;
   return pool;
 }
+
+}  // namespace
+
+size_t release_buffers() {
+  const size_t held = thread_pool().held();
+  thread_pool().release();
+  return held;
+}
+
+size_t pooled_bytes() { return thread_pool().held(); }
+
+namespace {
 
 // 64-byte aligned buffer (equal alignment on every thread and call: the BLAS kernels it is passed
 // to may take alignment-dependent paths) from the thread's pool (above); uninitialised, or zeroed

@@ -8,6 +8,7 @@
 // single-threaded there (OpenMP BLAS runtimes do not nest) and deterministic for fixed sizes.
 // gemm == nullptr: plain loops instead (slower; for torch builds without a BLAS).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "hmx_params.h"
@@ -55,5 +56,10 @@ void forward_f32(const ForwardParams& p, GemmFn<float> gemm, int nthreads, const
 void forward_f64(const ForwardParams& p, GemmFn<double> gemm, int nthreads, const Reducer& reduce = Reducer());
 void backward_f32(const BackwardParams& p, GemmFn<float> gemm, int nthreads, const Reducer& reduce = Reducer());
 void backward_f64(const BackwardParams& p, GemmFn<double> gemm, int nthreads, const Reducer& reduce = Reducer());
+// The twin keeps its working buffers between calls in a per-thread pool (hmx_cpu.cpp BufferPool,
+// at most 256 MiB per thread): release_buffers() frees the calling thread's pooled blocks and
+// returns how many bytes they held; pooled_bytes() is what the calling thread's pool holds now.
+size_t release_buffers();
+size_t pooled_bytes();
 }  // namespace cpu
 }  // namespace hmx

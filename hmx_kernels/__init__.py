@@ -31,10 +31,16 @@ __version__ = "0.1.0"
 
 
 def clear_caches() -> None:
-    """Drop the positional-encoding tables kept by `hmx_kernels.positional` (every device)."""
+    """Drop the positional-encoding tables kept by `hmx_kernels.positional` (every device), and the
+    working buffers the `cpu` backend's C++ twin keeps between calls (its per-thread pool, at most
+    256 MiB per thread; this frees the calling thread's, which holds the large ones). Builds
+    nothing: an extension not loaded yet holds no buffers."""
+    from .cpp.ops import loaded_extensions
     from .positional import positional_encoding_cache
 
     positional_encoding_cache().clear()
+    for module in loaded_extensions():
+        module.release_buffers()
 
 __all__ = [
     "hyper_mixing",

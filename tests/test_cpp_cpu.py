@@ -191,3 +191,21 @@ def test_every_output_element_is_written(poisoned, variant):
     out, grads = compare(case, torch.float32)
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
 
+
+
+def test_clear_caches_releases_the_pooled_buffers(extension):
+    """The twin keeps its working buffers between calls (hmx_cpu.cpp BufferPool): a chunk-causal
+    call leaves the calling thread's pool holding memory, `hmx_kernels.clear_caches()` gives it
+    back (the pool then holds nothing), and a later call computes the same values from fresh
+    buffers."""
+    case = make_case(variant="speechbrain", B=1, M=300, d=32, H=2, k_h=24, seed=5)
+    x = case.tensors["query"].detach()
+    w = [None if case.tensors[k] is None else case.tensors[k].detach() for k in (
+        "w1_fc1_weight", "w1_fc1_bias", "w1_fc2_weight", "w1_fc2_bias", "w2_fc1_weight", "w2_fc1_bias",
+        "w2_fc2_weight", "w2_fc2_bias", "ln_weight", "ln_bias")]
+    first = hmx_kernels.hyper_mixing(x, None, None, *w, backend="cpu", chunk_size=4)
+    assert extension.pooled_bytes() > 0
+    hmx_kernels.clear_caches()
+    assert extension.pooled_bytes() == 0
+    again = hmx_kernels.hyper_mixing(x, None, None, *w, backend="cpu", chunk_size=4)
+    assert torch.equal(first, again)

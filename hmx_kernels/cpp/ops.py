@@ -47,6 +47,11 @@ def _apply_settings(settings) -> None:
         module.set_options(settings.poison, settings.allow_mma)
 
 
+def loaded_extensions():
+    """The extension modules loaded so far (none is built or loaded here)."""
+    return list(_EXTENSIONS.values())
+
+
 def extension(device_type: str):
     """The extension module for tensors of `device_type` (built or loaded on first use)."""
     with_cuda = device_type == "cuda"
