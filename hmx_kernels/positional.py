@@ -15,6 +15,7 @@ encoding on chip (speechbrain: the exact fp32 values; idiap: float64 values).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from typing import Optional
@@ -33,7 +34,14 @@ def frequencies(variant: "str | Variant", d: int, dtype: torch.dtype = torch.flo
     speechbrain's frequencies are computed in fp32 as speechbrain does (returned in `dtype`,
     exactly representable); idiap's in float64.
     """
-    v = get_variant(variant)
+    return _frequencies(get_variant(variant).name, d, dtype).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _frequencies(name: str, d: int, dtype: torch.dtype) -> torch.Tensor:
+    # kept per (variant, d, dtype): a streamed piece at a position offset builds its rows from them
+    # on every call (positional_encoding below; never modified in place there)
+    v = get_variant(name)
     if v.name == "speechbrain":
         if d % 2 != 0:
             raise ValueError(
@@ -67,7 +75,7 @@ def positional_encoding(
     if start is None:
         start = v.first_position
     if v.name == "speechbrain":
-        freq = frequencies(v, d, torch.float32)[0::2]  # [d/2] fp32
+        freq = _frequencies(v.name, d, torch.float32)[0::2]  # [d/2] fp32
         # integer positions rounded to fp32 as speechbrain does (arange(...).float()); a float32
         # arange miscounts its rows near 2**24
         positions = torch.arange(start, start + length).to(torch.float32).unsqueeze(1)  # [L, 1]
