@@ -20,7 +20,7 @@ from hmx_kernels import config
 from hmx_kernels.cpp import build
 from hmx_kernels.cpp.cuda import CUDA_WIDE_FP32_SMEM_BYTES
 from hmx_kernels.dispatch import get_backend
-from utils import assert_close, check_against_reference, forward_backward, make_case
+from utils import assert_close, check_against_reference, forward_backward, fp16_range_case, make_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (CUDA kernels are compile-checked only)")
 
@@ -150,23 +150,7 @@ def test_cuda_fp16_range_large_state_and_small_gradients(mma, allow_mma):
     times smaller, so the tiles' powers of two differ (the accumulators' rescale)."""
     allow_mma(mma)
     dtype = torch.float16
-    base = make_case(variant="idiap", B=1, M=150, N=40, d=16, H=2, k_h=12, seed=12, input_scale=0.3)
-    with torch.no_grad():
-        base.tensors["value"].mul_(64)
-        base.tensors["w2_fc2_weight"].mul_(256)
-    plain = base.cast(torch.float32)
-    plain.use_layer_norm = False
-    y = hmx_kernels.hyper_mixing(**plain.kwargs(), backend="reference")
-    assert y.abs().max() > 65504, "the case should overflow fp16 if C or Y were not scaled"
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)) * 2.0 ** -10
-    g[:, 64:] *= 2.0 ** -4
-    g = g.to(dtype)
-    y = y.detach().requires_grad_(True)
-    ln = torch.nn.functional.layer_norm(y, (y.shape[-1],), plain.tensors["ln_weight"], plain.tensors["ln_bias"])
-    (dy,) = torch.autograd.grad(ln, y, g.float())
-    assert dy.abs().max() < 2.0 ** -14, "the gradient of Y should be below fp16's normal range"
-    tile_max = [dy[0, i:i + 64].abs().max() for i in (0, 64)]
-    assert torch.frexp(tile_max[0])[1] != torch.frexp(tile_max[1])[1], "the tiles' powers of two should differ"
+    base, g = fp16_range_case(M=150)
     tol = get_backend("cuda").tolerances[("cuda", dtype)]
     out, grads = forward_backward(base.cast(dtype, "cuda"), "cuda", g.to("cuda"))
     ref_out, ref_grads = forward_backward(base.cast(dtype, "cuda"), "reference", g.to("cuda"))

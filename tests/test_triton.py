@@ -21,7 +21,7 @@ import hmx_kernels
 from hmx_kernels import FusedHyperMixing
 from hmx_kernels.dispatch import BackendNotSupportedError, get_backend
 from hmx_kernels.positional import cached_positional_encoding
-from utils import assert_close, check_against_reference, forward_backward, make_case
+from utils import assert_close, check_against_reference, forward_backward, fp16_range_case, make_case
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 from hmx_kernels.triton import launch as tfn  # noqa: E402  (after TRITON_INTERPRET is set)
@@ -234,19 +234,7 @@ def test_fp16_range_large_state_and_small_gradients():
     the LayerNorm then scales the gradient of Y below fp16's normal range (each dY tile is divided
     by a power of two before it is rounded). Output and every gradient within the fp16 tolerance."""
     dtype = torch.float16
-    base = make_case(variant="idiap", B=1, M=9, N=40, d=16, H=2, k_h=12, seed=12, input_scale=0.3)
-    with torch.no_grad():
-        base.tensors["value"].mul_(64)
-        base.tensors["w2_fc2_weight"].mul_(256)
-    plain = base.cast(torch.float32)
-    plain.use_layer_norm = False
-    y = hmx_kernels.hyper_mixing(**plain.kwargs(), backend="reference")
-    assert y.abs().max() > 65504, "the case should overflow fp16 if C were not scaled"
-    g = (torch.randn(y.shape, generator=torch.Generator().manual_seed(1)) * 2.0 ** -10).to(dtype)
-    y = y.detach().requires_grad_(True)  # the gradient the kernels receive: through the LayerNorm
-    ln = torch.nn.functional.layer_norm(y, (y.shape[-1],), plain.tensors["ln_weight"], plain.tensors["ln_bias"])
-    (dy,) = torch.autograd.grad(ln, y, g.float())
-    assert dy.abs().max() < 2.0 ** -14, "the gradient of Y should be below fp16's normal range"
+    base, g = fp16_range_case(M=9)
     tol = get_backend("triton").tolerances[(ANY_DEVICE, dtype)]
     out, grads = forward_backward(base.cast(dtype, ANY_DEVICE), "triton", g.to(ANY_DEVICE))
     ref_out, ref_grads = forward_backward(base.cast(dtype, ANY_DEVICE), "reference", g.to(ANY_DEVICE))

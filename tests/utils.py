@@ -273,3 +273,34 @@ def import_speechbrain(module: str):
         if os.environ.get("CI"):
             raise
         pytest.skip(f"speechbrain is not installed ({e}); `make test` installs it")
+
+
+def fp16_range_case(M: int):
+    """The fp16-range case of the fused backends (tests/test_triton.py, tests/test_cuda_backend.py;
+    tests/test_cuda_math.py emulates it): large values and fc2 weights make C = fc2_2^T GELU(P)
+    and the pre-LayerNorm Y exceed fp16's 65504, and the LayerNorm then scales the gradient of Y
+    below fp16's normal range (2^-14). With M > 64 the upstream gradient of the rows from 64 on is
+    2^-4 times smaller, so per-tile powers of two differ (64-token tiles). Returns (the case, the
+    fp16 upstream gradient); asserts that the case does what it is for."""
+    import hmx_kernels
+
+    base = make_case(variant="idiap", B=1, M=M, N=40, d=16, H=2, k_h=12, seed=12, input_scale=0.3)
+    with torch.no_grad():
+        base.tensors["value"].mul_(64)
+        base.tensors["w2_fc2_weight"].mul_(256)
+    plain = base.cast(torch.float32)
+    plain.use_layer_norm = False
+    y = hmx_kernels.hyper_mixing(**plain.kwargs(), backend="reference")
+    assert y.abs().max() > 65504, "the case should overflow fp16 if C or Y were not scaled"
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)) * 2.0 ** -10
+    if M > 64:
+        g[:, 64:] *= 2.0 ** -4
+    g = g.to(torch.float16)
+    y = y.detach().requires_grad_(True)  # the gradient the kernels receive: through the LayerNorm
+    ln = torch.nn.functional.layer_norm(y, (y.shape[-1],), plain.tensors["ln_weight"], plain.tensors["ln_bias"])
+    (dy,) = torch.autograd.grad(ln, y, g.float())
+    assert dy.abs().max() < 2.0 ** -14, "the gradient of Y should be below fp16's normal range"
+    if M > 64:
+        tile_max = [dy[0, i:i + 64].abs().max() for i in (0, 64)]
+        assert torch.frexp(tile_max[0])[1] != torch.frexp(tile_max[1])[1], "the tiles' powers of two should differ"
+    return base, g
