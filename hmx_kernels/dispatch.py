@@ -252,6 +252,8 @@ def _run_padded(backend: Backend, problem: HyperMixingProblem) -> Tensor:
     sequences as rows of [num_seqs, L, d] (L the longest), a keep mask, the same weights, mode and
     options; the kept rows of the result, in packed order [1, total, d]. Differentiable (index_copy
     and index_select). Empty sequences are fully padded rows."""
+    from .varlen import pad  # here: varlen imports this module
+
     cu = problem.cu_seqlens.to("cpu", torch.int64)
     lengths = cu[1:] - cu[:-1]
     n, L = lengths.numel(), max(int(lengths.max()), 1)
@@ -259,7 +261,7 @@ def _run_padded(backend: Backend, problem: HyperMixingProblem) -> Tensor:
     rows = torch.nonzero(keep.reshape(-1), as_tuple=False).squeeze(1).to(problem.device)
 
     def padded(t: Tensor) -> Tensor:  # [1, total, d] -> [n, L, d], zeros at the padding
-        return t.new_zeros(n * L, t.shape[-1]).index_copy(0, rows, t[0]).view(n, L, t.shape[-1])
+        return pad(t[0], rows, n, L)
 
     query = padded(problem.query)
     key = query if problem.key is problem.query else padded(problem.key)
