@@ -180,16 +180,20 @@ class FusedOps:
     """The forward and backward op of one fused backend, and `forward`: the forward op, or in plain
     eager calls the same implementations through a torch.autograd.Function (`eager_path_allowed`)."""
 
-    def __init__(self, fwd, bwd, eager=None, device_types=()):
+    def __init__(self, fwd, bwd, eager=None, device_types=(), fwd_function=None):
         self.fwd = fwd
         self.bwd = bwd
         self._eager = eager  # the autograd.Function over the ops' Python implementations
         self._eager_devices = frozenset(device_types)  # where the impls run (meta: the fake impl)
+        # autograd.Function.apply takes every argument: the trailing defaults of the forward's own
+        # signature (`fwd_function`, the op's schema) fill what a call leaves out
+        self._defaults = (fwd_function.__defaults__ or ()) if fwd_function is not None else ()
+        self._required = fwd_function.__code__.co_argcount - len(self._defaults) if fwd_function is not None else 0
 
     def forward(self, *args):
         """(y, state) of the forward op for `args` (its schema, trailing defaults optional)."""
         if self._eager is not None and eager_path_allowed(args[0]) and args[0].device.type in self._eager_devices:
-            return self._eager.apply(*args, *_FWD_DEFAULTS[len(args) - _FWD_REQUIRED:])
+            return self._eager.apply(*args, *self._defaults[len(args) - self._required:])
         return self.fwd(*args)
 
 
@@ -204,8 +208,6 @@ class FusedOps:
 # (e.g. the launch and traffic accounts). Both paths compute the same values
 # (tests/test_ops.py checks bitwise equality).
 EAGER_PATH = True  # module switch (tests compare both paths)
-_FWD_REQUIRED = 14  # the forward's arguments without defaults: 13 tensors and variant
-_FWD_DEFAULTS = (0, -1, None, 0, "", None)  # chunk_size .. initial_state
 
 
 def eager_path_allowed(query) -> bool:
@@ -409,7 +411,7 @@ def define_fused_ops(
             # if that graph is differentiated again (as on the op path)
             return backward(ctx, grad_y, grad_state, bwd_call=None if torch.is_grad_enabled() else bwd)
 
-    return FusedOps(fwd_op, bwd_op, EagerFunction, device_types)
+    return FusedOps(fwd_op, bwd_op, EagerFunction, device_types, fwd_function=fwd)
 
 
 def layer_norm_epilogue(y: Tensor, p: HyperMixingProblem) -> Tensor:
