@@ -57,20 +57,19 @@ def _masked(case, mode):
     return fn
 
 
+def _probe_reasons(name, device, dtype):
+    case = make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4).cast(dtype, device)
+    return hmx_kernels.backend_reasons(hmx_kernels.check_inputs(**case.kwargs(), chunk_size=2))[name]
+
+
 def _cpu_reasons():
-    p = hmx_kernels.check_inputs(**make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4).kwargs())
-    return hmx_kernels.backend_reasons(p)["cpu"]
+    return _probe_reasons("cpu", "cpu", torch.float32)
 
 
 needs_cpu = pytest.mark.skipif(bool(_cpu_reasons()), reason=f"cpu backend unavailable: {_cpu_reasons()}")
 
 
 # ---- generated from the capabilities: backend x device x dtype x mode ---------------------------
-def _probe_reasons(name, device, dtype):
-    case = make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4).cast(dtype, device)
-    return hmx_kernels.backend_reasons(hmx_kernels.check_inputs(**case.kwargs(), chunk_size=2))[name]
-
-
 def _kind(kw) -> str:
     return TOKEN_CAUSAL if kw.get("causal") else CHUNK_CAUSAL
 
@@ -460,8 +459,7 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _triton_reasons():
-    case = make_case(variant="speechbrain", B=1, M=4, d=8, H=2, k_h=4).cast(torch.float32, TRITON_DEVICE)
-    return hmx_kernels.backend_reasons(hmx_kernels.check_inputs(**case.kwargs(), chunk_size=2))["triton"]
+    return _probe_reasons("triton", TRITON_DEVICE, torch.float32)
 
 
 needs_triton = pytest.mark.skipif(bool(_triton_reasons()), reason=f"triton backend unavailable: {_triton_reasons()}")
