@@ -319,9 +319,8 @@ int backward_blocked(const BackwardParams& bp, const BlockPlan& plan, void* work
   qa.gb_part = w.g2b_part;
   query_blocked_kernel<T, D><<<grid, kThreads, s_query, stream>>>(qa);
   // T_j, sdy_j: block j's own queries
-  if ((err = block_windows(plan, BH, {w.t_part, TC::KS, w.t_blk, w.scratch, D * D, 1, false}, stream)) != cudaSuccess)
-    return (int)err;
-  if ((err = block_windows(plan, BH, {w.sdy_part, TC::G, w.sdy_blk, w.scratch, D, 1, false}, stream)) != cudaSuccess)
+  if ((err = block_windows(plan, BH, {w.t_part, TC::KS, w.t_blk, w.scratch, D * D, 1, false},
+                           {w.sdy_part, TC::G, w.sdy_blk, w.scratch, D, 1, false}, stream)) != cudaSuccess)
     return (int)err;
 
   dev::FinArgs ma{};
@@ -341,10 +340,8 @@ int backward_blocked(const BackwardParams& bp, const BlockPlan& plan, void* work
   ma.dp_out = static_cast<float*>(bp.dp_init);          // each block's dP [B H][nb][k_h][d_h]
   bwd_mid_blocked_kernel<T, D><<<rows, kThreads, s_mid, stream>>>(ma);
   // R_i, r0_i: R'_j, r0'_j summed over the blocks j whose window holds block i (in place)
-  if ((err = block_windows(plan, BH, {nullptr, 1, w.rmat, w.scratch, D * D, plan.width, true}, stream)) !=
-      cudaSuccess)
-    return (int)err;
-  if ((err = block_windows(plan, BH, {nullptr, 1, w.r0, w.scratch, D, plan.width, true}, stream)) != cudaSuccess)
+  if ((err = block_windows(plan, BH, {nullptr, 1, w.rmat, w.scratch, D * D, plan.width, true},
+                           {nullptr, 1, w.r0, w.scratch, D, plan.width, true}, stream)) != cudaSuccess)
     return (int)err;
 
   dev::TokArgs ka{};
@@ -361,11 +358,8 @@ int backward_blocked(const BackwardParams& bp, const BlockPlan& plan, void* work
   ka.g_part = w.g1w_part;
   ka.gb_part = w.g1b_part;
   key_blocked_kernel<T, D><<<grid, kThreads, s_key, stream>>>(ka);
-  if ((err = block_windows(plan, BH, {w.s_part, TC::KS, w.s_win, w.scratch, D * D, plan.width, false}, stream)) !=
-      cudaSuccess)
-    return (int)err;
-  if ((err = block_windows(plan, BH, {w.sv_part, TC::G, w.sv_win, w.scratch, D, plan.width, false}, stream)) !=
-      cudaSuccess)
+  if ((err = block_windows(plan, BH, {w.s_part, TC::KS, w.s_win, w.scratch, D * D, plan.width, false},
+                           {w.sv_part, TC::G, w.sv_win, w.scratch, D, plan.width, false}, stream)) != cudaSuccess)
     return (int)err;
 
   dev::FinArgs fa{};

@@ -68,5 +68,11 @@ cudaError_t block_windows(const BlockPlan& plan, int64_t BH, const WindowJob& jo
   return cudaGetLastError();
 }
 
+cudaError_t block_windows(const BlockPlan& plan, int64_t BH, const WindowJob& mat, const WindowJob& vec,
+                          cudaStream_t stream) {
+  const cudaError_t err = block_windows(plan, BH, mat, stream);
+  return err != cudaSuccess ? err : block_windows(plan, BH, vec, stream);
+}
+
 }  // namespace cuda
 }  // namespace hmx

@@ -35,6 +35,10 @@ struct WindowJob {
 
 // launches the block / window sums of `job` for BH rows of `plan`'s blocks on `stream`
 cudaError_t block_windows(const BlockPlan& plan, int64_t BH, const WindowJob& job, cudaStream_t stream);
+// the same for a matrix and a vector job of the same blocks (every use: a [D, D] sum and its [D]
+// companion, e.g. S and sv); the first error, if any
+cudaError_t block_windows(const BlockPlan& plan, int64_t BH, const WindowJob& mat, const WindowJob& vec,
+                          cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace hmx

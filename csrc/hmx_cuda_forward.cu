@@ -176,9 +176,8 @@ int forward_blocked(const ForwardParams& fp, const BlockPlan& plan, void* worksp
     ta.acc_part = w.s_part;
     ta.vec_part = w.sv_part;
     state_blocked_kernel<T, D><<<grid, kThreads, s_state, stream>>>(ta);
-    if ((err = block_windows(plan, BH, {w.s_part, TC::KS, w.s_win, w.scratch, D * D, plan.width, false}, stream)) != cudaSuccess)
-      return (int)err;
-    if ((err = block_windows(plan, BH, {w.sv_part, TC::G, w.sv_win, w.scratch, D, plan.width, false}, stream)) != cudaSuccess)
+    if ((err = block_windows(plan, BH, {w.s_part, TC::KS, w.s_win, w.scratch, D * D, plan.width, false},
+                             {w.sv_part, TC::G, w.sv_win, w.scratch, D, plan.width, false}, stream)) != cudaSuccess)
       return (int)err;
 
     dev::FinArgs fa{};
