@@ -268,17 +268,19 @@ def cpu_stream_forward(p: HyperMixingProblem, carry):
     # next carry come from the one pass.
     nb = (p.N + C - 1) // C
     r = 0 if carry is None else carry.shape[2]
-    if r == 0:
-        terms = p.query.new_zeros((p.B, p.H, nb, p.d_h, p.k_h), dtype=compute_dtype_of(p.query.dtype))
-    else:  # summed in the carry's own layout [.., k_h, d_h], then transposed once (the twin keeps P^T)
-        rows = []
-        for j in range(nb):  # E_j = the carried chunks r + j - L .. r - 1 (those within L of j), in order
-            lo = max(0, r + j - L)
-            e = carry[:, :, lo] if lo < r else carry.new_zeros(carry.shape[:2] + carry.shape[3:])
-            for i in range(lo + 1, r):
-                e = e + carry[:, :, i]
-            rows.append(e)
-        terms = torch.stack(rows, dim=2).transpose(-1, -2).contiguous()
+    # E_j = the carried chunks r + j - L .. r - 1 (those within L of chunk j), summed in chunk order;
+    # only the first chunks have any (lo grows with j). Built in the carry's own layout [.., k_h,
+    # d_h], then transposed once (the twin keeps P^T)
+    terms = p.query.new_zeros((p.B, p.H, nb, p.k_h, p.d_h), dtype=compute_dtype_of(p.query.dtype))
+    for j in range(nb):
+        lo = max(0, r + j - L)
+        if lo >= r:
+            break
+        e = carry[:, :, lo]
+        for i in range(lo + 1, r):
+            e = e + carry[:, :, i]
+        terms[:, :, j] = e
+    terms = terms.transpose(-1, -2).contiguous()
     y, own = CPP_OPS.forward(*args, C, L, None, p.position_offset, "", terms)
     q = own.view(p.B, p.H, nb, p.d_h, p.k_h).transpose(-1, -2)  # Q_j [.., k_h, d_h] of this piece's chunks
     keep = min(L, r + nb)  # the next carry: the last L chunks, carried ones first
