@@ -178,10 +178,9 @@ def test_backends_without_packing_run_a_padded_batch():
     assert not hmx_kernels.backend_reasons(packed)["reference"]
 
 
-@pytest.fixture
-def unpacked_backend(monkeypatch):
-    """A backend "cpu-nopack": the cpu backend declaring every block kind but `packed`, recording
-    the problems it is given; registered for the test only, and first in the CPU auto order."""
+def _register_narrow_cpu(monkeypatch, name, without):
+    """The cpu backend registered as `name` for the test only, declaring every block kind but
+    `without`; returns the list of problems its forward is given."""
     cpu = get_backend("cpu")
     seen = []
 
@@ -189,9 +188,16 @@ def unpacked_backend(monkeypatch):
         seen.append(p)
         return cpu.forward(p)
 
-    caps = dataclasses.replace(cpu.capabilities, blocks=ALL_KINDS - {PACKED_KIND})
-    monkeypatch.setitem(dispatch._REGISTRY, "cpu-nopack",
-                        Backend("cpu-nopack", "cpu without packed sequences", forward, caps))
+    caps = dataclasses.replace(cpu.capabilities, blocks=ALL_KINDS - set(without))
+    monkeypatch.setitem(dispatch._REGISTRY, name, Backend(name, f"cpu without {sorted(without)}", forward, caps))
+    return seen
+
+
+@pytest.fixture
+def unpacked_backend(monkeypatch):
+    """A backend "cpu-nopack": the cpu backend declaring every block kind but `packed`, recording
+    the problems it is given; registered for the test only, and first in the CPU auto order."""
+    seen = _register_narrow_cpu(monkeypatch, "cpu-nopack", without={PACKED_KIND})
     monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ["cpu-nopack"] + dispatch.AUTO_ORDER["cpu"])
     return seen
 
@@ -234,9 +240,7 @@ def test_the_dispatcher_pads_for_backends_without_packing(unpacked_backend, vari
 
 
 def test_a_backend_without_packing_or_the_mode_is_refused_with_both_reasons(monkeypatch):
-    cpu = get_backend("cpu")
-    caps = dataclasses.replace(cpu.capabilities, blocks=ALL_KINDS - {PACKED_KIND, CHUNK_CAUSAL})
-    monkeypatch.setitem(dispatch._REGISTRY, "cpu-narrow", Backend("cpu-narrow", "narrow", cpu.forward, caps))
+    _register_narrow_cpu(monkeypatch, "cpu-narrow", without={PACKED_KIND, CHUNK_CAUSAL})
     case = make_case(variant="speechbrain", B=1, M=6, d=8, H=2, k_h=4, masks=False)
     w = [case.tensors[k] for k in WEIGHT_NAMES]
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
