@@ -48,6 +48,7 @@ LayerNorm is applied in exactly one way.
 This module avoids `from __future__ import annotations`: torch.library reads the signatures'
 annotations to infer the schemas.
 """
+import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -184,6 +185,7 @@ class FusedOps:
         self.fwd = fwd
         self.bwd = bwd
         self._eager = eager  # the autograd.Function over the ops' Python implementations
+        self.layer: Optional["LayerOps"] = None  # ops with the epilogue fused, where the backend has them
         self._eager_devices = frozenset(device_types)  # where the impls run (meta: the fake impl)
         # autograd.Function.apply takes every argument: the trailing defaults of the forward's own
         # signature (`fwd_function`, the op's schema) fill what a call leaves out
@@ -414,6 +416,197 @@ def define_fused_ops(
     return FusedOps(fwd_op, bwd_op, EagerFunction, device_types, fwd_function=fwd)
 
 
+# ---- layer ops: the mixing with the layer's epilogue fused (plain mixing) -----------------------
+class LayerOps:
+    """A forward and backward op that run the whole layer: the mixing, the LayerNorm (optional) and
+    the cast to the output dtype, in the kernels of one backend (`define_layer_ops`); `accepts(p)`
+    says which problems they take (the others go through the backend's FusedOps and the torch
+    epilogue)."""
+
+    def __init__(self, fwd, bwd, eager, accepts: Callable[[HyperMixingProblem], bool], fwd_function):
+        self.fwd, self.bwd, self._eager, self.accepts = fwd, bwd, eager, accepts
+        self._defaults = fwd_function.__defaults__ or ()
+        self._required = fwd_function.__code__.co_argcount - len(self._defaults)
+
+    def forward(self, *args):
+        """(out, state, ln_stats) of the forward op for `args` (see FusedOps.forward)."""
+        if eager_path_allowed(args[0]) and args[0].device.type in ("cuda", "cpu"):
+            return self._eager.apply(*args, *self._defaults[len(args) - self._required:])
+        return self.fwd(*args)
+
+    def run(self, p: HyperMixingProblem) -> Tensor:
+        """The layer's output for problem `p` (one this object accepts)."""
+        ln = (p.ln_weight, p.ln_bias) if p.use_layer_norm else (None, None)
+        one_tensor = p.key is p.query and p.value is p.query  # self-mixing: one token gradient
+        out, _state, _stats = self.forward(p.query, p.key, p.value, p.query_keep, p.key_keep,
+                                           *p.generator_weights(), *ln, p.variant.name, p.eps, one_tensor)
+        return out
+
+
+def define_layer_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable,
+                     accepts: Callable[[HyperMixingProblem], bool], triton: bool = True) -> LayerOps:
+    """hmx_kernels::<backend>_layer_fwd / _layer_bwd for plain mixing with the layer's epilogue
+    fused; triton=True: torch.library.triton_op (the impls double as their fake implementations),
+    else opaque custom ops with `layer_fwd_fake` / `layer_bwd_fake` (the Triton interpreter):
+
+        fwd(query, key, value, query_keep?, key_keep?, 8 generator tensors, ln_weight?, ln_bias?,
+            variant, eps, one_tensor) -> (out [B, M, d] in query's dtype (LayerNorm applied when
+            ln_weight is given), state P [B, H, k_h, d_h] fp32, ln_stats [B, M, 2] fp32 (mean,
+            rstd; empty without the LayerNorm))
+        bwd(grad_out, the forward's tensors, state, ln_stats, variant, eps, one_tensor) -> 4 tensors:
+            dquery, dkey, dvalue in the tokens' dtype, and one fp32 buffer holding the 8 generator
+            gradients and those of ln_weight, ln_bias (`weight_grad_layout`; the autograd
+            function casts it once per parameter dtype). one_tensor (query is key is value, the
+            self-mixing layer call): dquery is the whole token gradient and dkey, dvalue are empty.
+    """
+
+    def fwd(query: Tensor, key: Tensor, value: Tensor, query_keep: Optional[Tensor], key_keep: Optional[Tensor],
+            w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor, w1_fc2_b: Optional[Tensor],
+            w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor, w2_fc2_b: Optional[Tensor],
+            ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], variant: str, eps: float = 1e-5,
+            one_tensor: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        gen = (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b)
+        check_op_args(query, key, value, query_keep, key_keep, gen)
+        _check_ln_args(query, ln_weight, ln_bias, eps)
+        return fwd_impl(query, key, value, query_keep, key_keep, *gen, ln_weight, ln_bias, variant, eps)
+
+    def bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, query_keep: Optional[Tensor],
+            key_keep: Optional[Tensor], w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor,
+            w1_fc2_b: Optional[Tensor], w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor,
+            w2_fc2_b: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], state: Tensor,
+            ln_stats: Tensor, variant: str, eps: float = 1e-5, one_tensor: bool = False) -> List[Tensor]:
+        gen = (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b)
+        check_op_args(query, key, value, query_keep, key_keep, gen, state=state, grad_y=grad_out)
+        _check_ln_args(query, ln_weight, ln_bias, eps)
+        if grad_out.dtype != query.dtype:
+            raise TypeError(f"hmx_kernels op: grad_out must have the output's dtype {query.dtype}, got "
+                            f"{grad_out.dtype}")
+        if one_tensor and not (key is query and value is query):
+            raise ValueError("hmx_kernels op: one_tensor=True needs query, key and value to be one tensor")
+        return bwd_impl(grad_out, query, key, value, query_keep, key_keep, *gen, ln_weight, ln_bias, state,
+                        ln_stats, variant, eps, one_tensor)
+
+    fwd_name, bwd_name = f"{NAMESPACE}::{backend}_layer_fwd", f"{NAMESPACE}::{backend}_layer_bwd"
+    if triton:
+        fwd_op = torch.library.triton_op(fwd_name, fwd, mutates_args=())
+        bwd_op = torch.library.triton_op(bwd_name, bwd, mutates_args=())
+    else:
+        fwd_op = torch.library.custom_op(fwd_name, fwd, mutates_args=(), device_types=("cpu", "cuda"))
+        bwd_op = torch.library.custom_op(bwd_name, bwd, mutates_args=(), device_types=("cpu", "cuda"))
+        fwd_op.register_fake(layer_fwd_fake)
+        bwd_op.register_fake(layer_bwd_fake)
+    n_tensors = 15  # query, key, value, 2 keeps, 8 generator tensors, ln weight and bias
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors], output[1], output[2])
+        ctx.variant, ctx.eps, ctx.one_tensor = inputs[n_tensors:n_tensors + 3]
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_out, grad_state, grad_stats, bwd_call=None):
+        saved = ctx.saved_tensors
+        tensors, state, stats = saved[:n_tensors], saved[n_tensors], saved[n_tensors + 1]
+        if grad_out is None:
+            grad_out = torch.zeros_like(tensors[0])
+        grads = (bwd_call or bwd_op)(grad_out.contiguous(), *tensors, state, stats, ctx.variant, ctx.eps,
+                                     ctx.one_tensor)
+        params = tensors[5:]
+        weights = split_weight_grads(grads[3], params[:8], params[8], params[9])
+        tokens = [grads[0], None, None] if ctx.one_tensor else list(grads[:3])
+        return (*tokens, None, None, *weights, None, None, None)
+
+    def bwd_backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    bwd_op.register_autograd(bwd_backward, setup_context=lambda ctx, inputs, output: None)
+
+    class EagerFunction(torch.autograd.Function):
+        """The layer ops' implementations without the op dispatch (as FusedOps' eager path)."""
+
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = fwd(*inputs)
+            setup_context(ctx, inputs, output)
+            ctx.mark_non_differentiable(output[2])
+            return output
+
+        @staticmethod
+        def backward(ctx, grad_out, grad_state, grad_stats):
+            return backward(ctx, grad_out, grad_state, grad_stats,
+                            bwd_call=None if torch.is_grad_enabled() else bwd)
+
+    return LayerOps(fwd_op, bwd_op, EagerFunction, accepts, fwd)
+
+
+def weight_grad_layout(gen, ln_weight=None, ln_bias=None) -> List[Optional[Tuple[int, ...]]]:
+    """The shapes of the weight gradients in the layer ops' one fp32 buffer, in order (the 8
+    generator tensors, then ln_weight, ln_bias if given): None for an absent tensor, which takes no
+    space."""
+    H, d_h, k_h = gen[0].shape[0], gen[0].shape[-1], gen[2].shape[1]
+    shapes = [(H, d_h, d_h), (H, d_h), (H, k_h, d_h), (H, k_h)] * 2
+    out = [None if t is None else shape for t, shape in zip(gen, shapes)]
+    if ln_weight is not None:
+        out += [tuple(ln_weight.shape), tuple(ln_bias.shape)]
+    return out
+
+
+def split_weight_grads(buffer: Tensor, gen, ln_weight=None, ln_bias=None) -> List[Optional[Tensor]]:
+    """The layer ops' fp32 weight-gradient buffer as one gradient per tensor of (gen, ln_weight,
+    ln_bias), each in its tensor's dtype (one cast of the buffer per distinct dtype), None for an
+    absent tensor."""
+    params = list(gen) + [ln_weight, ln_bias]
+    layout = weight_grad_layout(gen, ln_weight, ln_bias)
+    layout += [None] * (len(params) - len(layout))
+    casts = {t.dtype: buffer if t.dtype == buffer.dtype else None for t in params if t is not None}
+    out, offset = [], 0
+    for t, shape in zip(params, layout):
+        if shape is None:
+            out.append(None)
+            continue
+        if casts[t.dtype] is None:
+            casts[t.dtype] = buffer.to(t.dtype)
+        n = math.prod(shape)
+        out.append(casts[t.dtype][offset:offset + n].view(shape))
+        offset += n
+    return out
+
+
+def layer_fwd_fake(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
+                   w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, ln_weight, ln_bias, variant, eps=1e-5, one_tensor=False):
+    B, M, N, d, H, d_h, k_h = _sizes(query, key, w1_fc2_w)
+    stats = (B, M, 2) if ln_weight is not None else (0,)
+    return (query.new_empty((B, M, d)), query.new_empty((B, H, k_h, d_h), dtype=torch.float32),
+            query.new_empty(stats, dtype=torch.float32))
+
+
+def layer_bwd_fake(grad_out, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
+                   w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, ln_weight, ln_bias, state, ln_stats, variant, eps=1e-5,
+                   one_tensor=False):
+    gen = (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b)
+    size = sum(math.prod(shape) for shape in weight_grad_layout(gen, ln_weight, ln_bias) if shape is not None)
+    return [query.new_empty(query.shape),
+            query.new_empty((0,) if one_tensor else key.shape), query.new_empty((0,) if one_tensor else value.shape),
+            query.new_empty((size,), dtype=torch.float32)]
+
+
+def _check_ln_args(query: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float) -> None:
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("hmx_kernels op: pass both ln_weight and ln_bias (the LayerNorm), or neither")
+    if ln_weight is None:
+        return
+    d = query.shape[-1]
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if tuple(t.shape) != (d,):
+            raise ValueError(f"hmx_kernels op: {name} must have shape [{d}], got {list(t.shape)}")
+        if t.dtype not in (query.dtype, torch.float32):
+            raise TypeError(f"hmx_kernels op: {name} must have the tokens' dtype {query.dtype} or float32, got "
+                            f"{t.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"hmx_kernels op: {name} is on {t.device} but query is on {query.device}")
+    if not eps > 0:
+        raise ValueError(f"hmx_kernels op: eps must be > 0, got {eps}")
+
+
 def layer_norm_epilogue(y: Tensor, p: HyperMixingProblem) -> Tensor:
     """The common epilogue of the fused backends: LayerNorm over d in fp32 (fp64 for fp64), then
     the problem's output dtype. y is the fused op's [B, M, d] output in the compute dtype."""
@@ -442,6 +635,8 @@ def run_fused(ops: FusedOps, p: HyperMixingProblem, operand_dtype: Optional[torc
     # The keep vectors are already in the compute dtype, which upcasting does not change. No
     # autocast context is needed: autocast does not touch custom ops, and it runs layer_norm in
     # fp32, as the epilogue does anyway.
+    if operand_dtype is None and ops.layer is not None and ops.layer.accepts(p):
+        return ops.layer.run(p)  # the epilogue in the backend's kernels
     y, _state = ops.forward(*tokens, p.query_keep, p.key_keep, *gen, p.variant.name, *p.blocks.op_args(),
                             p.position_offset, _group_name(p.sequence_parallel_group))
     return layer_norm_epilogue(y, p)

@@ -121,12 +121,16 @@ def capture_launches(d_h: int, k_h: int, dtype: str, mode: str = "highest",
     import torch
 
     from hmx_kernels.triton import launch as fn
+    from hmx_kernels.triton.autotune import split_state
 
     recorded: List[Launch] = []
 
     def record(kernel, grid, *args, **kwargs):
-        args = tuple(("tensor", str(a.dtype).replace("torch.", "")) if isinstance(a, torch.Tensor) else a
-                     for a in args)
+        def plain(a):
+            return ("tensor", str(a.dtype).replace("torch.", "")) if isinstance(a, torch.Tensor) else a
+
+        args = tuple(plain(a) for a in args)
+        kwargs = {k: plain(v) for k, v in kwargs.items()}
         if (kernel.fn.__name__ in FINALIZE_KERNELS) == finalize:
             recorded.append(Launch(kernel.fn.__name__, args, tuple(sorted(kwargs.items()))))
 
@@ -138,11 +142,19 @@ def capture_launches(d_h: int, k_h: int, dtype: str, mode: str = "highest",
 
     q, keep = meta(B, N, H * d_h), meta(B, N, dtype=torch.float32)
     gen = [meta(H, d_h, d_h), meta(H, d_h), meta(H, k_h, d_h), meta(H, k_h)] * 2
+    ln = [meta(H * d_h), meta(H * d_h)]
     old_mode = torch.get_float32_matmul_precision()
     saved = fn._launch, fn._is_fake
     fn._launch, fn._is_fake = record, (lambda t: True)  # meta tensors: no PE cache
     try:
         torch.set_float32_matmul_precision(mode)
+        # the layer's plain mixing (LayerNorm fused, self-mixing: one token gradient), where it runs ...
+        if not split_state(d_h):
+            _, state, stats = fn._layer_fwd_impl(q, q, q, keep, keep, *gen, *ln, "speechbrain", 1e-5)
+            fn._layer_bwd_impl(meta(B, N, H * d_h), q, q, q, keep, keep, *gen, *ln, state, stats, "speechbrain",
+                               1e-5, True)
+        # ... and the per-head passes (no LayerNorm, the mixing-block modes, d_h 128): their mix and
+        # query kernels (a kernel both launch appears once, as the layer launches it: distinct_launches)
         _, state = fn._triton_fwd_impl(q, q, q, keep, keep, *gen, "speechbrain")
         fn._triton_bwd_impl(meta(B, N, H * d_h, dtype=torch.float32), q, q, q, keep, keep, *gen, state,
                             "speechbrain")
@@ -157,11 +169,12 @@ FINALIZE_KERNELS = ("hmx_fwd_finalize", "hmx_bwd_finalize_mid", "hmx_bwd_finaliz
 
 def _kernel(name: str):
     """The kernel's JITFunction."""
-    from hmx_kernels.triton import finalize, hyper_mixing_bwd, hyper_mixing_fwd
+    from hmx_kernels.triton import finalize, hyper_mixing_bwd, hyper_mixing_fwd, layer_norm_fused
 
     if name in FINALIZE_KERNELS:
         return getattr(finalize, name)
-    return (getattr(hyper_mixing_fwd, name, None) or getattr(hyper_mixing_bwd, name)).fn
+    return (getattr(hyper_mixing_fwd, name, None) or getattr(layer_norm_fused, name, None)
+            or getattr(hyper_mixing_bwd, name)).fn
 
 
 def _tool(name: str) -> str:
@@ -186,10 +199,14 @@ def compile_launch(launch: Launch, config: Tuple[int, int, int], arch: int) -> d
     num_warps = kwargs.pop("num_warps", num_warps)  # a fixed-config kernel's own (the finalize kernels)
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(jf.params):
+        default = p._param.default  # a parameter with a default (a mode's extra pointer) may be left out
         if p.is_constexpr:
-            signature[p.name], constexprs[p.name] = "constexpr", kwargs[p.name]
+            signature[p.name], constexprs[p.name] = "constexpr", kwargs.get(p.name, default)
             continue
-        v = launch.args[i]
+        v = launch.args[i] if i < len(launch.args) else kwargs.get(p.name, default)
+        if v is None:  # an unused optional pointer
+            signature[p.name], constexprs[p.name] = "constexpr", None
+            continue
         if isinstance(v, tuple) and v[0] == "tensor":
             v = MockTensor(getattr(torch, {"bf16": "bfloat16"}.get(v[1], v[1])))  # a 16-byte aligned pointer
         ty, key = native_specialize_impl(CUDABackend, v, False, not p.do_not_specialize, True)
@@ -263,13 +280,11 @@ def jobs(shapes: Iterable[Tuple[int, int]], dtypes: Iterable[str], archs: Iterab
 
 
 def distinct_launches(shape: Tuple[int, int], dtype: str, mode: str = "highest") -> List[Launch]:
-    """The launches of capture_launches, one per kernel (a kernel launched twice, such as the
-    state pass in the forward and again in the backward at the split head sizes, is launched the
-    same way both times)."""
+    """The launches of capture_launches, one per kernel: the first (the layer's, where both the
+    layer and the per-head passes launch a kernel: the key pass, with the one-gradient sum and the
+    input-dtype stores, is the larger of its two variants)."""
     out: Dict[str, Launch] = {}
     for lc in capture_launches(shape[0], shape[1], dtype, mode):
-        if lc.kernel in out and out[lc.kernel] != lc:
-            raise RuntimeError(f"{lc.kernel} is launched with different arguments: {out[lc.kernel]} / {lc}")
         out.setdefault(lc.kernel, lc)
     return list(out.values())
 

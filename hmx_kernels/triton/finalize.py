@@ -9,10 +9,13 @@ Reassociated form (docs/HYPERMIXING.md; S, T are d_h x d_h token sums of the pas
 - `hmx_bwd_finalize_mid` (grid B*H): T, sdy = sums of the query pass's chunk partials (written
   for the weight kernel); per k-block: A = GELU(P), dA = fc2_2 T + b2_2 sdy^T, dP = dA GELU'(P)
   (written), R += fc2^T dP, r0 += b2^T dP; R scaled as C.
-- `hmx_bwd_finalize_weights` (grid H x (2 n_kb + 1)): the weight gradients summed over the
+- `hmx_bwd_finalize_weights` (grid H x (2 n_kb + 1), HAS_LN: + 2): the weight gradients summed over the
   batch in batch order: programs j < n_kb: fc2_2 rows of k-block j, A T^T and A sdy; n_kb <= j <
   2 n_kb: fc2 rows, dP S^T and dP sv (S, sv summed from the key pass's chunk partials); j = 2 n_kb:
-  both generators' fc1 gradients, their partials summed over (batch, chunk).
+  both generators' fc1 gradients, their partials summed over (batch, chunk), and with HAS_LN the
+  LayerNorm weight and bias gradients of head h's channels (layer_norm_fused.py's partials) in
+  one more program, j = 2 n_kb + 1 (in the fc1 program they made ptxas spill on sm_90).
+  Each gradient is stored in its output's dtype (the parameter's).
 
 Every sum runs in a fixed order in one program (deterministic, no atomics). Products are fp32
 dots at IEEE precision (as exact as the fp32 torch matmuls they replace; the tiles are tiny, so
@@ -212,6 +215,9 @@ def hmx_bwd_finalize_weights(
     B, H, K, s_chunks, n_chunks1, n_chunks2,
     D_H: tl.constexpr, HAS_FC1_B1: tl.constexpr, HAS_FC1_B2: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    lnw_part_ptr=None, lnb_part_ptr=None,  # HAS_LN: [B, n_ln_chunks, d] fp32 LayerNorm gradient partials
+    dlnw_ptr=None, dlnb_ptr=None,  # HAS_LN, out: LayerNorm weight and bias gradients [d]
+    n_ln_chunks=1, HAS_LN: tl.constexpr = False,
 ):
     i_h = tl.program_id(0)
     j = tl.program_id(1)
@@ -224,6 +230,16 @@ def hmx_bwd_finalize_weights(
                  D_H, HAS_FC1_B1, BLOCK_D)
         _sum_fc1(f2w_part_ptr, f2b_part_ptr, dfc1w2_ptr, dfc1b2_ptr, i_h, B, H, n_chunks2, o_r, o_c,
                  D_H, HAS_FC1_B2, BLOCK_D)
+    elif HAS_LN and j == 2 * n_kb + 1:  # head i_h's channels of the LayerNorm gradients: partials over
+        # (batch, chunk), in order
+        ch = i_h * D_H + o_c
+        acc_lw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc_lb = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for r in range(B * n_ln_chunks):
+            acc_lw += tl.load(lnw_part_ptr + (r * H).to(tl.int64) * D_H + ch, mask=m_c, other=0.0)
+            acc_lb += tl.load(lnb_part_ptr + (r * H).to(tl.int64) * D_H + ch, mask=m_c, other=0.0)
+        tl.store(dlnw_ptr + ch, acc_lw, mask=m_c)
+        tl.store(dlnb_ptr + ch, acc_lb, mask=m_c)
     else:
         gen1 = j >= n_kb  # generator 1: dP against S, sv; generator 2: A = GELU(P) against T, sdy
         k = (j % n_kb) * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -160,7 +160,7 @@ def hmx_bwd_kernel_key(
     fc1w_ptr, fc1b_ptr,  # MLP1 fc1: [H, d_h, d_h], [H, d_h]
     r_ptr, r0_ptr, rscale_ptr,  # [B*H, d_h, d_h] fp32 R / r_scale, R = fc2^T dP; [B*H, d_h] r0 = b2^T dP
                                 # (read if HAS_FC2_BIAS); [B*H] fp32 r_scale
-    dk_ptr, dv_ptr, sdb,  # out: dkey, dvalue [B, N, d] fp32 contiguous (row stride d)
+    dk_ptr, dv_ptr, sdb,  # out: dkey, dvalue [B, N, d] contiguous (row stride d), their own dtype
     s_part_ptr, sv_part_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: S, sv
     dfc1w_ptr, dfc1b_ptr,  # out: [B*H, n_chunks, d_h, d_h], [B*H, n_chunks, d_h] fp32: MLP1 fc1 grads
     L, chunk_len, n_chunks, H, d, scale, first_pos,
@@ -169,6 +169,8 @@ def hmx_bwd_kernel_key(
     HAS_FC2_BIAS: tl.constexpr, ACC_S: tl.constexpr,  # ACC_S False: S, sv left to hmx_fwd_kernel_state
     OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    dq_ptr=None,  # ADD_DQ: dquery [B, N, d] fp32, same layout as dkey (self-mixing: query is key is value)
+    ADD_DQ: tl.constexpr = False,  # write dx = dq + dk + dv to dk_ptr (one gradient, no dv), not dk and dv
 ):
     if BLOCKED:
         i_bh = tl.program_id(1)
@@ -227,8 +229,12 @@ def hmx_bwd_kernel_key(
         b_dz = tl.dot(b_dpreo, b_fc1w, input_precision=DOT_PREC)
         b_dk = b_dz * ((r_scale * scale) * b_keep)[:, None]
         o_out = i_b * sdb + o_n64[:, None] * d + (i_h * D_H + o_c)[None, :]
-        tl.store(dk_ptr + o_out, b_dk, mask=m_nc)
-        tl.store(dv_ptr + o_out, b_dv, mask=m_nc)
+        if ADD_DQ:
+            b_dq = tl.load(dq_ptr + o_out, mask=m_nc, other=0.0)
+            tl.store(dk_ptr + o_out, (b_dq + b_dk + b_dv).to(dk_ptr.dtype.element_ty), mask=m_nc)
+        else:
+            tl.store(dk_ptr + o_out, b_dk.to(dk_ptr.dtype.element_ty), mask=m_nc)
+            tl.store(dv_ptr + o_out, b_dv.to(dv_ptr.dtype.element_ty), mask=m_nc)
     i_part = i_bh64 * n_chunks + i_chunk
     if ACC_S:
         _store_square(s_part_ptr + i_part * D_H * D_H, acc_s, o_c, D_H)

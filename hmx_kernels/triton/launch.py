@@ -62,13 +62,15 @@ shows up in tests.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from ..config import SETTINGS
-from ..ops import define_fused_ops, run_fused, state_blocks
+from ..ops import define_fused_ops, define_layer_ops, run_fused, state_blocks, weight_grad_layout
 from ..positional import cached_positional_encoding, frequencies, positional_encoding
 from ..problem import HyperMixingProblem
 from ..variants import get_variant
@@ -80,6 +82,7 @@ from .finalize import NUM_WARPS as FINALIZE_WARPS
 from .finalize import weights_num_warps
 from .finalize import hmx_bwd_finalize_mid, hmx_bwd_finalize_weights, hmx_fwd_finalize
 from .hyper_mixing_fwd import hmx_fwd_kernel_mix, hmx_fwd_kernel_state
+from .layer_norm_fused import hmx_bwd_kernel_query_ln, hmx_fwd_kernel_mix_ln
 
 __all__ = ["TRITON_OPS", "triton_forward", "set_nan_poison"]
 
@@ -461,8 +464,8 @@ def _triton_fwd_impl(query, key, value, query_keep, key_keep, *rest):
     return y, P
 
 
-def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table, bl=None, raw=False):
-    """dquery [B, M, d] fp32, T [B, H, d_h, d_h], sdy [B, H, d_h] and the MLP2 fc1 gradients
+def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table, bl=None, raw=False, grad_dtype=torch.float32):
+    """dquery [B, M, d] (grad_dtype, fp32 by default), T [B, H, d_h, d_h], sdy [B, H, d_h] and the MLP2 fc1 gradients
     (with `bl`: T, sdy per block of its own queries, [B, H, nb, d_h, d_h], [B, H, nb, d_h])."""
     device = query.device
     grid, chunk_len, n_chunks, blocked = _grid(s, s.M, bl)
@@ -470,7 +473,7 @@ def _query_pass(s, query, query_keep, w2, mix_ops, dy, pe, pe_table, bl=None, ra
     C, c_scale, _ = mix_ops
     precision = _precision(query.dtype, s.d_h, "hmx_bwd_kernel_query")
     keep, smb, smn, has_mask = _keep_args(query_keep, query)
-    dq = _empty((s.B, s.M, s.d), torch.float32, device)
+    dq = _empty((s.B, s.M, s.d), grad_dtype, device)
     t_part, sdy_part = _square_partials(s, n_chunks, device)
     fc1_parts = _square_partials(s, n_chunks, device)
     split = _config.split_state(s.d_h)
@@ -517,17 +520,20 @@ def _gelu_grad(x):
     return cdf + x * pdf
 
 
-def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table, bl=None, raw=False):
-    """dkey, dvalue [B, N, d] fp32, S [B, H, d_h, d_h], sv [B, H, d_h] and the MLP1 fc1
-    gradients (with `bl`: S, sv per block of its own keys, [B*H, nb, d_h, d_h], [B*H, nb, d_h])."""
+def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table, bl=None, raw=False, grad_dtype=torch.float32,
+              dq=None):
+    """dkey, dvalue [B, N, d] (grad_dtype, fp32 by default), S [B, H, d_h, d_h], sv [B, H, d_h] and the MLP1 fc1
+    gradients (with `bl`: S, sv per block of its own keys, [B*H, nb, d_h, d_h], [B*H, nb, d_h]).
+    dq (fp32 [B, N, d], self-mixing: query is key is value): dkey is then the whole token gradient
+    dq + dkey + dvalue, and dvalue is None."""
     device = key.device
     grid, chunk_len, n_chunks, blocked = _grid(s, s.N, bl)
     fc1w, fc1b, flags = w1
     R, r_scale, r0 = key_ops
     precision = _precision(key.dtype, s.d_h, "hmx_bwd_kernel_key")
     keep, smb, smn, has_mask = _keep_args(key_keep, key)
-    dk = _empty((s.B, s.N, s.d), torch.float32, device)
-    dv = _empty((s.B, s.N, s.d), torch.float32, device)
+    dk = _empty((s.B, s.N, s.d), grad_dtype, device)
+    dv = None if dq is not None else _empty((s.B, s.N, s.d), grad_dtype, device)
     fc1_parts = _square_partials(s, n_chunks, device)
     split = _config.split_state(s.d_h)
     s_part, sv_part = fc1_parts if split else _square_partials(s, n_chunks, device)  # split: unused
@@ -536,12 +542,12 @@ def _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table, bl=None, raw=F
         value, value.stride(0), value.stride(1), value.stride(2),
         keep, smb, smn, pe, pe,
         fc1w, fc1b, R, R if r0 is None else r0, r_scale,
-        dk, dv, dk.stride(0),
+        dk, dk if dv is None else dv, dk.stride(0),
         s_part, sv_part, *fc1_parts,
         s.N, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos, *blocked[:2],
         D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
         HAS_FC2_BIAS=r0 is not None, ACC_S=not split, OPERAND=precision[0], DOT_PREC=precision[1],
-        BLOCKED=blocked[2], BLOCK_D=block_d(s.d_h),
+        BLOCKED=blocked[2], BLOCK_D=block_d(s.d_h), **({} if dq is None else dict(dq_ptr=dq, ADD_DQ=True)),
     )
     if raw:  # the chunk partials, for the finalize kernels (split: from the state pass again)
         if split:
@@ -667,29 +673,158 @@ def _finalize_mid(s, t_part, sdy_part, P, gen):
     return dP, T, sdy, (R, r_scale, r0)
 
 
-def _finalize_weights(s, P, dP, T, sdy, s_part, sv_part, fc1_parts1, fc1_parts2, gen):
+def _finalize_weights(s, P, dP, T, sdy, s_part, sv_part, fc1_parts1, fc1_parts2, gen, ln=None, flat=False):
     """One launch (hmx_bwd_finalize_weights): the eight generator gradients of the fused-op
-    contract, summed over the batch (an absent bias: an empty tensor)."""
+    contract, summed over the batch, fp32 (an absent bias: an empty tensor). ln = (ln_weight,
+    ln_bias, weight partials, bias partials [B, n, d]): the LayerNorm gradients too. flat=True:
+    every gradient in one fp32 buffer instead, laid out by ops.weight_grad_layout (the layer ops:
+    their autograd casts it once per parameter dtype; the kernel writing fp16 / bf16 itself made
+    ptxas spill 20-76 bytes at some (d_h, arch))."""
     device = P.device
     flags = dict(_fin_flags(s, gen), num_warps=weights_num_warps(block_d(s.d_h)))
     n_kb = _cdiv(s.k_h, flags["BLOCK_K"])
-    dfc2w1 = _empty((s.H, s.k_h, s.d_h), torch.float32, device)
-    dfc2w2 = _empty((s.H, s.k_h, s.d_h), torch.float32, device)
-    dfc1w1 = _empty((s.H, s.d_h, s.d_h), torch.float32, device)
-    dfc1w2 = _empty((s.H, s.d_h, s.d_h), torch.float32, device)
-    def bias_grad(bias, size):  # an absent bias: an empty tensor of its own (returns may not alias)
-        return _empty((s.H, size), torch.float32, device) if bias is not None else P.new_empty((0,))
-
-    dfc2b1, dfc2b2 = bias_grad(gen[3], s.k_h), bias_grad(gen[7], s.k_h)
-    dfc1b1, dfc1b2 = bias_grad(gen[1], s.d_h), bias_grad(gen[5], s.d_h)
-    _launch(hmx_bwd_finalize_weights, (s.H, 2 * n_kb + 1),
+    layout = weight_grad_layout(gen, *(ln[:2] if ln is not None else (None, None)))
+    if flat:
+        buffer = _empty((sum(math.prod(shape) for shape in layout if shape is not None),), torch.float32, device)
+        out, offset = [], 0
+        for shape in layout:
+            n = 0 if shape is None else math.prod(shape)
+            out.append(None if shape is None else buffer[offset:offset + n].view(shape))
+            offset += n
+    else:
+        out = [None if shape is None else _empty(shape, torch.float32, device) for shape in layout]
+    dfc1w1, dfc1b1, dfc2w1, dfc2b1, dfc1w2, dfc1b2, dfc2w2, dfc2b2 = out[:8]
+    ln_args = {}
+    if ln is not None:
+        ln_args = dict(lnw_part_ptr=ln[2], lnb_part_ptr=ln[3], dlnw_ptr=out[8], dlnb_ptr=out[9],
+                       n_ln_chunks=ln[2].shape[1], HAS_LN=True)
+    _launch(hmx_bwd_finalize_weights, (s.H, 2 * n_kb + 1 + (ln is not None)),
         P, dP, T, sdy, s_part, sv_part, *fc1_parts1, *fc1_parts2,
-        dfc2w1, dfc2b1 if gen[3] is not None else dfc2w1, dfc2w2, dfc2b2 if gen[7] is not None else dfc2w2,
-        dfc1w1, dfc1b1 if gen[1] is not None else dfc1w1, dfc1w2, dfc1b2 if gen[5] is not None else dfc1w2,
+        dfc2w1, dfc2w1 if dfc2b1 is None else dfc2b1, dfc2w2, dfc2w2 if dfc2b2 is None else dfc2b2,
+        dfc1w1, dfc1w1 if dfc1b1 is None else dfc1b1, dfc1w2, dfc1w2 if dfc1b2 is None else dfc1b2,
         s.B, s.H, s.k_h, s_part.shape[1], fc1_parts1[0].shape[1], fc1_parts2[0].shape[1],
-        HAS_FC1_B1=gen[1] is not None, HAS_FC1_B2=gen[5] is not None, **flags,
+        HAS_FC1_B1=gen[1] is not None, HAS_FC1_B2=gen[5] is not None, **flags, **ln_args,
     )
-    return [dfc1w1, dfc1b1, dfc2w1, dfc2b1, dfc1w2, dfc1b2, dfc2w2, dfc2b2]
+    if flat:
+        return buffer
+    # an absent bias: an empty tensor of its own (returns may not alias)
+    return [P.new_empty((0,)) if g is None else g for g in out]
+
+
+# ---- the layer ops: plain mixing with the LayerNorm and the casts in the kernels --------------
+def _row_chunking(s, length):
+    """(n_chunks, chunk_len) of the all-heads passes (layer_norm_fused.py, grid [B, n_chunks]):
+    as `_plain_chunking`, with B rows of programs instead of B*H."""
+    n, chunk_len = _chunking(length)
+    device = s.dummy.device
+    if device.type != "cuda" or INTERPRETED_KERNELS:
+        return n, chunk_len
+    n = max(1, min(n, _cdiv(PROGRAMS_PER_SM * _sm_count(device), s.B)))
+    chunk_len = _cdiv(length, n)
+    return _cdiv(length, chunk_len), chunk_len
+
+
+def _mix_ln(s, query, query_keep, w2, mix_ops, pe, pe_table, ln_weight, ln_bias, eps, out, stats):
+    """out = LayerNorm(Y) in out's dtype and stats [B, M, 2] (mean, rstd), one launch."""
+    n_chunks, chunk_len = _row_chunking(s, s.M)
+    fc1w, fc1b, flags = w2
+    C, c_scale, c0 = mix_ops
+    precision = _precision(query.dtype, s.d_h, "hmx_fwd_kernel_mix_ln")
+    keep, smb, smn, has_mask = _keep_args(query_keep, query)
+    _launch(hmx_fwd_kernel_mix_ln, (s.B, n_chunks),
+        query, query.stride(0), query.stride(1), query.stride(2),
+        keep, smb, smn, pe, pe,
+        fc1w, fc1b, C, C if c0 is None else c0, c_scale,
+        ln_weight.contiguous(), ln_bias.contiguous(),
+        out, out.stride(0), out.stride(1), stats,
+        s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos, float(eps),
+        D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
+        HAS_FC2_BIAS=c0 is not None, OPERAND=precision[0], DOT_PREC=precision[1], BLOCK_D=block_d(s.d_h),
+    )
+
+
+def _query_pass_ln(s, query, query_keep, w2, mix_ops, grad_out, ln_weight, stats, pe, pe_table, grad_dtype):
+    """The query pass with dY formed from d(out) through the LayerNorm on chip: dquery [B, M, d]
+    (grad_dtype), the chunk partials of T, sdy and MLP2's fc1 gradients, and the LayerNorm
+    gradients' partials [B, n_chunks, d] (weight, bias)."""
+    device = query.device
+    n_chunks, chunk_len = _row_chunking(s, s.M)
+    fc1w, fc1b, flags = w2
+    C, c_scale, c0 = mix_ops
+    precision = _precision(query.dtype, s.d_h, "hmx_bwd_kernel_query_ln")
+    keep, smb, smn, has_mask = _keep_args(query_keep, query)
+    dq = _empty((s.B, s.M, s.d), grad_dtype, device)
+    rows = _empty((s.B, s.M, 2), torch.float32, device)
+    t_part, sdy_part = _square_partials(s, n_chunks, device)
+    fc1_parts = _square_partials(s, n_chunks, device)
+    ln_parts = (_empty((s.B, n_chunks, s.d), torch.float32, device),
+                _empty((s.B, n_chunks, s.d), torch.float32, device))
+    _launch(hmx_bwd_kernel_query_ln, (s.B, n_chunks),
+        query, query.stride(0), query.stride(1), query.stride(2),
+        keep, smb, smn, pe, pe,
+        fc1w, fc1b, C, C if c0 is None else c0, c_scale,
+        ln_weight.contiguous(), stats,
+        grad_out, grad_out.stride(0), grad_out.stride(1), rows,
+        dq, dq.stride(0),
+        t_part, sdy_part, *fc1_parts, *ln_parts,
+        s.M, chunk_len, n_chunks, s.H, s.d, s.scale, s.first_pos,
+        D_H=s.d_h, HAS_MASK=has_mask, PE_TABLE=pe_table, HAS_FC1_BIAS=flags["HAS_FC1_BIAS"],
+        HAS_FC2_BIAS=c0 is not None, SCALE_TILES=query.dtype == torch.float16, OPERAND=precision[0],
+        DOT_PREC=precision[1], BLOCK_D=block_d(s.d_h),
+    )
+    return dq, t_part, sdy_part, fc1_parts, ln_parts
+
+
+def _layer_fwd_impl(query, key, value, query_keep, key_keep, *rest):
+    *gen, ln_weight, ln_bias, variant, eps = rest
+    s = _Sizes(query, key, gen[2], variant)
+    device = query.device
+    pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device, _is_fake(query))
+    s_part, sv_part = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table, raw=True)
+    P = _empty((s.B, s.H, s.k_h, s.d_h), torch.float32, device)  # the op's saved state
+    mix_ops = _finalize_fwd(s, s_part, sv_part, P, gen)
+    out = _empty((s.B, s.M, s.d), query.dtype, device)
+    w2 = _fc1_args(gen[4], gen[5])
+    if ln_weight is None:  # no LayerNorm: the mix pass writes the output dtype itself
+        _mix(s, query, query_keep, w2, mix_ops, pe, pe_table, out)
+        return out, P, P.new_empty((0,))
+    stats = _empty((s.B, s.M, 2), torch.float32, device)
+    _mix_ln(s, query, query_keep, w2, mix_ops, pe, pe_table, ln_weight, ln_bias, eps, out, stats)
+    return out, P, stats
+
+
+def _layer_bwd_impl(grad_out, query, key, value, query_keep, key_keep, *rest):
+    *gen, ln_weight, ln_bias, state, stats, variant, eps, one_tensor = rest
+    s = _Sizes(query, key, gen[2], variant)
+    device = query.device
+    pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device, _is_fake(query))
+    P = state.contiguous()
+    w1, w2 = _fc1_args(gen[0], gen[1]), _fc1_args(gen[4], gen[5])
+    mix_ops = _finalize_fwd(s, None, None, P, gen)
+    dq_dtype = torch.float32 if one_tensor else query.dtype  # one_tensor: summed into dx by the key pass
+    grad_out = grad_out.contiguous()
+    ln = None
+    if ln_weight is None:
+        dq, t_part, sdy_part, fc1_parts2 = _query_pass(s, query, query_keep, w2, mix_ops, grad_out, pe, pe_table,
+                                                       raw=True, grad_dtype=dq_dtype)
+    else:
+        dq, t_part, sdy_part, fc1_parts2, ln_parts = _query_pass_ln(s, query, query_keep, w2, mix_ops, grad_out,
+                                                                    ln_weight, stats, pe, pe_table, dq_dtype)
+        ln = (ln_weight, ln_bias, *ln_parts)
+    dP, T, sdy, key_ops = _finalize_mid(s, t_part, sdy_part, P, gen)
+    dk, dv, s_part, sv_part, fc1_parts1 = _key_pass(s, key, value, key_keep, w1, key_ops, pe, pe_table, raw=True,
+                                                    grad_dtype=key.dtype, dq=dq if one_tensor else None)
+    weights = _finalize_weights(s, P, dP, T, sdy, s_part, sv_part, fc1_parts1, fc1_parts2, gen, ln=ln, flat=True)
+    if one_tensor:  # dk holds the whole token gradient
+        return [dk, P.new_empty((0,)), P.new_empty((0,)), weights]
+    return [dq, dk, dv, weights]
+
+
+def triton_layer_accepts(p: HyperMixingProblem) -> bool:
+    """The layer ops take plain mixing (no mode, packed sequences, offset or group) at d_h < 128
+    (the split head sizes keep the unfused path, autotune.SPLIT_BLOCK_D)."""
+    return (p.mode is None and p.cu_seqlens is None and p.position_offset == 0
+            and p.sequence_parallel_group is None and not _config.split_state(p.d_h))
 
 
 # ---- mixing blocks (causal, chunk-causal, packed sequences) ----------------------------------
@@ -826,6 +961,10 @@ def _blocked_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, state,
 # custom ops with the shared fake implementation (still compile- and export-safe, like the C++ ops).
 TRITON_OPS = define_fused_ops("triton", _triton_fwd_impl, _triton_bwd_impl, device_types=("cuda", "cpu"),
                               triton=not INTERPRETED_KERNELS)
+# Plain mixing as the layer runs it: the LayerNorm and the output / gradient dtypes in the kernels
+# (hmx_kernels::triton_layer_fwd / _bwd; run_fused takes them for the problems they accept)
+TRITON_OPS.layer = define_layer_ops("triton", _layer_fwd_impl, _layer_bwd_impl, triton_layer_accepts,
+                                    triton=not INTERPRETED_KERNELS)
 # Causal, chunk-causal and packed mixing (mixing blocks): the same impls and kernels as opaque
 # custom ops (hmx_kernels::triton_blocks_fwd / _bwd, blocks=True) with the shared fake
 # implementation. Their piece table is built on the host from the block arguments and the values
