@@ -54,8 +54,8 @@ hmx(N) = fa3(N). All parameters are in GPU_MODEL and printed with the results: e
 measurements.
 
 Outputs: benchmarks/results/traffic.csv (one row per configuration), traffic-launches.csv (one
-row per recorded event of every configuration), traffic.md (tables, the fusion plan's savings,
-the host time and the GPU estimates).
+row per recorded event of every configuration), traffic.md (tables, the host time and the GPU
+estimates).
 """
 from __future__ import annotations
 
@@ -242,7 +242,8 @@ class _Recorder(TorchDispatchMode):
     """Records every aten op (and steps into hmx_kernels ops whose Python impl is available)."""
 
     def __init__(self, account: Account, device: torch.device, step_into=("triton_fwd", "triton_bwd",
-                                                                           "triton_blocks_fwd", "triton_blocks_bwd")):
+                                                                           "triton_blocks_fwd", "triton_blocks_bwd",
+                                                                           "triton_layer_fwd", "triton_layer_bwd")):
         super().__init__()
         self.account = account
         self.device = device
@@ -320,13 +321,14 @@ class _Recorder(TorchDispatchMode):
 # ---- Triton launches -----------------------------------------------------------------------------
 
 _TRITON_OUTPUTS = ("y_ptr", "dx_ptr", "dk_ptr", "dv_ptr", "s_part_ptr", "sv_part_ptr", "t_part_ptr",
-                   "sdy_part_ptr", "dfc1w_ptr", "dfc1b_ptr")
+                   "sdy_part_ptr", "dfc1w_ptr", "dfc1b_ptr", "stats_ptr", "rows_ptr", "dlnw_part_ptr",
+                   "dlnb_part_ptr")
 # the per-(b, h) finalize kernels (hmx_kernels/triton/finalize.py) write these and read the rest
 _FINALIZE_OUTPUTS = {
     "hmx_fwd_finalize": ("p_ptr", "c_ptr", "cscale_ptr", "c0_ptr"),
     "hmx_bwd_finalize_mid": ("t_ptr", "sdy_ptr", "dp_ptr", "r_ptr", "rscale_ptr", "r0_ptr"),
     "hmx_bwd_finalize_weights": ("dfc2w_ptr", "dfc2b_ptr", "dfc2w2_ptr", "dfc2b2_ptr", "dfc1w_ptr", "dfc1b_ptr",
-                                 "dfc1w2_ptr", "dfc1b2_ptr"),
+                                 "dfc1w2_ptr", "dfc1b2_ptr", "dlnw_ptr", "dlnb_ptr"),
 }
 
 
@@ -342,8 +344,10 @@ def _triton_unused(name: str, flags: dict) -> bool:
         return flags.get("PE_TABLE", False)
     if name == "pe_ptr":
         return not flags.get("PE_TABLE", True)
-    if name == "r0_ptr":
+    if name in ("r0_ptr", "c0_ptr"):
         return not flags.get("HAS_FC2_BIAS", True)
+    if name == "dv_ptr" or name == "dq_ptr":  # the key pass with one token gradient: dx in dk_ptr, dq read
+        return flags.get("ADD_DQ", False) == (name == "dv_ptr")
     if name in ("t_part_ptr", "sdy_part_ptr"):
         return "ACC_T" in flags and not flags["ACC_T"]
     if name in ("s_part_ptr", "sv_part_ptr") and "ACC_S" in flags:
@@ -363,7 +367,8 @@ def triton_launch_bytes(kernel, args, flags) -> Tuple[str, int, int]:
         outputs = tuple(n for n in outputs if n != "p_ptr")  # P read back from the saved state
     read_set, write_set = set(), set()
     read = write = 0
-    for name, value in zip(names, args):
+    pointers = list(zip(names, args)) + [(k, v) for k, v in flags.items() if k.endswith("_ptr")]
+    for name, value in pointers:
         if not isinstance(value, torch.Tensor) or _triton_unused(name, flags):
             continue
         if name in outputs:
@@ -495,43 +500,6 @@ def summarize(account: Account, shape: Shape, dtype: torch.dtype, N: int, B: int
     return row
 
 
-# ---- the fusion plan, from the account --------------------------------------------------------------
-
-
-def fusion_savings(account: Account, shape: Shape, dtype: torch.dtype, N: int, B: int) -> dict:
-    """What the planned fusions would remove, per fwd+bwd (triton backend):
-    - epilogue / prologue (LayerNorm and casts in the kernels, one dx for self-mixing): every aten
-      launch outside the hmx ops (the layer's LayerNorm, casts, autograd's sum of dq + dk + dv and
-      the gradients' casts) and, in the kernels, y written in the dtype instead of fp32, dY not
-      written / read in fp32 (the query pass forms it from d(out) and per-row statistics) and one dx
-      in the dtype instead of fp32 dq, dk, dv; the kernels then read d(out) and the output (dtype)
-      and write / read 8 bytes of LayerNorm statistics per row;
-    - one finalize kernel per direction: every aten launch inside the ops (finalize products,
-      partial sums, scales) becomes 1 launch per direction; its bytes are the op's aten bytes
-      minus what the finalize must still read (the partials, once) and write (P, C, R)."""
-    es = torch.empty(0, dtype=dtype).element_size()
-    tok_elems = B * N * shape.d
-    layer_launches = sum(e.launches for e in account.select(kind="aten", inside_ops=False))
-    layer_bytes = sum(e.read_bytes + e.write_bytes for e in account.select(kind="aten", inside_ops=False))
-    # kernel-side: y fp32 -> dtype; dq, dk, dv fp32 -> one dx in dtype; dY fp32 read -> d(out) in dtype
-    # (the query pass then reads d(out) and the output in the dtype, and 8 bytes of statistics per row)
-    kernel_saved = tok_elems * (4 - es) + (3 * 4 - es) * tok_elems + tok_elems * (4 - 2 * es) - 2 * 8 * B * N
-    fin_launches = {ph: sum(e.launches for e in account.select(phase=ph, kind="aten", inside_ops=True))
-                    for ph in ("fwd", "bwd")}
-    fin_bytes = sum(e.read_bytes + e.write_bytes for e in account.select(kind="aten", inside_ops=True))
-    # what one finalize kernel per direction still moves: the partials once, P / C / R and the
-    # weight gradients once (the triton launches' partial outputs are read back once)
-    partials = sum(e.write_bytes for e in account.select(kind="triton")) - sum(
-        e.write_bytes for e in account.select(kind="triton") if e.name == "hmx_fwd_kernel_mix")
-    partials -= (3 * 4) * tok_elems  # dq, dk, dv written by the backward kernels are not partials
-    state = B * shape.H * shape.k_h * shape.d_h * 4
-    small = B * shape.H * shape.d_h * shape.d_h * 4
-    fin_keep = partials + 2 * state + 4 * small + 2 * param_bytes(shape, torch.float32)
-    return dict(epilogue_launches_saved=layer_launches, epilogue_bytes_saved=layer_bytes + kernel_saved,
-                finalize_launches_before=fin_launches["fwd"] + fin_launches["bwd"],
-                finalize_launches_after=2, finalize_bytes_saved=max(fin_bytes - fin_keep, 0))
-
-
 # ---- host time ----------------------------------------------------------------------------------------
 
 
@@ -626,8 +594,8 @@ def gpu_estimate(bytes_at: Dict[int, int], launches: int, shape: Shape, B: int, 
 
 def layer_estimates(rows: List[dict]) -> List[dict]:
     """Per (shape, dtype) of the triton rows of traffic.csv (two lengths at least) and GPU: the
-    layer today, eager on this CPU's host time too, and after the planned fusions
-    (fused_bytes, fused_launches); with the kernels-only bound of kernels.md for comparison."""
+    layer (its LayerNorm fused since the layer ops), eager on this CPU's host time too; with the
+    kernels-only bound of kernels.md for comparison."""
     from tools import kernels as K
 
     out = []
@@ -640,13 +608,9 @@ def layer_estimates(rows: List[dict]) -> List[dict]:
         for gpu in ("H100", "H200"):
             now = gpu_estimate({N: int(cfg[N]["bytes"]) for N in Ns}, int(cfg[Ns[0]]["launches"]), shape, B, gpu,
                                host if math.isfinite(host) else None)
-            fused = gpu_estimate({N: int(cfg[N]["fused_bytes"]) for N in Ns}, int(cfg[Ns[0]]["fused_launches"]),
-                                 shape, B, gpu)
             kdt, prec = ("bf16", "half") if dname in ("bfloat16", "float16") else ("fp32", "tf32")
             kernels_us = K.roofline(shape.d_h, shape.k_h, kdt, prec, gpu)["bound_us"]
-            out.append(dict(shape=sname, dtype=dname, **now, kernels_bound_ms_16384=kernels_us / 1e3,
-                            fused_launches=fused["launches"], fused_ms_16384=fused["hmx_ms_16384"],
-                            fused_crossover=fused["crossover"]))
+            out.append(dict(shape=sname, dtype=dname, **now, kernels_bound_ms_16384=kernels_us / 1e3))
     return out
 
 
@@ -658,7 +622,7 @@ SUMMARY_COLUMNS = [
     "bwd_triton_launches", "bwd_aten_in_op_launches", "bwd_aten_layer_launches", "bwd_extension_calls",
     "launches", "fwd_bytes", "bwd_bytes", "triton_bytes", "aten_in_op_bytes", "aten_layer_bytes", "extension_bytes",
     "bytes", "min_bytes", "two_pass_bytes", "bytes_per_token", "min_bytes_per_token", "ratio_to_min",
-    "ratio_to_two_pass", "host_syncs", "sync_ops", "h2d_copies", "fused_launches", "fused_bytes", "host_us",
+    "ratio_to_two_pass", "host_syncs", "sync_ops", "h2d_copies", "host_us",
 ]
 EVENT_COLUMNS = ["backend", "mode", "shape", "dtype", "N", "index", "phase", "scope", "kind", "name", "launches",
                  "read_bytes", "write_bytes"]
@@ -687,7 +651,7 @@ def breakdown(events: List[dict]) -> List[dict]:
     return [dict(phase=k[0], what=k[1], name=k[2], launches=v[0], bytes=v[1]) for k, v in groups.items()]
 
 
-def markdown(meta: dict, rows: List[dict], savings: List[dict], estimates: List[dict],
+def markdown(meta: dict, rows: List[dict], estimates: List[dict],
              events: Optional[List[dict]] = None) -> str:
     L = ["# Traffic and launch account of the layer (no GPU: meta device, launches recorded, not run)", ""]
     L.append(f"`python -m benchmarks.traffic` at {meta['git']}, torch {meta['torch']}, {meta['when']}. "
@@ -733,18 +697,6 @@ def markdown(meta: dict, rows: List[dict], savings: List[dict], estimates: List[
                 cells.append(f"{b['launches']} | {_mb(b['bytes'])}" if b else " | ")
             L.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
         L.append("")
-    if savings:
-        L.append("## What the planned fusions would save (triton backend, from this account)")
-        L.append("")
-        L.append("| shape | dtype | N | epilogue / prologue fusion: launches | MB | finalize kernel: aten launches "
-                 "-> | MB | launches left | bytes left x min |")
-        L.append("|---|---|---|---|---|---|---|---|---|")
-        for s in savings:
-            L.append(f"| {s['shape']} | {s['dtype']} | {s['N']} | -{s['epilogue_launches_saved']} | "
-                     f"-{_mb(s['epilogue_bytes_saved'])} | {s['finalize_launches_before']} -> "
-                     f"{s['finalize_launches_after']} | -{_mb(s['finalize_bytes_saved'])} | {s['launches_left']} | "
-                     f"{s['ratio_left']:.2f} |")
-        L.append("")
     if estimates:
         L.append("## GPU estimates from this account (estimates, not measurements)")
         L.append("")
@@ -754,8 +706,7 @@ def markdown(meta: dict, rows: List[dict], savings: List[dict], estimates: List[
                  f"{m['fa_fwd_bwd_factor']} x 4 N^2 max(d_h, {m['fa_min_head_dim']}) FLOPs per head at "
                  f"{m['H100']['fa3_tflop_s']:.0f} TFLOP/s; crossover: the N above which the layer is faster. "
                  f"Eager: the step cannot be faster than its host time ({meta['host_us']:.0f} us on this CPU; a "
-                 "GPU host's differs). After fusion: the epilogue / prologue fusion and one finalize kernel per "
-                 "direction, bytes and launches as in the table above. Kernels-only bound: "
+                 "GPU host's differs). Kernels-only bound: "
                  "benchmarks/results/kernels.md (the kernels' own byte and FLOP model at peak bandwidth).")
         L.append("")
         L.append(estimates_table(estimates))
@@ -766,15 +717,13 @@ def markdown(meta: dict, rows: List[dict], savings: List[dict], estimates: List[
 def estimates_table(estimates: List[dict]) -> str:
     """The GPU-estimate table (also README "GPU estimates"; B 4, H 8, fwd+bwd, ms)."""
     L = ["| shape | dtype | GPU | kernels-only bound, N 16384 | layer: launches | layer N 4096 | N 16384 | "
-         "N 65536 | FA3 N 4096 | N 16384 | crossover vs FA3 | eager, this CPU's host time | after fusion: launches | "
-         "N 16384 | crossover |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "N 65536 | FA3 N 4096 | N 16384 | crossover vs FA3 | eager, this CPU's host time |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in estimates:
         L.append(f"| {e['shape']} | {e['dtype']} | {e['gpu']} | {e['kernels_bound_ms_16384']:.2f} | {e['launches']} | "
                  f"{e['hmx_ms_4096']:.2f} | {e['hmx_ms_16384']:.2f} | {e['hmx_ms_65536']:.2f} | "
                  f"{e['fa3_ms_4096']:.2f} | {e['fa3_ms_16384']:.1f} | {e['crossover']} | "
-                 f"{e.get('crossover_eager', '')} | {e['fused_launches']} | {e['fused_ms_16384']:.2f} | "
-                 f"{e['fused_crossover']} |")
+                 f"{e.get('crossover_eager', '')} |")
     return "\n".join(L)
 
 
@@ -787,8 +736,8 @@ def write_csv(path: str, rows: List[dict], columns: List[str]) -> None:
 
 def run(shapes: List[str], dtypes: List[str], lengths: List[int], backends: List[str], B: int, mask: bool,
         host_repeats: int, out_dir: Optional[str], modes: Iterable[str] = (), mode_shapes: Iterable[str] = ("sb256",),
-        ) -> Tuple[List[dict], List[dict], List[dict], List[dict], dict]:
-    rows, events, savings, estimates = [], [], [], []
+        ) -> Tuple[List[dict], List[dict], List[dict], dict]:
+    rows, events, estimates = [], [], []
     per_config: Dict[tuple, dict] = {}
     for backend in backends:
         for sname in shapes:
@@ -803,13 +752,6 @@ def run(shapes: List[str], dtypes: List[str], lengths: List[int], backends: List
                     for i, e in enumerate(acc.events):
                         events.append(dict(backend=backend, mode="", shape=sname, dtype=row["dtype"], N=N,
                                            index=i, **dataclasses.asdict(e)))
-                    if backend == "triton":
-                        s = fusion_savings(acc, shape, dtype, N, B)
-                        left = row["launches"] - s["epilogue_launches_saved"] - s["finalize_launches_before"] + 2
-                        bytes_left = row["bytes"] - s["epilogue_bytes_saved"] - s["finalize_bytes_saved"]
-                        row["fused_launches"], row["fused_bytes"] = left, bytes_left
-                        savings.append(dict(shape=sname, dtype=row["dtype"], N=N, **s, launches_left=left,
-                                            ratio_left=bytes_left / row["min_bytes"]))
                     print(f"{backend} {sname} {dname} N {N}: {row['launches']} launches, "
                           f"{row['bytes_per_token']:.0f} B/token ({row['ratio_to_min']:.2f}x min), "
                           f"{row['host_syncs']} syncs", file=sys.stderr, flush=True)
@@ -839,8 +781,8 @@ def run(shapes: List[str], dtypes: List[str], lengths: List[int], backends: List
         write_csv(os.path.join(out_dir, "traffic.csv"), rows, SUMMARY_COLUMNS)
         write_csv(os.path.join(out_dir, "traffic-launches.csv"), events, EVENT_COLUMNS)
         with open(os.path.join(out_dir, "traffic.md"), "w") as f:
-            f.write(markdown(meta, rows, savings, estimates, events))
-    return rows, events, savings, estimates, meta
+            f.write(markdown(meta, rows, estimates, events))
+    return rows, events, estimates, meta
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -857,7 +799,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--host-repeats", type=int, default=30, help="steps of the host-time median (0: skip)")
     p.add_argument("--out", default=RESULTS, help="folder for traffic.csv, traffic-launches.csv, traffic.md")
     a = p.parse_args(argv)
-    rows, _, _, _, meta = run(a.shapes.split(","), a.dtypes.split(","), [int(n) for n in a.lengths.split(",")],
+    rows, _, _, meta = run(a.shapes.split(","), a.dtypes.split(","), [int(n) for n in a.lengths.split(",")],
                               a.backends.split(","), a.batch, a.mask, a.host_repeats, a.out,
                               [m for m in a.modes.split(",") if m], a.mode_shapes.split(","))
     with open(os.path.join(a.out, "traffic.md")) as f:

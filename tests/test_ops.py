@@ -330,10 +330,10 @@ def test_eager_path_equals_the_op_path_bitwise(backend, mode, monkeypatch):
     grad_out = torch.randn(2, 9, 12, dtype=dtype, generator=torch.Generator().manual_seed(3))
     eager_calls = []
     ops = _ops(backend)
-    if backend == "triton" and EAGER_MODES[mode]:
+    if backend == "triton":  # plain mixing: the layer ops (LayerNorm fused); the modes: the block ops
         from hmx_kernels.triton import launch
 
-        ops = launch.TRITON_BLOCK_OPS
+        ops = launch.TRITON_BLOCK_OPS if EAGER_MODES[mode] else launch.TRITON_OPS.layer
     real_apply = ops._eager.apply
 
     def spy(*args):
