@@ -429,7 +429,7 @@ class LayerOps:
         self._required = fwd_function.__code__.co_argcount - len(self._defaults)
 
     def forward(self, *args):
-        """(out, state, ln_stats) of the forward op for `args` (see FusedOps.forward)."""
+        """(out, state, ln_stats, saved) of the forward op for `args` (see FusedOps.forward)."""
         if eager_path_allowed(args[0]) and args[0].device.type in ("cuda", "cpu"):
             return self._eager.apply(*args, *self._defaults[len(args) - self._required:])
         return self.fwd(*args)
@@ -438,13 +438,14 @@ class LayerOps:
         """The layer's output for problem `p` (one this object accepts)."""
         ln = (p.ln_weight, p.ln_bias) if p.use_layer_norm else (None, None)
         one_tensor = p.key is p.query and p.value is p.query  # self-mixing: one token gradient
-        out, _state, _stats = self.forward(p.query, p.key, p.value, p.query_keep, p.key_keep,
+        out, _state, _stats, _saved = self.forward(p.query, p.key, p.value, p.query_keep, p.key_keep,
                                            *p.generator_weights(), *ln, p.variant.name, p.eps, one_tensor)
         return out
 
 
 def define_layer_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable,
-                     accepts: Callable[[HyperMixingProblem], bool], triton: bool = True) -> LayerOps:
+                     accepts: Callable[[HyperMixingProblem], bool], saved_size: Callable[..., int],
+                     triton: bool = True) -> LayerOps:
     """hmx_kernels::<backend>_layer_fwd / _layer_bwd for plain mixing with the layer's epilogue
     fused; triton=True: torch.library.triton_op (the impls double as their fake implementations),
     else opaque custom ops with `layer_fwd_fake` / `layer_bwd_fake` (the Triton interpreter):
@@ -452,8 +453,9 @@ def define_layer_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable,
         fwd(query, key, value, query_keep?, key_keep?, 8 generator tensors, ln_weight?, ln_bias?,
             variant, eps, one_tensor) -> (out [B, M, d] in query's dtype (LayerNorm applied when
             ln_weight is given), state P [B, H, k_h, d_h] fp32, ln_stats [B, M, 2] fp32 (mean,
-            rstd; empty without the LayerNorm))
-        bwd(grad_out, the forward's tensors, state, ln_stats, variant, eps, one_tensor) -> 4 tensors:
+            rstd; empty without the LayerNorm), saved: the backend's per-(b, h) values the backward
+            reuses, fp32 [saved_size(B, H, d_h, has w2 fc2 bias)])
+        bwd(grad_out, the forward's tensors, state, ln_stats, saved, variant, eps, one_tensor) -> 4 tensors:
             dquery, dkey, dvalue in the tokens' dtype, and one fp32 buffer holding the 8 generator
             gradients and those of ln_weight, ln_bias (`weight_grad_layout`; the autograd
             function casts it once per parameter dtype). one_tensor (query is key is value, the
@@ -464,7 +466,7 @@ def define_layer_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable,
             w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor, w1_fc2_b: Optional[Tensor],
             w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor, w2_fc2_b: Optional[Tensor],
             ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], variant: str, eps: float = 1e-5,
-            one_tensor: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+            one_tensor: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         gen = (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b)
         check_op_args(query, key, value, query_keep, key_keep, gen)
         _check_ln_args(query, ln_weight, ln_bias, eps)
@@ -474,17 +476,23 @@ def define_layer_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable,
             key_keep: Optional[Tensor], w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor,
             w1_fc2_b: Optional[Tensor], w2_fc1_w: Tensor, w2_fc1_b: Optional[Tensor], w2_fc2_w: Tensor,
             w2_fc2_b: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], state: Tensor,
-            ln_stats: Tensor, variant: str, eps: float = 1e-5, one_tensor: bool = False) -> List[Tensor]:
+            ln_stats: Tensor, saved: Tensor, variant: str, eps: float = 1e-5,
+            one_tensor: bool = False) -> List[Tensor]:
         gen = (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b)
         check_op_args(query, key, value, query_keep, key_keep, gen, state=state, grad_y=grad_out)
         _check_ln_args(query, ln_weight, ln_bias, eps)
+        B, H, d_h = query.shape[0], w1_fc1_w.shape[0], w1_fc1_w.shape[-1]
+        size = saved_size(B, H, d_h, w2_fc2_b is not None)
+        if saved.dtype != torch.float32 or tuple(saved.shape) != (size,):
+            raise ValueError(f"hmx_kernels op: saved must be the forward's fp32 [{size}], got {saved.dtype} "
+                             f"{list(saved.shape)}")
         if grad_out.dtype != query.dtype:
             raise TypeError(f"hmx_kernels op: grad_out must have the output's dtype {query.dtype}, got "
                             f"{grad_out.dtype}")
-        if one_tensor and not (key is query and value is query):
+        if one_tensor and not _one_tensor(query, key, value):
             raise ValueError("hmx_kernels op: one_tensor=True needs query, key and value to be one tensor")
         return bwd_impl(grad_out, query, key, value, query_keep, key_keep, *gen, ln_weight, ln_bias, state,
-                        ln_stats, variant, eps, one_tensor)
+                        ln_stats, saved, variant, eps, one_tensor)
 
     fwd_name, bwd_name = f"{NAMESPACE}::{backend}_layer_fwd", f"{NAMESPACE}::{backend}_layer_bwd"
     if triton:
@@ -493,21 +501,21 @@ def define_layer_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable,
     else:
         fwd_op = torch.library.custom_op(fwd_name, fwd, mutates_args=(), device_types=("cpu", "cuda"))
         bwd_op = torch.library.custom_op(bwd_name, bwd, mutates_args=(), device_types=("cpu", "cuda"))
-        fwd_op.register_fake(layer_fwd_fake)
+        fwd_op.register_fake(layer_fwd_fake(saved_size))
         bwd_op.register_fake(layer_bwd_fake)
     n_tensors = 15  # query, key, value, 2 keeps, 8 generator tensors, ln weight and bias
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:n_tensors], output[1], output[2])
+        ctx.save_for_backward(*inputs[:n_tensors], output[1], output[2], output[3])
         ctx.variant, ctx.eps, ctx.one_tensor = inputs[n_tensors:n_tensors + 3]
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_out, grad_state, grad_stats, bwd_call=None):
+    def backward(ctx, grad_out, grad_state, grad_stats, grad_saved, bwd_call=None):
         saved = ctx.saved_tensors
-        tensors, state, stats = saved[:n_tensors], saved[n_tensors], saved[n_tensors + 1]
+        tensors, state, stats, kept = saved[:n_tensors], saved[n_tensors], saved[n_tensors + 1], saved[n_tensors + 2]
         if grad_out is None:
             grad_out = torch.zeros_like(tensors[0])
-        grads = (bwd_call or bwd_op)(grad_out.contiguous(), *tensors, state, stats, ctx.variant, ctx.eps,
+        grads = (bwd_call or bwd_op)(grad_out.contiguous(), *tensors, state, stats, kept, ctx.variant, ctx.eps,
                                      ctx.one_tensor)
         params = tensors[5:]
         weights = split_weight_grads(grads[3], params[:8], params[8], params[9])
@@ -527,12 +535,12 @@ def define_layer_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable,
         def forward(ctx, *inputs):
             output = fwd(*inputs)
             setup_context(ctx, inputs, output)
-            ctx.mark_non_differentiable(output[2])
+            ctx.mark_non_differentiable(output[2], output[3])
             return output
 
         @staticmethod
-        def backward(ctx, grad_out, grad_state, grad_stats):
-            return backward(ctx, grad_out, grad_state, grad_stats,
+        def backward(ctx, grad_out, grad_state, grad_stats, grad_saved):
+            return backward(ctx, grad_out, grad_state, grad_stats, grad_saved,
                             bwd_call=None if torch.is_grad_enabled() else bwd)
 
     return LayerOps(fwd_op, bwd_op, EagerFunction, accepts, fwd)
@@ -571,22 +579,38 @@ def split_weight_grads(buffer: Tensor, gen, ln_weight=None, ln_bias=None) -> Lis
     return out
 
 
-def layer_fwd_fake(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
-                   w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, ln_weight, ln_bias, variant, eps=1e-5, one_tensor=False):
-    B, M, N, d, H, d_h, k_h = _sizes(query, key, w1_fc2_w)
-    stats = (B, M, 2) if ln_weight is not None else (0,)
-    return (query.new_empty((B, M, d)), query.new_empty((B, H, k_h, d_h), dtype=torch.float32),
-            query.new_empty(stats, dtype=torch.float32))
+def layer_fwd_fake(saved_size):
+    """The layer forward's fake implementation, its `saved` output saved_size(B, H, d_h, has_c0) long."""
+    def fake(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
+             w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, ln_weight, ln_bias, variant, eps=1e-5, one_tensor=False):
+        B, M, N, d, H, d_h, k_h = _sizes(query, key, w1_fc2_w)
+        stats = (B, M, 2) if ln_weight is not None else (0,)
+        return (query.new_empty((B, M, d)), query.new_empty((B, H, k_h, d_h), dtype=torch.float32),
+                query.new_empty(stats, dtype=torch.float32),
+                query.new_empty((saved_size(B, H, d_h, w2_fc2_b is not None),), dtype=torch.float32))
+    return fake
 
 
 def layer_bwd_fake(grad_out, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
-                   w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, ln_weight, ln_bias, state, ln_stats, variant, eps=1e-5,
-                   one_tensor=False):
+                   w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, ln_weight, ln_bias, state, ln_stats, saved, variant,
+                   eps=1e-5, one_tensor=False):
     gen = (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b)
     size = sum(math.prod(shape) for shape in weight_grad_layout(gen, ln_weight, ln_bias) if shape is not None)
     return [query.new_empty(query.shape),
             query.new_empty((0,) if one_tensor else key.shape), query.new_empty((0,) if one_tensor else value.shape),
             query.new_empty((size,), dtype=torch.float32)]
+
+
+def _one_tensor(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    """Whether query, key and value can be one tensor: the same shape, and where the storage can
+    be read (not while tracing, which does not keep tensor identity), the same memory."""
+    if key.shape != query.shape or value.shape != query.shape:
+        return False
+    try:
+        return (query.data_ptr() == key.data_ptr() == value.data_ptr()
+                and query.stride() == key.stride() == value.stride())
+    except RuntimeError:  # fake / functional tensors have no storage to compare
+        return True
 
 
 def _check_ln_args(query: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float) -> None:

@@ -58,7 +58,7 @@ def _csv(version, base="kernels.csv"):
 def _vid(version):
     return "triton%d.%d" % version
 TRITON_KERNELS = {"hmx_fwd_kernel_state", "hmx_fwd_kernel_mix", "hmx_bwd_kernel_tsum", "hmx_bwd_kernel_query",
-                  "hmx_bwd_kernel_key"}
+                  "hmx_bwd_kernel_key", "hmx_fwd_kernel_mix_ln", "hmx_bwd_kernel_query_ln"}
 
 
 def _arch(row) -> int:

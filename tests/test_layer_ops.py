@@ -136,9 +136,56 @@ def test_layer_ops_refuse_bad_layer_norm_arguments():
         ops.fwd(q, q, q, None, None, *gen, lw, None, "speechbrain")
     with pytest.raises(TypeError, match="ln_bias must have the tokens' dtype"):
         ops.fwd(q, q, q, None, None, *gen, lw, lb.double(), "speechbrain")
-    out, state, stats = ops.fwd(q, q, q, None, None, *gen, lw, lb, "speechbrain")
+    out, state, stats, saved = ops.fwd(q, q, q, None, None, *gen, lw, lb, "speechbrain")
     assert stats.shape == (1, 5, 2) and stats.dtype == torch.float32
     with pytest.raises(ValueError, match="one_tensor=True needs query, key and value to be one tensor"):
-        ops.bwd(out, q, q.clone(), q, None, None, *gen, lw, lb, state, stats, "speechbrain", 1e-5, True)
+        ops.bwd(out, q, q.clone(), q, None, None, *gen, lw, lb, state, stats, saved, "speechbrain", 1e-5, True)
     with pytest.raises(TypeError, match="grad_out must have the output's dtype"):
-        ops.bwd(out.double(), q, q, q, None, None, *gen, lw, lb, state, stats, "speechbrain", 1e-5, True)
+        ops.bwd(out.double(), q, q, q, None, None, *gen, lw, lb, state, stats, saved, "speechbrain", 1e-5, True)
+    with pytest.raises(ValueError, match="saved must be the forward's fp32"):
+        ops.bwd(out, q, q, q, None, None, *gen, lw, lb, state, stats, saved[1:], "speechbrain", 1e-5, True)
+
+
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_opcheck_layer_ops(variant):
+    """torch.library.opcheck: schema, fake implementations (the saved buffer's size), autograd
+    registration. one_tensor=False: opcheck passes copies of the arguments, which are no longer
+    one tensor (the one-tensor backward is what test_compiled_layer_equals_eager traces)."""
+    case = make_case(variant=variant, B=2, M=5, N=7, d=12, H=2, k_h=10, input_scale=0.3)
+    p = hmx_kernels.check_inputs(**case.kwargs())
+    tensors = [p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(), p.ln_weight, p.ln_bias]
+    args = [t.detach().requires_grad_(i not in (3, 4)) if t is not None else None for i, t in enumerate(tensors)]
+    one = False
+    ops = launch.TRITON_OPS.layer
+    torch.library.opcheck(ops.fwd, (*args, p.variant.name, 1e-5, one))
+    out, state, stats, kept = ops.fwd(*args, p.variant.name, 1e-5, one)
+    torch.library.opcheck(ops.bwd, (torch.randn_like(out), *args, state, stats, kept, p.variant.name, 1e-5, one),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compiled_layer_equals_eager():
+    """torch.compile (fullgraph, aot_eager: dynamo's capture and autograd tracing through the
+    layer ops' fake implementations) gives the eager layer's output and gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = hmx_kernels.FusedHyperMixing(36, 72, num_heads=2, backend="triton")
+    x = torch.randn(2, 9, 36)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 6:] = True
+
+    def run(t, m):
+        out = layer(t, key_padding_mask=m)
+        return out[0] if isinstance(out, tuple) else out
+
+    results = []
+    for fn in (run, torch.compile(run, fullgraph=True, backend="aot_eager")):
+        xi = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        out = fn(xi, mask)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), xi.grad, [q.grad.clone() for q in layer.parameters()]))
+    (o1, g1, w1), (o2, g2, w2) = results
+    assert_close("out", o2, o1, 1e-6)
+    assert_close("x", g2, g1, 1e-5)
+    for a, b in zip(w2, w1):
+        assert_close("weight", a, b, 1e-5)

@@ -29,12 +29,12 @@ def test_triton_account_counts_launches_bytes_and_syncs(dtype):
     row = traffic.summarize(acc, SMALL, dtype, N, B, "triton", False)
     names = [e.name for e in acc.select(kind="triton")]
     # the four token passes and the finalize kernels between them, in order (d_h < 128: no split
-    # T pass; the backward's first finalize recomputes C from the saved P); the mix and query
-    # passes carry the LayerNorm (the layer ops)
+    # T pass; the backward reuses the forward's C, c0); the mix and query passes carry the
+    # LayerNorm (the layer ops)
     assert names == ["hmx_fwd_kernel_state", "hmx_fwd_finalize", "hmx_fwd_kernel_mix_ln",
-                     "hmx_fwd_finalize", "hmx_bwd_kernel_query_ln", "hmx_bwd_finalize_mid", "hmx_bwd_kernel_key",
+                     "hmx_bwd_kernel_query_ln", "hmx_bwd_finalize_mid", "hmx_bwd_kernel_key",
                      "hmx_bwd_finalize_weights"]
-    assert [e.phase for e in acc.select(kind="triton")] == ["fwd"] * 3 + ["bwd"] * 5
+    assert [e.phase for e in acc.select(kind="triton")] == ["fwd"] * 3 + ["bwd"] * 4
     assert all(e.scope in ("triton_layer_fwd", "triton_layer_bwd") for e in acc.select(kind="triton"))
     assert all(e.write_bytes > 0 for e in acc.select(kind="triton"))
     # bytes from the arguments: the mix pass writes the output [B, N, d] in its dtype and the
@@ -48,14 +48,14 @@ def test_triton_account_counts_launches_bytes_and_syncs(dtype):
     assert state.read_bytes == B * N * SMALL.d * es + N * SMALL.d * 4 + fc1
     # the key pass writes the one token gradient dx [B, N, d] in its dtype (self-mixing) and reads
     # the query pass's fp32 dq
-    key = acc.select(kind="triton")[6]
+    key = acc.select(kind="triton")[5]
     assert key.read_bytes >= B * N * SMALL.d * (es + 4)
     # the finalize runs in its kernels and the LayerNorm in the passes: no torch op inside the
     # ops; outside them only the one cast of the weight gradients for half parameters
     assert row["fwd_aten_in_op_launches"] == 0 and row["bwd_aten_in_op_launches"] == 0
     layer_ops = [e.name for e in acc.select(kind="aten", inside_ops=False)]
     assert layer_ops == ([] if dtype == torch.float32 else ["_to_copy"]), layer_ops
-    assert row["launches"] == (8 if dtype == torch.float32 else 9)
+    assert row["launches"] == (7 if dtype == torch.float32 else 8)
     assert row["launches"] == sum(e.launches for e in acc.events if e.kind in ("triton", "aten"))
     assert row["bytes"] >= row["min_bytes"] > 0 and row["two_pass_bytes"] > row["min_bytes"]
     # today's dense path: no host synchronisation, no host-to-device copy
@@ -107,7 +107,7 @@ def test_footprint_counts_broadcast_elements_once():
 
 def test_host_time_counts_launches():
     us, launches = traffic.host_time_us(SMALL, B=1, N=16, repeats=2)
-    assert launches == 8 and us > 0  # 4 token passes, 4 finalize kernels
+    assert launches == 7 and us > 0  # 4 token passes, 3 finalize kernels (the backward reuses C)
 
 
 def test_gpu_estimate_crossover_is_where_the_times_meet():

@@ -150,9 +150,9 @@ def capture_launches(d_h: int, k_h: int, dtype: str, mode: str = "highest",
         torch.set_float32_matmul_precision(mode)
         # the layer's plain mixing (LayerNorm fused, self-mixing: one token gradient), where it runs ...
         if not split_state(d_h):
-            _, state, stats = fn._layer_fwd_impl(q, q, q, keep, keep, *gen, *ln, "speechbrain", 1e-5)
-            fn._layer_bwd_impl(meta(B, N, H * d_h), q, q, q, keep, keep, *gen, *ln, state, stats, "speechbrain",
-                               1e-5, True)
+            _, state, stats, kept = fn._layer_fwd_impl(q, q, q, keep, keep, *gen, *ln, "speechbrain", 1e-5)
+            fn._layer_bwd_impl(meta(B, N, H * d_h), q, q, q, keep, keep, *gen, *ln, state, stats, kept,
+                               "speechbrain", 1e-5, True)
         # ... and the per-head passes (no LayerNorm, the mixing-block modes, d_h 128): their mix and
         # query kernels (a kernel both launch appears once, as the layer launches it: distinct_launches)
         _, state = fn._triton_fwd_impl(q, q, q, keep, keep, *gen, "speechbrain")

@@ -636,14 +636,38 @@ def _fc2_args(gen):
     return (w1, w1 if gen[3] is None else gen[3].contiguous(), w2, w2 if gen[7] is None else gen[7].contiguous())
 
 
-def _finalize_fwd(s, s_part, sv_part, P, gen):
+def _mix_operand_views(s, buffer, has_c0):
+    """C [B*H, d_h, d_h], c_scale [B*H], c0 [B*H, d_h] (or None) as views of one fp32 buffer (the
+    layer ops save it for the backward), each segment starting on a 16-byte boundary."""
+    rows = s.B * s.H
+    sizes = [rows * s.d_h * s.d_h, rows, rows * s.d_h if has_c0 else 0]
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + -(-n // 4) * 4)
+    C = buffer[starts[0]:starts[0] + sizes[0]].view(rows, s.d_h, s.d_h)
+    c_scale = buffer[starts[1]:starts[1] + sizes[1]]
+    c0 = buffer[starts[2]:starts[2] + sizes[2]].view(rows, s.d_h) if has_c0 else None
+    return C, c_scale, c0
+
+
+def mix_operands_size(B, H, d_h, has_c0) -> int:
+    """The fp32 elements of `_mix_operand_views`' buffer."""
+    rows = B * H
+    return -(-rows * d_h * d_h // 4) * 4 + -(-rows // 4) * 4 + (rows * d_h if has_c0 else 0)
+
+
+def _finalize_fwd(s, s_part, sv_part, P, gen, buffer=None):
     """One launch (hmx_fwd_finalize): P (written, or read when s_part is None), and the mix
-    operands (C / 2^e [B*H, d_h, d_h], 2^e [B*H], c0 [B*H, d_h] or None)."""
+    operands (C / 2^e [B*H, d_h, d_h], 2^e [B*H], c0 [B*H, d_h] or None); with `buffer`
+    (mix_operands_size fp32 elements), as its views."""
     device = P.device
     rows = s.B * s.H
-    C = _empty((rows, s.d_h, s.d_h), torch.float32, device)
-    c_scale = _empty((rows,), torch.float32, device)
-    c0 = _empty((rows, s.d_h), torch.float32, device) if gen[7] is not None else None
+    if buffer is not None:
+        C, c_scale, c0 = _mix_operand_views(s, buffer, gen[7] is not None)
+    else:
+        C = _empty((rows, s.d_h, s.d_h), torch.float32, device)
+        c_scale = _empty((rows,), torch.float32, device)
+        c0 = _empty((rows, s.d_h), torch.float32, device) if gen[7] is not None else None
     from_p = s_part is None
     _launch(hmx_fwd_finalize, (rows,),
         P if from_p else s_part, P if from_p else sv_part, P, *_fc2_args(gen),
@@ -782,25 +806,27 @@ def _layer_fwd_impl(query, key, value, query_keep, key_keep, *rest):
     pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device, _is_fake(query))
     s_part, sv_part = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table, raw=True)
     P = _empty((s.B, s.H, s.k_h, s.d_h), torch.float32, device)  # the op's saved state
-    mix_ops = _finalize_fwd(s, s_part, sv_part, P, gen)
+    # C, c_scale, c0 in one buffer, saved too: the backward does not form them again from P
+    mix_buffer = _empty((mix_operands_size(s.B, s.H, s.d_h, gen[7] is not None),), torch.float32, device)
+    mix_ops = _finalize_fwd(s, s_part, sv_part, P, gen, mix_buffer)
     out = _empty((s.B, s.M, s.d), query.dtype, device)
     w2 = _fc1_args(gen[4], gen[5])
     if ln_weight is None:  # no LayerNorm: the mix pass writes the output dtype itself
         _mix(s, query, query_keep, w2, mix_ops, pe, pe_table, out)
-        return out, P, P.new_empty((0,))
+        return out, P, P.new_empty((0,)), mix_buffer
     stats = _empty((s.B, s.M, 2), torch.float32, device)
     _mix_ln(s, query, query_keep, w2, mix_ops, pe, pe_table, ln_weight, ln_bias, eps, out, stats)
-    return out, P, stats
+    return out, P, stats, mix_buffer
 
 
 def _layer_bwd_impl(grad_out, query, key, value, query_keep, key_keep, *rest):
-    *gen, ln_weight, ln_bias, state, stats, variant, eps, one_tensor = rest
+    *gen, ln_weight, ln_bias, state, stats, mix_buffer, variant, eps, one_tensor = rest
     s = _Sizes(query, key, gen[2], variant)
     device = query.device
     pe, pe_table = _pe_args(s.variant, max(s.M, s.N), s.d, device, _is_fake(query))
     P = state.contiguous()
     w1, w2 = _fc1_args(gen[0], gen[1]), _fc1_args(gen[4], gen[5])
-    mix_ops = _finalize_fwd(s, None, None, P, gen)
+    mix_ops = _mix_operand_views(s, mix_buffer, gen[7] is not None)  # the forward's
     dq_dtype = torch.float32 if one_tensor else query.dtype  # one_tensor: summed into dx by the key pass
     grad_out = grad_out.contiguous()
     ln = None
@@ -964,7 +990,7 @@ TRITON_OPS = define_fused_ops("triton", _triton_fwd_impl, _triton_bwd_impl, devi
 # Plain mixing as the layer runs it: the LayerNorm and the output / gradient dtypes in the kernels
 # (hmx_kernels::triton_layer_fwd / _bwd; run_fused takes them for the problems they accept)
 TRITON_OPS.layer = define_layer_ops("triton", _layer_fwd_impl, _layer_bwd_impl, triton_layer_accepts,
-                                    triton=not INTERPRETED_KERNELS)
+                                    mix_operands_size, triton=not INTERPRETED_KERNELS)
 # Causal, chunk-causal and packed mixing (mixing blocks): the same impls and kernels as opaque
 # custom ops (hmx_kernels::triton_blocks_fwd / _bwd, blocks=True) with the shared fake
 # implementation. Their piece table is built on the host from the block arguments and the values
