@@ -43,7 +43,13 @@ positional encoding from `variant` themselves, so no length-dependent table cros
 
 `run_fused(op, problem)` is what a backend's `forward` calls: the op, then one epilogue for all
 fused backends (LayerNorm in fp32 with torch, cast to the problem's output dtype), so the
-LayerNorm is applied in exactly one way.
+LayerNorm is applied in exactly one way outside the kernels.
+
+Layer ops (`define_layer_ops`, `FusedOps.layer`): a backend may also define a pair of ops that run
+the whole layer for the problems it accepts (the Triton backend: plain mixing at d_h < 128): the
+LayerNorm, the output dtype, the gradients' dtypes and, for self-mixing, the one token gradient
+inside its kernels; `run_fused` takes them where `accepts(problem)` says so. Their schema is in
+`define_layer_ops`; their results equal the ops + epilogue up to the rounding order.
 
 This module avoids `from __future__ import annotations`: torch.library reads the signatures'
 annotations to infer the schemas.

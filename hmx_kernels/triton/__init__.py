@@ -5,8 +5,12 @@ k_h only in small per-(b, h) finalize kernels.
 
 - hyper_mixing_fwd.py / hyper_mixing_bwd.py: the token kernels (state, mix; query, key, and at
   d_h 128 tsum) and the algorithm, with a shape comment on every dot;
+- layer_norm_fused.py: the mix and query passes with the layer's LayerNorm inside (all heads of a
+  token tile per program), which the layer's plain mixing runs at d_h up to 64;
 - finalize.py: the per-(b, h) finalize kernels between the token passes (d_h up to 64);
-- launch.py: the launchers, registered as torch.library ops (and the torch finalize at d_h 128);
+- launch.py: the launchers, registered as torch.library ops (and the torch finalize at d_h 128):
+  the per-head ops (causal / chunked / packed modes, d_h 128) and the layer ops (plain mixing:
+  LayerNorm, output and gradient dtypes and the self-mixing gradient sum in the kernels);
 - autotune.py: autotune candidates, the dot precision per dtype and mode, pruning by the register
   spills and shared memory measured per triton version;
 - backend.py: registration as backend "triton" (limits, reasons, tolerances with their derivation).

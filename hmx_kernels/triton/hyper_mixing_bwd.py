@@ -1,8 +1,9 @@
 """Triton backward kernels of HyperMixing, reassociated like the forward (k_h stays out of the
 token loops; see hyper_mixing_fwd.py for S, sv, C, c0).
 
-Per (batch b, head h), with dY the gradient of Y (the LayerNorm, applied by torch outside these
-kernels, has already been differentiated by autograd), m the keep masks and V_t = v_t m_t:
+Per (batch b, head h), with dY the gradient of Y (here loaded: the LayerNorm has been
+differentiated outside the kernel; layer_norm_fused.py's query pass forms it on chip instead), m
+the keep masks and V_t = v_t m_t:
     T = sum_t m_t hid2_t^T dY_t [d_h, d_h],  sdy = sum_t m_t dY_t
     dA = fc2_2 T + b2_2 sdy^T,  dfc2_2 = A T^T,  db2_2 = A sdy          (finalize, [k_h, d_h])
     dhid2_t = m_t dY_t C^T                                               (query pass, per token)
@@ -16,7 +17,9 @@ db1 = sum dpre, dz = dpre fc1, dx = s m dz.
   z fc1^T, hid2^T dY, dY C^T, dpre^T z, dpre fc1.
 - key pass (`hmx_bwd_kernel_key`, grid [B*H, n_chunks]): recomputes hid per key tile, accumulates
   S, sv (for dfc2, db2: the op saves only P) and the fc1 gradients of MLP1, writes dvalue and
-  dkey. Six tile products: z fc1^T, hid^T V, hid R, V R^T, dpre^T z, dpre fc1.
+  dkey. Six tile products: z fc1^T, hid^T V, hid R, V R^T, dpre^T z, dpre fc1. ADD_DQ
+  (self-mixing, query is key is value: the layer ops): it reads the query pass's fp32 dquery and
+  writes the one token gradient dq + dk + dv in the tokens' dtype instead of dkey and dvalue.
 - from d_h 128 on (autotune.SPLIT_BLOCK_D), T and sdy come from a pass of their own
   (`hmx_bwd_kernel_tsum`: the forward's state program on query and dY, rows split) and S, sv from
   the forward's state pass run again; the query and key passes then hold one [D, D] accumulator

@@ -21,8 +21,9 @@ Mixing blocks (BLOCKED, causal / chunked / packed mixing, `_piece`): the grid is
 program reads its token range, its block and its sequence's first token from the launcher's piece
 table; the mix pass reads its block's C_j, c0_j. Plain mixing (BLOCKED False) compiles exactly as
 without blocks.
-The LayerNorm is not part of these kernels: every fused backend applies it the same way
-(hmx_kernels.ops: torch's LayerNorm in fp32 on the [B, M, d] output of the mix pass).
+The LayerNorm is not part of these kernels: the layer's plain mixing (d_h < 128) runs the mix pass
+of layer_norm_fused.py instead, which applies it on chip; the modes, d_h 128 and the other
+backends apply it after the op (hmx_kernels.ops: torch's LayerNorm in fp32 on the [B, M, d] output).
 
 Trade-off: per token and head a forward pass does 2 d_h^2 multiply-adds instead of
 d_h^2 + 2 d_h k_h (forward + backward: 15 d_h^2 instead of 73 d_h^2 at k_h = 4 d_h, 4.9x fewer),
