@@ -16,7 +16,7 @@ import triton
 
 from hmx_kernels import config as hmx_config
 from hmx_kernels.triton import autotune as tconfig
-from hmx_kernels.triton import hyper_mixing_bwd, hyper_mixing_fwd  # noqa: F401  (creates the autotuners)
+from hmx_kernels.triton import hyper_mixing_bwd, hyper_mixing_fwd, layer_norm_fused  # noqa: F401  (creates the autotuners)
 
 
 @pytest.fixture
