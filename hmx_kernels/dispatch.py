@@ -79,7 +79,8 @@ class Capabilities:
     # the mixing-block kinds it runs (hmx_kernels.blocks: full, token-causal, chunk-causal, packed);
     # a call is taken when every kind of its MixingBlocks is listed
     blocks: FrozenSet[str] = frozenset({FULL})
-    sequence_parallel: bool = False  # takes a position offset and a sequence-parallel group
+    sequence_parallel: bool = False  # takes a sequence-parallel group (and so position offsets)
+    position_offset: bool = False  # takes a global position for the first token (a slice of a sequence)
     # streaming (hmx_kernels.streaming): mode -> whether it computes a piece with a carried state in
     # that causal mode (Backend.stream_forward); None: it takes no carried state
     carried_state: Optional[Callable] = None
@@ -110,9 +111,11 @@ class Capabilities:
         missing = p.blocks.kinds - self.blocks
         if missing & {TOKEN_CAUSAL, CHUNK_CAUSAL}:
             out.append(f"{p.mode.describe()} mixing is not implemented by this backend yet (backend='reference' has it)")
-        if not self.sequence_parallel and (p.position_offset or p.sequence_parallel_group is not None):
-            out.append("position offsets and sequence parallelism are not implemented by this backend yet "
-                       "(backend='reference' has them)")
+        if not self.sequence_parallel and p.sequence_parallel_group is not None:
+            out.append("sequence parallelism is not implemented by this backend yet (backend='reference' and "
+                       "'cpu' have it)")
+        elif not (self.sequence_parallel or self.position_offset) and p.position_offset:
+            out.append("position offsets are not implemented by this backend yet (backend='reference' has them)")
         if PACKED in missing:
             out.append("packed sequences (cu_seqlens) are not implemented by this backend yet (the dispatcher "
                        "runs it on a padded batch instead)")

@@ -47,7 +47,7 @@ def _modes(caps):
         modes.append(("packed", {}, True))
         if caps.causal:
             modes.append(("packed_chunk3", dict(chunk_size=3), True))
-    if caps.sequence_parallel:
+    if caps.sequence_parallel or caps.position_offset:
         modes.append(("offset", dict(position_offset=100_003), False))
     return modes
 

@@ -369,3 +369,25 @@ def test_poison_environment_switch():
         env = {**os.environ, "HMX_KERNELS_POISON": flag, "PYTHONPATH": os.pathsep.join(sys.path)}
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         assert res.returncode == 0 and res.stdout.strip().endswith(expected), res.stderr[-2000:]
+
+
+@_skip_cpu
+@pytest.mark.parametrize("variant,mode", [("speechbrain", {}), ("idiap", {}), ("speechbrain", dict(chunk_size=4))])
+def test_position_offset_matches_the_reference(variant, mode):
+    """A slice of a longer sequence (position_offset): the triton backend takes it (plain mixing
+    through the mixing-block ops, which carry the offset into the positional encoding) and matches
+    the reference on the output and every gradient, with masks; it is no longer refused."""
+    case = make_case(variant=variant, B=2, M=11, N=11, d=12, H=2, k_h=10)
+    p = hmx_kernels.check_inputs(**case.kwargs(), position_offset=37, **mode)
+    assert not get_backend("triton").not_supported_reasons(p)
+    grad_out = torch.randn(2, 11, 12, generator=torch.Generator().manual_seed(4))
+    results = {}
+    for backend in ("reference", "triton"):
+        results[backend] = forward_backward(case, backend, grad_out, fn=lambda **k: hmx_kernels.hyper_mixing(
+            **k, backend=backend, position_offset=37, **mode))
+    (out_t, g_t), (out_r, g_r) = results["triton"], results["reference"]
+    assert_close("out", out_t, out_r, 2e-5)
+    for name in g_r:
+        assert_close(name, g_t[name], g_r[name], 2e-5)
+    # the offset counts: without it the output differs
+    assert not torch.allclose(out_t, hmx_kernels.hyper_mixing(**case.kwargs(), backend="triton", **mode), atol=1e-4)

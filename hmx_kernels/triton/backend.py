@@ -160,6 +160,7 @@ _BACKEND = Backend(
         max_d_h=MAX_HEAD_DIM,
         max_k_h=MAX_HYPERNET_PER_HEAD,
         blocks=ALL_KINDS,
+        position_offset=True,  # through the mixing-block ops, which take a streamed piece's offset
         carried_state=_triton_carries,
         available=triton_available,
     ),

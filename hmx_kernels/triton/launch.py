@@ -1015,7 +1015,8 @@ TRITON_BLOCK_OPS = define_fused_ops("triton_blocks", _triton_fwd_impl, _triton_b
 
 
 def triton_forward(p: HyperMixingProblem) -> torch.Tensor:
-    """Run a validated problem through the Triton ops (differentiable): the plain ops, or the
-    mixing-block ops for a causal / chunked mode or packed sequences."""
-    blocked = p.mode is not None or p.cu_seqlens is not None
+    """Run a validated problem through the Triton ops (differentiable): the plain ops (the layer
+    ops where they accept it), or the mixing-block ops for a causal / chunked mode, packed
+    sequences or a position offset (they take one; plain mixing runs there with the plain kernels)."""
+    blocked = p.mode is not None or p.cu_seqlens is not None or p.position_offset != 0
     return run_fused(TRITON_BLOCK_OPS if blocked else TRITON_OPS, p)
