@@ -257,7 +257,10 @@ def _time_point(ctx, name, sname, shape, B, N, dtype, device, refused, budget, m
 # ------------------------------------------------------------------------------------ step: breakdown
 KERNEL_PASS = {"hmx_fwd_kernel_state": ("fwd state", "bwd state"), "hmx_fwd_kernel_mix": ("fwd mix",),
                "hmx_bwd_kernel_query": ("bwd query",), "hmx_bwd_kernel_key": ("bwd key",),
-               "hmx_bwd_kernel_tsum": ("bwd tsum",)}
+               "hmx_bwd_kernel_tsum": ("bwd tsum",),
+               # the layer's LayerNorm-fused passes: the same byte model as the per-head passes
+               # (it leaves out their 8 bytes of row statistics per token)
+               "hmx_fwd_kernel_mix_ln": ("fwd mix",), "hmx_bwd_kernel_query_ln": ("bwd query",)}
 
 
 def step_breakdown(ctx) -> None:
