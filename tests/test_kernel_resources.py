@@ -466,6 +466,9 @@ def test_configurations_that_spill_in_every_candidate_are_declined_per_version(m
     monkeypatch.setattr(tc, "SPILLING", tc.SPILLING_BY_TRITON[(3, 6)])
     monkeypatch.setattr(tc, "INSTALLED_TRITON", (3, 6))
     monkeypatch.setattr(tc, "device_limits", lambda index: (SMEM_LIMIT[90], 90))
+    # dot_precision is memoised for the installed tables (fixed in a process): forget the choices
+    # made under the real tables first, and those made under the swapped ones at the end
+    tc.dot_precision.cache_clear()
     gpu = dict(device=torch.device("cuda"), B=2, H=4)
     old = torch.get_float32_matmul_precision()
     try:
@@ -478,3 +481,4 @@ def test_configurations_that_spill_in_every_candidate_are_declined_per_version(m
         assert fit_reasons(SimpleNamespace(dtype=torch.float32, d_h=64, **gpu)) == []
     finally:
         torch.set_float32_matmul_precision(old)
+        tc.dot_precision.cache_clear()
