@@ -63,6 +63,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import gc
 import math
 import os
 import statistics
@@ -512,7 +513,10 @@ def host_time_us(shape: Shape = SHAPES["sb256"], B: int = 1, N: int = 64, repeat
     are Python functions: about 5x the CPU time here). One torch thread; the time is this
     thread's CPU time (time.thread_time), so that other processes on a shared machine do not
     inflate it (wall time would include their share of the cores). parts: filled with the
-    forward's and the backward's medians ("fwd", "bwd")."""
+    forward's and the backward's medians ("fwd", "bwd"). The garbage of the accounts run before it
+    is collected first (their event lists made the cyclic collector's passes in the timed steps
+    cost up to 50 % more)."""
+    gc.collect()
     torch.manual_seed(0)
     layer = make_layer(shape, dtype, device, "triton")
     x = torch.randn(B, N, shape.d, dtype=dtype).to(device).requires_grad_(True)
