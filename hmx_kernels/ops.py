@@ -31,9 +31,10 @@
         slot layout is the backend's: the cpp ops on CPU tensors (the twin) keep P^T per
         [k_h, d_h]-sized slot, the cpp ops on CUDA tensors and the Triton ops P;
         `fused_stream_forward` takes that as a parameter (`slots_holding_p_t`, `slots_holding_p`).
-        With one term per block, the twin's state holds each block's own partial state Q_j^T
-        instead of P_j^T (csrc/hmx_params.h), which its one-pass streaming of limited windows uses
-        (hmx_kernels/cpp/ops.py cpu_stream_forward); the other ops keep P_j.
+        With one term per block, the twin's and the Triton ops' state holds each block's own
+        partial state Q_j (Q_j^T in the twin's slots, csrc/hmx_params.h) instead of P_j, which their
+        one-pass streaming of limited windows uses (`fused_stream_forward`, own_per_block); the
+        cpp ops on CUDA tensors keep P_j (two calls per piece).
 
 Shapes and dtypes of both are given by shared fake implementations (`make_fwd_fake`, `bwd_fake`), which
 also serves the meta device; autograd is registered on the forward op (its backward calls the
@@ -686,8 +687,8 @@ def slots_holding_p(state: Tensor, p: HyperMixingProblem) -> Tensor:
 
 
 def fused_stream_forward(ops: FusedOps, p: HyperMixingProblem, carry: Optional[Tensor],
-                         slot_states: Callable[[Tensor, HyperMixingProblem], Tensor] = slots_holding_p_t
-                         ) -> Tuple[Tensor, Tensor]:
+                         slot_states: Callable[[Tensor, HyperMixingProblem], Tensor] = slots_holding_p_t,
+                         own_per_block: bool = False) -> Tuple[Tensor, Tensor]:
     """One streamed piece `p` (hmx_kernels.streaming; causal or chunk-causal, no packed sequences,
     p.position_offset = the piece's first position) through fused ops defined with
     carried_state=... Returns (output [B, n, d] after the common epilogue, the next carry).
@@ -708,7 +709,10 @@ def fused_stream_forward(ops: FusedOps, p: HyperMixingProblem, carry: Optional[T
     (L = 0) gives every chunk's Q_j as its state; the window terms E_j = the L chunks before chunk
     j (carried and this piece's), summed explicitly in chunk order, go into a second call with
     block-local windows and one term per block, so that P_j = Q_j + E_j: about twice the cost of
-    a call without a carried state (one call when L = 0)."""
+    a call without a carried state (one call when L = 0).
+    own_per_block=True (ops whose state holds each block's own Q_j when the initial state is one
+    term per block: the twin, the Triton ops): one call instead, with this piece's windows of L
+    chunks and E_j = the carried chunks within L of chunk j (`_one_pass_limited`)."""
     C, L = p.mode.chunk_size, p.mode.left_context_chunks
     args = (p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(), p.variant.name)
     if L is None:
@@ -716,6 +720,8 @@ def fused_stream_forward(ops: FusedOps, p: HyperMixingProblem, carry: Optional[T
         y, state = ops.forward(*args, C, -1, None, p.position_offset, "", init)
         slots = slot_states(state, p)
         return layer_norm_epilogue(y, p), slots[:, :, slots.shape[2] - 1]
+    if own_per_block:
+        return _one_pass_limited(ops, p, carry, slot_states, args)
     nb = (p.N + C - 1) // C
     y, own = ops.forward(*args, C, 0, None, p.position_offset, "")  # y is final when L = 0
     q = slot_states(own, p)[:, :, :nb]  # Q_j of this piece's chunks
@@ -729,6 +735,34 @@ def fused_stream_forward(ops: FusedOps, p: HyperMixingProblem, carry: Optional[T
                 terms[:, :, j0:] = terms[:, :, j0:] + chunks[:, :, r + j0 - shift:r + nb - shift]
         y, _ = ops.forward(*args, C, 0, None, p.position_offset, "", terms.transpose(-1, -2).contiguous())
     return layer_norm_epilogue(y, p), chunks[:, :, chunks.shape[2] - min(L, chunks.shape[2]):]
+
+
+def _one_pass_limited(ops: FusedOps, p: HyperMixingProblem, carry: Optional[Tensor],
+                      slot_states: Callable[[Tensor, HyperMixingProblem], Tensor], args: tuple) -> Tuple[Tensor, Tensor]:
+    """One streamed piece with L chunks of left context in one op call, for ops whose state holds
+    each block's own partial state Q_j when given one carried term per block: this piece's windows
+    of L chunks, and E_j = the carried chunks within L of chunk j (summed here in chunk order; only
+    the first chunks have any) as chunk j's term. The output and the next carry (the last L
+    chunks' own Q_j, carried ones first) come from the one call."""
+    C, L = p.mode.chunk_size, p.mode.left_context_chunks
+    nb = (p.N + C - 1) // C
+    r = 0 if carry is None else carry.shape[2]
+    terms = p.query.new_zeros((p.B, p.H, nb, p.k_h, p.d_h), dtype=compute_dtype_of(p.query.dtype))
+    for j in range(nb):
+        lo = max(0, r + j - L)
+        if lo >= r:
+            break
+        e = carry[:, :, lo]
+        for i in range(lo + 1, r):
+            e = e + carry[:, :, i]
+        terms[:, :, j] = e
+    y, own = ops.forward(*args, C, L, None, p.position_offset, "", terms.transpose(-1, -2).contiguous())
+    q = slot_states(own, p)[:, :, :nb]  # Q_j [.., k_h, d_h] of this piece's chunks
+    keep = min(L, r + nb)  # the next carry: the last L chunks, carried ones first
+    from_carry = max(0, keep - nb)
+    tail = q[:, :, nb - (keep - from_carry):]
+    final = torch.cat([carry[:, :, r - from_carry:], tail], dim=2) if from_carry else tail
+    return layer_norm_epilogue(y, p), final
 
 
 def stream_forward_of(ops: FusedOps, slot_states: Callable[[Tensor, HyperMixingProblem], Tensor]) -> Callable:

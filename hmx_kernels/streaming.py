@@ -22,9 +22,9 @@ Which backend computes a piece: backends declare the modes in which they take a 
 takes the first of the device's auto order that can. The fused backends share one streamed-piece
 function over their ops (hmx_kernels.ops.fused_stream_forward): with unbounded left context the
 state enters every chunk's window (or starts the token scan) and the next state is the op state's
-last slot; with L chunks of left context a first call gives every chunk's own partial state Q_j
-and a second call adds each chunk's window terms; forward and backward pass through the state
-either way. The `cpu` backend (the C++ twin) and the `triton` backend (CUDA tensors; CPU tensors
+last slot; with L chunks of left context one call (cpu, triton: their state then holds every
+chunk's own partial state Q_j) or two (cuda: a first call gives the Q_j, a second adds each
+chunk's window terms); forward and backward pass through the state either way. The `cpu` backend (the C++ twin) and the `triton` backend (CUDA tensors; CPU tensors
 under TRITON_INTERPRET=1; float32 / float16 / bfloat16) stream every causal mode this way, the
 `reference` every mode with its own code. All keep the state in the same form (P, compute dtype),
 so a stream may change backend between pieces. The `cuda` backend (the cpp ops on CUDA tensors,

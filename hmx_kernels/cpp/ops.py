@@ -27,10 +27,10 @@ from torch import Tensor
 
 from ..config import SETTINGS, on_change
 from ..dispatch import constant_result
-from ..ops import (define_fused_ops, layer_norm_epilogue, run_fused, slots_holding_p, slots_holding_p_t,
+from ..ops import (define_fused_ops, fused_stream_forward, run_fused, slots_holding_p, slots_holding_p_t,
                    state_blocks, stream_forward_of)
 from ..positional import cached_positional_encoding, positional_encoding
-from ..problem import HyperMixingProblem, compute_dtype_of
+from ..problem import HyperMixingProblem
 from ..variants import get_variant
 from . import build
 
@@ -255,39 +255,12 @@ def cpu_stream_forward(p: HyperMixingProblem, carry):
     """One streamed piece on the CPU twin (hmx_kernels.streaming), one pass of the op. Unbounded
     left context: the generic function (the carried state P [B, H, k_h, d_h] enters every block's
     window, the token scan starts from it; the next state is the op state's last slot). L chunks of
-    left context: the carry is the last L chunks' own partial states [B, H, r <= L, k_h, d_h]
-    (below)."""
-    C, L = p.mode.chunk_size, p.mode.left_context_chunks
-    if L is None:
+    left context: the carry is the last L chunks' own partial states [B, H, r <= L, k_h, d_h]; with
+    one term per block the op's state is each chunk's own Q_j^T (csrc/hmx_params.h), so the output
+    and the next carry come from one pass (hmx_kernels.ops.fused_stream_forward, own_per_block)."""
+    if p.mode.left_context_chunks is None:
         return _twin_stream_unbounded(p, carry)
-    args = (p.query, p.key, p.value, p.query_keep, p.key_keep, *p.generator_weights(), p.variant.name)
-    # L chunks of left context: the next state is the last L chunks' own partial states Q_j, which
-    # no window sum holds. One pass with this piece's windows of L chunks and one term per chunk,
-    # E_j = the carried chunks within L of chunk j (summed here in chunk order): with one term per
-    # block the op's state is each chunk's own Q_j^T (csrc/hmx_params.h), so the output and the
-    # next carry come from the one pass.
-    nb = (p.N + C - 1) // C
-    r = 0 if carry is None else carry.shape[2]
-    # E_j = the carried chunks r + j - L .. r - 1 (those within L of chunk j), summed in chunk order;
-    # only the first chunks have any (lo grows with j). Built in the carry's own layout [.., k_h,
-    # d_h], then transposed once (the twin keeps P^T)
-    terms = p.query.new_zeros((p.B, p.H, nb, p.k_h, p.d_h), dtype=compute_dtype_of(p.query.dtype))
-    for j in range(nb):
-        lo = max(0, r + j - L)
-        if lo >= r:
-            break
-        e = carry[:, :, lo]
-        for i in range(lo + 1, r):
-            e = e + carry[:, :, i]
-        terms[:, :, j] = e
-    terms = terms.transpose(-1, -2).contiguous()
-    y, own = CPP_OPS.forward(*args, C, L, None, p.position_offset, "", terms)
-    q = own.view(p.B, p.H, nb, p.d_h, p.k_h).transpose(-1, -2)  # Q_j [.., k_h, d_h] of this piece's chunks
-    keep = min(L, r + nb)  # the next carry: the last L chunks, carried ones first
-    from_carry = max(0, keep - nb)
-    tail = q[:, :, nb - (keep - from_carry):]
-    final = torch.cat([carry[:, :, r - from_carry:], tail], dim=2) if from_carry else tail
-    return layer_norm_epilogue(y, p), final
+    return fused_stream_forward(CPP_OPS, p, carry, slots_holding_p_t, own_per_block=True)
 
 
 cpp_stream_forward = cpu_stream_forward  # the cpu backend's streamed-piece function

@@ -138,9 +138,10 @@ def triton_forward(p: HyperMixingProblem) -> Tensor:
 
 
 def triton_stream_forward(p: HyperMixingProblem, carry):
-    """One streamed piece (hmx_kernels.streaming) through the mixing-block ops, whose state slots
-    hold P (hmx_kernels.ops.fused_stream_forward)."""
-    return fused_stream_forward(_launchers().TRITON_BLOCK_OPS, p, carry, slots_holding_p)
+    """One streamed piece (hmx_kernels.streaming) through the mixing-block ops, one call: their state
+    slots hold P, or with one carried term per block each block's own Q_j
+    (hmx_kernels.ops.fused_stream_forward, own_per_block)."""
+    return fused_stream_forward(_launchers().TRITON_BLOCK_OPS, p, carry, slots_holding_p, own_per_block=True)
 
 
 def _triton_carries(mode) -> bool:

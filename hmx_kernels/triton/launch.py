@@ -918,21 +918,29 @@ def _blocked_fwd(s, query, key, value, query_keep, key_keep, gen, pe, pe_table, 
     pieces, summed per block), their window sums, P_j = fc2 S^w_j + b2 sv^w_j^T (+ the carried
     state `init`: the ops' initial_state, added before the GELU), C_j, c0_j, and the mix pass
     reading its block's C_j, c0_j. Returns y and the state [B, H, slots * k_h, d_h] (P_j in block
-    slot j, unused slots zero)."""
+    slot j, unused slots zero; with one carried term per block, each block's own Q_j instead, as
+    the twin keeps it: a streamed piece's next carry, hmx_kernels.ops.fused_stream_forward)."""
     nb = bl.nb
     S, sv = _state(s, key, value, key_keep, _fc1_args(gen[0], gen[1]), pe, pe_table, bl)
-    S = bl.window(S).view(s.B, s.H, nb, s.d_h, s.d_h)
-    sv = bl.window(sv).view(s.B, s.H, nb, 1, s.d_h)
-    P = _head_mm(gen[2].float(), S)  # [B, H, nb, k_h, d_h]
-    if gen[3] is not None:
-        P = P + gen[3].float()[None, :, None, :, None] * sv
-    if init is not None:
-        P = P + _carried_terms(init, nb)
+    own_state = init is not None and init.dim() == 5  # one term per block: the state holds each Q_j
+    if own_state:  # Q_j = fc2 S_j + b2 sv_j^T of each block's own tokens, then P_j = its window sum + E_j
+        Q = _head_mm(gen[2].float(), S.view(s.B, s.H, nb, s.d_h, s.d_h))  # [B, H, nb, k_h, d_h]
+        if gen[3] is not None:
+            Q = Q + gen[3].float()[None, :, None, :, None] * sv.view(s.B, s.H, nb, 1, s.d_h)
+        P = bl.window(Q.reshape(s.B * s.H, nb, s.k_h, s.d_h)).view(Q.shape) + _carried_terms(init, nb)
+    else:
+        S = bl.window(S).view(s.B, s.H, nb, s.d_h, s.d_h)
+        sv = bl.window(sv).view(s.B, s.H, nb, 1, s.d_h)
+        P = _head_mm(gen[2].float(), S)  # [B, H, nb, k_h, d_h]
+        if gen[3] is not None:
+            P = P + gen[3].float()[None, :, None, :, None] * sv
+        if init is not None:
+            P = P + _carried_terms(init, nb)
     y = _empty((s.B, s.M, s.d), torch.float32, query.device)
     _mix(s, query, query_keep, _fc1_args(gen[4], gen[5]), _block_mix_operands(s, bl, F.gelu(P), gen[6], gen[7]),
          pe, pe_table, y, bl)
     state = P.new_zeros((s.B, s.H, bl.slots, s.k_h, s.d_h))
-    state[:, :, :nb] = P
+    state[:, :, :nb] = Q if own_state else P
     return y, state.view(s.B, s.H, bl.slots * s.k_h, s.d_h)
 
 
@@ -944,9 +952,17 @@ def _blocked_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, state,
     of R'_j, r0'_j over the blocks j whose window holds i; the generator-1 fc2 gradients from dP_j
     and the window sums S^w_j, sv^w_j of the key pass. With a carried state `init` (the ops'
     initial_state) a 12th gradient: dP_j^T summed over the blocks in block order ([B, H, d_h, k_h],
-    the state entered every block) or per block ([B, H, nb, d_h, k_h])."""
+    the state entered every block) or per block ([B, H, nb, d_h, k_h]); with one term per block
+    the state holds each Q_j, P_j is formed again from it, and grad_state is the gradient of the
+    Q_j (added to each block's R, r0 and the fc2 gradients outside the windows)."""
     nb, rows = bl.nb, s.B * s.H * bl.nb
+    own_state = init is not None and init.dim() == 5  # the state holds each block's own Q_j (_blocked_fwd)
     P = state.float().view(s.B, s.H, bl.slots, s.k_h, s.d_h)[:, :, :nb]
+    if own_state:
+        P = bl.window(P.reshape(s.B * s.H, nb, s.k_h, s.d_h)).view(P.shape) + _carried_terms(init, nb)
+    # the gradient of the state output: of P_j (added to dP), or with own_state of Q_j (added after
+    # the reverse window: Q_i enters every P_j whose window holds i, and the state output once)
+    g_state = None if grad_state is None else grad_state.float().view(s.B, s.H, bl.slots, s.k_h, s.d_h)[:, :, :nb]
     A = F.gelu(P)
     fc2w2, fc2b2 = gen[6], gen[7]
     dq, T, sdy, (dfc1w2, dfc1b2) = _query_pass(s, query, query_keep, _fc1_args(gen[4], gen[5]),
@@ -959,24 +975,34 @@ def _blocked_bwd(s, grad_y, query, key, value, query_keep, key_keep, gen, state,
     dfc2w2 = _sum_mm(A, T)
     dfc2b2 = _sum_mm(A, sdy).squeeze(-1) if fc2b2 is not None else A.new_empty((0,))
     dP = dA * _gelu_grad(P)
-    if grad_state is not None:  # the state output P_j is used beyond this op (a streamed piece's final state)
-        dP = dP + grad_state.float().view(s.B, s.H, bl.slots, s.k_h, s.d_h)[:, :, :nb]
+    if g_state is not None and not own_state:  # the state output P_j is used beyond this op (a streamed piece's final state)
+        dP = dP + g_state
     d_init = None
     if init is not None:
         d_init = (dP.sum(dim=2) if init.dim() == 4 else dP).transpose(-1, -2).to(init.dtype).contiguous()
     fc2w1, fc2b1 = gen[2], gen[3]
+    own_grad = g_state if own_state else None  # dQ_i from the state output, outside any window
     R = bl.reverse_window(_head_mm(fc2w1.float().transpose(-1, -2), dP).reshape(s.B * s.H, nb, s.d_h, s.d_h))
+    if own_grad is not None:
+        R = R + _head_mm(fc2w1.float().transpose(-1, -2), own_grad).reshape(R.shape)
     R, r_scale = _pow2_scale(R.reshape(rows, s.d_h, s.d_h), dims=(-2, -1))
     r0 = None
     if fc2b1 is not None:
         r0 = bl.reverse_window(_head_mm(fc2b1.float()[:, None, :], dP).reshape(s.B * s.H, nb, s.d_h))
+        if own_grad is not None:
+            r0 = r0 + _head_mm(fc2b1.float()[:, None, :], own_grad).reshape(r0.shape)
         r0 = r0.reshape(rows, s.d_h).contiguous()
     dk, dv, S, sv, (dfc1w1, dfc1b1) = _key_pass(s, key, value, key_keep, _fc1_args(gen[0], gen[1]),
                                                 (R, r_scale, r0), pe, pe_table, bl)
+    S_own, sv_own = S.view(s.B, s.H, nb, s.d_h, s.d_h), sv.view(s.B, s.H, nb, 1, s.d_h)
     S = bl.window(S).view(s.B, s.H, nb, s.d_h, s.d_h)
     sv = bl.window(sv).view(s.B, s.H, nb, 1, s.d_h)
     dfc2w1 = _sum_mm(dP, S)
     dfc2b1 = _sum_mm(dP, sv).squeeze(-1) if fc2b1 is not None else dP.new_empty((0,))
+    if own_grad is not None:
+        dfc2w1 = dfc2w1 + _sum_mm(own_grad, S_own)
+        if fc2b1 is not None:
+            dfc2b1 = dfc2b1 + _sum_mm(own_grad, sv_own).squeeze(-1)
     grads = [dq, dk, dv, dfc1w1, dfc1b1, dfc2w1, dfc2b1, dfc1w2, dfc1b2, dfc2w2, dfc2b2]
     return grads if d_init is None else grads + [d_init]
 
