@@ -7,6 +7,7 @@ the group (the cpu backend sums its key sums S, sv in the forward and its query 
 backward over the group); triton and cuda decline with a reason."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -19,6 +20,7 @@ from envtools import exit_worker_now
 
 import hmx_kernels
 from hmx_kernels import FusedHyperMixing
+from hmx_kernels.dispatch import get_backend
 
 SPLITS = {2: [9, 14], 4: [3, 7, 5, 8]}  # N = 23
 
@@ -85,15 +87,20 @@ def test_sequence_parallel_matches_single_process(tmp_path, world, variant, back
 
 
 def test_fused_backends_decline_sequence_parallel_arguments():
+    """cuda declines a position offset; triton takes one (Capabilities.position_offset) but no
+    sequence-parallel group."""
     x = torch.randn(1, 5, 8)
     layer = FusedHyperMixing(8, 8, num_heads=2)
     p = hmx_kernels.check_inputs(x, None, None, *layer.hyper.w1_gen.tensors(), *layer.hyper.w2_gen.tensors(),
                                  layer.layer_norm.weight, layer.layer_norm.bias, position_offset=7)
     reasons = hmx_kernels.backend_reasons(p)
     assert reasons["reference"] == [] and (reasons["cpu"] == [] or not _cpu_ok())
-    for name in ("triton", "cuda"):
-        if name in reasons:
-            assert any("position offsets" in r for r in reasons[name]), reasons[name]
+    if "cuda" in reasons:
+        assert any("position offsets" in r for r in reasons["cuda"]), reasons["cuda"]
+    if "triton" in reasons:
+        assert not any("position offsets" in r for r in reasons["triton"]), reasons["triton"]
+        grouped = dataclasses.replace(p, sequence_parallel_group=object())
+        assert any("sequence parallelism" in r for r in get_backend("triton").capabilities.reasons(grouped))
     # the reference continues the positional encoding from the offset
     layer.backend = "reference"
     tail = long = torch.randn(1, 5, 8)
