@@ -75,6 +75,34 @@ def hmx_bwd_kernel_tsum(
                    ROW_SPLIT, OPERAND, DOT_PREC, BLOCKED, BLOCK_N, BLOCK_D)
 
 
+@triton.jit
+def _query_tile(acc_t, acc_sdy, acc_fc1w, acc_fc1b, b_dy, b_zo, b_pre, b_hid, b_c, b_fc1w, like_ptr,
+                SCALE_TILES: tl.constexpr, ACC_T: tl.constexpr, OPERAND: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The query pass on one tile of m dY [BN, BD] fp32 (hmx_bwd_kernel_query, and the LayerNorm-fused
+    pass, which forms dY on chip): T, sdy (ACC_T) and MLP2's fc1 gradients (in units of c_scale)
+    accumulated, and dz = dpre fc1 with the tile's scale g_scale (dquery = dz g_scale c_scale s m).
+    SCALE_TILES: the tile is divided by the power of two of its largest element before it is rounded
+    to a half operand."""
+    if SCALE_TILES:
+        g_scale = _pow2_of_max(b_dy)
+    else:
+        g_scale = 1.0
+    b_dyo = _op(b_dy / g_scale, like_ptr, OPERAND)
+    if ACC_T:
+        # T += hid2^T (m dY): [BD, BN] @ [BN, BD] -> [BD, BD]
+        acc_t += tl.dot(tl.trans(_op(b_hid, like_ptr, OPERAND)), b_dyo, input_precision=DOT_PREC) * g_scale
+        acc_sdy += tl.sum(b_dy, axis=0)
+    # dhid2 = m dY C^T (units g_scale * c_scale): [BN, BD] @ [BD, BD] -> [BN, BD]
+    b_dpre = tl.dot(b_dyo, tl.trans(b_c), input_precision=DOT_PREC) * _gelu_grad(b_pre)
+    b_dpreo = _op(b_dpre, like_ptr, OPERAND)
+    # dfc1 += dpre^T z: [BD(out), BN] @ [BN, BD(in)] -> [BD(out), BD(in)]
+    acc_fc1w += tl.dot(tl.trans(b_dpreo), b_zo, input_precision=DOT_PREC) * g_scale
+    acc_fc1b += tl.sum(b_dpre, axis=0) * g_scale
+    # dz = dpre fc1: [BN, BD(out)] @ [BD(out), BD(in)] -> [BN, BD(in)]
+    b_dz = tl.dot(b_dpreo, b_fc1w, input_precision=DOT_PREC)
+    return acc_t, acc_sdy, acc_fc1w, acc_fc1b, b_dz, g_scale
+
+
 @autotuned(key=["BLOCK_D", "OPERAND", "DOT_PREC", "BLOCKED"], do_not_specialize=_BWD_LEN_ARGS)
 def hmx_bwd_kernel_query(
     q_ptr, sxb, sxn, sxc,  # query [B, M, d]
@@ -127,23 +155,9 @@ def hmx_bwd_kernel_query(
         b_zo, b_pre, b_hid = _hidden(b_z, b_fc1w, b_fc1b, fc1w_ptr, OPERAND, DOT_PREC)
         b_dy = _select_rows(tl.load(g_ptr + i_b * sgb + o_n64[:, None] * sgn + (i_h * D_H + o_c)[None, :],
                                     mask=m_nc, other=0.0).to(tl.float32), b_keep)  # m dY
-        if SCALE_TILES:
-            g_scale = _pow2_of_max(b_dy)
-        else:
-            g_scale = 1.0
-        b_dyo = _op(b_dy / g_scale, fc1w_ptr, OPERAND)
-        if ACC_T:
-            # T += hid2^T (m dY): [BD, BN] @ [BN, BD] -> [BD, BD]
-            acc_t += tl.dot(tl.trans(_op(b_hid, fc1w_ptr, OPERAND)), b_dyo, input_precision=DOT_PREC) * g_scale
-            acc_sdy += tl.sum(b_dy, axis=0)
-        # dhid2 = m dY C^T (units g_scale * c_scale): [BN, BD] @ [BD, BD] -> [BN, BD]
-        b_dpre = tl.dot(b_dyo, tl.trans(b_c), input_precision=DOT_PREC) * _gelu_grad(b_pre)
-        b_dpreo = _op(b_dpre, fc1w_ptr, OPERAND)
-        # dfc1 += dpre^T z: [BD(out), BN] @ [BN, BD(in)] -> [BD(out), BD(in)]
-        acc_fc1w += tl.dot(tl.trans(b_dpreo), b_zo, input_precision=DOT_PREC) * g_scale
-        acc_fc1b += tl.sum(b_dpre, axis=0) * g_scale
-        # dz = dpre fc1: [BN, BD(out)] @ [BD(out), BD(in)] -> [BN, BD(in)]
-        b_dz = tl.dot(b_dpreo, b_fc1w, input_precision=DOT_PREC)
+        acc_t, acc_sdy, acc_fc1w, acc_fc1b, b_dz, g_scale = _query_tile(
+            acc_t, acc_sdy, acc_fc1w, acc_fc1b, b_dy, b_zo, b_pre, b_hid, b_c, b_fc1w, fc1w_ptr,
+            SCALE_TILES, ACC_T, OPERAND, DOT_PREC)
         b_dx = b_dz * ((g_scale * c_scale * scale) * b_keep)[:, None]
         tl.store(dx_ptr + i_b * sdb + o_n64[:, None] * d + (i_h * D_H + o_c)[None, :], b_dx, mask=m_nc)
     i_part = i_bh64 * n_chunks + i_chunk

@@ -31,9 +31,9 @@ import triton
 import triton.language as tl
 
 from .autotune import autotuned
-from .hyper_mixing_bwd import _BWD_LEN_ARGS
-from .hyper_mixing_fwd import (_LEN_ARGS, _gelu_grad, _hidden, _load_fc1, _load_hyper_input, _load_square,
-                               _op, _pow2_of_max, _select_rows, _store_square)
+from .hyper_mixing_bwd import _BWD_LEN_ARGS, _query_tile
+from .hyper_mixing_fwd import (_LEN_ARGS, _hidden, _load_fc1, _load_hyper_input, _load_square, _op, _select_rows,
+                               _store_square)
 
 
 @triton.jit
@@ -57,6 +57,23 @@ def _head_y(b_z, b_keep, b_fc1w, b_fc1b, b_c, c_scale, b_c0, like_ptr, OPERAND: 
     # Y = m (hid2 C + c0): [BN, BD] @ [BD, BD] -> [BN, BD]
     b_y = tl.dot(_op(b_hid, like_ptr, OPERAND), b_c, input_precision=DOT_PREC) * c_scale
     return b_zo, b_pre, b_hid, (b_y + b_c0[None, :]) * b_keep[:, None]
+
+
+@triton.jit
+def _sweep_head_y(h, i_b, H, q_b, sxn, sxc, keep_b, smn, pe_ptr, freq_ptr, fc1w_ptr, fc1b_ptr, c_ptr, c0_ptr,
+                  cscale_ptr, o_n, o_c, end, d, scale, first_pos, D_H: tl.constexpr, HAS_MASK: tl.constexpr,
+                  PE_TABLE: tl.constexpr, HAS_FC1_BIAS: tl.constexpr, HAS_FC2_BIAS: tl.constexpr,
+                  OPERAND: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Head h's Y [BN, BD] on a token tile of batch row i_b, inside a sweep over the heads: loads the
+    head's fc1 and (b, h)'s C, c0, builds z, returns (the head's channels, Y)."""
+    i_h = i_b * 0 + h  # an int64 tensor (the loop variable is a plain int under the interpreter)
+    b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, o_c, D_H, HAS_FC1_BIAS, OPERAND)
+    b_c, c_scale, b_c0 = _mix_operands(c_ptr, c0_ptr, cscale_ptr, i_b * H + i_h, o_c, fc1w_ptr, D_H,
+                                       HAS_FC2_BIAS, OPERAND, BLOCK_D)
+    b_z, b_keep = _load_hyper_input(q_b, sxn, sxc, keep_b, smn, pe_ptr, freq_ptr, o_n, o_c, i_h * D_H,
+                                    end, d, scale, first_pos, D_H, HAS_MASK, PE_TABLE)
+    _, _, _, b_y = _head_y(b_z, b_keep, b_fc1w, b_fc1b, b_c, c_scale, b_c0, fc1w_ptr, OPERAND, DOT_PREC)
+    return i_h * D_H + o_c, b_y
 
 
 @autotuned(key=["BLOCK_D", "OPERAND", "DOT_PREC"], do_not_specialize=_LEN_ARGS)
@@ -90,18 +107,13 @@ def hmx_fwd_kernel_mix_ln(
         mean = tl.zeros([BLOCK_N], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_N], dtype=tl.float32)
         for h in range(0, H):
-            i_h = i_b * 0 + h  # an int64 tensor (the loop variable is a plain int under the interpreter)
-            slot = i_b * H + i_h
-            b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, o_c, D_H, HAS_FC1_BIAS, OPERAND)
-            b_c, c_scale, b_c0 = _mix_operands(c_ptr, c0_ptr, cscale_ptr, slot, o_c, fc1w_ptr, D_H,
-                                               HAS_FC2_BIAS, OPERAND, BLOCK_D)
-            b_z, b_keep = _load_hyper_input(q_b, sxn, sxc, keep_b, smn, pe_ptr, freq_ptr, o_n, o_c, i_h * D_H,
-                                            end, d, scale, first_pos, D_H, HAS_MASK, PE_TABLE)
-            _, _, _, b_y = _head_y(b_z, b_keep, b_fc1w, b_fc1b, b_c, c_scale, b_c0, fc1w_ptr, OPERAND, DOT_PREC)
+            ch, b_y = _sweep_head_y(h, i_b, H, q_b, sxn, sxc, keep_b, smn, pe_ptr, freq_ptr, fc1w_ptr, fc1b_ptr,
+                                    c_ptr, c0_ptr, cscale_ptr, o_n, o_c, end, d, scale, first_pos, D_H, HAS_MASK,
+                                    PE_TABLE, HAS_FC1_BIAS, HAS_FC2_BIAS, OPERAND, DOT_PREC, BLOCK_D)
             h_mean = tl.sum(b_y, axis=1) / D_H
             b_dev = tl.where(m_c[None, :], b_y - h_mean[:, None], 0.0)
             h_m2 = tl.sum(b_dev * b_dev, axis=1)
-            n_a = (i_h * D_H).to(tl.float32)  # channels merged so far
+            n_a = (h * D_H) * 1.0  # channels merged so far
             n_ab = n_a + D_H
             delta = h_mean - mean
             mean += delta * (D_H / n_ab)
@@ -111,15 +123,9 @@ def hmx_fwd_kernel_mix_ln(
         tl.store(stats_ptr + (i_b * L + o_n64) * 2 + 1, rstd, mask=m_n)
         # sweep 2: Y again, normalised, in the output dtype
         for h in range(0, H):
-            i_h = i_b * 0 + h  # an int64 tensor (the loop variable is a plain int under the interpreter)
-            slot = i_b * H + i_h
-            b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, o_c, D_H, HAS_FC1_BIAS, OPERAND)
-            b_c, c_scale, b_c0 = _mix_operands(c_ptr, c0_ptr, cscale_ptr, slot, o_c, fc1w_ptr, D_H,
-                                               HAS_FC2_BIAS, OPERAND, BLOCK_D)
-            b_z, b_keep = _load_hyper_input(q_b, sxn, sxc, keep_b, smn, pe_ptr, freq_ptr, o_n, o_c, i_h * D_H,
-                                            end, d, scale, first_pos, D_H, HAS_MASK, PE_TABLE)
-            _, _, _, b_y = _head_y(b_z, b_keep, b_fc1w, b_fc1b, b_c, c_scale, b_c0, fc1w_ptr, OPERAND, DOT_PREC)
-            ch = i_h * D_H + o_c
+            ch, b_y = _sweep_head_y(h, i_b, H, q_b, sxn, sxc, keep_b, smn, pe_ptr, freq_ptr, fc1w_ptr, fc1b_ptr,
+                                    c_ptr, c0_ptr, cscale_ptr, o_n, o_c, end, d, scale, first_pos, D_H, HAS_MASK,
+                                    PE_TABLE, HAS_FC1_BIAS, HAS_FC2_BIAS, OPERAND, DOT_PREC, BLOCK_D)
             b_w = tl.load(lnw_ptr + ch, mask=m_c, other=0.0).to(tl.float32)
             b_b = tl.load(lnb_ptr + ch, mask=m_c, other=0.0).to(tl.float32)
             b_out = (b_y - mean[:, None]) * rstd[:, None] * b_w[None, :] + b_b[None, :]
@@ -166,15 +172,9 @@ def hmx_bwd_kernel_query_ln(
         sum_g = tl.zeros([BLOCK_N], dtype=tl.float32)
         sum_gx = tl.zeros([BLOCK_N], dtype=tl.float32)
         for h in range(0, H):
-            i_h = i_b * 0 + h  # an int64 tensor (the loop variable is a plain int under the interpreter)
-            slot = i_b * H + i_h
-            b_fc1w, b_fc1b = _load_fc1(fc1w_ptr, fc1b_ptr, i_h, o_c, o_c, D_H, HAS_FC1_BIAS, OPERAND)
-            b_c, c_scale, b_c0 = _mix_operands(c_ptr, c0_ptr, cscale_ptr, slot, o_c, fc1w_ptr, D_H,
-                                               HAS_FC2_BIAS, OPERAND, BLOCK_D)
-            b_z, b_keep = _load_hyper_input(q_b, sxn, sxc, keep_b, smn, pe_ptr, freq_ptr, o_n, o_c, i_h * D_H,
-                                            end, d, scale, first_pos, D_H, HAS_MASK, PE_TABLE)
-            _, _, _, b_y = _head_y(b_z, b_keep, b_fc1w, b_fc1b, b_c, c_scale, b_c0, fc1w_ptr, OPERAND, DOT_PREC)
-            ch = i_h * D_H + o_c
+            ch, b_y = _sweep_head_y(h, i_b, H, q_b, sxn, sxc, keep_b, smn, pe_ptr, freq_ptr, fc1w_ptr, fc1b_ptr,
+                                    c_ptr, c0_ptr, cscale_ptr, o_n, o_c, end, d, scale, first_pos, D_H, HAS_MASK,
+                                    PE_TABLE, HAS_FC1_BIAS, HAS_FC2_BIAS, OPERAND, DOT_PREC, BLOCK_D)
             b_xhat = tl.where(m_c[None, :], (b_y - mean[:, None]) * rstd[:, None], 0.0)
             b_w = tl.load(lnw_ptr + ch, mask=m_c, other=0.0).to(tl.float32)
             b_g = tl.load(g_ptr + i_b * sgb + o_n64[:, None] * sgn + ch[None, :], mask=m_nc,
@@ -218,22 +218,9 @@ def hmx_bwd_kernel_query_ln(
             acc_db += tl.sum(b_go, axis=0)
             b_dy = (b_go * b_w[None, :] - mean_g[:, None] - b_xhat * mean_gx[:, None]) * rstd[:, None]
             b_dy = _select_rows(tl.where(m_nc, b_dy, 0.0), b_keep)  # m dY
-            if SCALE_TILES:
-                g_scale = _pow2_of_max(b_dy)
-            else:
-                g_scale = 1.0
-            b_dyo = _op(b_dy / g_scale, fc1w_ptr, OPERAND)
-            # T += hid2^T (m dY): [BD, BN] @ [BN, BD] -> [BD, BD]
-            acc_t += tl.dot(tl.trans(_op(b_hid, fc1w_ptr, OPERAND)), b_dyo, input_precision=DOT_PREC) * g_scale
-            acc_sdy += tl.sum(b_dy, axis=0)
-            # dhid2 = m dY C^T (units g_scale * c_scale): [BN, BD] @ [BD, BD] -> [BN, BD]
-            b_dpre = tl.dot(b_dyo, tl.trans(b_c), input_precision=DOT_PREC) * _gelu_grad(b_pre)
-            b_dpreo = _op(b_dpre, fc1w_ptr, OPERAND)
-            # dfc1 += dpre^T z: [BD(out), BN] @ [BN, BD(in)] -> [BD(out), BD(in)]
-            acc_fc1w += tl.dot(tl.trans(b_dpreo), b_zo, input_precision=DOT_PREC) * g_scale
-            acc_fc1b += tl.sum(b_dpre, axis=0) * g_scale
-            # dz = dpre fc1: [BN, BD(out)] @ [BD(out), BD(in)] -> [BN, BD(in)]
-            b_dz = tl.dot(b_dpreo, b_fc1w, input_precision=DOT_PREC)
+            acc_t, acc_sdy, acc_fc1w, acc_fc1b, b_dz, g_scale = _query_tile(
+                acc_t, acc_sdy, acc_fc1w, acc_fc1b, b_dy, b_zo, b_pre, b_hid, b_c, b_fc1w, fc1w_ptr,
+                SCALE_TILES, True, OPERAND, DOT_PREC)
             b_dx = b_dz * ((g_scale * c_scale * scale) * b_keep)[:, None]
             tl.store(dx_ptr + i_b * sdb + o_n64[:, None] * d + ch[None, :], b_dx.to(dx_ptr.dtype.element_ty),
                      mask=m_nc)
