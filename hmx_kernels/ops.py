@@ -424,22 +424,15 @@ def define_fused_ops(
 
 
 # ---- layer ops: the mixing with the layer's epilogue fused (plain mixing) -----------------------
-class LayerOps:
+class LayerOps(FusedOps):
     """A forward and backward op that run the whole layer: the mixing, the LayerNorm (optional) and
     the cast to the output dtype, in the kernels of one backend (`define_layer_ops`); `accepts(p)`
     says which problems they take (the others go through the backend's FusedOps and the torch
-    epilogue)."""
+    epilogue). `forward` (FusedOps') returns (out, state, ln_stats, saved)."""
 
     def __init__(self, fwd, bwd, eager, accepts: Callable[[HyperMixingProblem], bool], fwd_function):
-        self.fwd, self.bwd, self._eager, self.accepts = fwd, bwd, eager, accepts
-        self._defaults = fwd_function.__defaults__ or ()
-        self._required = fwd_function.__code__.co_argcount - len(self._defaults)
-
-    def forward(self, *args):
-        """(out, state, ln_stats, saved) of the forward op for `args` (see FusedOps.forward)."""
-        if eager_path_allowed(args[0]) and args[0].device.type in ("cuda", "cpu"):
-            return self._eager.apply(*args, *self._defaults[len(args) - self._required:])
-        return self.fwd(*args)
+        super().__init__(fwd, bwd, eager, ("cuda", "cpu"), fwd_function)
+        self.accepts = accepts
 
     def run(self, p: HyperMixingProblem) -> Tensor:
         """The layer's output for problem `p` (one this object accepts)."""
