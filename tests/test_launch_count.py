@@ -185,6 +185,9 @@ def test_gpu_chunk_count_follows_the_sm_count(monkeypatch, rows, length, sms, ex
     s = SimpleNamespace(B=1, H=rows, dummy=SimpleNamespace(device=torch.device("cuda", 0)))
     n_chunks, chunk_len = tfn._plain_chunking(s, length)
     assert n_chunks == expected
+    # the all-heads passes count B program rows: the same rule with rows given explicitly
+    assert tfn._plain_chunking(SimpleNamespace(B=rows, H=1, dummy=s.dummy), length, rows=rows) == (n_chunks, chunk_len)
+    assert tfn._plain_chunking(SimpleNamespace(B=1, H=1, dummy=s.dummy), length, rows=rows) == (n_chunks, chunk_len)
     assert n_chunks * chunk_len >= length and (n_chunks - 1) * chunk_len < length
     s.dummy = SimpleNamespace(device=torch.device("cpu"))  # elsewhere: the fixed count
     assert tfn._plain_chunking(s, length) == tfn._chunking(length)

@@ -146,16 +146,17 @@ def _sm_count(device) -> int:
     return _SM_COUNTS[index]
 
 
-def _plain_chunking(s, length):
+def _plain_chunking(s, length, rows=None):
     """(n_chunks, chunk_len) of plain mixing. On a GPU the chunk count fills the device: about
-    two programs per SM over the B*H rows (`PROGRAMS_PER_SM`), never more than `_chunking`'s
+    two programs per SM over the B*H rows (`PROGRAMS_PER_SM`; `rows`: another count of program
+    rows, B for the all-heads passes of layer_norm_fused.py), never more than `_chunking`'s
     (MAX_CHUNKS, at least CHUNK_MIN tokens per chunk), so short or many-row inputs write fewer
     partials. Elsewhere (CPU tensors, the interpreter) `_chunking`'s fixed count."""
     n, chunk_len = _chunking(length)
     device = s.dummy.device
     if device.type != "cuda" or INTERPRETED_KERNELS:
         return n, chunk_len
-    fill = _cdiv(PROGRAMS_PER_SM * _sm_count(device), s.B * s.H)
+    fill = _cdiv(PROGRAMS_PER_SM * _sm_count(device), s.B * s.H if rows is None else rows)
     n = max(1, min(n, fill))
     chunk_len = _cdiv(length, n)
     return _cdiv(length, chunk_len), chunk_len
@@ -736,21 +737,9 @@ def _finalize_weights(s, P, dP, T, sdy, s_part, sv_part, fc1_parts1, fc1_parts2,
 
 
 # ---- the layer ops: plain mixing with the LayerNorm and the casts in the kernels --------------
-def _row_chunking(s, length):
-    """(n_chunks, chunk_len) of the all-heads passes (layer_norm_fused.py, grid [B, n_chunks]):
-    as `_plain_chunking`, with B rows of programs instead of B*H."""
-    n, chunk_len = _chunking(length)
-    device = s.dummy.device
-    if device.type != "cuda" or INTERPRETED_KERNELS:
-        return n, chunk_len
-    n = max(1, min(n, _cdiv(PROGRAMS_PER_SM * _sm_count(device), s.B)))
-    chunk_len = _cdiv(length, n)
-    return _cdiv(length, chunk_len), chunk_len
-
-
 def _mix_ln(s, query, query_keep, w2, mix_ops, pe, pe_table, ln_weight, ln_bias, eps, out, stats):
     """out = LayerNorm(Y) in out's dtype and stats [B, M, 2] (mean, rstd), one launch."""
-    n_chunks, chunk_len = _row_chunking(s, s.M)
+    n_chunks, chunk_len = _plain_chunking(s, s.M, rows=s.B)
     fc1w, fc1b, flags = w2
     C, c_scale, c0 = mix_ops
     precision = _precision(query.dtype, s.d_h, "hmx_fwd_kernel_mix_ln")
@@ -772,7 +761,7 @@ def _query_pass_ln(s, query, query_keep, w2, mix_ops, grad_out, ln_weight, stats
     (grad_dtype), the chunk partials of T, sdy and MLP2's fc1 gradients, and the LayerNorm
     gradients' partials [B, n_chunks, d] (weight, bias)."""
     device = query.device
-    n_chunks, chunk_len = _row_chunking(s, s.M)
+    n_chunks, chunk_len = _plain_chunking(s, s.M, rows=s.B)
     fc1w, fc1b, flags = w2
     C, c_scale, c0 = mix_ops
     precision = _precision(query.dtype, s.d_h, "hmx_bwd_kernel_query_ln")
