@@ -24,9 +24,12 @@ from typing import Dict, List, Optional
 
 from .gpu_run import (REPO, RESTARTS, _fatal_cuda_error, _nvidia_smi, _short, _spawn, _wait_child)
 
-# GPU test files, most GPU-specific first (pytest step)
+# GPU test files, most GPU-specific first (pytest step); PYTEST_SELECT: a file's `-k` expression
+# where only some of its tests use the GPU
 PYTEST_FILES = ("tests/test_cuda_backend.py", "tests/test_triton.py", "tests/test_causal.py",
-                "tests/test_varlen.py", "tests/test_conformance.py", "tests/test_ops.py", "tests/test_streaming.py")
+                "tests/test_varlen.py", "tests/test_conformance.py", "tests/test_ops.py", "tests/test_streaming.py",
+                "tests/test_sequence_parallel.py")
+PYTEST_SELECT = {"tests/test_sequence_parallel.py": "cuda"}
 DRY_PYTEST_FILES = ("tests/test_autotune_pin.py",)
 
 
@@ -504,6 +507,8 @@ def step_pytest(ctx) -> None:
         junit = ctx.dir / f"junit-{stem}.xml"
         cmd = [sys.executable, "-m", "pytest", path, "-q", "-rfE", "--maxfail=1000", f"--junitxml={junit}",
                "-p", "benchmarks.gpu_pytest_rows", "-o", f"cache_dir={ctx.dir / '.pytest_cache'}"]
+        if path in PYTEST_SELECT:
+            cmd += ["-k", PYTEST_SELECT[path]]
         env = dict(os.environ, HMX_GPU_RUN_ROWS=str(ctx.rows.path))
         t0 = time.time()
         with open(ctx.dir / f"pytest-{stem}.log", "w") as log:

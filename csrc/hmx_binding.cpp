@@ -20,8 +20,10 @@
 //   (hmx_pieces.h) and copies it to the device once per call.
 //   _piece_table(N, chunk_size, cu_seqlens, piece_len) -> (int32 table, n_pieces, nb): that table on
 //   the CPU, for tests.
-//   reduce (keyword, CPU, non-causal): a callable that sums a 1-D tensor in place over the ranks of
-//   a sequence-parallel group (hmx_cpu.h, Reducer); None: no sequence parallelism.
+//   reduce (keyword, non-causal unpacked mixing, CPU twin and CUDA kernels): a callable that sums a
+//   1-D tensor in place over the ranks of a sequence-parallel group (hmx_params.h, Reducer; on CUDA
+//   an fp32 tensor on the device, called after the work before it on the current stream); None:
+//   no sequence parallelism. reduce_count(B, H, d_h, cuda) -> the values it sums per call.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -350,19 +352,28 @@ at::Tensor up(const at::Tensor& t) { return t.to(at::kFloat); }
 OptT up(const OptT& t) { return t ? OptT(t->to(at::kFloat)) : OptT(); }
 #endif
 
-// Sequence parallelism: the twin's Reducer calls the Python callable `reduce` (e.g. a
-// torch.distributed all_reduce over the group) with a tensor viewing the sums to add up in place.
-// The twin calls it between its passes on this thread, which holds the GIL (pybind11 calls keep it).
+// Sequence parallelism: the Reducer calls the Python callable `reduce` (e.g. a torch.distributed
+// all_reduce over the group) with a tensor viewing the sums to add up in place: the twin's
+// (compute type, CPU) or the CUDA kernels' (fp32, on q's device; the kernels before it are queued
+// on the current stream, which a torch.distributed collective orders itself after). The host code
+// calls it between its passes on this thread, which holds the GIL (pybind11 calls keep it).
 struct PyReducer {
   py::object fn;
-  at::ScalarType dtype;
+  at::TensorOptions options;  // dtype and device of the sums
   static void call(void* ctx, void* data, int64_t count) {
     auto* self = static_cast<PyReducer*>(ctx);
-    at::Tensor view = at::from_blob(data, {count}, at::TensorOptions().dtype(self->dtype));
+    at::Tensor view = at::from_blob(data, {count}, self->options);
     self->fn(view);
   }
-  hmx::cpu::Reducer reducer() { return fn.is_none() ? hmx::cpu::Reducer() : hmx::cpu::Reducer{&PyReducer::call, this}; }
+  hmx::Reducer reducer() { return fn.is_none() ? hmx::Reducer() : hmx::Reducer{&PyReducer::call, this}; }
 };
+
+// values per call of a Reducer (both directions; the twin: per block, one block without blocks)
+int64_t reduce_count(int64_t B, int64_t H, int64_t d_h, bool cuda) {
+  if (!cuda) return B * H * (d_h * d_h + d_h);
+  const int64_t D = hmx::padded_head_dim(d_h);
+  return B * H * (D * D + D);  // hmx::cuda::reduce_count, without the CUDA headers
+}
 
 // Where a carried state is taken (causal / chunk-causal mixing, not packed sequences; CUDA: not
 // token-causal, which make_problem refuses there): n_init 0: one state in every block's window
@@ -386,8 +397,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const py::object& reduce, const OptT& p_init) {
   Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
                             w2_fc1_b, w2_fc2_w, w2_fc2_b, scale, chunk_size, left_context, cu_seqlens, num_blocks);
-  TORCH_CHECK(reduce.is_none() || (!q.is_cuda() && !pr.pb.blocked()),
-              "hmx_kernels: sequence parallelism (reduce) is implemented for non-causal, unpacked mixing on the CPU");
+  TORCH_CHECK(reduce.is_none() || !pr.pb.blocked(),
+              "hmx_kernels: sequence parallelism (reduce) is implemented for non-causal, unpacked mixing");
   const auto& pb = pr.pb;
   const int64_t n_init = init_terms(p_init);
   if (p_init) {
@@ -425,16 +436,18 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     TORCH_CHECK(why == nullptr, "hmx_kernels cuda: ", why ? why : "");
     PieceTensor pieces;
     const hmx::cuda::BlockPlan plan = cuda_block_plan(pb, dt, q.device(), &pieces);
-    at::Tensor ws =
-        new_buffer({(int64_t)hmx::cuda::forward_workspace_bytes(pb, plan, dt)}, q.options().dtype(at::kByte));
-    check_cuda(hmx::cuda::forward(fp, plan, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+    PyReducer red{reduce, q.options().dtype(at::kFloat)};
+    at::Tensor ws = new_buffer({(int64_t)hmx::cuda::forward_workspace_bytes(pb, plan, dt, !reduce.is_none())},
+                               q.options().dtype(at::kByte));
+    check_cuda(hmx::cuda::forward(fp, plan, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream(),
+                                  red.reducer()),
                "forward");
 #else
     TORCH_CHECK(false, "hmx_kernels: this build of the extension has no CUDA kernels");
 #endif
   } else {
     const int nt = at::get_num_threads();
-    PyReducer red{reduce, q.scalar_type()};
+    PyReducer red{reduce, at::TensorOptions().dtype(q.scalar_type())};
     if (q.scalar_type() == at::kFloat) hmx::cpu::forward_f32(fp, cpu_gemm<float>(pb), nt, red.reducer());
     else hmx::cpu::forward_f64(fp, cpu_gemm<double>(pb), nt, red.reducer());
   }
@@ -452,8 +465,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
                                 int64_t n_init, const OptT& p_init) {
   Problem pr = make_problem(q, k, v, pe_q, pe_k, m_q, m_k, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w,
                             w2_fc1_b, w2_fc2_w, w2_fc2_b, scale, chunk_size, left_context, cu_seqlens, num_blocks);
-  TORCH_CHECK(reduce.is_none() || (!q.is_cuda() && !pr.pb.blocked()),
-              "hmx_kernels: sequence parallelism (reduce) is implemented for non-causal, unpacked mixing on the CPU");
+  TORCH_CHECK(reduce.is_none() || !pr.pb.blocked(),
+              "hmx_kernels: sequence parallelism (reduce) is implemented for non-causal, unpacked mixing");
   const auto& pb = pr.pb;
   const auto ctype = compute_type(q);
   check_same("grad_out", dy, q, ctype);  // the compute type (CUDA: fp32, fp16's range)
@@ -533,9 +546,11 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
     TORCH_CHECK(why == nullptr, "hmx_kernels cuda: ", why ? why : "");
     PieceTensor pieces;
     const hmx::cuda::BlockPlan plan = cuda_block_plan(pb, dt, q.device(), &pieces);
-    at::Tensor ws =
-        new_buffer({(int64_t)hmx::cuda::backward_workspace_bytes(pb, plan, dt)}, q.options().dtype(at::kByte));
-    check_cuda(hmx::cuda::backward(bp, plan, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+    PyReducer red{reduce, q.options().dtype(at::kFloat)};
+    at::Tensor ws = new_buffer({(int64_t)hmx::cuda::backward_workspace_bytes(pb, plan, dt, !reduce.is_none())},
+                               q.options().dtype(at::kByte));
+    check_cuda(hmx::cuda::backward(bp, plan, dt, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream(),
+                                   red.reducer()),
                "backward");
     if (want_dp_init)  // P_0's gradient: the sum of every block's dP (one state) or each block's, as P^T
       dp_init = (n_init == 0 ? dp_blocks.sum(2) : dp_blocks).transpose(-1, -2).contiguous();
@@ -544,7 +559,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& q, cons
 #endif
   } else {
     const int nt = at::get_num_threads();
-    PyReducer red{reduce, q.scalar_type()};
+    PyReducer red{reduce, at::TensorOptions().dtype(q.scalar_type())};
     if (q.scalar_type() == at::kFloat) hmx::cpu::backward_f32(bp, cpu_gemm<float>(pb), nt, red.reducer());
     else hmx::cpu::backward_f64(bp, cpu_gemm<double>(pb), nt, red.reducer());
   }
@@ -591,5 +606,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release_buffers", &hmx::cpu::release_buffers,
         "free the CPU twin's pooled working buffers of the calling thread; returns the bytes they held");
   m.def("pooled_bytes", &hmx::cpu::pooled_bytes, "bytes the CPU twin's buffer pool of the calling thread holds");
+  m.def("reduce_count", &reduce_count, "values per call of the sequence-parallel reduce callback",
+        py::arg("B"), py::arg("H"), py::arg("d_h"), py::arg("cuda"));
   m.attr("CPU_TILE") = hmx::cpu::kCpuTile;  // the CPU twin's token tile (token-causal checkpoints)
 }

@@ -38,19 +38,10 @@ template <typename T>
 using GemmFn = void (*)(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
                         int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
 
-// Sequence parallelism: each rank holds a slice of every sequence, and the token sums that cross
-// the slices (the key sums S, sv in the forward; the query sums T, sdy in the backward; per (b, h,
-// block), count values of the compute type) are summed over the ranks in place by this callback,
-// called between the passes on the calling thread, outside any OpenMP region. fn == nullptr: one
-// process holds the whole sequence.
-struct Reducer {
-  void (*fn)(void* ctx, void* data, int64_t count) = nullptr;
-  void* ctx = nullptr;
-  explicit operator bool() const { return fn != nullptr; }
-  void operator()(void* data, int64_t count) const {
-    if (fn) fn(ctx, data, count);
-  }
-};
+// Sequence parallelism: hmx::Reducer (hmx_params.h), called between the passes on the calling
+// thread, outside any OpenMP region, with the key sums S, sv (forward) or the query sums T, sdy
+// (backward) per (b, h, block) in the compute type.
+using hmx::Reducer;
 
 void forward_f32(const ForwardParams& p, GemmFn<float> gemm, int nthreads, const Reducer& reduce = Reducer());
 void forward_f64(const ForwardParams& p, GemmFn<double> gemm, int nthreads, const Reducer& reduce = Reducer());

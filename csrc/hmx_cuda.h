@@ -14,6 +14,14 @@
 // BlockPlan; the token passes then run over (piece, b h), every block gets its own state, the
 // window sums run in a fixed order (no atomics) and the finalize passes run per (b, h, block).
 // The default BlockPlan (no table) is plain mixing, on the plain kernels.
+//
+// Sequence parallelism (plain mixing only): with a `reduce` callback (hmx_params.h, Reducer) the
+// token passes' chunk partials of the cross-slice sums are first added up per (b, h) (row_sums,
+// the finalize passes' own order), then handed to `reduce` (one call per direction: S, sv in the
+// forward; T, sdy in the backward), and the finalize passes read the reduced sums; the generator-2
+// fc2 gradients come from the slice's own T, sdy (one more bwd_mid pass), so that the caller sums
+// every weight gradient over the ranks, as with the CPU twin. Pass
+// `reduced` = whether a callback will be given to the workspace functions too.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -46,10 +54,17 @@ struct BlockPlan {
 const char* not_supported(const ProblemParams& pb, DType dtype);
 // tokens per piece of blocked mixing (a multiple of the token tile; about the plain chunk length)
 int64_t piece_tokens(const ProblemParams& pb, DType dtype);
-size_t forward_workspace_bytes(const ProblemParams& pb, const BlockPlan& plan, DType dtype);
-size_t backward_workspace_bytes(const ProblemParams& pb, const BlockPlan& plan, DType dtype);
-int forward(const ForwardParams& fp, const BlockPlan& plan, DType dtype, void* workspace, cudaStream_t stream);
-int backward(const BackwardParams& bp, const BlockPlan& plan, DType dtype, void* workspace, cudaStream_t stream);
+size_t forward_workspace_bytes(const ProblemParams& pb, const BlockPlan& plan, DType dtype, bool reduced = false);
+size_t backward_workspace_bytes(const ProblemParams& pb, const BlockPlan& plan, DType dtype, bool reduced = false);
+// fp32 values per call of a Reducer (both directions): [B H][D * D] then [B H][D], D = padded_head_dim
+inline int64_t reduce_count(const ProblemParams& pb) {
+  const int64_t D = padded_head_dim(pb.d_h);
+  return pb.B * pb.H * (D * D + D);
+}
+int forward(const ForwardParams& fp, const BlockPlan& plan, DType dtype, void* workspace, cudaStream_t stream,
+            const Reducer& reduce = Reducer());
+int backward(const BackwardParams& bp, const BlockPlan& plan, DType dtype, void* workspace, cudaStream_t stream,
+             const Reducer& reduce = Reducer());
 const char* error_string(int err);
 
 }  // namespace cuda

@@ -5,7 +5,8 @@
 //   1. bwd_prep_kernel, grid B H: A = GELU(P), C = fc2_2^T A, c0 = b2_2^T A.
 //   2. query_kernel, grid (B H, query chunks): per tile hid2, T += hid2^T (m dY), sdy += m dY,
 //      dhid2 = (m dY) C^T, dU = dhid2 * GELU'(U): generator-2 fc1 partials and dquery.
-//   3. bwd_mid_kernel, grid B H: T, sdy summed; per k_h block dA = fc2_2 T + b2_2 sdy^T,
+//   3. bwd_mid_kernel, grid B H: T, sdy summed (sequence parallel: row_sums, the ranks'
+//      all-reduce, and a second mid pass on the slice's own sums for dfc2_2, db2_2); per k_h block dA = fc2_2 T + b2_2 sdy^T,
 //      dP = dA * GELU'(P), dfc2_2 = A T^T, db2_2 = A sdy; R = fc2^T dP, r0 = b2^T dP.
 //   4. key_kernel, grid (B H, key chunks): per tile hid, S += hid^T (V m^2), sv, dvalue =
 //      m^2 (hid R + r0), dhid = (V m^2) R^T, dU: generator-1 fc1 partials and dkey.
@@ -115,11 +116,16 @@ struct BwdWorkspace {
   float *s_win, *sv_win;          // blocks: window sums of the key pass's S, sv
   float *scratch;                 // blocks: the window pass's suffix sums [BH][nb][D*D]
   float *p_blocks;                // blocks with more state slots than blocks: P_j [BH][nb][k_h][d_h]
+  // sequence parallel: T [BH][D*D] then sdy [BH][D] (one region): all-reduced (sums) and this
+  // slice's own (sums_own); the dropped outputs of the two mid passes (sp_*)
+  float *sums, *sums_own;
+  float *sp_dp, *sp_rmat, *sp_r0, *sp_gw, *sp_gb;
   size_t bytes;
 };
 
 template <typename T, int D>
-BwdWorkspace carve_bwd(const ProblemParams& pb, const BlockPlan& plan, void* base, int64_t Cq, int64_t Ck) {
+BwdWorkspace carve_bwd(const ProblemParams& pb, const BlockPlan& plan, void* base, int64_t Cq, int64_t Ck,
+                       bool reduced) {
   using TC = dev::TokCfg<T, D>;
   const int64_t nb = plan.blocked() ? plan.nb : 1, bl = plan.blocked() ? 1 : 0;
   const int64_t pslots = plan.blocked() && pb.num_blocks != plan.nb ? 1 : 0;
@@ -154,6 +160,14 @@ BwdWorkspace carve_bwd(const ProblemParams& pb, const BlockPlan& plan, void* bas
   w.sv_win = take(bl * R * D);
   w.scratch = take(bl * R * D * D);
   w.p_blocks = take(pslots * R * kh * dh);
+  const int64_t sp = reduced ? 1 : 0;
+  w.sums = take(sp * BH * (D * D + D));
+  w.sums_own = take(sp * BH * (D * D + D));
+  w.sp_dp = take(sp * BH * kh * D);
+  w.sp_rmat = take(sp * BH * D * D);
+  w.sp_r0 = take(sp * BH * D);
+  w.sp_gw = take(sp * BH * kh * dh);
+  w.sp_gb = take(sp * BH * kh);
   w.bytes = off;
   return w;
 }
@@ -176,15 +190,16 @@ template <typename T, int D>
 int backward_blocked(const BackwardParams& bp, const BlockPlan& plan, void* workspace, cudaStream_t stream);
 
 template <typename T, int D>
-int backward_t(const BackwardParams& bp, const BlockPlan& plan, void* workspace, cudaStream_t stream) {
-  if (plan.blocked()) return backward_blocked<T, D>(bp, plan, workspace, stream);
+int backward_t(const BackwardParams& bp, const BlockPlan& plan, void* workspace, cudaStream_t stream,
+               const Reducer& reduce) {
+  if (plan.blocked()) return reduce ? (int)cudaErrorNotSupported : backward_blocked<T, D>(bp, plan, workspace, stream);
   using TC = dev::TokCfg<T, D>;
   using SZ = Sizes<T, D>;
   const ProblemParams& pb = bp.pb;
   const int64_t BH = pb.B * pb.H, kh = pb.k_h, dh = pb.d_h;
   const int sms = device_sms();
   const int64_t Cq = token_chunks(pb.M, BH, TC::TT, sms), Ck = token_chunks(pb.N, BH, TC::TT, sms);
-  const BwdWorkspace w = carve_bwd<T, D>(pb, plan, workspace, Cq, Ck);
+  const BwdWorkspace w = carve_bwd<T, D>(pb, plan, workspace, Cq, Ck, (bool)reduce);
 
   const size_t s_prep = SZ::template fin<dev::Fin::kPrep>(), s_mid = SZ::template fin<dev::Fin::kMid>();
   const size_t s_final = SZ::template fin<dev::Fin::kFinal>();
@@ -228,6 +243,32 @@ int backward_t(const BackwardParams& bp, const BlockPlan& plan, void* workspace,
   ma.dp = w.dp;
   ma.gw = w.g2fc2;
   ma.gb = w.g2fc2b;
+  if (reduce) {
+    // sequence parallel: dP needs T, sdy summed over the ranks (hmx_cuda.h), but the generator-2
+    // fc2 gradients A T^T, A sdy are this slice's own (the caller sums every weight gradient over
+    // the ranks; from the reduced sums each rank would hold the whole). Two mid passes: on the
+    // slice's own sums for those gradients (its dP, R, r0 dropped), on the reduced sums for the rest.
+    const int64_t n = BH * (D * D + D);
+    if ((err = row_sums(w.t_part, BH, ma.n_mat_parts, D * D, w.sums_own, stream)) != cudaSuccess) return (int)err;
+    if ((err = row_sums(w.sdy_part, BH, ma.n_vec_parts, D, w.sums_own + BH * D * D, stream)) != cudaSuccess)
+      return (int)err;
+    if ((err = cudaMemcpyAsync(w.sums, w.sums_own, n * sizeof(float), cudaMemcpyDeviceToDevice, stream)) !=
+        cudaSuccess)
+      return (int)err;
+    reduce(w.sums, n);
+    ma.n_mat_parts = ma.n_vec_parts = 1;
+    dev::FinArgs own = ma;
+    own.mat_part = w.sums_own;
+    own.vec_part = w.sums_own + BH * D * D;
+    own.mat_out = w.sp_rmat;
+    own.vec_out = w.sp_r0;
+    own.dp = w.sp_dp;
+    bwd_mid_kernel<T, D><<<(unsigned)BH, kThreads, s_mid, stream>>>(own);
+    ma.mat_part = w.sums;
+    ma.vec_part = w.sums + BH * D * D;
+    ma.gw = w.sp_gw;
+    ma.gb = w.sp_gb;
+  }
   bwd_mid_kernel<T, D><<<(unsigned)BH, kThreads, s_mid, stream>>>(ma);
 
   dev::TokArgs ka{};
@@ -273,7 +314,7 @@ int backward_blocked(const BackwardParams& bp, const BlockPlan& plan, void* work
   using SZ = Sizes<T, D>;
   const ProblemParams& pb = bp.pb;
   const int64_t BH = pb.B * pb.H, kh = pb.k_h, dh = pb.d_h, nb = plan.nb, np = plan.n_pieces;
-  const BwdWorkspace w = carve_bwd<T, D>(pb, plan, workspace, np, np);
+  const BwdWorkspace w = carve_bwd<T, D>(pb, plan, workspace, np, np, false);
   cudaError_t err;
   const GeneratorGrads* outs[2] = {&bp.dg1, &bp.dg2};
   const size_t s_prep = SZ::template fin<dev::Fin::kPrep>(), s_mid = SZ::template fin<dev::Fin::kMid>();
@@ -390,34 +431,38 @@ struct BackwardFn {
   const BlockPlan& plan;
   void* ws;
   cudaStream_t stream;
+  const Reducer& reduce;
   template <typename T, int D>
-  int operator()() const { return backward_t<T, D>(bp, plan, ws, stream); }
+  int operator()() const { return backward_t<T, D>(bp, plan, ws, stream, reduce); }
 };
 
 struct BwdBytesFn {
   const ProblemParams& pb;
   const BlockPlan& plan;
+  bool reduced;
   template <typename T, int D>
   size_t operator()() const {
-    if (plan.blocked()) return carve_bwd<T, D>(pb, plan, nullptr, plan.n_pieces, plan.n_pieces).bytes;
+    if (plan.blocked()) return carve_bwd<T, D>(pb, plan, nullptr, plan.n_pieces, plan.n_pieces, false).bytes;
     const int sms = device_sms();
     const int64_t BH = pb.B * pb.H;
     const int tt = dev::TokCfg<T, D>::TT;
-    return carve_bwd<T, D>(pb, plan, nullptr, token_chunks(pb.M, BH, tt, sms), token_chunks(pb.N, BH, tt, sms)).bytes;
+    return carve_bwd<T, D>(pb, plan, nullptr, token_chunks(pb.M, BH, tt, sms), token_chunks(pb.N, BH, tt, sms),
+                           reduced).bytes;
   }
 };
 
 }  // namespace
 
-size_t backward_workspace_bytes(const ProblemParams& pb, const BlockPlan& plan, DType dtype) {
+size_t backward_workspace_bytes(const ProblemParams& pb, const BlockPlan& plan, DType dtype, bool reduced) {
   const int D = head_block(pb.d_h);
-  return D == 0 ? 0 : with_config(dtype, D, BwdBytesFn{pb, plan});
+  return D == 0 ? 0 : with_config(dtype, D, BwdBytesFn{pb, plan, reduced});
 }
 
-int backward(const BackwardParams& bp, const BlockPlan& plan, DType dtype, void* workspace, cudaStream_t stream) {
+int backward(const BackwardParams& bp, const BlockPlan& plan, DType dtype, void* workspace, cudaStream_t stream,
+             const Reducer& reduce) {
   const int D = head_block(bp.pb.d_h);
   if (D == 0) return (int)cudaErrorInvalidValue;
-  return with_config(dtype, D, BackwardFn{bp, plan, workspace, stream});
+  return with_config(dtype, D, BackwardFn{bp, plan, workspace, stream, reduce});
 }
 
 }  // namespace cuda

@@ -74,5 +74,24 @@ cudaError_t block_windows(const BlockPlan& plan, int64_t BH, const WindowJob& ma
   return err != cudaSuccess ? err : block_windows(plan, BH, vec, stream);
 }
 
+// one thread per (row, element)
+__global__ void __launch_bounds__(kThreads) row_sums_kernel(const float* __restrict__ part, int64_t R, int64_t P,
+                                                            int64_t E, float* __restrict__ out) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= R * E) return;
+  const int64_t r = i / E, e = i % E;
+  const float* p = part + r * P * E + e;
+  float acc = 0.f;
+  for (int64_t q = 0; q < P; ++q) acc += p[q * E];
+  out[i] = acc;
+}
+
+cudaError_t row_sums(const float* part, int64_t R, int64_t P, int64_t E, float* out, cudaStream_t stream) {
+  const int64_t n = R * E;
+  if (n == 0) return cudaSuccess;
+  row_sums_kernel<<<(unsigned)((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(part, R, P, E, out);
+  return cudaGetLastError();
+}
+
 }  // namespace cuda
 }  // namespace hmx

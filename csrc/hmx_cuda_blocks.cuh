@@ -1,5 +1,6 @@
 // Block and window sums of blocked mixing on the device (hmx_cuda_blocks.cu), between the token
-// passes and the finalize passes of hmx_cuda_forward.cu / hmx_cuda_backward.cu.
+// passes and the finalize passes of hmx_cuda_forward.cu / hmx_cuda_backward.cu; and the row sums
+// of chunk partials that sequence parallelism all-reduces.
 //
 // For every (b h, element e) one thread walks the blocks of the row in order, so every sum has one
 // owner and a fixed order (no atomics):
@@ -39,6 +40,10 @@ cudaError_t block_windows(const BlockPlan& plan, int64_t BH, const WindowJob& jo
 // companion, e.g. S and sv); the first error, if any
 cudaError_t block_windows(const BlockPlan& plan, int64_t BH, const WindowJob& mat, const WindowJob& vec,
                           cudaStream_t stream);
+
+// Sequence parallelism (plain mixing): out[r][e] = sum over p < P of part[r][p][e] for rows r < R,
+// e < E, added in p order (the order in which the finalize passes add the partials themselves)
+cudaError_t row_sums(const float* part, int64_t R, int64_t P, int64_t E, float* out, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace hmx

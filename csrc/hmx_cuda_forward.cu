@@ -4,7 +4,8 @@
 //   1. state_kernel, grid (B H, key chunks): per tile of keys, hid = GELU(z fc1^T + b1) and
 //      V m^2 in shared memory; each block reduces S = sum hid^T V m^2 [d_h, d_h] and
 //      sv = sum V m^2 [d_h] into fp32 chunk partials.
-//   2. fwd_finalize_kernel, grid B H: S, sv = the partials summed in a fixed order;
+//   2. fwd_finalize_kernel, grid B H: S, sv = the partials summed in a fixed order (sequence
+//      parallel: row_sums, then the ranks' all-reduce, hmx_cuda.h);
 //      P = fc2 S + b2 sv^T (written: the state the backward takes), A = GELU(P),
 //      C = fc2_2^T A [d_h, d_h], c0 = b2_2^T A, walking k_h in blocks of J rows.
 //   3. mix_kernel, grid (B H, query chunks): hid2 = GELU(z fc1_2^T + b1_2) per tile,
@@ -68,11 +69,12 @@ struct FwdWorkspace {
   float* sv_win;   // blocks: window sums of sv [BH][nb][D]
   float* scratch;  // blocks: the window pass's suffix sums [BH][nb][D * D]
   float* p_blocks; // blocks with more state slots than blocks: P [BH][nb][k_h][d_h]
+  float* sums;     // sequence parallel: S [BH][D * D] then sv [BH][D], all-reduced (one region)
   size_t bytes;
 };
 
 template <typename T, int D>
-FwdWorkspace carve_fwd(const ProblemParams& pb, const BlockPlan& plan, void* base, int64_t Ck) {
+FwdWorkspace carve_fwd(const ProblemParams& pb, const BlockPlan& plan, void* base, int64_t Ck, bool reduced) {
   using TC = dev::TokCfg<T, D>;
   const int64_t BH = pb.B * pb.H, nb = plan.blocked() ? plan.nb : 1, bl = plan.blocked() ? 1 : 0;
   const int64_t pslots = plan.blocked() && pb.num_blocks != plan.nb ? 1 : 0;
@@ -91,6 +93,7 @@ FwdWorkspace carve_fwd(const ProblemParams& pb, const BlockPlan& plan, void* bas
   w.sv_win = take(bl * BH * nb * D);
   w.scratch = take(bl * BH * nb * D * D);
   w.p_blocks = take(pslots * BH * nb * pb.k_h * pb.d_h);
+  w.sums = take(reduced ? BH * (D * D + D) : 0);
   w.bytes = off;
   return w;
 }
@@ -104,14 +107,15 @@ template <typename T, int D>
 int forward_blocked(const ForwardParams& fp, const BlockPlan& plan, void* workspace, cudaStream_t stream);
 
 template <typename T, int D>
-int forward_t(const ForwardParams& fp, const BlockPlan& plan, void* workspace, cudaStream_t stream) {
-  if (plan.blocked()) return forward_blocked<T, D>(fp, plan, workspace, stream);
+int forward_t(const ForwardParams& fp, const BlockPlan& plan, void* workspace, cudaStream_t stream,
+              const Reducer& reduce) {
+  if (plan.blocked()) return reduce ? (int)cudaErrorNotSupported : forward_blocked<T, D>(fp, plan, workspace, stream);
   using TC = dev::TokCfg<T, D>;
   const ProblemParams& pb = fp.pb;
   const int64_t BH = pb.B * pb.H;
   const int sms = device_sms();
   const int64_t Ck = token_chunks(pb.N, BH, TC::TT, sms), Cq = token_chunks(pb.M, BH, TC::TT, sms);
-  const FwdWorkspace w = carve_fwd<T, D>(pb, plan, workspace, Ck);
+  const FwdWorkspace w = carve_fwd<T, D>(pb, plan, workspace, Ck, (bool)reduce);
 
   const size_t s_state = Sizes<T, D>::template tok<dev::Pass::kState>();
   const size_t s_fin = Sizes<T, D>::template fin<dev::Fin::kFwd>();
@@ -134,6 +138,15 @@ int forward_t(const ForwardParams& fp, const BlockPlan& plan, void* workspace, c
   fa.n_vec_parts = Ck * TC::G;
   fa.mat_part = w.s_part;
   fa.vec_part = w.sv_part;
+  if (reduce) {  // sequence parallel: this slice's S, sv, summed over the ranks (hmx_cuda.h)
+    if ((err = row_sums(w.s_part, BH, fa.n_mat_parts, D * D, w.sums, stream)) != cudaSuccess) return (int)err;
+    if ((err = row_sums(w.sv_part, BH, fa.n_vec_parts, D, w.sums + BH * D * D, stream)) != cudaSuccess)
+      return (int)err;
+    reduce(w.sums, BH * (D * D + D));
+    fa.n_mat_parts = fa.n_vec_parts = 1;
+    fa.mat_part = w.sums;
+    fa.vec_part = w.sums + BH * D * D;
+  }
   fa.p_out = static_cast<float*>(fp.p);
   fa.mat_out = w.cmat;
   fa.vec_out = w.c0;
@@ -156,7 +169,7 @@ int forward_blocked(const ForwardParams& fp, const BlockPlan& plan, void* worksp
   using TC = dev::TokCfg<T, D>;
   const ProblemParams& pb = fp.pb;
   const int64_t BH = pb.B * pb.H, nb = plan.nb, np = plan.n_pieces, kh = pb.k_h, dh = pb.d_h;
-  const FwdWorkspace w = carve_fwd<T, D>(pb, plan, workspace, np);
+  const FwdWorkspace w = carve_fwd<T, D>(pb, plan, workspace, np, false);
   float* p = static_cast<float*>(fp.p);
   cudaError_t err;
   {
@@ -221,17 +234,19 @@ struct ForwardFn {
   const BlockPlan& plan;
   void* ws;
   cudaStream_t stream;
+  const Reducer& reduce;
   template <typename T, int D>
-  int operator()() const { return forward_t<T, D>(fp, plan, ws, stream); }
+  int operator()() const { return forward_t<T, D>(fp, plan, ws, stream, reduce); }
 };
 
 struct FwdBytesFn {
   const ProblemParams& pb;
   const BlockPlan& plan;
+  bool reduced;
   template <typename T, int D>
   size_t operator()() const {
     const int64_t Ck = plan.blocked() ? plan.n_pieces : token_chunks(pb.N, pb.B * pb.H, dev::TokCfg<T, D>::TT, device_sms());
-    return carve_fwd<T, D>(pb, plan, nullptr, Ck).bytes;
+    return carve_fwd<T, D>(pb, plan, nullptr, Ck, reduced).bytes;
   }
 };
 
@@ -286,9 +301,9 @@ const char* not_supported(const ProblemParams& pb, DType dtype) {
   return nullptr;
 }
 
-size_t forward_workspace_bytes(const ProblemParams& pb, const BlockPlan& plan, DType dtype) {
+size_t forward_workspace_bytes(const ProblemParams& pb, const BlockPlan& plan, DType dtype, bool reduced) {
   const int D = head_block(pb.d_h);
-  return D == 0 ? 0 : with_config(dtype, D, FwdBytesFn{pb, plan});
+  return D == 0 ? 0 : with_config(dtype, D, FwdBytesFn{pb, plan, reduced});
 }
 
 int64_t piece_tokens(const ProblemParams& pb, DType dtype) {
@@ -296,10 +311,11 @@ int64_t piece_tokens(const ProblemParams& pb, DType dtype) {
   return D == 0 ? 0 : with_config(dtype, D, PieceTokensFn{pb});
 }
 
-int forward(const ForwardParams& fp, const BlockPlan& plan, DType dtype, void* workspace, cudaStream_t stream) {
+int forward(const ForwardParams& fp, const BlockPlan& plan, DType dtype, void* workspace, cudaStream_t stream,
+            const Reducer& reduce) {
   const int D = head_block(fp.pb.d_h);
   if (D == 0) return (int)cudaErrorInvalidValue;
-  return with_config(dtype, D, ForwardFn{fp, plan, workspace, stream});
+  return with_config(dtype, D, ForwardFn{fp, plan, workspace, stream, reduce});
 }
 
 const char* error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }

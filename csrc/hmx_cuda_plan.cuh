@@ -9,7 +9,7 @@ namespace hmx {
 namespace cuda {
 
 // head block for d_h (0: too large)
-inline int head_block(int64_t dh) { return dh <= 32 ? 32 : dh <= 64 ? 64 : dh <= 128 ? 128 : 0; }
+inline int head_block(int64_t dh) { return (int)padded_head_dim(dh); }
 
 // the current device's SM count and opt-in shared memory per block (0 if unknown)
 inline int device_sms() {

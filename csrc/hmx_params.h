@@ -39,6 +39,25 @@
 
 namespace hmx {
 
+// Sequence parallelism: each rank holds a slice of every sequence, and the token sums that cross
+// the slices (the key sums S, sv in the forward; the query sums T, sdy in the backward) are summed
+// over the ranks in place by this callback, called by the host code between the passes:
+//   CPU twin: count values of the compute type, [B, H, blocks, d_h^2 + d_h];
+//   CUDA:     count fp32 values in device memory, [B H][D * D] then [B H][D] with D =
+//             padded_head_dim(d_h) (padding included), after the work before it on the stream.
+// fn == nullptr: one process holds the whole sequence.
+struct Reducer {
+  void (*fn)(void* ctx, void* data, int64_t count) = nullptr;
+  void* ctx = nullptr;
+  explicit operator bool() const { return fn != nullptr; }
+  void operator()(void* data, int64_t count) const {
+    if (fn) fn(ctx, data, count);
+  }
+};
+
+// The CUDA kernels' head block for d_h: 32, 64 or 128 (0: d_h > 128, too large)
+inline int64_t padded_head_dim(int64_t dh) { return dh <= 32 ? 32 : dh <= 64 ? 64 : dh <= 128 ? 128 : 0; }
+
 struct GeneratorParams {
   const void* fc1_w;  // [H, d_h, d_h]
   const void* fc1_b;  // [H, d_h] or nullptr

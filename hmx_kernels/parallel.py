@@ -6,7 +6,8 @@ length. How much it is depends on the backend: the reference all-reduces its sta
 P = sum_t m_t W1_t^T V_t and autograd its gradient, 2 x B x H x k_h x d_h values per step; the
 `cpu` backend (reassociated form) all-reduces the key sums S = sum m hid^T V and sv in the forward
 and the query sums T and sdy in the backward, 2 x B x H x (d_h^2 + d_h) values, about k_h / d_h times
-less (tests/test_sp_comm.py counts both). A slice's
+less (tests/test_sp_comm.py counts both); the `cuda` backend the same sums with d_h padded to its
+head block D (32, 64 or 128), 2 x B x H x (D^2 + D) fp32 values. A slice's
 positional encoding continues from its global offset, the number of tokens on lower ranks.
 
 Before those all-reduces, every call with a group runs one small all-gather (`agree_on_slices`):

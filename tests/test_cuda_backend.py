@@ -218,6 +218,29 @@ def test_packed_sequences_match_reference(dtype, kw):
         assert _rel(a, e) <= tol.grad, i
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
+def test_position_offset_matches_the_reference(variant, dtype):
+    """A slice of a longer sequence (position_offset, what a sequence-parallel rank passes): the
+    cuda backend takes it (the binding reads the slice's own positional-encoding rows) and matches
+    the reference on the output and every gradient at its declared tolerances, with masks; the
+    offset counts (without it the output differs). The group itself: tests/test_sequence_parallel.py."""
+    case = make_case(variant=variant, B=2, M=11, N=11, d=36, H=2, k_h=72).cast(dtype, "cuda")
+    p = hmx_kernels.check_inputs(**case.kwargs(), position_offset=37)
+    assert not get_backend("cuda").not_supported_reasons(p)
+    grad_out = torch.randn(2, 11, 36, generator=torch.Generator().manual_seed(4)).to("cuda", dtype)
+    results = {}
+    for backend in ("reference", "cuda"):
+        results[backend] = forward_backward(case, backend, grad_out, fn=lambda **k: hmx_kernels.hyper_mixing(
+            **k, backend=backend, position_offset=37))
+    (out_c, g_c), (out_r, g_r) = results["cuda"], results["reference"]
+    tol = get_backend("cuda").tolerances[("cuda", dtype)]
+    assert_close("out", out_c, out_r, tol.out)
+    for name in g_r:
+        assert_close(name, g_c[name], g_r[name], tol.grad)
+    assert not torch.allclose(out_c, hmx_kernels.hyper_mixing(**case.kwargs(), backend="cuda"), atol=1e-3)
+
+
 def test_token_causal_is_declined_with_a_reason():
     case = make_case(variant="speechbrain", B=1, M=20, d=16, H=2, k_h=8).cast(torch.float32, "cuda")
     reasons = hmx_kernels.backend_reasons(hmx_kernels.check_inputs(**case.kwargs(), causal=True))["cuda"]

@@ -109,7 +109,9 @@ def _token_hidden(x, m, pe, gen, scale, H, r):
     return z, u, r.tok(F.gelu(u))
 
 
-def emulate_forward(q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale, r):
+def emulate_forward(q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale, r, reduce=None):
+    """reduce(S, sv) -> (S, sv): sequence parallelism's all-reduce, between the state pass and
+    fwd_finalize (hmx_cuda_forward.cu); None: one process."""
     H = g1[0].shape[0]
     mk, mq = m_k[:, None, :, None], m_q[:, None, :, None]
     # state: S = sum hid^T (V m^2), sv = sum V m^2
@@ -117,6 +119,8 @@ def emulate_forward(q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale, r):
     vx = r.tok(_heads(_sel(v, m_k), H))
     S = torch.einsum("bhlo,bhlc->bhoc", hid, vx)
     sv = vx.sum(2)
+    if reduce is not None:
+        S, sv = reduce(S, sv)
     # fwd_finalize: P = fc2 S + b2 sv^T, A = GELU(P), C = fc2_2^T A, c0 = b2_2^T A
     P = torch.einsum("hjo,bhoc->bhjc", r.fin(g1[2]), r.fin(S)) + _outer(g1[3], sv)
     A = F.gelu(P)
@@ -129,7 +133,9 @@ def emulate_forward(q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale, r):
     return _merge(y), P
 
 
-def emulate_backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, p, scale, r):
+def emulate_backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, p, scale, r, reduce=None):
+    """reduce(T, sdy) -> (T, sdy): sequence parallelism's all-reduce, between the query pass and
+    bwd_mid (hmx_cuda_backward.cu); the key pass's S, sv stay the slice's own."""
     H = g1[0].shape[0]
     mk, mq = m_k[:, None, :, None], m_q[:, None, :, None]
     # bwd_prep: A, C (c0 is not needed by the backward)
@@ -144,6 +150,9 @@ def emulate_backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, p, scale, r):
     dyx = r.tok(dyt / g)
     Tm = torch.einsum("bhlo,bhlc->bhoc", hid2, dyx * g)
     sdy = (dyx * g).sum(2)
+    T_own, sdy_own = Tm, sdy  # sequence parallel: the generator-2 fc2 gradients' (a mid pass of their own)
+    if reduce is not None:
+        Tm, sdy = reduce(Tm, sdy)
     du2 = torch.einsum("bhlc,bhoc->bhlo", dyx, r.tok(C / cs)) * gelu_grad(u2)  # units g cs
     unit = g[..., :1] * cs
     dfc1_2 = torch.einsum("bhlo,bhlc->hoc", r.tok(du2) * unit, zq)
@@ -153,8 +162,8 @@ def emulate_backward(dy, q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, p, scale, r):
     # R = fc2^T dP, r0 = b2^T dP
     dA = torch.einsum("hjo,bhoc->bhjc", r.fin(g2[2]), r.fin(Tm)) + _outer(g2[3], sdy)
     dP = dA * gelu_grad(p)
-    dfc2_2 = torch.einsum("bhjc,bhoc->hjo", r.fin(A), r.fin(Tm))
-    db2_2 = torch.einsum("bhjc,bhc->hj", A, sdy)
+    dfc2_2 = torch.einsum("bhjc,bhoc->hjo", r.fin(A), r.fin(T_own))
+    db2_2 = torch.einsum("bhjc,bhc->hj", A, sdy_own)
     R = torch.einsum("hjo,bhjc->bhoc", r.fin(g1[2]), r.fin(dP))
     r0 = 0.0 if g1[3] is None else torch.einsum("hj,bhjc->bhc", g1[3], dP)[:, :, None, :]
     # key: S, sv again; dV = m^2 (hid R + r0), dU = (V m^2) R^T * GELU'(U)
@@ -241,6 +250,65 @@ def test_reassociated_passes_match_the_direct_form_fp64(bias):
     # masked tokens contribute nothing and get zero gradients
     assert grads[1][1, 2 * 9 // 3:].abs().max() == 0 and grads[2][1, 2 * 9 // 3:].abs().max() == 0
     assert y[1, 7 // 2:].abs().max() == 0 and grads[0][1, 7 // 2:].abs().max() == 0
+
+
+@pytest.mark.parametrize("M, N, q_cuts, k_cuts", [(23, 23, (9,), (9,)), (23, 23, (3, 10), (3, 10)),
+                                                  (7, 9, (4,), (4,)), (7, 9, (0, 4), (0, 6))],
+                         ids=["self-2", "self-3", "cross-2", "cross-3-one-empty"])
+def test_sequence_parallel_reduce_points_fp64(M, N, q_cuts, k_cuts):
+    """Sequence parallelism on the CUDA kernels: each rank runs the passes on its slice (its own PE
+    rows), with the all-reduce of S, sv after its state pass and of T, sdy after its query pass
+    (hmx_cuda_forward.cu / hmx_cuda_backward.cu, `reduce`; the generator-2 fc2 gradients from the
+    slice's own T, sdy, in a second mid pass); its output and token gradients are its
+    slice of the one-process result, the weight gradients summed over the ranks equal the
+    one-process ones, and the key pass's own S, sv (bwd_final) need no all-reduce. A rank may hold
+    no queries. fp64, 1e-12."""
+    prob = _problem(M=M, N=N, seed=7)
+    q, k, v, pe_q, pe_k, m_q, m_k, g1, g2, scale = prob
+    exact = _Rounding(None)
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(8), dtype=F64)
+    y_ref, p_ref, g_ref = _autograd_reference(prob, dy)
+    qb, kb = (0, *q_cuts, M), (0, *k_cuts, N)
+    ranks = [(slice(qb[i], qb[i + 1]), slice(kb[i], kb[i + 1])) for i in range(len(qb) - 1)]
+
+    def local(i):
+        sq, sk = ranks[i]
+        return (q[:, sq], k[:, sk], v[:, sk], pe_q[sq], pe_k[sk], m_q[:, sq], m_k[:, sk], g1, g2, scale)
+
+    def all_reduce(parts):  # each rank's sums, as a collective returns them: their total on every rank
+        total = [sum(p[j] for p in parts) for j in range(2)]
+        return lambda a, b: (total[0], total[1])
+
+    fwd_sums = []
+    for i in range(len(ranks)):  # the collective's inputs: each rank's own S, sv
+        emulate_forward(*local(i), exact, reduce=lambda S, sv: fwd_sums.append((S, sv)) or (S, sv))
+    outs = [emulate_forward(*local(i), exact, reduce=all_reduce(fwd_sums)) for i in range(len(ranks))]
+    for i, (y, P) in enumerate(outs):
+        torch.testing.assert_close(P, p_ref, rtol=0, atol=1e-12 * p_ref.abs().max().item())
+        e = y_ref[:, ranks[i][0]]
+        assert y.shape == e.shape and (y.numel() == 0 or (y - e).abs().max() <= 1e-12 * y_ref.abs().max()), i
+
+    def bwd(i, reduce):
+        lq, lk, lv, pq, pk, mq, mk, _, _, _ = local(i)
+        return emulate_backward(dy[:, ranks[i][0]], lq, lk, lv, pq, pk, mq, mk, g1, g2, outs[i][1], scale, exact,
+                                reduce=reduce)
+
+    bwd_sums = []
+    for i in range(len(ranks)):
+        bwd(i, lambda T, sdy: bwd_sums.append((T, sdy)) or (T, sdy))
+    grads = [bwd(i, all_reduce(bwd_sums)) for i in range(len(ranks))]
+    names = ["dq", "dk", "dv", "dfc1", "db1", "dfc2", "db2", "dfc1_2", "db1_2", "dfc2_2", "db2_2"]
+    for j, (name, e) in enumerate(zip(names, g_ref)):
+        if j < 3:  # token gradients: each rank's slice
+            a = torch.cat([g[j] for g in grads], dim=1)
+        else:  # weight gradients: summed over the ranks (data-parallel style)
+            a = sum(g[j] for g in grads)
+        err = (a - e).abs().max().item() / e.abs().max().item()
+        assert err < 1e-12, f"{name}: relative error {err:.2e}"
+    # the reduce points matter: without the backward's all-reduce the key gradients are wrong (dP,
+    # R need every rank's queries), and so are the generator-2 fc2 gradients taken after it
+    wrong = bwd(len(ranks) - 1, None)
+    assert (wrong[1] - g_ref[1][:, ranks[-1][1]]).abs().max() > 1e-3 * g_ref[1].abs().max()
 
 
 def test_nonfinite_padding_is_selected_away():

@@ -70,7 +70,7 @@ def _d_h(row) -> int:
 
 
 def multiplies_matrices(row) -> bool:
-    """Every Triton kernel; every CUDA kernel but sum_parts and block_window (which only add partials)."""
+    """Every Triton kernel; every CUDA kernel but sum_parts, block_window and row_sums (which only add partials)."""
     return row["backend"] == "triton" or row["kernel"] in cr.MATMUL_KERNELS
 
 

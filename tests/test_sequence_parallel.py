@@ -2,9 +2,10 @@
 contiguous slice of every sequence (with padding masks); the all-reduced state gives each rank its
 slice of the single-process result, outputs and input gradients, and the parameter gradients
 summed over ranks equal the single-process ones. float64; tolerance 1e-12 of the largest magnitude
-(the same arithmetic, the state summed in another order). The reference and the cpu backend take
-the group (the cpu backend sums its key sums S, sv in the forward and its query sums T, sdy in the
-backward over the group); triton and cuda decline with a reason."""
+(the same arithmetic, the state summed in another order). The reference and the cpu and cuda
+backends take the group (cpu and cuda sum their key sums S, sv in the forward and their query sums
+T, sdy in the backward over the group; cuda: fp32 on CUDA tensors, gloo on one GPU, SETUPS);
+triton declines with a reason."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,19 +26,29 @@ from hmx_kernels.dispatch import get_backend
 SPLITS = {2: [9, 14], 4: [3, 7, 5, 8]}  # N = 23
 
 
+# backend -> (device, dtype, scale-relative tolerance of a slice against the one-process result).
+# float64: the same arithmetic, the state summed in another order. cuda (fp32 only: the kernels take
+# no float64): both sides run the same fp32 kernels, whose partial sums are grouped differently
+# (other chunks per rank, one more addition per rank): a few fp32 ulps, amplified by the GELU and
+# the LayerNorm.
+SETUPS = {"reference": ("cpu", torch.float64, 1e-12), "cpu": ("cpu", torch.float64, 1e-12),
+          "cuda": ("cuda", torch.float32, 2e-5)}
+
+
 def _worker(rank, world, init_file, variant, backend):
     sys.path.insert(0, os.path.dirname(__file__))
     from utils import assert_close
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        device, dtype, tol = SETUPS[backend]
         torch.manual_seed(0)
-        layer = FusedHyperMixing(12, 24, num_heads=2, variant=variant, backend=backend).double()
+        layer = FusedHyperMixing(12, 24, num_heads=2, variant=variant, backend=backend).to(device, dtype)
         B, N = 2, sum(SPLITS[world])
         g = torch.Generator().manual_seed(1)
-        x = torch.randn(B, N, 12, generator=g, dtype=torch.float64)
-        grad = torch.randn(B, N, 12, generator=g, dtype=torch.float64)
-        pad = torch.zeros(B, N, dtype=torch.bool)
+        x = torch.randn(B, N, 12, generator=g, dtype=torch.float64).to(device, dtype)
+        grad = torch.randn(B, N, 12, generator=g, dtype=torch.float64).to(device, dtype)
+        pad = torch.zeros(B, N, dtype=torch.bool, device=device)
         pad[1, 17:] = True  # the padding falls on the last ranks' slices
 
         def run(layer, x, pad, **kw):
@@ -56,14 +67,34 @@ def _worker(rank, world, init_file, variant, backend):
         local, xl = run(layer, x[:, lo:hi], pad[:, lo:hi])
         local_grads = list(torch.autograd.grad(local, [xl, *layer.parameters()], grad[:, lo:hi]))
         assert hmx_kernels.sequence_parallel_offset(hi - lo) == lo
-        assert_close("out slice", local, full[:, lo:hi], 1e-12)
-        assert_close("input grad slice", local_grads[0], full_grads[0][:, lo:hi], 1e-12)
+        assert_close("out slice", local, full[:, lo:hi], tol)
+        assert_close("input grad slice", local_grads[0], full_grads[0][:, lo:hi], tol)
         for i, (lg, fg) in enumerate(zip(local_grads[1:], full_grads[1:])):
             dist.all_reduce(lg)  # data-parallel style: parameter gradients summed over ranks
-            assert_close(f"param grad {i}", lg, fg, 1e-12)
+            assert_close(f"param grad {i}", lg, fg, tol)
     finally:
         dist.destroy_process_group()
     exit_worker_now()
+
+
+def _skip_unless_runs(backend):
+    """Skip when `backend` cannot run here (checked in the test, not at import: the workers import
+    this module)."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if backend == "cpu" and not _cpu_ok():
+        pytest.skip("cpu backend unavailable")
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        x = torch.randn(1, 5, 8, device="cuda")
+        layer = FusedHyperMixing(8, 8, num_heads=2).cuda()
+        p = hmx_kernels.check_inputs(x, None, None, *layer.hyper.w1_gen.tensors(), *layer.hyper.w2_gen.tensors(),
+                                     layer.layer_norm.weight, layer.layer_norm.bias)
+        why = hmx_kernels.backend_reasons(p)["cuda"]
+        if why:
+            pytest.skip(f"cuda backend unavailable: {why}")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
 
 
 def _cpu_ok():
@@ -74,29 +105,27 @@ def _cpu_ok():
     return not hmx_kernels.backend_reasons(p)["cpu"]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda"])
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("variant", ["speechbrain", "idiap"])
 def test_sequence_parallel_matches_single_process(tmp_path, world, variant, backend):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    if backend == "cpu" and not _cpu_ok():  # checked here, not at import: the workers import this module
-        pytest.skip("cpu backend unavailable")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    _skip_unless_runs(backend)
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), variant, backend), nprocs=world, join=True)
 
 
 def test_fused_backends_decline_sequence_parallel_arguments():
-    """cuda declines a position offset; triton takes one (Capabilities.position_offset) but no
-    sequence-parallel group."""
+    """triton takes a position offset (Capabilities.position_offset) but no sequence-parallel
+    group; cuda takes both (a group implies offsets)."""
     x = torch.randn(1, 5, 8)
     layer = FusedHyperMixing(8, 8, num_heads=2)
     p = hmx_kernels.check_inputs(x, None, None, *layer.hyper.w1_gen.tensors(), *layer.hyper.w2_gen.tensors(),
                                  layer.layer_norm.weight, layer.layer_norm.bias, position_offset=7)
     reasons = hmx_kernels.backend_reasons(p)
     assert reasons["reference"] == [] and (reasons["cpu"] == [] or not _cpu_ok())
-    if "cuda" in reasons:
-        assert any("position offsets" in r for r in reasons["cuda"]), reasons["cuda"]
+    cuda_caps = get_backend("cuda").capabilities
+    grouped = dataclasses.replace(p, sequence_parallel_group=object())
+    for q in (p, grouped):
+        assert not any("position offsets" in r or "sequence parallelism" in r for r in cuda_caps.reasons(q))
     if "triton" in reasons:
         assert not any("position offsets" in r for r in reasons["triton"]), reasons["triton"]
         grouped = dataclasses.replace(p, sequence_parallel_group=object())
@@ -265,14 +294,15 @@ def _slices_worker(rank, world, init_file, backend):
 
     _init_group(rank, world, init_file)
     try:
+        device, dtype, tol = SETUPS[backend]
         g = torch.Generator().manual_seed(1)
         B, M, N = 2, 10, 23
-        q = torch.randn(B, M, 12, generator=g, dtype=torch.float64)
-        kv = torch.randn(B, N, 12, generator=g, dtype=torch.float64)
-        grad_q = torch.randn(B, M, 12, generator=g, dtype=torch.float64)
+        q = torch.randn(B, M, 12, generator=g, dtype=torch.float64).to(device, dtype)
+        kv = torch.randn(B, N, 12, generator=g, dtype=torch.float64).to(device, dtype)
+        grad_q = torch.randn(B, M, 12, generator=g, dtype=torch.float64).to(device, dtype)
         for variant in ("speechbrain", "idiap"):
             torch.manual_seed(0)
-            layer = FusedHyperMixing(12, 24, num_heads=2, variant=variant, backend=backend).double()
+            layer = FusedHyperMixing(12, 24, num_heads=2, variant=variant, backend=backend).to(device, dtype)
 
             def run(x, k=None, **kw):
                 x = x.clone().requires_grad_(True)
@@ -285,12 +315,12 @@ def _slices_worker(rank, world, init_file, backend):
                 params = list(layer.parameters())
                 local_grads = list(torch.autograd.grad(local, [xl, *params], grad[:, lo:hi], allow_unused=True))
                 if hi > lo:
-                    assert_close(f"{what} out", local, full[:, lo:hi], 1e-12)
-                    assert_close(f"{what} input grad", local_grads[0], full_grads[0][:, lo:hi], 1e-12)
+                    assert_close(f"{what} out", local, full[:, lo:hi], tol)
+                    assert_close(f"{what} input grad", local_grads[0], full_grads[0][:, lo:hi], tol)
                 for i, (lg, fg) in enumerate(zip(local_grads[1:], full_grads[1:])):
                     lg = torch.zeros_like(fg) if lg is None else lg.clone()
                     dist.all_reduce(lg)
-                    assert_close(f"{what} param grad {i}", lg, fg, 1e-12)
+                    assert_close(f"{what} param grad {i}", lg, fg, tol)
 
             # an empty slice: rank 1 holds every token, rank 0 none (self-mixing)
             layer.sequence_parallel_group = None
@@ -322,17 +352,14 @@ def _slices_worker(rank, world, init_file, backend):
     exit_worker_now()
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda"])
 def test_empty_slice_and_cross_mixing_slices(tmp_path, backend):
-    """A rank with no tokens takes part (zero sums) and every rank gets its slice of the single-process
-    result, outputs and gradients; idiap cross-mixing (M = 10 queries, N = 23 keys) over the group
-    is exact when the query and key slices start at the same global positions, and refused on every
-    rank when they do not (the key slice's offset was applied to the queries). float64, 1e-12."""
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    if backend == "cpu" and not _cpu_ok():
-        pytest.skip("cpu backend unavailable")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    """A rank with no tokens takes part (zero sums, as many as the backend's all-reduce: cuda's are
+    padded to its head block) and every rank gets its slice of the single-process result, outputs
+    and gradients; idiap cross-mixing (M = 10 queries, N = 23 keys) over the group is exact when
+    the query and key slices start at the same global positions, and refused on every rank when
+    they do not (the key slice's offset was applied to the queries). Tolerances: SETUPS."""
+    _skip_unless_runs(backend)
     mp.spawn(_slices_worker, args=(2, str(tmp_path / "init"), backend), nprocs=2, join=True)
 
 

@@ -6,7 +6,7 @@ and `-Xptxas -v`, one nvcc at a time under `nice`, and returns one dict per (arc
 kernel) with the keys of FIELDS:
 - arch "sm_80" / "sm_90", shape "d_h,k_h" (e.g. "18,72", as the Triton rows), dtype "fp32" / "fp16" / "bf16",
   backend "cuda", kernel (state, fwd_finalize, mix, bwd_prep, query, bwd_mid, key, bwd_final, their
-  *_blocked twins for mixing blocks, sum_parts, block_window), config "T<tile>-w8" (token tile, or k_h rows per step of a finalize kernel; 8 warps);
+  *_blocked twins for mixing blocks, sum_parts, block_window, row_sums), config "T<tile>-w8" (token tile, or k_h rows per step of a finalize kernel; 8 warps);
 - registers and spill_bytes (spill stores + spill loads) from ptxas;
 - smem_bytes: the dynamic shared memory the launcher asks for (the kernels' own size function,
   hmx::cuda::kernel_table, run on the host through a small nvcc-built program) plus ptxas' static
@@ -44,12 +44,13 @@ FIELDS = ["arch", "shape", "dtype", "backend", "kernel", "config", "registers", 
           "tensor_core_instructions"]
 SHAPES: Tuple[Tuple[int, int], ...] = ((18, 72), (32, 128), (64, 256), (128, 512))
 DTYPES = ("fp32", "fp16", "bf16")
-# the plain passes, the passes of blocked mixing (chunk-causal, packed: *_blocked), and the two that
-# only add: the weight-gradient sums and the block / window sums of blocked mixing
+# the plain passes, the passes of blocked mixing (chunk-causal, packed: *_blocked), and the three that
+# only add: the weight-gradient sums, the block / window sums of blocked mixing and the row sums of
+# sequence parallelism
 KERNELS = ("state", "fwd_finalize", "mix", "bwd_prep", "query", "bwd_mid", "key", "bwd_final",
            "state_blocked", "mix_blocked", "query_blocked", "key_blocked", "fwd_finalize_blocked", "bwd_prep_blocked",
-           "bwd_mid_blocked", "bwd_final_blocked", "sum_parts", "block_window")
-ADD_KERNELS = ("sum_parts", "block_window")  # not templates: one per arch, no matrix products
+           "bwd_mid_blocked", "bwd_final_blocked", "sum_parts", "block_window", "row_sums")
+ADD_KERNELS = ("sum_parts", "block_window", "row_sums")  # not templates: one per arch, no matrix products
 MATMUL_KERNELS = tuple(k for k in KERNELS if k not in ADD_KERNELS)
 THREADS = 256
 # opt-in shared memory per block: A100 (sm_80) 163 KB, H100 / H200 (sm_90) 227 KB

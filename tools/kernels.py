@@ -506,7 +506,7 @@ def write_markdown(path: str, rows: List[dict], limit_rows: List[dict], other: D
         out += _invariant_lines(cuda_run, lambda r: r["dtype"] != "fp32" and r["kernel"] in cr.MATMUL_KERNELS,
                                 "for fp16 / bf16 kernels that multiply matrices (fp32 kernels: FFMA only, "
                                 f"{max(r['tensor_core_instructions'] for r in cuda_run if r['dtype'] == 'fp32')} TC; "
-                                "sum_parts and block_window only add)")
+                                "sum_parts, block_window and row_sums only add)")
     stack = [r.get("stack_bytes", 0) for r in kept]
     if any(stack):
         what = ("local arrays of libdevice's sin/cos argument reduction, touched only for angles beyond its fast "

@@ -4,9 +4,11 @@ a finished build is found). Its limits and tolerances, with their derivation, ar
 
 Mixing blocks: full, chunk-causal (any left context) and packed sequences, alone or together
 (csrc/README.md "Mixing blocks on CUDA"), and a carried state in chunk-causal mixing (streaming:
-cuda_stream_forward, the CPU twin's logic on the CUDA op). Not yet: token-causal mixing (chunk_size
-1 with every earlier token), position offsets and sequence parallelism; the dispatcher declines
-those with a reason."""
+cuda_stream_forward, the CPU twin's logic on the CUDA op). Sequence parallelism in plain mixing
+(with it, position offsets): the kernels' key sums S, sv (forward) and query sums T, sdy (backward)
+are summed per (b, h) and all-reduced over the group between the passes (hmx_cuda.h), as the CPU
+twin does. Not yet: token-causal mixing (chunk_size 1 with every earlier token); the dispatcher
+declines it with a reason."""
 from __future__ import annotations
 
 from typing import List
@@ -53,6 +55,7 @@ register_backend(
             dtypes=(torch.float32, torch.float16, torch.bfloat16),
             max_d_h=128,
             blocks=frozenset({FULL, CHUNK_CAUSAL, PACKED}),
+            sequence_parallel=True,  # plain mixing; a mode with a group is refused before any collective
             carried_state=_cuda_carries,
             available=extension_reasons,
         ),

@@ -160,9 +160,11 @@ def _ctype(q: Tensor) -> torch.dtype:
 
 
 def _sum_size(query: Tensor, fc2_w: Tensor) -> int:
-    """Values per all-reduce of the twin (forward: key sums S, sv; backward: query sums T, sdy)."""
+    """Values per all-reduce of the extension (forward: key sums S, sv; backward: query sums T, sdy):
+    the twin's B H (d_h^2 + d_h), the CUDA kernels' B H (D^2 + D) with d_h padded to their head
+    block D (csrc/hmx_params.h, Reducer)."""
     B, (H, _, d_h) = query.shape[0], fc2_w.shape
-    return B * H * (d_h * d_h + d_h)
+    return extension(query.device.type).reduce_count(B, H, d_h, query.is_cuda)
 
 
 def _empty_slice_fwd(query, gen, sp_group):
@@ -173,7 +175,7 @@ def _empty_slice_fwd(query, gen, sp_group):
     ctype = _ctype(query)
     reduce = _reducer(sp_group)
     if reduce is not None:
-        reduce(query.new_zeros(_sum_size(query, gen[2]), dtype=query.dtype))
+        reduce(query.new_zeros(_sum_size(query, gen[2]), dtype=ctype))
     return query.new_zeros((B, 0, d), dtype=ctype), query.new_zeros((B, H, k_h, d_h), dtype=ctype)
 
 
@@ -182,7 +184,7 @@ def _empty_slice_bwd(query, key, value, gen, sp_group):
     ctype = _ctype(query)
     reduce = _reducer(sp_group)
     if reduce is not None:
-        reduce(query.new_zeros(_sum_size(query, gen[2]), dtype=query.dtype))
+        reduce(query.new_zeros(_sum_size(query, gen[2]), dtype=ctype))
     out = [t.new_zeros(t.shape, dtype=ctype) for t in (query, key, value)]
     return out + [query.new_empty((0,), dtype=ctype) if w is None else w.new_zeros(w.shape, dtype=ctype) for w in gen]
 
