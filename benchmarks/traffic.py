@@ -44,7 +44,9 @@ each direction (state + mix pass, query + key pass).
 Host time: `host_time_us` runs the same layer on real CPU tensors at d_h 32 (sb256), B 1, N 64 with
 the Triton launches counted but not run (no dispatch mode), one torch thread, median of
 --host-repeats steps of this thread's CPU time: the Python and torch overhead of one eager fwd+bwd
-on this CPU (the torch ops run on tiny tensors; forward and backward apart too).
+on this CPU (the torch ops run on tiny tensors; forward and backward apart too). `host_floor_us` times, beside it, an
+eager step of a bare torch.autograd.Function with the same inputs, outputs and parameter gradients:
+what autograd alone costs here, below which no layer with these 10 parameters can go.
 
 GPU estimates (`gpu_estimate`, README "GPU estimates"): from the account, time = bytes / (achieved
 HBM bandwidth) + launches x per-launch gap, bytes linear in N (fitted through the two lengths), and
@@ -545,6 +547,52 @@ def host_time_us(shape: Shape = SHAPES["sb256"], B: int = 1, N: int = 64, repeat
     return statistics.median(times), counter[0]
 
 
+def host_floor_us(shape: Shape = SHAPES["sb256"], B: int = 1, N: int = 64, repeats: int = 30) -> float:
+    """Median host time (us) of the smallest eager step with the layer ops' autograd shape: one
+    torch.autograd.Function over the same 15 inputs (the layer's 10 parameters) that allocates its
+    4 outputs, saves 18 tensors, and in its backward allocates the token gradient and one buffer
+    viewed as the 10 parameter gradients, which autograd then accumulates; no checks, no kernels.
+    The layer's host time cannot go below it on this machine (the same thread-time measure as
+    host_time_us)."""
+    gc.collect()
+    layer = make_layer(shape, torch.float32, "cpu", "triton")
+    params = list(layer.parameters())
+    x = torch.randn(B, N, shape.d).requires_grad_(True)
+    grad = torch.randn(B, N, shape.d)
+    from hmx_kernels.ops import flat_views
+
+    class Skeleton(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            out, state, stats, saved = (torch.empty_like(inputs[0]), torch.empty(4), torch.empty(4), torch.empty(4))
+            ctx.save_for_backward(*[t for t in inputs if t is not None], state, stats, saved)
+            ctx.mark_non_differentiable(stats, saved)
+            return out, state, stats, saved
+
+        @staticmethod
+        def backward(ctx, grad_out, *unused):
+            ctx.saved_tensors
+            buffer = torch.empty(sum(p.numel() for p in params))
+            return (torch.empty_like(grad_out), None, None, None, None,
+                    *flat_views(buffer, [tuple(p.shape) for p in params]))
+
+    times = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(repeats + 3):
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            t0 = time.thread_time()
+            out = Skeleton.apply(x, x, x, None, None, *params)[0]
+            out.backward(grad)
+            if i >= 3:
+                times.append((time.thread_time() - t0) * 1e6)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
 # ---- GPU estimates (README "GPU estimates") -------------------------------------------------------------
 
 GPU_MODEL = {
@@ -682,7 +730,9 @@ def markdown(meta: dict, rows: List[dict], estimates: List[dict],
              f"(sb256), B 1, N 64, fp32, 1 torch thread, thread CPU time, {meta['cpu']}): median "
              f"{meta['host_us']:.0f} us over {meta['host_repeats']} steps ({meta['host_launches']} Triton "
              f"launches per step; the torch ops ran, on tiny tensors): forward {meta['host_fwd_us']:.0f} us, "
-             f"backward {meta['host_bwd_us']:.0f} us. Target: 150 us.")
+             f"backward {meta['host_bwd_us']:.0f} us. Target: 150 us. Floor: {meta['host_floor_us']:.0f} us, an "
+             f"eager step of one torch.autograd.Function with the layer ops' inputs, outputs, saved tensors "
+             f"and 10 parameter gradients but no checks and no kernels (`host_floor_us`), measured beside it.")
     L.append("")
     if events:
         L.append("## Where the launches and bytes go (triton, bf16, N 16384)")
@@ -772,13 +822,14 @@ def run(shapes: List[str], dtypes: List[str], lengths: List[int], backends: List
                       f"{row['h2d_copies']} host-to-device copies", file=sys.stderr, flush=True)
     host_parts = {"fwd": float("nan"), "bwd": float("nan")}
     host_us, host_launches = host_time_us(repeats=host_repeats, parts=host_parts) if host_repeats else (float("nan"), 0)
+    host_floor = host_floor_us(repeats=host_repeats) if host_repeats else float("nan")
     for row in rows:
         row["host_us"] = round(host_us, 1)
     if "triton" in backends and len(lengths) >= 2:
         estimates = layer_estimates([r for r in rows if r["backend"] == "triton" and not r["mode"]])
     meta = dict(git=git_sha()[:12], torch=torch.__version__, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 B=B, mask=mask, host_us=host_us, host_fwd_us=host_parts["fwd"], host_bwd_us=host_parts["bwd"], host_repeats=host_repeats,
-                host_launches=host_launches,
+                host_launches=host_launches, host_floor_us=host_floor,
                 cpu=cpu_model())
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

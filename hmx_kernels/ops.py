@@ -55,6 +55,7 @@ inside its kernels; `run_fused` takes them where `accepts(problem)` says so. The
 This module avoids `from __future__ import annotations`: torch.library reads the signatures'
 annotations to infer the schemas.
 """
+import functools
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -64,7 +65,7 @@ from torch import Tensor
 
 from .problem import WEIGHT_NAMES, HyperMixingProblem, check_position_range, compute_dtype_of
 
-__all__ = ["define_fused_ops", "run_fused", "FusedOps", "DOUBLE_BACKWARD_ERROR", "state_blocks",
+__all__ = ["define_fused_ops", "run_fused", "FusedOps", "DOUBLE_BACKWARD_ERROR", "state_blocks", "flat_views",
            "fused_stream_forward", "stream_forward_of", "slots_holding_p", "slots_holding_p_t"]
 
 NAMESPACE = "hmx_kernels"
@@ -188,10 +189,13 @@ class FusedOps:
     """The forward and backward op of one fused backend, and `forward`: the forward op, or in plain
     eager calls the same implementations through a torch.autograd.Function (`eager_path_allowed`)."""
 
-    def __init__(self, fwd, bwd, eager=None, device_types=(), fwd_function=None):
+    def __init__(self, fwd, bwd, eager=None, device_types=(), fwd_function=None, validated=None):
         self.fwd = fwd
         self.bwd = bwd
         self._eager = eager  # the autograd.Function over the ops' Python implementations
+        # the same without the ops' own argument check (check_op_args), for arguments taken from a
+        # problem `check_inputs` built (forward(..., validated=True))
+        self._validated = validated if validated is not None else eager
         self.layer: Optional["LayerOps"] = None  # ops with the epilogue fused, where the backend has them
         self._eager_devices = frozenset(device_types)  # where the impls run (meta: the fake impl)
         # autograd.Function.apply takes every argument: the trailing defaults of the forward's own
@@ -199,10 +203,14 @@ class FusedOps:
         self._defaults = (fwd_function.__defaults__ or ()) if fwd_function is not None else ()
         self._required = fwd_function.__code__.co_argcount - len(self._defaults) if fwd_function is not None else 0
 
-    def forward(self, *args):
-        """(y, state) of the forward op for `args` (its schema, trailing defaults optional)."""
+    def forward(self, *args, validated: bool = False):
+        """(y, state) of the forward op for `args` (its schema, trailing defaults optional).
+        validated=True: the arguments come from a problem `check_inputs` built (its shapes, dtypes
+        and devices agree by construction), so the eager path skips the ops' own check of them
+        (about 15 us a call each way); the op path checks as always."""
         if self._eager is not None and eager_path_allowed(args[0]) and args[0].device.type in self._eager_devices:
-            return self._eager.apply(*args, *self._defaults[len(args) - self._required:])
+            function = self._validated if validated else self._eager
+            return function.apply(*args, *self._defaults[len(args) - self._required:])
         return self.fwd(*args)
 
 
@@ -265,11 +273,17 @@ def define_fused_ops(
                       (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b),
                       chunk_size=chunk_size, left_context=left_context, cu_seqlens=cu_seqlens,
                       state_slots=state_slots)
-        args = (query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
-                w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant)
+        return fwd_validated(query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b,
+                             w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, variant, chunk_size, left_context, cu_seqlens,
+                             position_offset, sp_group, initial_state)
+
+    def fwd_validated(*inputs):
+        """fwd without check_op_args (every argument given, in fwd's order)."""
+        *args, chunk_size, left_context, cu_seqlens, position_offset, sp_group, initial_state = inputs
+        query, key, variant = args[0], args[1], args[13]
         return fwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens),
                         *_sp_args(position_offset, sp_group, variant, max(query.shape[1], key.shape[1])),
-                        *_state_args(query, w1_fc2_w, chunk_size, left_context, cu_seqlens, sp_group,
+                        *_state_args(query, args[7], chunk_size, left_context, cu_seqlens, sp_group,
                                      initial_state))
 
     def bwd(grad_y: Tensor, query: Tensor, key: Tensor, value: Tensor, query_keep: Optional[Tensor],
@@ -283,9 +297,16 @@ def define_fused_ops(
                       (w1_fc1_w, w1_fc1_b, w1_fc2_w, w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b),
                       state=state, grad_y=grad_y, chunk_size=chunk_size, left_context=left_context,
                       cu_seqlens=cu_seqlens, state_slots=state_slots)
-        args = (grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w,
-                w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant)
-        extra = _state_args(query, w1_fc2_w, chunk_size, left_context, cu_seqlens, sp_group, initial_state,
+        return bwd_validated(grad_y, query, key, value, query_keep, key_keep, w1_fc1_w, w1_fc1_b, w1_fc2_w,
+                             w1_fc2_b, w2_fc1_w, w2_fc1_b, w2_fc2_w, w2_fc2_b, state, variant, chunk_size,
+                             left_context, cu_seqlens, position_offset, sp_group, initial_state, grad_state)
+
+    def bwd_validated(*inputs):
+        """bwd without check_op_args (its arguments in order, all but initial_state and grad_state given)."""
+        inputs = inputs + (None,) * (23 - len(inputs))
+        *args, chunk_size, left_context, cu_seqlens, position_offset, sp_group, initial_state, grad_state = inputs
+        query, key, state, variant = args[1], args[2], args[14], args[15]
+        extra = _state_args(query, args[8], chunk_size, left_context, cu_seqlens, sp_group, initial_state,
                             grad_state, state)
         return bwd_impl(*args, *_block_args(chunk_size, left_context, cu_seqlens),
                         *_sp_args(position_offset, sp_group, variant, max(query.shape[1], key.shape[1])), *extra)
@@ -404,23 +425,26 @@ def define_fused_ops(
     fwd_op.register_autograd(backward, setup_context=setup_context)
     bwd_op.register_autograd(bwd_backward, setup_context=bwd_setup_context)
 
-    class EagerFunction(torch.autograd.Function):
-        """The same implementations, checks, saved tensors and backward as the ops, without the
-        op dispatch (FusedOps.forward; the inputs come with every default filled in)."""
+    def eager_function(fwd_call, bwd_call):
+        class EagerFunction(torch.autograd.Function):
+            """The same implementations, saved tensors and backward as the ops, without the op
+            dispatch (FusedOps.forward; the inputs come with every default filled in)."""
 
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = fwd(*inputs)
-            setup_context(ctx, inputs, output)
-            return output
+            @staticmethod
+            def forward(ctx, *inputs):
+                output = fwd_call(*inputs)
+                setup_context(ctx, inputs, output)
+                return output
 
-        @staticmethod
-        def backward(ctx, grad_y, grad_state):
-            # create_graph=True: through the backward op, whose own autograd raises the clear error
-            # if that graph is differentiated again (as on the op path)
-            return backward(ctx, grad_y, grad_state, bwd_call=None if torch.is_grad_enabled() else bwd)
+            @staticmethod
+            def backward(ctx, grad_y, grad_state):
+                # create_graph=True: through the backward op, whose own autograd raises the clear
+                # error if that graph is differentiated again (as on the op path)
+                return backward(ctx, grad_y, grad_state, bwd_call=None if torch.is_grad_enabled() else bwd_call)
+        return EagerFunction
 
-    return FusedOps(fwd_op, bwd_op, EagerFunction, device_types, fwd_function=fwd)
+    return FusedOps(fwd_op, bwd_op, eager_function(fwd, bwd), device_types, fwd_function=fwd,
+                    validated=eager_function(fwd_validated, bwd_validated))
 
 
 # ---- layer ops: the mixing with the layer's epilogue fused (plain mixing) -----------------------
@@ -430,8 +454,8 @@ class LayerOps(FusedOps):
     says which problems they take (the others go through the backend's FusedOps and the torch
     epilogue). `forward` (FusedOps') returns (out, state, ln_stats, saved)."""
 
-    def __init__(self, fwd, bwd, eager, accepts: Callable[[HyperMixingProblem], bool], fwd_function):
-        super().__init__(fwd, bwd, eager, ("cuda", "cpu"), fwd_function)
+    def __init__(self, fwd, bwd, eager, accepts: Callable[[HyperMixingProblem], bool], fwd_function, validated=None):
+        super().__init__(fwd, bwd, eager, ("cuda", "cpu"), fwd_function, validated)
         self.accepts = accepts
 
     def run(self, p: HyperMixingProblem) -> Tensor:
@@ -439,7 +463,8 @@ class LayerOps(FusedOps):
         ln = (p.ln_weight, p.ln_bias) if p.use_layer_norm else (None, None)
         one_tensor = p.key is p.query and p.value is p.query  # self-mixing: one token gradient
         out, _state, _stats, _saved = self.forward(p.query, p.key, p.value, p.query_keep, p.key_keep,
-                                           *p.generator_weights(), *ln, p.variant.name, p.eps, one_tensor)
+                                                   *p.generator_weights(), *ln, p.variant.name, p.eps, one_tensor,
+                                                   validated=True)
         return out
 
 
@@ -471,6 +496,9 @@ def define_layer_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable,
         check_op_args(query, key, value, query_keep, key_keep, gen)
         _check_ln_args(query, ln_weight, ln_bias, eps)
         return fwd_impl(query, key, value, query_keep, key_keep, *gen, ln_weight, ln_bias, variant, eps)
+
+    def fwd_validated(*inputs):  # fwd without its argument checks (every argument given, in order)
+        return fwd_impl(*inputs[:-1])  # (one_tensor: the backward's)
 
     def bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, query_keep: Optional[Tensor],
             key_keep: Optional[Tensor], w1_fc1_w: Tensor, w1_fc1_b: Optional[Tensor], w1_fc2_w: Tensor,
@@ -528,22 +556,27 @@ def define_layer_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable,
     fwd_op.register_autograd(backward, setup_context=setup_context)
     bwd_op.register_autograd(bwd_backward, setup_context=lambda ctx, inputs, output: None)
 
-    class EagerFunction(torch.autograd.Function):
-        """The layer ops' implementations without the op dispatch (as FusedOps' eager path)."""
+    def eager_function(fwd_call, bwd_call):
+        class EagerFunction(torch.autograd.Function):
+            """The layer ops' implementations without the op dispatch (as FusedOps' eager path)."""
 
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = fwd(*inputs)
-            setup_context(ctx, inputs, output)
-            ctx.mark_non_differentiable(output[2], output[3])
-            return output
+            @staticmethod
+            def forward(ctx, *inputs):
+                output = fwd_call(*inputs)
+                setup_context(ctx, inputs, output)
+                ctx.mark_non_differentiable(output[2], output[3])
+                return output
 
-        @staticmethod
-        def backward(ctx, grad_out, grad_state, grad_stats, grad_saved):
-            return backward(ctx, grad_out, grad_state, grad_stats, grad_saved,
-                            bwd_call=None if torch.is_grad_enabled() else bwd)
+            @staticmethod
+            def backward(ctx, grad_out, grad_state, grad_stats, grad_saved):
+                return backward(ctx, grad_out, grad_state, grad_stats, grad_saved,
+                                bwd_call=None if torch.is_grad_enabled() else bwd_call)
+        return EagerFunction
 
-    return LayerOps(fwd_op, bwd_op, EagerFunction, accepts, fwd)
+    # the validated backward: bwd_impl itself (bwd's checks are of the saved forward tensors and of
+    # grad_out, whose shape and dtype autograd matches to the output's)
+    return LayerOps(fwd_op, bwd_op, eager_function(fwd, bwd), accepts, fwd,
+                    validated=eager_function(fwd_validated, bwd_impl))
 
 
 def weight_grad_layout(gen, ln_weight=None, ln_bias=None) -> List[Optional[Tuple[int, ...]]]:
@@ -558,6 +591,43 @@ def weight_grad_layout(gen, ln_weight=None, ln_bias=None) -> List[Optional[Tuple
     return out
 
 
+def _strides_of(shape) -> Tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+_cached_strides = functools.lru_cache(maxsize=256)(_strides_of)
+
+
+def _contiguous_strides(shape) -> Tuple[int, ...]:
+    try:
+        return _cached_strides(shape)
+    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes): not hashable
+        return _strides_of(shape)
+
+
+def flat_views(buffer: Tensor, shapes: Sequence) -> List[Optional[Tensor]]:
+    """Consecutive contiguous views of the 1-D `buffer`, one per shape (None: no space, gives
+    None; an int: a gap of that many elements, gives None), one as_strided each (a slice and a
+    view are two ops: about twice the host time)."""
+    out, offset = [], buffer.storage_offset()
+    end = offset + buffer.numel()
+    for shape in shapes:
+        if shape is None or isinstance(shape, int):
+            offset += shape or 0
+            out.append(None)
+            continue
+        out.append(buffer.as_strided(shape, _contiguous_strides(shape), offset))
+        offset += math.prod(shape)
+    if offset > end:
+        raise ValueError(f"hmx_kernels: {offset - buffer.storage_offset()} elements do not fit a buffer of "
+                         f"{buffer.numel()}")
+    return out
+
+
 def split_weight_grads(buffer: Tensor, gen, ln_weight=None, ln_bias=None) -> List[Optional[Tensor]]:
     """The layer ops' fp32 weight-gradient buffer as one gradient per tensor of (gen, ln_weight,
     ln_bias), each in its tensor's dtype (one cast of the buffer per distinct dtype), None for an
@@ -565,18 +635,12 @@ def split_weight_grads(buffer: Tensor, gen, ln_weight=None, ln_bias=None) -> Lis
     params = list(gen) + [ln_weight, ln_bias]
     layout = weight_grad_layout(gen, ln_weight, ln_bias)
     layout += [None] * (len(params) - len(layout))
-    casts = {t.dtype: buffer if t.dtype == buffer.dtype else None for t in params if t is not None}
-    out, offset = [], 0
-    for t, shape in zip(params, layout):
-        if shape is None:
-            out.append(None)
-            continue
-        if casts[t.dtype] is None:
-            casts[t.dtype] = buffer.to(t.dtype)
-        n = math.prod(shape)
-        out.append(casts[t.dtype][offset:offset + n].view(shape))
-        offset += n
-    return out
+    dtypes = {t.dtype for t in params if t is not None}
+    if dtypes == {buffer.dtype}:  # the usual case (fp32 parameters, autocast too): views only
+        return flat_views(buffer, layout)
+    casts = {dtype: buffer if dtype == buffer.dtype else buffer.to(dtype) for dtype in dtypes}
+    views = {dtype: flat_views(cast, layout) for dtype, cast in casts.items()}
+    return [None if t is None else views[t.dtype][i] for i, t in enumerate(params)]
 
 
 def layer_fwd_fake(saved_size):
@@ -662,7 +726,7 @@ def run_fused(ops: FusedOps, p: HyperMixingProblem, operand_dtype: Optional[torc
     if operand_dtype is None and ops.layer is not None and ops.layer.accepts(p):
         return ops.layer.run(p)  # the epilogue in the backend's kernels
     y, _state = ops.forward(*tokens, p.query_keep, p.key_keep, *gen, p.variant.name, *p.blocks.op_args(),
-                            p.position_offset, _group_name(p.sequence_parallel_group))
+                            p.position_offset, _group_name(p.sequence_parallel_group), validated=True)
     return layer_norm_epilogue(y, p)
 
 

@@ -70,7 +70,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from ..config import SETTINGS
-from ..ops import define_fused_ops, define_layer_ops, run_fused, state_blocks, weight_grad_layout
+from ..ops import define_fused_ops, define_layer_ops, flat_views, run_fused, state_blocks, weight_grad_layout
 from ..positional import cached_positional_encoding, frequencies, positional_encoding
 from ..problem import HyperMixingProblem
 from ..variants import get_variant
@@ -641,13 +641,9 @@ def _mix_operand_views(s, buffer, has_c0):
     """C [B*H, d_h, d_h], c_scale [B*H], c0 [B*H, d_h] (or None) as views of one fp32 buffer (the
     layer ops save it for the backward), each segment starting on a 16-byte boundary."""
     rows = s.B * s.H
-    sizes = [rows * s.d_h * s.d_h, rows, rows * s.d_h if has_c0 else 0]
-    starts = [0]
-    for n in sizes[:-1]:
-        starts.append(starts[-1] + -(-n // 4) * 4)
-    C = buffer[starts[0]:starts[0] + sizes[0]].view(rows, s.d_h, s.d_h)
-    c_scale = buffer[starts[1]:starts[1] + sizes[1]]
-    c0 = buffer[starts[2]:starts[2] + sizes[2]].view(rows, s.d_h) if has_c0 else None
+    pad_c, pad_s = -(-rows * s.d_h * s.d_h // 4) * 4 - rows * s.d_h * s.d_h, -(-rows // 4) * 4 - rows
+    C, _, c_scale, _, c0 = flat_views(buffer, ((rows, s.d_h, s.d_h), pad_c, (rows,), pad_s,
+                                               (rows, s.d_h) if has_c0 else None))
     return C, c_scale, c0
 
 
@@ -711,11 +707,7 @@ def _finalize_weights(s, P, dP, T, sdy, s_part, sv_part, fc1_parts1, fc1_parts2,
     layout = weight_grad_layout(gen, *(ln[:2] if ln is not None else (None, None)))
     if flat:
         buffer = _empty((sum(math.prod(shape) for shape in layout if shape is not None),), torch.float32, device)
-        out, offset = [], 0
-        for shape in layout:
-            n = 0 if shape is None else math.prod(shape)
-            out.append(None if shape is None else buffer[offset:offset + n].view(shape))
-            offset += n
+        out = flat_views(buffer, layout)
     else:
         out = [None if shape is None else _empty(shape, torch.float32, device) for shape in layout]
     dfc1w1, dfc1b1, dfc2w1, dfc2b1, dfc1w2, dfc1b2, dfc2w2, dfc2b2 = out[:8]
