@@ -61,11 +61,12 @@ def test_every_registered_backend_declares_known_block_kinds():
 @pytest.mark.skipif("cuda" not in hmx_kernels.registered_backends(), reason="cuda backend not registered")
 def test_cuda_declares_what_its_kernels_run():
     """The CUDA kernels run full, chunk-causal and packed mixing (csrc/hmx_pieces.h, the *_blocked
-    kernels) and a carried state in chunk-causal modes; not token-causal mixing (declined with the
-    dispatcher's reason) nor sequence parallelism."""
+    kernels), a carried state in chunk-causal modes and a sequence-parallel group (non-causal,
+    the sums all-reduced between the launches); not token-causal mixing (declined with the
+    dispatcher's reason)."""
     caps = hmx_kernels.dispatch.get_backend("cuda").capabilities
     assert caps.blocks == frozenset({FULL, CHUNK_CAUSAL, PACKED}) and TOKEN_CAUSAL not in caps.blocks
-    assert caps.varlen and not caps.causal and not caps.sequence_parallel
+    assert caps.varlen and not caps.causal and caps.sequence_parallel
     assert caps.carried_state(MixingMode(4)) and caps.carried_state(MixingMode(3, 2))
     assert caps.carried_state(MixingMode(1, 2)) and not caps.carried_state(MixingMode(1))
     assert hmx_kernels.dispatch.get_backend("cuda").stream_forward is not None
