@@ -66,7 +66,8 @@ def hyper_mixing(
     sequence_parallel_group: a torch.distributed group whose ranks each hold one contiguous slice
     of every sequence (non-causal): the cross-token sums are all-reduced over it (one all-reduce
     in the forward and one in the backward: B x H x (d_h^2 + d_h) values each on the cpu backend,
-    the [B, H, k_h, d_h] state on the reference), and each rank gets its slice of the unsplit result.
+    B x H x (D^2 + D) fp32 on cuda (d_h padded to its head block D), the [B, H, k_h, d_h] state on
+    the reference), and each rank gets its slice of the unsplit result.
     Before them, one small all-gather (hmx_kernels.parallel.agree_on_slices) gives each rank its
     offset and checks that every rank makes the same call (backend, variant, dtype, B, H, d_h,
     k_h, mode): otherwise, or when any rank's inputs are refused, every rank raises. A rank may hold
