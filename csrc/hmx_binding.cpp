@@ -370,9 +370,7 @@ struct PyReducer {
 
 // values per call of a Reducer (both directions; the twin: per block, one block without blocks)
 int64_t reduce_count(int64_t B, int64_t H, int64_t d_h, bool cuda) {
-  if (!cuda) return B * H * (d_h * d_h + d_h);
-  const int64_t D = hmx::padded_head_dim(d_h);
-  return B * H * (D * D + D);  // hmx::cuda::reduce_count, without the CUDA headers
+  return cuda ? hmx::cuda_reduce_count(B, H, d_h) : B * H * (d_h * d_h + d_h);
 }
 
 // Where a carried state is taken (causal / chunk-causal mixing, not packed sequences; CUDA: not

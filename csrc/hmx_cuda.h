@@ -56,11 +56,6 @@ const char* not_supported(const ProblemParams& pb, DType dtype);
 int64_t piece_tokens(const ProblemParams& pb, DType dtype);
 size_t forward_workspace_bytes(const ProblemParams& pb, const BlockPlan& plan, DType dtype, bool reduced = false);
 size_t backward_workspace_bytes(const ProblemParams& pb, const BlockPlan& plan, DType dtype, bool reduced = false);
-// fp32 values per call of a Reducer (both directions): [B H][D * D] then [B H][D], D = padded_head_dim
-inline int64_t reduce_count(const ProblemParams& pb) {
-  const int64_t D = padded_head_dim(pb.d_h);
-  return pb.B * pb.H * (D * D + D);
-}
 int forward(const ForwardParams& fp, const BlockPlan& plan, DType dtype, void* workspace, cudaStream_t stream,
             const Reducer& reduce = Reducer());
 int backward(const BackwardParams& bp, const BlockPlan& plan, DType dtype, void* workspace, cudaStream_t stream,

@@ -161,8 +161,8 @@ BwdWorkspace carve_bwd(const ProblemParams& pb, const BlockPlan& plan, void* bas
   w.scratch = take(bl * R * D * D);
   w.p_blocks = take(pslots * R * kh * dh);
   const int64_t sp = reduced ? 1 : 0;
-  w.sums = take(sp * BH * (D * D + D));
-  w.sums_own = take(sp * BH * (D * D + D));
+  w.sums = take(sp * cuda_reduce_count(pb.B, pb.H, pb.d_h));
+  w.sums_own = take(sp * cuda_reduce_count(pb.B, pb.H, pb.d_h));
   w.sp_dp = take(sp * BH * kh * D);
   w.sp_rmat = take(sp * BH * D * D);
   w.sp_r0 = take(sp * BH * D);
@@ -248,9 +248,9 @@ int backward_t(const BackwardParams& bp, const BlockPlan& plan, void* workspace,
     // fc2 gradients A T^T, A sdy are this slice's own (the caller sums every weight gradient over
     // the ranks; from the reduced sums each rank would hold the whole). Two mid passes: on the
     // slice's own sums for those gradients (its dP, R, r0 dropped), on the reduced sums for the rest.
-    const int64_t n = BH * (D * D + D);
-    if ((err = row_sums(w.t_part, BH, ma.n_mat_parts, D * D, w.sums_own, stream)) != cudaSuccess) return (int)err;
-    if ((err = row_sums(w.sdy_part, BH, ma.n_vec_parts, D, w.sums_own + BH * D * D, stream)) != cudaSuccess)
+    const int64_t n = cuda_reduce_count(pb.B, pb.H, pb.d_h);
+    if ((err = reducer_sums(w.t_part, ma.n_mat_parts, w.sdy_part, ma.n_vec_parts, BH, D, w.sums_own, stream)) !=
+        cudaSuccess)
       return (int)err;
     if ((err = cudaMemcpyAsync(w.sums, w.sums_own, n * sizeof(float), cudaMemcpyDeviceToDevice, stream)) !=
         cudaSuccess)

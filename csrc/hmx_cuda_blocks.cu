@@ -93,5 +93,11 @@ cudaError_t row_sums(const float* part, int64_t R, int64_t P, int64_t E, float* 
   return cudaGetLastError();
 }
 
+cudaError_t reducer_sums(const float* mat_part, int64_t n_mat, const float* vec_part, int64_t n_vec, int64_t BH,
+                         int64_t D, float* out, cudaStream_t stream) {
+  const cudaError_t err = row_sums(mat_part, BH, n_mat, D * D, out, stream);
+  return err != cudaSuccess ? err : row_sums(vec_part, BH, n_vec, D, out + BH * D * D, stream);
+}
+
 }  // namespace cuda
 }  // namespace hmx

@@ -44,6 +44,11 @@ cudaError_t block_windows(const BlockPlan& plan, int64_t BH, const WindowJob& ma
 // Sequence parallelism (plain mixing): out[r][e] = sum over p < P of part[r][p][e] for rows r < R,
 // e < E, added in p order (the order in which the finalize passes add the partials themselves)
 cudaError_t row_sums(const float* part, int64_t R, int64_t P, int64_t E, float* out, cudaStream_t stream);
+// The region a sequence-parallel Reducer sums (hmx_params.h): the row sums of a D x D state's
+// partials [BH][n_mat][D * D] into out[0, BH D^2), then of its column sum's [BH][n_vec][D] into
+// the BH D values after them; the first error, if any
+cudaError_t reducer_sums(const float* mat_part, int64_t n_mat, const float* vec_part, int64_t n_vec, int64_t BH,
+                         int64_t D, float* out, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace hmx

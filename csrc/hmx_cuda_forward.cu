@@ -93,7 +93,7 @@ FwdWorkspace carve_fwd(const ProblemParams& pb, const BlockPlan& plan, void* bas
   w.sv_win = take(bl * BH * nb * D);
   w.scratch = take(bl * BH * nb * D * D);
   w.p_blocks = take(pslots * BH * nb * pb.k_h * pb.d_h);
-  w.sums = take(reduced ? BH * (D * D + D) : 0);
+  w.sums = take(reduced ? cuda_reduce_count(pb.B, pb.H, pb.d_h) : 0);
   w.bytes = off;
   return w;
 }
@@ -139,10 +139,10 @@ int forward_t(const ForwardParams& fp, const BlockPlan& plan, void* workspace, c
   fa.mat_part = w.s_part;
   fa.vec_part = w.sv_part;
   if (reduce) {  // sequence parallel: this slice's S, sv, summed over the ranks (hmx_cuda.h)
-    if ((err = row_sums(w.s_part, BH, fa.n_mat_parts, D * D, w.sums, stream)) != cudaSuccess) return (int)err;
-    if ((err = row_sums(w.sv_part, BH, fa.n_vec_parts, D, w.sums + BH * D * D, stream)) != cudaSuccess)
+    if ((err = reducer_sums(w.s_part, fa.n_mat_parts, w.sv_part, fa.n_vec_parts, BH, D, w.sums, stream)) !=
+        cudaSuccess)
       return (int)err;
-    reduce(w.sums, BH * (D * D + D));
+    reduce(w.sums, cuda_reduce_count(pb.B, pb.H, pb.d_h));
     fa.n_mat_parts = fa.n_vec_parts = 1;
     fa.mat_part = w.sums;
     fa.vec_part = w.sums + BH * D * D;

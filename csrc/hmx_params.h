@@ -58,6 +58,13 @@ struct Reducer {
 // The CUDA kernels' head block for d_h: 32, 64 or 128 (0: d_h > 128, too large)
 inline int64_t padded_head_dim(int64_t dh) { return dh <= 32 ? 32 : dh <= 64 ? 64 : dh <= 128 ? 128 : 0; }
 
+// fp32 values per call of a Reducer from the CUDA kernels (both directions): [B H][D * D] then
+// [B H][D], D = padded_head_dim(d_h)
+inline int64_t cuda_reduce_count(int64_t B, int64_t H, int64_t dh) {
+  const int64_t D = padded_head_dim(dh);
+  return B * H * (D * D + D);
+}
+
 struct GeneratorParams {
   const void* fc1_w;  // [H, d_h, d_h]
   const void* fc1_b;  // [H, d_h] or nullptr
