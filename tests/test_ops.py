@@ -462,3 +462,18 @@ def test_compile_honour_policy_packed_sequences_and_groups_break_the_graph_with_
     with pytest.raises(torch._dynamo.exc.Unsupported, match=re.escape(SEQUENCE_PARALLEL_COMPILE_NOTE[:60])):
         torch.compile(lambda x: layer(x)[0], fullgraph=True, backend="eager")(x)
     torch._dynamo.reset()
+
+
+def test_flat_views_are_the_buffer_in_order_and_refuse_overflow():
+    """ops.flat_views: consecutive contiguous views of one 1-D buffer (None: no space; an int: a
+    gap), equal to slicing and viewing it, sharing its storage; a layout larger than the buffer
+    raises instead of viewing memory past it."""
+    from hmx_kernels.ops import flat_views
+
+    buffer = torch.arange(40.0)[3:]  # a buffer that does not start at its storage's first element
+    a, none, gap, b = flat_views(buffer, [(2, 3), None, 4, (5,)])
+    assert none is None and gap is None
+    assert torch.equal(a, buffer[:6].view(2, 3)) and torch.equal(b, buffer[10:15])
+    assert a.is_contiguous() and a.data_ptr() == buffer.data_ptr()
+    with pytest.raises(ValueError, match="do not fit"):
+        flat_views(buffer, [(6, 6), (2,)])
