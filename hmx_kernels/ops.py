@@ -613,8 +613,10 @@ def flat_views(buffer: Tensor, shapes: Sequence) -> List[Optional[Tensor]]:
     """Consecutive contiguous views of the 1-D `buffer`, one per shape (None: no space, gives
     None; an int: a gap of that many elements, gives None), one as_strided each (a slice and a
     view are two ops: about twice the host time)."""
+    need = sum(shape if isinstance(shape, int) else math.prod(shape) for shape in shapes if shape is not None)
+    if need > buffer.numel():  # checked first: no view may reach past the buffer
+        raise ValueError(f"hmx_kernels: {need} elements do not fit a buffer of {buffer.numel()}")
     out, offset = [], buffer.storage_offset()
-    end = offset + buffer.numel()
     for shape in shapes:
         if shape is None or isinstance(shape, int):
             offset += shape or 0
@@ -622,9 +624,6 @@ def flat_views(buffer: Tensor, shapes: Sequence) -> List[Optional[Tensor]]:
             continue
         out.append(buffer.as_strided(shape, _contiguous_strides(shape), offset))
         offset += math.prod(shape)
-    if offset > end:
-        raise ValueError(f"hmx_kernels: {offset - buffer.storage_offset()} elements do not fit a buffer of "
-                         f"{buffer.numel()}")
     return out
 
 
