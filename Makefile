@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine (see README):
 #   make bench   - set up .venv, run the benchmark suite (the main job); results go to the untracked
 #                  benchmarks/results/local/, `make bench UPDATE=1` replaces the committed ones
-#   make test    - set up .venv, run the test suite (about 21 min on a quiet 2-core machine)
+#   make test    - set up .venv, run the test suite (about 22 min on a quiet 2-core machine)
 #   make test-fast - the suite without the GPU compile reports, extension builds and multi-process
 #                  runs (pytest -m "not slow and not compile")
 # Set-up: a virtual environment with the CPU build of torch pinned for development (a range in
